@@ -1,0 +1,81 @@
+"""Argument validation shared by the reference and every fast path.
+
+Every public entry point checks its inputs up front and raises a ``ValueError`` that names the
+argument and the expected form, so a bad call fails at the boundary instead of deep inside a kernel.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def check_tokens(name: str, x: torch.Tensor, ndim: int = 3) -> None:
+    """``x`` is a floating tensor of rank ``ndim`` with finite values."""
+    if not isinstance(x, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != ndim:
+        form = {2: "[B, d]", 3: "[B, L, d]"}.get(ndim, f"rank {ndim}")
+        raise ValueError(f"{name} must have shape {form}, got shape {tuple(x.shape)}")
+    if x.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"{name} must be float16, bfloat16, float32 or float64, got {x.dtype}")
+    if x.shape[-1] == 0:
+        raise ValueError(f"{name} has an empty feature dimension: shape {tuple(x.shape)}")
+    # NaN/Inf are reported, never propagated silently (DESIGN §11). Skipped while tracing, where
+    # data-dependent checks would break the graph.
+    if not torch.compiler.is_compiling() and not torch.isfinite(x).all():
+        raise ValueError(f"{name} contains NaN or Inf values")
+
+
+def check_same_width(name_a: str, a: torch.Tensor, name_b: str, b: torch.Tensor) -> None:
+    if a.shape[-1] != b.shape[-1]:
+        raise ValueError(f"{name_a} and {name_b} must share the feature width d, got {a.shape[-1]} and {b.shape[-1]}")
+    if a.device != b.device:
+        raise ValueError(f"{name_a} is on {a.device} but {name_b} is on {b.device}")
+    if a.dtype != b.dtype:
+        raise ValueError(f"{name_a} is {a.dtype} but {name_b} is {b.dtype}: pass one dtype")
+
+
+def check_same_batch(name_a: str, a: torch.Tensor, name_b: str, b: torch.Tensor) -> None:
+    if a.shape[0] != b.shape[0]:
+        raise ValueError(f"{name_a} and {name_b} must have the same batch size, got {a.shape[0]} and {b.shape[0]}")
+
+
+def check_mask(name: str, mask: torch.Tensor | None, like: torch.Tensor, like_name: str) -> torch.Tensor:
+    """Validate a boolean validity mask of shape ``like.shape[:-1]``; ``None`` means all valid."""
+    expected = tuple(like.shape[:-1])
+    if mask is None:
+        return torch.ones(expected, dtype=torch.bool, device=like.device)
+    if not isinstance(mask, torch.Tensor):
+        raise ValueError(f"{name} must be a bool tensor of shape {expected} or None")
+    if mask.dtype != torch.bool:
+        raise ValueError(f"{name} must have dtype torch.bool (True = valid token), got {mask.dtype}")
+    if tuple(mask.shape) != expected:
+        raise ValueError(f"{name} must have shape {expected} to match {like_name}, got {tuple(mask.shape)}")
+    if mask.device != like.device:
+        raise ValueError(f"{name} is on {mask.device} but {like_name} is on {like.device}")
+    return mask
+
+
+def check_positive(name: str, value: float) -> None:
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"{name} must be a positive scalar, got a tensor of shape {tuple(value.shape)}")
+        value = float(value.detach())
+    if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
+
+
+def check_topk(k: int, n_tokens: int, name: str = "k") -> None:
+    if isinstance(k, bool) or not isinstance(k, int):
+        raise ValueError(f"{name} must be an int count of tokens, got {type(k).__name__}")
+    if not 1 <= k <= n_tokens:
+        raise ValueError(f"{name} must satisfy 1 <= {name} <= N = {n_tokens} (number of patch tokens), got {k}")
+
+
+def check_reduction(reduction: str) -> None:
+    if reduction not in ("mean", "none"):
+        raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
