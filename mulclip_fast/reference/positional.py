@@ -33,7 +33,8 @@ def stretch_positional_embedding(table77: torch.Tensor, target: int = 248, keep:
             f"target must be >= n = {n} with (target - keep) a multiple of (n - keep) = {n - keep}, got {target}"
         )
     r = (target - keep) // (n - keep)
-    old = table77.float()
+    # Half-precision tables are interpolated in float32; float64 stays float64.
+    old = table77.to(torch.float64 if table77.dtype == torch.float64 else torch.float32)
     frac = torch.arange(r, dtype=old.dtype, device=old.device) / r  # j / r
     left, right = old[keep : n - 1], old[keep + 1 : n]  # [n-keep-1, d]
     interpolated = (1 - frac)[None, :, None] * left[:, None] + frac[None, :, None] * right[:, None]

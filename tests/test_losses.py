@@ -1,0 +1,125 @@
+"""MulCLIPLoss composes the reference terms exactly as DESIGN §3 writes the total."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import mulclip_fast.reference as R
+from mulclip_fast.losses import MulCLIPFeatures, MulCLIPLoss
+
+B, P, K, M, D = 5, 7, 6, 3, 8
+SCALE = 14.0
+
+
+def features(seed=0) -> MulCLIPFeatures:
+    g = torch.Generator().manual_seed(seed)
+
+    def r(*shape):
+        return torch.randn(*shape, generator=g, dtype=torch.float64)
+
+    sub_mask = torch.rand(B, M, generator=g) < 0.7
+    sub_mask[:, 0] = True
+    text_mask = torch.ones(B, K, dtype=torch.bool)
+    text_mask[1, 4:] = False
+    return MulCLIPFeatures(
+        image_cls=r(B, D),
+        image_tokens=r(B, P, D),
+        text_eot=r(B, D),
+        text_tokens=r(B, K, D),
+        short_eot=r(B, D),
+        sub_eot=r(B, M, D),
+        sub_mask=sub_mask,
+        text_token_mask=text_mask,
+    )
+
+
+def n(x):
+    return F.normalize(x, dim=-1)
+
+
+def test_mulclip_total_is_the_weighted_sum_of_reference_terms():
+    f = features()
+    out = MulCLIPLoss("mulclip")(f, SCALE)
+    k = math.ceil(0.25 * P)
+    expected = {
+        "global_long": R.clip_contrastive_loss(n(f.image_cls), n(f.text_eot), SCALE),
+        "global_short": R.clip_contrastive_loss(n(f.image_cls), n(f.short_eot), SCALE),
+        "word": R.wpr_loss(n(f.image_tokens), n(f.text_tokens), None, f.text_token_mask),
+        "sub": R.sap_loss(n(f.sub_eot), n(f.image_tokens), f.sub_mask, None, k, 0.07, SCALE),
+    }
+    for name, value in expected.items():
+        torch.testing.assert_close(out[name], value, msg=name)
+    total = expected["global_long"] + 0.5 * expected["global_short"] + expected["word"] + expected["sub"]
+    torch.testing.assert_close(out["loss"], total)
+
+
+def test_all_pairs_sap_matches_the_reference_sap_loss():
+    f = features(1)
+    out = MulCLIPLoss("mulclip", sap_pairing="all")(f, SCALE)
+    k = math.ceil(0.25 * P)
+    torch.testing.assert_close(
+        out["sub"], R.sap_loss(n(f.sub_eot), n(f.image_tokens), f.sub_mask, None, k, 0.07, SCALE, "all")
+    )
+
+
+def test_objectives_and_ablation_switches_select_terms():
+    f = features()
+    assert set(MulCLIPLoss("global")(f, SCALE)) == {"global_long", "global_short", "loss"}
+    assert set(MulCLIPLoss("finelip")(f, SCALE)) == {"global_long", "global_short", "finelip", "loss"}
+    no_sap = MulCLIPLoss(terms=("global_long", "global_short", "word"))(f, SCALE)
+    assert "sub" not in no_sap and "word" in no_sap
+
+
+def test_finelip_term_uses_late_interaction_over_tokens_with_cls_and_eot():
+    f = features(2)
+    out = MulCLIPLoss("finelip")(f, SCALE)
+    v = torch.cat([n(f.image_cls)[:, None], n(f.image_tokens)], 1)
+    t = torch.cat([n(f.text_eot)[:, None], n(f.text_tokens)], 1)
+    t_mask = torch.cat([torch.ones(B, 1, dtype=torch.bool), f.text_token_mask], 1)
+    scores = R.pairwise_maxsim(t, v, t_mask, None, bidirectional=True, negative_slope=0.1)
+    torch.testing.assert_close(out["finelip"], R.finelip_hinge_loss(scores, 0.2))
+
+
+def test_fine_grained_scale_ramps_only_the_fine_grained_terms():
+    f = features()
+    loss = MulCLIPLoss("mulclip", weights={"word": 2.0})
+    out = loss(f, SCALE, fine_grained_scale=0.25)
+    expected = out["global_long"] + 0.5 * out["global_short"] + 0.25 * (2.0 * out["word"] + out["sub"])
+    torch.testing.assert_close(out["loss"], expected)
+
+
+def test_gradients_flow_to_every_feature():
+    f = features()
+    for name in ("image_cls", "image_tokens", "text_eot", "text_tokens", "short_eot", "sub_eot"):
+        getattr(f, name).requires_grad_()
+    MulCLIPLoss("mulclip")(f, SCALE)["loss"].backward()
+    for name in ("image_cls", "image_tokens", "text_eot", "text_tokens", "short_eot", "sub_eot"):
+        grad = getattr(f, name).grad
+        assert grad is not None and torch.isfinite(grad).all() and grad.abs().sum() > 0, name
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"objective": "clip"}, "objective must be one of"),
+        ({"terms": ("global_long", "words")}, "unknown loss terms"),
+        ({"sap_pairing": "some"}, "sap_pairing must be"),
+        ({"sap_topk_ratio": 0.0}, "sap_topk_ratio must be"),
+        ({"tau_sap": 0.0}, "tau_sap must be > 0"),
+        ({"backend": "cuda"}, "backend must be one of"),
+    ],
+)
+def test_bad_configuration_is_rejected(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        MulCLIPLoss(**kwargs)
+
+
+def test_missing_features_for_an_enabled_term_are_named():
+    f = features()
+    f.sub_eot = None
+    with pytest.raises(ValueError, match="sub term needs features.sub_eot"):
+        MulCLIPLoss("mulclip")(f, SCALE)
