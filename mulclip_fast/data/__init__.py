@@ -1,0 +1,122 @@
+"""Tokenizer, caption splitting, the synthetic dataset, real dataset formats and batching (DESIGN §7)."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from .collate import Batch, Collator
+from .real import DataError, ImageCaptionFiles, Record, open_real_dataset, read_docci, read_sharegpt4v
+from .synthetic import SyntheticLongCaptions
+from .text import (
+    LONG_CONTEXT,
+    SHORT_CONTEXT,
+    CLIPTokenizer,
+    split_sentences,
+    subcaptions_of,
+    summary_of,
+    trim_to_longest,
+)
+
+DATA_KINDS = ("synthetic", "docci", "sharegpt4v")
+
+__all__ = [
+    "Batch",
+    "CLIPTokenizer",
+    "Collator",
+    "DATA_KINDS",
+    "DataError",
+    "ImageCaptionFiles",
+    "LONG_CONTEXT",
+    "Record",
+    "SHORT_CONTEXT",
+    "SyntheticLongCaptions",
+    "batch_order",
+    "iterate_batches",
+    "open_dataset",
+    "parse_data_spec",
+    "read_docci",
+    "read_sharegpt4v",
+    "split_sentences",
+    "subcaptions_of",
+    "summary_of",
+    "trim_to_longest",
+]
+
+
+def parse_data_spec(spec: str) -> tuple[str, str | None]:
+    """``"synthetic"`` → (``"synthetic"``, None); ``"docci:PATH"`` → (``"docci"``, PATH)."""
+    kind, _, path = spec.partition(":")
+    if kind not in DATA_KINDS:
+        raise DataError(f"--data must be synthetic, docci:PATH or sharegpt4v:PATH, got {spec!r}")
+    if kind == "synthetic":
+        if path:
+            raise DataError(f"--data synthetic takes no path, got {spec!r}")
+        return kind, None
+    if not path:
+        raise DataError(f"--data {kind}:PATH needs a path, got {spec!r}")
+    if not os.path.exists(path):
+        raise DataError(f"data path does not exist: {path}")
+    return kind, path
+
+
+def open_dataset(
+    spec: str,
+    split: str,
+    image_size: int,
+    size: int,
+    seed: int = 0,
+    image_root: str | None = None,
+    holdout: int = 1000,
+) -> torch.utils.data.Dataset:
+    """The ``split`` (``train`` / ``val`` / ``test``) of the dataset named by ``spec``.
+
+    ``size`` is the number of synthetic samples (ignored for files); real files hold out their ``test``
+    split, or their last ``holdout`` records, for ``val`` / ``test``.
+    """
+    kind, path = parse_data_spec(spec)
+    if kind == "synthetic":
+        return SyntheticLongCaptions(size=size, seed=seed, split=split, image_size=image_size)
+    return open_real_dataset(kind, path, "train" if split == "train" else "test", image_size, image_root, holdout)
+
+
+def batch_order(n: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+    """The batches of one epoch: a permutation fixed by (seed, epoch), last partial batch dropped."""
+    if batch_size > n:
+        raise DataError(f"batch size {batch_size} is larger than the dataset ({n} samples)")
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    order = torch.randperm(n, generator=generator).tolist()
+    return [order[i : i + batch_size] for i in range(0, n - batch_size + 1, batch_size)]
+
+
+def iterate_batches(
+    dataset: torch.utils.data.Dataset,
+    collator: Collator,
+    batch_size: int,
+    seed: int,
+    start_step: int = 0,
+    num_workers: int = 0,
+):
+    """Batches from global step ``start_step`` on, forever, epoch after epoch.
+
+    The order is a pure function of (seed, step), so a resumed run sees exactly the batches the
+    uninterrupted run would have seen. Yields ``(step, epoch, batch)``.
+    """
+    per_epoch = len(batch_order(len(dataset), batch_size, seed, 0)) if len(dataset) >= batch_size else 0
+    if per_epoch == 0:
+        raise DataError(f"batch size {batch_size} is larger than the dataset ({len(dataset)} samples)")
+    epoch, offset = divmod(start_step, per_epoch)
+    step = start_step
+    while True:
+        batches = batch_order(len(dataset), batch_size, seed, epoch)[offset:]
+        if num_workers > 0:
+            loader = torch.utils.data.DataLoader(
+                dataset, batch_sampler=batches, collate_fn=collator, num_workers=num_workers, persistent_workers=False
+            )
+        else:
+            loader = (collator([dataset[i] for i in indices]) for indices in batches)
+        for batch in loader:
+            yield step, epoch, batch
+            step += 1
+        epoch, offset = epoch + 1, 0

@@ -1,0 +1,100 @@
+"""Batching: tokenise, split into summary and subcaptions, trim padding, drop unreadable images."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .text import LONG_CONTEXT, SHORT_CONTEXT, CLIPTokenizer, subcaptions_of, summary_of, trim_to_longest
+
+
+@dataclass
+class Batch:
+    """One training / evaluation batch.
+
+    ``long_ids [B, L]`` (L ≤ 248), ``short_ids [B, Ls]``, ``sub_ids [B, M, Lsub]`` with ``sub_mask [B, M]``
+    (≤ 77 each), all trimmed to their longest row; ``probe_ids`` for the binding probes when every
+    sample has one. ``skipped`` lists ``(path, reason)`` of the samples dropped from this batch.
+    """
+
+    images: torch.Tensor
+    long_ids: torch.Tensor
+    short_ids: torch.Tensor
+    sub_ids: torch.Tensor
+    sub_mask: torch.Tensor
+    probe_ids: torch.Tensor | None
+    keys: list[str]
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def to(self, device: torch.device | str) -> Batch:
+        move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
+        return Batch(
+            move(self.images),
+            move(self.long_ids),
+            move(self.short_ids),
+            move(self.sub_ids),
+            move(self.sub_mask),
+            move(self.probe_ids),
+            self.keys,
+            self.skipped,
+        )
+
+
+class Collator:
+    """Turns dataset items into a ``Batch``. Picklable, so it works in DataLoader workers."""
+
+    def __init__(self, max_subcaptions: int = 8, with_subcaptions: bool = True):
+        if max_subcaptions < 1:
+            raise ValueError(f"max_subcaptions must be >= 1, got {max_subcaptions}")
+        self.max_subcaptions = max_subcaptions
+        self.with_subcaptions = with_subcaptions
+        self._tokenizer = None
+
+    @property
+    def tokenizer(self) -> CLIPTokenizer:
+        if self._tokenizer is None:  # created lazily: the Rust tokenizer object is not picklable
+            self._tokenizer = CLIPTokenizer()
+        return self._tokenizer
+
+    def __getstate__(self):
+        return {**self.__dict__, "_tokenizer": None}
+
+    def __call__(self, items: list[dict]) -> Batch:
+        skipped = [(it["key"], it.get("error") or "unreadable") for it in items if it["image"] is None]
+        items = [it for it in items if it["image"] is not None]
+        if not items:
+            empty = torch.zeros(0, 2, dtype=torch.long)
+            no_subs = torch.zeros(0, 1, dtype=torch.bool)
+            return Batch(torch.zeros(0, 3, 1, 1), empty, empty, empty[:, None], no_subs, None, [], skipped)
+        tok = self.tokenizer
+        captions = [it["caption"] for it in items]
+        long_ids = trim_to_longest(tok.tokenize(captions, LONG_CONTEXT))
+        short_ids = trim_to_longest(tok.tokenize([summary_of(c) for c in captions], SHORT_CONTEXT))
+        if self.with_subcaptions:
+            subs = [subcaptions_of(c, self.max_subcaptions) for c in captions]
+        else:
+            subs = [[] for _ in captions]
+        m = max(1, max(len(s) for s in subs))
+        flat = tok.tokenize([s for per in subs for s in per], SHORT_CONTEXT)
+        sub_ids = torch.zeros(len(items), m, SHORT_CONTEXT, dtype=torch.long)
+        sub_mask = torch.zeros(len(items), m, dtype=torch.bool)
+        for b, per in enumerate(subs):
+            sub_mask[b, : len(per)] = True
+        sub_ids[sub_mask] = flat
+        probe_ids = None
+        if all(it.get("probe") for it in items):
+            probe_ids = trim_to_longest(tok.tokenize([it["probe"] for it in items], LONG_CONTEXT))
+        return Batch(
+            images=torch.stack([it["image"] for it in items]),
+            long_ids=long_ids,
+            short_ids=short_ids,
+            sub_ids=trim_to_longest(sub_ids),
+            sub_mask=sub_mask,
+            probe_ids=probe_ids,
+            keys=[it["key"] for it in items],
+            skipped=skipped,
+        )

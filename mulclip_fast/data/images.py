@@ -1,0 +1,32 @@
+"""Image reading and CLIP preprocessing with PIL and torch (no torchvision)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+CLIP_MEAN = torch.tensor([0.48145466, 0.4578275, 0.40821073])
+CLIP_STD = torch.tensor([0.26862954, 0.26130258, 0.27577711])
+
+
+def load_image(path: str, size: int) -> torch.Tensor:
+    """CLIP's preprocessing: RGB, shorter side resized to ``size`` (bicubic), centre crop, normalise.
+
+    Raises ``OSError``/``ValueError`` (from PIL) for a missing, truncated or corrupt file; callers skip
+    and count those.
+    """
+    from PIL import Image
+
+    with Image.open(path) as img:
+        img.load()  # decode now, so a truncated file fails here and not later
+        img = img.convert("RGB")
+        w, h = img.size
+        if min(w, h) < 1:
+            raise ValueError(f"empty image ({w}x{h})")
+        scale = size / min(w, h)
+        new_w, new_h = max(size, round(w * scale)), max(size, round(h * scale))
+        img = img.resize((new_w, new_h), Image.Resampling.BICUBIC)
+        left, top = (new_w - size) // 2, (new_h - size) // 2
+        img = img.crop((left, top, left + size, top + size))
+        pixels = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1)
+    return (pixels - CLIP_MEAN[:, None, None]) / CLIP_STD[:, None, None]

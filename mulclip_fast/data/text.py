@@ -1,0 +1,85 @@
+"""CLIP tokenisation and caption splitting (DESIGN §7).
+
+Long captions use Long-CLIP's 248-token context; summaries and subcaptions use OpenAI's 77. Truncation
+always keeps the end-of-text token, because the text tower pools at EOT.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+
+LONG_CONTEXT = 248
+SHORT_CONTEXT = 77
+
+# A sentence ends at . ! or ? followed by white space (or the end); "e.g." style abbreviations are rare
+# in long captions and splitting them only makes one extra short subcaption.
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
+
+
+def split_sentences(text: str) -> list[str]:
+    """The sentences of a caption, stripped, empty ones dropped."""
+    if not isinstance(text, str):
+        raise ValueError(f"caption must be a string, got {type(text).__name__}")
+    return [s.strip() for s in _SENTENCE_END.split(text.strip()) if s.strip()]
+
+
+def summary_of(text: str) -> str:
+    """The summary caption: the first sentence (the whole text when it has no sentence end)."""
+    sentences = split_sentences(text)
+    return sentences[0] if sentences else ""
+
+
+def subcaptions_of(text: str, max_subcaptions: int = 8) -> list[str]:
+    """The caption's sentences, at most ``max_subcaptions`` of them (the first ones)."""
+    if max_subcaptions < 1:
+        raise ValueError(f"max_subcaptions must be >= 1, got {max_subcaptions}")
+    return split_sentences(text)[:max_subcaptions]
+
+
+class CLIPTokenizer:
+    """OpenAI CLIP's BPE through ``instant-clip-tokenizer``.
+
+    ``tokenize(texts, context_length)`` gives an int64 ``[N, context_length]`` tensor with SOT first, EOT
+    last (kept even when the text is truncated) and zero padding.
+    """
+
+    def __init__(self):
+        try:
+            import instant_clip_tokenizer
+        except ImportError as exc:
+            raise ImportError(
+                "the CLIP tokenizer needs the instant-clip-tokenizer package (wheels for CPython 3.10-3.12): "
+                "pip install instant-clip-tokenizer. Alternatives on other interpreters: OpenAI's "
+                "clip.simple_tokenizer or open_clip.tokenizer produce the same ids."
+            ) from exc
+        self._tokenizer = instant_clip_tokenizer.Tokenizer()
+        self.sot = self._tokenizer.start_of_text()
+        self.eot = self._tokenizer.end_of_text()
+
+    def tokenize(self, texts: list[str], context_length: int = LONG_CONTEXT) -> torch.Tensor:
+        if isinstance(texts, str):
+            texts = [texts]
+        if context_length < 2:
+            raise ValueError(f"context_length must be >= 2 (SOT and EOT), got {context_length}")
+        if not texts:
+            return torch.zeros(0, context_length, dtype=torch.long)
+        ids = self._tokenizer.tokenize_batch(list(texts), context_length=context_length)
+        return torch.from_numpy(ids.astype("int64"))
+
+    def count_tokens(self, text: str) -> int:
+        """Number of tokens of ``text`` including SOT and EOT, without truncation."""
+        return len(self._tokenizer.encode(text)) + 2
+
+
+def trim_to_longest(ids: torch.Tensor) -> torch.Tensor:
+    """Cut the trailing padding columns that no row uses (EOT included), keeping at least 2 columns.
+
+    The text tower is causal and pooled at EOT, so this changes no output and saves the padded work.
+    """
+    if ids.numel() == 0:
+        return ids[..., :2]
+    used = (ids != 0).reshape(-1, ids.shape[-1]).any(dim=0)
+    length = int(used.nonzero().max()) + 1 if used.any() else 2
+    return ids[..., : max(length, 2)].contiguous()

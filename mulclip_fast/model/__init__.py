@@ -1,0 +1,17 @@
+"""CLIP towers in OpenAI's layout, presets, checkpoint loading and MulCLIP feature extraction."""
+
+from .clip import CLIP, LONG_CONTEXT, PRESETS, SHORT_CONTEXT, CLIPConfig, preset_config
+from .loading import CheckpointError, describe_clip_state_dict, load_clip_weights, read_state_dict
+
+__all__ = [
+    "CLIP",
+    "CLIPConfig",
+    "CheckpointError",
+    "LONG_CONTEXT",
+    "PRESETS",
+    "SHORT_CONTEXT",
+    "describe_clip_state_dict",
+    "load_clip_weights",
+    "preset_config",
+    "read_state_dict",
+]

@@ -1,0 +1,345 @@
+"""CLIP towers in OpenAI CLIP's state-dict layout, with MulCLIP's feature extraction (DESIGN §3, §6).
+
+The parameter names and shapes follow OpenAI's ``clip/model.py`` (``visual.conv1``,
+``visual.transformer.resblocks.N.attn.in_proj_weight``, ``token_embedding``, ``text_projection``, …) so
+OpenAI, Long-CLIP and open_clip OpenAI-layout checkpoints load with a plain ``load_state_dict``. The two
+local-token-calibration modules (``patch_calibration``, ``word_calibration``) are the only extra keys.
+Attention goes through ``F.scaled_dot_product_attention``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, replace
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..losses import MulCLIPFeatures
+from ..reference import LocalTokenCalibration
+
+LONG_CONTEXT = 248  # Long-CLIP's stretched text context
+SHORT_CONTEXT = 77  # OpenAI CLIP's context, used for summaries and subcaptions
+VOCAB_SIZE = 49408
+
+
+@dataclass(frozen=True)
+class CLIPConfig:
+    """Architecture of both towers. ``calibrated_tokens`` is N' of the calibration modules (0: ⌊0.2·P⌋)."""
+
+    embed_dim: int
+    image_resolution: int
+    vision_layers: int
+    vision_width: int
+    vision_patch_size: int
+    vision_heads: int
+    context_length: int
+    vocab_size: int
+    transformer_width: int
+    transformer_heads: int
+    transformer_layers: int
+    calibrated_tokens: int = 0
+
+    @property
+    def num_patches(self) -> int:
+        return (self.image_resolution // self.vision_patch_size) ** 2
+
+    @property
+    def num_calibrated_tokens(self) -> int:
+        return self.calibrated_tokens or max(1, int(0.2 * self.num_patches))
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _openai_vit(embed, res, layers, width, patch, t_width, t_heads, t_layers) -> CLIPConfig:
+    return CLIPConfig(
+        embed_dim=embed,
+        image_resolution=res,
+        vision_layers=layers,
+        vision_width=width,
+        vision_patch_size=patch,
+        vision_heads=width // 64,
+        context_length=LONG_CONTEXT,
+        vocab_size=VOCAB_SIZE,
+        transformer_width=t_width,
+        transformer_heads=t_heads,
+        transformer_layers=t_layers,
+    )
+
+
+PRESETS: dict[str, CLIPConfig] = {
+    # The CPU default: ~1.6M non-embedding parameters, 64x64 images cut into 8x8 patches (64 patches).
+    "tiny": CLIPConfig(
+        embed_dim=128,
+        image_resolution=64,
+        vision_layers=4,
+        vision_width=128,
+        vision_patch_size=8,
+        vision_heads=4,
+        context_length=LONG_CONTEXT,
+        vocab_size=VOCAB_SIZE,
+        transformer_width=128,
+        transformer_heads=4,
+        transformer_layers=4,
+    ),
+    "vit-b-16": _openai_vit(512, 224, 12, 768, 16, 512, 8, 12),
+    "vit-l-14": _openai_vit(768, 224, 24, 1024, 14, 768, 12, 12),
+    "vit-l-14-336": _openai_vit(768, 336, 24, 1024, 14, 768, 12, 12),
+}
+
+
+def preset_config(name: str, **overrides) -> CLIPConfig:
+    """The named preset, with optional field overrides (e.g. a smaller ``vision_layers`` for tests)."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+    return replace(PRESETS[name], **overrides)
+
+
+class QuickGELU(nn.Module):
+    """OpenAI CLIP's activation; kept so that its checkpoints compute what they were trained with."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.sigmoid(1.702 * x)
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention with ``nn.MultiheadAttention``'s parameter names, computed by SDPA."""
+
+    def __init__(self, width: int, heads: int):
+        super().__init__()
+        if width % heads:
+            raise ValueError(f"width {width} is not divisible by heads {heads}")
+        self.heads = heads
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * width, width))
+        self.in_proj_bias = nn.Parameter(torch.zeros(3 * width))
+        self.out_proj = nn.Linear(width, width)
+        nn.init.xavier_uniform_(self.in_proj_weight)
+        nn.init.zeros_(self.out_proj.bias)
+
+    def forward(self, x: torch.Tensor, causal: bool) -> torch.Tensor:
+        b, n, w = x.shape
+        qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)
+        q, k, v = qkv.view(b, n, 3, self.heads, w // self.heads).permute(2, 0, 3, 1, 4)
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+        return self.out_proj(out.transpose(1, 2).reshape(b, n, w))
+
+
+class ResidualAttentionBlock(nn.Module):
+    def __init__(self, width: int, heads: int):
+        super().__init__()
+        self.attn = SelfAttention(width, heads)
+        self.ln_1 = nn.LayerNorm(width)
+        self.mlp = nn.Sequential()
+        self.mlp.add_module("c_fc", nn.Linear(width, 4 * width))
+        self.mlp.add_module("gelu", QuickGELU())
+        self.mlp.add_module("c_proj", nn.Linear(4 * width, width))
+        self.ln_2 = nn.LayerNorm(width)
+
+    def forward(self, x: torch.Tensor, causal: bool) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), causal)
+        return x + self.mlp(self.ln_2(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, width: int, layers: int, heads: int, causal: bool):
+        super().__init__()
+        self.causal = causal
+        self.resblocks = nn.ModuleList(ResidualAttentionBlock(width, heads) for _ in range(layers))
+        self.grad_checkpointing = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.resblocks:
+            if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+                x = torch.utils.checkpoint.checkpoint(block, x, self.causal, use_reentrant=False)
+            else:
+                x = block(x, self.causal)
+        return x
+
+
+class VisionTransformer(nn.Module):
+    def __init__(self, cfg: CLIPConfig):
+        super().__init__()
+        width, grid = cfg.vision_width, cfg.image_resolution // cfg.vision_patch_size
+        scale = width**-0.5
+        self.input_resolution = cfg.image_resolution
+        self.conv1 = nn.Conv2d(3, width, kernel_size=cfg.vision_patch_size, stride=cfg.vision_patch_size, bias=False)
+        self.class_embedding = nn.Parameter(scale * torch.randn(width))
+        self.positional_embedding = nn.Parameter(scale * torch.randn(grid * grid + 1, width))
+        self.ln_pre = nn.LayerNorm(width)
+        self.transformer = Transformer(width, cfg.vision_layers, cfg.vision_heads, causal=False)
+        self.ln_post = nn.LayerNorm(width)
+        self.proj = nn.Parameter(scale * torch.randn(width, cfg.embed_dim))
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``[B, 3, R, R]`` → (CLS embedding ``[B, d]``, patch embeddings ``[B, P, d]``), both projected."""
+        x = self.conv1(images).flatten(2).transpose(1, 2)  # [B, P, width]
+        cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
+        x = torch.cat([cls, x], dim=1) + self.positional_embedding.to(x.dtype)
+        x = self.transformer(self.ln_pre(x))
+        # Every token goes through the same final LayerNorm and projection (DESIGN §3, "Features").
+        x = self.ln_post(x) @ self.proj
+        return x[:, 0], x[:, 1:]
+
+
+class CLIP(nn.Module):
+    """OpenAI-layout CLIP plus the two calibration modules MulCLIP and FineLIP use."""
+
+    def __init__(self, cfg: CLIPConfig):
+        super().__init__()
+        self.config = cfg
+        self.visual = VisionTransformer(cfg)
+        self.transformer = Transformer(cfg.transformer_width, cfg.transformer_layers, cfg.transformer_heads, True)
+        self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.transformer_width)
+        self.positional_embedding = nn.Parameter(torch.empty(cfg.context_length, cfg.transformer_width))
+        self.ln_final = nn.LayerNorm(cfg.transformer_width)
+        self.text_projection = nn.Parameter(torch.empty(cfg.transformer_width, cfg.embed_dim))
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+        n_out = cfg.num_calibrated_tokens
+        self.patch_calibration = LocalTokenCalibration(cfg.embed_dim, n_out)
+        self.word_calibration = LocalTokenCalibration(cfg.embed_dim, n_out)
+        self.frozen_positions = 0
+        self._frozen_hook = None
+        self._init_parameters()
+
+    def _init_parameters(self) -> None:
+        # OpenAI CLIP's initialisation (clip/model.py, initialize_parameters).
+        cfg = self.config
+        nn.init.normal_(self.token_embedding.weight, std=0.02)
+        nn.init.normal_(self.positional_embedding, std=0.01)
+        width, layers = cfg.transformer_width, cfg.transformer_layers
+        proj_std = (width**-0.5) * ((2 * layers) ** -0.5)
+        for block in self.transformer.resblocks:
+            nn.init.normal_(block.attn.in_proj_weight, std=width**-0.5)
+            nn.init.normal_(block.attn.out_proj.weight, std=proj_std)
+            nn.init.normal_(block.mlp.c_fc.weight, std=(2 * width) ** -0.5)
+            nn.init.normal_(block.mlp.c_proj.weight, std=proj_std)
+        nn.init.normal_(self.text_projection, std=width**-0.5)
+
+    # ------------------------------------------------------------------ positional freezing
+    def freeze_leading_positions(self, n: int) -> None:
+        """Keep the first ``n`` text positions fixed (Long-CLIP): their gradient is zeroed.
+
+        With a zero gradient from the first step Adam's moments stay zero, so the rows never move as
+        long as the optimizer puts ``positional_embedding`` in a group without weight decay (the
+        trainer does).
+        """
+        if not 0 <= n <= self.config.context_length:
+            raise ValueError(f"frozen positions must be in [0, {self.config.context_length}], got {n}")
+        if self._frozen_hook is not None:
+            self._frozen_hook.remove()
+            self._frozen_hook = None
+        self.frozen_positions = n
+        if n:
+
+            def zero_leading_rows(grad: torch.Tensor) -> torch.Tensor:
+                grad = grad.clone()
+                grad[:n] = 0
+                return grad
+
+            self._frozen_hook = self.positional_embedding.register_hook(zero_leading_rows)
+
+    def set_grad_checkpointing(self, enabled: bool = True) -> None:
+        self.visual.transformer.grad_checkpointing = enabled
+        self.transformer.grad_checkpointing = enabled
+
+    # ------------------------------------------------------------------ towers
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.visual.conv1.weight.dtype
+
+    def encode_image_tokens(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(``v_cls [B, d]``, ``v_loc [B, P, d]``)."""
+        if images.dim() != 4 or images.shape[1] != 3:
+            raise ValueError(f"images must be [B, 3, H, W], got {tuple(images.shape)}")
+        res = self.config.image_resolution
+        if images.shape[-2:] != (res, res):
+            raise ValueError(f"images must be {res}x{res} for this model, got {tuple(images.shape[-2:])}")
+        return self.visual(images.to(self.dtype))
+
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        return self.encode_image_tokens(images)[0]
+
+    def _text_hidden(self, ids: torch.Tensor) -> torch.Tensor:
+        if ids.dim() != 2 or ids.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"token ids must be an integer [B, L] tensor, got {ids.dtype} {tuple(ids.shape)}")
+        if ids.shape[1] > self.config.context_length:
+            raise ValueError(f"token ids have {ids.shape[1]} positions, the model has {self.config.context_length}")
+        x = self.token_embedding(ids) + self.positional_embedding[: ids.shape[1]].to(self.dtype)
+        return self.ln_final(self.transformer(x))
+
+    def encode_text_tokens(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(``t_eot [B, d]``, ``t_loc [B, L, d]``, word mask ``[B, L]``: SOT, EOT and padding excluded)."""
+        x = self._text_hidden(ids) @ self.text_projection
+        eot = ids.argmax(dim=-1)  # EOT has the largest id in CLIP's vocabulary
+        positions = torch.arange(ids.shape[1], device=ids.device)
+        word_mask = (positions[None] > 0) & (positions[None] < eot[:, None])
+        return x[torch.arange(ids.shape[0], device=ids.device), eot], x, word_mask
+
+    def encode_text(self, ids: torch.Tensor) -> torch.Tensor:
+        """EOT embedding ``[B, d]``; only the EOT rows are projected."""
+        x = self._text_hidden(ids)
+        eot = ids.argmax(dim=-1)
+        return x[torch.arange(ids.shape[0], device=ids.device), eot] @ self.text_projection
+
+    def forward(self, images: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Plain CLIP: (image embeddings, text embeddings), unnormalised."""
+        return self.encode_image(images), self.encode_text(ids)
+
+    # ------------------------------------------------------------------ MulCLIP features
+    def features(
+        self,
+        images: torch.Tensor,
+        long_ids: torch.Tensor,
+        short_ids: torch.Tensor | None = None,
+        sub_ids: torch.Tensor | None = None,
+        sub_mask: torch.Tensor | None = None,
+        need_tokens: bool = True,
+    ) -> MulCLIPFeatures:
+        """Everything ``MulCLIPLoss`` consumes for one batch.
+
+        Args:
+            images: ``[B, 3, R, R]``.
+            long_ids: ``[B, L]`` long-caption ids (L ≤ 248), ideally trimmed to the longest caption.
+            short_ids: ``[B, Ls]`` summary ids (77 context) or None.
+            sub_ids: ``[B, M, Lsub]`` subcaption ids (77 context) with ``sub_mask [B, M]``, or None.
+            need_tokens: compute the calibrated token sets (the global objective does not need them).
+        """
+        v_cls, v_loc = self.encode_image_tokens(images)
+        if need_tokens:
+            t_eot, t_loc, word_mask = self.encode_text_tokens(long_ids)
+            image_tokens = self.patch_calibration(v_loc)
+            text_tokens = self.word_calibration(t_loc, word_mask)
+            # A caption with no word at all (empty text) has no calibrated tokens: mask its row out.
+            has_words = word_mask.any(dim=1, keepdim=True).expand(-1, text_tokens.shape[1])
+        else:
+            t_eot = self.encode_text(long_ids)
+            image_tokens, text_tokens, has_words = v_loc, v_loc[:, :0], None
+        short_eot = None if short_ids is None else self.encode_text(short_ids)
+        sub_eot = None
+        if sub_ids is not None:
+            if sub_mask is None or sub_mask.shape != sub_ids.shape[:2]:
+                raise ValueError("sub_ids [B, M, L] needs sub_mask [B, M]")
+            # Encode only the real subcaptions (padding slots cost nothing), then scatter them back.
+            flat = self.encode_text(sub_ids[sub_mask]) if sub_mask.any() else None
+            sub_eot = torch.zeros(*sub_mask.shape, self.config.embed_dim, dtype=t_eot.dtype, device=t_eot.device)
+            if flat is not None:
+                sub_eot = sub_eot.masked_scatter(sub_mask[..., None], flat.to(sub_eot.dtype))
+        return MulCLIPFeatures(
+            image_cls=v_cls,
+            image_tokens=image_tokens,
+            text_eot=t_eot,
+            text_tokens=text_tokens,
+            short_eot=short_eot,
+            sub_eot=sub_eot,
+            sub_mask=sub_mask,
+            image_token_mask=None,
+            text_token_mask=has_words,
+            sap_tokens=None,
+        )
+
+    def num_parameters(self, non_embedding: bool = True) -> int:
+        """Parameter count; ``non_embedding`` leaves out the token and positional tables."""
+        skip = {"token_embedding.weight", "positional_embedding", "visual.positional_embedding"}
+        return sum(p.numel() for n, p in self.named_parameters() if not (non_embedding and n in skip))

@@ -1,0 +1,114 @@
+"""Loading OpenAI / Long-CLIP / open_clip OpenAI-layout checkpoints into ``CLIP`` (DESIGN §6).
+
+A checkpoint is a local file holding either a TorchScript archive (OpenAI's released ``ViT-B-16.pt``)
+or a plain state dict (Long-CLIP's ``longclip-B.pt``, open_clip's OpenAI-layout exports), possibly
+wrapped in ``{"state_dict": …}`` / ``{"model": …}`` and with ``module.`` prefixes from DDP. A 77-position
+text table is stretched to the model's 248 positions with Long-CLIP's rule.
+"""
+
+from __future__ import annotations
+
+import os
+import zipfile
+
+import torch
+
+from ..reference import stretch_positional_embedding
+from .clip import CLIP
+
+# Keys OpenAI's checkpoints carry that are metadata, not parameters (clip/model.py build_model drops them).
+_METADATA_KEYS = ("input_resolution", "context_length", "vocab_size")
+# Extra modules of our model that a CLIP checkpoint does not have: freshly initialised on load.
+_OWN_PREFIXES = ("patch_calibration.", "word_calibration.")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be read or does not fit the model; the message says why."""
+
+
+def _is_torchscript(path: str) -> bool:
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as archive:
+        return any(name.endswith("constants.pkl") or "/code/" in name for name in archive.namelist())
+
+
+def read_state_dict(path: str) -> dict[str, torch.Tensor]:
+    """The raw state dict stored in ``path`` (TorchScript archive or pickled dict), on the CPU."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint file not found: {path}")
+    try:
+        if _is_torchscript(path):
+            state = torch.jit.load(path, map_location="cpu").state_dict()
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except CheckpointError:
+        raise
+    except Exception as exc:  # torch raises many types for unreadable files; report them uniformly
+        raise CheckpointError(f"cannot read checkpoint {path}: {type(exc).__name__}: {exc}") from None
+    for wrapper in ("state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
+            state = state[wrapper]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"{path} does not hold a state dict of tensors")
+    return {k.removeprefix("module."): v for k, v in state.items() if k not in _METADATA_KEYS}
+
+
+def describe_clip_state_dict(state: dict[str, torch.Tensor]) -> str:
+    """A one-line description of the architecture a CLIP state dict was saved from (for error messages)."""
+    try:
+        width = state["visual.conv1.weight"].shape[0]
+        patch = state["visual.conv1.weight"].shape[-1]
+        grid = round((state["visual.positional_embedding"].shape[0] - 1) ** 0.5)
+        v_layers = len({k.split(".")[3] for k in state if k.startswith("visual.transformer.resblocks.")})
+        t_layers = len({k.split(".")[2] for k in state if k.startswith("transformer.resblocks.")})
+        t_width = state["ln_final.weight"].shape[0]
+        embed = state["text_projection"].shape[1]
+        ctx = state["positional_embedding"].shape[0]
+        return (
+            f"ViT with {v_layers} layers of width {width}, patch {patch}, {grid * patch}px images; "
+            f"text {t_layers} layers of width {t_width}, {ctx} positions; embedding {embed}"
+        )
+    except (KeyError, IndexError):
+        return "not a CLIP vision-transformer state dict"
+
+
+def load_clip_weights(model: CLIP, path: str, freeze_positions: int = 20) -> dict[str, object]:
+    """Load an OpenAI-layout CLIP checkpoint into ``model``; returns what was done (for the run log).
+
+    A 77-position text table is stretched to the model's context; the first ``freeze_positions`` text
+    positions are then kept frozen (Long-CLIP, FineLIP). Any shape that does not match the model is an
+    error naming the key, both shapes and the architecture the checkpoint was saved from.
+    """
+    state = read_state_dict(path)
+    if "visual.conv1.weight" not in state or "token_embedding.weight" not in state:
+        raise CheckpointError(
+            f"{path} is not an OpenAI-layout CLIP checkpoint (no visual.conv1.weight / token_embedding.weight); "
+            "ResNet CLIPs and Hugging Face layouts are not supported"
+        )
+    own = model.state_dict()
+    stretched = False
+    table = state.get("positional_embedding")
+    target = own["positional_embedding"].shape[0]
+    if table is not None and table.shape[0] != target and table.shape[1:] == own["positional_embedding"].shape[1:]:
+        try:
+            state["positional_embedding"] = stretch_positional_embedding(table, target=target, keep=20)
+        except ValueError as exc:
+            raise CheckpointError(f"{path}: cannot stretch its {table.shape[0]}-position text table: {exc}") from None
+        stretched = True
+    mismatched = [
+        f"{key}: checkpoint {tuple(value.shape)} vs model {tuple(own[key].shape)}"
+        for key, value in state.items()
+        if key in own and value.shape != own[key].shape
+    ]
+    missing = [k for k in own if k not in state and not k.startswith(_OWN_PREFIXES)]
+    if mismatched or missing:
+        details = "; ".join(mismatched[:3] + [f"missing {k}" for k in missing[:3]])
+        raise CheckpointError(
+            f"{path} does not fit preset with {describe_clip_state_dict(model.state_dict())}: it was saved from "
+            f"{describe_clip_state_dict(state)} ({details}). Pick the matching --preset."
+        )
+    unexpected = [k for k in state if k not in own]
+    model.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
+    model.freeze_leading_positions(freeze_positions)
+    return {"path": path, "stretched_77_to": target if stretched else None, "ignored_keys": unexpected}
