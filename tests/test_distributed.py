@@ -1,0 +1,134 @@
+"""Data parallelism: a 2-process loss share equals the 1-process loss on the same global batch."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from mulclip_fast.distributed import (
+    DistributedContext,
+    DistributedMulCLIPLoss,
+    all_reduce_mean,
+    slotwise_share,
+)
+from mulclip_fast.losses import MulCLIPFeatures, MulCLIPLoss
+from mulclip_fast.reference import slotwise_contrastive_loss
+
+GLOBAL_B, P, K, M, D = 6, 7, 5, 4, 8
+SCALE = 12.0
+FEATURE_NAMES = ("image_cls", "image_tokens", "text_eot", "text_tokens", "short_eot", "sub_eot")
+CONFIGS = {
+    "mulclip": {"objective": "mulclip"},
+    "mulclip_all_pairs": {"objective": "mulclip", "sap_pairing": "all"},
+    "finelip": {"objective": "finelip"},
+}
+
+
+def global_features() -> MulCLIPFeatures:
+    g = torch.Generator().manual_seed(0)
+
+    def r(*shape):
+        return torch.randn(*shape, generator=g, dtype=torch.float64)
+
+    sub_mask = torch.rand(GLOBAL_B, M, generator=g) < 0.6
+    sub_mask[:, 0] = True
+    sub_mask[:, 3] = False
+    sub_mask[0, 3] = True  # a slot with a single valid sample, on rank 0 only
+    text_mask = torch.ones(GLOBAL_B, K, dtype=torch.bool)
+    text_mask[4, 2:] = False
+    return MulCLIPFeatures(
+        image_cls=r(GLOBAL_B, D),
+        image_tokens=r(GLOBAL_B, P, D),
+        text_eot=r(GLOBAL_B, D),
+        text_tokens=r(GLOBAL_B, K, D),
+        short_eot=r(GLOBAL_B, D),
+        sub_eot=r(GLOBAL_B, M, D),
+        sub_mask=sub_mask,
+        text_token_mask=text_mask,
+    )
+
+
+def local_slice(f: MulCLIPFeatures, rank: int, world: int) -> MulCLIPFeatures:
+    n = GLOBAL_B // world
+    rows = slice(rank * n, (rank + 1) * n)
+    kwargs = {name: getattr(f, name)[rows].clone().requires_grad_() for name in FEATURE_NAMES}
+    last_slot = M if rank == 0 else M - 1  # ranks may hold different numbers of subcaption slots
+    kwargs["sub_eot"] = kwargs["sub_eot"][:, :last_slot].detach().requires_grad_()
+    return MulCLIPFeatures(**kwargs, sub_mask=f.sub_mask[rows, :last_slot], text_token_mask=f.text_token_mask[rows])
+
+
+def _grad(x: torch.Tensor) -> torch.Tensor:
+    """The gradient of a leaf, zeros for one the objective does not use (e.g. subcaptions in FineLIP)."""
+    return torch.zeros_like(x) if x.grad is None else x.grad
+
+
+def _rank_main(rank: int, world: int, port: int, out_dir: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        results = {}
+        for name, config in CONFIGS.items():
+            local = local_slice(global_features(), rank, world)
+            loss = DistributedMulCLIPLoss(MulCLIPLoss(**config), DistributedContext(rank, world))
+            out = loss(local, SCALE, fine_grained_scale=0.5)
+            out["loss"].backward()
+            results[name] = {
+                "values": {term: all_reduce_mean(value) for term, value in out.items()},
+                # Under DDP the parameter gradient is averaged over ranks; for leaf features that
+                # average is the rank's own gradient divided by the world size.
+                "grads": {f: _grad(getattr(local, f)) / world for f in FEATURE_NAMES},
+            }
+        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_processes_match_one_process_on_the_global_batch(tmp_path):
+    world = 2
+    mp.spawn(_rank_main, args=(world, _free_port(), str(tmp_path)), nprocs=world, join=True)
+    per_rank = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
+    for name, config in CONFIGS.items():
+        f = global_features()
+        for field in FEATURE_NAMES:
+            getattr(f, field).requires_grad_()
+        expected = MulCLIPLoss(**config)(f, SCALE, fine_grained_scale=0.5)
+        expected["loss"].backward()
+        for term, value in expected.items():
+            torch.testing.assert_close(per_rank[0][name]["values"][term], value.detach(), msg=f"{name}/{term}")
+            torch.testing.assert_close(per_rank[1][name]["values"][term], value.detach(), msg=f"{name}/{term}")
+        for field in FEATURE_NAMES:
+            parts = [per_rank[r][name]["grads"][field] for r in range(world)]
+            full = _grad(getattr(f, field))
+            if field == "sub_eot":  # rank 1 held one slot fewer: compare the slots both ranks hold
+                torch.testing.assert_close(parts[0][:, M - 1 :], full[: GLOBAL_B // world, M - 1 :])
+                parts, full = [p[:, : M - 1] for p in parts], full[:, : M - 1]
+            grad = torch.cat(parts)
+            torch.testing.assert_close(grad, full, msg=f"{name}/{field}")
+
+
+def test_slotwise_share_of_the_whole_batch_is_the_reference_loss():
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(3, 5, 5, generator=g, dtype=torch.float64)
+    mask = torch.rand(5, 3, generator=g) < 0.6
+    share = slotwise_share(logits, logits.transpose(1, 2), mask, mask, offset=0)
+    torch.testing.assert_close(share, slotwise_contrastive_loss(logits, mask))
+
+
+def test_single_process_context_returns_the_plain_loss():
+    f = global_features()
+    loss = MulCLIPLoss("mulclip")
+    single = DistributedMulCLIPLoss(loss, DistributedContext())(f, SCALE)
+    for term, value in loss(f, SCALE).items():
+        torch.testing.assert_close(single[term], value)
