@@ -52,10 +52,23 @@ class PeakMemoryTracker(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
+        # Views, in-place and ``out=`` ops return a storage that already exists: an argument's. It is
+        # either tracked already or was allocated before the block (an input), which must not count.
+        existing = {_storage_id(t) for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
         for leaf in tree_leaves(out):
             if isinstance(leaf, torch.Tensor) and leaf.device.type != "meta":
-                self._track(leaf)
+                key = _storage_id(leaf)
+                if key is not None and key not in existing:
+                    self._track(leaf)
         return out
+
+
+def _storage_id(tensor: torch.Tensor) -> int | None:
+    """Identity of the C++ storage behind ``tensor`` (shared by all its views); None without one."""
+    try:
+        return tensor.untyped_storage()._cdata
+    except (RuntimeError, NotImplementedError):  # sparse and other storage-less layouts
+        return None
 
 
 def peak_memory_of(fn, *args, **kwargs) -> tuple[int, object]:
