@@ -296,6 +296,7 @@ class CLIP(nn.Module):
         sub_ids: torch.Tensor | None = None,
         sub_mask: torch.Tensor | None = None,
         need_tokens: bool = True,
+        sap_raw_patches: bool = False,
     ) -> MulCLIPFeatures:
         """Everything ``MulCLIPLoss`` consumes for one batch.
 
@@ -305,6 +306,7 @@ class CLIP(nn.Module):
             short_ids: ``[B, Ls]`` summary ids (77 context) or None.
             sub_ids: ``[B, M, Lsub]`` subcaption ids (77 context) with ``sub_mask [B, M]``, or None.
             need_tokens: compute the calibrated token sets (the global objective does not need them).
+            sap_raw_patches: give SAP the raw projected patches ``v_loc`` instead of the calibrated ``V'``.
         """
         v_cls, v_loc = self.encode_image_tokens(images)
         if need_tokens:
@@ -336,7 +338,7 @@ class CLIP(nn.Module):
             sub_mask=sub_mask,
             image_token_mask=None,
             text_token_mask=has_words,
-            sap_tokens=None,
+            sap_tokens=v_loc if (need_tokens and sap_raw_patches) else None,
         )
 
     def num_parameters(self, non_embedding: bool = True) -> int:

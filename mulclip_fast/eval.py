@@ -1,0 +1,185 @@
+"""Retrieval and binding evaluation (DESIGN §9); also ``python -m mulclip_fast.eval``.
+
+Recall@K is computed on long captions (and on summaries, under ``short_*`` keys): text→image ranks the
+images for each caption, image→text the captions for each image. A tie with the correct item counts
+against it, so a model that scores everything equally gets recall 0, not 1. Binding accuracy is the
+fraction of images whose true caption scores strictly higher than the same caption with two objects'
+colours swapped (synthetic data only).
+
+    python -m mulclip_fast.eval --checkpoint runs/default --data synthetic --pairs 1000
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+
+from .data import Collator, DataError, open_dataset
+from .model import CLIP, CheckpointError, load_clip_weights, preset_config
+
+RECALL_KS = (1, 5, 10)
+EVAL_KEYS = tuple(f"{d}_r{k}" for d in ("t2i", "i2t") for k in RECALL_KS) + ("binding_acc",)
+
+
+def recall_at_k(similarity: torch.Tensor, ks=RECALL_KS) -> dict[str, float]:
+    """Recall@K both ways for a square ``[N texts, N images]`` similarity matrix whose diagonal holds
+    the true pairs. Returns ``{"t2i_r1": …, "i2t_r1": …}`` as fractions in [0, 1]."""
+    if similarity.dim() != 2 or similarity.shape[0] != similarity.shape[1] or similarity.shape[0] == 0:
+        raise ValueError(f"similarity must be a non-empty square [N, N] matrix, got {tuple(similarity.shape)}")
+    if not torch.isfinite(similarity).all():
+        raise ValueError("similarity contains NaN or Inf")
+    out = {}
+    for name, sim in (("t2i", similarity), ("i2t", similarity.T)):
+        correct = sim.diagonal()[:, None]
+        # rank = how many other candidates score at least as high as the true one (ties count against it)
+        rank = (sim >= correct).sum(dim=1) - 1
+        for k in ks:
+            out[f"{name}_r{k}"] = float((rank < k).float().mean())
+    return out
+
+
+def binding_accuracy(image: torch.Tensor, true_text: torch.Tensor, swapped_text: torch.Tensor) -> float:
+    """Fraction of rows where ``⟨image, true⟩ > ⟨image, swapped⟩`` (embeddings L2-normalised here)."""
+    if not image.shape == true_text.shape == swapped_text.shape or image.dim() != 2:
+        raise ValueError("image, true_text and swapped_text must be [N, d] tensors of the same shape")
+    image, true_text, swapped_text = (F.normalize(x.float(), dim=-1) for x in (image, true_text, swapped_text))
+    return float(((image * true_text).sum(-1) > (image * swapped_text).sum(-1)).float().mean())
+
+
+@torch.no_grad()
+def embed_dataset(model: CLIP, dataset, batch_size: int = 250, device: str | torch.device = "cpu") -> dict:
+    """L2-normalised image, long-caption, summary and probe embeddings of every readable sample."""
+    collator = Collator(with_subcaptions=False)
+    was_training = model.training
+    model.eval()
+    parts: dict[str, list[torch.Tensor]] = {"image": [], "long": [], "short": [], "probe": []}
+    skipped: list[tuple[str, str]] = []
+    try:
+        for start in range(0, len(dataset), batch_size):
+            batch = collator([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
+            skipped += batch.skipped
+            if len(batch) == 0:
+                continue
+            batch = batch.to(device)
+            parts["image"].append(F.normalize(model.encode_image(batch.images).float(), dim=-1))
+            parts["long"].append(F.normalize(model.encode_text(batch.long_ids).float(), dim=-1))
+            parts["short"].append(F.normalize(model.encode_text(batch.short_ids).float(), dim=-1))
+            if batch.probe_ids is not None:
+                parts["probe"].append(F.normalize(model.encode_text(batch.probe_ids).float(), dim=-1))
+    finally:
+        model.train(was_training)
+    if not parts["image"]:
+        raise DataError(f"no readable sample to evaluate ({len(skipped)} skipped, e.g. {skipped[:1]})")
+    out = {name: torch.cat(chunks).cpu() if chunks else None for name, chunks in parts.items()}
+    if out["probe"] is not None and out["probe"].shape[0] != out["image"].shape[0]:
+        out["probe"] = None  # probes only for part of the data: binding accuracy is undefined
+    out["skipped"] = skipped
+    return out
+
+
+def evaluate(model: CLIP, dataset, batch_size: int = 250, device: str | torch.device = "cpu") -> dict:
+    """The eval.json dictionary: recall both ways on long captions (and ``short_*`` on summaries),
+    binding accuracy (NaN → null when the data has no probes), ``n_pairs`` and ``n_skipped``."""
+    emb = embed_dataset(model, dataset, batch_size, device)
+    result: dict[str, float | int | None] = dict(recall_at_k(emb["long"] @ emb["image"].T))
+    result["binding_acc"] = (
+        binding_accuracy(emb["image"], emb["long"], emb["probe"]) if emb["probe"] is not None else None
+    )
+    result.update({f"short_{k}": v for k, v in recall_at_k(emb["short"] @ emb["image"].T).items()})
+    result["n_pairs"] = int(emb["image"].shape[0])
+    result["n_skipped"] = len(emb["skipped"])
+    return result
+
+
+def format_table(result: dict) -> str:
+    """A small text table of the recall and binding numbers."""
+    lines = ["              R@1     R@5     R@10"]
+    for prefix, label in (("", "long"), ("short_", "summary")):
+        for direction in ("t2i", "i2t"):
+            values = [result.get(f"{prefix}{direction}_r{k}") for k in RECALL_KS]
+            if all(v is not None for v in values):
+                lines.append(f"{label:>7} {direction}  " + "  ".join(f"{v:6.3f}" for v in values))
+    binding = result.get("binding_acc")
+    lines.append(f"binding accuracy {binding:.3f}" if binding is not None else "binding accuracy: n/a (no probes)")
+    lines.append(f"pairs {result['n_pairs']}, skipped {result.get('n_skipped', 0)}")
+    return "\n".join(lines)
+
+
+def load_model_for_eval(checkpoint: str, preset: str | None, device: str) -> tuple[CLIP, dict]:
+    """A model from a run directory, a training checkpoint, or an OpenAI-layout CLIP file (needs preset).
+
+    Returns the model and the training config stored with it (empty for a plain CLIP file).
+    """
+    from .train import find_latest_checkpoint, load_training_checkpoint
+
+    path = checkpoint
+    if os.path.isdir(path):
+        path = find_latest_checkpoint(path)
+        if path is None:
+            raise CheckpointError(f"no checkpoint in run directory {checkpoint}")
+    state = load_training_checkpoint(path)
+    if state is not None:
+        config = state["config"]
+        model = CLIP(preset_config(config["preset"], **config.get("model_overrides", {})))
+        model.load_state_dict(state["model"])
+        return model.to(device), config
+    if preset is None:
+        raise CheckpointError(f"{path} is a plain CLIP checkpoint: give its --preset (e.g. vit-b-16)")
+    model = CLIP(preset_config(preset))
+    load_clip_weights(model, path)
+    return model.to(device), {"preset": preset}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m mulclip_fast.eval", description="Retrieval Recall@1/5/10 and binding accuracy of a model."
+    )
+    parser.add_argument("--checkpoint", required=True, help="run directory, training checkpoint or CLIP .pt file")
+    parser.add_argument("--data", default="synthetic", help="synthetic | docci:PATH | sharegpt4v:PATH")
+    parser.add_argument("--image-root", default=None, help="folder the dataset's image paths are relative to")
+    parser.add_argument("--preset", default=None, help="architecture of a plain CLIP checkpoint")
+    parser.add_argument("--pairs", type=int, default=1000, help="held-out pairs (synthetic: generated)")
+    parser.add_argument("--seed", type=int, default=None, help="synthetic data seed (default: the run's)")
+    parser.add_argument("--split", choices=("val", "test"), default="test")
+    parser.add_argument("--batch-size", type=int, default=250)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--out", default=None, help="write the JSON here (default: print only)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.pairs < 1 or args.batch_size < 1:
+            raise DataError("--pairs and --batch-size must be >= 1")
+        model, config = load_model_for_eval(args.checkpoint, args.preset, args.device)
+        seed = args.seed if args.seed is not None else int(config.get("seed", 0))
+        dataset = open_dataset(
+            args.data,
+            args.split,
+            model.config.image_resolution,
+            size=args.pairs,
+            seed=seed,
+            image_root=args.image_root,
+            holdout=args.pairs,
+        )
+        result = evaluate(model, dataset, args.batch_size, args.device)
+    except (DataError, CheckpointError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(format_table(result))
+    if args.out:
+        with open(args.out, "w") as handle:
+            json.dump(result, handle, indent=2)
+    else:
+        print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
