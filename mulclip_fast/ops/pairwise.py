@@ -1,0 +1,469 @@
+"""Fused token pooling over all pairs of a batch: late-interaction max-sim, reconstruction scores and
+top-k SAP logits (DESIGN §3 baselines, §4).
+
+Public ops (same signatures as their ``mulclip_fast.reference`` twins, plus ``backend``):
+
+- :func:`pairwise_maxsim` — FILIP / FineLIP late interaction, ``[Bq, Bk]``;
+- :func:`pairwise_reconstruction_scores` — how well each key set rebuilds each query set, ``[Bq, Bk]``;
+- :func:`pairwise_topk_aggregate_logits` — SAP with every subcaption against every image, ``[Bq, Bk, M]``.
+
+None of them materialises the quadratic tensor (``[Bq, Bk, Lq, Lk]`` similarities, ``[Bq, Bk, M, d]``
+aggregates): the forward keeps per-(query set, key set, token) statistics only — arg-maxes for max-sim,
+``(r, lse)`` for reconstruction, a bit-packed top-k selection and ``lse`` for SAP — and the backward
+recomputes similarities tile by tile (Triton) or chunk by chunk (torch).
+
+Each op is a ``torch.library.custom_op`` (namespace ``mulclip_fast``) with a fake implementation and an
+autograd formula whose backward is a second custom op, so ``torch.compile(fullgraph=True)`` traces through
+it and ``torch.library.opcheck`` holds. Backends (DESIGN §4): ``triton`` launches the kernels in
+``mulclip_fast.kernels.pairwise_*`` (CUDA, or CPU tensors under ``TRITON_INTERPRET=1``), ``torch`` runs the
+chunked bodies of ``_torch_pairwise``, ``reference`` calls ``mulclip_fast.reference``, ``auto`` picks
+``triton`` for CUDA tensors of a kernel dtype (fp16/bf16/fp32) and ``torch`` otherwise. Both kernel
+backends are deterministic (no float atomics).
+
+``*_cost`` functions give each op's FLOPs and compulsory DRAM bytes per call, for benchmarks to report
+the fraction of peak reached.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from types import ModuleType
+
+import torch
+
+from .. import reference
+from ..reference._checks import check_mask, check_positive, check_same_width, check_tokens
+from ..reference._masked import accumulation_dtype
+from ..reference.tokens import _check_sap_inputs
+from . import _torch_pairwise
+from ._dispatch import BACKENDS, resolve_backend
+
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Validation and backend choice
+# ----------------------------------------------------------------------------------------------------
+
+
+def _concrete_backend(backend: str, x: torch.Tensor) -> str:
+    """``triton`` or ``torch`` for tensors like ``x`` (``reference`` is handled by the callers)."""
+    resolved = resolve_backend(backend, x.device)
+    if resolved == "triton" and x.dtype not in KERNEL_DTYPES:
+        if backend == "auto":
+            return "torch"
+        raise ValueError(f"backend='triton' supports float16, bfloat16 and float32 inputs, got {x.dtype}")
+    return resolved
+
+
+def _check_backend_name(backend: str) -> None:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+
+
+def _check_pairs(q, k, q_mask, k_mask):
+    check_tokens("q", q)
+    check_tokens("k", k)
+    check_same_width("q", q, "k", k)
+    return check_mask("q_mask", q_mask, q, "q"), check_mask("k_mask", k_mask, k, "k")
+
+
+def _implementation(backend: str) -> dict[str, ModuleType]:
+    """Modules with the forward/backward bodies per op for ``backend``.
+
+    Kernel modules are imported lazily: importing ``mulclip_fast.ops`` must not need Triton, and Triton
+    reads ``TRITON_INTERPRET`` when a kernel module is first imported.
+    """
+    if backend == "triton":
+        from ..kernels import pairwise_maxsim, pairwise_reconstruction, pairwise_topk
+
+        return {"maxsim": pairwise_maxsim, "reconstruction": pairwise_reconstruction, "topk": pairwise_topk}
+    return dict.fromkeys(("maxsim", "reconstruction", "topk"), _torch_pairwise)
+
+
+def _contiguous(*tensors):
+    return [t.contiguous() for t in tensors]
+
+
+# ----------------------------------------------------------------------------------------------------
+# pairwise_maxsim
+# ----------------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("mulclip_fast::pairwise_maxsim", mutates_args=())
+def _maxsim_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    q_mask: torch.Tensor,
+    k_mask: torch.Tensor,
+    bidirectional: bool,
+    negative_slope: float | None,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    impl = _implementation(backend)["maxsim"]
+    q, k, q_mask, k_mask = _contiguous(q, k, q_mask, k_mask)
+    val_qk, idx_qk, val_kq, idx_kq = impl.maxsim_forward(q, k, q_mask, k_mask, bidirectional, negative_slope)
+    scores = _torch_pairwise.maxsim_scores(val_qk, val_kq, q_mask, k_mask, bidirectional, q.dtype)
+    return scores, val_qk, idx_qk, val_kq, idx_kq
+
+
+@_maxsim_op.register_fake
+def _(q, k, q_mask, k_mask, bidirectional, negative_slope, backend):
+    acc = accumulation_dtype(q)
+    (n_q, len_q, _), (n_k, len_k, _) = q.shape, k.shape
+    kq_len = len_k if bidirectional else 0
+    return (
+        q.new_empty((n_q, n_k)),
+        q.new_empty((n_k, n_q, len_q), dtype=acc),
+        q.new_empty((n_k, n_q, len_q), dtype=torch.int32),
+        q.new_empty((n_q, n_k, kq_len), dtype=acc),
+        q.new_empty((n_q, n_k, kq_len), dtype=torch.int32),
+    )
+
+
+@torch.library.custom_op("mulclip_fast::pairwise_maxsim_backward", mutates_args=())
+def _maxsim_backward_op(
+    grad: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    q_mask: torch.Tensor,
+    k_mask: torch.Tensor,
+    val_qk: torch.Tensor,
+    idx_qk: torch.Tensor,
+    val_kq: torch.Tensor,
+    idx_kq: torch.Tensor,
+    bidirectional: bool,
+    negative_slope: float | None,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    impl = _implementation(backend)["maxsim"]
+    grad, q, k, q_mask, k_mask = _contiguous(grad, q, k, q_mask, k_mask)
+    dq, dk = impl.maxsim_backward(
+        grad, q, k, q_mask, k_mask, val_qk, idx_qk, val_kq, idx_kq, bidirectional, negative_slope
+    )
+    return dq.to(q.dtype), dk.to(k.dtype)
+
+
+@_maxsim_backward_op.register_fake
+def _(grad, q, k, q_mask, k_mask, val_qk, idx_qk, val_kq, idx_kq, bidirectional, negative_slope, backend):
+    return torch.empty_like(q), torch.empty_like(k)
+
+
+def _maxsim_setup(ctx, inputs, output):
+    q, k, q_mask, k_mask, bidirectional, negative_slope, backend = inputs
+    _, val_qk, idx_qk, val_kq, idx_kq = output
+    ctx.mark_non_differentiable(val_qk, idx_qk, val_kq, idx_kq)
+    ctx.save_for_backward(q, k, q_mask, k_mask, val_qk, idx_qk, val_kq, idx_kq)
+    ctx.options = (bidirectional, negative_slope, backend)
+
+
+def _maxsim_backward(ctx, grad, *_stat_grads):
+    q, k, q_mask, k_mask, val_qk, idx_qk, val_kq, idx_kq = ctx.saved_tensors
+    dq, dk = _maxsim_backward_op(grad, q, k, q_mask, k_mask, val_qk, idx_qk, val_kq, idx_kq, *ctx.options)
+    return dq, dk, None, None, None, None, None
+
+
+_maxsim_op.register_autograd(_maxsim_backward, setup_context=_maxsim_setup)
+
+
+def pairwise_maxsim(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    q_mask: torch.Tensor | None = None,
+    k_mask: torch.Tensor | None = None,
+    bidirectional: bool = False,
+    negative_slope: float | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Late-interaction max-sim between every query set and every key set, fused.
+
+    ``S[b, c] = mean_{i valid} max_{j valid} f(⟨q[b,i], k[c,j]⟩)`` with ``f`` the identity or
+    ``LeakyReLU(negative_slope)``; ``bidirectional`` adds ``mean_{j valid} max_{i valid} f(...)``. An empty
+    key (query) set contributes 0. See :func:`mulclip_fast.reference.pairwise_maxsim`.
+
+    Args:
+        q: ``[Bq, Lq, d]``; k: ``[Bk, Lk, d]``; masks ``[Bq, Lq]``, ``[Bk, Lk]`` bool (True = valid) or None.
+        backend: ``"auto" | "triton" | "torch" | "reference"``.
+
+    Returns:
+        ``[Bq, Bk]`` in the dtype of ``q``. Forward keeps ``O(Bq·Bk·(Lq+Lk))`` maxima and arg-maxes only.
+    """
+    _check_backend_name(backend)
+    if backend == "reference":
+        return reference.pairwise_maxsim(q, k, q_mask, k_mask, bidirectional, negative_slope)
+    q_mask, k_mask = _check_pairs(q, k, q_mask, k_mask)
+    if not isinstance(bidirectional, bool):
+        raise ValueError(f"bidirectional must be a bool, got {type(bidirectional).__name__}")
+    if negative_slope is not None:
+        if isinstance(negative_slope, bool) or not isinstance(negative_slope, (int, float)):
+            raise ValueError(f"negative_slope must be None or a float >= 0, got {negative_slope!r}")
+        if not (math.isfinite(negative_slope) and negative_slope >= 0):
+            raise ValueError(f"negative_slope must be None or >= 0, got {negative_slope!r}")
+        negative_slope = float(negative_slope)
+    scores, *_ = _maxsim_op(q, k, q_mask, k_mask, bidirectional, negative_slope, _concrete_backend(backend, q))
+    return scores
+
+
+# ----------------------------------------------------------------------------------------------------
+# pairwise_reconstruction_scores
+# ----------------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("mulclip_fast::pairwise_reconstruction_scores", mutates_args=())
+def _reconstruction_op(
+    q: torch.Tensor, k: torch.Tensor, q_mask: torch.Tensor, k_mask: torch.Tensor, tau: float, backend: str
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    impl = _implementation(backend)["reconstruction"]
+    q, k, q_mask, k_mask = _contiguous(q, k, q_mask, k_mask)
+    r, lse = impl.reconstruction_forward(q, k, q_mask, k_mask, tau)
+    return _torch_pairwise.reconstruction_scores(r, q_mask, q.dtype), r, lse
+
+
+@_reconstruction_op.register_fake
+def _(q, k, q_mask, k_mask, tau, backend):
+    stat_shape = (k.shape[0], q.shape[0], q.shape[1])
+    acc = accumulation_dtype(q)
+    return q.new_empty((q.shape[0], k.shape[0])), q.new_empty(stat_shape, dtype=acc), q.new_empty(stat_shape, dtype=acc)
+
+
+@torch.library.custom_op("mulclip_fast::pairwise_reconstruction_scores_backward", mutates_args=())
+def _reconstruction_backward_op(
+    grad: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    q_mask: torch.Tensor,
+    k_mask: torch.Tensor,
+    r: torch.Tensor,
+    lse: torch.Tensor,
+    tau: float,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    impl = _implementation(backend)["reconstruction"]
+    grad, q, k, q_mask, k_mask = _contiguous(grad, q, k, q_mask, k_mask)
+    dq, dk = impl.reconstruction_backward(grad, q, k, q_mask, k_mask, tau, r, lse)
+    return dq.to(q.dtype), dk.to(k.dtype)
+
+
+@_reconstruction_backward_op.register_fake
+def _(grad, q, k, q_mask, k_mask, r, lse, tau, backend):
+    return torch.empty_like(q), torch.empty_like(k)
+
+
+def _reconstruction_setup(ctx, inputs, output):
+    q, k, q_mask, k_mask, tau, backend = inputs
+    _, r, lse = output
+    ctx.mark_non_differentiable(r, lse)
+    ctx.save_for_backward(q, k, q_mask, k_mask, r, lse)
+    ctx.options = (tau, backend)
+
+
+def _reconstruction_backward(ctx, grad, *_stat_grads):
+    q, k, q_mask, k_mask, r, lse = ctx.saved_tensors
+    dq, dk = _reconstruction_backward_op(grad, q, k, q_mask, k_mask, r, lse, *ctx.options)
+    return dq, dk, None, None, None, None
+
+
+_reconstruction_op.register_autograd(_reconstruction_backward, setup_context=_reconstruction_setup)
+
+
+def pairwise_reconstruction_scores(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    q_mask: torch.Tensor | None = None,
+    k_mask: torch.Tensor | None = None,
+    tau: float = 0.07,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """How well each key set reconstructs each query set, fused.
+
+    ``S[b, c] = mean_{i valid} ⟨q[b,i], Σ_j softmax_j(⟨q[b,i], k[c,j]⟩ / τ) · k[c,j]⟩`` over valid ``j``
+    (0 for an empty key set). See :func:`mulclip_fast.reference.pairwise_reconstruction_scores`.
+
+    Returns:
+        ``[Bq, Bk]`` in the dtype of ``q``. Forward keeps ``O(Bq·Bk·Lq)`` row statistics only.
+    """
+    _check_backend_name(backend)
+    if backend == "reference":
+        return reference.pairwise_reconstruction_scores(q, k, q_mask, k_mask, tau)
+    q_mask, k_mask = _check_pairs(q, k, q_mask, k_mask)
+    check_positive("tau", tau)
+    scores, _, _ = _reconstruction_op(q, k, q_mask, k_mask, float(tau), _concrete_backend(backend, q))
+    return scores
+
+
+# ----------------------------------------------------------------------------------------------------
+# pairwise_topk_aggregate_logits
+# ----------------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("mulclip_fast::pairwise_topk_aggregate_logits", mutates_args=())
+def _topk_op(
+    sub: torch.Tensor,
+    patches: torch.Tensor,
+    sub_mask: torch.Tensor,
+    patch_mask: torch.Tensor,
+    k: int,
+    tau: float,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    impl = _implementation(backend)["topk"]
+    sub, patches, sub_mask, patch_mask = _contiguous(sub, patches, sub_mask, patch_mask)
+    return impl.sap_forward(sub, patches, sub_mask, patch_mask, k, tau)
+
+
+@_topk_op.register_fake
+def _(sub, patches, sub_mask, patch_mask, k, tau, backend):
+    (n_q, n_sub, _), (n_k, n_patch, _) = sub.shape, patches.shape
+    return (
+        sub.new_empty((n_q, n_k, n_sub)),
+        sub.new_empty((n_k, n_q * n_sub, (n_patch + 7) // 8), dtype=torch.uint8),
+        sub.new_empty((n_k, n_q * n_sub), dtype=accumulation_dtype(sub)),
+    )
+
+
+@torch.library.custom_op("mulclip_fast::pairwise_topk_aggregate_logits_backward", mutates_args=())
+def _topk_backward_op(
+    grad: torch.Tensor,
+    sub: torch.Tensor,
+    patches: torch.Tensor,
+    sub_mask: torch.Tensor,
+    patch_mask: torch.Tensor,
+    selected: torch.Tensor,
+    lse: torch.Tensor,
+    tau: float,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    impl = _implementation(backend)["topk"]
+    grad, sub, patches, sub_mask, patch_mask = _contiguous(grad, sub, patches, sub_mask, patch_mask)
+    d_sub, d_patches = impl.sap_backward(grad, sub, patches, sub_mask, patch_mask, tau, selected, lse)
+    return d_sub.to(sub.dtype), d_patches.to(patches.dtype)
+
+
+@_topk_backward_op.register_fake
+def _(grad, sub, patches, sub_mask, patch_mask, selected, lse, tau, backend):
+    return torch.empty_like(sub), torch.empty_like(patches)
+
+
+def _topk_setup(ctx, inputs, output):
+    sub, patches, sub_mask, patch_mask, k, tau, backend = inputs
+    _, selected, lse = output
+    ctx.mark_non_differentiable(selected, lse)
+    ctx.save_for_backward(sub, patches, sub_mask, patch_mask, selected, lse)
+    ctx.options = (tau, backend)
+
+
+def _topk_backward(ctx, grad, *_stat_grads):
+    sub, patches, sub_mask, patch_mask, selected, lse = ctx.saved_tensors
+    d_sub, d_patches = _topk_backward_op(grad, sub, patches, sub_mask, patch_mask, selected, lse, *ctx.options)
+    return d_sub, d_patches, None, None, None, None, None
+
+
+_topk_op.register_autograd(_topk_backward, setup_context=_topk_setup)
+
+
+def pairwise_topk_aggregate_logits(
+    sub: torch.Tensor,
+    patches: torch.Tensor,
+    sub_mask: torch.Tensor | None = None,
+    patch_mask: torch.Tensor | None = None,
+    k: int = 1,
+    tau: float = 0.07,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """SAP over all pairs, fused: each subcaption of each caption against each image.
+
+    ``out[b, c, i] = ⟨sub[b,i], normalize(Σ_{n ∈ top-k} softmax(s / τ)_n · patches[c,n])⟩`` with
+    ``s_n = ⟨sub[b,i], patches[c,n]⟩`` over valid patches; fewer than ``k`` valid patches pool all of
+    them, an empty patch set or an invalid subcaption gives 0. Ties at the k-th score keep the lowest
+    patch indices. See :func:`mulclip_fast.reference.pairwise_topk_aggregate_logits`.
+
+    Args:
+        sub: ``[Bq, M, d]``; patches: ``[Bk, N, d]``; masks ``[Bq, M]``, ``[Bk, N]`` bool or None.
+        k: context patches per subcaption, ``1 <= k <= N``; tau: softmax temperature (> 0).
+
+    Returns:
+        ``[Bq, Bk, M]`` in the dtype of ``sub``. Forward keeps a bit-packed top-k set
+        (``Bq·Bk·M·⌈N/8⌉`` bytes) and one log-sum-exp per (subcaption, image).
+    """
+    _check_backend_name(backend)
+    if backend == "reference":
+        return reference.pairwise_topk_aggregate_logits(sub, patches, sub_mask, patch_mask, k, tau)
+    sub_mask, patch_mask = _check_sap_inputs(sub, patches, sub_mask, patch_mask, k, tau, same_batch=False)
+    logits, _, _ = _topk_op(sub, patches, sub_mask, patch_mask, k, float(tau), _concrete_backend(backend, sub))
+    return logits
+
+
+# ----------------------------------------------------------------------------------------------------
+# FLOP and byte counts per call (for benchmarks)
+# ----------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class OpCost:
+    """FLOPs (a multiply-add counts 2) and compulsory DRAM bytes of one call of the Triton path.
+
+    ``bytes_*`` count reading the inputs and saved statistics and writing the outputs once: the floor
+    a kernel's traffic is compared with, not what the reference moves.
+    """
+
+    flops_forward: int
+    flops_backward: int
+    bytes_forward: int
+    bytes_backward: int
+
+    @property
+    def flops(self) -> int:
+        return self.flops_forward + self.flops_backward
+
+
+def pairwise_maxsim_cost(
+    n_q: int, len_q: int, n_k: int, len_k: int, d: int, bidirectional: bool = False, itemsize: int = 4
+) -> OpCost:
+    """Per direction, forward is one similarity GEMM ``2·Bq·Bk·Lq·Lk·d``; backward gathers the arg-max
+    rows for the queries (``2·Bq·Bk·Lq·d``) and scatters into the keys with a one-hot GEMM
+    (``2·Bq·Bk·Lq·Lk·d``). Bidirectional runs both directions."""
+    directions = 2 if bidirectional else 1
+    pairs = n_q * n_k
+    gemm = 2 * pairs * len_q * len_k * d
+    inputs = (n_q * len_q + n_k * len_k) * d * itemsize
+    stats = pairs * (len_q + (len_k if bidirectional else 0)) * 8  # fp32 max + int32 index
+    return OpCost(
+        flops_forward=directions * gemm,
+        flops_backward=directions * gemm + 2 * pairs * d * (len_q + (len_k if bidirectional else 0)),
+        bytes_forward=inputs + stats + pairs * itemsize,
+        bytes_backward=2 * inputs + stats + pairs * itemsize,
+    )
+
+
+def pairwise_reconstruction_cost(n_q: int, len_q: int, n_k: int, len_k: int, d: int, itemsize: int = 4) -> OpCost:
+    """Forward: one similarity GEMM (``2·Bq·Bk·Lq·Lk·d``) plus a few flops per similarity for the online
+    softmax. Backward: the dq and dk kernels each recompute the similarities and apply one GEMM."""
+    pairs = n_q * n_k
+    gemm = 2 * pairs * len_q * len_k * d
+    elementwise = 6 * pairs * len_q * len_k
+    inputs = (n_q * len_q + n_k * len_k) * d * itemsize
+    stats = pairs * len_q * 8  # fp32 r + lse
+    return OpCost(
+        flops_forward=gemm + elementwise,
+        flops_backward=4 * gemm + 2 * elementwise,
+        bytes_forward=inputs + stats + pairs * itemsize,
+        bytes_backward=2 * inputs + stats + pairs * itemsize,
+    )
+
+
+def pairwise_topk_aggregate_cost(n_q: int, n_sub: int, n_k: int, n_patch: int, d: int, itemsize: int = 4) -> OpCost:
+    """Forward: scores ``s = t Xᵀ`` and the aggregate ``a = w X`` as dense GEMMs over all N patches
+    (``2 × 2·Bq·Bk·M·N·d``), plus an on-chip sort of each N-row (``~N·log²N`` compares, not counted).
+    Backward: the d_sub kernel recomputes s, a and ``Xa`` and applies ``αX`` (4 GEMMs); the d_patches
+    kernel recomputes s, a, ``Xa`` and applies ``αᵀt`` and ``βᵀu`` (5 GEMMs)."""
+    rows_pairs = n_q * n_sub * n_k
+    gemm = 2 * rows_pairs * n_patch * d
+    inputs = (n_q * n_sub + n_k * n_patch) * d * itemsize
+    stats = rows_pairs * ((n_patch + 7) // 8 + 4)  # packed selection + fp32 lse
+    return OpCost(
+        flops_forward=2 * gemm,
+        flops_backward=9 * gemm,
+        bytes_forward=inputs + stats + rows_pairs * itemsize,
+        bytes_backward=2 * inputs + stats + rows_pairs * itemsize,
+    )
