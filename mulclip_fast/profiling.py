@@ -1,15 +1,31 @@
-"""Exact peak-memory accounting on any device (DESIGN §5, point 3).
+"""Peak memory, machine facts, NVML telemetry and FLOP/byte models for tests and benchmarks (DESIGN §5, §10).
 
 ``PeakMemoryTracker`` is a ``TorchDispatchMode`` that sees every tensor an op creates, records the
 byte size of its storage, and subtracts it again when the storage is freed. Its ``peak`` is the CPU
 analogue of ``torch.cuda.max_memory_allocated`` measured from the moment the mode is entered: only
 storages allocated inside the ``with`` block count, so inputs created before it do not. It is exact
 and deterministic (no allocator rounding, no caching), which is what lets tests assert memory ratios.
+
+Code that allocates without the dispatcher (Inductor's compiled kernels create their buffers directly)
+is invisible to the tracker, and Dynamo runs eagerly while a dispatch mode is active: for
+``torch.compile`` on CPU, :func:`allocator_peak_memory_of` reads the CPU allocator's own allocation
+events instead (the two agree to within 0.1% on eager code). On CUDA, :func:`measure_peak_memory` uses
+the CUDA allocator's statistics.
 """
 
 from __future__ import annotations
 
+import contextlib
+import datetime
+import importlib.metadata
+import os
+import platform
+import socket
+import statistics
+import threading
+import time
 import weakref
+from dataclasses import dataclass
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -76,3 +92,338 @@ def peak_memory_of(fn, *args, **kwargs) -> tuple[int, object]:
     with PeakMemoryTracker() as mem:
         result = fn(*args, **kwargs)
     return mem.peak, result
+
+
+def allocator_peak_memory_of(fn, *args, **kwargs) -> tuple[int, object]:
+    """Peak bytes held by allocations of the CPU allocator made while ``fn(*args, **kwargs)`` runs.
+
+    Read from ``torch.profiler``'s allocation events (exact requested sizes with a running total), so it
+    also sees Inductor-compiled code that :class:`PeakMemoryTracker` cannot. Returns ``(peak, result)``.
+    """
+    from torch._C._profiler import _EventType
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        result = fn(*args, **kwargs)
+    events = []
+    stack = list(prof.profiler.kineto_results.experimental_event_tree())
+    while stack:
+        node = stack.pop()
+        stack.extend(node.children)
+        if node.typed[0] == _EventType.Allocation and node.typed[1].device.type == "cpu":
+            fields = node.typed[1]
+            events.append((node.start_time_ns, fields.alloc_size, fields.total_allocated))
+    if not events:
+        return 0, result
+    events.sort()
+    start, first_size, first_total = events[0]
+    before = first_total - first_size  # bytes already held when the block began
+    return max(total for _, _, total in events) - before, result
+
+
+def cuda_peak_memory_of(fn, *args, **kwargs) -> tuple[int, object]:
+    """``torch.cuda.max_memory_allocated`` above what was allocated before ``fn`` ran (current device)."""
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    result = fn(*args, **kwargs)
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - before, result
+
+
+def measure_peak_memory(fn, device: torch.device | str, compiled: bool = False) -> tuple[int, str]:
+    """Peak bytes allocated by ``fn()`` above what already exists, and the method that measured them.
+
+    CUDA: the allocator's statistics. CPU: the exact dispatch tracker, or for ``compiled`` code (which
+    bypasses the dispatcher) the CPU allocator's profiler events.
+    """
+    if torch.device(device).type == "cuda":
+        return cuda_peak_memory_of(fn)[0], "cuda-max-memory-allocated"
+    if compiled:
+        return allocator_peak_memory_of(fn)[0], "cpu-allocator-profiler"
+    return peak_memory_of(fn)[0], "dispatch-tracker"
+
+
+# ----------------------------------------------------------------------------------------------------
+# Machine facts and NVML telemetry
+# ----------------------------------------------------------------------------------------------------
+
+
+def _package_version(name: str) -> str | None:
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def cpu_model() -> str:
+    """The CPU's marketing name from ``/proc/cpuinfo`` (Linux), else what ``platform`` knows."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def nvml_telemetry(cuda_index: int = 0) -> dict:
+    """A snapshot of one GPU's NVML counters; ``{"available": False, "reason": …}`` without NVML.
+
+    Memory in bytes, power in watts, clocks in MHz, utilisation in percent. A counter the GPU does not
+    expose is None. NVML missing (no nvidia-ml-py, no driver) is a fact to report, never an error.
+    """
+    try:
+        import pynvml
+    except ImportError:
+        return {"available": False, "reason": "nvidia-ml-py (pynvml) is not installed"}
+    try:
+        pynvml.nvmlInit()
+    except pynvml.NVMLError as error:
+        return {"available": False, "reason": f"NVML could not start: {error}"}
+    try:
+        handle = _nvml_handle(pynvml, cuda_index)
+
+        def read(getter, *args, scale=1.0):
+            try:
+                value = getter(handle, *args)
+            except pynvml.NVMLError:
+                return None
+            return value * scale if scale != 1.0 else value
+
+        memory = read(pynvml.nvmlDeviceGetMemoryInfo)
+        utilization = read(pynvml.nvmlDeviceGetUtilizationRates)
+        name = read(pynvml.nvmlDeviceGetName)
+        return {
+            "available": True,
+            "name": name.decode() if isinstance(name, bytes) else name,
+            "driver_version": _nvml_text(pynvml.nvmlSystemGetDriverVersion),
+            "memory_used_bytes": None if memory is None else memory.used,
+            "memory_total_bytes": None if memory is None else memory.total,
+            "power_w": read(pynvml.nvmlDeviceGetPowerUsage, scale=1e-3),
+            "power_limit_w": read(pynvml.nvmlDeviceGetEnforcedPowerLimit, scale=1e-3),
+            "sm_clock_mhz": read(pynvml.nvmlDeviceGetClockInfo, pynvml.NVML_CLOCK_SM),
+            "sm_clock_max_mhz": read(pynvml.nvmlDeviceGetMaxClockInfo, pynvml.NVML_CLOCK_SM),
+            "memory_clock_mhz": read(pynvml.nvmlDeviceGetClockInfo, pynvml.NVML_CLOCK_MEM),
+            "gpu_utilization_pct": None if utilization is None else utilization.gpu,
+            "memory_utilization_pct": None if utilization is None else utilization.memory,
+            "temperature_c": read(pynvml.nvmlDeviceGetTemperature, pynvml.NVML_TEMPERATURE_GPU),
+        }
+    finally:
+        pynvml.nvmlShutdown()
+
+
+def _nvml_text(getter) -> str | None:
+    import pynvml
+
+    try:
+        value = getter()
+    except pynvml.NVMLError:
+        return None
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _nvml_handle(pynvml, cuda_index: int):
+    """The NVML handle of CUDA device ``cuda_index`` (matched by PCI bus id: CUDA_VISIBLE_DEVICES reorders)."""
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(cuda_index)
+        bus = getattr(props, "pci_bus_id", None)
+        if bus is not None:
+            domain = getattr(props, "pci_domain_id", 0)
+            device = getattr(props, "pci_device_id", 0)
+            with contextlib.suppress(pynvml.NVMLError):
+                return pynvml.nvmlDeviceGetHandleByPciBusId(f"{domain:08x}:{bus:02x}:{device:02x}.0".encode())
+    return pynvml.nvmlDeviceGetHandleByIndex(cuda_index)
+
+
+class NvmlSampler:
+    """Sample NVML power, SM clock and utilisation on a background thread while a block runs.
+
+    A single snapshot after a benchmark says little about the run; ``summary()`` gives the mean and max
+    of each counter over the samples. Without NVML it records nothing and ``summary()`` says why.
+    """
+
+    FIELDS = ("power_w", "sm_clock_mhz", "gpu_utilization_pct", "memory_utilization_pct", "memory_used_bytes")
+
+    def __init__(self, cuda_index: int = 0, interval_s: float = 0.02):
+        self.cuda_index = cuda_index
+        self.interval_s = interval_s
+        self.samples: list[dict] = []
+        self.reason: str | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def __enter__(self) -> NvmlSampler:
+        try:
+            import pynvml
+        except ImportError:
+            self.reason = "nvidia-ml-py (pynvml) is not installed"
+            return self
+        try:
+            pynvml.nvmlInit()
+        except pynvml.NVMLError as error:
+            self.reason = f"NVML could not start: {error}"
+            return self
+        self._pynvml = pynvml
+        self._handle = _nvml_handle(pynvml, self.cuda_index)
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        pynvml, handle = self._pynvml, self._handle
+        while not self._stop.is_set():
+            sample = {}
+            with contextlib.suppress(pynvml.NVMLError):
+                sample["power_w"] = pynvml.nvmlDeviceGetPowerUsage(handle) * 1e-3
+            with contextlib.suppress(pynvml.NVMLError):
+                sample["sm_clock_mhz"] = pynvml.nvmlDeviceGetClockInfo(handle, pynvml.NVML_CLOCK_SM)
+            with contextlib.suppress(pynvml.NVMLError):
+                rates = pynvml.nvmlDeviceGetUtilizationRates(handle)
+                sample["gpu_utilization_pct"], sample["memory_utilization_pct"] = rates.gpu, rates.memory
+            with contextlib.suppress(pynvml.NVMLError):
+                sample["memory_used_bytes"] = pynvml.nvmlDeviceGetMemoryInfo(handle).used
+            self.samples.append(sample)
+            self._stop.wait(self.interval_s)
+
+    def __exit__(self, *exc) -> None:
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join()
+            self._pynvml.nvmlShutdown()
+
+    def summary(self) -> dict:
+        if self.reason is not None:
+            return {"available": False, "reason": self.reason}
+        out: dict = {"available": True, "samples": len(self.samples)}
+        for field in self.FIELDS:
+            values = [s[field] for s in self.samples if field in s]
+            out[f"{field}_mean"] = statistics.fmean(values) if values else None
+            out[f"{field}_max"] = max(values) if values else None
+        return out
+
+
+def machine_facts(device: torch.device | str = "cpu") -> dict:
+    """What a benchmark result needs to be read on: CPU, threads, versions, GPU and NVML, timestamp."""
+    device = torch.device(device)
+    try:
+        affinity = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        affinity = os.cpu_count()
+    facts = {
+        "timestamp_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "hostname": socket.gethostname(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "cpu_model": cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "cpu_affinity": affinity,
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "triton": _package_version("triton"),
+        "cuda_runtime": torch.version.cuda,
+        "device": device.type,
+    }
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        props = torch.cuda.get_device_properties(index)
+        facts.update(
+            gpu_name=props.name,
+            gpu_capability=f"{props.major}.{props.minor}",
+            gpu_memory_bytes=props.total_memory,
+            gpu_multiprocessors=props.multi_processor_count,
+            tf32_matmul=torch.backends.cuda.matmul.allow_tf32,
+        )
+        facts["nvml"] = nvml_telemetry(index)
+    else:
+        # Reported on CPU runs too: "NVML could not start" is itself a fact about the machine.
+        facts["nvml"] = nvml_telemetry(0)
+    return facts
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def matmul_throughput(
+    device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, n: int | None = None, repeats: int = 5
+) -> dict:
+    """This machine's own large square ``torch.mm`` throughput, the yardstick for achieved FLOP/s.
+
+    Median of ``repeats`` timed products of two ``n × n`` matrices (``2·n³`` FLOPs each) after a warm-up.
+    The default ``n`` (2048 on CPU, 8192 on GPU) is large enough for the BLAS to reach its plateau.
+    """
+    device = torch.device(device)
+    n = n or (8192 if device.type == "cuda" else 2048)
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    torch.mm(a, b)
+    _synchronize(device)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        torch.mm(a, b)
+        _synchronize(device)
+        times.append(time.perf_counter() - start)
+    seconds = statistics.median(times)
+    return {"n": n, "dtype": str(dtype).removeprefix("torch."), "seconds": seconds, "flops_per_s": 2 * n**3 / seconds}
+
+
+# ----------------------------------------------------------------------------------------------------
+# FLOP and byte models of the matched-pair ops (the all-pairs ones live beside them in ops/pairwise.py)
+# ----------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class OpCost:
+    """Useful FLOPs (a multiply-add counts 2) and compulsory memory traffic of one call of an op.
+
+    FLOPs count the products of the op's definition, whatever an implementation recomputes, so every
+    backend of an op is measured against the same work. Bytes count reading each input and writing each
+    output once (forward), and reading the inputs and the output gradient and writing the input
+    gradients once (backward): the floor a kernel's traffic is compared with.
+    """
+
+    flops_forward: int
+    flops_backward: int
+    bytes_forward: int
+    bytes_backward: int
+
+    @property
+    def flops(self) -> int:
+        return self.flops_forward + self.flops_backward
+
+
+def _io_cost(flops_forward: int, flops_backward: int, input_bytes: int, output_bytes: int) -> OpCost:
+    return OpCost(
+        flops_forward=flops_forward,
+        flops_backward=flops_backward,
+        bytes_forward=input_bytes + output_bytes,
+        bytes_backward=2 * input_bytes + output_bytes,  # inputs and output grad in, input grads out
+    )
+
+
+def token_reconstruction_cost(batch: int, len_q: int, len_kv: int, d: int, itemsize: int = 4) -> OpCost:
+    """Forward: ``S = q kvᵀ`` and ``P kv`` (``2 × 2·B·Lq·Lk·d``). Backward: ``dP = dO kvᵀ``, ``dkv += Pᵀ dO``,
+    ``dq = dS kv``, ``dkv += dSᵀ q`` (``4 × 2·B·Lq·Lk·d``)."""
+    gemm = 2 * batch * len_q * len_kv * d
+    io = batch * (len_q + len_kv) * d * itemsize
+    return _io_cost(2 * gemm, 4 * gemm, io, batch * len_q * d * itemsize)
+
+
+def wpr_loss_cost(batch: int, n_patches: int, n_words: int, d: int, itemsize: int = 4) -> OpCost:
+    """Two reconstructions (patches from words, words from patches: ``2 × 2 × 2·B·P·K·d``) and two
+    in-sample InfoNCE logit matrices (``2·B·P²·d + 2·B·K²·d``) forward; backward twice the forward."""
+    forward = 2 * 2 * (2 * batch * n_patches * n_words * d) + 2 * batch * (n_patches**2 + n_words**2) * d
+    return _io_cost(forward, 2 * forward, batch * (n_patches + n_words) * d * itemsize, 4)
+
+
+def topk_patch_aggregate_cost(batch: int, n_sub: int, n_patches: int, k: int, d: int, itemsize: int = 4) -> OpCost:
+    """Forward: scores against every patch (``2·B·M·N·d``) and the weighted sum of the top k
+    (``2·B·M·k·d``). Backward: through the k selected patches only, into the subcaption and into the
+    patches, from both the scores and the sum (``4 × 2·B·M·k·d``)."""
+    forward = 2 * batch * n_sub * (n_patches + k) * d
+    io = batch * (n_sub + n_patches) * d * itemsize
+    return _io_cost(forward, 8 * batch * n_sub * k * d, io, batch * n_sub * d * itemsize)
