@@ -92,9 +92,9 @@ def _primitives(backend: str) -> ModuleType:
     kernel modules read ``TRITON_INTERPRET`` when they are first imported.
     """
     if backend == "triton":
-        from ..kernels import launch
+        from . import _triton_matched
 
-        return launch
+        return _triton_matched
     return _torch_matched
 
 

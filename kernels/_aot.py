@@ -1,0 +1,109 @@
+"""The protocol between kernel modules and the ahead-of-time compile check (DESIGN §5.2).
+
+A kernel module joins the check by being listed in ``compile_check.KERNEL_MODULES`` and defining::
+
+    def compile_specs(dtype: torch.dtype) -> list[CompileSpec]:
+        '''Every kernel variant × autotune config this module launches for inputs of ``dtype``.'''
+
+:func:`autotuned_specs` builds that list from a ``triton.autotune``-decorated kernel: it expands every
+config into one :class:`CompileSpec` and derives the signature from the kernel's argument names, so a
+module only states the types of its runtime arguments and the constexprs of each launch variant::
+
+    def compile_specs(dtype):
+        ptr = pointer(dtype)
+        return autotuned_specs(
+            _my_kernel, "my_kernel", args={"X": ptr, "Out": ptr, "n": "i32", "scale": "fp32"},
+            constexprs={"UPCAST": False, "DOT_PRECISION": dot_precision(dtype)},
+        )
+
+Configs must be the module's real autotune list (not the interpreter-pruned one): build it with
+:func:`autotune_configs`, which keeps the full list on the decorated kernel for the check while the
+interpreter runs only the first config.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import torch
+import triton
+
+TRITON_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+
+def interpreter_enabled() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def autotune_configs(configs: list[triton.Config]) -> list[triton.Config]:
+    """The configs to hand ``triton.autotune``: all of them on a GPU, the first under the interpreter.
+
+    The interpreter cannot time configs (no CUDA events), and one config is all a numerics check needs.
+    """
+    return configs[:1] if interpreter_enabled() else configs
+
+
+@dataclass(frozen=True)
+class CompileSpec:
+    """One kernel × launch variant × autotune config, ready for ``triton.compile``."""
+
+    name: str  # kernel label shown in the table, e.g. "token_softmax_fwd[recon]"
+    fn: object  # the triton.runtime.jit.JITFunction
+    signature: dict[str, str]  # argument -> Triton type ("*fp16", "i32", "fp32", "constexpr")
+    constexprs: dict[str, object]
+    num_warps: int
+    num_stages: int
+    config: str = field(default="")  # autotune config label, e.g. "BLOCK_M=64,BLOCK_N=64,w4,s2"
+
+
+def pointer(dtype: torch.dtype) -> str:
+    return "*" + TRITON_DTYPES[dtype]
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """``tl.dot`` input precision: full IEEE fp32 for fp32 inputs (TF32's 10-bit mantissa, scaled by
+    1/τ ≈ 14, would break the 1e-4 parity the training run needs); ignored for fp16/bf16 operands."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _config_label(config: triton.Config) -> str:
+    blocks = ",".join(f"{k}={v}" for k, v in sorted(config.kwargs.items()))
+    return f"{blocks},w{config.num_warps},s{config.num_stages}"
+
+
+def autotuned_specs(kernel, name: str, args: dict[str, str], constexprs: dict[str, object]) -> list[CompileSpec]:
+    """One :class:`CompileSpec` per autotune config of ``kernel`` (a ``triton.autotune`` Autotuner).
+
+    ``args`` gives the Triton type of every runtime argument; every other argument of the kernel must
+    be a constexpr given either in ``constexprs`` or by the config.
+    """
+    fn = kernel.fn
+    configs = getattr(kernel, "all_configs", kernel.configs)
+    specs = []
+    for config in configs:
+        values = {**constexprs, **config.kwargs}
+        signature = {}
+        for arg in fn.arg_names:
+            if arg in values:
+                signature[arg] = "constexpr"
+            elif arg in args:
+                signature[arg] = args[arg]
+            else:
+                raise ValueError(f"{name}: argument {arg!r} has neither a type nor a constexpr value")
+        specs.append(
+            CompileSpec(name, fn, signature, values, config.num_warps, config.num_stages, _config_label(config))
+        )
+    return specs
+
+
+def autotune(configs: list[triton.Config], key: list[str], **kwargs):
+    """``triton.autotune`` over :func:`autotune_configs` (one config under the interpreter) that keeps the
+    full list as ``all_configs`` for the compile check."""
+
+    def decorate(fn):
+        tuned = triton.autotune(configs=autotune_configs(configs), key=key, **kwargs)(fn)
+        tuned.all_configs = list(configs)
+        return tuned
+
+    return decorate

@@ -1,0 +1,168 @@
+"""Ahead-of-time compile check of every Triton kernel for real GPUs, without a GPU (DESIGN §5.2).
+
+    python -m mulclip_fast.kernels.compile_check [--arch 80 90] [--dtype fp32 fp16 bf16] [--jobs N]
+
+compiles every kernel × autotune config × target × dtype with
+``triton.compile(ASTSource(fn, signature, constexprs), target=GPUTarget("cuda", arch, 32))``, prints a
+table (kernel, config, target, dtype, shared memory, registers, spills) and exits non-zero on any compile
+error, shared memory above the target's per-block limit, or register spills (``STACK``/``LOCAL`` bytes
+reported by ``cuobjdump -res-usage`` on the cubin, from the tools bundled in the Triton wheel).
+
+Protocol for kernel modules (see ``_aot.py``): list the module in :data:`KERNEL_MODULES`; it defines
+``compile_specs(dtype) -> list[CompileSpec]``. Run it without ``TRITON_INTERPRET`` (the interpreter
+replaces kernels by Python functions that cannot be compiled).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+
+# Every module holding Triton kernels; each defines ``compile_specs(dtype)``.
+KERNEL_MODULES = [
+    "mulclip_fast.kernels.token_softmax",
+    "mulclip_fast.kernels.topk_aggregate",
+]
+
+# Maximum shared memory per block (opt-in), bytes: A100 163 KB, H100 227 KB.
+SHARED_LIMIT = {80: 166912, 90: 232448}
+DTYPES = ("fp32", "fp16", "bf16")
+ARCHS = (80, 90)
+
+
+@dataclass
+class Result:
+    kernel: str
+    config: str
+    arch: int
+    dtype: str
+    shared: int | None = None
+    registers: int | None = None
+    spill_bytes: int | None = None
+    error: str | None = None
+
+    def problems(self) -> list[str]:
+        if self.error:
+            return [f"compile error: {self.error}"]
+        found = []
+        if self.shared > SHARED_LIMIT[self.arch]:
+            found.append(f"shared memory {self.shared} B > {SHARED_LIMIT[self.arch]} B")
+        if self.spill_bytes:
+            found.append(f"{self.spill_bytes} B of register spills (stack/local)")
+        return found
+
+
+def _torch_dtype(name: str):
+    import torch
+
+    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[name]
+
+
+def _specs(module_name: str, dtype: str):
+    return importlib.import_module(module_name).compile_specs(_torch_dtype(dtype))
+
+
+def _resource_usage(cubin: bytes) -> tuple[int, int]:
+    """``(registers, spill bytes)`` of the single kernel in ``cubin``, from ``cuobjdump -res-usage``."""
+    import triton
+
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as handle:
+        handle.write(cubin)
+        handle.flush()
+        report = subprocess.run([tool, "-res-usage", handle.name], capture_output=True, text=True, check=True).stdout
+    match = re.search(r"REG:(\d+) STACK:(\d+) SHARED:\d+ LOCAL:(\d+)", report)
+    if match is None:
+        raise RuntimeError(f"cannot read cuobjdump's resource usage:\n{report}")
+    registers, stack, local = (int(g) for g in match.groups())
+    return registers, stack + local
+
+
+def compile_one(module_name: str, dtype: str, index: int, arch: int) -> Result:
+    """Compile spec ``index`` of ``module_name`` for ``dtype`` and ``sm_<arch>``; never raises."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    spec = _specs(module_name, dtype)[index]
+    result = Result(spec.name, spec.config, arch, dtype)
+    try:
+        source = ASTSource(fn=spec.fn, signature=spec.signature, constexprs=spec.constexprs)
+        compiled = triton.compile(
+            source,
+            target=GPUTarget("cuda", arch, 32),
+            options={"num_warps": spec.num_warps, "num_stages": spec.num_stages},
+        )
+        result.shared = compiled.metadata.shared
+        result.registers, result.spill_bytes = _resource_usage(compiled.asm["cubin"])
+    except Exception as error:  # a compile error is a result to report, not a crash of the check
+        result.error = f"{type(error).__name__}: {str(error).strip().splitlines()[-1] if str(error) else ''}"
+    return result
+
+
+def _format_table(results: list[Result]) -> str:
+    header = ("kernel", "config", "target", "dtype", "shared B", "regs", "spill B", "status")
+    rows = [header]
+    for r in results:
+        problems = r.problems()
+        rows.append(
+            (
+                r.kernel,
+                r.config,
+                f"sm_{r.arch}",
+                r.dtype,
+                "-" if r.shared is None else str(r.shared),
+                "-" if r.registers is None else str(r.registers),
+                "-" if r.spill_bytes is None else str(r.spill_bytes),
+                "ok" if not problems else "FAIL: " + "; ".join(problems),
+            )
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def run_check(modules=None, archs=ARCHS, dtypes=DTYPES, jobs: int | None = None) -> list[Result]:
+    """Compile everything; returns the results in table order."""
+    modules = list(modules or KERNEL_MODULES)
+    tasks = [
+        (module, dtype, index, arch)
+        for module in modules
+        for dtype in dtypes
+        for index in range(len(_specs(module, dtype)))
+        for arch in archs
+    ]
+    jobs = jobs or os.cpu_count() or 1
+    if jobs == 1:
+        return [compile_one(*task) for task in tasks]
+    with ProcessPoolExecutor(max_workers=jobs) as pool:
+        return list(pool.map(compile_one, *zip(*tasks, strict=True)))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--arch", type=int, nargs="+", default=list(ARCHS), choices=sorted(SHARED_LIMIT))
+    parser.add_argument("--dtype", nargs="+", default=list(DTYPES), choices=DTYPES)
+    parser.add_argument("--module", nargs="+", default=None, help="kernel modules (default: KERNEL_MODULES)")
+    parser.add_argument("--jobs", type=int, default=None, help="parallel compiles (default: CPU count)")
+    args = parser.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        print("compile_check: unset TRITON_INTERPRET (the interpreter's kernels cannot be compiled)", file=sys.stderr)
+        return 2
+    results = run_check(args.module, args.arch, args.dtype, args.jobs)
+    print(_format_table(results))
+    failed = [r for r in results if r.problems()]
+    print(f"\n{len(results)} compiles, {len(failed)} failed")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

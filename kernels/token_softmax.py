@@ -1,0 +1,330 @@
+"""Softmax over the tokens of the same sample, flash-attention style: WPR's reconstruction and InfoNCE.
+
+Both WPR pieces are a softmax over a token × token similarity within one sample (DESIGN §3):
+
+- reconstruction (``ATTN``/``WITH_OUTPUT``): ``out = softmax(scale · q kᵀ) k`` — attention whose values
+  are the keys;
+- in-sample InfoNCE (LSE mode): the row log-sum-exp of ``scale · x yᵀ`` and its diagonal.
+
+Three kernels, in the style of Triton's fused-attention tutorial, with an online softmax in forward and
+the saved row log-sum-exp (``lse``) to rebuild probabilities tile by tile in backward, so the
+``[B, Lq, Lk]`` matrix never exists:
+
+- ``_token_softmax_fwd``        grid (row blocks, B, d chunks): ``out`` and ``lse`` (or ``lse`` and diag);
+- ``_token_softmax_bwd_rows``   grid (row blocks, B, d chunks): the gradient of the query side;
+- ``_token_softmax_bwd_cols``   grid (key blocks, B, d chunks): the gradient of the key (= value) side.
+
+Widths up to 1024 are handled by looping over d in ``BLOCK_D`` chunks: each program owns one d chunk of
+its output tile and recomputes the scores over the full width (``_scores``), which keeps registers at
+``[BLOCK_M, BLOCK_D]`` whatever d is, at the price of recomputing ``q kᵀ`` once per d chunk.
+
+Conventions: inputs contiguous ``[B, L, D]`` (row stride D), masks ``[B, L]`` bool (True = valid),
+``lse``/row coefficients ``[B, L]`` float32. fp32 ``tl.dot`` runs in IEEE precision (``_aot.dot_precision``).
+Under the interpreter ``UPCAST`` casts loaded tiles to float32 (it computes bf16 on raw bits).
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from ._aot import autotune, autotuned_specs, dot_precision, pointer
+
+# (BLOCK_M, BLOCK_N, BLOCK_D, warps, stages). The first is the interpreter's: large blocks, few programs.
+# Shared memory stays far below 227 KB: at most two [128, 64] fp32 operand tiles per stage.
+_CONFIGS = [
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_D": 64}, num_warps=4, num_stages=2),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 32, "BLOCK_D": 64}, num_warps=8, num_stages=2),
+]
+_KEY = ["Lq", "Lk", "D", "WITH_GRAD"]
+
+
+@triton.jit
+def _scores(
+    A,
+    B,
+    a_rows,
+    b_rows,
+    a_in,
+    b_in,
+    D,
+    BLOCK_A: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    UPCAST: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """``[BLOCK_A, BLOCK_B]`` float32 ``A[a_rows] · B[b_rows]ᵀ`` over the full width, in d chunks.
+
+    Rows outside ``a_in``/``b_in`` load as zeros.
+    """
+    acc = tl.zeros([BLOCK_A, BLOCK_B], dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        cols = d0 + tl.arange(0, BLOCK_D)
+        col_in = cols < D
+        a = tl.load(A + a_rows[:, None] * D + cols[None, :], mask=a_in[:, None] & col_in[None, :], other=0.0)
+        b = tl.load(B + b_rows[:, None] * D + cols[None, :], mask=b_in[:, None] & col_in[None, :], other=0.0)
+        if UPCAST:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        acc = tl.dot(a, tl.trans(b), acc, input_precision=DOT_PRECISION)
+    return acc
+
+
+@triton.jit
+def _load_tile(X, rows, row_in, cols, col_in, D, UPCAST: tl.constexpr):
+    """``X[rows, cols]`` of a ``[L, D]`` matrix, zeros outside; float32 when ``UPCAST``."""
+    tile = tl.load(X + rows[:, None] * D + cols[None, :], mask=row_in[:, None] & col_in[None, :], other=0.0)
+    if UPCAST:
+        tile = tile.to(tl.float32)
+    return tile
+
+
+@autotune(configs=_CONFIGS, key=_KEY)
+@triton.jit
+def _token_softmax_fwd(
+    Q,
+    K,
+    Out,
+    Lse,
+    Diag,
+    QMask,
+    KMask,
+    Lq,
+    Lk,
+    D,
+    scale,
+    WITH_OUTPUT: tl.constexpr,
+    WITH_GRAD: tl.constexpr,
+    UPCAST: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """Online softmax over the valid keys of each query row.
+
+    ``WITH_OUTPUT``: ``Out[b, i, chunk] = Σ_j softmax_j(scale·⟨q_i, k_j⟩) k_j[chunk]`` (zero for invalid
+    queries or samples without a valid key) and ``Lse``. Otherwise (InfoNCE, Lq = Lk, one d chunk):
+    ``Lse`` and ``Diag[b, i] = scale·⟨q_i, k_i⟩``. ``WITH_GRAD`` is unused here (shared autotune key).
+    """
+    pid_m = tl.program_id(0)
+    pid_b = tl.program_id(1).to(tl.int64)
+    pid_d = tl.program_id(2)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_in = rows < Lq
+    Qb = Q + pid_b * Lq * D
+    Kb = K + pid_b * Lk * D
+    q_valid = tl.load(QMask + pid_b * Lq + rows, mask=row_in, other=0) != 0
+    d_cols = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    d_in = d_cols < D
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    diag = tl.zeros([BLOCK_M], dtype=tl.float32)
+    for n0 in range(0, Lk, BLOCK_N):
+        cols = n0 + tl.arange(0, BLOCK_N)
+        col_in = cols < Lk
+        k_valid = tl.load(KMask + pid_b * Lk + cols, mask=col_in, other=0) != 0
+        s = _scores(Qb, Kb, rows, cols, row_in, col_in, D, BLOCK_M, BLOCK_N, BLOCK_D, UPCAST, DOT_PRECISION) * scale
+        if not WITH_OUTPUT:
+            diag += tl.sum(tl.where(rows[:, None] == cols[None, :], s, 0.0), axis=1)
+        s = tl.where(k_valid[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # no valid key yet: keep exp() finite
+        alpha = tl.exp(m_i - m_safe)
+        p = tl.exp(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        if WITH_OUTPUT:
+            v = _load_tile(Kb, cols, col_in, d_cols, d_in, D, UPCAST)
+            acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
+        m_i = m_new
+    has_key = l_i > 0
+    lse = tl.where(has_key, m_i + tl.log(tl.where(has_key, l_i, 1.0)), 0.0)
+    first_chunk = (rows * 0 + pid_d) == 0  # a block, not a scalar: the interpreter rejects scalar masks
+    tl.store(Lse + pid_b * Lq + rows, lse, mask=row_in & first_chunk)
+    if WITH_OUTPUT:
+        out = acc / tl.where(has_key, l_i, 1.0)[:, None]
+        out = tl.where(q_valid[:, None], out, 0.0)
+        Ob = Out + pid_b * Lq * D
+        tl.store(
+            Ob + rows[:, None] * D + d_cols[None, :],
+            out.to(Out.dtype.element_ty),
+            mask=row_in[:, None] & d_in[None, :],
+        )
+    else:
+        tl.store(Diag + pid_b * Lq + rows, diag, mask=row_in & first_chunk)
+
+
+@triton.jit
+def _score_gradient(
+    Qb,
+    Kb,
+    dOb,
+    lse,
+    coef,
+    rows,
+    cols,
+    row_grad_in,
+    row_in,
+    col_in,
+    k_valid,
+    D,
+    scale,
+    WITH_GRAD: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    UPCAST: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """Probabilities ``P`` and score gradient ``dS`` of one ``[BLOCK_M, BLOCK_N]`` tile, rebuilt from lse.
+
+    ``WITH_GRAD`` (reconstruction): ``dS = P ∘ (dO kᵀ − delta)`` with ``coef = delta``; otherwise
+    (InfoNCE): ``dS = coef ∘ P`` with ``coef`` the per-row loss gradient.
+    """
+    s = _scores(Qb, Kb, rows, cols, row_in, col_in, D, BLOCK_M, BLOCK_N, BLOCK_D, UPCAST, DOT_PRECISION) * scale
+    s = tl.where(k_valid[None, :], s, float("-inf"))
+    p = tl.exp(s - lse[:, None])
+    if WITH_GRAD:
+        dp = _scores(dOb, Kb, rows, cols, row_grad_in, col_in, D, BLOCK_M, BLOCK_N, BLOCK_D, UPCAST, DOT_PRECISION)
+        ds = p * (dp - coef[:, None])
+    else:
+        ds = p * coef[:, None]
+    return p, ds
+
+
+@autotune(configs=_CONFIGS, key=_KEY)
+@triton.jit
+def _token_softmax_bwd_rows(
+    Q,
+    K,
+    dO,
+    Lse,
+    Coef,
+    QMask,
+    KMask,
+    dQ,
+    Lq,
+    Lk,
+    D,
+    scale,
+    WITH_GRAD: tl.constexpr,
+    UPCAST: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """``dQ[b, rows, chunk] = scale · Σ_j dS[:, j] k_j[chunk]``: the query-side gradient."""
+    pid_m = tl.program_id(0)
+    pid_b = tl.program_id(1).to(tl.int64)
+    pid_d = tl.program_id(2)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_in = rows < Lq
+    q_valid = tl.load(QMask + pid_b * Lq + rows, mask=row_in, other=0) != 0
+    lse = tl.load(Lse + pid_b * Lq + rows, mask=row_in, other=0.0)
+    coef = tl.load(Coef + pid_b * Lq + rows, mask=row_in, other=0.0)
+    Qb = Q + pid_b * Lq * D
+    Kb = K + pid_b * Lk * D
+    dOb = dO + pid_b * Lq * D
+    d_cols = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    d_in = d_cols < D
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    for n0 in range(0, Lk, BLOCK_N):
+        cols = n0 + tl.arange(0, BLOCK_N)
+        col_in = cols < Lk
+        k_valid = tl.load(KMask + pid_b * Lk + cols, mask=col_in, other=0) != 0
+        _, ds = _score_gradient(
+            Qb, Kb, dOb, lse, coef, rows, cols, row_in & q_valid, row_in, col_in, k_valid, D, scale,
+            WITH_GRAD, BLOCK_M, BLOCK_N, BLOCK_D, UPCAST, DOT_PRECISION,
+        )  # fmt: skip
+        k_tile = _load_tile(Kb, cols, col_in, d_cols, d_in, D, UPCAST)
+        acc = tl.dot(ds.to(k_tile.dtype), k_tile, acc, input_precision=DOT_PRECISION)
+    dQb = dQ + pid_b * Lq * D
+    tl.store(
+        dQb + rows[:, None] * D + d_cols[None, :],
+        (acc * scale).to(dQ.dtype.element_ty),
+        mask=row_in[:, None] & d_in[None, :],
+    )
+
+
+@autotune(configs=_CONFIGS, key=_KEY)
+@triton.jit
+def _token_softmax_bwd_cols(
+    Q,
+    K,
+    dO,
+    Lse,
+    Coef,
+    QMask,
+    KMask,
+    dK,
+    Lq,
+    Lk,
+    D,
+    scale,
+    WITH_GRAD: tl.constexpr,
+    UPCAST: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """``dK[b, cols, chunk] = Σ_i P[i, cols]ᵀ dO_i[chunk] (WITH_GRAD) + scale · Σ_i dS[i, cols]ᵀ q_i[chunk]``."""
+    pid_n = tl.program_id(0)
+    pid_b = tl.program_id(1).to(tl.int64)
+    pid_d = tl.program_id(2)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_in = cols < Lk
+    k_valid = tl.load(KMask + pid_b * Lk + cols, mask=col_in, other=0) != 0
+    Qb = Q + pid_b * Lq * D
+    Kb = K + pid_b * Lk * D
+    dOb = dO + pid_b * Lq * D
+    d_cols = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    d_in = d_cols < D
+    acc = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    for m0 in range(0, Lq, BLOCK_M):
+        rows = m0 + tl.arange(0, BLOCK_M)
+        row_in = rows < Lq
+        q_valid = tl.load(QMask + pid_b * Lq + rows, mask=row_in, other=0) != 0
+        lse = tl.load(Lse + pid_b * Lq + rows, mask=row_in, other=0.0)
+        coef = tl.load(Coef + pid_b * Lq + rows, mask=row_in, other=0.0)
+        p, ds = _score_gradient(
+            Qb, Kb, dOb, lse, coef, rows, cols, row_in & q_valid, row_in, col_in, k_valid, D, scale,
+            WITH_GRAD, BLOCK_M, BLOCK_N, BLOCK_D, UPCAST, DOT_PRECISION,
+        )  # fmt: skip
+        q_tile = _load_tile(Qb, rows, row_in, d_cols, d_in, D, UPCAST)
+        acc = tl.dot(tl.trans(ds * scale).to(q_tile.dtype), q_tile, acc, input_precision=DOT_PRECISION)
+        if WITH_GRAD:
+            do_tile = _load_tile(dOb, rows, row_in & q_valid, d_cols, d_in, D, UPCAST)
+            acc = tl.dot(tl.trans(p).to(do_tile.dtype), do_tile, acc, input_precision=DOT_PRECISION)
+    dKb = dK + pid_b * Lk * D
+    tl.store(
+        dKb + cols[:, None] * D + d_cols[None, :], acc.to(dK.dtype.element_ty), mask=col_in[:, None] & d_in[None, :]
+    )
+
+
+def compile_specs(dtype) -> list:
+    """Every kernel × launch variant × autotune config, for the AOT compile check (``_aot``)."""
+    ptr, stat = pointer(dtype), "*fp32"
+    common = {"Lq": "i32", "Lk": "i32", "D": "i32", "scale": "fp32", "QMask": "*i1", "KMask": "*i1"}
+    base = {"UPCAST": False, "DOT_PRECISION": dot_precision(dtype)}
+    specs = []
+    for variant, flags in (("recon", {"WITH_OUTPUT": True, "WITH_GRAD": True}), ("lse", {"WITH_OUTPUT": False})):
+        grad_flag = {"WITH_GRAD": flags.get("WITH_GRAD", False)}
+        specs += autotuned_specs(
+            _token_softmax_fwd,
+            f"token_softmax_fwd[{variant}]",
+            args={**common, "Q": ptr, "K": ptr, "Out": ptr, "Lse": stat, "Diag": stat},
+            constexprs={**base, "WITH_OUTPUT": flags["WITH_OUTPUT"], **grad_flag},
+        )
+        for kernel, label, out in ((_token_softmax_bwd_rows, "rows", "dQ"), (_token_softmax_bwd_cols, "cols", "dK")):
+            specs += autotuned_specs(
+                kernel,
+                f"token_softmax_bwd_{label}[{variant}]",
+                args={**common, "Q": ptr, "K": ptr, "dO": ptr, "Lse": stat, "Coef": stat, out: ptr},
+                constexprs={**base, **grad_flag},
+            )
+    return specs

@@ -1,0 +1,299 @@
+"""SAP's top-k softmax aggregate of patches per subcaption, fused (DESIGN §3 "SAP", §4).
+
+One program owns a block of ``BLOCK_M`` subcaptions of one sample and the whole score row over the
+``N ≤ BLOCK_N`` patches (``BLOCK_N`` = next power of two ≥ N, at most 1024):
+
+1. scores ``s = sub · xᵀ`` with ``tl.dot`` over d chunks;
+2. top-k on chip (:func:`_topk_probabilities`): scores become order-preserving int32 keys, a 32-step
+   bisection finds each row's k-th largest key, ties at the threshold go to the lowest patch index, so
+   exactly ``min(k, valid)`` patches are chosen — no sort, no ``[M, k]`` index tensor;
+3. softmax over the chosen scores / τ, aggregate ``u = p x`` chunk by chunk, normalise.
+
+Backward recomputes 1–3 from the inputs (nothing of size ``[B, M, k, d]`` or ``[B, M, N]`` is saved by
+forward) and writes the probabilities ``P`` and score gradients ``dS`` (``[B, M, N]``, small) and ``du``
+(``[B, M, d]``) to scratch, from which a second kernel forms ``dx = Pᵀ du + dSᵀ sub`` per patch block.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._aot import autotune, autotuned_specs, dot_precision, pointer
+
+MAX_PATCHES = 1024
+SUBCAPTIONS_PER_PROGRAM = 16  # tl.dot's minimum tile
+BLOCK_M: tl.constexpr = tl.constexpr(SUBCAPTIONS_PER_PROGRAM)
+NORMALIZE_EPS: tl.constexpr = tl.constexpr(1e-12)  # F.normalize's
+_INT32_MIN: tl.constexpr = tl.constexpr(-(2**31))
+
+# The score row lives in registers: [16, BLOCK_N] float32 (and its int32 keys) over num_warps·32 threads.
+_FWD_CONFIGS = [
+    triton.Config({"BLOCK_D": 64}, num_warps=8, num_stages=1),
+    triton.Config({"BLOCK_D": 32}, num_warps=4, num_stages=1),
+]
+_PATCH_CONFIGS = [
+    triton.Config({"BLOCK_P": 64, "BLOCK_D": 64}, num_warps=4, num_stages=2),
+    triton.Config({"BLOCK_P": 128, "BLOCK_D": 64}, num_warps=8, num_stages=2),
+]
+
+
+@triton.jit
+def _ordered_key(s):
+    """int32 keys ordered like the float32 scores (flip the magnitude bits of negative floats)."""
+    bits = s.to(tl.int32, bitcast=True)
+    return tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)
+
+
+@triton.jit
+def _topk_probabilities(s, valid, k, scale, BLOCK_N: tl.constexpr):
+    """Softmax over the top-k valid entries of each row of ``s`` (``[BLOCK_M, BLOCK_N]``), zeros elsewhere.
+
+    Rows with fewer than k valid entries use all of them; rows without any give zeros.
+    """
+    key = tl.where(valid, _ordered_key(s), _INT32_MIN)
+    # Invariant per row: count(key >= lo) >= k > count(key >= hi); 32 halvings of the int32 range
+    # leave hi = lo + 1, so lo is the k-th largest key.
+    lo = tl.full([BLOCK_M], _INT32_MIN, dtype=tl.int64)
+    hi = tl.full([BLOCK_M], 2**31, dtype=tl.int64)
+    for _ in range(32):
+        mid = lo + (hi - lo) // 2
+        count = tl.sum((key >= mid.to(tl.int32)[:, None]).to(tl.int32), axis=1)
+        enough = count >= k
+        lo = tl.where(enough, mid, lo)
+        hi = tl.where(enough, hi, mid)
+    threshold = lo.to(tl.int32)[:, None]
+    above = key > threshold
+    tie = key == threshold
+    room = k - tl.sum(above.to(tl.int32), axis=1)
+    tie_rank = tl.cumsum(tie.to(tl.int32), axis=1)  # 1-based position among ties, lowest index first
+    chosen = (above | (tie & (tie_rank <= room[:, None]))) & valid
+    row_max = tl.max(tl.where(chosen, s, float("-inf")), axis=1)
+    row_max = tl.where(row_max == float("-inf"), 0.0, row_max)
+    e = tl.where(chosen, tl.exp((s - row_max[:, None]) * scale), 0.0)
+    total = tl.sum(e, axis=1)
+    return e / tl.where(total > 0, total, 1.0)[:, None]
+
+
+@triton.jit
+def _row_probabilities(
+    Subb, Xb, XMask, rows, row_in, N, D, k, scale,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):  # fmt: skip
+    """Scores of ``BLOCK_M`` subcaptions against all patches of the sample, then top-k probabilities."""
+    cols = tl.arange(0, BLOCK_N)
+    col_in = cols < N
+    valid = (tl.load(XMask + cols, mask=col_in, other=0) != 0) & col_in
+    s = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        d_cols = d0 + tl.arange(0, BLOCK_D)
+        d_in = d_cols < D
+        a = tl.load(Subb + rows[:, None] * D + d_cols[None, :], mask=row_in[:, None] & d_in[None, :], other=0.0)
+        x = tl.load(Xb + cols[:, None] * D + d_cols[None, :], mask=col_in[:, None] & d_in[None, :], other=0.0)
+        if UPCAST:
+            a = a.to(tl.float32)
+            x = x.to(tl.float32)
+        s = tl.dot(a, tl.trans(x), s, input_precision=DOT_PRECISION)
+    return _topk_probabilities(s, valid[None, :], k, scale, BLOCK_N), cols, col_in
+
+
+@triton.jit
+def _pooled_chunk(p, Xb, cols, col_in, d0, D, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """``u[:, d0:d0+BLOCK_D] = p · x[:, chunk]`` (float32) and the chunk's column indices."""
+    d_cols = d0 + tl.arange(0, BLOCK_D)
+    d_in = d_cols < D
+    x = tl.load(Xb + cols[:, None] * D + d_cols[None, :], mask=col_in[:, None] & d_in[None, :], other=0.0)
+    if UPCAST:
+        x = x.to(tl.float32)
+    return tl.dot(p.to(x.dtype), x, input_precision=DOT_PRECISION), d_cols, d_in
+
+
+@autotune(configs=_FWD_CONFIGS, key=["M", "N", "D"])
+@triton.jit
+def _topk_aggregate_fwd(
+    Sub, X, SubMask, XMask, Out, M, N, D, k, scale,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):  # fmt: skip
+    """``Out[b, i] = normalize(Σ_{j ∈ top-k} softmax_j(s_j·scale) x_j)``, zero for invalid subcaptions."""
+    pid_m = tl.program_id(0)
+    pid_b = tl.program_id(1).to(tl.int64)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_in = rows < M
+    Subb = Sub + pid_b * M * D
+    Xb = X + pid_b * N * D
+    p, cols, col_in = _row_probabilities(
+        Subb, Xb, XMask + pid_b * N, rows, row_in, N, D, k, scale,
+        BLOCK_N, BLOCK_D, UPCAST, DOT_PRECISION,
+    )  # fmt: skip
+    sum_sq = tl.zeros([BLOCK_M], dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        u, _, _ = _pooled_chunk(p, Xb, cols, col_in, d0, D, BLOCK_D, UPCAST, DOT_PRECISION)
+        sum_sq += tl.sum(u * u, axis=1)
+    sub_valid = tl.load(SubMask + pid_b * M + rows, mask=row_in, other=0) != 0
+    factor = tl.where(sub_valid, 1.0 / tl.maximum(tl.sqrt(sum_sq), NORMALIZE_EPS), 0.0)
+    Outb = Out + pid_b * M * D
+    for d0 in range(0, D, BLOCK_D):  # recompute u rather than round it through Out's dtype
+        u, d_cols, d_in = _pooled_chunk(p, Xb, cols, col_in, d0, D, BLOCK_D, UPCAST, DOT_PRECISION)
+        out = u * factor[:, None]
+        tl.store(
+            Outb + rows[:, None] * D + d_cols[None, :],
+            out.to(Out.dtype.element_ty),
+            mask=row_in[:, None] & d_in[None, :],
+        )
+
+
+@autotune(configs=_FWD_CONFIGS, key=["M", "N", "D"])
+@triton.jit
+def _topk_aggregate_bwd_rows(
+    Sub, X, SubMask, XMask, G, dSub, P, dS, dU, M, N, D, k, scale,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):  # fmt: skip
+    """Per subcaption: ``du`` through the normalisation, ``dp = du xᵀ``, softmax backward
+    ``dS = scale · p ∘ (dp − Σ p dp)``, ``dSub = dS x``; writes ``P``, ``dS`` ``[B, M, N]`` and ``dU``."""
+    pid_m = tl.program_id(0)
+    pid_b = tl.program_id(1).to(tl.int64)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_in = rows < M
+    Subb = Sub + pid_b * M * D
+    Xb = X + pid_b * N * D
+    p, cols, col_in = _row_probabilities(
+        Subb, Xb, XMask + pid_b * N, rows, row_in, N, D, k, scale,
+        BLOCK_N, BLOCK_D, UPCAST, DOT_PRECISION,
+    )  # fmt: skip
+    sub_valid = tl.load(SubMask + pid_b * M + rows, mask=row_in, other=0) != 0
+    grad_rows = row_in & sub_valid
+    Gb = G + pid_b * M * D
+    # pass 1: ‖u‖² and ⟨u, g⟩
+    sum_sq = tl.zeros([BLOCK_M], dtype=tl.float32)
+    dot_ug = tl.zeros([BLOCK_M], dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        u, d_cols, d_in = _pooled_chunk(p, Xb, cols, col_in, d0, D, BLOCK_D, UPCAST, DOT_PRECISION)
+        g = tl.load(Gb + rows[:, None] * D + d_cols[None, :], mask=grad_rows[:, None] & d_in[None, :], other=0.0)
+        sum_sq += tl.sum(u * u, axis=1)
+        dot_ug += tl.sum(u * g.to(tl.float32), axis=1)
+    # F.normalize backward: du = g / max(‖u‖, eps) − u ⟨u, g⟩ / ‖u‖³ (second term only above eps)
+    norm = tl.sqrt(sum_sq)
+    clamped = tl.maximum(norm, NORMALIZE_EPS)
+    radial = tl.where(norm > NORMALIZE_EPS, dot_ug / clamped / clamped / clamped, 0.0)
+    # pass 2: du, and dp = du · xᵀ
+    dp = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    dUb = dU + pid_b * M * D
+    for d0 in range(0, D, BLOCK_D):
+        u, d_cols, d_in = _pooled_chunk(p, Xb, cols, col_in, d0, D, BLOCK_D, UPCAST, DOT_PRECISION)
+        g = tl.load(Gb + rows[:, None] * D + d_cols[None, :], mask=grad_rows[:, None] & d_in[None, :], other=0.0)
+        du = g.to(tl.float32) / clamped[:, None] - u * radial[:, None]
+        tl.store(dUb + rows[:, None] * D + d_cols[None, :], du, mask=row_in[:, None] & d_in[None, :])
+        x = tl.load(Xb + cols[:, None] * D + d_cols[None, :], mask=col_in[:, None] & d_in[None, :], other=0.0)
+        x = x.to(tl.float32)
+        dp = tl.dot(du, tl.trans(x), dp, input_precision="ieee")
+    ds = p * (dp - tl.sum(p * dp, axis=1)[:, None]) * scale
+    tile = pid_b * M * N + rows[:, None] * N + cols[None, :]
+    tile_in = row_in[:, None] & col_in[None, :]
+    tl.store(P + tile, p, mask=tile_in)
+    tl.store(dS + tile, ds, mask=tile_in)
+    # pass 3: dSub = dS · x
+    dSubb = dSub + pid_b * M * D
+    for d0 in range(0, D, BLOCK_D):
+        d_sub, d_cols, d_in = _pooled_chunk(ds, Xb, cols, col_in, d0, D, BLOCK_D, UPCAST, DOT_PRECISION)
+        tl.store(
+            dSubb + rows[:, None] * D + d_cols[None, :],
+            d_sub.to(dSub.dtype.element_ty),
+            mask=row_in[:, None] & d_in[None, :],
+        )
+
+
+@autotune(configs=_PATCH_CONFIGS, key=["M", "N", "D"])
+@triton.jit
+def _topk_aggregate_bwd_patches(
+    Sub, P, dS, dU, dX, M, N, D,
+    BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    """``dX[b, patches, chunk] = Σ_i P[i, patches]ᵀ du_i[chunk] + dS[i, patches]ᵀ sub_i[chunk]`` (IEEE fp32)."""
+    pid_p = tl.program_id(0)
+    pid_b = tl.program_id(1).to(tl.int64)
+    pid_d = tl.program_id(2)
+    patches = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    patch_in = patches < N
+    d_cols = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    d_in = d_cols < D
+    acc = tl.zeros([BLOCK_P, BLOCK_D], dtype=tl.float32)
+    for m0 in range(0, M, BLOCK_M):
+        rows = m0 + tl.arange(0, BLOCK_M)
+        row_in = rows < M
+        tile = pid_b * M * N + rows[:, None] * N + patches[None, :]
+        tile_in = row_in[:, None] & patch_in[None, :]
+        p = tl.load(P + tile, mask=tile_in, other=0.0)
+        ds = tl.load(dS + tile, mask=tile_in, other=0.0)
+        chunk = pid_b * M * D + rows[:, None] * D + d_cols[None, :]
+        chunk_in = row_in[:, None] & d_in[None, :]
+        du = tl.load(dU + chunk, mask=chunk_in, other=0.0)
+        sub = tl.load(Sub + chunk, mask=chunk_in, other=0.0).to(tl.float32)
+        acc = tl.dot(tl.trans(p), du, acc, input_precision="ieee")
+        acc = tl.dot(tl.trans(ds), sub, acc, input_precision="ieee")
+    out = dX + pid_b * N * D + patches[:, None] * D + d_cols[None, :]
+    tl.store(out, acc.to(dX.dtype.element_ty), mask=patch_in[:, None] & d_in[None, :])
+
+
+def block_patches(n_patches: int) -> int:
+    """``BLOCK_N``: the power of two ≥ N (and ≥ 16, tl.dot's minimum) that holds the score row."""
+    if n_patches > MAX_PATCHES:
+        raise ValueError(f"the Triton top-k kernel holds up to {MAX_PATCHES} patches per row, got N = {n_patches}")
+    return max(16, triton.next_power_of_2(n_patches))
+
+
+def topk_aggregate_forward(sub, patches, sub_mask, patch_mask, k, tau, *, upcast, dot_precision):
+    batch, m, width = sub.shape
+    n = patches.shape[1]
+    out = torch.empty_like(sub)
+    grid = (triton.cdiv(m, SUBCAPTIONS_PER_PROGRAM), batch)
+    _topk_aggregate_fwd[grid](
+        sub, patches, sub_mask, patch_mask, out, m, n, width, k, 1.0 / tau,
+        BLOCK_N=block_patches(n), UPCAST=upcast, DOT_PRECISION=dot_precision,
+    )  # fmt: skip
+    return out
+
+
+def topk_aggregate_backward(sub, patches, sub_mask, patch_mask, k, tau, grad_out, *, upcast, dot_precision):
+    batch, m, width = sub.shape
+    n = patches.shape[1]
+    f32 = {"dtype": torch.float32, "device": sub.device}
+    probs, d_scores = torch.empty(batch, m, n, **f32), torch.empty(batch, m, n, **f32)
+    d_pooled = torch.empty(batch, m, width, **f32)
+    d_sub, d_patches = torch.empty_like(sub), torch.empty_like(patches)
+    _topk_aggregate_bwd_rows[(triton.cdiv(m, SUBCAPTIONS_PER_PROGRAM), batch)](
+        sub, patches, sub_mask, patch_mask, grad_out, d_sub, probs, d_scores, d_pooled, m, n, width, k, 1.0 / tau,
+        BLOCK_N=block_patches(n), UPCAST=upcast, DOT_PRECISION=dot_precision,
+    )  # fmt: skip
+    grid = lambda meta: (triton.cdiv(n, meta["BLOCK_P"]), batch, triton.cdiv(width, meta["BLOCK_D"]))  # noqa: E731
+    _topk_aggregate_bwd_patches[grid](sub, probs, d_scores, d_pooled, d_patches, m, n, width)
+    return d_sub, d_patches
+
+
+def compile_specs(dtype) -> list:
+    """Every kernel × autotune config, at the paper's 196 patches (BLOCK_N 256) and the limit (1024)."""
+    ptr = pointer(dtype)
+    scalars = {"M": "i32", "N": "i32", "D": "i32", "k": "i32", "scale": "fp32", "SubMask": "*i1", "XMask": "*i1"}
+    base = {"UPCAST": False, "DOT_PRECISION": dot_precision(dtype)}
+    specs = []
+    for block_n in (256, MAX_PATCHES):
+        constexprs = {**base, "BLOCK_N": block_n}
+        specs += autotuned_specs(
+            _topk_aggregate_fwd,
+            f"topk_aggregate_fwd[N<={block_n}]",
+            args={**scalars, "Sub": ptr, "X": ptr, "Out": ptr},
+            constexprs=constexprs,
+        )
+        specs += autotuned_specs(
+            _topk_aggregate_bwd_rows,
+            f"topk_aggregate_bwd_rows[N<={block_n}]",
+            args={**scalars, "Sub": ptr, "X": ptr, "G": ptr, "dSub": ptr, "P": "*fp32", "dS": "*fp32", "dU": "*fp32"},
+            constexprs=constexprs,
+        )
+    specs += autotuned_specs(
+        _topk_aggregate_bwd_patches,
+        "topk_aggregate_bwd_patches",
+        args={"M": "i32", "N": "i32", "D": "i32", "Sub": ptr, "P": "*fp32", "dS": "*fp32", "dU": "*fp32", "dX": ptr},
+        constexprs={},
+    )
+    return specs
