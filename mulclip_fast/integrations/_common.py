@@ -1,0 +1,180 @@
+"""What every CLIP adapter shares: the token-feature containers, the word mask and Long-CLIP's stretching.
+
+Neither open_clip nor transformers is imported here or by the adapters: they work on the attributes of
+a model object the caller already built, so ``import mulclip_fast.integrations`` costs nothing extra.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..losses import MulCLIPFeatures
+from ..reference import LocalTokenCalibration, stretch_positional_embedding
+
+LONG_CONTEXT = 248  # Long-CLIP's context: 4·77 − 3·20 positions (DESIGN §3)
+KEPT_POSITIONS = 20  # leading positions copied unchanged, and frozen by default (Long-CLIP, FineLIP)
+
+
+@dataclass
+class ImageTokenFeatures:
+    """Projected outputs of an image tower.
+
+    Attributes:
+        cls: ``[B, d]`` the model's own image embedding (CLS through the final LayerNorm and projection).
+        tokens: ``[B, P, d]`` the patch tokens through the same LayerNorm and projection.
+    """
+
+    cls: torch.Tensor
+    tokens: torch.Tensor
+
+
+@dataclass
+class TextTokenFeatures:
+    """Projected outputs of a text tower.
+
+    Attributes:
+        eot: ``[B, d]`` the model's own text embedding (the EOT token, projected).
+        tokens: ``[B, L, d]`` every position through the same final LayerNorm and projection.
+        mask: ``[B, L]`` bool, True for word tokens only (SOT, EOT and padding are False).
+    """
+
+    eot: torch.Tensor
+    tokens: torch.Tensor
+    mask: torch.Tensor
+
+
+def check_token_ids(name: str, ids: torch.Tensor, ndim: int = 2) -> None:
+    if not isinstance(ids, torch.Tensor) or ids.dim() != ndim:
+        form = "[B, L]" if ndim == 2 else "[B, M, L]"
+        raise ValueError(f"{name} must be an integer tensor of shape {form}, got {getattr(ids, 'shape', ids)!r}")
+    if ids.dtype.is_floating_point or ids.dtype == torch.bool:
+        raise ValueError(f"{name} must hold integer token ids, got dtype {ids.dtype}")
+    if ids.shape[-1] < 2:
+        raise ValueError(f"{name} needs at least 2 positions (SOT and EOT), got shape {tuple(ids.shape)}")
+
+
+def word_token_mask(eot_index: torch.Tensor, length: int, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """``[B, length]`` bool, True at the word positions ``1 .. eot_index-1`` (SOT at 0, EOT and padding excluded).
+
+    ``attention_mask`` (1 = real token), when given, further removes anything it marks as padding.
+    """
+    positions = torch.arange(length, device=eot_index.device)
+    mask = (positions[None, :] >= 1) & (positions[None, :] < eot_index[:, None])
+    if attention_mask is not None:
+        if tuple(attention_mask.shape) != tuple(mask.shape):
+            raise ValueError(f"attention_mask must have shape {tuple(mask.shape)}, got {tuple(attention_mask.shape)}")
+        mask = mask & attention_mask.to(device=mask.device).bool()
+    return mask
+
+
+def first_eos_index(input_ids: torch.Tensor, eos_token_id: int, name: str = "input_ids") -> torch.Tensor:
+    """Index of the first ``eos_token_id`` in each row (padding may reuse the EOS id, so the first one counts)."""
+    is_eos = input_ids == eos_token_id
+    has_eos = is_eos.any(dim=1)
+    if not bool(has_eos.all()):
+        row = int((~has_eos).nonzero()[0])
+        raise ValueError(
+            f"{name} row {row} has no EOT token (id {eos_token_id}); tokenise with the model's tokenizer, "
+            "which ends every caption with EOT, also on truncation"
+        )
+    return is_eos.int().argmax(dim=1)
+
+
+def stretched_table(old: torch.Tensor, target: int, keep: int) -> torch.Tensor:
+    """Long-CLIP's rule (reference ``stretch_positional_embedding``), validated for the adapters' arguments."""
+    if old.shape[0] > target:
+        raise ValueError(f"target={target} is shorter than the model's {old.shape[0]} text positions")
+    return stretch_positional_embedding(old.detach(), target=target, keep=keep)
+
+
+def freeze_leading_rows(table: nn.Parameter, keep: int) -> torch.utils.hooks.RemovableHandle | None:
+    """Zero the gradient of the first ``keep`` rows of a positional table (Long-CLIP keeps them as trained).
+
+    A gradient hook leaves the parameter and its ``state_dict`` key as the library defines them, so a
+    stretched model still saves and reloads with the library's own code. Decoupled weight decay (AdamW)
+    still shrinks those rows: put the table in a no-decay parameter group (open_clip's
+    ``no_weight_decay()`` already lists ``positional_embedding``).
+    """
+    if keep <= 0:
+        return None
+    frozen = torch.arange(table.shape[0], device=table.device) < keep
+
+    def zero_frozen_rows(grad: torch.Tensor) -> torch.Tensor:
+        return grad.masked_fill(frozen[:, None].to(grad.device), 0)
+
+    return table.register_hook(zero_frozen_rows)
+
+
+def subcaption_layout(
+    sub_ids: torch.Tensor, sub_mask: torch.Tensor | None, batch: int, name: str = "sub_ids"
+) -> torch.Tensor:
+    """Validate ``sub_ids [B, M, L]`` and ``sub_mask [B, M]``; returns the mask (all True when None)."""
+    check_token_ids(name, sub_ids, ndim=3)
+    if sub_ids.shape[0] != batch:
+        raise ValueError(f"{name} must have the batch size {batch} of the long captions, got {sub_ids.shape[0]}")
+    if sub_mask is None:
+        return torch.ones(sub_ids.shape[:2], dtype=torch.bool, device=sub_ids.device)
+    if not isinstance(sub_mask, torch.Tensor) or sub_mask.dtype != torch.bool or sub_mask.shape != sub_ids.shape[:2]:
+        raise ValueError(f"sub_mask must be a bool tensor of shape {tuple(sub_ids.shape[:2])} (True = real subcaption)")
+    return sub_mask
+
+
+def encode_subcaptions(encode_eot, sub_ids: torch.Tensor, sub_mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``[B, M, d]`` EOT embeddings of the valid subcaptions (zeros in empty slots), in one text pass.
+
+    Only the valid slots are encoded: empty slots are padding, and encoding them would cost a text pass
+    each (subcaptions are MulCLIP's dominant extra cost, DESIGN §6). ``like`` (the long captions' ``[B, d]``
+    EOT embeddings) gives width, dtype and device when no slot is valid, which the SAP loss treats as
+    contributing nothing.
+    """
+    out = like.new_zeros(*sub_mask.shape, like.shape[-1])
+    flat_ids = sub_ids[sub_mask]  # [n_valid, L]
+    if flat_ids.shape[0] == 0:
+        return out
+    return out.index_put(sub_mask.nonzero(as_tuple=True), encode_eot(flat_ids).to(out.dtype))
+
+
+def calibrate(
+    features: MulCLIPFeatures,
+    image_calibration: LocalTokenCalibration,
+    text_calibration: LocalTokenCalibration,
+    sap_on_raw_patches: bool = False,
+) -> MulCLIPFeatures:
+    """Replace the raw tokens of ``features`` by their locally calibrated ``V'`` and ``T'`` (DESIGN §3 LC).
+
+    MulCLIP computes WPR and SAP on calibrated tokens; ``sap_on_raw_patches`` keeps the raw patches for
+    SAP (the paper's ablation flag). Calibrated tokens are all valid, so their masks become None.
+    """
+    v_cal = image_calibration(features.image_tokens, features.image_token_mask)
+    t_cal = text_calibration(features.text_tokens, features.text_token_mask)
+    return MulCLIPFeatures(
+        image_cls=features.image_cls,
+        image_tokens=v_cal,
+        text_eot=features.text_eot,
+        text_tokens=t_cal,
+        short_eot=features.short_eot,
+        sub_eot=features.sub_eot,
+        sub_mask=features.sub_mask,
+        sap_tokens=features.image_tokens if sap_on_raw_patches else None,
+        sap_token_mask=features.image_token_mask if sap_on_raw_patches else None,
+    )
+
+
+def as_clip_loss_inputs(features: MulCLIPFeatures) -> dict[str, torch.Tensor | None]:
+    """Keyword arguments of ``MulCLIPClipLoss`` (all but ``logit_scale``) from a ``MulCLIPFeatures``."""
+    return {
+        "image_features": features.image_cls,
+        "text_features": features.text_eot,
+        "image_tokens": features.image_tokens,
+        "text_tokens": features.text_tokens,
+        "image_token_mask": features.image_token_mask,
+        "text_token_mask": features.text_token_mask,
+        "short_text_features": features.short_eot,
+        "sub_text_features": features.sub_eot,
+        "sub_mask": features.sub_mask,
+        "sap_tokens": features.sap_tokens,
+        "sap_token_mask": features.sap_token_mask,
+    }

@@ -1,0 +1,198 @@
+"""Hugging Face ``transformers`` CLIP adapter: MulCLIP's features from a ``CLIPModel``, 248 text positions.
+
+Works on any object laid out like ``transformers.CLIPModel`` (``vision_model``, ``text_model``,
+``visual_projection``, ``text_projection``); transformers itself is never imported here.
+
+    from mulclip_fast.integrations import hf
+    hf.stretch_text_positions(model)                       # 77 -> 248 positions, Long-CLIP's rule
+    feats = hf.mulclip_features(model, pixel_values, long_ids, short_ids=short_ids, sub_ids=sub_ids, sub_mask=m)
+    out = MulCLIPLoss()(calibrate(feats, v_calibration, t_calibration), model.logit_scale.exp())
+
+Feature extraction follows DESIGN §3: every token goes through the same final LayerNorm and projection
+as the pooled CLS / EOT embedding, so ``cls`` and ``eot`` equal ``get_image_features`` /
+``get_text_features`` exactly.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..losses import MulCLIPFeatures
+from ._common import (
+    KEPT_POSITIONS,
+    LONG_CONTEXT,
+    ImageTokenFeatures,
+    TextTokenFeatures,
+    check_token_ids,
+    encode_subcaptions,
+    first_eos_index,
+    freeze_leading_rows,
+    stretched_table,
+    subcaption_layout,
+    word_token_mask,
+)
+
+__all__ = [
+    "encode_image_tokens",
+    "encode_text_tokens",
+    "eot_index",
+    "mulclip_features",
+    "stretch_text_positions",
+]
+
+
+def _check_model(model) -> None:
+    missing = [
+        a for a in ("vision_model", "text_model", "visual_projection", "text_projection") if not hasattr(model, a)
+    ]
+    if missing:
+        raise ValueError(
+            f"model must be a transformers CLIPModel (or laid out like one); it lacks {', '.join(missing)}"
+        )
+
+
+def stretch_text_positions(
+    model: nn.Module, target: int = LONG_CONTEXT, keep: int = KEPT_POSITIONS, train_kept_positions: bool = False
+) -> nn.Module:
+    """Stretch the text position table of a ``CLIPModel`` to ``target`` positions (Long-CLIP's rule), in place.
+
+    Replaces ``text_model.embeddings.position_embedding`` by an ``nn.Embedding(target, width)`` holding
+    the stretched table, the ``position_ids`` buffer by ``arange(target)`` and sets
+    ``max_position_embeddings`` in the configs, so ``save_pretrained`` / ``from_pretrained`` round-trip
+    the long model. Unless ``train_kept_positions``, the first ``keep`` rows get zero gradient (see
+    ``freeze_leading_rows`` about weight decay). A table that already has ``target`` rows is kept as is.
+
+    Returns:
+        ``model``, for chaining.
+    """
+    _check_model(model)
+    embeddings = model.text_model.embeddings
+    old = embeddings.position_embedding.weight
+    if old.shape[0] != target:
+        table = stretched_table(old, target, keep)
+        stretched = nn.Embedding(target, old.shape[1], device=old.device, dtype=old.dtype)
+        with torch.no_grad():
+            stretched.weight.copy_(table)
+        stretched.weight.requires_grad_(old.requires_grad)
+        embeddings.position_embedding = stretched
+        # A registered buffer keeps its (non-persistent) registration when assigned a new tensor.
+        embeddings.position_ids = torch.arange(target, device=old.device).expand((1, -1))
+        for config in {id(c): c for c in (model.config.text_config, model.text_model.config)}.values():
+            config.max_position_embeddings = target
+    if not train_kept_positions:
+        freeze_leading_rows(embeddings.position_embedding.weight, keep)
+    return model
+
+
+def eot_index(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
+    """``[B]`` position of the EOT token, by the same rule as ``CLIPTextModel`` pools it.
+
+    Configs from before transformers PR #24773 carry ``eos_token_id == 2`` and pool at the largest id
+    (EOT is the largest id of CLIP's vocabulary); newer ones pool at the first ``eos_token_id``.
+    """
+    eos = model.text_model.eos_token_id
+    if eos == 2:
+        return input_ids.to(torch.int).argmax(dim=-1)
+    return first_eos_index(input_ids, eos)
+
+
+def encode_image_tokens(model: nn.Module, pixel_values: torch.Tensor) -> ImageTokenFeatures:
+    """CLS and patch tokens, each through ``post_layernorm`` and ``visual_projection``.
+
+    Args:
+        pixel_values: ``[B, 3, H, W]`` at the model's image size.
+
+    Returns:
+        ``cls [B, d]`` (equal to ``get_image_features``) and ``tokens [B, P, d]`` (P = number of patches).
+    """
+    _check_model(model)
+    if not isinstance(pixel_values, torch.Tensor) or pixel_values.dim() != 4:
+        raise ValueError(f"pixel_values must be a [B, 3, H, W] tensor, got {getattr(pixel_values, 'shape', None)!r}")
+    vision = model.vision_model
+    hidden = vision(pixel_values=pixel_values).last_hidden_state  # [B, 1+P, width], before post_layernorm
+    projected = model.visual_projection(vision.post_layernorm(hidden))
+    return ImageTokenFeatures(cls=projected[:, 0], tokens=projected[:, 1:])
+
+
+def encode_text_tokens(
+    model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, trim: bool = True
+) -> TextTokenFeatures:
+    """EOT embedding and all token embeddings (final LayerNorm, then ``text_projection``), with the word mask.
+
+    Args:
+        input_ids: ``[B, L]`` token ids, SOT first and one EOT per row (as CLIP's tokenizer makes them).
+        attention_mask: optional ``[B, L]`` (1 = real token), passed to the model.
+        trim: cut the batch after its longest caption's EOT before encoding. The text tower is causal and
+            pooled at EOT, so this is exact and saves the padded positions' compute (DESIGN §6).
+
+    Returns:
+        ``eot [B, d]`` (equal to ``get_text_features``), ``tokens [B, L', d]`` and ``mask [B, L']`` with
+        True at words only; ``L'`` is the trimmed length.
+    """
+    _check_model(model)
+    check_token_ids("input_ids", input_ids)
+    eot = eot_index(model, input_ids)
+    if trim:
+        length = int(eot.max()) + 1
+        input_ids = input_ids[:, :length]
+        attention_mask = None if attention_mask is None else attention_mask[:, :length]
+    max_positions = model.text_model.embeddings.position_embedding.weight.shape[0]
+    if input_ids.shape[1] > max_positions:
+        raise ValueError(
+            f"input_ids has {input_ids.shape[1]} positions but the model has {max_positions}; "
+            "call stretch_text_positions(model) first for long captions"
+        )
+    hidden = model.text_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # final LN'd
+    tokens = model.text_projection(hidden)
+    rows = torch.arange(tokens.shape[0], device=tokens.device)
+    mask = word_token_mask(eot.to(tokens.device), tokens.shape[1], attention_mask)
+    return TextTokenFeatures(eot=tokens[rows, eot.to(tokens.device)], tokens=tokens, mask=mask)
+
+
+def mulclip_features(
+    model: nn.Module,
+    pixel_values: torch.Tensor,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    short_ids: torch.Tensor | None = None,
+    sub_ids: torch.Tensor | None = None,
+    sub_mask: torch.Tensor | None = None,
+) -> MulCLIPFeatures:
+    """Everything ``MulCLIPLoss`` needs for one batch, from raw (uncalibrated) tokens.
+
+    Args:
+        pixel_values: ``[B, 3, H, W]``.
+        input_ids: ``[B, L]`` long captions (up to 248 tokens after ``stretch_text_positions``).
+        attention_mask: optional ``[B, L]`` for ``input_ids``.
+        short_ids: optional ``[B, L_s]`` summary captions (77-token context).
+        sub_ids: optional ``[B, M, L_s]`` subcaptions; ``sub_mask [B, M]`` marks the real ones (None: all).
+
+    Returns:
+        ``MulCLIPFeatures`` with raw patch and word tokens; pass it through ``calibrate`` for MulCLIP's
+        calibrated ``V'`` / ``T'``.
+    """
+    image = encode_image_tokens(model, pixel_values)
+    text = encode_text_tokens(model, input_ids, attention_mask)
+    if image.cls.shape[0] != text.eot.shape[0]:
+        raise ValueError(
+            f"pixel_values and input_ids must have the same batch size, got {image.cls.shape[0]} and "
+            f"{text.eot.shape[0]}"
+        )
+    short_eot = None if short_ids is None else encode_text_tokens(model, short_ids).eot
+    sub_eot = None
+    if sub_ids is not None:
+        sub_mask = subcaption_layout(sub_ids, sub_mask, text.eot.shape[0])
+        sub_eot = encode_subcaptions(lambda ids: encode_text_tokens(model, ids).eot, sub_ids, sub_mask, text.eot)
+    elif sub_mask is not None:
+        raise ValueError("sub_mask was given without sub_ids")
+    return MulCLIPFeatures(
+        image_cls=image.cls,
+        image_tokens=image.tokens,
+        text_eot=text.eot,
+        text_tokens=text.tokens,
+        short_eot=short_eot,
+        sub_eot=sub_eot,
+        sub_mask=sub_mask,
+        text_token_mask=text.mask,
+    )

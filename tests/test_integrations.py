@@ -1,0 +1,563 @@
+"""MulCLIP inside other CLIP trainers: the Hugging Face / open_clip adapters and the ClipLoss-style loss.
+
+The HF tests build a tiny randomly initialised ``transformers.CLIPModel`` from a config (no download).
+The open_clip tests run where open_clip imports; it needs torchvision, which a CPU-only environment
+must not install (it resolves a CUDA build), so there they are skipped with that reason.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mulclip_fast.integrations import MulCLIPClipLoss, as_clip_loss_inputs, calibrate, hf
+from mulclip_fast.integrations import open_clip as oc
+from mulclip_fast.losses import DEFAULT_WEIGHTS, MulCLIPFeatures, MulCLIPLoss
+from mulclip_fast.reference import LocalTokenCalibration
+
+transformers = pytest.importorskip("transformers", reason="transformers is in the dev extra; install '.[dev]'")
+
+SOT, EOT, PAD = 98, 99, 0
+VOCAB = 100
+
+
+def long_clip_rule(old: torch.Tensor) -> torch.Tensor:
+    """DESIGN §3, transcribed position by position (independent of ``stretch_positional_embedding``)."""
+    new = torch.empty(248, old.shape[1], dtype=torch.float64)
+    old = old.double()
+    for p in range(20):
+        new[p] = old[p]
+    for i in range(56):
+        for r in range(4):
+            new[20 + 4 * i + r] = (1 - r / 4) * old[20 + i] + (r / 4) * old[21 + i]
+    step = (old[76] - old[75]) / 4
+    for r in range(4):
+        new[244 + r] = old[76] + r * step
+    return new
+
+
+def caption_ids(lengths: list[int], context: int, generator: torch.Generator) -> torch.Tensor:
+    """``[B, context]`` ids: SOT, ``n - 1`` words, EOT at position ``n``, padding after."""
+    ids = torch.full((len(lengths), context), PAD, dtype=torch.long)
+    for row, n in enumerate(lengths):
+        ids[row, 0] = SOT
+        ids[row, 1:n] = torch.randint(1, SOT, (n - 1,), generator=generator)
+        ids[row, n] = EOT
+    return ids
+
+
+def tiny_hf_clip(seed: int = 0):
+    config = transformers.CLIPConfig(
+        text_config=dict(
+            vocab_size=VOCAB,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            max_position_embeddings=77,
+            bos_token_id=SOT,
+            eos_token_id=EOT,
+            pad_token_id=PAD,
+        ),
+        vision_config=dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            image_size=32,
+            patch_size=8,
+        ),
+        projection_dim=16,
+    )
+    torch.manual_seed(seed)
+    return transformers.CLIPModel(config).eval()
+
+
+@pytest.fixture(scope="module")
+def hf_batch():
+    generator = torch.Generator().manual_seed(1)
+    batch = 4
+    long_ids = caption_ids([120, 7, 201, 60], 248, generator)  # two beyond 77 positions
+    short_ids = caption_ids([5, 9, 4, 12], 77, generator)
+    sub_ids = torch.stack([caption_ids([6, 4, 9], 77, generator) for _ in range(batch)])
+    sub_mask = torch.tensor([[True, True, True], [True, False, False], [True, True, False], [True, True, True]])
+    pixels = torch.randn(batch, 3, 32, 32, generator=generator)
+    return dict(pixels=pixels, long_ids=long_ids, short_ids=short_ids, sub_ids=sub_ids, sub_mask=sub_mask)
+
+
+# -- imports -----------------------------------------------------------------------------------------
+
+
+def test_adapters_import_and_run_without_open_clip_or_transformers():
+    """``sys.modules[name] = None`` makes any import of that name fail, as if it were not installed."""
+    script = textwrap.dedent(
+        """
+        import sys
+        sys.modules["open_clip"] = None
+        sys.modules["transformers"] = None
+        sys.modules["torchvision"] = None
+        import torch
+        from mulclip_fast.integrations import MulCLIPClipLoss, hf, open_clip
+        g = torch.Generator().manual_seed(0)
+        v, t = torch.randn(3, 8, generator=g), torch.randn(3, 8, generator=g)
+        tokens = torch.randn(3, 5, 8, generator=g)
+        loss = MulCLIPClipLoss()(v, t, torch.tensor(10.0), image_tokens=tokens, text_tokens=tokens)
+        assert torch.isfinite(loss), loss
+        assert "transformers" not in [m for m, mod in sys.modules.items() if mod is not None]
+        print("ok")
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "ok"
+
+
+# -- Hugging Face: positions -------------------------------------------------------------------------
+
+
+def test_hf_stretch_follows_long_clip_rule_and_freezes_kept_positions(hf_batch):
+    model = tiny_hf_clip()
+    old = model.text_model.embeddings.position_embedding.weight.detach().clone()
+    hf.stretch_text_positions(model)
+    embeddings = model.text_model.embeddings
+    table = embeddings.position_embedding.weight
+    assert table.shape == (248, old.shape[1])
+    torch.testing.assert_close(table.detach().double(), long_clip_rule(old), rtol=1e-6, atol=1e-7)
+    assert torch.equal(embeddings.position_ids, torch.arange(248)[None])
+    assert model.config.text_config.max_position_embeddings == 248
+    assert model.text_model.config.max_position_embeddings == 248
+
+    # A 201-token caption now runs through the model's own API, and only the stretched rows learn.
+    model.get_text_features(input_ids=hf_batch["long_ids"]).pooler_output.sum().backward()
+    assert table.grad[:20].abs().max() == 0
+    assert table.grad[20:202].abs().sum(dim=1).gt(0).all()
+    # A second call (e.g. on a checkpoint that is already long) keeps the table.
+    hf.stretch_text_positions(model)
+    assert model.text_model.embeddings.position_embedding.weight is table
+
+
+def test_hf_stretch_can_train_kept_positions_and_round_trips_save_pretrained(tmp_path, hf_batch):
+    model = hf.stretch_text_positions(tiny_hf_clip(), train_kept_positions=True)
+    model.get_text_features(input_ids=hf_batch["long_ids"]).pooler_output.sum().backward()
+    assert model.text_model.embeddings.position_embedding.weight.grad[:20].abs().sum(dim=1).gt(0).all()
+
+    model.save_pretrained(tmp_path)
+    reloaded = transformers.CLIPModel.from_pretrained(tmp_path).eval()
+    assert torch.equal(
+        reloaded.text_model.embeddings.position_embedding.weight, model.text_model.embeddings.position_embedding.weight
+    )
+    ids = hf_batch["long_ids"]
+    torch.testing.assert_close(
+        reloaded.get_text_features(input_ids=ids).pooler_output, model.get_text_features(input_ids=ids).pooler_output
+    )
+
+
+def test_hf_text_longer_than_the_table_is_a_clear_error(hf_batch):
+    with pytest.raises(ValueError, match="stretch_text_positions"):
+        hf.encode_text_tokens(tiny_hf_clip(), hf_batch["long_ids"])
+
+
+# -- Hugging Face: features --------------------------------------------------------------------------
+
+
+def test_hf_features_are_the_models_own_embeddings_with_a_words_only_mask(hf_batch):
+    model = hf.stretch_text_positions(tiny_hf_clip())
+    with torch.no_grad():
+        image = hf.encode_image_tokens(model, hf_batch["pixels"])
+        text = hf.encode_text_tokens(model, hf_batch["long_ids"])
+        untrimmed = hf.encode_text_tokens(model, hf_batch["long_ids"], trim=False)
+        expected_cls = model.get_image_features(pixel_values=hf_batch["pixels"]).pooler_output
+        expected_eot = model.get_text_features(input_ids=hf_batch["long_ids"]).pooler_output
+    assert image.cls.shape == (4, 16) and image.tokens.shape == (4, 16, 16)  # (32 / 8)² patches, width 16
+    torch.testing.assert_close(image.cls, expected_cls, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(text.eot, expected_eot, rtol=1e-5, atol=1e-6)
+
+    lengths = torch.tensor([120, 7, 201, 60])  # EOT positions
+    assert text.tokens.shape == (4, 202, 16)  # trimmed after the longest caption's EOT
+    positions = torch.arange(202)
+    assert torch.equal(text.mask, (positions >= 1) & (positions < lengths[:, None]))
+    # The EOT row of the token tensor is the pooled embedding: same LayerNorm, same projection.
+    torch.testing.assert_close(text.tokens[torch.arange(4), lengths], text.eot)
+    # Trimming is exact for the causal tower.
+    torch.testing.assert_close(untrimmed.tokens[:, :202], text.tokens, rtol=1e-5, atol=1e-6)
+    assert not untrimmed.mask[:, 202:].any()
+
+
+def test_hf_mulclip_features_encode_only_the_real_subcaptions(hf_batch):
+    model = hf.stretch_text_positions(tiny_hf_clip())
+    with torch.no_grad():
+        features = hf.mulclip_features(
+            model,
+            hf_batch["pixels"],
+            hf_batch["long_ids"],
+            short_ids=hf_batch["short_ids"],
+            sub_ids=hf_batch["sub_ids"],
+            sub_mask=hf_batch["sub_mask"],
+        )
+        one_sub = model.get_text_features(input_ids=hf_batch["sub_ids"][2, 1:2]).pooler_output[0]
+        short = model.get_text_features(input_ids=hf_batch["short_ids"]).pooler_output
+    assert features.sub_eot.shape == (4, 3, 16)
+    torch.testing.assert_close(features.sub_eot[2, 1], one_sub, rtol=1e-5, atol=1e-6)
+    assert torch.equal(features.sub_eot[~hf_batch["sub_mask"]], torch.zeros(3, 16))
+    torch.testing.assert_close(features.short_eot, short, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "make_bad, message",
+    [
+        (lambda b: dict(input_ids=b["long_ids"].float()), "input_ids must hold integer token ids"),
+        (lambda b: dict(input_ids=b["long_ids"][:, :5]), "no EOT token"),
+        (lambda b: dict(input_ids=b["long_ids"], sub_mask=b["sub_mask"]), "sub_mask was given without sub_ids"),
+        (lambda b: dict(input_ids=b["long_ids"], sub_ids=b["sub_ids"][:2]), "sub_ids must have the batch size 4"),
+        (lambda b: dict(input_ids=b["long_ids"][:3]), "same batch size"),
+    ],
+)
+def test_hf_bad_input_names_the_argument(hf_batch, make_bad, message):
+    model = hf.stretch_text_positions(tiny_hf_clip())
+    with pytest.raises(ValueError, match=message):
+        hf.mulclip_features(model, hf_batch["pixels"], **make_bad(hf_batch))
+
+
+def test_hf_adapter_rejects_a_model_that_is_not_a_clip_model():
+    with pytest.raises(ValueError, match="CLIPModel"):
+        hf.stretch_text_positions(torch.nn.Linear(2, 2))
+
+
+# -- the loss: same values and gradients as the reference -----------------------------------------
+
+
+def features_with_grad(model, batch, calibrations=None) -> MulCLIPFeatures:
+    features = hf.mulclip_features(
+        model,
+        batch["pixels"],
+        batch["long_ids"],
+        short_ids=batch["short_ids"],
+        sub_ids=batch["sub_ids"],
+        sub_mask=batch["sub_mask"],
+    )
+    return features if calibrations is None else calibrate(features, *calibrations)
+
+
+def fused_backends() -> list:
+    from mulclip_fast import ops
+
+    have_pairwise = hasattr(ops, "pairwise_topk_aggregate_logits") and hasattr(ops, "pairwise_maxsim")
+    return [
+        "reference",
+        pytest.param(
+            "torch", marks=pytest.mark.skipif(not have_pairwise, reason="mulclip_fast.ops has no all-pairs ops yet")
+        ),
+    ]
+
+
+@pytest.mark.parametrize("backend", fused_backends())
+@pytest.mark.parametrize(
+    "settings",
+    [
+        dict(objective="mulclip"),
+        dict(objective="mulclip", sap_pairing="all", weights={"word": 0.5, "sub": 2.0}),
+        dict(objective="finelip"),
+        dict(objective="finelip", finelip_hardest_negative=True),
+    ],
+    ids=["mulclip-matched", "mulclip-all-pairs", "finelip", "finelip-hardest"],
+)
+def test_clip_loss_matches_reference_loss_and_gradients_on_hf_features(hf_batch, settings, backend):
+    model = hf.stretch_text_positions(tiny_hf_clip())
+    torch.manual_seed(3)
+    calibrations = (LocalTokenCalibration(16, 5), LocalTokenCalibration(16, 5))
+    params = [p for p in model.parameters() if p.requires_grad] + [p for c in calibrations for p in c.parameters()]
+    features = features_with_grad(model, hf_batch, calibrations)
+    logit_scale = model.logit_scale.exp()
+
+    reference = MulCLIPLoss(**settings, backend="reference")(features, logit_scale, fine_grained_scale=0.7)
+    ours = MulCLIPClipLoss(**settings, backend=backend)(
+        **as_clip_loss_inputs(features), logit_scale=logit_scale, output_dict=True, fine_grained_scale=0.7
+    )
+    weights = {**DEFAULT_WEIGHTS, **settings.get("weights", {})}
+    names = {"global_long": "contrastive_loss", "global_short": "short_contrastive_loss", "word": "word_loss"}
+    names |= {"sub": "sub_loss", "finelip": "finelip_loss"}
+    expected_terms = {names[t] for t in reference if t != "loss"}
+    assert set(ours) == expected_terms
+    for term, value in reference.items():
+        if term == "loss":
+            continue
+        scale = weights[term] * (0.7 if term in ("word", "sub", "finelip") else 1.0)
+        torch.testing.assert_close(ours[names[term]], scale * value, rtol=1e-5, atol=1e-6)
+    total = sum(ours.values())
+    torch.testing.assert_close(total, reference["loss"], rtol=1e-5, atol=1e-6)
+
+    grads_ref = torch.autograd.grad(reference["loss"], params, retain_graph=True, allow_unused=True)
+    grads_ours = torch.autograd.grad(total, params, allow_unused=True)
+    compared = 0
+    for g_ref, g_ours in zip(grads_ref, grads_ours, strict=True):
+        if g_ref is None:
+            assert g_ours is None or g_ours.abs().max() == 0
+            continue
+        torch.testing.assert_close(g_ours, g_ref, rtol=1e-4, atol=1e-6)
+        compared += 1
+    assert compared > 20  # both towers, the projections, the calibrations and the logit scale
+
+
+def test_clip_loss_without_token_features_is_open_clips_clip_loss():
+    """The open_clip ClipLoss formula, written out: ½[CE(s·I Tᵀ + b) + CE(s·T Iᵀ + b)] on normalised features."""
+    g = torch.Generator().manual_seed(0)
+    image, text = (
+        F.normalize(torch.randn(6, 8, generator=g), dim=-1),
+        F.normalize(torch.randn(6, 8, generator=g), dim=-1),
+    )
+    scale, bias = torch.tensor(14.0), torch.tensor(-2.0)
+    labels = torch.arange(6)
+    for logit_bias in (None, bias):
+        extra = 0.0 if logit_bias is None else logit_bias
+        expected = 0.5 * (
+            F.cross_entropy(scale * image @ text.T + extra, labels)
+            + F.cross_entropy(scale * text @ image.T + extra, labels)
+        )
+        loss_fn = MulCLIPClipLoss(cache_labels=True)
+        torch.testing.assert_close(loss_fn(image, text, scale, logit_bias), expected)
+        assert loss_fn(image, text, scale, logit_bias, output_dict=True).keys() == {"contrastive_loss"}
+        torch.testing.assert_close(loss_fn(image, text, scale, logit_bias), expected)  # cached labels
+
+
+@pytest.mark.parametrize(
+    "kwargs, call, message",
+    [
+        (dict(world_size=0), None, "world_size must be an int >= 1"),
+        (dict(rank=2, world_size=2), None, r"rank must be an int in \[0, world_size=2\)"),
+        (dict(objective="nope"), None, "objective must be one of"),
+        (dict(world_size=2, rank=1), {}, "needs an initialised torch.distributed process group"),
+        (dict(), dict(text_token_mask=torch.ones(3, 5, dtype=torch.bool)), "token mask was passed without its tokens"),
+        (dict(), dict(sub_mask=torch.ones(3, 2, dtype=torch.bool)), "sub_mask was passed without sub_text_features"),
+        (dict(), dict(image_tokens=torch.randn(2, 5, 8), text_tokens=torch.randn(3, 5, 8)), "image_tokens must have"),
+        (dict(), dict(image_tokens=torch.randn(3, 5, 4), text_tokens=torch.randn(3, 5, 8)), "feature width"),
+        (
+            dict(),
+            dict(image_tokens=torch.randn(3, 5, 8), text_tokens=torch.randn(3, 5, 8), text_token_mask=torch.ones(3, 5)),
+            "text_token_mask must have dtype torch.bool",
+        ),
+        (dict(terms=("word",)), {}, "none of the enabled terms"),
+    ],
+)
+def test_clip_loss_bad_input_names_the_argument(kwargs, call, message):
+    with pytest.raises(ValueError, match=message):
+        loss_fn = MulCLIPClipLoss(**kwargs)
+        loss_fn(torch.randn(3, 8), torch.randn(3, 8), torch.tensor(10.0), **call)
+
+
+def test_a_few_steps_of_the_mulclip_loss_reduce_it_on_a_tiny_hf_clip(hf_batch):
+    model = hf.stretch_text_positions(tiny_hf_clip()).train()
+    torch.manual_seed(4)
+    calibrations = (LocalTokenCalibration(16, 3), LocalTokenCalibration(16, 3))
+    params = list(model.parameters()) + [p for c in calibrations for p in c.parameters()]
+    optimizer = torch.optim.Adam(params, lr=2e-3)
+    loss_fn = MulCLIPClipLoss()
+    losses = []
+    for _ in range(6):
+        features = features_with_grad(model, hf_batch, calibrations)
+        loss = loss_fn(**as_clip_loss_inputs(features), logit_scale=model.logit_scale.exp())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.9 * losses[0], losses
+
+
+# -- distributed: two gloo processes against one process on the global batch -------------------------
+
+DISTRIBUTED_WORKER = textwrap.dedent(
+    """
+    import json, os, sys
+    import torch, torch.distributed as dist
+    from mulclip_fast.integrations import MulCLIPClipLoss
+
+    def global_batch(even_subcaptions):
+        g = torch.Generator().manual_seed(0)
+        B, d = 6, 8
+        sub_mask = torch.tensor([[1, 1, 1], [1, 0, 0], [1, 1, 0], [1, 1, 1], [0, 1, 1], [1, 1, 1]], dtype=torch.bool)
+        if even_subcaptions:
+            sub_mask = torch.ones_like(sub_mask)
+        text_mask = torch.rand(B, 7, generator=g) > 0.3
+        text_mask[:, 0] = True
+        return dict(
+            image_features=torch.randn(B, d, generator=g), text_features=torch.randn(B, d, generator=g),
+            image_tokens=torch.randn(B, 5, d, generator=g), text_tokens=torch.randn(B, 7, d, generator=g),
+            text_token_mask=text_mask, short_text_features=torch.randn(B, d, generator=g),
+            sub_text_features=torch.randn(B, 3, d, generator=g), sub_mask=sub_mask,
+        )
+
+    def local_slice(batch, rank, even_subcaptions):
+        # Rank 0 holds 3 samples whose texts are trimmed to 5 tokens and subcaptions to 2 slots, rank 1 the
+        # other 3 untrimmed: token sets of different lengths must be padded and masked by the gather.
+        rows = slice(0, 3) if rank == 0 else slice(3, 6)
+        out = {k: v[rows] for k, v in batch.items()}
+        if rank == 0:
+            out["text_tokens"], out["text_token_mask"] = out["text_tokens"][:, :5], out["text_token_mask"][:, :5]
+            if not even_subcaptions:
+                out["sub_text_features"], out["sub_mask"] = out["sub_text_features"][:, :2], out["sub_mask"][:, :2]
+        return out
+
+    def run(rank, world, settings):
+        even = settings.pop("even_subcaptions", False)
+        batch = global_batch(even)
+        batch["text_token_mask"][:3, 5:] = False   # what rank 0 trimmed away
+        if not even:
+            batch["sub_mask"][:3, 2:] = False
+        local = {k: v.clone().requires_grad_(v.is_floating_point()) for k, v in local_slice(batch, rank, even).items()}
+        settings.setdefault("gather_with_grad", True)
+        loss_fn = MulCLIPClipLoss(**settings, rank=rank, world_size=world)
+        loss = loss_fn(logit_scale=torch.tensor(10.0), **local)
+        loss.backward()
+        # Features that no enabled term uses (e.g. subcaptions under FineLIP) get no gradient.
+        grads = {k: v.grad for k, v in local.items() if v.grad is not None}
+        return loss.detach(), grads, batch
+
+    def main():
+        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        dist.init_process_group("gloo")
+        report = {}
+        for name, settings in json.loads(sys.argv[1]).items():
+            loss, grads, batch = run(rank, world, settings)
+            losses = [torch.zeros(()) for _ in range(world)]
+            dist.all_gather(losses, loss)
+            if rank == 0:
+                full = {k: v.clone().requires_grad_(v.is_floating_point()) for k, v in batch.items()}
+                distributed_only = ("local_loss", "gather_with_grad")
+                single = MulCLIPClipLoss(**{k: v for k, v in settings.items() if k not in distributed_only})
+                expected = single(logit_scale=torch.tensor(10.0), **full)
+                expected.backward()
+                unused = {k for k, v in full.items() if v.is_floating_point() and v.grad is None}
+                assert unused == {k for k, v in full.items() if v.is_floating_point()} - grads.keys(), unused
+                mean_loss = torch.stack(losses).mean()
+                # DDP averages gradients over ranks: (rank's feature gradient) / world is the global gradient.
+                grad_err = max(
+                    float((grads[k] / world - full[k].grad[:3, : grads[k].shape[1]]).abs().max()) for k in grads
+                )
+                if not settings["gather_with_grad"]:
+                    grad_err = None
+                report[name] = dict(loss_err=abs(float(mean_loss - expected.detach())), grad_err=grad_err,
+                                    loss=float(expected.detach()))
+            dist.barrier()
+        if rank == 0:
+            print(json.dumps(report))
+        dist.destroy_process_group()
+
+    main()
+    """
+)
+
+
+@pytest.mark.slow
+def test_two_gloo_ranks_average_to_the_single_process_loss_and_gradients(tmp_path):
+    """Rank-mean of the losses and world-averaged gradients equal one process on the global batch.
+
+    Covers the all-gather with gradient (``torch.distributed.nn``), ``local_loss`` label offsets, and
+    token sets / subcaption slots of different lengths per rank, padded and masked by the gather. With
+    ``local_loss`` each rank averages over its own rows, as open_clip does: that equals the global mean
+    when every rank holds the same number of valid rows per subcaption slot, so those runs use full masks.
+    """
+    settings = {
+        "mulclip-matched": dict(objective="mulclip"),
+        "mulclip-matched-local": dict(objective="mulclip", local_loss=True, even_subcaptions=True),
+        "mulclip-all-pairs": dict(objective="mulclip", sap_pairing="all"),
+        "mulclip-all-pairs-local": dict(objective="mulclip", sap_pairing="all", local_loss=True, even_subcaptions=True),
+        "finelip": dict(objective="finelip"),
+        "finelip-local": dict(objective="finelip", local_loss=True),
+        # open_clip's default gather: only the local slice keeps its gradient, so only the value must agree.
+        "mulclip-gather-without-grad": dict(objective="mulclip", sap_pairing="all", gather_with_grad=False),
+    }
+    worker = tmp_path / "worker.py"
+    worker.write_text(DISTRIBUTED_WORKER)
+    with socket.socket() as probe:  # a free port for the rendezvous
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    world = 2
+    ranks = [
+        subprocess.Popen(
+            [sys.executable, str(worker), json.dumps(settings)],
+            env={**os.environ, "OMP_NUM_THREADS": "1", "RANK": str(rank), "WORLD_SIZE": str(world)}
+            | {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for rank in range(world)
+    ]
+    outputs = []
+    try:
+        for process in ranks:
+            outputs.append(process.communicate(timeout=180))
+    finally:
+        for process in ranks:
+            if process.poll() is None:
+                process.kill()
+    for process, (_, stderr) in zip(ranks, outputs, strict=True):
+        assert process.returncode == 0, stderr[-3000:]
+    stdout = outputs[0][0]
+    report = json.loads(stdout.strip().splitlines()[-1])
+    assert report.keys() == settings.keys()
+    for name, numbers in report.items():
+        assert numbers["loss_err"] < 1e-5 * max(1.0, abs(numbers["loss"])), (name, numbers)
+        if numbers["grad_err"] is not None:
+            assert numbers["grad_err"] < 1e-5, (name, numbers)
+
+
+# -- open_clip -------------------------------------------------------------------------------------
+
+
+def import_open_clip():
+    try:
+        import open_clip
+    except ImportError as error:  # open_clip imports torchvision at module import
+        pytest.skip(
+            f"open_clip does not import here ({error}); it needs torchvision, which a CPU-only environment must "
+            "not install (pip resolves a CUDA build). The adapter itself imports without it (tested above)."
+        )
+    return open_clip
+
+
+@pytest.fixture(scope="module")
+def open_clip_model():
+    open_clip = import_open_clip()
+    from open_clip.model import CLIPTextCfg, CLIPVisionCfg
+
+    torch.manual_seed(0)
+    model = open_clip.CLIP(
+        embed_dim=16,
+        vision_cfg=CLIPVisionCfg(layers=2, width=32, head_width=16, patch_size=8, image_size=32),
+        text_cfg=CLIPTextCfg(context_length=77, vocab_size=VOCAB, width=32, heads=2, layers=2),
+    )
+    return open_clip, model.eval()
+
+
+def test_open_clip_stretch_features_and_loss(open_clip_model, hf_batch):
+    open_clip, model = open_clip_model
+    old = model.positional_embedding.detach().clone()
+    oc.stretch_text_positions(model)
+    assert model.context_length == 248 and model.attn_mask.shape == (248, 248)
+    torch.testing.assert_close(model.positional_embedding.detach().double(), long_clip_rule(old), rtol=1e-6, atol=1e-7)
+    # open_clip pools at the largest id (argmax): our EOT id is the largest of this vocabulary.
+    ids, pixels = hf_batch["long_ids"], hf_batch["pixels"]
+    features = oc.mulclip_features(model, pixels, ids, sub_text=hf_batch["sub_ids"], sub_mask=hf_batch["sub_mask"])
+    torch.testing.assert_close(features.image_cls, model.encode_image(pixels), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(features.text_eot, model.encode_text(ids), rtol=1e-5, atol=1e-5)
+    assert features.image_tokens.shape == (4, 16, 16) and features.text_tokens.shape == (4, 202, 16)
+    assert torch.equal(features.text_token_mask.sum(dim=1), torch.tensor([119, 6, 200, 59]))
+
+    image_features, text_features, logit_scale = model(pixels, ids)
+    expected = open_clip.ClipLoss()(image_features, text_features, logit_scale)
+    torch.testing.assert_close(MulCLIPClipLoss()(image_features, text_features, logit_scale), expected)
+
+    model.train()
+    features = oc.mulclip_features(model, pixels, ids)
+    loss = MulCLIPClipLoss()(**as_clip_loss_inputs(features), logit_scale=model.logit_scale.exp())
+    loss.backward()
+    assert model.positional_embedding.grad[:20].abs().max() == 0
+    assert model.positional_embedding.grad[20:202].abs().sum(dim=1).gt(0).all()
