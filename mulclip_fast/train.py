@@ -293,7 +293,7 @@ class Trainer:
         logged = {name: float(value.detach()) for name, value in terms.items()}
         if not math.isfinite(logged["loss"]):
             raise FloatingPointError(f"the loss became {logged['loss']}; lower --lr or check the data")
-        logged.update(lr=lr, fine_scale=fine_scale, logit_scale=float(self.model.logit_scale.exp()))
+        logged.update(lr=lr, fine_scale=fine_scale, logit_scale=float(self.model.logit_scale.detach().exp()))
         return logged
 
     @property

@@ -84,7 +84,7 @@ def read_sharegpt4v(path: str, image_root: str | None = None) -> tuple[list[Reco
             if not isinstance(image, str) or not isinstance(caption, str) or not caption.strip():
                 raise TypeError("image and the gpt turn must be non-empty strings")
         except (KeyError, TypeError, StopIteration, AttributeError) as exc:
-            problems.append(f"{path}[{index}]: {type(exc).__name__}: {exc or 'no gpt turn'}")
+            problems.append(f"{path}[{index}]: {type(exc).__name__}: {str(exc) or 'no gpt turn'}")
             continue
         records.append(Record(_resolve(image_root, image), caption.strip()))
     return records, problems

@@ -2,7 +2,7 @@
 
 Each image shows 3–6 objects on a dark, noisy background; each object has a shape, a colour (distinct
 within an image), a size and a cell of a 3×3 grid. The long caption is a summary sentence listing the
-objects, one sentence per object, and relation sentences between consecutive objects, so it exceeds 77
+objects, one sentence per object, and a cycle of relation sentences between consecutive objects, so it exceeds 77
 tokens. Every sample is a pure function of (seed, split, index): nothing is stored and any sample can
 be regenerated, which is what makes resumed training bit-for-bit equal.
 
@@ -66,13 +66,15 @@ def _relation(a: SceneObject, b: SceneObject) -> str:
 
 
 def describe(objects: list[SceneObject]) -> str:
-    """The long caption of a scene: summary, one sentence per object, relations of consecutive objects."""
+    """The long caption of a scene: summary, one sentence per object, relations around the cycle of objects."""
     listing = [f"a {o.colour} {o.shape}" for o in objects]
     shapes = f"{', '.join(listing[:-1])} and {listing[-1]}"
     summary = f"An image of {NUMBERS[len(objects)]} shapes on a dark gray background: {shapes}."
     sentences = [summary]
     sentences += [f"In {CELLS[o.cell]} there is a {o.size} {o.colour} {o.shape}." for o in objects]
-    sentences += [_relation(a, b) for a, b in zip(objects, objects[1:], strict=False)]
+    # A cycle of relations mentions every object exactly twice, so the attribute-swapped probe has the
+    # very same bag of words as the true caption.
+    sentences += [_relation(a, b) for a, b in zip(objects, objects[1:] + objects[:1], strict=True)]
     return " ".join(sentences)
 
 

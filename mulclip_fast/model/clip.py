@@ -22,6 +22,8 @@ from ..reference import LocalTokenCalibration
 LONG_CONTEXT = 248  # Long-CLIP's stretched text context
 SHORT_CONTEXT = 77  # OpenAI CLIP's context, used for summaries and subcaptions
 VOCAB_SIZE = 49408
+CALIBRATION_LOGIT_STD = 2.0  # init std of the calibration MLP's last layer (see CLIP._init_parameters)
+SUBCAPTION_CHUNK = 128  # subcaptions encoded per chunk, each chunk trimmed to its own longest
 
 
 @dataclass(frozen=True)
@@ -216,6 +218,11 @@ class CLIP(nn.Module):
             nn.init.normal_(block.mlp.c_fc.weight, std=(2 * width) ** -0.5)
             nn.init.normal_(block.mlp.c_proj.weight, std=proj_std)
         nn.init.normal_(self.text_projection, std=width**-0.5)
+        # The calibration modules start far from uniform attention. With PyTorch's default init their
+        # logits Z are ~0.2 apart, every calibrated token is ~the mean token (cosine 0.9999 on a fresh
+        # tiny model), WPR sits at its symmetric point ln(N') with gradients ~1e-6 and never leaves it.
+        for calibration in (self.patch_calibration, self.word_calibration):
+            nn.init.normal_(calibration.mlp[-1].weight, std=CALIBRATION_LOGIT_STD)
 
     # ------------------------------------------------------------------ positional freezing
     def freeze_leading_positions(self, n: int) -> None:
@@ -283,6 +290,18 @@ class CLIP(nn.Module):
         eot = ids.argmax(dim=-1)
         return x[torch.arange(ids.shape[0], device=ids.device), eot] @ self.text_projection
 
+    def encode_text_by_length(self, ids: torch.Tensor, chunk: int = SUBCAPTION_CHUNK) -> torch.Tensor:
+        """``encode_text`` of many short texts, sorted by length and encoded in chunks, each trimmed to
+        its longest text. Exact (the tower is causal and pooled at EOT) and much cheaper when lengths vary:
+        a batch's subcaptions are mostly ~14 tokens but its longest is often ~40."""
+        lengths = ids.argmax(dim=-1) + 1
+        order = torch.argsort(lengths, stable=True)
+        parts = []
+        for start in range(0, ids.shape[0], chunk):
+            index = order[start : start + chunk]
+            parts.append(self.encode_text(ids[index, : int(lengths[index].max())]))
+        return torch.cat(parts)[torch.argsort(order)]
+
     def forward(self, images: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Plain CLIP: (image embeddings, text embeddings), unnormalised."""
         return self.encode_image(images), self.encode_text(ids)
@@ -324,7 +343,7 @@ class CLIP(nn.Module):
             if sub_mask is None or sub_mask.shape != sub_ids.shape[:2]:
                 raise ValueError("sub_ids [B, M, L] needs sub_mask [B, M]")
             # Encode only the real subcaptions (padding slots cost nothing), then scatter them back.
-            flat = self.encode_text(sub_ids[sub_mask]) if sub_mask.any() else None
+            flat = self.encode_text_by_length(sub_ids[sub_mask]) if sub_mask.any() else None
             sub_eot = torch.zeros(*sub_mask.shape, self.config.embed_dim, dtype=t_eot.dtype, device=t_eot.device)
             if flat is not None:
                 sub_eot = sub_eot.masked_scatter(sub_mask[..., None], flat.to(sub_eot.dtype))

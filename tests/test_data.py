@@ -1,0 +1,230 @@
+"""Tokenizer, caption splitting, synthetic dataset, real-format loaders and collation."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from mulclip_fast.data import (
+    CLIPTokenizer,
+    Collator,
+    DataError,
+    SyntheticLongCaptions,
+    batch_order,
+    iterate_batches,
+    open_dataset,
+    parse_data_spec,
+    split_sentences,
+    subcaptions_of,
+    summary_of,
+    trim_to_longest,
+)
+from mulclip_fast.data.synthetic import describe
+
+EOT, SOT = 49407, 49406
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return CLIPTokenizer()
+
+
+def test_truncation_keeps_eot(tokenizer):
+    long_text = "a red circle next to a blue square. " * 60  # ~600 tokens
+    ids = tokenizer.tokenize([long_text, "a cat."], 248)
+    assert ids.shape == (2, 248) and ids.dtype == torch.long
+    assert ids[0, 0] == SOT and ids[0, -1] == EOT and (ids[0] != 0).all()
+    assert ids[1, :2].tolist()[0] == SOT and int(ids[1].argmax()) == int((ids[1] != 0).sum()) - 1
+    short = tokenizer.tokenize([long_text], 77)
+    assert short.shape == (1, 77) and short[0, -1] == EOT
+    assert torch.equal(short[0, :76], ids[0, :76])  # same prefix, EOT replaces the cut-off token
+
+
+def test_tokenizer_matches_openai_ids(tokenizer):
+    # Ids from OpenAI's clip.tokenize("a photo of a cat") (a well-known row of CLIP's vocabulary).
+    assert tokenizer.tokenize(["a photo of a cat"], 77)[0, :7].tolist() == [SOT, 320, 1125, 539, 320, 2368, EOT]
+
+
+def test_trim_to_longest_keeps_every_eot():
+    ids = torch.zeros(3, 10, dtype=torch.long)
+    ids[0, :4] = torch.tensor([SOT, 5, 6, EOT])
+    ids[1, :2] = torch.tensor([SOT, EOT])
+    trimmed = trim_to_longest(ids)
+    assert trimmed.shape == (3, 4) and torch.equal(trimmed, ids[:, :4])
+    sub = torch.zeros(2, 3, 77, dtype=torch.long)
+    sub[1, 2, :6] = torch.tensor([SOT, 1, 2, 3, 4, EOT])
+    assert trim_to_longest(sub).shape == (2, 3, 6)
+
+
+def test_sentence_splitting_and_summary():
+    text = "A dog runs.  It is brown! Is it happy? Yes"
+    assert split_sentences(text) == ["A dog runs.", "It is brown!", "Is it happy?", "Yes"]
+    assert summary_of(text) == "A dog runs."
+    assert subcaptions_of(text, 2) == ["A dog runs.", "It is brown!"]
+    assert summary_of("no full stop here") == "no full stop here"
+    assert split_sentences("   ") == []
+    with pytest.raises(ValueError, match="max_subcaptions"):
+        subcaptions_of(text, 0)
+
+
+def test_synthetic_is_deterministic_and_splits_differ():
+    a = SyntheticLongCaptions(50, seed=3)
+    b = SyntheticLongCaptions(50, seed=3)
+    for i in (0, 17, 49):
+        x, y = a[i], b[i]
+        assert x["caption"] == y["caption"] and x["probe"] == y["probe"]
+        assert torch.equal(x["image"], y["image"])
+    assert a[0]["caption"] != SyntheticLongCaptions(50, seed=4)[0]["caption"]
+    train_caps = {a[i]["caption"] for i in range(50)}
+    test_caps = {SyntheticLongCaptions(50, seed=3, split="test")[i]["caption"] for i in range(50)}
+    assert not train_caps & test_caps
+    with pytest.raises(IndexError):
+        a[50]
+
+
+def test_synthetic_captions_are_long_and_probes_swap_colours(tokenizer):
+    data = SyntheticLongCaptions(100, seed=0)
+    lengths = [tokenizer.count_tokens(data[i]["caption"]) for i in range(100)]
+    assert min(lengths) > 77 and max(lengths) <= 248
+    for i in range(20):
+        item = data[i]
+        assert item["image"].shape == (3, 64, 64)
+        assert item["probe"] != item["caption"]
+        # Same bag of words: only the binding of colours to objects differs.
+        assert sorted(re.findall(r"\w+", item["probe"])) == sorted(re.findall(r"\w+", item["caption"]))
+        objects = data.scene(i)
+        swapped = data.probe_objects(objects, i)
+        changed = [k for k, (o, s) in enumerate(zip(objects, swapped, strict=True)) if o != s]
+        assert len(changed) == 2 and describe(swapped) == item["probe"]
+
+
+def test_synthetic_image_shows_the_described_colour():
+    data = SyntheticLongCaptions(10, seed=1)
+    objects = data.scene(0)
+    pixels = data.render(objects, np.random.default_rng(0))
+    big = max(objects, key=lambda o: o.size == "large")
+    from mulclip_fast.data.synthetic import COLOURS
+
+    target = np.asarray(COLOURS[big.colour])
+    close = np.abs(pixels - target).max(axis=-1) < 0.2
+    assert close.sum() > 10  # the object is drawn with its colour
+
+
+def test_batch_order_and_iteration_resume_exactly():
+    order0 = batch_order(20, 4, seed=1, epoch=0)
+    assert len(order0) == 5 and sorted(sum(order0, [])) == list(range(20))
+    assert order0 != batch_order(20, 4, seed=1, epoch=1)
+    data = SyntheticLongCaptions(20, seed=0)
+    collate = Collator(max_subcaptions=3)
+    straight = [b.keys for _, _, b in _take(iterate_batches(data, collate, 4, seed=1), 8)]
+    resumed = [b.keys for _, _, b in _take(iterate_batches(data, collate, 4, seed=1, start_step=3), 5)]
+    assert resumed == straight[3:]
+    with pytest.raises(DataError, match="larger than the dataset"):
+        next(iterate_batches(data, collate, 21, seed=0))
+
+
+def _take(iterator, n):
+    return [next(iterator) for _ in range(n)]
+
+
+def test_collation_shapes_masks_and_trimming():
+    data = SyntheticLongCaptions(6, seed=0)
+    batch = Collator(max_subcaptions=8)([data[i] for i in range(6)])
+    assert batch.images.shape == (6, 3, 64, 64)
+    assert batch.long_ids.shape[1] <= 248 and (batch.long_ids[:, -1] != 0).any()
+    assert batch.sub_ids.shape[:2] == batch.sub_mask.shape and batch.sub_ids.shape[2] <= 77
+    for b in range(6):
+        n_sub = min(8, len(split_sentences(data[b]["caption"])))
+        assert batch.sub_mask[b].sum() == n_sub
+        assert (batch.sub_ids[b, :n_sub].argmax(-1) > 0).all()  # every real subcaption has its EOT
+        assert (batch.sub_ids[b, n_sub:] == 0).all()
+    assert batch.probe_ids is not None and batch.probe_ids.shape[0] == 6
+
+
+# ------------------------------------------------------------------------------------------ real formats
+def _write_image(path, colour=(200, 30, 30), size=(40, 30)):
+    Image.new("RGB", size, colour).save(path)
+
+
+@pytest.fixture
+def docci_dir(tmp_path):
+    images = tmp_path / "images"
+    images.mkdir()
+    lines = []
+    for i in range(6):
+        _write_image(images / f"img{i}.jpg")
+        split = "test" if i >= 4 else "train"
+        lines.append(
+            json.dumps(
+                {"example_id": i, "image_file": f"img{i}.jpg", "description": f"Caption {i}. More.", "split": split}
+            )
+        )
+    (images / "broken.jpg").write_bytes(b"not a jpeg at all")
+    lines.append(json.dumps({"image_file": "broken.jpg", "description": "Broken one.", "split": "train"}))
+    lines.append(json.dumps({"image_file": "missing.jpg", "description": "Missing one.", "split": "train"}))
+    lines.append("{not json")
+    lines.append(json.dumps({"image_file": "img0.jpg"}))  # no description
+    (tmp_path / "docci_descriptions.jsonlines").write_text("\n".join(lines) + "\n")
+    return tmp_path
+
+
+def test_docci_loader_splits_and_skips_bad_images(docci_dir):
+    train = open_dataset(f"docci:{docci_dir}", "train", image_size=32, size=0)
+    test = open_dataset(f"docci:{docci_dir / 'docci_descriptions.jsonlines'}", "test", image_size=32, size=0)
+    assert len(train) == 6 and len(test) == 2
+    assert len(train.bad_records) == 2 and ":9:" in train.bad_records[0]
+    batch = Collator()([train[i] for i in range(len(train))])
+    assert len(batch) == 4 and batch.images.shape == (4, 3, 32, 32)
+    skipped = dict(batch.skipped)
+    assert set(skipped) == {str(docci_dir / "images" / "broken.jpg"), str(docci_dir / "images" / "missing.jpg")}
+    assert batch.probe_ids is None
+
+
+def test_sharegpt4v_loader_and_holdout(tmp_path):
+    (tmp_path / "coco").mkdir()
+    entries = []
+    for i in range(10):
+        _write_image(tmp_path / "coco" / f"{i}.png", size=(50, 80))
+        entries.append(
+            {
+                "id": str(i),
+                "image": f"coco/{i}.png",
+                "conversations": [
+                    {"from": "human", "value": "<image>\nDescribe."},
+                    {"from": "gpt", "value": f"Long {i}."},
+                ],
+            }
+        )
+    entries.append({"id": "x", "image": "coco/0.png", "conversations": [{"from": "human", "value": "hi"}]})
+    path = tmp_path / "share.json"
+    path.write_text(json.dumps(entries))
+    train = open_dataset(f"sharegpt4v:{path}", "train", 32, 0, holdout=3)
+    test = open_dataset(f"sharegpt4v:{path}", "test", 32, 0, holdout=3)
+    assert len(train) == 7 and len(test) == 3
+    assert train[0]["caption"] == "Long 0." and train[0]["image"].shape == (3, 32, 32)
+    assert "no gpt turn" in train.bad_records[0]
+
+
+def test_bad_data_inputs_fail_clearly(tmp_path):
+    with pytest.raises(DataError, match="does not exist"):
+        parse_data_spec(f"docci:{tmp_path / 'nope.jsonl'}")
+    with pytest.raises(DataError, match="must be synthetic"):
+        parse_data_spec("imagenet:/x")
+    with pytest.raises(DataError, match="needs a path"):
+        parse_data_spec("docci:")
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("{bad json\n")
+    with pytest.raises(DataError, match="no usable docci record"):
+        open_dataset(f"docci:{empty}", "train", 32, 0)
+    (tmp_path / "noimg.jsonl").write_text(json.dumps({"image_file": "gone.jpg", "description": "x", "split": "train"}))
+    with pytest.raises(DataError, match="none of the first 1 images"):
+        open_dataset(f"docci:{tmp_path / 'noimg.jsonl'}", "train", 32, 0)
+    not_list = tmp_path / "s.json"
+    not_list.write_text("{}")
+    with pytest.raises(DataError, match="JSON list"):
+        open_dataset(f"sharegpt4v:{not_list}", "train", 32, 0)
