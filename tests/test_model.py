@@ -1,0 +1,178 @@
+"""CLIP towers: OpenAI layout, feature extraction, trimming exactness, checkpoint loading."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mulclip_fast.losses import MulCLIPLoss
+from mulclip_fast.model import CLIP, CheckpointError, load_clip_weights, preset_config
+from mulclip_fast.reference import stretch_positional_embedding
+
+EOT, SOT = 49407, 49406
+# A two-layer tiny model keeps these tests fast; every code path is the same as the preset's.
+SMALL = {"vision_layers": 1, "transformer_layers": 1}
+
+
+def small_model(seed=0, **overrides):
+    torch.manual_seed(seed)
+    return CLIP(preset_config("tiny", **{**SMALL, **overrides}))
+
+
+def token_ids(lengths, width):
+    ids = torch.zeros(len(lengths), width, dtype=torch.long)
+    for row, n in enumerate(lengths):
+        ids[row, 0] = SOT
+        ids[row, 1 : n - 1] = torch.randint(1, 49000, (n - 2,))
+        ids[row, n - 1] = EOT
+    return ids
+
+
+def test_openai_layout_keys_and_shapes():
+    state = CLIP(preset_config("vit-b-16")).state_dict()
+    expected = {
+        "visual.conv1.weight": (768, 3, 16, 16),
+        "visual.class_embedding": (768,),
+        "visual.positional_embedding": (197, 768),
+        "visual.transformer.resblocks.11.attn.in_proj_weight": (2304, 768),
+        "visual.transformer.resblocks.0.attn.out_proj.weight": (768, 768),
+        "visual.transformer.resblocks.0.mlp.c_fc.weight": (3072, 768),
+        "visual.ln_post.weight": (768,),
+        "visual.proj": (768, 512),
+        "token_embedding.weight": (49408, 512),
+        "positional_embedding": (248, 512),
+        "transformer.resblocks.11.mlp.c_proj.weight": (512, 2048),
+        "ln_final.weight": (512,),
+        "text_projection": (512, 512),
+        "logit_scale": (),
+    }
+    for key, shape in expected.items():
+        assert tuple(state[key].shape) == shape, key
+    assert "visual.transformer.resblocks.12.ln_1.weight" not in state
+    extra = {k for k in state if k.split(".")[0] in ("patch_calibration", "word_calibration")}
+    assert {k.split(".")[0] for k in extra} == {"patch_calibration", "word_calibration"}
+    assert state["patch_calibration.mlp.3.weight"].shape == (39, 102)  # N' = floor(0.2 * 196), hidden 0.2 d
+
+
+def test_unknown_preset_is_a_clear_error():
+    with pytest.raises(ValueError, match="unknown preset 'vit-h-14'"):
+        preset_config("vit-h-14")
+
+
+def test_features_shapes_masks_and_calibration():
+    model = small_model()
+    b, m = 3, 4
+    images = torch.randn(b, 3, 64, 64)
+    long_ids = token_ids([30, 12, 2], 30)  # the last caption is empty: SOT, EOT only
+    sub_ids = torch.stack([token_ids([9, 5, 7, 2], 9) for _ in range(b)])
+    sub_mask = torch.tensor([[True, True, True, False], [True, False, False, False], [True, True, True, True]])
+    f = model.features(images, long_ids, token_ids([8, 5, 6], 8), sub_ids, sub_mask)
+    n_out = model.config.num_calibrated_tokens
+    assert f.image_cls.shape == (b, 128) and f.text_eot.shape == (b, 128)
+    assert f.image_tokens.shape == (b, n_out, 128) and f.text_tokens.shape == (b, n_out, 128)
+    assert f.short_eot.shape == (b, 128) and f.sub_eot.shape == (b, m, 128)
+    assert (f.sub_eot[~sub_mask] == 0).all() and (f.sub_eot[sub_mask].abs().sum(-1) > 0).all()
+    assert f.text_token_mask[:2].all() and not f.text_token_mask[2].any()
+    _, _, word_mask = model.encode_text_tokens(long_ids)
+    assert word_mask.sum(1).tolist() == [28, 10, 0]  # SOT, EOT and padding excluded
+    losses = MulCLIPLoss(backend="reference")(f, model.logit_scale.exp())
+    losses["loss"].backward()
+    assert torch.isfinite(losses["loss"]) and model.word_calibration.alpha.grad is not None
+
+
+def test_subcaptions_match_single_encodings_and_trimming_is_exact():
+    model = small_model().eval()
+    ids = token_ids([5, 17, 9, 3], 77)
+    full = model.encode_text(ids)
+    trimmed = model.encode_text(ids[:, :17])
+    torch.testing.assert_close(full, trimmed, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(model.encode_text_by_length(ids, chunk=2), full, atol=1e-5, rtol=1e-5)
+    sub_ids = ids[None].expand(2, -1, -1)
+    mask = torch.tensor([[True, True, False, True], [False, True, True, True]])
+    f = model.features(torch.randn(2, 3, 64, 64), ids[:2, :20], sub_ids=sub_ids, sub_mask=mask)
+    torch.testing.assert_close(f.sub_eot[mask], full[None].expand(2, -1, -1)[mask], atol=1e-5, rtol=1e-5)
+
+
+def test_text_tower_is_causal_and_pooled_at_eot():
+    model = small_model().eval()
+    ids = token_ids([6, 6], 10)
+    ids[1, 6:] = torch.randint(1, 49000, (4,))  # garbage after EOT must not change the EOT embedding
+    out = model.encode_text(ids)
+    ids[1, :6] = ids[0, :6]
+    out = model.encode_text(ids)
+    torch.testing.assert_close(out[0], out[1], atol=1e-5, rtol=1e-5)
+
+
+def test_bad_inputs_are_reported():
+    model = small_model()
+    with pytest.raises(ValueError, match="must be 64x64"):
+        model.encode_image(torch.randn(1, 3, 32, 32))
+    with pytest.raises(ValueError, match="248"):
+        model.encode_text(torch.ones(1, 300, dtype=torch.long))
+    with pytest.raises(ValueError, match="sub_mask"):
+        model.features(torch.randn(1, 3, 64, 64), token_ids([5], 5), sub_ids=token_ids([5], 5)[None])
+
+
+def _openai_state(model: CLIP, context: int = 77) -> dict:
+    """model's weights as an OpenAI CLIP file would hold them: 77 positions, metadata keys, no LC."""
+    state = {k: v.clone() for k, v in model.state_dict().items() if "calibration" not in k}
+    state["positional_embedding"] = state["positional_embedding"][:context].clone()
+    state["input_resolution"] = torch.tensor(64)
+    state["context_length"] = torch.tensor(context)
+    state["vocab_size"] = torch.tensor(49408)
+    return state
+
+
+def test_loading_openai_checkpoint_stretches_and_freezes_positions(tmp_path):
+    source = small_model(seed=1)
+    state = _openai_state(source)
+    path = tmp_path / "openai.pt"
+    torch.save(state, path)
+    model = small_model(seed=2)
+    report = load_clip_weights(model, str(path))
+    assert report["stretched_77_to"] == 248
+    torch.testing.assert_close(model.visual.proj, source.visual.proj)
+    torch.testing.assert_close(model.positional_embedding, stretch_positional_embedding(state["positional_embedding"]))
+    # Frozen rows get no gradient; the others do.
+    model.encode_text(token_ids([100], 100)).sum().backward()
+    grad = model.positional_embedding.grad
+    assert (grad[:20] == 0).all() and (grad[20:100].abs().sum(-1) > 0).all()
+
+
+def test_loading_torchscript_archive_and_wrapped_dicts(tmp_path):
+    # OpenAI ships TorchScript archives of a 77-context CLIP: trace one of ours the same way.
+    source = small_model(seed=3, context_length=77).eval()
+    traced = torch.jit.trace(source, (torch.randn(1, 3, 64, 64), token_ids([7], 7)), check_trace=False)
+    path = tmp_path / "scripted.pt"
+    torch.jit.save(traced, str(path))
+    model = small_model(seed=4)
+    report = load_clip_weights(model, str(path))
+    assert report["stretched_77_to"] == 248
+    torch.testing.assert_close(model.visual.proj, source.visual.proj)
+    torch.testing.assert_close(
+        model.positional_embedding, stretch_positional_embedding(source.positional_embedding.detach())
+    )
+    # open_clip / DDP style: wrapped in {"state_dict": ...} with "module." prefixes.
+    state = _openai_state(small_model(seed=5))
+    wrapped = tmp_path / "wrapped.pt"
+    torch.save({"state_dict": {f"module.{k}": v for k, v in state.items()}}, wrapped)
+    load_clip_weights(model, str(wrapped))
+    torch.testing.assert_close(model.text_projection, state["text_projection"])
+
+
+def test_checkpoint_of_another_preset_fails_clearly(tmp_path):
+    other = small_model(transformer_width=64, transformer_heads=2, embed_dim=64)
+    path = tmp_path / "other.pt"
+    torch.save(_openai_state(other), path)
+    with pytest.raises(CheckpointError, match="does not fit") as info:
+        load_clip_weights(small_model(), str(path))
+    assert "text 1 layers of width 64" in str(info.value) and "--preset" in str(info.value)
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"\x00not a checkpoint")
+    with pytest.raises(CheckpointError, match="cannot read"):
+        load_clip_weights(small_model(), str(garbage))
+    torch.save({"weights": torch.zeros(3)}, tmp_path / "plain.pt")
+    with pytest.raises(CheckpointError, match="not an OpenAI-layout CLIP"):
+        load_clip_weights(small_model(), str(tmp_path / "plain.pt"))
+    with pytest.raises(CheckpointError, match="not found"):
+        load_clip_weights(small_model(), str(tmp_path / "missing.pt"))
