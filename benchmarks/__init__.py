@@ -1,0 +1,1 @@
+"""pytest-benchmark suites of mulclip-fast (run ``pytest benchmarks --benchmark-only``)."""

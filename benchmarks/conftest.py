@@ -1,0 +1,53 @@
+"""Session fixtures of the benchmark suites: machine facts, the matmul yardstick, the results file."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from benchmarks.harness import DEVICE, DTYPE, FULL_SWEEP, RESULTS_DIR, write_results
+from mulclip_fast.profiling import machine_facts, matmul_throughput
+
+_RESULTS_KEY = pytest.StashKey[list]()
+_MACHINE_KEY = pytest.StashKey[dict]()
+
+
+def _machine(config: pytest.Config) -> dict:
+    if _MACHINE_KEY not in config.stash:
+        facts = machine_facts(DEVICE)
+        # This machine's own large-GEMM throughput: the yardstick for every "fraction of mm" figure.
+        facts["matmul"] = matmul_throughput(DEVICE, DTYPE)
+        facts["full_sweep"] = FULL_SWEEP
+        config.stash[_MACHINE_KEY] = facts
+    return config.stash[_MACHINE_KEY]
+
+
+@pytest.fixture(scope="session")
+def machine(request) -> dict:
+    return _machine(request.config)
+
+
+@pytest.fixture(scope="session")
+def results(request) -> list[dict]:
+    return request.config.stash.setdefault(_RESULTS_KEY, [])
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # One compiled graph per (op, shape, grad mode): more than Dynamo's default 8 recompiles of one
+    # function, past which it would silently fall back to eager and time the wrong thing.
+    torch._dynamo.config.recompile_limit = 256
+    torch._dynamo.config.accumulated_recompile_limit = 4096
+
+
+def pytest_benchmark_update_machine_info(config: pytest.Config, machine_info: dict) -> None:
+    """Put our machine facts (CPU model, versions, GPU and NVML) into pytest-benchmark's own JSON too."""
+    machine_info["mulclip_fast"] = _machine(config)
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    records = session.config.stash.get(_RESULTS_KEY, [])
+    written = write_results(records, _machine(session.config)) if records else None
+    if written is not None:
+        reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+        if reporter is not None:
+            reporter.write_line(f"benchmark results: {written[0]} and {written[1]} (in {RESULTS_DIR})")

@@ -1,0 +1,146 @@
+"""The benchmark report on a hand-made results file, and machine facts / NVML when NVML is absent."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+import torch
+
+from mulclip_fast import bench_report
+from mulclip_fast.profiling import NvmlSampler, machine_facts, nvml_telemetry
+
+MACHINE = {
+    "timestamp_utc": "2026-01-01T00:00:00+00:00",
+    "device": "cpu",
+    "cpu_model": "Test CPU",
+    "cpu_affinity": 2,
+    "torch_threads": 2,
+    "torch": "2.13.0",
+    "triton": "3.9.0",
+    "matmul": {"n": 2048, "dtype": "float32", "seconds": 0.1, "flops_per_s": 1e11},
+    "nvml": {"available": False, "reason": "NVML could not start: test"},
+}
+
+
+def _op(backend, mode, median_s, peak_bytes, flops=None):
+    return {
+        "op": "wpr_loss",
+        "backend": backend,
+        "mode": mode,
+        "shape": "B=4 P=8 K=8 d=16",
+        "median_s": median_s,
+        "peak_bytes": peak_bytes,
+        "fraction_of_mm": None if flops is None else flops / median_s / 1e11,
+    }
+
+
+def _step(op, backend, median_s, peak_bytes, **extra):
+    return {"op": op, "backend": backend, "mode": "train-step", "shape": "tiny mulclip B=32", **extra} | {
+        "median_s": median_s,
+        "peak_bytes": peak_bytes,
+    }
+
+
+RESULTS = [
+    _op("reference", "forward+backward", 0.040, 100 * 2**20, flops=2e9),
+    _op("torch", "forward+backward", 0.020, 10 * 2**20, flops=2e9),
+    _op("compile", "forward+backward", 0.080, 50 * 2**20, flops=2e9),
+    _step("train_step[mulclip]", "reference", 2.0, 400 * 2**20),
+    _step("train_step[mulclip]", "fast", 1.0, 300 * 2**20),
+    {
+        **_step("train_step_max_batch[finelip]", "reference", 1.0, 1, max_batch=24),
+        "memory_budget_bytes": 512 * 2**20,
+    },
+    {
+        **_step("train_step_max_batch[finelip]", "fast", 1.0, 1, max_batch=96),
+        "memory_budget_bytes": 512 * 2**20,
+        "max_batch_capped": False,
+    },
+]
+
+
+@pytest.fixture
+def results_dir(tmp_path):
+    folder = tmp_path / "results"
+    folder.mkdir()
+    older = {"machine": {**MACHINE, "cpu_model": "Older CPU"}, "results": RESULTS[:1]}
+    (folder / "bench-cpu-20250101T000000Z.json").write_text(json.dumps(older))
+    (folder / "bench-cpu-20260101T000000Z.json").write_text(json.dumps({"machine": MACHINE, "results": RESULTS}))
+    return folder
+
+
+def test_ratio_rows_compare_each_backend_with_the_reference():
+    rows = {r["backend"]: r for r in bench_report.op_rows(RESULTS)}
+    assert set(rows) == {"torch", "compile"}
+    assert rows["torch"]["time_ratio"] == pytest.approx(0.5)
+    assert rows["torch"]["memory_ratio"] == pytest.approx(0.1)
+    assert rows["compile"]["time_ratio"] == pytest.approx(2.0)
+    assert rows["torch"]["fraction_of_mm"] == pytest.approx(1.0)  # 2e9 FLOP in 20 ms = 1e11 FLOP/s
+    (step,) = bench_report.train_rows(RESULTS)
+    assert step["time_ratio"] == pytest.approx(0.5) and step["memory_ratio"] == pytest.approx(0.75)
+    (largest,) = bench_report.max_batch_rows(RESULTS)
+    assert (largest["objective"], largest["ref_batch"], largest["batch"]) == ("finelip", 24, 96)
+    assert largest["batch_ratio"] == pytest.approx(4.0)
+
+
+def test_cli_reads_the_newest_file_prints_tables_and_draws_plots(results_dir, tmp_path, capsys):
+    plots = tmp_path / "plots"
+    assert bench_report.main([str(results_dir), "--plots", str(plots)]) == 0
+    out = capsys.readouterr().out
+    assert "Test CPU" in out and "Older CPU" not in out  # newest file per device only
+    assert "NVML: absent (NVML could not start: test)" in out
+    torch_line = next(line for line in out.splitlines() if line.startswith("wpr_loss") and " torch " in line)
+    assert "0.50" in torch_line and "0.100" in torch_line  # time and memory ratios
+    assert "100.0" in torch_line  # % of the measured mm throughput
+    assert any(line.startswith("finelip") and "4.00" in line for line in out.splitlines())
+    written = sorted(p.name for p in plots.glob("*.png"))
+    assert written == [
+        "bench-cpu-20260101T000000Z-ops-forward_backward.png",
+        "bench-cpu-20260101T000000Z-train-step.png",
+    ]
+    assert all((plots / name).stat().st_size > 1000 for name in written)
+
+
+def test_markdown_tables(results_dir, capsys):
+    assert bench_report.main([str(results_dir), "--markdown", "--no-plots"]) == 0
+    out = capsys.readouterr().out
+    assert "| op | mode | shape | backend |" in out
+    assert "| tiny mulclip B=32 | 2000 | 1000 | 0.50 | 400.0 | 300.0 | 0.750 |" in out
+
+
+def test_bad_inputs_are_reported_with_the_path(tmp_path, capsys):
+    assert bench_report.main([str(tmp_path / "missing")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert bench_report.main([str(tmp_path)]) == 2
+    assert "no bench-<device>-<time>.json" in capsys.readouterr().err
+    bad = tmp_path / "bench-cpu-x.json"
+    bad.write_text(json.dumps({"results": []}))
+    assert bench_report.main([str(bad)]) == 2
+    assert str(bad) in capsys.readouterr().err
+
+
+def test_nvml_absent_is_reported_not_raised(monkeypatch):
+    pynvml = pytest.importorskip("pynvml")
+
+    def fail():
+        raise pynvml.NVMLError(pynvml.NVML_ERROR_LIBRARY_NOT_FOUND)
+
+    monkeypatch.setattr(pynvml, "nvmlInit", fail)
+    telemetry = nvml_telemetry()
+    assert telemetry["available"] is False and "NVML could not start" in telemetry["reason"]
+    with NvmlSampler() as sampler:
+        pass
+    assert sampler.summary()["available"] is False
+    facts = machine_facts("cpu")
+    assert facts["nvml"]["available"] is False
+    assert facts["torch"] == torch.__version__ and facts["cpu_count"] >= 1 and facts["cpu_model"]
+
+
+def test_nvml_package_missing_is_reported(monkeypatch):
+    monkeypatch.setitem(sys.modules, "pynvml", None)  # makes `import pynvml` raise ImportError
+    assert nvml_telemetry() == {"available": False, "reason": "nvidia-ml-py (pynvml) is not installed"}
+    with NvmlSampler() as sampler:
+        pass
+    assert sampler.summary() == {"available": False, "reason": "nvidia-ml-py (pynvml) is not installed"}
