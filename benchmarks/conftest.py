@@ -46,7 +46,7 @@ def pytest_benchmark_update_machine_info(config: pytest.Config, machine_info: di
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     records = session.config.stash.get(_RESULTS_KEY, [])
-    written = write_results(records, _machine(session.config)) if records else None
+    written = write_results(records, _machine(session.config)) if records else None  # also after each case
     if written is not None:
         reporter = session.config.pluginmanager.get_plugin("terminalreporter")
         if reporter is not None:

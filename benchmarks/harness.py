@@ -205,6 +205,8 @@ def measure_case(
         key: machine[key] for key in ("cpu_model", "torch_threads", "torch", "triton", "gpu_name") if key in machine
     }
     results.append(record)
+    # Rewritten after every case, so a run cut short (a time limit on a lent GPU) keeps what it measured.
+    write_results(results, machine)
     return MeasuredCase(record)
 
 

@@ -183,7 +183,10 @@ def nvml_telemetry(cuda_index: int = 0) -> dict:
     except pynvml.NVMLError as error:
         return {"available": False, "reason": f"NVML could not start: {error}"}
     try:
-        handle = _nvml_handle(pynvml, cuda_index)
+        try:
+            handle = _nvml_handle(pynvml, cuda_index)
+        except pynvml.NVMLError as error:
+            return {"available": False, "reason": f"NVML has no handle for CUDA device {cuda_index}: {error}"}
 
         def read(getter, *args, scale=1.0):
             try:
@@ -225,15 +228,10 @@ def _nvml_text(getter) -> str | None:
 
 
 def _nvml_handle(pynvml, cuda_index: int):
-    """The NVML handle of CUDA device ``cuda_index`` (matched by PCI bus id: CUDA_VISIBLE_DEVICES reorders)."""
-    if torch.cuda.is_available():
-        props = torch.cuda.get_device_properties(cuda_index)
-        bus = getattr(props, "pci_bus_id", None)
-        if bus is not None:
-            domain = getattr(props, "pci_domain_id", 0)
-            device = getattr(props, "pci_device_id", 0)
-            with contextlib.suppress(pynvml.NVMLError):
-                return pynvml.nvmlDeviceGetHandleByPciBusId(f"{domain:08x}:{bus:02x}:{device:02x}.0".encode())
+    """The NVML handle of CUDA device ``cuda_index``: NVML numbers all GPUs, CUDA only the visible ones."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",")
+    if cuda_index < len(visible) and visible[cuda_index].strip().isdigit():
+        return pynvml.nvmlDeviceGetHandleByIndex(int(visible[cuda_index]))
     return pynvml.nvmlDeviceGetHandleByIndex(cuda_index)
 
 
@@ -265,8 +263,13 @@ class NvmlSampler:
         except pynvml.NVMLError as error:
             self.reason = f"NVML could not start: {error}"
             return self
+        try:
+            self._handle = _nvml_handle(pynvml, self.cuda_index)
+        except pynvml.NVMLError as error:
+            pynvml.nvmlShutdown()
+            self.reason = f"NVML has no handle for CUDA device {self.cuda_index}: {error}"
+            return self
         self._pynvml = pynvml
-        self._handle = _nvml_handle(pynvml, self.cuda_index)
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
         return self

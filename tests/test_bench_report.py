@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import sys
+import time
+import types
 
 import pytest
 import torch
@@ -144,3 +146,56 @@ def test_nvml_package_missing_is_reported(monkeypatch):
     with NvmlSampler() as sampler:
         pass
     assert sampler.summary() == {"available": False, "reason": "nvidia-ml-py (pynvml) is not installed"}
+
+
+class _FakeNVMLError(Exception):
+    pass
+
+
+def _fake_pynvml(power_mw: int = 250_000, unsupported=()):
+    """A stand-in for nvidia-ml-py on a machine with one GPU, so the telemetry path runs without one."""
+
+    def counter(name, value):
+        def read(*_args):
+            if name in unsupported:
+                raise _FakeNVMLError(f"{name} not supported")
+            return value
+
+        return read
+
+    return types.SimpleNamespace(
+        NVMLError=_FakeNVMLError,
+        NVML_CLOCK_SM=0,
+        NVML_CLOCK_MEM=1,
+        NVML_TEMPERATURE_GPU=0,
+        nvmlInit=lambda: None,
+        nvmlShutdown=lambda: None,
+        nvmlDeviceGetHandleByIndex=lambda index: f"gpu{index}",
+        nvmlDeviceGetName=counter("name", b"Fake H100"),
+        nvmlSystemGetDriverVersion=counter("driver", "580.1"),
+        nvmlDeviceGetMemoryInfo=counter("memory", types.SimpleNamespace(used=2**30, total=80 * 2**30)),
+        nvmlDeviceGetUtilizationRates=counter("utilization", types.SimpleNamespace(gpu=97, memory=40)),
+        nvmlDeviceGetPowerUsage=counter("power", power_mw),
+        nvmlDeviceGetEnforcedPowerLimit=counter("power_limit", 700_000),
+        nvmlDeviceGetClockInfo=counter("clock", 1980),
+        nvmlDeviceGetMaxClockInfo=counter("max_clock", 1980),
+        nvmlDeviceGetTemperature=counter("temperature", 50),
+    )
+
+
+def test_nvml_telemetry_reads_every_counter_and_tolerates_unsupported_ones(monkeypatch):
+    monkeypatch.setitem(sys.modules, "pynvml", _fake_pynvml(unsupported=("power",)))
+    telemetry = nvml_telemetry()
+    assert telemetry["available"] is True and telemetry["name"] == "Fake H100"
+    assert telemetry["memory_total_bytes"] == 80 * 2**30 and telemetry["gpu_utilization_pct"] == 97
+    assert telemetry["power_w"] is None and telemetry["power_limit_w"] == pytest.approx(700.0)
+    assert telemetry["sm_clock_mhz"] == 1980 and telemetry["driver_version"] == "580.1"
+
+
+def test_nvml_sampler_summarises_samples(monkeypatch):
+    monkeypatch.setitem(sys.modules, "pynvml", _fake_pynvml())
+    with NvmlSampler(interval_s=0.001) as sampler:
+        time.sleep(0.02)
+    summary = sampler.summary()
+    assert summary["available"] is True and summary["samples"] >= 1
+    assert summary["power_w_mean"] == pytest.approx(250.0) and summary["gpu_utilization_pct_max"] == 97
