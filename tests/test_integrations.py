@@ -18,7 +18,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mulclip_fast.integrations import MulCLIPClipLoss, as_clip_loss_inputs, calibrate, hf
+from mulclip_fast.integrations import MulCLIPClipLoss, as_clip_loss_inputs, calibrate, hf, token_calibrations
 from mulclip_fast.integrations import open_clip as oc
 from mulclip_fast.losses import DEFAULT_WEIGHTS, MulCLIPFeatures, MulCLIPLoss
 from mulclip_fast.reference import LocalTokenCalibration
@@ -352,10 +352,30 @@ def test_clip_loss_bad_input_names_the_argument(kwargs, call, message):
         loss_fn(torch.randn(3, 8), torch.randn(3, 8), torch.tensor(10.0), **call)
 
 
+def test_token_calibrations_start_with_more_distinct_tokens_than_the_default_init(hf_batch):
+    """Default init: calibration logits nearly equal, calibrated tokens close to the mean token, so WPR
+    starts near its symmetric point 2·ln N' (the example's word loss stayed at 2.197 = 2·ln 3 for 12 steps)."""
+    model = hf.stretch_text_positions(tiny_hf_clip())
+    with torch.no_grad():
+        features = features_with_grad(model, hf_batch)
+        results = {}
+        for name, make in (
+            ("default", lambda: (LocalTokenCalibration(16, 3), LocalTokenCalibration(16, 3))),
+            ("token_calibrations", lambda: token_calibrations(16, 3)),
+        ):
+            torch.manual_seed(5)
+            calibrated = calibrate(features, *make())
+            tokens = F.normalize(calibrated.image_tokens, dim=-1)
+            cosine = tokens @ tokens.transpose(1, 2)
+            off_diagonal = ~torch.eye(3, dtype=torch.bool)
+            results[name] = float(cosine[:, off_diagonal].mean())
+    assert results["token_calibrations"] < results["default"] - 0.1, results
+
+
 def test_a_few_steps_of_the_mulclip_loss_reduce_it_on_a_tiny_hf_clip(hf_batch):
     model = hf.stretch_text_positions(tiny_hf_clip()).train()
     torch.manual_seed(4)
-    calibrations = (LocalTokenCalibration(16, 3), LocalTokenCalibration(16, 3))
+    calibrations = token_calibrations(16, 3)
     params = list(model.parameters()) + [p for c in calibrations for p in c.parameters()]
     optimizer = torch.optim.Adam(params, lr=2e-3)
     loss_fn = MulCLIPClipLoss()

@@ -137,6 +137,31 @@ def encode_subcaptions(encode_eot, sub_ids: torch.Tensor, sub_mask: torch.Tensor
     return out.index_put(sub_mask.nonzero(as_tuple=True), encode_eot(flat_ids).to(out.dtype))
 
 
+def token_calibrations(
+    width: int, n_image_tokens: int, n_text_tokens: int | None = None, logit_std: float = 2.0
+) -> tuple[LocalTokenCalibration, LocalTokenCalibration]:
+    """MulCLIP's two local token calibration modules (patches, words), ready to train with a CLIP.
+
+    Args:
+        width: the joint embedding width d (the model's projection dim).
+        n_image_tokens: N' for patches (MulCLIP: ⌊0.2·P⌋); ``n_text_tokens`` for words (default the same).
+        logit_std: init std of the MLP's last layer. With PyTorch's default init the calibration logits
+            are nearly equal, every calibrated token is the mean token, and WPR sits at its symmetric point
+            ``2·ln N'`` with vanishing gradients; a wider init breaks the symmetry (as ``mulclip_fast.model``).
+    """
+    if width < 1 or n_image_tokens < 1 or (n_text_tokens is not None and n_text_tokens < 1):
+        raise ValueError(f"width and token counts must be >= 1, got {width}, {n_image_tokens}, {n_text_tokens}")
+    if not logit_std > 0:
+        raise ValueError(f"logit_std must be > 0, got {logit_std}")
+    modules = (
+        LocalTokenCalibration(width, n_image_tokens),
+        LocalTokenCalibration(width, n_image_tokens if n_text_tokens is None else n_text_tokens),
+    )
+    for module in modules:
+        nn.init.normal_(module.mlp[-1].weight, std=logit_std)
+    return modules
+
+
 def calibrate(
     features: MulCLIPFeatures,
     image_calibration: LocalTokenCalibration,
