@@ -54,7 +54,7 @@ def caption_ids(lengths: list[int], context: int, generator: torch.Generator) ->
     return ids
 
 
-def tiny_hf_clip(seed: int = 0):
+def tiny_hf_clip(seed: int = 0, eos_token_id: int = EOT):
     config = transformers.CLIPConfig(
         text_config=dict(
             vocab_size=VOCAB,
@@ -168,8 +168,11 @@ def test_hf_text_longer_than_the_table_is_a_clear_error(hf_batch):
 # -- Hugging Face: features --------------------------------------------------------------------------
 
 
-def test_hf_features_are_the_models_own_embeddings_with_a_words_only_mask(hf_batch):
-    model = hf.stretch_text_positions(tiny_hf_clip())
+@pytest.mark.parametrize(
+    "eos_token_id", [EOT, 2], ids=["first-eos", "legacy-argmax"]
+)  # OpenAI's own HF checkpoints still carry eos_token_id = 2: pooled at the largest id
+def test_hf_features_are_the_models_own_embeddings_with_a_words_only_mask(hf_batch, eos_token_id):
+    model = hf.stretch_text_positions(tiny_hf_clip(eos_token_id=eos_token_id))
     with torch.no_grad():
         image = hf.encode_image_tokens(model, hf_batch["pixels"])
         text = hf.encode_text_tokens(model, hf_batch["long_ids"])
