@@ -48,7 +48,8 @@ def _check_model(model) -> None:
     ]
     if missing:
         raise ValueError(
-            f"model must be a transformers CLIPModel (or laid out like one); it lacks {', '.join(missing)}"
+            f"model must be a transformers CLIPModel (or laid out like one); it lacks {', '.join(missing)}. "
+            "Pass a DistributedDataParallel-wrapped model as model.module"
         )
 
 

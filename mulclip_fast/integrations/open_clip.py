@@ -48,7 +48,8 @@ def _check_text_tower(model) -> None:
     if missing:
         raise ValueError(
             "model must be an open_clip CLIP with the built-in text transformer (CustomTextCLIP towers such as "
-            f"Hugging Face text encoders are not supported); it lacks {', '.join(missing)}"
+            f"Hugging Face text encoders are not supported); it lacks {', '.join(missing)}. Pass a "
+            "DistributedDataParallel-wrapped model as model.module"
         )
     if model.attn_mask is None:
         raise ValueError("the open_clip text tower is not causal (attn_mask is None): EOT pooling and trimming need it")
