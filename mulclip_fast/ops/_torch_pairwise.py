@@ -24,10 +24,10 @@ from ..reference._masked import accumulation_dtype
 # F.normalize's epsilon: the reference normalises the SAP aggregate with F.normalize(x, dim=-1).
 NORMALIZE_EPS = 1e-12
 
-# Elements of the largest per-chunk temporary. 2**21 float32 = 8 MiB: large enough that the chunk
+# Elements of the largest per-chunk temporary. 2**20 float32 = 4 MiB: large enough that the chunk
 # matmuls run at full BLAS speed on a CPU (measured: README "Fused ops (all pairs)"), small enough that
 # the chunk temporaries stay a fraction of the inputs' gradients at paper shapes.
-CHUNK_ELEMENTS = 1 << 21
+CHUNK_ELEMENTS = 1 << 20
 
 
 def _chunks(n: int, size: int):
@@ -104,19 +104,21 @@ def maxsim_scores(val_qk, val_kq, q_mask, k_mask, bidirectional: bool, out_dtype
     return scores.to(out_dtype)
 
 
-def maxsim_row_weights(grad, q_mask, k_mask, val_qk, val_kq, bidirectional, negative_slope):
+def maxsim_row_weights(grad, q_mask, k_mask, val_qk, val_kq, bidirectional, negative_slope, n_q=None, n_k=None):
     """``∂L/∂sim`` at each arg-max: ``grad[b, c] / n_valid · f'(sim)`` on valid tokens of non-empty sets.
 
-    Returns ``(w_qk [Bk, Bq, Lq], w_kq [Bq, Bk, Lk])`` in the accumulation dtype (shared with the Triton path).
+    Returns ``(w_qk [Bk, Bq, Lq], w_kq [Bq, Bk, Lk])`` in the accumulation dtype (shared with the Triton
+    path). Works on any block of query and key sets; ``n_q``/``n_k`` give the valid-token counts when the
+    masks are blocks of larger ones (they are the masks' row sums otherwise).
     """
     grad = grad.to(val_qk.dtype)
     k_any, q_any = k_mask.any(dim=1), q_mask.any(dim=1)
-    n_q = q_mask.sum(dim=1).clamp(min=1)
+    n_q = (q_mask.sum(dim=1) if n_q is None else n_q).clamp(min=1)
     w_qk = (grad.T / n_q[None, :])[:, :, None] * (q_mask[None] & k_any[:, None, None])
     w_qk = w_qk * _activation_slope(val_qk, negative_slope)
     w_kq = val_kq.new_zeros(val_kq.shape)
     if bidirectional:
-        n_k = k_mask.sum(dim=1).clamp(min=1)
+        n_k = (k_mask.sum(dim=1) if n_k is None else n_k).clamp(min=1)
         w_kq = (grad / n_k[None, :])[:, :, None] * (k_mask[None] & q_any[:, None, None])
         w_kq = w_kq * _activation_slope(val_kq, negative_slope)
     return w_qk, w_kq
@@ -130,24 +132,34 @@ def maxsim_backward(grad, q, k, q_mask, k_mask, val_qk, idx_qk, val_kq, idx_kq, 
     """
     acc = accumulation_dtype(q)
     (n_q, len_q, d), (n_k, len_k, _) = q.shape, k.shape
-    w_qk, w_kq = maxsim_row_weights(grad, q_mask, k_mask, val_qk, val_kq, bidirectional, negative_slope)
-    dq = torch.zeros((n_q, len_q, d), dtype=acc, device=q.device)
-    dk = torch.zeros((n_k, len_k, d), dtype=acc, device=k.device)
+    dq = torch.zeros((n_q * len_q, d), dtype=acc, device=q.device)
+    dk = torch.zeros((n_k * len_k, d), dtype=acc, device=k.device)
     cq, ck = _chunk_counts(n_q, n_k, len_q * len_k)
     for b0, b1 in _chunks(n_q, cq):
         qc = q[b0:b1].to(acc).reshape(-1, d)
         for c0, c1 in _chunks(n_k, ck):
             kc = k[c0:c1].to(acc).reshape(-1, d)
+            w_qk, w_kq = maxsim_row_weights(
+                grad[b0:b1, c0:c1],
+                q_mask[b0:b1],
+                k_mask[c0:c1],
+                val_qk[c0:c1, b0:b1],
+                val_kq[b0:b1, c0:c1],
+                bidirectional,
+                negative_slope,
+                n_q=q_mask.sum(dim=1)[b0:b1],
+                n_k=k_mask.sum(dim=1)[c0:c1],
+            )
             weights = qc.new_zeros((b1 - b0, len_q, c1 - c0, len_k))
             index = idx_qk[c0:c1, b0:b1].permute(1, 2, 0)[..., None].long()  # [nb, Lq, nc, 1]
-            weights.scatter_add_(3, index, w_qk[c0:c1, b0:b1].permute(1, 2, 0)[..., None])
+            weights.scatter_add_(3, index, w_qk.permute(1, 2, 0)[..., None])
             if bidirectional:
                 index = idx_kq[b0:b1, c0:c1][:, None].long()  # [nb, 1, nc, Lk]
-                weights.scatter_add_(1, index, w_kq[b0:b1, c0:c1][:, None])
+                weights.scatter_add_(1, index, w_kq[:, None])
             weights = weights.view(qc.shape[0], kc.shape[0])
-            dq[b0:b1] += (weights @ kc).view(b1 - b0, len_q, d)
-            dk[c0:c1] += (weights.T @ qc).view(c1 - c0, len_k, d)
-    return dq, dk
+            dq[b0 * len_q : b1 * len_q].addmm_(weights, kc)
+            dk[c0 * len_k : c1 * len_k].addmm_(weights.T, qc)
+    return dq.view(q.shape), dk.view(k.shape)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -191,9 +203,9 @@ def reconstruction_scores(r, q_mask, out_dtype):
     return ((r * q_mask[None]).sum(dim=2).T / n_q[:, None]).to(out_dtype)
 
 
-def reconstruction_row_weights(grad, q_mask, dtype):
-    """``g[c, b, i] = grad[b, c] / n_valid(b)`` on valid query tokens: ``[Bk, Bq, Lq]``."""
-    n_q = q_mask.sum(dim=1).clamp(min=1)
+def reconstruction_row_weights(grad, q_mask, dtype, n_q=None):
+    """``g[c, b, i] = grad[b, c] / n_valid(b)`` on valid query tokens: ``[Bk, Bq, Lq]`` (any block of sets)."""
+    n_q = (q_mask.sum(dim=1) if n_q is None else n_q).clamp(min=1)
     return (grad.to(dtype).T / n_q[None, :])[:, :, None] * q_mask[None]
 
 
@@ -206,9 +218,9 @@ def reconstruction_backward(grad, q, k, q_mask, k_mask, tau: float, r, lse):
     """
     acc = accumulation_dtype(q)
     (n_q, len_q, d), (n_k, len_k, _) = q.shape, k.shape
-    g = reconstruction_row_weights(grad, q_mask, acc)
-    dq = torch.zeros((n_q, len_q, d), dtype=acc, device=q.device)
-    dk = torch.zeros((n_k, len_k, d), dtype=acc, device=k.device)
+    dq = torch.zeros((n_q * len_q, d), dtype=acc, device=q.device)
+    dk = torch.zeros((n_k * len_k, d), dtype=acc, device=k.device)
+    n_valid = q_mask.sum(dim=1)
     cq, ck = _chunk_counts(n_q, n_k, len_q * len_k)
     for b0, b1 in _chunks(n_q, cq):
         qc = q[b0:b1].to(acc).reshape(-1, d)
@@ -219,11 +231,12 @@ def reconstruction_backward(grad, q, k, q_mask, k_mask, tau: float, r, lse):
             p = logits.sub_(lse[c0:c1, b0:b1].permute(1, 2, 0)[..., None]).exp_()
             # dS = g p (1 + (s - r)/τ), computed in place in ``sim``'s storage.
             ds = sim.sub_(r[c0:c1, b0:b1].permute(1, 2, 0)[..., None]).div_(tau).add_(1.0).mul_(p)
-            ds.mul_(g[c0:c1, b0:b1].permute(1, 2, 0)[..., None])
+            g = reconstruction_row_weights(grad[b0:b1, c0:c1], q_mask[b0:b1], acc, n_valid[b0:b1])
+            ds.mul_(g.permute(1, 2, 0)[..., None])
             ds = ds.view(qc.shape[0], kc.shape[0])
-            dq[b0:b1] += (ds @ kc).view(b1 - b0, len_q, d)
-            dk[c0:c1] += (ds.T @ qc).view(c1 - c0, len_k, d)
-    return dq, dk
+            dq[b0 * len_q : b1 * len_q].addmm_(ds, kc)
+            dk[c0 * len_k : c1 * len_k].addmm_(ds.T, qc)
+    return dq.view(q.shape), dk.view(k.shape)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -309,7 +322,7 @@ def sap_backward(grad, sub, patches, sub_mask, patch_mask, tau: float, selected,
     rows = sub.reshape(n_rows, d)
     g_all = (grad.to(acc).transpose(1, 2) * sub_mask[:, :, None]).reshape(n_rows, n_k)
     d_rows = torch.zeros((n_rows, d), dtype=acc, device=sub.device)
-    d_patches = torch.zeros((n_k, n_patch, d), dtype=acc, device=patches.device)
+    d_patches = torch.zeros((n_k * n_patch, d), dtype=acc, device=patches.device)
     cr, ck = _sap_chunk_counts(n_rows, n_k, n_patch, d)
     for r0, r1 in _chunks(n_rows, cr):
         t = rows[r0:r1].to(acc)
@@ -329,6 +342,9 @@ def sap_backward(grad, sub, patches, sub_mask, patch_mask, tau: float, selected,
             ds = (s_c - out * q_proj).mul_(w_c).div_(norm * tau)
             alpha = (w_c / norm).add_(ds).mul_(g)
             beta = (w_c * out).div_(norm).mul_(-g)
-            d_rows[r0:r1] += alpha.transpose(0, 1).reshape(r1 - r0, -1) @ x.reshape(-1, d)
-            d_patches[c0:c1] += torch.matmul(alpha.transpose(1, 2), t) + torch.bmm(beta.transpose(1, 2), u)
-    return d_rows.view(n_q, n_sub, d), d_patches
+            # accumulate in place: no [nc, N, d] temporaries
+            d_rows[r0:r1].addmm_(alpha.transpose(0, 1).reshape(r1 - r0, -1), x.reshape(-1, d))
+            alpha_t = alpha.transpose(1, 2).reshape(-1, r1 - r0)  # [nc·N, nr]
+            d_patches[c0 * n_patch : c1 * n_patch].addmm_(alpha_t, t)
+            d_patches[c0 * n_patch : c1 * n_patch].view(c1 - c0, n_patch, d).baddbmm_(beta.transpose(1, 2), u)
+    return d_rows.view(n_q, n_sub, d), d_patches.view(patches.shape)

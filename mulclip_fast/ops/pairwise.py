@@ -26,6 +26,7 @@ the fraction of peak reached.
 
 from __future__ import annotations
 
+import importlib
 import math
 from dataclasses import dataclass
 from types import ModuleType
@@ -33,9 +34,8 @@ from types import ModuleType
 import torch
 
 from .. import reference
-from ..reference._checks import check_mask, check_positive, check_same_width, check_tokens
+from ..reference._checks import FLOAT_DTYPES, check_mask, check_positive, check_same_width, check_topk
 from ..reference._masked import accumulation_dtype
-from ..reference.tokens import _check_sap_inputs
 from . import _torch_pairwise
 from ._dispatch import BACKENDS, resolve_backend
 
@@ -62,24 +62,50 @@ def _check_backend_name(backend: str) -> None:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
 
 
-def _check_pairs(q, k, q_mask, k_mask):
-    check_tokens("q", q)
-    check_tokens("k", k)
-    check_same_width("q", q, "k", k)
-    return check_mask("q_mask", q_mask, q, "q"), check_mask("k_mask", k_mask, k, "k")
+# Elements per slice of the NaN/Inf scan of the inputs.
+_FINITE_CHECK_ELEMENTS = 1 << 20
 
 
-def _implementation(backend: str) -> dict[str, ModuleType]:
-    """Modules with the forward/backward bodies per op for ``backend``.
+def _check_tokens(name: str, x: torch.Tensor) -> None:
+    """``reference._checks.check_tokens`` with the NaN/Inf scan done in slices.
+
+    ``torch.isfinite(x).all()`` on a whole input allocates input-sized temporaries (``abs`` and three
+    boolean masks): 1.7× the input, more than these ops' entire working memory at paper shapes. Scanning
+    1M elements at a time reports the same error with a bounded footprint.
+    """
+    if not isinstance(x, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != 3:
+        raise ValueError(f"{name} must have shape [B, L, d], got shape {tuple(x.shape)}")
+    if x.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"{name} must be float16, bfloat16, float32 or float64, got {x.dtype}")
+    if x.shape[-1] == 0:
+        raise ValueError(f"{name} has an empty feature dimension: shape {tuple(x.shape)}")
+    if torch.compiler.is_compiling():  # data-dependent checks would break the graph
+        return
+    flat = x.reshape(-1)
+    for start in range(0, flat.numel(), _FINITE_CHECK_ELEMENTS):
+        if not torch.isfinite(flat[start : start + _FINITE_CHECK_ELEMENTS]).all():
+            raise ValueError(f"{name} contains NaN or Inf values")
+
+
+def _check_sets(q_name, q, k_name, k, q_mask_name, q_mask, k_mask_name, k_mask):
+    """Validate two token-set batches (any batch sizes) and their masks; returns the masks (None → all valid)."""
+    _check_tokens(q_name, q)
+    _check_tokens(k_name, k)
+    check_same_width(q_name, q, k_name, k)
+    return check_mask(q_mask_name, q_mask, q, q_name), check_mask(k_mask_name, k_mask, k, k_name)
+
+
+def _implementation(backend: str, op: str) -> ModuleType:
+    """The module with the forward/backward bodies of ``op`` for ``backend``.
 
     Kernel modules are imported lazily: importing ``mulclip_fast.ops`` must not need Triton, and Triton
     reads ``TRITON_INTERPRET`` when a kernel module is first imported.
     """
     if backend == "triton":
-        from ..kernels import pairwise_maxsim, pairwise_reconstruction, pairwise_topk
-
-        return {"maxsim": pairwise_maxsim, "reconstruction": pairwise_reconstruction, "topk": pairwise_topk}
-    return dict.fromkeys(("maxsim", "reconstruction", "topk"), _torch_pairwise)
+        return importlib.import_module(f"mulclip_fast.kernels.pairwise_{op}")
+    return _torch_pairwise
 
 
 def _contiguous(*tensors):
@@ -101,7 +127,7 @@ def _maxsim_op(
     negative_slope: float | None,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    impl = _implementation(backend)["maxsim"]
+    impl = _implementation(backend, "maxsim")
     q, k, q_mask, k_mask = _contiguous(q, k, q_mask, k_mask)
     val_qk, idx_qk, val_kq, idx_kq = impl.maxsim_forward(q, k, q_mask, k_mask, bidirectional, negative_slope)
     scores = _torch_pairwise.maxsim_scores(val_qk, val_kq, q_mask, k_mask, bidirectional, q.dtype)
@@ -137,7 +163,7 @@ def _maxsim_backward_op(
     negative_slope: float | None,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    impl = _implementation(backend)["maxsim"]
+    impl = _implementation(backend, "maxsim")
     grad, q, k, q_mask, k_mask = _contiguous(grad, q, k, q_mask, k_mask)
     dq, dk = impl.maxsim_backward(
         grad, q, k, q_mask, k_mask, val_qk, idx_qk, val_kq, idx_kq, bidirectional, negative_slope
@@ -154,12 +180,16 @@ def _maxsim_setup(ctx, inputs, output):
     q, k, q_mask, k_mask, bidirectional, negative_slope, backend = inputs
     _, val_qk, idx_qk, val_kq, idx_kq = output
     ctx.mark_non_differentiable(val_qk, idx_qk, val_kq, idx_kq)
+    # no zero-filled gradients for the statistics: they would be as large as the statistics themselves
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(q, k, q_mask, k_mask, val_qk, idx_qk, val_kq, idx_kq)
     ctx.options = (bidirectional, negative_slope, backend)
 
 
 def _maxsim_backward(ctx, grad, *_stat_grads):
     q, k, q_mask, k_mask, val_qk, idx_qk, val_kq, idx_kq = ctx.saved_tensors
+    if grad is None:
+        return None, None, None, None, None, None, None
     dq, dk = _maxsim_backward_op(grad, q, k, q_mask, k_mask, val_qk, idx_qk, val_kq, idx_kq, *ctx.options)
     return dq, dk, None, None, None, None, None
 
@@ -192,7 +222,7 @@ def pairwise_maxsim(
     _check_backend_name(backend)
     if backend == "reference":
         return reference.pairwise_maxsim(q, k, q_mask, k_mask, bidirectional, negative_slope)
-    q_mask, k_mask = _check_pairs(q, k, q_mask, k_mask)
+    q_mask, k_mask = _check_sets("q", q, "k", k, "q_mask", q_mask, "k_mask", k_mask)
     if not isinstance(bidirectional, bool):
         raise ValueError(f"bidirectional must be a bool, got {type(bidirectional).__name__}")
     if negative_slope is not None:
@@ -214,7 +244,7 @@ def pairwise_maxsim(
 def _reconstruction_op(
     q: torch.Tensor, k: torch.Tensor, q_mask: torch.Tensor, k_mask: torch.Tensor, tau: float, backend: str
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    impl = _implementation(backend)["reconstruction"]
+    impl = _implementation(backend, "reconstruction")
     q, k, q_mask, k_mask = _contiguous(q, k, q_mask, k_mask)
     r, lse = impl.reconstruction_forward(q, k, q_mask, k_mask, tau)
     return _torch_pairwise.reconstruction_scores(r, q_mask, q.dtype), r, lse
@@ -239,7 +269,7 @@ def _reconstruction_backward_op(
     tau: float,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    impl = _implementation(backend)["reconstruction"]
+    impl = _implementation(backend, "reconstruction")
     grad, q, k, q_mask, k_mask = _contiguous(grad, q, k, q_mask, k_mask)
     dq, dk = impl.reconstruction_backward(grad, q, k, q_mask, k_mask, tau, r, lse)
     return dq.to(q.dtype), dk.to(k.dtype)
@@ -254,12 +284,16 @@ def _reconstruction_setup(ctx, inputs, output):
     q, k, q_mask, k_mask, tau, backend = inputs
     _, r, lse = output
     ctx.mark_non_differentiable(r, lse)
+    # no zero-filled gradients for the statistics: they would be as large as the statistics themselves
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(q, k, q_mask, k_mask, r, lse)
     ctx.options = (tau, backend)
 
 
 def _reconstruction_backward(ctx, grad, *_stat_grads):
     q, k, q_mask, k_mask, r, lse = ctx.saved_tensors
+    if grad is None:
+        return None, None, None, None, None, None
     dq, dk = _reconstruction_backward_op(grad, q, k, q_mask, k_mask, r, lse, *ctx.options)
     return dq, dk, None, None, None, None
 
@@ -286,7 +320,7 @@ def pairwise_reconstruction_scores(
     _check_backend_name(backend)
     if backend == "reference":
         return reference.pairwise_reconstruction_scores(q, k, q_mask, k_mask, tau)
-    q_mask, k_mask = _check_pairs(q, k, q_mask, k_mask)
+    q_mask, k_mask = _check_sets("q", q, "k", k, "q_mask", q_mask, "k_mask", k_mask)
     check_positive("tau", tau)
     scores, _, _ = _reconstruction_op(q, k, q_mask, k_mask, float(tau), _concrete_backend(backend, q))
     return scores
@@ -307,7 +341,7 @@ def _topk_op(
     tau: float,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    impl = _implementation(backend)["topk"]
+    impl = _implementation(backend, "topk")
     sub, patches, sub_mask, patch_mask = _contiguous(sub, patches, sub_mask, patch_mask)
     return impl.sap_forward(sub, patches, sub_mask, patch_mask, k, tau)
 
@@ -334,7 +368,7 @@ def _topk_backward_op(
     tau: float,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    impl = _implementation(backend)["topk"]
+    impl = _implementation(backend, "topk")
     grad, sub, patches, sub_mask, patch_mask = _contiguous(grad, sub, patches, sub_mask, patch_mask)
     d_sub, d_patches = impl.sap_backward(grad, sub, patches, sub_mask, patch_mask, tau, selected, lse)
     return d_sub.to(sub.dtype), d_patches.to(patches.dtype)
@@ -349,12 +383,16 @@ def _topk_setup(ctx, inputs, output):
     sub, patches, sub_mask, patch_mask, k, tau, backend = inputs
     _, selected, lse = output
     ctx.mark_non_differentiable(selected, lse)
+    # no zero-filled gradients for the statistics: they would be as large as the statistics themselves
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(sub, patches, sub_mask, patch_mask, selected, lse)
     ctx.options = (tau, backend)
 
 
 def _topk_backward(ctx, grad, *_stat_grads):
     sub, patches, sub_mask, patch_mask, selected, lse = ctx.saved_tensors
+    if grad is None:
+        return None, None, None, None, None, None, None
     d_sub, d_patches = _topk_backward_op(grad, sub, patches, sub_mask, patch_mask, selected, lse, *ctx.options)
     return d_sub, d_patches, None, None, None, None, None
 
@@ -389,7 +427,9 @@ def pairwise_topk_aggregate_logits(
     _check_backend_name(backend)
     if backend == "reference":
         return reference.pairwise_topk_aggregate_logits(sub, patches, sub_mask, patch_mask, k, tau)
-    sub_mask, patch_mask = _check_sap_inputs(sub, patches, sub_mask, patch_mask, k, tau, same_batch=False)
+    sub_mask, patch_mask = _check_sets("sub", sub, "patches", patches, "sub_mask", sub_mask, "patch_mask", patch_mask)
+    check_topk(k, patches.shape[1])
+    check_positive("tau", tau)
     logits, _, _ = _topk_op(sub, patches, sub_mask, patch_mask, k, float(tau), _concrete_backend(backend, sub))
     return logits
 
