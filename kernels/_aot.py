@@ -72,14 +72,25 @@ def _config_label(config: triton.Config) -> str:
     return f"{blocks},w{config.num_warps},s{config.num_stages}"
 
 
-def autotuned_specs(kernel, name: str, args: dict[str, str], constexprs: dict[str, object]) -> list[CompileSpec]:
-    """One :class:`CompileSpec` per autotune config of ``kernel`` (a ``triton.autotune`` Autotuner).
+def dtype_class(dtype: torch.dtype) -> str:
+    """Register budgets differ by operand width: ``"fp32"`` (IEEE FMA dots) or ``"half"`` (fp16/bf16 MMA)."""
+    return "fp32" if dtype == torch.float32 else "half"
+
+
+def autotuned_specs(
+    kernel, name: str, args: dict[str, str], constexprs: dict[str, object], dtype: torch.dtype | None = None
+) -> list[CompileSpec]:
+    """One :class:`CompileSpec` per autotune config of ``kernel`` (made with :func:`autotune`) for ``dtype``.
 
     ``args`` gives the Triton type of every runtime argument; every other argument of the kernel must
     be a constexpr given either in ``constexprs`` or by the config.
     """
     fn = kernel.fn
-    configs = getattr(kernel, "all_configs", kernel.configs)
+    by_class = getattr(kernel, "configs_by_class", None)
+    if by_class is not None:
+        configs = by_class[dtype_class(dtype)]
+    else:
+        configs = getattr(kernel, "all_configs", kernel.configs)
     specs = []
     for config in configs:
         values = {**constexprs, **config.kwargs}
@@ -97,13 +108,28 @@ def autotuned_specs(kernel, name: str, args: dict[str, str], constexprs: dict[st
     return specs
 
 
-def autotune(configs: list[triton.Config], key: list[str], **kwargs):
-    """``triton.autotune`` over :func:`autotune_configs` (one config under the interpreter) that keeps the
-    full list as ``all_configs`` for the compile check."""
+def autotune(configs, key: list[str], dtype_arg: str | None = None, **kwargs):
+    """``triton.autotune`` that keeps the full config list for the compile check, runs only the first
+    config under the interpreter, and may choose configs by dtype.
+
+    ``configs`` is a list, or ``{"half": [...], "fp32": [...]}`` (see :func:`dtype_class`) chosen by the
+    dtype of the argument ``dtype_arg``: fp32 operands need smaller tiles to stay clear of spills.
+    """
+    by_class = configs if isinstance(configs, dict) else None
+    everything = [c for group in by_class.values() for c in group] if by_class else list(configs)
+    if by_class:
+        owner = {id(c): cls for cls, group in by_class.items() for c in group}
+
+        def by_dtype(candidates, named_args, **_):
+            wanted = dtype_class(named_args[dtype_arg].dtype)
+            return [c for c in candidates if owner[id(c)] == wanted]
+
+        kwargs["prune_configs_by"] = {"early_config_prune": by_dtype}
 
     def decorate(fn):
-        tuned = triton.autotune(configs=autotune_configs(configs), key=key, **kwargs)(fn)
-        tuned.all_configs = list(configs)
+        tuned = triton.autotune(configs=autotune_configs(everything), key=key, **kwargs)(fn)
+        tuned.all_configs = everything
+        tuned.configs_by_class = by_class
         return tuned
 
     return decorate

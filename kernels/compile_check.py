@@ -107,31 +107,32 @@ def compile_one(module_name: str, dtype: str, index: int, arch: int) -> Result:
     return result
 
 
-def _format_table(results: list[Result]) -> str:
-    header = ("kernel", "config", "target", "dtype", "shared B", "regs", "spill B", "status")
-    rows = [header]
-    for r in results:
-        problems = r.problems()
-        rows.append(
-            (
-                r.kernel,
-                r.config,
-                f"sm_{r.arch}",
-                r.dtype,
-                "-" if r.shared is None else str(r.shared),
-                "-" if r.registers is None else str(r.registers),
-                "-" if r.spill_bytes is None else str(r.spill_bytes),
-                "ok" if not problems else "FAIL: " + "; ".join(problems),
-            )
-        )
-    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
-    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
+COLUMNS = (("kernel", 40), ("config", 34), ("target", 6), ("dtype", 5), ("shared B", 8), ("regs", 4), ("spill B", 7))
 
 
-def run_check(modules=None, archs=ARCHS, dtypes=DTYPES, jobs: int | None = None) -> list[Result]:
-    """Compile everything; returns the results in table order."""
+def _row(r: Result) -> str:
+    """One fixed-width table line (printed as soon as its compile finishes)."""
+    problems = r.problems()
+    cells = (
+        r.kernel,
+        r.config,
+        f"sm_{r.arch}",
+        r.dtype,
+        "-" if r.shared is None else str(r.shared),
+        "-" if r.registers is None else str(r.registers),
+        "-" if r.spill_bytes is None else str(r.spill_bytes),
+    )
+    line = "  ".join(cell.ljust(width) for cell, (_, width) in zip(cells, COLUMNS, strict=True))
+    return f"{line}  {'ok' if not problems else 'FAIL: ' + '; '.join(problems)}"
+
+
+def header() -> str:
+    line = "  ".join(name.ljust(width) for name, width in COLUMNS) + "  status"
+    return line + "\n" + "-" * len(line)
+
+
+def run_check(modules=None, archs=ARCHS, dtypes=DTYPES, jobs: int | None = None):
+    """Compile everything; yields each :class:`Result` in table order as soon as it is known."""
     modules = list(modules or KERNEL_MODULES)
     tasks = [
         (module, dtype, index, arch)
@@ -142,9 +143,10 @@ def run_check(modules=None, archs=ARCHS, dtypes=DTYPES, jobs: int | None = None)
     ]
     jobs = jobs or os.cpu_count() or 1
     if jobs == 1:
-        return [compile_one(*task) for task in tasks]
+        yield from (compile_one(*task) for task in tasks)
+        return
     with ProcessPoolExecutor(max_workers=jobs) as pool:
-        return list(pool.map(compile_one, *zip(*tasks, strict=True)))
+        yield from pool.map(compile_one, *zip(*tasks, strict=True))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -157,8 +159,11 @@ def main(argv: list[str] | None = None) -> int:
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         print("compile_check: unset TRITON_INTERPRET (the interpreter's kernels cannot be compiled)", file=sys.stderr)
         return 2
-    results = run_check(args.module, args.arch, args.dtype, args.jobs)
-    print(_format_table(results))
+    print(header(), flush=True)
+    results = []
+    for result in run_check(args.module, args.arch, args.dtype, args.jobs):
+        results.append(result)
+        print(_row(result), flush=True)
     failed = [r for r in results if r.problems()]
     print(f"\n{len(results)} compiles, {len(failed)} failed")
     return 1 if failed else 0

@@ -30,12 +30,17 @@ import triton.language as tl
 
 from ._aot import autotune, autotuned_specs, dot_precision, pointer
 
-# (BLOCK_M, BLOCK_N, BLOCK_D, warps, stages). The first is the interpreter's: large blocks, few programs.
-# Shared memory stays far below 227 KB: at most two [128, 64] fp32 operand tiles per stage.
-_CONFIGS = [
-    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_D": 64}, num_warps=4, num_stages=2),
-    triton.Config({"BLOCK_M": 128, "BLOCK_N": 32, "BLOCK_D": 64}, num_warps=8, num_stages=2),
-]
+# (BLOCK_M, BLOCK_N, BLOCK_D, warps, stages), by operand width. The first is the interpreter's. Registers,
+# not shared memory (at most ~40 KB), bound the blocks: these compile without spills on sm_80 and sm_90
+# (compile_check). fp32 runs IEEE FMA dots whose operands live in registers, hence its smaller tiles; e.g.
+# [64, 32] blocks with 32-wide d chunks spill in fp32 backward, and [128, 64] ones in fp16/bf16 on sm_80.
+_CONFIGS = {
+    "half": [
+        triton.Config({"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_D": 32}, num_warps=4, num_stages=2),
+        triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_D": 32}, num_warps=8, num_stages=2),
+    ],
+    "fp32": [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_D": 32}, num_warps=8, num_stages=2)],
+}
 _KEY = ["Lq", "Lk", "D", "WITH_GRAD"]
 
 
@@ -80,7 +85,7 @@ def _load_tile(X, rows, row_in, cols, col_in, D, UPCAST: tl.constexpr):
     return tile
 
 
-@autotune(configs=_CONFIGS, key=_KEY)
+@autotune(configs=_CONFIGS, key=_KEY, dtype_arg="Q")
 @triton.jit
 def _token_softmax_fwd(
     Q,
@@ -195,7 +200,7 @@ def _score_gradient(
     return p, ds
 
 
-@autotune(configs=_CONFIGS, key=_KEY)
+@autotune(configs=_CONFIGS, key=_KEY, dtype_arg="Q")
 @triton.jit
 def _token_softmax_bwd_rows(
     Q,
@@ -250,7 +255,7 @@ def _token_softmax_bwd_rows(
     )
 
 
-@autotune(configs=_CONFIGS, key=_KEY)
+@autotune(configs=_CONFIGS, key=_KEY, dtype_arg="Q")
 @triton.jit
 def _token_softmax_bwd_cols(
     Q,
@@ -319,6 +324,7 @@ def compile_specs(dtype) -> list:
             f"token_softmax_fwd[{variant}]",
             args={**common, "Q": ptr, "K": ptr, "Out": ptr, "Lse": stat, "Diag": stat},
             constexprs={**base, "WITH_OUTPUT": flags["WITH_OUTPUT"], **grad_flag},
+            dtype=dtype,
         )
         for kernel, label, out in ((_token_softmax_bwd_rows, "rows", "dQ"), (_token_softmax_bwd_cols, "cols", "dK")):
             specs += autotuned_specs(
@@ -326,5 +332,6 @@ def compile_specs(dtype) -> list:
                 f"token_softmax_bwd_{label}[{variant}]",
                 args={**common, "Q": ptr, "K": ptr, "dO": ptr, "Lse": stat, "Coef": stat, out: ptr},
                 constexprs={**base, **grad_flag},
+                dtype=dtype,
             )
     return specs

@@ -20,22 +20,31 @@ import torch
 import triton
 import triton.language as tl
 
-from ._aot import autotune, autotuned_specs, dot_precision, pointer
+from ._aot import CompileSpec, autotune, autotuned_specs, dot_precision, dtype_class, pointer
 
-MAX_PATCHES = 1024
+# The whole score row of 16 subcaptions lives in registers ([16, BLOCK_N] scores, int32 keys, probabilities
+# and, in backward, their gradients). Up to 256 patches (ViT-B/16's 196, ViT-L/14's 256) this compiles
+# without spills for sm_80/sm_90 (see compile_check); larger N falls back to the torch path.
+MAX_PATCHES = 256
 SUBCAPTIONS_PER_PROGRAM = 16  # tl.dot's minimum tile
 BLOCK_M: tl.constexpr = tl.constexpr(SUBCAPTIONS_PER_PROGRAM)
 NORMALIZE_EPS: tl.constexpr = tl.constexpr(1e-12)  # F.normalize's
 _INT32_MIN: tl.constexpr = tl.constexpr(-(2**31))
 
-# The score row lives in registers: [16, BLOCK_N] float32 (and its int32 keys) over num_warps·32 threads.
-_FWD_CONFIGS = [
-    triton.Config({"BLOCK_D": 64}, num_warps=8, num_stages=1),
-    triton.Config({"BLOCK_D": 32}, num_warps=4, num_stages=1),
-]
+# Launch settings of the row kernels, fixed rather than autotuned: the register budget, not speed, decides
+# (a [BLOCK_N, BLOCK_D] patch tile and its addresses sit next to the score row). These are the spill-free
+# choices at BLOCK_N = 256 on sm_80 and sm_90 (compile_check); fp32's IEEE FMA dots need 16 warps.
+FWD_LAUNCH = {
+    "half": {"BLOCK_D": 32, "num_warps": 8, "num_stages": 1},
+    "fp32": {"BLOCK_D": 16, "num_warps": 16, "num_stages": 1},
+}
+BWD_LAUNCH = {
+    "half": {"BLOCK_D": 16, "num_warps": 8, "num_stages": 1},
+    "fp32": {"BLOCK_D": 16, "num_warps": 16, "num_stages": 1},
+}
 _PATCH_CONFIGS = [
-    triton.Config({"BLOCK_P": 64, "BLOCK_D": 64}, num_warps=4, num_stages=2),
-    triton.Config({"BLOCK_P": 128, "BLOCK_D": 64}, num_warps=8, num_stages=2),
+    triton.Config({"BLOCK_P": 64, "BLOCK_D": 32}, num_warps=4, num_stages=2),
+    triton.Config({"BLOCK_P": 32, "BLOCK_D": 64}, num_warps=4, num_stages=2),
 ]
 
 
@@ -109,7 +118,6 @@ def _pooled_chunk(p, Xb, cols, col_in, d0, D, BLOCK_D: tl.constexpr, UPCAST: tl.
     return tl.dot(p.to(x.dtype), x, input_precision=DOT_PRECISION), d_cols, d_in
 
 
-@autotune(configs=_FWD_CONFIGS, key=["M", "N", "D"])
 @triton.jit
 def _topk_aggregate_fwd(
     Sub, X, SubMask, XMask, Out, M, N, D, k, scale,
@@ -143,7 +151,6 @@ def _topk_aggregate_fwd(
         )
 
 
-@autotune(configs=_FWD_CONFIGS, key=["M", "N", "D"])
 @triton.jit
 def _topk_aggregate_bwd_rows(
     Sub, X, SubMask, XMask, G, dSub, P, dS, dU, M, N, D, k, scale,
@@ -185,8 +192,9 @@ def _topk_aggregate_bwd_rows(
         du = g.to(tl.float32) / clamped[:, None] - u * radial[:, None]
         tl.store(dUb + rows[:, None] * D + d_cols[None, :], du, mask=row_in[:, None] & d_in[None, :])
         x = tl.load(Xb + cols[:, None] * D + d_cols[None, :], mask=col_in[:, None] & d_in[None, :], other=0.0)
-        x = x.to(tl.float32)
-        dp = tl.dot(du, tl.trans(x), dp, input_precision="ieee")
+        if UPCAST:
+            x = x.to(tl.float32)
+        dp = tl.dot(du.to(x.dtype), tl.trans(x), dp, input_precision=DOT_PRECISION)
     ds = p * (dp - tl.sum(p * dp, axis=1)[:, None]) * scale
     tile = pid_b * M * N + rows[:, None] * N + cols[None, :]
     tile_in = row_in[:, None] & col_in[None, :]
@@ -249,7 +257,7 @@ def topk_aggregate_forward(sub, patches, sub_mask, patch_mask, k, tau, *, upcast
     grid = (triton.cdiv(m, SUBCAPTIONS_PER_PROGRAM), batch)
     _topk_aggregate_fwd[grid](
         sub, patches, sub_mask, patch_mask, out, m, n, width, k, 1.0 / tau,
-        BLOCK_N=block_patches(n), UPCAST=upcast, DOT_PRECISION=dot_precision,
+        BLOCK_N=block_patches(n), UPCAST=upcast, DOT_PRECISION=dot_precision, **FWD_LAUNCH[dtype_class(sub.dtype)],
     )  # fmt: skip
     return out
 
@@ -263,32 +271,42 @@ def topk_aggregate_backward(sub, patches, sub_mask, patch_mask, k, tau, grad_out
     d_sub, d_patches = torch.empty_like(sub), torch.empty_like(patches)
     _topk_aggregate_bwd_rows[(triton.cdiv(m, SUBCAPTIONS_PER_PROGRAM), batch)](
         sub, patches, sub_mask, patch_mask, grad_out, d_sub, probs, d_scores, d_pooled, m, n, width, k, 1.0 / tau,
-        BLOCK_N=block_patches(n), UPCAST=upcast, DOT_PRECISION=dot_precision,
+        BLOCK_N=block_patches(n), UPCAST=upcast, DOT_PRECISION=dot_precision, **BWD_LAUNCH[dtype_class(sub.dtype)],
     )  # fmt: skip
     grid = lambda meta: (triton.cdiv(n, meta["BLOCK_P"]), batch, triton.cdiv(width, meta["BLOCK_D"]))  # noqa: E731
     _topk_aggregate_bwd_patches[grid](sub, probs, d_scores, d_pooled, d_patches, m, n, width)
     return d_sub, d_patches
 
 
-def compile_specs(dtype) -> list:
-    """Every kernel × autotune config, at the paper's 196 patches (BLOCK_N 256) and the limit (1024)."""
+def _fixed_specs(kernel, name, args, constexprs, launch) -> list[CompileSpec]:
+    """The single launch of a kernel that is not autotuned, as a compile spec."""
+    values = {**constexprs, "BLOCK_D": launch["BLOCK_D"]}
+    signature = {arg: "constexpr" if arg in values else args[arg] for arg in kernel.arg_names}
+    config = f"BLOCK_D={launch['BLOCK_D']},w{launch['num_warps']},s{launch['num_stages']}"
+    return [CompileSpec(name, kernel, signature, values, launch["num_warps"], launch["num_stages"], config)]
+
+
+def compile_specs(dtype) -> list[CompileSpec]:
+    """Every kernel × launch, the row kernels at the smallest and largest score rows they hold."""
     ptr = pointer(dtype)
     scalars = {"M": "i32", "N": "i32", "D": "i32", "k": "i32", "scale": "fp32", "SubMask": "*i1", "XMask": "*i1"}
     base = {"UPCAST": False, "DOT_PRECISION": dot_precision(dtype)}
     specs = []
-    for block_n in (256, MAX_PATCHES):
+    for block_n in (16, MAX_PATCHES):
         constexprs = {**base, "BLOCK_N": block_n}
-        specs += autotuned_specs(
+        specs += _fixed_specs(
             _topk_aggregate_fwd,
             f"topk_aggregate_fwd[N<={block_n}]",
-            args={**scalars, "Sub": ptr, "X": ptr, "Out": ptr},
-            constexprs=constexprs,
+            {**scalars, "Sub": ptr, "X": ptr, "Out": ptr},
+            constexprs,
+            FWD_LAUNCH[dtype_class(dtype)],
         )
-        specs += autotuned_specs(
+        specs += _fixed_specs(
             _topk_aggregate_bwd_rows,
             f"topk_aggregate_bwd_rows[N<={block_n}]",
-            args={**scalars, "Sub": ptr, "X": ptr, "G": ptr, "dSub": ptr, "P": "*fp32", "dS": "*fp32", "dU": "*fp32"},
-            constexprs=constexprs,
+            {**scalars, "Sub": ptr, "X": ptr, "G": ptr, "dSub": ptr, "P": "*fp32", "dS": "*fp32", "dU": "*fp32"},
+            constexprs,
+            BWD_LAUNCH[dtype_class(dtype)],
         )
     specs += autotuned_specs(
         _topk_aggregate_bwd_patches,

@@ -73,6 +73,9 @@ def _scalar(name: str, value) -> float:
 
 
 def _check_pair(q_name, q, kv_name, kv, q_mask_name, q_mask, kv_mask_name, kv_mask):
+    if isinstance(q, torch.Tensor) and isinstance(kv, torch.Tensor) and q.device != kv.device:
+        # before check_tokens, whose NaN scan cannot read a tensor on another (e.g. meta) device
+        raise ValueError(f"{q_name} is on {q.device} but {kv_name} is on {kv.device}")
     check_tokens(q_name, q)
     check_tokens(kv_name, kv)
     check_same_width(q_name, q, kv_name, kv)
@@ -464,7 +467,18 @@ def topk_patch_aggregate(
     sub_mask, patch_mask = _check_pair("sub", sub, "patches", patches, "sub_mask", sub_mask, "patch_mask", patch_mask)
     check_topk(k, patches.shape[1])
     tau = _scalar("tau", tau)
-    return _topk_patch_aggregate_op(sub, patches, sub_mask, patch_mask, k, tau, _concrete_backend(backend, sub))
+    concrete = _concrete_backend(backend, sub)
+    if concrete == "triton":
+        from ..kernels.topk_aggregate import MAX_PATCHES
+
+        if patches.shape[1] > MAX_PATCHES:
+            if backend != "auto":
+                raise ValueError(
+                    f"backend='triton' holds at most {MAX_PATCHES} patches per score row, got patches with "
+                    f"N = {patches.shape[1]}; use backend='auto' or 'torch'"
+                )
+            concrete = "torch"
+    return _topk_patch_aggregate_op(sub, patches, sub_mask, patch_mask, k, tau, concrete)
 
 
 __all__ = ["CHUNK_BYTES", "token_reconstruction", "topk_patch_aggregate", "wpr_loss"]

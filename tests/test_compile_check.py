@@ -1,0 +1,98 @@
+"""The ahead-of-time compile check (DESIGN §5.2): every kernel compiles for sm_80/sm_90 in every dtype.
+
+The check compiles real GPU code, so it runs in a subprocess with ``TRITON_INTERPRET`` removed (the root
+conftest sets it for this process). Compiles are cached by Triton (``~/.triton/cache``): a cold run of the
+whole check takes minutes on a 2-core machine, a warm one seconds.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from mulclip_fast.kernels import compile_check
+from mulclip_fast.kernels._aot import CompileSpec
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run_check(*args: str, timeout: int) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    return subprocess.run(
+        [sys.executable, "-m", "mulclip_fast.kernels.compile_check", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+@pytest.mark.parametrize("module_name", compile_check.KERNEL_MODULES)
+def test_every_kernel_module_follows_the_protocol(module_name):
+    """Each listed module gives specs for every dtype whose signatures name every kernel argument."""
+    module = importlib.import_module(module_name)
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        specs = module.compile_specs(dtype)
+        assert specs and all(isinstance(spec, CompileSpec) for spec in specs)
+        labels = [(spec.name, spec.config) for spec in specs]
+        assert len(set(labels)) == len(labels), "each kernel × config appears once"
+        for spec in specs:
+            assert list(spec.signature) == list(spec.fn.arg_names)
+            constexprs = {name for name, kind in spec.signature.items() if kind == "constexpr"}
+            assert constexprs == set(spec.constexprs)
+            for name, value in spec.constexprs.items():
+                if name.startswith("BLOCK"):
+                    assert value >= 16 and value & (value - 1) == 0, f"{spec.name}: {name}={value}"
+
+
+def test_result_problems_name_each_rule():
+    ok = compile_check.Result("k", "c", 90, "fp32", shared=1024, registers=64, spill_bytes=0)
+    assert ok.problems() == []
+    over = compile_check.Result(
+        "k", "c", 80, "fp32", shared=compile_check.SHARED_LIMIT[80] + 1, registers=64, spill_bytes=0
+    )
+    assert "shared memory" in over.problems()[0]
+    spilled = compile_check.Result("k", "c", 90, "fp16", shared=0, registers=255, spill_bytes=48)
+    assert "spills" in spilled.problems()[0]
+    broken = compile_check.Result("k", "c", 90, "bf16", error="CompilationError: boom")
+    assert broken.problems() == ["compile error: CompilationError: boom"]
+
+
+def test_refuses_to_run_under_the_interpreter():
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    done = subprocess.run(
+        [sys.executable, "-m", "mulclip_fast.kernels.compile_check"], cwd=ROOT, env=env, capture_output=True, text=True
+    )
+    assert done.returncode == 2 and "TRITON_INTERPRET" in done.stderr
+
+
+@pytest.mark.slow
+def test_check_fails_on_compile_error_shared_memory_and_spills():
+    done = _run_check(
+        "--module", "tests.aot_bad_kernels", "--arch", "90", "--dtype", "fp32", "--jobs", "1", timeout=300
+    )
+    assert done.returncode == 1, done.stdout + done.stderr
+    rows = {line.split()[0]: line for line in done.stdout.splitlines() if line.split()}
+    assert "compile error" in rows["does_not_compile"]
+    assert "shared memory" in rows["too_much_shared_memory"]
+    assert "spills" in rows["spills_registers"]
+
+
+@pytest.mark.slow
+def test_every_kernel_compiles_for_sm80_and_sm90_in_every_dtype():
+    done = _run_check(timeout=1800)
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    expected = sum(
+        len(importlib.import_module(module).compile_specs(dtype)) * len(compile_check.ARCHS)
+        for module in compile_check.KERNEL_MODULES
+        for dtype in (torch.float32, torch.float16, torch.bfloat16)
+    )
+    table = [line for line in done.stdout.splitlines() if line.endswith("  ok")]
+    assert len(table) == expected
+    assert f"{expected} compiles, 0 failed" in done.stdout
