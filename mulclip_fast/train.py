@@ -68,7 +68,7 @@ class TrainConfig:
     weight_decay: float = 0.1
     warmup: float = 0.05
     seed: int = 0
-    train_size: int = 10_000_000
+    train_size: int = 1_000_000
     out: str = "runs/default"
     device: str = "cpu"
     backend: str = "auto"

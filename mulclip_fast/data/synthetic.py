@@ -69,7 +69,7 @@ def describe(objects: list[SceneObject]) -> str:
     """The long caption of a scene: summary, one sentence per object, relations around the cycle of objects."""
     listing = [f"a {o.colour} {o.shape}" for o in objects]
     shapes = f"{', '.join(listing[:-1])} and {listing[-1]}"
-    summary = f"An image of {NUMBERS[len(objects)]} shapes on a dark gray background: {shapes}."
+    summary = f"An image of {NUMBERS[len(objects)]} shapes: {shapes}."
     sentences = [summary]
     sentences += [f"In {CELLS[o.cell]} there is a {o.size} {o.colour} {o.shape}." for o in objects]
     # A cycle of relations mentions every object exactly twice, so the attribute-swapped probe has the

@@ -335,9 +335,10 @@ class CLIP(nn.Module):
             # A caption with no word at all (empty text) has no calibrated tokens: mask its row out.
             has_words = word_mask.any(dim=1, keepdim=True).expand(-1, text_tokens.shape[1])
         else:
-            t_eot = self.encode_text(long_ids)
+            # Only EOT embeddings are needed: encode in length-sorted chunks (exact, ~25% less padding).
+            t_eot = self.encode_text_by_length(long_ids, chunk=max(8, long_ids.shape[0] // 4))
             image_tokens, text_tokens, has_words = v_loc, v_loc[:, :0], None
-        short_eot = None if short_ids is None else self.encode_text(short_ids)
+        short_eot = None if short_ids is None else self.encode_text_by_length(short_ids)
         sub_eot = None
         if sub_ids is not None:
             if sub_mask is None or sub_mask.shape != sub_ids.shape[:2]:

@@ -1,0 +1,88 @@
+"""Recall@K and binding accuracy on hand-made similarities; the eval CLI."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from mulclip_fast.eval import binding_accuracy, format_table, recall_at_k
+
+
+def test_recall_on_identity_and_reversed_rankings():
+    perfect = recall_at_k(torch.eye(12))
+    assert all(v == 1.0 for v in perfect.values())
+    # Each text ranks its own image last: recall is 0 at every K < N.
+    worst = recall_at_k(-torch.eye(12))
+    assert all(v == 0.0 for v in worst.values())
+
+
+def test_recall_hand_made_ranks():
+    # Rows are texts, columns images; the true image of text i is column i.
+    sim = torch.tensor(
+        [
+            [0.9, 0.1, 0.0, 0.0],  # rank 0
+            [0.8, 0.5, 0.0, 0.0],  # rank 1 (image 0 scores higher)
+            [0.7, 0.6, 0.3, 0.4],  # rank 3
+            [0.0, 0.0, 0.0, 0.5],  # rank 0
+        ]
+    )
+    r = recall_at_k(sim, ks=(1, 2, 4))
+    assert r["t2i_r1"] == pytest.approx(0.5) and r["t2i_r2"] == pytest.approx(0.75) and r["t2i_r4"] == 1.0
+    # Image→text uses the columns: image 0 is best for text 0 (0.9 > 0.8, 0.7): rank 0;
+    # image 1: text 1 has 0.5, texts 0.1, 0.6, 0.0 -> rank 1; image 2: 0.3 vs 0, 0, 0 -> rank 0;
+    # image 3: 0.5 vs 0, 0, 0.4 -> rank 0.
+    assert r["i2t_r1"] == pytest.approx(0.75) and r["i2t_r2"] == 1.0
+
+
+def test_ties_count_against_the_true_item():
+    r = recall_at_k(torch.zeros(5, 5))
+    assert r["t2i_r1"] == 0.0 and r["t2i_r5"] == 1.0 and r["i2t_r1"] == 0.0
+
+
+def test_recall_rejects_bad_matrices():
+    with pytest.raises(ValueError, match="square"):
+        recall_at_k(torch.zeros(3, 4))
+    with pytest.raises(ValueError, match="NaN"):
+        recall_at_k(torch.tensor([[float("nan")]]))
+
+
+def test_binding_accuracy_counts_strict_wins():
+    image = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
+    true = torch.tensor([[1.0, 0.1], [0.0, 1.0], [0.0, 1.0]])
+    swapped = torch.tensor([[0.0, 1.0], [1.0, 0.0], [0.0, 1.0]])  # third row: tie -> not a win
+    assert binding_accuracy(image, true, swapped) == pytest.approx(1 / 3)
+    assert binding_accuracy(image, true * 5, swapped) == pytest.approx(1 / 3)  # scale-free (normalised)
+
+
+def test_format_table_lists_every_number():
+    result = {k: 0.5 for k in ("t2i_r1", "t2i_r5", "t2i_r10", "i2t_r1", "i2t_r5", "i2t_r10")}
+    text = format_table({**result, "binding_acc": 0.75, "n_pairs": 10})
+    assert "0.500" in text and "binding accuracy 0.750" in text and "pairs 10" in text
+
+
+@pytest.mark.slow
+def test_eval_cli_on_a_training_checkpoint(tmp_path):
+    run = tmp_path / "run"
+    train = [sys.executable, "-m", "mulclip_fast.train", "--steps", "2", "--batch-size", "4", "--out", str(run)]
+    train += ["--model", "vision_layers=1", "--model", "transformer_layers=1", "--eval-pairs", "0", "--loss", "global"]
+    subprocess.run(train, check=True, capture_output=True, timeout=240)
+    out = tmp_path / "eval.json"
+    cmd = [sys.executable, "-m", "mulclip_fast.eval", "--checkpoint", str(run), "--pairs", "30", "--out", str(out)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(out.read_text())
+    keys = {"t2i_r1", "t2i_r5", "t2i_r10", "i2t_r1", "i2t_r5", "i2t_r10", "binding_acc", "n_pairs"}
+    assert keys <= set(result) and result["n_pairs"] == 30
+    assert all(0.0 <= result[k] <= 1.0 for k in keys - {"n_pairs"})
+    assert "R@5" in done.stdout
+    bad = subprocess.run(
+        [sys.executable, "-m", "mulclip_fast.eval", "--checkpoint", str(tmp_path / "nope")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert bad.returncode == 2 and "error:" in bad.stderr and "Traceback" not in bad.stderr

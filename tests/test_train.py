@@ -1,0 +1,200 @@
+"""The training CLI: run directory, resume equality, checkpoints, signals and bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from PIL import Image
+
+from mulclip_fast.eval import load_model_for_eval
+from mulclip_fast.model import CLIP, preset_config
+from mulclip_fast.train import TrainConfig, build_parser, config_from_args, load_training_checkpoint, main, train
+
+SMALL = ["--model", "vision_layers=1", "--model", "transformer_layers=1"]
+SMALL_OVERRIDES = {"vision_layers": 1, "transformer_layers": 1}
+
+
+def small_config(out, **kwargs) -> TrainConfig:
+    settings = dict(
+        model_overrides=dict(SMALL_OVERRIDES),
+        batch_size=4,
+        steps=6,
+        fine_start=0.0,
+        fine_ramp=0.5,
+        eval_pairs=0,
+        val_pairs=4,
+        val_every=1000,
+        backend="reference",
+        out=str(out),
+    )
+    settings.update(kwargs)
+    return TrainConfig(**settings)
+
+
+def read_jsonl(path):
+    with open(path) as handle:
+        return [json.loads(line) for line in handle if line.strip()]
+
+
+@pytest.mark.slow
+def test_cli_smoke_run_writes_the_run_directory(tmp_path):
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "mulclip_fast.train", "--steps", "4", "--batch-size", "4", "--out", str(out)]
+    cmd += SMALL + ["--eval-pairs", "20", "--val-pairs", "8", "--val-every", "2", "--fine-start", "0.25"]
+    cmd += ["--backend", "reference"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    config = json.loads((out / "config.json").read_text())
+    assert config["loss"] == "mulclip" and config["steps"] == 4 and config["total_steps"] == 4
+    metrics = read_jsonl(out / "metrics.jsonl")
+    assert [m["step"] for m in metrics] == [0, 1, 2, 3]
+    for key in ("loss", "global_long", "global_short", "lr", "samples_per_s", "memory_mb", "fine_scale"):
+        assert all(key in m for m in metrics), key
+    # The fine-grained terms appear once the ramp starts (a quarter of the way in).
+    assert "word" not in metrics[0] and {"word", "sub"} <= set(metrics[-1])
+    result = json.loads((out / "eval.json").read_text())
+    for key in ("t2i_r1", "t2i_r5", "t2i_r10", "i2t_r1", "i2t_r5", "i2t_r10", "binding_acc"):
+        assert 0.0 <= result[key] <= 1.0
+    assert result["n_pairs"] == 20
+    assert (out / "loss.png").stat().st_size > 0 and (out / "retrieval.png").stat().st_size > 0
+    assert os.listdir(out / "checkpoints") == ["step_00000004.pt"]
+    assert "summary" in done.stdout and "R@5" in done.stdout and "step 4/4" in done.stdout
+    assert "\r" not in done.stderr  # no progress bar when not on a terminal
+
+
+def test_resume_is_bit_for_bit(tmp_path):
+    straight = train(small_config(tmp_path / "straight"))
+    assert straight["steps"] == 6
+    stopped = train(small_config(tmp_path / "resumed", checkpoint_every=2), stop_at_step=3)
+    assert stopped["interrupted"] == "stop_at_step" and stopped["steps"] == 3
+    # Resuming takes every setting from the checkpoint; only where to run comes from the caller.
+    resumed = train(TrainConfig(out=str(tmp_path / "resumed")), resume=True)
+    assert resumed["steps"] == 6
+    a = read_jsonl(tmp_path / "straight" / "metrics.jsonl")
+    b = read_jsonl(tmp_path / "resumed" / "metrics.jsonl")
+    assert [m["step"] for m in b] == list(range(6))
+    for key in ("loss", "global_long", "global_short", "word", "sub", "lr", "logit_scale"):
+        assert [m.get(key) for m in a] == [m.get(key) for m in b], key
+    final_a = load_training_checkpoint(straight["checkpoint"])["model"]
+    final_b = load_training_checkpoint(resumed["checkpoint"])["model"]
+    assert all(torch.equal(final_a[k], final_b[k]) for k in final_a)
+
+
+def test_checkpoint_round_trip_and_keep_last(tmp_path):
+    summary = train(small_config(tmp_path, steps=5, checkpoint_every=1, keep_checkpoints=2, loss="global"))
+    names = sorted(os.listdir(tmp_path / "checkpoints"))
+    assert names == ["step_00000004.pt", "step_00000005.pt"]
+    assert not [n for n in names if ".tmp" in n]
+    state = load_training_checkpoint(summary["checkpoint"])
+    assert state["step"] == 5 and state["config"]["loss"] == "global"
+    assert {"model", "optimizer", "rng", "elapsed"} <= set(state)
+    model, config = load_model_for_eval(str(tmp_path), None, "cpu")
+    reloaded = CLIP(preset_config("tiny", **SMALL_OVERRIDES))
+    reloaded.load_state_dict(state["model"])
+    reloaded_state = reloaded.state_dict()
+    assert all(torch.equal(value, reloaded_state[key]) for key, value in model.state_dict().items())
+    assert config["seed"] == 0
+
+
+def test_init_from_openai_checkpoint_keeps_first_positions(tmp_path):
+    torch.manual_seed(7)
+    source = CLIP(preset_config("tiny", **SMALL_OVERRIDES))
+    state = {k: v for k, v in source.state_dict().items() if "calibration" not in k}
+    state["positional_embedding"] = state["positional_embedding"][:77].clone()
+    path = tmp_path / "openai.pt"
+    torch.save(state, path)
+    summary = train(small_config(tmp_path / "run", steps=2, init=f"openai:{path}", lr=1e-3, loss="global"))
+    trained = load_training_checkpoint(summary["checkpoint"])["model"]["positional_embedding"]
+    from mulclip_fast.reference import stretch_positional_embedding
+
+    start = stretch_positional_embedding(state["positional_embedding"])
+    assert torch.equal(trained[:20], start[:20])
+    assert not torch.equal(trained[20:60], start[20:60])
+
+
+def test_corrupt_and_missing_images_are_skipped_and_counted(tmp_path):
+    images = tmp_path / "images"
+    images.mkdir()
+    lines = []
+    for i in range(6):
+        Image.new("RGB", (70, 64), (40 * i, 90, 200 - 30 * i)).save(images / f"{i}.png")
+        lines.append({"image_file": f"{i}.png", "description": f"A picture number {i}. It is plain.", "split": "train"})
+    (images / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\ncorrupt")
+    lines.append({"image_file": "bad.png", "description": "Bad. Image.", "split": "train"})
+    lines.append({"image_file": "gone.png", "description": "Gone. Image.", "split": "train"})
+    data = tmp_path / "docci.jsonl"
+    data.write_text("\n".join(json.dumps(x) for x in lines))
+    summary = train(small_config(tmp_path / "run", data=f"docci:{data}", steps=4, loss="global", val_pairs=1))
+    assert summary["skipped_images"] == 2
+    skipped = json.loads((tmp_path / "run" / "skipped.json").read_text())
+    assert set(skipped) == {str(images / "bad.png"), str(images / "gone.png")}
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--data", "docci:/nonexistent/file.jsonl"], "data path does not exist"),
+        (["--data", "imagenet"], "--data must be synthetic"),
+        (["--init", "openai:/nonexistent.pt"], "checkpoint not found"),
+        (["--init", "clip:x"], "--init must be openai:PATH or longclip:PATH"),
+        (["--steps", "0"], "--steps must be >= 1"),
+        (["--steps", "3", "--epochs", "1"], "not both"),
+        (["--model", "layers"], "FIELD=INT"),
+        (["--batch-size", "1"], "--batch-size"),
+        (["--resume"], "no checkpoint"),
+    ],
+)
+def test_bad_input_gives_a_clear_error(tmp_path, capsys, argv, message):
+    code = main([*argv, "--out", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("error: ") and message in err
+
+
+def test_wrong_checkpoint_and_unusable_dataset(tmp_path, capsys):
+    torch.save(CLIP(preset_config("tiny", transformer_width=64, transformer_heads=2)).state_dict(), tmp_path / "w.pt")
+    assert main(["--init", f"openai:{tmp_path / 'w.pt'}", "--out", str(tmp_path / "a")] + SMALL) == 2
+    assert "does not fit" in capsys.readouterr().err
+    (tmp_path / "empty.json").write_text("[]")
+    assert main(["--data", f"sharegpt4v:{tmp_path / 'empty.json'}", "--out", str(tmp_path / "b")]) == 2
+    assert "no usable sharegpt4v record" in capsys.readouterr().err
+
+
+def test_unknown_choice_values_exit_nonzero(capsys):
+    for argv in (["--preset", "vit-h-14"], ["--loss", "siglip"], ["--sap-pairing", "some"], ["--backend", "cuda"]):
+        with pytest.raises(SystemExit) as info:
+            build_parser().parse_args(argv)
+        assert info.value.code == 2
+        assert "invalid choice" in capsys.readouterr().err
+
+
+def test_default_command_settings():
+    config = config_from_args(build_parser().parse_args([]))
+    assert config.preset == "tiny" and config.data == "synthetic" and config.loss == "mulclip"
+    assert config.time_limit > 0 and config.backend == "auto"
+    assert config_from_args(build_parser().parse_args(["--steps", "5"])).time_limit == 0
+
+
+@pytest.mark.slow
+def test_sigterm_saves_a_checkpoint_and_the_run_resumes(tmp_path):
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "mulclip_fast.train", "--steps", "10000", "--batch-size", "4", "--out", str(out)]
+    cmd += SMALL + ["--eval-pairs", "0", "--loss", "global"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = out / "metrics.jsonl"
+    deadline = time.time() + 180
+    while time.time() < deadline and (not metrics.exists() or len(read_jsonl(metrics)) < 2):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, stderr[-2000:]
+    assert "stopped by a signal" in stdout and "Traceback" not in stderr
+    (checkpoint,) = os.listdir(out / "checkpoints")
+    step = load_training_checkpoint(str(out / "checkpoints" / checkpoint))["step"]
+    assert step >= 2 and [m["step"] for m in read_jsonl(metrics)] == list(range(step))
