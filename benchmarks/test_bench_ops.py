@@ -41,7 +41,6 @@ class OpSpec:
     name: str
     reference: Callable
     fused: Callable
-    has_triton: bool
     # shape -> (differentiable inputs, keyword arguments: masks and scalars)
     make_inputs: Callable[[dict, torch.Generator], tuple[tuple[torch.Tensor, ...], dict]]
     output_shape: Callable[[dict], tuple[int, ...]]
@@ -105,7 +104,6 @@ OPS = [
         "token_reconstruction",
         reference.token_reconstruction,
         ops.token_reconstruction,
-        True,
         _reconstruction_inputs,
         lambda s: (s["B"], s["Lq"], s["d"]),
         lambda s: token_reconstruction_cost(s["B"], s["Lq"], s["Lk"], s["d"], ITEMSIZE),
@@ -120,7 +118,6 @@ OPS = [
         "wpr_loss",
         reference.wpr_loss,
         ops.wpr_loss,
-        True,
         _wpr_inputs,
         lambda s: (),
         lambda s: wpr_loss_cost(s["B"], s["P"], s["K"], s["d"], ITEMSIZE),
@@ -135,7 +132,6 @@ OPS = [
         "topk_patch_aggregate",
         reference.topk_patch_aggregate,
         ops.topk_patch_aggregate,
-        True,
         _topk_inputs,
         lambda s: (s["B"], s["M"], s["d"]),
         lambda s: topk_patch_aggregate_cost(s["B"], s["M"], s["N"], s["k"], s["d"], ITEMSIZE),
@@ -150,12 +146,11 @@ OPS = [
         "pairwise_maxsim",
         reference.pairwise_maxsim,
         pairwise_ops.pairwise_maxsim,
-        False,
         _maxsim_inputs,
         lambda s: (s["Bq"], s["Bk"]),
         lambda s: pairwise_ops.pairwise_maxsim_cost(s["Bq"], s["Lq"], s["Bk"], s["Lk"], s["d"], True, ITEMSIZE),
         [
-            ("quick", {"Bq": 64, "Bk": 64, "Lq": 40, "Lk": 40, "d": 512}),
+            ("quick", {"Bq": 32, "Bk": 32, "Lq": 40, "Lk": 40, "d": 512}),
             ("quick", {"Bq": 16, "Bk": 16, "Lq": 249, "Lk": 197, "d": 512}),
             ("full", {"Bq": 32, "Bk": 128, "Lq": 249, "Lk": 197, "d": 512}),
             ("gpu", {"Bq": 64, "Bk": 256, "Lq": 249, "Lk": 197, "d": 512}),
@@ -165,12 +160,11 @@ OPS = [
         "pairwise_reconstruction_scores",
         reference.pairwise_reconstruction_scores,
         pairwise_ops.pairwise_reconstruction_scores,
-        False,
         _pairwise_reconstruction_inputs,
         lambda s: (s["Bq"], s["Bk"]),
         lambda s: pairwise_ops.pairwise_reconstruction_cost(s["Bq"], s["Lq"], s["Bk"], s["Lk"], s["d"], ITEMSIZE),
         [
-            ("quick", {"Bq": 64, "Bk": 64, "Lq": 39, "Lk": 39, "d": 512}),
+            ("quick", {"Bq": 32, "Bk": 32, "Lq": 39, "Lk": 39, "d": 512}),
             ("quick", {"Bq": 16, "Bk": 16, "Lq": 248, "Lk": 196, "d": 512}),
             ("full", {"Bq": 32, "Bk": 128, "Lq": 248, "Lk": 196, "d": 512}),
             ("gpu", {"Bq": 64, "Bk": 256, "Lq": 248, "Lk": 196, "d": 512}),
@@ -180,12 +174,11 @@ OPS = [
         "pairwise_topk_aggregate_logits",
         reference.pairwise_topk_aggregate_logits,
         pairwise_ops.pairwise_topk_aggregate_logits,
-        False,
         _pairwise_topk_inputs,
         lambda s: (s["Bq"], s["Bk"], s["M"]),
         lambda s: pairwise_ops.pairwise_topk_aggregate_cost(s["Bq"], s["M"], s["Bk"], s["N"], s["d"], ITEMSIZE),
         [
-            ("quick", {"Bq": 64, "Bk": 64, "M": 8, "N": 39, "k": _sap_k(39), "d": 512}),
+            ("quick", {"Bq": 32, "Bk": 32, "M": 8, "N": 39, "k": _sap_k(39), "d": 512}),
             ("quick", {"Bq": 16, "Bk": 16, "M": 8, "N": 196, "k": _sap_k(196), "d": 512}),
             ("full", {"Bq": 16, "Bk": 64, "M": 8, "N": 196, "k": _sap_k(196), "d": 512}),
             ("gpu", {"Bq": 32, "Bk": 128, "M": 8, "N": 196, "k": _sap_k(196), "d": 512}),
@@ -237,8 +230,6 @@ def _cases():
         for shape in shapes:
             for backend in BACKENDS:
                 if backend == "sdpa" and spec.name != "token_reconstruction":
-                    continue
-                if backend == "triton" and not spec.has_triton:
                     continue
                 # Each shape compiles anew (10-30 s per graph and grad mode): by default the compiled
                 # baseline runs at the largest shape of each op only; the full sweep compiles every one.

@@ -38,7 +38,7 @@ PRESET_BATCH = {"tiny": 32 if DEVICE.type == "cpu" else 128, "vit-b-16": 8 if DE
 # A fixed budget for the step's own peak memory (exact tracker on CPU, CUDA allocator on GPU): the
 # largest batch that stays under it is found by doubling, then bisecting to within 1/8. Each probe is
 # a full step, so the CPU budget is kept small enough for the search to take a minute or two.
-MEMORY_BUDGET_BYTES = (2 if FULL_SWEEP else 0.5) * 2**30 if DEVICE.type == "cpu" else 8 * 2**30
+MEMORY_BUDGET_BYTES = (2 if FULL_SWEEP else 0.25) * 2**30 if DEVICE.type == "cpu" else 8 * 2**30
 MAX_BATCH_SEARCHED = 4096
 
 
@@ -49,6 +49,8 @@ def _model_overrides(preset: str) -> dict:
 
 
 def _trainer(preset: str, objective: str, path: str) -> Trainer:
+    """The trainer of ``python -m mulclip_fast.train`` for this case; skips a fast path that would silently
+    run the reference (the trainer falls back when ``mulclip_fast.ops`` does not export an op)."""
     config = resolve_config(
         TrainConfig(
             preset=preset,
@@ -61,7 +63,11 @@ def _trainer(preset: str, objective: str, path: str) -> Trainer:
             device=DEVICE.type,
         )
     )
-    return Trainer(config, total_steps=1000)
+    trainer = Trainer(config, total_steps=1000)
+    if path == "fast" and trainer.backend == "reference":
+        flags = f"--loss {config.loss} --sap-pairing {config.sap_pairing}"
+        pytest.skip(f"mulclip_fast.ops does not export the fused ops that {flags} needs")
+    return trainer
 
 
 def _batch(trainer: Trainer, size: int):
