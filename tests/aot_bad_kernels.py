@@ -18,17 +18,22 @@ def _does_not_compile(X, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _too_much_shared_memory(X, Y, BLOCK: tl.constexpr):
+def _too_much_shared_memory(X, Y, K, BLOCK: tl.constexpr, BLOCK_K: tl.constexpr):
     rows = tl.arange(0, BLOCK)
-    tile = tl.load(X + rows[:, None] * BLOCK + rows[None, :])
-    tl.store(Y + rows[:, None] * BLOCK + rows[None, :], tl.dot(tile, tile))
+    inner = tl.arange(0, BLOCK_K)
+    acc = tl.zeros([BLOCK, BLOCK], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):  # pipelined over num_stages: each stage buffers two 256 x 64 fp32 tiles
+        a = tl.load(X + rows[:, None] * K + k0 + inner[None, :])
+        b = tl.load(X + (k0 + inner[:, None]) * BLOCK + rows[None, :])
+        acc = tl.dot(a, b, acc)
+    tl.store(Y + rows[:, None] * BLOCK + rows[None, :], acc)
 
 
 @triton.jit
 def _spills_registers(X, Y, BLOCK: tl.constexpr):
     rows = tl.arange(0, BLOCK)
-    tile = tl.load(X + rows[:, None] * BLOCK + rows[None, :])  # 256 x 256 fp32 in one warp's registers
-    tl.store(Y + rows[:, None] * BLOCK + rows[None, :], tl.sort(tile, dim=1) * tl.sum(tile, axis=0)[None, :])
+    tile = tl.load(X + rows[:, None] * BLOCK + rows[None, :])  # 128 x 128 fp32 kept live in one warp
+    tl.store(Y + rows[:, None] * BLOCK + rows[None, :], tile - tl.max(tile, axis=1)[:, None])
 
 
 def compile_specs(dtype):
@@ -38,12 +43,12 @@ def compile_specs(dtype):
         CompileSpec(
             "too_much_shared_memory",
             _too_much_shared_memory,
-            {"X": ptr, "Y": ptr, "BLOCK": "constexpr"},
-            {"BLOCK": 512},
+            {"X": ptr, "Y": ptr, "K": "i32", "BLOCK": "constexpr", "BLOCK_K": "constexpr"},
+            {"BLOCK": 256, "BLOCK_K": 64},
             8,
-            3,
+            4,
         ),
         CompileSpec(
-            "spills_registers", _spills_registers, {"X": ptr, "Y": ptr, "BLOCK": "constexpr"}, {"BLOCK": 256}, 1, 1
+            "spills_registers", _spills_registers, {"X": ptr, "Y": ptr, "BLOCK": "constexpr"}, {"BLOCK": 128}, 1, 1
         ),
     ]
