@@ -3,6 +3,7 @@
 Inputs are contiguous ``[B, L, d]`` tensors of one dtype (fp16, bf16 or fp32) on a CUDA device, or on the
 CPU under ``TRITON_INTERPRET=1``; masks are bool. Row statistics (lse, diag, coefficients) are float32.
 Elementwise glue that is O(B·L·d) — delta, the diagonal terms of the InfoNCE gradient — stays in torch.
+Under the interpreter (which computes bf16 on raw bits) the kernels' ``UPCAST`` casts loaded tiles to fp32.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import torch
 import triton
 
 from ..kernels import token_softmax, topk_aggregate
+from ..kernels._aot import dot_precision
 from ._dispatch import interpreter_enabled
 from ._torch_matched import normalize_backward, normalize_rows
 
@@ -26,13 +28,8 @@ __all__ = [
 ]
 
 
-def _upcast(x: torch.Tensor) -> bool:
-    """The interpreter computes bf16 on raw bits: cast loaded tiles to float32 there."""
-    return interpreter_enabled() or x.dtype == torch.float64
-
-
 def _dot_precision(x: torch.Tensor) -> str:
-    return "ieee" if x.dtype in (torch.float32, torch.float64) else "tf32"
+    return dot_precision(x.dtype)
 
 
 def _row_grid(rows: int, batch: int, width: int, chunked: bool):
@@ -53,7 +50,7 @@ def _forward(q, k, q_mask, k_mask, scale, out, with_output):
     diag = lse if with_output else torch.empty_like(lse)
     token_softmax._token_softmax_fwd[_row_grid(lq, batch, width, with_output)](
         q, k, out, lse, diag, q_mask, k_mask, lq, k.shape[1], width, scale,
-        WITH_OUTPUT=with_output, WITH_GRAD=with_output, UPCAST=_upcast(q), DOT_PRECISION=_dot_precision(q),
+        WITH_OUTPUT=with_output, WITH_GRAD=with_output, UPCAST=interpreter_enabled(), DOT_PRECISION=_dot_precision(q),
     )  # fmt: skip
     return lse, diag
 
@@ -66,7 +63,7 @@ def _backward(q, k, grad_out, lse, coef, q_mask, k_mask, scale, with_grad):
         torch.empty(k.shape, dtype=torch.float32, device=q.device),
     )
     grad_out = q if grad_out is None else grad_out  # unused pointer in InfoNCE mode
-    flags = {"WITH_GRAD": with_grad, "UPCAST": _upcast(q), "DOT_PRECISION": _dot_precision(q)}
+    flags = {"WITH_GRAD": with_grad, "UPCAST": interpreter_enabled(), "DOT_PRECISION": _dot_precision(q)}
     args = (q, k, grad_out, lse, coef, q_mask, k_mask)
     token_softmax._token_softmax_bwd_rows[_row_grid(lq, batch, width, True)](*args, dq, lq, lk, width, scale, **flags)
     token_softmax._token_softmax_bwd_cols[_col_grid(lk, batch, width)](*args, dk, lq, lk, width, scale, **flags)
@@ -98,11 +95,12 @@ def lse_backward(x, y, mask, scale, lse, row_grad):
 
 def topk_forward(sub, patches, sub_mask, patch_mask, k, tau):
     return topk_aggregate.topk_aggregate_forward(
-        sub, patches, sub_mask, patch_mask, k, tau, upcast=_upcast(sub), dot_precision=_dot_precision(sub)
+        sub, patches, sub_mask, patch_mask, k, tau, upcast=interpreter_enabled(), dot_precision=_dot_precision(sub)
     )
 
 
 def topk_backward(sub, patches, sub_mask, patch_mask, k, tau, grad_out):
     return topk_aggregate.topk_aggregate_backward(
-        sub, patches, sub_mask, patch_mask, k, tau, grad_out, upcast=_upcast(sub), dot_precision=_dot_precision(sub)
-    )
+        sub, patches, sub_mask, patch_mask, k, tau, grad_out,
+        upcast=interpreter_enabled(), dot_precision=_dot_precision(sub),
+    )  # fmt: skip
