@@ -310,3 +310,36 @@ def test_topk_beyond_the_kernel_row_falls_back_to_torch():
         ops.topk_patch_aggregate(sub, patches, k=3, backend="triton")
     expected = R.topk_patch_aggregate(sub, patches, k=3)
     torch.testing.assert_close(ops.topk_patch_aggregate(sub, patches, k=3), expected, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_mulclip_loss_through_fused_ops_matches_reference(backend):
+    """``MulCLIPLoss(backend=...)`` routes WPR and SAP to the fused ops: same terms and gradients."""
+    _skip_without_triton(backend)
+    from mulclip_fast.losses import MulCLIPFeatures, MulCLIPLoss
+
+    g = torch.Generator().manual_seed(12)
+    batch, patches, words, subcaptions, width = 4, 6, 7, 3, 16
+
+    def leaf(*shape):
+        return torch.randn(*shape, generator=g).to(_device()).requires_grad_()
+
+    features = MulCLIPFeatures(
+        image_cls=leaf(batch, width),
+        image_tokens=leaf(batch, patches, width),
+        text_eot=leaf(batch, width),
+        text_tokens=leaf(batch, words, width),
+        short_eot=leaf(batch, width),
+        sub_eot=leaf(batch, subcaptions, width),
+        sub_mask=_mask(g, batch, subcaptions),
+        text_token_mask=_mask(g, batch, words),
+    )
+    leaves = [features.image_tokens, features.text_tokens, features.sub_eot]
+    fused = MulCLIPLoss(backend=backend)(features, 14.0)
+    expected = MulCLIPLoss(backend="reference")(features, 14.0)
+    for name in ("word", "sub", "loss"):
+        torch.testing.assert_close(fused[name], expected[name], atol=1e-5, rtol=1e-4)
+    got = torch.autograd.grad(fused["loss"], leaves)
+    want = torch.autograd.grad(expected["loss"], leaves)
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
