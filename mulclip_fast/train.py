@@ -63,12 +63,13 @@ class TrainConfig:
     steps: int | None = None
     epochs: int | None = None
     time_limit: float = 0.0
-    batch_size: int = 64
+    batch_size: int = 32
     lr: float | None = None
     weight_decay: float = 0.1
     warmup: float = 0.05
     seed: int = 0
     train_size: int = 1_000_000
+    twin_fraction: float = 0.5
     out: str = "runs/default"
     device: str = "cpu"
     backend: str = "auto"
@@ -89,7 +90,7 @@ class TrainConfig:
 # The no-argument run: tiny model from scratch on synthetic data, sized to finish within ~4 minutes of
 # training on a 2-core CPU (DESIGN §8). Tuned values; see README "Default run".
 DEFAULT_STEPS_SCRATCH = 300
-DEFAULT_LR_SCRATCH = 1e-3
+DEFAULT_LR_SCRATCH = 5e-4
 DEFAULT_LR_FINETUNE = 1e-6
 DEFAULT_TIME_LIMIT_SYNTHETIC = 255.0
 
@@ -475,6 +476,7 @@ def resolve_config(config: TrainConfig) -> TrainConfig:
         "val-pairs": c.val_pairs >= 1,
         "num-workers": c.num_workers >= 0,
         "train-size": c.train_size >= c.batch_size,
+        "twin-fraction": 0 <= c.twin_fraction <= 1,
     }
     bad = [name for name, ok in checks.items() if not ok]
     if bad:
@@ -516,8 +518,16 @@ def train(config: TrainConfig, resume: bool = False, stop_at_step: int | None = 
     os.makedirs(out, exist_ok=True)
 
     image_size = preset_config(config.preset, **config.model_overrides).image_resolution
+    synthetic = config.data == "synthetic"
     train_set = open_dataset(
-        config.data, "train", image_size, config.train_size, config.seed, config.image_root, config.eval_pairs
+        config.data,
+        "train",
+        image_size,
+        config.train_size,
+        config.seed,
+        config.image_root,
+        config.eval_pairs,
+        twin_fraction=config.twin_fraction,
     )
     total_steps = _count_steps(config, len(train_set))
     trainer = Trainer(config, total_steps)
@@ -547,7 +557,13 @@ def train(config: TrainConfig, resume: bool = False, stop_at_step: int | None = 
     try:
         with _StopRequest() as stop:
             batches = iterate_batches(
-                train_set, collator, config.batch_size, config.seed, start_step, config.num_workers
+                train_set,
+                collator,
+                config.batch_size,
+                config.seed,
+                start_step,
+                config.num_workers,
+                shuffle=not synthetic,  # generated samples are independent draws; twins must stay adjacent
             )
             while step < total_steps:
                 elapsed = elapsed_before + time.perf_counter() - loop_start
@@ -717,6 +733,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--freeze-positions", type=int, default=d.freeze_positions, help="leading text positions kept frozen"
     )
     g.add_argument("--train-size", type=int, default=d.train_size, help="synthetic training samples per epoch")
+    g.add_argument(
+        "--twin-fraction",
+        type=float,
+        default=d.twin_fraction,
+        help="synthetic training pairs followed by their colour-swapped twin in the same batch",
+    )
     g.add_argument("--max-subcaptions", type=int, default=d.max_subcaptions)
     g = p.add_argument_group("objective")
     g.add_argument("--loss", choices=sorted(OBJECTIVES), default=d.loss)
@@ -735,7 +757,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--epochs", type=int, default=None)
     g.add_argument("--time-limit", type=float, default=None, help="seconds of training at most (0: none)")
     g.add_argument("--batch-size", type=int, default=d.batch_size)
-    g.add_argument("--lr", type=float, default=None, help="peak learning rate (default 1e-3 scratch, 1e-6 --init)")
+    g.add_argument("--lr", type=float, default=None, help="peak learning rate (default 5e-4 scratch, 1e-6 --init)")
     g.add_argument("--weight-decay", type=float, default=d.weight_decay)
     g.add_argument("--warmup", type=float, default=d.warmup, help="warm-up fraction of training")
     g.add_argument("--seed", type=int, default=d.seed)
@@ -794,6 +816,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         warmup=args.warmup,
         seed=args.seed,
         train_size=args.train_size,
+        twin_fraction=args.twin_fraction,
         out=args.out,
         device=args.device,
         backend=args.backend,

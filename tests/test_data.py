@@ -228,3 +228,19 @@ def test_bad_data_inputs_fail_clearly(tmp_path):
     not_list.write_text("{}")
     with pytest.raises(DataError, match="JSON list"):
         open_dataset(f"sharegpt4v:{not_list}", "train", 32, 0)
+
+
+def test_binding_twins_are_swapped_scenes_next_to_each_other():
+    data = SyntheticLongCaptions(200, seed=5, twin_fraction=0.5)
+    twins = [i for i in range(200) if data.is_twin(i)]
+    assert all(i % 2 == 1 for i in twins) and 30 < len(twins) < 70
+    i = twins[0]
+    base, twin = data[i - 1], data[i]
+    assert twin["caption"] == base["probe"] and twin["probe"] == base["caption"]
+    assert sorted(re.findall(r"\w+", twin["caption"])) == sorted(re.findall(r"\w+", base["caption"]))
+    assert not torch.equal(twin["image"], base["image"])
+    # Unshuffled batches keep each twin with its partner; evaluation splits have no twins by default.
+    assert batch_order(200, 8, seed=0, epoch=0, shuffle=False)[0] == list(range(8))
+    assert not any(SyntheticLongCaptions(50, seed=5, split="test").is_twin(k) for k in range(50))
+    with pytest.raises(ValueError, match="twin_fraction"):
+        SyntheticLongCaptions(10, twin_fraction=1.5)

@@ -69,24 +69,34 @@ def open_dataset(
     seed: int = 0,
     image_root: str | None = None,
     holdout: int = 1000,
+    twin_fraction: float = 0.0,
 ) -> torch.utils.data.Dataset:
     """The ``split`` (``train`` / ``val`` / ``test``) of the dataset named by ``spec``.
 
     ``size`` is the number of synthetic samples (ignored for files); real files hold out their ``test``
-    split, or their last ``holdout`` records, for ``val`` / ``test``.
+    split, or their last ``holdout`` records, for ``val`` / ``test``. ``twin_fraction``: synthetic binding
+    twins (see ``SyntheticLongCaptions``).
     """
     kind, path = parse_data_spec(spec)
     if kind == "synthetic":
-        return SyntheticLongCaptions(size=size, seed=seed, split=split, image_size=image_size)
+        return SyntheticLongCaptions(
+            size=size, seed=seed, split=split, image_size=image_size, twin_fraction=twin_fraction
+        )
     return open_real_dataset(kind, path, "train" if split == "train" else "test", image_size, image_root, holdout)
 
 
-def batch_order(n: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
-    """The batches of one epoch: a permutation fixed by (seed, epoch), last partial batch dropped."""
+def batch_order(n: int, batch_size: int, seed: int, epoch: int, shuffle: bool = True) -> list[list[int]]:
+    """The batches of one epoch: a permutation fixed by (seed, epoch), last partial batch dropped.
+
+    ``shuffle=False`` keeps index order: for generated data every index is already an independent draw,
+    and neighbouring indices (binding twins) must stay in one batch."""
     if batch_size > n:
         raise DataError(f"batch size {batch_size} is larger than the dataset ({n} samples)")
-    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    order = torch.randperm(n, generator=generator).tolist()
+    if shuffle:
+        generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+        order = torch.randperm(n, generator=generator).tolist()
+    else:
+        order = list(range(n))
     return [order[i : i + batch_size] for i in range(0, n - batch_size + 1, batch_size)]
 
 
@@ -97,19 +107,20 @@ def iterate_batches(
     seed: int,
     start_step: int = 0,
     num_workers: int = 0,
+    shuffle: bool = True,
 ):
     """Batches from global step ``start_step`` on, forever, epoch after epoch.
 
     The order is a pure function of (seed, step), so a resumed run sees exactly the batches the
     uninterrupted run would have seen. Yields ``(step, epoch, batch)``.
     """
-    per_epoch = len(batch_order(len(dataset), batch_size, seed, 0)) if len(dataset) >= batch_size else 0
+    per_epoch = len(dataset) // batch_size
     if per_epoch == 0:
         raise DataError(f"batch size {batch_size} is larger than the dataset ({len(dataset)} samples)")
     epoch, offset = divmod(start_step, per_epoch)
     step = start_step
     while True:
-        batches = batch_order(len(dataset), batch_size, seed, epoch)[offset:]
+        batches = batch_order(len(dataset), batch_size, seed, epoch, shuffle)[offset:]
         if num_workers > 0:
             loader = torch.utils.data.DataLoader(
                 dataset, batch_sampler=batches, collate_fn=collator, num_workers=num_workers, persistent_workers=False

@@ -8,6 +8,11 @@ be regenerated, which is what makes resumed training bit-for-bit equal.
 
 Binding probe: the same caption with the colours of two objects swapped everywhere. It has the same
 words, so only a model that binds colours to the right objects prefers the true caption.
+
+Binding twins (``twin_fraction``, used for training): a share of the odd indices hold the probe scene of
+the index before them, rendered on its own. Read in index order, a batch then contains scenes whose
+captions have the same bag of words, so the contrastive loss itself rewards binding — otherwise a batch
+of independent scenes can nearly always be told apart by which colours and shapes occur at all.
 """
 
 from __future__ import annotations
@@ -111,6 +116,7 @@ class SyntheticLongCaptions(torch.utils.data.Dataset):
         image_size: int = 64,
         min_objects: int = 3,
         max_objects: int = 6,
+        twin_fraction: float = 0.0,
     ):
         if split not in SPLITS:
             raise ValueError(f"split must be one of {sorted(SPLITS)}, got {split!r}")
@@ -118,10 +124,13 @@ class SyntheticLongCaptions(torch.utils.data.Dataset):
             raise ValueError(f"size must be >= 1, got {size}")
         if not 3 <= min_objects <= max_objects <= 6:
             raise ValueError(f"need 3 <= min_objects <= max_objects <= 6, got {min_objects}, {max_objects}")
+        if not 0 <= twin_fraction <= 1:
+            raise ValueError(f"twin_fraction must be in [0, 1], got {twin_fraction}")
         if image_size < 24:
             raise ValueError(f"image_size must be >= 24 pixels, got {image_size}")
         self.size, self.seed, self.split = size, seed, split
         self.image_size, self.min_objects, self.max_objects = image_size, min_objects, max_objects
+        self.twin_fraction = twin_fraction
         coords = np.arange(image_size, dtype=np.float32) + 0.5
         self._yy, self._xx = np.meshgrid(coords, coords, indexing="ij")
 
@@ -131,9 +140,19 @@ class SyntheticLongCaptions(torch.utils.data.Dataset):
     def _rng(self, index: int) -> np.random.Generator:
         return np.random.default_rng([self.seed, SPLITS[self.split], index])
 
+    def is_twin(self, index: int) -> bool:
+        """Whether sample ``index`` (odd) is the binding twin of sample ``index - 1``: the same scene with
+        the colours of two objects swapped. Twins sit next to each other, so a batch read in index order
+        holds both, and telling them apart takes binding colours to objects (see ``twin_fraction``)."""
+        if index % 2 == 0 or self.twin_fraction == 0:
+            return False
+        return bool(np.random.default_rng([self.seed, SPLITS[self.split], index, 2]).random() < self.twin_fraction)
+
     def scene(self, index: int) -> list[SceneObject]:
         if not 0 <= index < self.size:
             raise IndexError(f"index {index} out of range for {self.size} samples")
+        if self.is_twin(index):
+            return self.probe_objects(self.scene(index - 1), index - 1)
         rng = self._rng(index)
         n = int(rng.integers(self.min_objects, self.max_objects + 1))
         colours = rng.choice(len(COLOURS), size=n, replace=False)
@@ -161,7 +180,11 @@ class SyntheticLongCaptions(torch.utils.data.Dataset):
         return np.clip(image, 0.0, 1.0)
 
     def probe_objects(self, objects: list[SceneObject], index: int) -> list[SceneObject]:
-        """The scene with the colours of two of its objects swapped (which two is fixed by the index)."""
+        """The scene with the colours of two of its objects swapped (which two is fixed by the index).
+
+        A twin's probe swaps back the same two objects, i.e. it is its partner's caption."""
+        if self.is_twin(index):
+            index = index - 1
         rng = np.random.default_rng([self.seed, SPLITS[self.split], index, 1])
         i, j = (int(k) for k in rng.choice(len(objects), size=2, replace=False))
         swapped = list(objects)
