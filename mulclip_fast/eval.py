@@ -168,6 +168,8 @@ def main(argv: list[str] | None = None) -> int:
             image_root=args.image_root,
             holdout=args.pairs,
         )
+        if len(dataset) > args.pairs:  # real files: the first --pairs held-out records
+            dataset = torch.utils.data.Subset(dataset, range(args.pairs))
         result = evaluate(model, dataset, args.batch_size, args.device)
     except (DataError, CheckpointError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
