@@ -29,6 +29,8 @@ from dataclasses import dataclass
 KERNEL_MODULES = [
     "mulclip_fast.kernels.token_softmax",
     "mulclip_fast.kernels.topk_aggregate",
+    "mulclip_fast.kernels.pairwise_maxsim",
+    "mulclip_fast.kernels.pairwise_reconstruction",
 ]
 
 # Maximum shared memory per block (opt-in), bytes: A100 163 KB, H100 227 KB.

@@ -29,24 +29,45 @@ import triton
 import triton.language as tl
 
 from ._aot import autotune, autotuned_specs, dot_precision, interpreter_enabled, pointer
+from .pairwise_common import DtypeConfigs
 
-_FORWARD_CONFIGS = [
-    triton.Config({"BLOCK_R": 64, "BLOCK_J": 64, "BLOCK_D": 64}, num_warps=4, num_stages=2),
-    triton.Config({"BLOCK_R": 128, "BLOCK_J": 64, "BLOCK_D": 64}, num_warps=8, num_stages=3),
-    triton.Config({"BLOCK_R": 64, "BLOCK_J": 128, "BLOCK_D": 32}, num_warps=4, num_stages=3),
-]
-_GATHER_CONFIGS = [
-    triton.Config({"BLOCK_R": 32, "BLOCK_D": 64}, num_warps=4, num_stages=1),
-    triton.Config({"BLOCK_R": 64, "BLOCK_D": 128}, num_warps=4, num_stages=1),
-]
-_SCATTER_CONFIGS = [
-    triton.Config({"BLOCK_J": 32, "BLOCK_R": 32, "BLOCK_D": 64}, num_warps=4, num_stages=2),
-    triton.Config({"BLOCK_J": 64, "BLOCK_R": 64, "BLOCK_D": 64}, num_warps=4, num_stages=2),
-    triton.Config({"BLOCK_J": 64, "BLOCK_R": 32, "BLOCK_D": 128}, num_warps=8, num_stages=2),
-]
+# Spill-free on sm_80 and sm_90 (``python -m mulclip_fast.kernels.compile_check``); see pairwise_common.
+_FORWARD = DtypeConfigs(
+    fp32=[
+        triton.Config({"BLOCK_R": 32, "BLOCK_J": 32, "BLOCK_D": 16}, num_warps=4, num_stages=2),
+        triton.Config({"BLOCK_R": 64, "BLOCK_J": 64, "BLOCK_D": 16}, num_warps=8, num_stages=2),
+    ],
+    half=[
+        triton.Config({"BLOCK_R": 64, "BLOCK_J": 64, "BLOCK_D": 32}, num_warps=8, num_stages=2),
+        triton.Config({"BLOCK_R": 128, "BLOCK_J": 64, "BLOCK_D": 32}, num_warps=8, num_stages=3),
+    ],
+    pointer_arg="Q",
+)
+_GATHER = DtypeConfigs(
+    fp32=[
+        triton.Config({"BLOCK_R": 32, "BLOCK_D": 64}, num_warps=4, num_stages=1),
+        triton.Config({"BLOCK_R": 64, "BLOCK_D": 64}, num_warps=8, num_stages=1),
+    ],
+    half=[
+        triton.Config({"BLOCK_R": 32, "BLOCK_D": 64}, num_warps=4, num_stages=1),
+        triton.Config({"BLOCK_R": 64, "BLOCK_D": 64}, num_warps=8, num_stages=1),
+    ],
+    pointer_arg="K",
+)
+_SCATTER = DtypeConfigs(
+    fp32=[
+        triton.Config({"BLOCK_J": 32, "BLOCK_R": 32, "BLOCK_D": 32}, num_warps=4, num_stages=2),
+        triton.Config({"BLOCK_J": 64, "BLOCK_R": 16, "BLOCK_D": 64}, num_warps=4, num_stages=2),
+    ],
+    half=[
+        triton.Config({"BLOCK_J": 32, "BLOCK_R": 32, "BLOCK_D": 32}, num_warps=4, num_stages=2),
+        triton.Config({"BLOCK_J": 64, "BLOCK_R": 16, "BLOCK_D": 64}, num_warps=4, num_stages=2),
+    ],
+    pointer_arg="Q",
+)
 
 
-@autotune(_FORWARD_CONFIGS, key=["len_k", "dim", "HAS_SLOPE"])
+@autotune(_FORWARD.all, key=["len_k", "dim", "HAS_SLOPE"], prune_configs_by=_FORWARD.prune())
 @triton.jit
 def _maxsim_forward_kernel(
     Q,  # [n_rows, dim] query tokens, rows r = b·Lq + i
@@ -103,7 +124,7 @@ def _maxsim_forward_kernel(
     tl.store(Idx + c * n_rows + rows, arg, mask=row_ok)
 
 
-@autotune(_GATHER_CONFIGS, key=["n_k", "dim"])
+@autotune(_GATHER.all, key=["n_k", "dim"], prune_configs_by=_GATHER.prune())
 @triton.jit
 def _maxsim_gather_kernel(
     K,  # [n_k, len_k, dim]
@@ -139,7 +160,7 @@ def _maxsim_gather_kernel(
     )
 
 
-@autotune(_SCATTER_CONFIGS, key=["n_rows", "len_k", "dim"])
+@autotune(_SCATTER.all, key=["n_rows", "len_k", "dim"], prune_configs_by=_SCATTER.prune())
 @triton.jit
 def _maxsim_scatter_kernel(
     Q,  # [n_rows, dim]
@@ -263,41 +284,58 @@ def compile_specs(dtype: torch.dtype):
     ptr = pointer(dtype)
     specs = []
     for has_slope in (False, True):
-        specs += autotuned_specs(
-            _maxsim_forward_kernel,
-            f"pairwise_maxsim_fwd[slope={has_slope}]",
+        specs += _FORWARD.select_specs(
+            autotuned_specs(
+                _maxsim_forward_kernel,
+                f"pairwise_maxsim_fwd[slope={has_slope}]",
+                args={
+                    "Q": ptr,
+                    "K": ptr,
+                    "KMask": "*i1",
+                    "Val": "*fp32",
+                    "Idx": "*i32",
+                    "n_rows": "i32",
+                    "len_k": "i32",
+                    "dim": "i32",
+                    "negative_slope": "fp32",
+                },
+                constexprs={"HAS_SLOPE": has_slope, "UPCAST": False, "DOT_PRECISION": dot_precision(dtype)},
+            ),
+            dtype,
+        )
+    specs += _GATHER.select_specs(
+        autotuned_specs(
+            _maxsim_gather_kernel,
+            "pairwise_maxsim_bwd_dq",
+            args={
+                "K": ptr,
+                "Weight": "*fp32",
+                "Idx": "*i32",
+                "DQ": "*fp32",
+                "n_rows": "i32",
+                "n_k": "i32",
+                "len_k": "i32",
+                "dim": "i32",
+            },
+            constexprs={"UPCAST": False},
+        ),
+        dtype,
+    )
+    specs += _SCATTER.select_specs(
+        autotuned_specs(
+            _maxsim_scatter_kernel,
+            "pairwise_maxsim_bwd_dk",
             args={
                 "Q": ptr,
-                "K": ptr,
-                "KMask": "*i1",
-                "Val": "*fp32",
+                "Weight": "*fp32",
                 "Idx": "*i32",
+                "DK": "*fp32",
                 "n_rows": "i32",
                 "len_k": "i32",
                 "dim": "i32",
-                "negative_slope": "fp32",
             },
-            constexprs={"HAS_SLOPE": has_slope, "UPCAST": False, "DOT_PRECISION": dot_precision(dtype)},
-        )
-    specs += autotuned_specs(
-        _maxsim_gather_kernel,
-        "pairwise_maxsim_bwd_dq",
-        args={
-            "K": ptr,
-            "Weight": "*fp32",
-            "Idx": "*i32",
-            "DQ": "*fp32",
-            "n_rows": "i32",
-            "n_k": "i32",
-            "len_k": "i32",
-            "dim": "i32",
-        },
-        constexprs={"UPCAST": False},
-    )
-    specs += autotuned_specs(
-        _maxsim_scatter_kernel,
-        "pairwise_maxsim_bwd_dk",
-        args={"Q": ptr, "Weight": "*fp32", "Idx": "*i32", "DK": "*fp32", "n_rows": "i32", "len_k": "i32", "dim": "i32"},
-        constexprs={"DOT_PRECISION": dot_precision(dtype)},
+            constexprs={"DOT_PRECISION": dot_precision(dtype)},
+        ),
+        dtype,
     )
     return specs

@@ -38,21 +38,24 @@ import triton
 import triton.language as tl
 
 from ._aot import autotune, autotuned_specs, dot_precision, interpreter_enabled, pointer
+from .pairwise_common import DtypeConfigs
 
 # F.normalize's epsilon, as in the reference.
-NORMALIZE_EPS = 1e-12
+NORMALIZE_EPS = tl.constexpr(1e-12)
 
 # Score tiles are [BLOCK_R, BLOCK_N] fp32 in registers and patch tiles [BLOCK_N, BLOCK_D] in shared
-# memory: BLOCK_N = 256 with BLOCK_D = 64 fp32 is 64 KB per stage.
-_FORWARD_CONFIGS = [
-    triton.Config({"BLOCK_R": 16, "BLOCK_D": 32}, num_warps=4, num_stages=2),
-    triton.Config({"BLOCK_R": 32, "BLOCK_D": 64}, num_warps=8, num_stages=2),
-    triton.Config({"BLOCK_R": 16, "BLOCK_D": 64}, num_warps=4, num_stages=1),
-]
-_BACKWARD_CONFIGS = [
-    triton.Config({"BLOCK_R": 16, "BLOCK_D": 32}, num_warps=4, num_stages=2),
-    triton.Config({"BLOCK_R": 32, "BLOCK_D": 32}, num_warps=8, num_stages=2),
-]
+# memory. 16 warps keep the forward's BLOCK_N = 256 tiles and its sort spill-free on sm_80/sm_90; the
+# backward kernels still spill at BLOCK_N = 256 (see the README, "Fused ops (all pairs)").
+_FORWARD = DtypeConfigs(
+    fp32=[triton.Config({"BLOCK_R": 16, "BLOCK_D": 16}, num_warps=16, num_stages=1)],
+    half=[triton.Config({"BLOCK_R": 16, "BLOCK_D": 16}, num_warps=16, num_stages=1)],
+    pointer_arg="T",
+)
+_BACKWARD = DtypeConfigs(
+    fp32=[triton.Config({"BLOCK_R": 16, "BLOCK_D": 32}, num_warps=8, num_stages=2)],
+    half=[triton.Config({"BLOCK_R": 16, "BLOCK_D": 16}, num_warps=8, num_stages=1)],
+    pointer_arg="T",
+)
 
 
 @triton.jit
@@ -132,7 +135,7 @@ def _load_selection(Sel, c, n_rows, n_bytes, rows, row_ok, cols, col_in):
     return ((packed >> (cols[None, :] % 8)) & 1) != 0
 
 
-@autotune(_FORWARD_CONFIGS, key=["n_patch", "dim", "BLOCK_N"])
+@autotune(_FORWARD.all, key=["n_patch", "dim", "BLOCK_N"], prune_configs_by=_FORWARD.prune())
 @triton.jit
 def _sap_forward_kernel(
     T,  # [n_rows, dim] subcaptions
@@ -252,7 +255,9 @@ def _backward_coefficients(
     return w, alpha, beta, norm
 
 
-@autotune(_BACKWARD_CONFIGS, key=["n_k", "n_patch", "dim", "BLOCK_N"], reset_to_zero=["DT"])
+@autotune(
+    _BACKWARD.all, key=["n_k", "n_patch", "dim", "BLOCK_N"], reset_to_zero=["DT"], prune_configs_by=_BACKWARD.prune()
+)
 @triton.jit
 def _sap_dsub_kernel(
     T,
@@ -302,7 +307,9 @@ def _sap_dsub_kernel(
         tl.debug_barrier()  # this program's stores are visible to all its threads before the next read
 
 
-@autotune(_BACKWARD_CONFIGS, key=["n_rows", "n_patch", "dim", "BLOCK_N"], reset_to_zero=["DX"])
+@autotune(
+    _BACKWARD.all, key=["n_rows", "n_patch", "dim", "BLOCK_N"], reset_to_zero=["DX"], prune_configs_by=_BACKWARD.prune()
+)
 @triton.jit
 def _sap_dpatches_kernel(
     T,
@@ -406,7 +413,7 @@ def sap_backward(grad, sub, patches, sub_mask, patch_mask, tau: float, selected,
     if n_rows == 0 or n_k == 0:
         return torch.zeros(sub.shape, dtype=torch.float32, device=sub.device), d_patches
     options = {"UPCAST": _upcast(sub.dtype), "DOT_PRECISION": dot_precision(sub.dtype), "BLOCK_N": _block_n(n_patch)}
-    config_rows = _BACKWARD_CONFIGS[0].kwargs["BLOCK_R"]
+    config_rows = _BACKWARD.for_dtype(sub.dtype)[0].kwargs["BLOCK_R"]
     splits = _image_splits(triton.cdiv(n_rows, config_rows), n_k, sub.device)
     images_per_split = triton.cdiv(n_k, splits)
     splits = triton.cdiv(n_k, images_per_split)
@@ -437,20 +444,21 @@ def compile_specs(dtype: torch.dtype):
     specs = []
     for block_n in (256, 1024):
         constexprs = {"UPCAST": False, "DOT_PRECISION": dot_precision(dtype), "BLOCK_N": block_n}
-        specs += autotuned_specs(
+        forward = autotuned_specs(
             _sap_forward_kernel,
             f"pairwise_topk_fwd[N<={block_n}]",
             {**common, **sizes, "PatchMask": "*i1", "Out": ptr, "Sel": "*u8", "top_k": "i32", "inv_tau": "fp32"},
             constexprs,
         )
         backward = {**common, **sizes, "Sel": "*u8", "Grad": ptr, "inv_tau": "fp32"}
-        specs += autotuned_specs(
+        dsub = autotuned_specs(
             _sap_dsub_kernel,
             f"pairwise_topk_bwd_dsub[N<={block_n}]",
             {**backward, "DT": "*fp32", "images_per_split": "i32"},
             constexprs,
         )
-        specs += autotuned_specs(
+        dpatches = autotuned_specs(
             _sap_dpatches_kernel, f"pairwise_topk_bwd_dpatches[N<={block_n}]", {**backward, "DX": "*fp32"}, constexprs
         )
+        specs += _FORWARD.select_specs(forward, dtype) + _BACKWARD.select_specs(dsub + dpatches, dtype)
     return specs

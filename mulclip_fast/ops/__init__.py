@@ -2,8 +2,18 @@
 
 Every op takes ``backend="auto" | "triton" | "torch" | "reference"`` (see ``_dispatch.resolve_backend``).
 Within matched pairs (``matched.py``): ``token_reconstruction``, ``wpr_loss``, ``topk_patch_aggregate``.
+Over all pairs of a batch (``pairwise.py``): ``pairwise_maxsim``, ``pairwise_reconstruction_scores``,
+``pairwise_topk_aggregate_logits``.
 """
 
 from .matched import token_reconstruction, topk_patch_aggregate, wpr_loss
+from .pairwise import pairwise_maxsim, pairwise_reconstruction_scores, pairwise_topk_aggregate_logits
 
-__all__ = ["token_reconstruction", "topk_patch_aggregate", "wpr_loss"]
+__all__ = [
+    "pairwise_maxsim",
+    "pairwise_reconstruction_scores",
+    "pairwise_topk_aggregate_logits",
+    "token_reconstruction",
+    "topk_patch_aggregate",
+    "wpr_loss",
+]

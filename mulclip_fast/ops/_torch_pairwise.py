@@ -101,7 +101,7 @@ def maxsim_scores(val_qk, val_kq, q_mask, k_mask, bidirectional: bool, out_dtype
     if bidirectional:
         n_k = k_mask.sum(dim=1).clamp(min=1).to(val_kq.dtype)
         scores = scores + (val_kq * k_mask[None]).sum(dim=2) / n_k[None, :]
-    return scores.to(out_dtype)
+    return scores.to(out_dtype).contiguous()  # the fake implementation promises a contiguous [Bq, Bk]
 
 
 def maxsim_row_weights(grad, q_mask, k_mask, val_qk, val_kq, bidirectional, negative_slope, n_q=None, n_k=None):
@@ -200,7 +200,7 @@ def reconstruction_forward(q, k, q_mask, k_mask, tau: float):
 def reconstruction_scores(r, q_mask, out_dtype):
     """``S[b, c] = mean_{i valid} r[c, b, i]``."""
     n_q = q_mask.sum(dim=1).clamp(min=1).to(r.dtype)
-    return ((r * q_mask[None]).sum(dim=2).T / n_q[:, None]).to(out_dtype)
+    return ((r * q_mask[None]).sum(dim=2).T / n_q[:, None]).to(out_dtype).contiguous()
 
 
 def reconstruction_row_weights(grad, q_mask, dtype, n_q=None):
@@ -286,8 +286,7 @@ def sap_forward(sub, patches, sub_mask, patch_mask, k: int, tau: float):
             x = patches[c0:c1].to(acc)
             valid = patch_mask[None, c0:c1]  # [1, nc, N]
             s = (t @ x.reshape(-1, d).T).view(r1 - r0, c1 - c0, n_patch)
-            index = s.masked_fill(~valid, float("-inf")).topk(take, dim=2).indices
-            sel = torch.zeros_like(s, dtype=torch.bool).scatter_(2, index, True) & valid
+            sel = _topk_selection(s, valid, take)
             w, row_lse = _selection_softmax(s, sel, tau)
             agg = torch.bmm(w.transpose(0, 1), x)  # [nc, nr, d]
             norm = agg.norm(dim=2).clamp_min_(NORMALIZE_EPS)
@@ -295,7 +294,19 @@ def sap_forward(sub, patches, sub_mask, patch_mask, k: int, tau: float):
             selected[c0:c1, r0:r1] = pack_bits(sel.transpose(0, 1))
             lse[c0:c1, r0:r1] = row_lse.T
     logits = logits * sub_mask.reshape(n_rows, 1)
-    return logits.view(n_q, n_sub, n_k).transpose(1, 2).to(sub.dtype), selected, lse
+    return logits.view(n_q, n_sub, n_k).transpose(1, 2).to(sub.dtype).contiguous(), selected, lse
+
+
+def _topk_selection(s, valid, take):
+    """The top-``take`` valid scores along the last dim; ties at the k-th value keep the lowest indices
+    (the Triton kernel's rule, so both backends select the same patches, e.g. duplicated background
+    patches of a flat image). All valid entries when fewer than ``take`` are valid."""
+    masked = s.masked_fill(~valid, float("-inf"))
+    kth = masked.topk(take, dim=-1).values[..., -1:]  # -inf when fewer than ``take`` are valid
+    above = masked > kth
+    tied = (masked == kth) & valid
+    still_needed = take - above.sum(dim=-1, keepdim=True)
+    return above | (tied & (tied.cumsum(dim=-1) <= still_needed))
 
 
 def _selection_softmax(s, sel, tau, lse=None):
