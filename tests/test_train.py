@@ -31,7 +31,7 @@ def small_config(out, **kwargs) -> TrainConfig:
         eval_pairs=0,
         val_pairs=4,
         val_every=1000,
-        backend="reference",
+        backend="auto",  # the fused ops of mulclip_fast.ops (their chunked torch path on CPU)
         out=str(out),
     )
     settings.update(kwargs)
@@ -48,7 +48,6 @@ def test_cli_smoke_run_writes_the_run_directory(tmp_path):
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "mulclip_fast.train", "--steps", "4", "--batch-size", "4", "--out", str(out)]
     cmd += SMALL + ["--eval-pairs", "20", "--val-pairs", "8", "--val-every", "2", "--fine-start", "0.25"]
-    cmd += ["--backend", "reference"]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     config = json.loads((out / "config.json").read_text())
@@ -198,3 +197,16 @@ def test_sigterm_saves_a_checkpoint_and_the_run_resumes(tmp_path):
     (checkpoint,) = os.listdir(out / "checkpoints")
     step = load_training_checkpoint(str(out / "checkpoints" / checkpoint))["step"]
     assert step >= 2 and [m["step"] for m in read_jsonl(metrics)] == list(range(step))
+
+
+def test_backend_resolution_follows_the_available_ops(monkeypatch):
+    import mulclip_fast.ops as ops
+    from mulclip_fast.train import ConfigError, resolve_backend
+
+    assert resolve_backend("reference", ("global_long", "word"), "matched") == "reference"
+    assert resolve_backend("torch", ("global_long",), "matched") == "torch"  # no token-level op needed
+    assert resolve_backend("auto", ("word", "sub"), "matched") == "auto"  # ops provides both
+    monkeypatch.delattr(ops, "wpr_loss")
+    assert resolve_backend("auto", ("word",), "matched") == "reference"
+    with pytest.raises(ConfigError, match="wpr_loss"):
+        resolve_backend("torch", ("word",), "matched")
