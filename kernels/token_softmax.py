@@ -41,7 +41,7 @@ _CONFIGS = {
     ],
     "fp32": [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_D": 32}, num_warps=8, num_stages=2)],
 }
-_KEY = ["Lq", "Lk", "D", "WITH_GRAD"]
+_KEY = ["Lq", "Lk", "D"]
 
 
 @triton.jit
@@ -85,7 +85,7 @@ def _load_tile(X, rows, row_in, cols, col_in, D, UPCAST: tl.constexpr):
     return tile
 
 
-@autotune(configs=_CONFIGS, key=_KEY, dtype_arg="Q")
+@autotune(configs=_CONFIGS, key=[*_KEY, "WITH_OUTPUT"], dtype_arg="Q")
 @triton.jit
 def _token_softmax_fwd(
     Q,
@@ -100,7 +100,6 @@ def _token_softmax_fwd(
     D,
     scale,
     WITH_OUTPUT: tl.constexpr,
-    WITH_GRAD: tl.constexpr,
     UPCAST: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -111,7 +110,7 @@ def _token_softmax_fwd(
 
     ``WITH_OUTPUT``: ``Out[b, i, chunk] = Σ_j softmax_j(scale·⟨q_i, k_j⟩) k_j[chunk]`` (zero for invalid
     queries or samples without a valid key) and ``Lse``. Otherwise (InfoNCE, Lq = Lk, one d chunk):
-    ``Lse`` and ``Diag[b, i] = scale·⟨q_i, k_i⟩``. ``WITH_GRAD`` is unused here (shared autotune key).
+    ``Lse`` and ``Diag[b, i] = scale·⟨q_i, k_i⟩``.
     """
     pid_m = tl.program_id(0)
     pid_b = tl.program_id(1).to(tl.int64)
@@ -200,7 +199,7 @@ def _score_gradient(
     return p, ds
 
 
-@autotune(configs=_CONFIGS, key=_KEY, dtype_arg="Q")
+@autotune(configs=_CONFIGS, key=[*_KEY, "WITH_GRAD"], dtype_arg="Q")
 @triton.jit
 def _token_softmax_bwd_rows(
     Q,
@@ -255,7 +254,7 @@ def _token_softmax_bwd_rows(
     )
 
 
-@autotune(configs=_CONFIGS, key=_KEY, dtype_arg="Q")
+@autotune(configs=_CONFIGS, key=[*_KEY, "WITH_GRAD"], dtype_arg="Q")
 @triton.jit
 def _token_softmax_bwd_cols(
     Q,
@@ -317,13 +316,12 @@ def compile_specs(dtype) -> list:
     common = {"Lq": "i32", "Lk": "i32", "D": "i32", "scale": "fp32", "QMask": "*i1", "KMask": "*i1"}
     base = {"UPCAST": False, "DOT_PRECISION": dot_precision(dtype)}
     specs = []
-    for variant, flags in (("recon", {"WITH_OUTPUT": True, "WITH_GRAD": True}), ("lse", {"WITH_OUTPUT": False})):
-        grad_flag = {"WITH_GRAD": flags.get("WITH_GRAD", False)}
+    for variant, with_output in (("recon", True), ("lse", False)):
         specs += autotuned_specs(
             _token_softmax_fwd,
             f"token_softmax_fwd[{variant}]",
             args={**common, "Q": ptr, "K": ptr, "Out": ptr, "Lse": stat, "Diag": stat},
-            constexprs={**base, "WITH_OUTPUT": flags["WITH_OUTPUT"], **grad_flag},
+            constexprs={**base, "WITH_OUTPUT": with_output},
             dtype=dtype,
         )
         for kernel, label, out in ((_token_softmax_bwd_rows, "rows", "dQ"), (_token_softmax_bwd_cols, "cols", "dK")):
@@ -331,7 +329,7 @@ def compile_specs(dtype) -> list:
                 kernel,
                 f"token_softmax_bwd_{label}[{variant}]",
                 args={**common, "Q": ptr, "K": ptr, "dO": ptr, "Lse": stat, "Coef": stat, out: ptr},
-                constexprs={**base, **grad_flag},
+                constexprs={**base, "WITH_GRAD": with_output},
                 dtype=dtype,
             )
     return specs

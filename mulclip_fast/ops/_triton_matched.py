@@ -50,7 +50,7 @@ def _forward(q, k, q_mask, k_mask, scale, out, with_output):
     diag = lse if with_output else torch.empty_like(lse)
     token_softmax._token_softmax_fwd[_row_grid(lq, batch, width, with_output)](
         q, k, out, lse, diag, q_mask, k_mask, lq, k.shape[1], width, scale,
-        WITH_OUTPUT=with_output, WITH_GRAD=with_output, UPCAST=interpreter_enabled(), DOT_PRECISION=_dot_precision(q),
+        WITH_OUTPUT=with_output, UPCAST=interpreter_enabled(), DOT_PRECISION=_dot_precision(q),
     )  # fmt: skip
     return lse, diag
 
