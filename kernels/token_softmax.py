@@ -2,9 +2,9 @@
 
 Both WPR pieces are a softmax over a token × token similarity within one sample (DESIGN §3):
 
-- reconstruction (``ATTN``/``WITH_OUTPUT``): ``out = softmax(scale · q kᵀ) k`` — attention whose values
-  are the keys;
-- in-sample InfoNCE (LSE mode): the row log-sum-exp of ``scale · x yᵀ`` and its diagonal.
+- reconstruction (``WITH_OUTPUT`` in forward, ``WITH_GRAD`` in backward): ``out = softmax(scale · q kᵀ) k``,
+  attention whose values are the keys;
+- in-sample InfoNCE (both flags off): the row log-sum-exp of ``scale · x yᵀ`` and its diagonal.
 
 Three kernels, in the style of Triton's fused-attention tutorial, with an online softmax in forward and
 the saved row log-sum-exp (``lse``) to rebuild probabilities tile by tile in backward, so the
@@ -16,7 +16,9 @@ the saved row log-sum-exp (``lse``) to rebuild probabilities tile by tile in bac
 
 Widths up to 1024 are handled by looping over d in ``BLOCK_D`` chunks: each program owns one d chunk of
 its output tile and recomputes the scores over the full width (``_scores``), which keeps registers at
-``[BLOCK_M, BLOCK_D]`` whatever d is, at the price of recomputing ``q kᵀ`` once per d chunk.
+``[BLOCK_M, BLOCK_D]`` whatever d is, at the price of recomputing ``q kᵀ`` once per d chunk (d / BLOCK_D
+times: 16 at d = 512). Within a pair the token counts are small (≤ 248), so this buys spill-free kernels
+for little time; a faster layout would keep a [BLOCK_M, d] accumulator split over a second grid level.
 
 Conventions: inputs contiguous ``[B, L, D]`` (row stride D), masks ``[B, L]`` bool (True = valid),
 ``lse``/row coefficients ``[B, L]`` float32. fp32 ``tl.dot`` runs in IEEE precision (``_aot.dot_precision``).
