@@ -205,6 +205,24 @@ def test_opcheck(backend, op_name):
     torch.library.opcheck(getattr(torch.ops.mulclip_fast, op_name).default, op_args)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("op_name", ["token_reconstruction", "wpr_loss", "topk_patch_aggregate"])
+def test_opcheck_backward_ops(backend, op_name):
+    """The backward custom ops (what the registered autograd formulas call) pass opcheck too."""
+    _skip_without_triton(backend)
+    (v, t, v_mask, t_mask, *_), _ = _tiny_cases(torch.float32)["wpr_loss"]
+    (sub, _, sub_mask, _), _ = _tiny_cases(torch.float32)["topk_patch_aggregate"]
+    v, t, sub = v.detach(), t.detach(), sub.detach()
+    if op_name == "token_reconstruction":
+        out, lse = torch.ops.mulclip_fast.token_reconstruction(v, t, v_mask, t_mask, 0.2, backend)
+        op_args = (torch.randn_like(out), v, t, v_mask, t_mask, out, lse, 0.2, backend)
+    elif op_name == "wpr_loss":
+        op_args = (torch.randn(v.shape[0], device=v.device), v, t, v_mask, t_mask, 0.2, 0.3, backend)
+    else:
+        op_args = (torch.randn_like(sub), sub, v, sub_mask, v_mask, 2, 0.2, backend)
+    torch.library.opcheck(getattr(torch.ops.mulclip_fast, f"{op_name}_backward").default, op_args)
+
+
 def test_autograd_saves_no_quadratic_tensor():
     """Between forward and backward autograd keeps only inputs-sized tensors: never [B, P, K] or [B, M, k, d]."""
     g = torch.Generator().manual_seed(9)
