@@ -145,7 +145,7 @@ OPS = [
     OpSpec(
         "pairwise_maxsim",
         reference.pairwise_maxsim,
-        pairwise_ops.pairwise_maxsim,
+        ops.pairwise_maxsim,
         _maxsim_inputs,
         lambda s: (s["Bq"], s["Bk"]),
         lambda s: pairwise_ops.pairwise_maxsim_cost(s["Bq"], s["Lq"], s["Bk"], s["Lk"], s["d"], True, ITEMSIZE),
@@ -159,7 +159,7 @@ OPS = [
     OpSpec(
         "pairwise_reconstruction_scores",
         reference.pairwise_reconstruction_scores,
-        pairwise_ops.pairwise_reconstruction_scores,
+        ops.pairwise_reconstruction_scores,
         _pairwise_reconstruction_inputs,
         lambda s: (s["Bq"], s["Bk"]),
         lambda s: pairwise_ops.pairwise_reconstruction_cost(s["Bq"], s["Lq"], s["Bk"], s["Lk"], s["d"], ITEMSIZE),
@@ -173,7 +173,7 @@ OPS = [
     OpSpec(
         "pairwise_topk_aggregate_logits",
         reference.pairwise_topk_aggregate_logits,
-        pairwise_ops.pairwise_topk_aggregate_logits,
+        ops.pairwise_topk_aggregate_logits,
         _pairwise_topk_inputs,
         lambda s: (s["Bq"], s["Bk"], s["M"]),
         lambda s: pairwise_ops.pairwise_topk_aggregate_cost(s["Bq"], s["M"], s["Bk"], s["N"], s["d"], ITEMSIZE),

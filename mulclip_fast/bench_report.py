@@ -5,7 +5,8 @@ in ``benchmarks/results`` or ``$MULCLIP_BENCH_RESULTS``) and prints, per results
 
 - per op, shape and mode: each fast backend's median time and exact peak memory next to the
   reference's, as ratios fast / reference (below 1 is better), and the achieved FLOP/s as a percentage
-  of this machine's own large ``torch.mm`` throughput (on a GPU: the measured peak it is compared with);
+  of this machine's own large ``torch.mm`` throughput (on a GPU: the measured peak it is compared with),
+  fastest round against fastest product, so that load from other work skews neither;
 - per training step: reference vs fast path at equal batch;
 - the largest batch each path fits in the memory budget.
 
@@ -173,7 +174,10 @@ def machine_line(machine: dict) -> str:
     )
     parts.append(f"torch {machine.get('torch')}, triton {machine.get('triton')}")
     if mm:
-        parts.append(f"torch.mm {mm.get('dtype')} n={mm.get('n')}: {mm['flops_per_s'] / 1e9:.1f} GFLOP/s")
+        parts.append(
+            f"torch.mm {mm.get('dtype')} n={mm.get('n')}: {mm['flops_per_s'] / 1e9:.1f} GFLOP/s median, "
+            f"{mm['best_flops_per_s'] / 1e9:.1f} best"
+        )
     nvml = machine.get("nvml", {})
     parts.append("NVML: " + ("available" if nvml.get("available") else f"absent ({nvml.get('reason', '?')})"))
     return "; ".join(parts)

@@ -21,7 +21,14 @@ MACHINE = {
     "torch_threads": 2,
     "torch": "2.13.0",
     "triton": "3.9.0",
-    "matmul": {"n": 2048, "dtype": "float32", "seconds": 0.1, "flops_per_s": 1e11},
+    "matmul": {
+        "n": 2048,
+        "dtype": "float32",
+        "seconds": 0.2,
+        "flops_per_s": 5e10,
+        "best_seconds": 0.1,
+        "best_flops_per_s": 1e11,
+    },
     "nvml": {"available": False, "reason": "NVML could not start: test"},
 }
 
