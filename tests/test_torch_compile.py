@@ -43,13 +43,14 @@ def _leaves(f: MulCLIPFeatures) -> list[torch.Tensor]:
 def test_compiled_mulclip_loss_matches_eager():
     loss_fn = MulCLIPLoss(backend="torch")
     features = _features()
-    # A float logit scale: reference.check_positive reads a tensor scale's value, which Dynamo cannot trace.
-    eager = loss_fn(features, 14.0)
-    eager_grads = torch.autograd.grad(eager["loss"], _leaves(features))
+    # A learnable tensor logit scale, as a trainer passes model.logit_scale.exp().
+    log_scale = torch.tensor(2.6, requires_grad=True)
+    eager = loss_fn(features, log_scale.exp())
+    eager_grads = torch.autograd.grad(eager["loss"], [*_leaves(features), log_scale])
 
     compiled_fn = torch.compile(loss_fn, fullgraph=True, backend="aot_eager")
-    compiled = compiled_fn(features, 14.0)
-    compiled_grads = torch.autograd.grad(compiled["loss"], _leaves(features))
+    compiled = compiled_fn(features, log_scale.exp())
+    compiled_grads = torch.autograd.grad(compiled["loss"], [*_leaves(features), log_scale])
 
     assert set(compiled) == set(eager) == {"global_long", "global_short", "word", "sub", "loss"}
     for name in eager:

@@ -64,6 +64,8 @@ def check_positive(name: str, value: float) -> None:
     if isinstance(value, torch.Tensor):
         if value.numel() != 1:
             raise ValueError(f"{name} must be a positive scalar, got a tensor of shape {tuple(value.shape)}")
+        if torch.compiler.is_compiling():
+            return  # reading the value would break the graph; eager calls check it
         value = float(value.detach())
     if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
         raise ValueError(f"{name} must be a positive finite number, got {value!r}")
