@@ -35,11 +35,23 @@ def test_finetune_hf_clip_example_reduces_the_mulclip_loss():
     assert summary["last_pass_loss"] < summary["first_pass_loss"], summary
 
 
-def test_examples_reject_bad_arguments():
+def test_finelip_example_fused_op_matches_and_uses_less_memory():
+    summary = run_example("finelip_fused_late_interaction.py", "--batch", "12", "--words", "24", "--patches", "17")
+    assert summary["max_score_diff"] < 1e-5 and summary["max_grad_diff"] < 1e-5, summary  # DESIGN §5, fp32
+    # The naive version holds the [B, B, W, P] similarities (and their LeakyReLU, mask and argmax) for
+    # backward: at least that tensor's 12·12·24·17·4 bytes more than the fused op.
+    assert summary["naive_peak_bytes"] - summary["fused_peak_bytes"] > 12 * 12 * 24 * 17 * 4, summary
+
+
+@pytest.mark.parametrize(
+    "script, args, message",
+    [
+        ("finetune_hf_clip.py", ["--batch-size", "1"], "--batch-size must be >= 2"),
+        ("finelip_fused_late_interaction.py", ["--batch", "1"], "--batch is too small"),
+    ],
+)
+def test_examples_reject_bad_arguments(script, args, message):
     result = subprocess.run(
-        [sys.executable, str(EXAMPLES / "finetune_hf_clip.py"), "--batch-size", "1"],
-        capture_output=True,
-        text=True,
-        timeout=120,
+        [sys.executable, str(EXAMPLES / script), *args], capture_output=True, text=True, timeout=120
     )
-    assert result.returncode == 2 and "--batch-size must be >= 2" in result.stderr
+    assert result.returncode == 2 and message in result.stderr, result.stderr

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import textwrap
@@ -309,7 +308,10 @@ def test_clip_loss_matches_reference_loss_and_gradients_on_hf_features(hf_batch,
         if g_ref is None:
             assert g_ours is None or g_ours.abs().max() == 0
             continue
-        torch.testing.assert_close(g_ours, g_ref, rtol=1e-4, atol=1e-6)
+        # The fused path sums in another order; DESIGN §5's fp32 tolerance (atol 1e-5, rtol 1e-4) applies
+        # to it. The reference backend computes the same expressions, so its gradients agree more tightly.
+        tolerance = dict(rtol=1e-4, atol=1e-6) if backend == "reference" else dict(rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(g_ours, g_ref, **tolerance)
         compared += 1
     assert compared > 20  # both towers, the projections, the calibrations and the logit scale
 
@@ -449,7 +451,8 @@ DISTRIBUTED_WORKER = textwrap.dedent(
 
     def main():
         rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-        dist.init_process_group("gloo")
+        # A file rendezvous: no port to pick, so no race with other tests for a free one.
+        dist.init_process_group("gloo", init_method="file://" + os.environ["STORE_FILE"], rank=rank, world_size=world)
         report = {}
         for name, settings in json.loads(sys.argv[1]).items():
             loss, grads, batch = run(rank, world, settings)
@@ -486,7 +489,7 @@ DISTRIBUTED_WORKER = textwrap.dedent(
 def test_two_gloo_ranks_average_to_the_single_process_loss_and_gradients(tmp_path):
     """Rank-mean of the losses and world-averaged gradients equal one process on the global batch.
 
-    Covers the all-gather with gradient (``torch.distributed.nn``), ``local_loss`` label offsets, and
+    Covers the all-gather with gradient (``gather_with_grad``), ``local_loss`` label offsets, and
     token sets / subcaption slots of different lengths per rank, padded and masked by the gather. With
     ``local_loss`` each rank averages over its own rows, as open_clip does: that equals the global mean
     when every rank holds the same number of valid rows per subcaption slot, so those runs use full masks.
@@ -503,15 +506,13 @@ def test_two_gloo_ranks_average_to_the_single_process_loss_and_gradients(tmp_pat
     }
     worker = tmp_path / "worker.py"
     worker.write_text(DISTRIBUTED_WORKER)
-    with socket.socket() as probe:  # a free port for the rendezvous
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    store = tmp_path / "rendezvous"
     world = 2
     ranks = [
         subprocess.Popen(
             [sys.executable, str(worker), json.dumps(settings)],
             env={**os.environ, "OMP_NUM_THREADS": "1", "RANK": str(rank), "WORLD_SIZE": str(world)}
-            | {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)},
+            | {"STORE_FILE": str(store)},
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,

@@ -59,8 +59,10 @@ class MulCLIPClipLoss(nn.Module):
 
     Args:
         objective, terms, weights, sap_pairing, sap_topk_ratio, tau_attn, tau_contrast, tau_sap,
-            finelip_margin, finelip_hardest_negative, backend: as in ``mulclip_fast.losses.MulCLIPLoss``
-            (``backend="auto"`` runs the fused ops: Triton on CUDA, the memory-lean torch path on CPU).
+            finelip_margin, finelip_hardest_negative: as in ``mulclip_fast.losses.MulCLIPLoss``.
+        backend: ``"auto"`` (default, unlike ``MulCLIPLoss``: this loss exists to bring the fused ops into
+            other trainers) runs Triton on CUDA and the memory-lean torch path on CPU; ``"reference"``
+            runs the naive spec.
         local_loss, gather_with_grad, cache_labels, rank, world_size: as in open_clip's ``ClipLoss``.
     """
 
@@ -76,7 +78,7 @@ class MulCLIPClipLoss(nn.Module):
         tau_sap: float = 0.07,
         finelip_margin: float = 0.2,
         finelip_hardest_negative: bool = False,
-        backend: str = "reference",
+        backend: str = "auto",
         local_loss: bool = False,
         gather_with_grad: bool = False,
         cache_labels: bool = False,
