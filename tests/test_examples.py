@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -14,8 +15,11 @@ EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 def run_example(script: str, *args: str, timeout: int = 300) -> dict:
     """Run an example; return the JSON summary it prints last."""
+    # Tiny shapes: one thread is fastest, and on a loaded 2-core machine more threads spin against each
+    # other (the fine-tuning example took 58 s with 2 threads and 1 s with 1 under a load of 10).
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(
-        [sys.executable, str(EXAMPLES / script), *args], capture_output=True, text=True, timeout=timeout
+        [sys.executable, str(EXAMPLES / script), *args], capture_output=True, text=True, timeout=timeout, env=env
     )
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads(result.stdout.strip().splitlines()[-1])

@@ -92,6 +92,15 @@ def hf_batch():
     return dict(pixels=pixels, long_ids=long_ids, short_ids=short_ids, sub_ids=sub_ids, sub_mask=sub_mask)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models run fastest on one thread; on a loaded 2-core machine more threads spin against each other."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 # -- imports -----------------------------------------------------------------------------------------
 
 
@@ -114,7 +123,8 @@ def test_adapters_import_and_run_without_open_clip_or_transformers():
         print("ok")
         """
     )
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, env=env)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "ok"
 
