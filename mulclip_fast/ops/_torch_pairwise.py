@@ -24,17 +24,30 @@ from ..reference._masked import accumulation_dtype
 # F.normalize's epsilon: the reference normalises the SAP aggregate with F.normalize(x, dim=-1).
 NORMALIZE_EPS = 1e-12
 
-# Elements of the largest per-chunk temporary. 2**20 float32 = 4 MiB: large enough that the chunk
-# matmuls run at full BLAS speed on a CPU (measured: README "Fused ops (all pairs)"), small enough that
-# the chunk temporaries stay a fraction of the inputs' gradients at paper shapes.
-CHUNK_ELEMENTS = 1 << 20
+# Elements of one chunk buffer (the [c_q, Lq, c_k, Lk] similarities and their companions): a sixteenth of
+# the elements of the inputs, so that the two or three live chunk buffers stay well below the inputs'
+# gradients, which any implementation must allocate (the ≤ 1.5× peak-memory bound at paper shapes), but
+# never below 4 MiB or above 16 MiB of float32. Larger chunks run faster on a CPU (fewer, larger GEMMs:
+# measured in the README, "Fused ops (all pairs)").
+MIN_CHUNK_ELEMENTS = 1 << 20
+MAX_CHUNK_ELEMENTS = 1 << 22
+# Overrides the size-derived budget when set (tests, experiments).
+CHUNK_ELEMENTS: int | None = None
+
+
+def chunk_budget(*inputs: torch.Tensor) -> int:
+    """Elements per chunk buffer for ops on ``inputs``: :data:`CHUNK_ELEMENTS` if set, else a sixteenth
+    of the inputs' elements, clamped to [:data:`MIN_CHUNK_ELEMENTS`, :data:`MAX_CHUNK_ELEMENTS`]."""
+    if CHUNK_ELEMENTS is not None:
+        return CHUNK_ELEMENTS
+    return min(MAX_CHUNK_ELEMENTS, max(MIN_CHUNK_ELEMENTS, sum(x.numel() for x in inputs) // 16))
 
 
 def _chunks(n: int, size: int):
     return [(start, min(start + size, n)) for start in range(0, n, size)]
 
 
-def _chunk_counts(n_q: int, n_k: int, per_pair: int, budget: int = CHUNK_ELEMENTS) -> tuple[int, int]:
+def _chunk_counts(n_q: int, n_k: int, per_pair: int, budget: int) -> tuple[int, int]:
     """(query sets, key sets) per chunk so that a chunk holds about ``budget`` elements of ``per_pair`` each."""
     pairs = max(1, budget // max(1, per_pair))
     per_side = max(1, math.isqrt(pairs))
@@ -70,7 +83,7 @@ def maxsim_forward(q, k, q_mask, k_mask, bidirectional: bool, negative_slope: fl
     val_kq = q.new_zeros((n_q, n_k, kq_len), dtype=acc)
     idx_kq = q.new_zeros((n_q, n_k, kq_len), dtype=torch.int32)
     k_any, q_any = k_mask.any(dim=1), q_mask.any(dim=1)
-    cq, ck = _chunk_counts(n_q, n_k, len_q * len_k)
+    cq, ck = _chunk_counts(n_q, n_k, len_q * len_k, chunk_budget(q, k))
     for b0, b1 in _chunks(n_q, cq):
         qc = q[b0:b1].to(acc).reshape(-1, d)
         for c0, c1 in _chunks(n_k, ck):
@@ -134,7 +147,7 @@ def maxsim_backward(grad, q, k, q_mask, k_mask, val_qk, idx_qk, val_kq, idx_kq, 
     (n_q, len_q, d), (n_k, len_k, _) = q.shape, k.shape
     dq = torch.zeros((n_q * len_q, d), dtype=acc, device=q.device)
     dk = torch.zeros((n_k * len_k, d), dtype=acc, device=k.device)
-    cq, ck = _chunk_counts(n_q, n_k, len_q * len_k)
+    cq, ck = _chunk_counts(n_q, n_k, len_q * len_k, chunk_budget(q, k))
     for b0, b1 in _chunks(n_q, cq):
         qc = q[b0:b1].to(acc).reshape(-1, d)
         for c0, c1 in _chunks(n_k, ck):
@@ -167,33 +180,42 @@ def maxsim_backward(grad, q, k, q_mask, k_mask, val_qk, idx_qk, val_kq, idx_kq, 
 # --------------------------------------------------------------------------------------------------
 
 
-def _scaled_masked_sim(qc, kc, k_mask_chunk, shape, tau):
-    sim = (qc @ kc.T).view(shape)
-    logits = (sim / tau).masked_fill_(~k_mask_chunk[None, None], float("-inf"))
-    return sim, logits
+def _scaled_logits(q_scaled, kc, k_mask_chunk, shape):
+    """``z = sim / τ`` for one chunk (τ already folded into ``q_scaled``), invalid keys set to the dtype's
+    lowest finite value (as the reference's masked softmax does): their ``exp`` is 0 and ``0 · z`` stays 0."""
+    z = (q_scaled @ kc.T).view(shape)
+    if not bool(k_mask_chunk.all()):
+        z.masked_fill_(~k_mask_chunk[None, None], torch.finfo(z.dtype).min)
+    return z
 
 
 def reconstruction_forward(q, k, q_mask, k_mask, tau: float):
     """Per-token ``r[c, b, i] = Σ_j p_ij ⟨q_bi, k_cj⟩`` with ``p = softmax_j(sim / τ)`` over valid keys.
 
     Returns ``(r, lse)``, both ``[Bk, Bq, Lq]``: ``lse`` is the log-sum-exp of ``sim / τ`` over valid keys
-    (0 for an empty key set, where ``r`` is 0 too).
+    (0 for an empty key set, where ``r`` is 0 too). Works on ``z = sim / τ`` only (``r = τ Σ_j p_ij z_ij``),
+    so a chunk holds two buffers and each element is touched by few passes.
     """
     acc = accumulation_dtype(q)
     (n_q, len_q, d), (n_k, len_k, _) = q.shape, k.shape
     r = q.new_zeros((n_k, n_q, len_q), dtype=acc)
     lse = q.new_zeros((n_k, n_q, len_q), dtype=acc)
-    cq, ck = _chunk_counts(n_q, n_k, len_q * len_k)
+    k_empty = ~k_mask.any(dim=1)
+    cq, ck = _chunk_counts(n_q, n_k, len_q * len_k, chunk_budget(q, k))
     for b0, b1 in _chunks(n_q, cq):
-        qc = q[b0:b1].to(acc).reshape(-1, d)
+        q_scaled = q[b0:b1].to(acc).reshape(-1, d) / tau
         for c0, c1 in _chunks(n_k, ck):
             kc = k[c0:c1].to(acc).reshape(-1, d)
-            shape = (b1 - b0, len_q, c1 - c0, len_k)
-            sim, logits = _scaled_masked_sim(qc, kc, k_mask[c0:c1], shape, tau)
-            row_lse = torch.logsumexp(logits, dim=3).masked_fill_(~k_mask[None, None, c0:c1].any(dim=3), 0.0)
-            p = logits.sub_(row_lse[..., None]).exp_()  # exp(-inf) = 0 at invalid keys
-            r[c0:c1, b0:b1] = p.mul_(sim).sum(dim=3).permute(2, 0, 1)
-            lse[c0:c1, b0:b1] = row_lse.permute(2, 0, 1)
+            z = _scaled_logits(q_scaled, kc, k_mask[c0:c1], (b1 - b0, len_q, c1 - c0, len_k))
+            top = z.amax(dim=3, keepdim=True)
+            e = (z - top).exp_()
+            total = e.sum(dim=3)
+            weighted = e.mul_(z).sum(dim=3)  # Σ_j exp(z_j − top) z_j
+            chunk_r = weighted.div_(total).mul_(tau)
+            chunk_lse = total.log_().add_(top[..., 0])
+            empty = k_empty[None, None, c0:c1]
+            r[c0:c1, b0:b1] = chunk_r.masked_fill_(empty, 0.0).permute(2, 0, 1)
+            lse[c0:c1, b0:b1] = chunk_lse.masked_fill_(empty, 0.0).permute(2, 0, 1)
     return r, lse
 
 
@@ -213,26 +235,28 @@ def reconstruction_backward(grad, q, k, q_mask, k_mask, tau: float, r, lse):
     """Gradients of the reconstruction scores w.r.t. ``q`` and ``k``.
 
     With ``r_i = Σ_j p_ij s_ij`` and ``p = softmax(s / τ)``: ``∂r_i/∂s_ij = p_ij (1 + (s_ij − r_i) / τ)``.
-    So ``dS = g ∘ p ∘ (1 + (s − r) / τ)``, ``dq = dS k`` and ``dk = dSᵀ q``, chunk by chunk, with ``s`` and
-    ``p`` recomputed from the inputs and the saved ``lse``.
+    So ``dS = g ∘ p ∘ (1 + z − r/τ)`` with ``z = s/τ``, ``dq = dS k`` and ``dk = dSᵀ q``, chunk by chunk,
+    with ``z`` and ``p = exp(z − lse)`` recomputed from the inputs and the saved ``lse``.
     """
     acc = accumulation_dtype(q)
     (n_q, len_q, d), (n_k, len_k, _) = q.shape, k.shape
     dq = torch.zeros((n_q * len_q, d), dtype=acc, device=q.device)
     dk = torch.zeros((n_k * len_k, d), dtype=acc, device=k.device)
     n_valid = q_mask.sum(dim=1)
-    cq, ck = _chunk_counts(n_q, n_k, len_q * len_k)
+    k_any = k_mask.any(dim=1)
+    cq, ck = _chunk_counts(n_q, n_k, len_q * len_k, chunk_budget(q, k))
     for b0, b1 in _chunks(n_q, cq):
         qc = q[b0:b1].to(acc).reshape(-1, d)
+        q_scaled = qc / tau
         for c0, c1 in _chunks(n_k, ck):
             kc = k[c0:c1].to(acc).reshape(-1, d)
-            shape = (b1 - b0, len_q, c1 - c0, len_k)
-            sim, logits = _scaled_masked_sim(qc, kc, k_mask[c0:c1], shape, tau)
-            p = logits.sub_(lse[c0:c1, b0:b1].permute(1, 2, 0)[..., None]).exp_()
-            # dS = g p (1 + (s - r)/τ), computed in place in ``sim``'s storage.
-            ds = sim.sub_(r[c0:c1, b0:b1].permute(1, 2, 0)[..., None]).div_(tau).add_(1.0).mul_(p)
+            z = _scaled_logits(q_scaled, kc, k_mask[c0:c1], (b1 - b0, len_q, c1 - c0, len_k))
+            p = (z - lse[c0:c1, b0:b1].permute(1, 2, 0)[..., None]).exp_()
+            # g is 0 for invalid queries and empty key sets (whose p would be meaningless)
             g = reconstruction_row_weights(grad[b0:b1, c0:c1], q_mask[b0:b1], acc, n_valid[b0:b1])
-            ds.mul_(g.permute(1, 2, 0)[..., None])
+            g = (g * k_any[c0:c1, None, None]).permute(1, 2, 0)[..., None]  # [nb, Lq, nc, 1]
+            bias = g * (1.0 - r[c0:c1, b0:b1].permute(1, 2, 0)[..., None] / tau)
+            ds = z.mul_(g).add_(bias).mul_(p)  # g p (1 + z − r/τ), in z's storage
             ds = ds.view(qc.shape[0], kc.shape[0])
             dq[b0 * len_q : b1 * len_q].addmm_(ds, kc)
             dk[c0 * len_k : c1 * len_k].addmm_(ds.T, qc)
@@ -259,9 +283,9 @@ def unpack_bits(packed: torch.Tensor, n: int) -> torch.Tensor:
     return bits.view(*packed.shape[:-1], -1)[..., :n].bool()
 
 
-def _sap_chunk_counts(n_rows: int, n_k: int, n_patches: int, d: int) -> tuple[int, int]:
+def _sap_chunk_counts(n_rows: int, n_k: int, n_patches: int, d: int, budget: int) -> tuple[int, int]:
     # Per (row, key set) a chunk holds N-sized score tiles and d-sized aggregates.
-    return _chunk_counts(n_rows, n_k, 3 * n_patches + 2 * d)
+    return _chunk_counts(n_rows, n_k, 3 * n_patches + 2 * d, budget)
 
 
 def sap_forward(sub, patches, sub_mask, patch_mask, k: int, tau: float):
@@ -279,7 +303,7 @@ def sap_forward(sub, patches, sub_mask, patch_mask, k: int, tau: float):
     selected = sub.new_zeros((n_k, n_rows, (n_patch + 7) // 8), dtype=torch.uint8)
     lse = sub.new_zeros((n_k, n_rows), dtype=acc)
     take = min(k, n_patch)
-    cr, ck = _sap_chunk_counts(n_rows, n_k, n_patch, d)
+    cr, ck = _sap_chunk_counts(n_rows, n_k, n_patch, d, chunk_budget(sub, patches))
     for r0, r1 in _chunks(n_rows, cr):
         t = rows[r0:r1].to(acc)
         for c0, c1 in _chunks(n_k, ck):
@@ -334,7 +358,7 @@ def sap_backward(grad, sub, patches, sub_mask, patch_mask, tau: float, selected,
     g_all = (grad.to(acc).transpose(1, 2) * sub_mask[:, :, None]).reshape(n_rows, n_k)
     d_rows = torch.zeros((n_rows, d), dtype=acc, device=sub.device)
     d_patches = torch.zeros((n_k * n_patch, d), dtype=acc, device=patches.device)
-    cr, ck = _sap_chunk_counts(n_rows, n_k, n_patch, d)
+    cr, ck = _sap_chunk_counts(n_rows, n_k, n_patch, d, chunk_budget(sub, patches))
     for r0, r1 in _chunks(n_rows, cr):
         t = rows[r0:r1].to(acc)
         for c0, c1 in _chunks(n_k, ck):

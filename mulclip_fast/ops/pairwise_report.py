@@ -54,9 +54,12 @@ def _case(op: str, batch, queries, keys, width, subcaptions, k, seed=0):
     )
 
 
-def _forward_backward(call, inputs, backend):
+def _clear_grads(inputs):
     for x in inputs:
         x.grad = None
+
+
+def _forward_backward(call, inputs, backend):
     out = call(backend)
     out.backward(torch.ones_like(out))
     return out
@@ -67,6 +70,7 @@ def measure(op, batch, queries, keys, width, subcaptions, k, repeats=3, timed=Tr
     call, inputs = _case(op, batch, queries, keys, width, subcaptions, k)
     results = {}
     for backend in ("reference", "torch"):
+        _clear_grads(inputs)  # outside the measurement: freeing old gradients would offset the peak
         peak, out = allocator_peak_memory_of(lambda backend=backend: _forward_backward(call, inputs, backend))
         floor = sum(x.numel() * x.element_size() for x in inputs) + out.numel() * out.element_size()
         results[backend] = [peak, floor, None]
@@ -74,6 +78,7 @@ def measure(op, batch, queries, keys, width, subcaptions, k, repeats=3, timed=Tr
         best = {backend: float("inf") for backend in results}
         for _ in range(repeats):
             for backend in results:
+                _clear_grads(inputs)
                 start = time.perf_counter()
                 _forward_backward(call, inputs, backend)
                 best[backend] = min(best[backend], time.perf_counter() - start)
