@@ -50,10 +50,6 @@ OUTPUT_KEYS = {
 }
 
 
-def _optional_mask(name: str, mask: torch.Tensor | None, like: torch.Tensor, like_name: str) -> torch.Tensor:
-    return _checks.check_mask(name, mask, like, like_name)
-
-
 class MulCLIPClipLoss(nn.Module):
     """open_clip ``ClipLoss`` calling convention, MulCLIP terms.
 
@@ -358,21 +354,25 @@ class MulCLIPClipLoss(nn.Module):
         v_tokens = None if image_tokens is None else F.normalize(image_tokens, dim=-1)
         t_tokens = None if text_tokens is None else F.normalize(text_tokens, dim=-1)
         v_mask = (
-            None if v_tokens is None else _optional_mask("image_token_mask", image_token_mask, v_tokens, "image_tokens")
+            None
+            if v_tokens is None
+            else _checks.check_mask("image_token_mask", image_token_mask, v_tokens, "image_tokens")
         )
         t_mask = (
-            None if t_tokens is None else _optional_mask("text_token_mask", text_token_mask, t_tokens, "text_tokens")
+            None
+            if t_tokens is None
+            else _checks.check_mask("text_token_mask", text_token_mask, t_tokens, "text_tokens")
         )
         if "word" in spec.terms and v_tokens is not None and t_tokens is not None:
             terms["word"] = self._op("wpr_loss")(v_tokens, t_tokens, v_mask, t_mask, spec.tau_attn, spec.tau_contrast)
         if "sub" in spec.terms and sub_text_features is not None and (sap_tokens is not None or v_tokens is not None):
             sub = F.normalize(sub_text_features, dim=-1)
-            s_mask = _optional_mask("sub_mask", sub_mask, sub, "sub_text_features")
+            s_mask = _checks.check_mask("sub_mask", sub_mask, sub, "sub_text_features")
             if sap_tokens is None:
                 x, x_mask = v_tokens, v_mask
             else:
                 x = F.normalize(sap_tokens, dim=-1)
-                x_mask = _optional_mask("sap_token_mask", sap_token_mask, x, "sap_tokens")
+                x_mask = _checks.check_mask("sap_token_mask", sap_token_mask, x, "sap_tokens")
             terms["sub"] = self._sap(sub, s_mask, x, x_mask, logit_scale)
         if "finelip" in spec.terms and v_tokens is not None and t_tokens is not None:
             terms["finelip"] = self._finelip(image, text, v_tokens, t_tokens, v_mask, t_mask)
