@@ -320,8 +320,8 @@ def _peak_forward_backward(call, inputs, backend):
 
 
 def _quadratic_floor(op_name, n, len_q, len_k, dim, n_sub, k):
-    """Bytes of the one float32 tensor the reference cannot avoid: the [Bq, Bk, Lq, Lk] similarities (for
-    SAP the [Bq, Bk, M, k, d] gathered patches). A lower bound on the reference's peak."""
+    """Bytes of one float32 tensor the reference cannot avoid: SAP's [Bq, Bk, M, k, d] gathered patches
+    (the others' [Bq, Bk, Lq, Lk] similarities). A lower bound on the reference's peak."""
     if op_name == "topk":
         return n * n * n_sub * k * dim * 4
     return n * n * len_q * len_k * 4
@@ -355,12 +355,17 @@ def test_peak_memory_at_scaled_shape(op_name):
 @pytest.mark.parametrize("op_name", ["maxsim", "reconstruction", "topk"])
 def test_peak_memory_at_paper_shape(op_name):
     """Bq = Bk = 64, 248 query tokens, 196 keys, d = 512 (M = 8, k = 49): fused ≤ 1.5× (input gradients +
-    output) and ≥ 20× below the reference's unavoidable quadratic tensor, a lower bound on its peak (the
-    reference's measured peaks, far higher, are in the README)."""
+    output) and ≥ 20× below the reference. The reference is measured for max-sim and reconstruction (about
+    4 GB each); for SAP (about 16 GB measured once, README) its unavoidable [Bq, Bk, M, k, d] gather, a
+    lower bound on its peak, stands in."""
     call, inputs = _memory_case(op_name, **PAPER)
     fused, floor = _peak_forward_backward(call, inputs, "torch")
     assert fused <= 1.5 * floor, f"{op_name}: fused peak {fused} B > 1.5 × {floor} B"
-    assert _quadratic_floor(op_name, **PAPER) >= 20 * fused
+    if op_name == "topk":
+        reference = _quadratic_floor(op_name, **PAPER)
+    else:
+        reference, _ = _peak_forward_backward(call, inputs, "reference")
+    assert reference >= 20 * fused, f"{op_name}: reference {reference} B vs fused {fused} B"
 
 
 def test_cost_model_counts_the_similarity_gemms():
