@@ -212,10 +212,24 @@ def _op_cases(backend):
     ]
 
 
+def _backward_case(op, args):
+    """The backward custom op of ``op`` and its arguments, from one forward call's statistics."""
+    with torch.no_grad():
+        out, *stats = op(*args)
+    grad = torch.randn_like(out)
+    x, y, x_mask, y_mask = (t.detach() for t in args[:4])
+    if op is P._maxsim_op:
+        return P._maxsim_backward_op, (grad, x, y, x_mask, y_mask, *stats, *args[4:])
+    if op is P._reconstruction_op:
+        return P._reconstruction_backward_op, (grad, x, y, x_mask, y_mask, *stats, args[4], args[5])
+    return P._topk_backward_op, (grad, x, y, x_mask, y_mask, *stats, args[5], args[6])
+
+
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_opcheck(backend):
     for op, args in _op_cases(backend):
         torch.library.opcheck(op, args)
+        torch.library.opcheck(*_backward_case(op, args))
 
 
 def test_torch_compile_fullgraph():
