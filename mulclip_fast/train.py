@@ -92,7 +92,7 @@ class TrainConfig:
 DEFAULT_STEPS_SCRATCH = 300
 DEFAULT_LR_SCRATCH = 5e-4
 DEFAULT_LR_FINETUNE = 1e-6
-DEFAULT_TIME_LIMIT_SYNTHETIC = 255.0
+DEFAULT_TIME_LIMIT_SYNTHETIC = 240.0
 
 
 # ---------------------------------------------------------------------------------------------- helpers
