@@ -28,7 +28,6 @@ import json
 import math
 import os
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -116,21 +115,6 @@ def synchronized(fn):
     return run
 
 
-@dataclass
-class MeasuredCase:
-    """What :func:`measure_case` found; also appended to the session's results."""
-
-    record: dict
-
-    @property
-    def peak_bytes(self) -> int:
-        return self.record["peak_bytes"]
-
-    @property
-    def median_s(self) -> float | None:
-        return self.record["median_s"]
-
-
 def _rounds_for(seconds_per_call: float) -> tuple[int, int]:
     iterations = max(1, math.ceil(MIN_ROUND_S / max(seconds_per_call, 1e-9)))
     per_round = seconds_per_call * iterations
@@ -155,8 +139,8 @@ def measure_case(
     extra: dict | None = None,
     warmed_up: bool = False,
     max_rounds: int = MAX_ROUNDS,
-) -> MeasuredCase:
-    """Warm up, measure peak memory, time ``fn`` with pytest-benchmark, record everything.
+) -> dict:
+    """Warm up, measure peak memory, time ``fn`` with pytest-benchmark; record and return everything.
 
     ``fn`` takes no argument and runs the whole measured work once (forward, or forward and backward).
     ``flops`` and ``nbytes`` are the op's useful FLOPs and compulsory bytes for that work, or None when
@@ -215,7 +199,7 @@ def measure_case(
     results.append(record)
     # Rewritten after every case, so a run cut short (a time limit on a lent GPU) keeps what it measured.
     write_results(results, machine)
-    return MeasuredCase(record)
+    return record
 
 
 class _no_sampler:
