@@ -28,12 +28,12 @@ from __future__ import annotations
 
 import importlib
 import math
-from dataclasses import dataclass
 from types import ModuleType
 
 import torch
 
 from .. import reference
+from ..profiling import OpCost
 from ..reference._checks import FLOAT_DTYPES, check_mask, check_positive, check_same_width, check_topk
 from ..reference._masked import accumulation_dtype
 from . import _torch_pairwise
@@ -435,26 +435,9 @@ def pairwise_topk_aggregate_logits(
 
 
 # ----------------------------------------------------------------------------------------------------
-# FLOP and byte counts per call (for benchmarks)
+# FLOP and byte counts per call (for benchmarks); bytes here also count the saved statistics that the
+# Triton path reads back in backward.
 # ----------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class OpCost:
-    """FLOPs (a multiply-add counts 2) and compulsory DRAM bytes of one call of the Triton path.
-
-    ``bytes_*`` count reading the inputs and saved statistics and writing the outputs once: the floor
-    a kernel's traffic is compared with, not what the reference moves.
-    """
-
-    flops_forward: int
-    flops_backward: int
-    bytes_forward: int
-    bytes_backward: int
-
-    @property
-    def flops(self) -> int:
-        return self.flops_forward + self.flops_backward
 
 
 def pairwise_maxsim_cost(
