@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from .data import Batch, Collator, DataError, iterate_batches, open_dataset, parse_data_spec
+from .distributed import DistributedContext, DistributedMulCLIPLoss, all_reduce_mean, average_gradients
 from .eval import evaluate, format_table
 from .losses import FINE_GRAINED_TERMS, OBJECTIVES, MulCLIPLoss
 from .model import CLIP, PRESETS, CheckpointError, load_clip_weights, preset_config
@@ -200,9 +201,12 @@ def resolve_backend(requested: str, terms: tuple[str, ...], sap_pairing: str) ->
 class Trainer:
     """Model, loss and optimizer of one run, and ``step`` — one optimisation step on one batch."""
 
-    def __init__(self, config: TrainConfig, total_steps: int):
+    def __init__(self, config: TrainConfig, total_steps: int, context: DistributedContext | None = None):
         self.config = config
         self.total_steps = total_steps
+        # Data parallelism: every rank builds the same model from the same seed, takes its slice of each
+        # global batch, and averages gradients, so a step equals the one-process step on the global batch.
+        self.context = context or DistributedContext()
         self.device = torch.device(config.device)
         _seed_everything(config.seed)
         self.model = CLIP(preset_config(config.preset, **config.model_overrides))
@@ -282,12 +286,17 @@ class Trainer:
         fine_scale = self.fine_grained_scale(progress)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
+        if self.context.enabled:
+            batch = batch.shard(self.context.rank, self.context.world_size)
         batch = batch.to(self.device)
         features, active = self.compute_features(batch, fine_scale)
-        loss_fn = self.loss_fn if active else self._global_only
+        loss_fn = DistributedMulCLIPLoss(self.loss_fn if active else self._global_only, self.context)
         terms = loss_fn(features, self.model.logit_scale.exp(), fine_grained_scale=fine_scale)
         self.optimizer.zero_grad(set_to_none=True)
         terms["loss"].backward()
+        if self.context.enabled:
+            average_gradients(self.model.parameters())
+            terms = {name: all_reduce_mean(value) for name, value in terms.items()}
         self.optimizer.step()
         with torch.no_grad():  # CLIP clamps the logit scale at 100
             self.model.logit_scale.clamp_(0, math.log(100))

@@ -30,6 +30,25 @@ class Batch:
     def __len__(self) -> int:
         return self.images.shape[0]
 
+    def shard(self, rank: int, world_size: int) -> Batch:
+        """Rows ``rank·n … (rank+1)·n`` of the batch (``n = B / world_size``): one rank's slice of a global
+        batch. Token ids keep the global batch's padding, which is exact for a causal tower pooled at EOT."""
+        if len(self) % world_size:
+            raise ValueError(f"a batch of {len(self)} cannot be split evenly over {world_size} ranks")
+        n = len(self) // world_size
+        rows = slice(rank * n, (rank + 1) * n)
+        part = lambda t: None if t is None else t[rows]  # noqa: E731
+        return Batch(
+            part(self.images),
+            part(self.long_ids),
+            part(self.short_ids),
+            part(self.sub_ids),
+            part(self.sub_mask),
+            part(self.probe_ids),
+            self.keys[rows],
+            self.skipped,
+        )
+
     def to(self, device: torch.device | str) -> Batch:
         move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
         return Batch(

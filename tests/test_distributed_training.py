@@ -1,0 +1,76 @@
+"""One data-parallel training step over 2 gloo processes equals one process on the same global batch."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from mulclip_fast.data import Collator, iterate_batches, open_dataset
+from mulclip_fast.distributed import DistributedContext
+from mulclip_fast.train import TrainConfig, Trainer, resolve_config
+
+OBJECTIVES = {"mulclip": {}, "mulclip_all_pairs": {"sap_pairing": "all"}, "finelip": {"loss": "finelip"}}
+
+
+def _config(**overrides) -> TrainConfig:
+    return resolve_config(
+        TrainConfig(
+            model_overrides={"vision_layers": 1, "transformer_layers": 1},
+            batch_size=8,
+            steps=4,
+            fine_start=0.0,
+            fine_ramp=0.0,
+            eval_pairs=0,
+            seed=5,
+            backend="torch",
+            threads=1,
+            **overrides,
+        )
+    )
+
+
+def _one_step(context: DistributedContext, **overrides) -> tuple[dict, dict]:
+    """Parameters after one step on the first global batch, and the logged loss terms."""
+    config = _config(**overrides)
+    torch.set_num_threads(1)
+    dataset = open_dataset("synthetic", "train", 64, 64, config.seed, twin_fraction=0.5)
+    _, _, batch = next(iterate_batches(dataset, Collator(config.max_subcaptions), config.batch_size, config.seed))
+    trainer = Trainer(config, total_steps=4, context=context)
+    logged = trainer.step(batch, progress=0.5)
+    return {name: p.detach().clone() for name, p in trainer.model.named_parameters()}, logged
+
+
+def _rank_main(rank: int, world: int, port: int, out_dir: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        results = {name: _one_step(DistributedContext(rank, world), **o) for name, o in OBJECTIVES.items()}
+        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_process_step_equals_one_process_step(tmp_path):
+    mp.spawn(_rank_main, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    for name, overrides in OBJECTIVES.items():
+        params, logged = _one_step(DistributedContext(), **overrides)
+        for rank in ranks:
+            rank_params, rank_logged = rank[name]
+            for term in ("loss", "global_long", "global_short", "word", "sub", "finelip"):
+                if term in logged:
+                    assert rank_logged[term] == pytest.approx(logged[term], rel=1e-5), f"{name}: {term}"
+            for key, value in params.items():
+                torch.testing.assert_close(rank_params[key], value, atol=1e-5, rtol=0, msg=f"{name}: {key}")
