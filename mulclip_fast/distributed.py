@@ -86,6 +86,27 @@ class _AllGatherWithGrad(torch.autograd.Function):
         return grad[ctx.rank * ctx.rows : (ctx.rank + 1) * ctx.rows]
 
 
+def agree(value, context: DistributedContext):
+    """The largest of every rank's ``value`` (a number or a flag), so that all ranks take one decision.
+
+    Used for stopping: a time limit measured on each rank's clock, or a signal that reached some ranks
+    first, must end the loop at the same step everywhere, or the next collective would hang.
+    """
+    if not context.enabled:
+        return value
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+    t = torch.tensor([float(value)], dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return type(value)(t.item()) if not isinstance(value, bool) else bool(t.item())
+
+
+def shutdown_distributed(context: DistributedContext) -> None:
+    """Wait for every rank, then leave the process group (no-op without one)."""
+    if context.enabled and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def all_gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     """Concatenate ``x`` from every rank along dim 0; gradients flow back to each rank's own rows."""
     return _AllGatherWithGrad.apply(x)
@@ -312,7 +333,9 @@ __all__ = [
     "DistributedMulCLIPLoss",
     "all_gather_with_grad",
     "all_reduce_mean",
+    "agree",
     "average_gradients",
+    "shutdown_distributed",
     "init_distributed",
     "launched_by_torchrun",
 ]

@@ -28,7 +28,15 @@ import numpy as np
 import torch
 
 from .data import Batch, Collator, DataError, iterate_batches, open_dataset, parse_data_spec
-from .distributed import DistributedContext, DistributedMulCLIPLoss, all_reduce_mean, average_gradients
+from .distributed import (
+    DistributedContext,
+    DistributedMulCLIPLoss,
+    agree,
+    all_reduce_mean,
+    average_gradients,
+    init_distributed,
+    shutdown_distributed,
+)
 from .eval import evaluate, format_table
 from .losses import FINE_GRAINED_TERMS, OBJECTIVES, MulCLIPLoss
 from .model import CLIP, PRESETS, CheckpointError, load_clip_weights, preset_config
@@ -365,7 +373,11 @@ class _StopRequest:
 class RunLog:
     """``metrics.jsonl`` / ``val.jsonl`` writer plus a tqdm bar on a terminal or plain log lines."""
 
-    def __init__(self, out: str, total_steps: int, start_step: int, resumed: bool):
+    def __init__(self, out: str, total_steps: int, start_step: int, resumed: bool, enabled: bool = True):
+        self.enabled = enabled  # False on the ranks other than 0 of a distributed run: they write nothing
+        self.bar = None
+        if not enabled:
+            return
         self.metrics_path = os.path.join(out, "metrics.jsonl")
         self.val_path = os.path.join(out, "val.jsonl")
         if resumed:  # drop what was logged after the checkpoint we resume from: it will be redone
@@ -377,7 +389,6 @@ class RunLog:
                     os.remove(path)
         self.total_steps = total_steps
         self.tty = sys.stderr.isatty()
-        self.bar = None
         if self.tty:
             from tqdm import tqdm
 
@@ -385,6 +396,8 @@ class RunLog:
         self.print_every = max(1, total_steps // 20)
 
     def metrics(self, record: dict) -> None:
+        if not self.enabled:
+            return
         with open(self.metrics_path, "a") as handle:
             handle.write(json.dumps(record) + "\n")
         step = record["step"]
@@ -400,11 +413,15 @@ class RunLog:
             )
 
     def val(self, record: dict) -> None:
+        if not self.enabled:
+            return
         with open(self.val_path, "a") as handle:
             handle.write(json.dumps(record) + "\n")
         self.write(f"val step {record['step']}: t2i R@5 {record['t2i_r5']:.3f} i2t R@5 {record['i2t_r5']:.3f}")
 
     def write(self, text: str) -> None:
+        if not self.enabled:
+            return
         if self.bar is not None:
             self.bar.write(text)
         else:
@@ -524,6 +541,14 @@ def train(config: TrainConfig, resume: bool = False, stop_at_step: int | None = 
     config = resolve_config(config)
     if config.threads:
         torch.set_num_threads(config.threads)
+    # Under torchrun every rank runs this function; rank 0 alone writes the run directory.
+    context = init_distributed(config.device)
+    if context.enabled:
+        if config.batch_size % context.world_size:
+            raise ConfigError(f"--batch-size {config.batch_size} must be a multiple of the {context.world_size} ranks")
+        if config.device.startswith("cuda"):
+            config = dataclasses.replace(config, device=f"cuda:{context.local_rank}")
+    main_rank = context.is_main
     os.makedirs(out, exist_ok=True)
 
     image_size = preset_config(config.preset, **config.model_overrides).image_resolution
@@ -539,20 +564,29 @@ def train(config: TrainConfig, resume: bool = False, stop_at_step: int | None = 
         twin_fraction=config.twin_fraction,
     )
     total_steps = _count_steps(config, len(train_set))
-    trainer = Trainer(config, total_steps)
+    trainer = Trainer(config, total_steps, context)
     start_step, elapsed_before = 0, 0.0
     if state is not None:
         start_step, elapsed_before = trainer.load_state_dict(state)
-    _atomic_write_text(
-        os.path.join(out, "config.json"),
-        json.dumps({**config.to_dict(), "total_steps": total_steps, "backend_resolved": trainer.backend}, indent=2),
-    )
+    if main_rank:
+        _atomic_write_text(
+            os.path.join(out, "config.json"),
+            json.dumps(
+                {
+                    **config.to_dict(),
+                    "total_steps": total_steps,
+                    "backend_resolved": trainer.backend,
+                    "world_size": context.world_size,
+                },
+                indent=2,
+            ),
+        )
     val_set = None
     val_every = config.val_every or max(1, total_steps // 5)
     if config.data == "synthetic":
         val_set = open_dataset("synthetic", "val", image_size, config.val_pairs, config.seed)
 
-    log = RunLog(out, total_steps, start_step, resumed=state is not None)
+    log = RunLog(out, total_steps, start_step, resumed=state is not None, enabled=main_rank)
     log.write(
         f"training {config.preset} ({trainer.model.num_parameters() / 1e6:.2f}M non-embedding parameters) "
         f"with --loss {config.loss} terms {', '.join(trainer.terms)} on {config.data}, backend {trainer.backend}, "
@@ -578,6 +612,7 @@ def train(config: TrainConfig, resume: bool = False, stop_at_step: int | None = 
                 elapsed = elapsed_before + time.perf_counter() - loop_start
                 progress = step / total_steps
                 if config.time_limit:
+                    elapsed = agree(elapsed, context)  # every rank must stop at the same step
                     if elapsed >= config.time_limit:
                         time_limited = True
                         log.write(f"time limit of {config.time_limit:.0f} s reached at step {step}")
@@ -608,16 +643,19 @@ def train(config: TrainConfig, resume: bool = False, stop_at_step: int | None = 
                         }
                     )
                 step += 1
-                if val_set is not None and (step % val_every == 0) and step < total_steps:
+                if main_rank and val_set is not None and (step % val_every == 0) and step < total_steps:
                     log.val({"step": step, **evaluate(trainer.model, val_set, device=trainer.device)})
-                if config.checkpoint_every and step % config.checkpoint_every == 0:
+                if main_rank and config.checkpoint_every and step % config.checkpoint_every == 0:
                     _save_checkpoint(trainer, out, step, elapsed_before + time.perf_counter() - loop_start)
-                if stop.signal is not None or step == stop_at_step:
+                if agree(stop.signal is not None, context) or step == stop_at_step:
                     interrupted = stop.signal or "stop_at_step"
                     break
     finally:
         log.close()
     train_seconds = elapsed_before + time.perf_counter() - loop_start
+    if not main_rank:
+        shutdown_distributed(context)
+        return {"steps": step, "total_steps": total_steps, "interrupted": interrupted, "rank": context.rank}
     path = _save_checkpoint(trainer, out, step, train_seconds)
     summary = {
         "steps": step,
@@ -633,6 +671,7 @@ def train(config: TrainConfig, resume: bool = False, stop_at_step: int | None = 
     if interrupted is not None:
         reason = "a signal" if isinstance(interrupted, int) else "--stop-at-step"
         print(f"stopped by {reason} at step {step}; checkpoint {path}; continue with --resume --out {out}", flush=True)
+        shutdown_distributed(context)
         return summary
     if config.eval_pairs:
         test_set = open_dataset(
@@ -649,6 +688,7 @@ def train(config: TrainConfig, resume: bool = False, stop_at_step: int | None = 
     summary["wall_seconds"] = time.perf_counter() - loop_start + elapsed_before
     _atomic_write_text(os.path.join(out, "summary.json"), json.dumps(summary, indent=2))
     print(_summary_table(config, summary, trainer), flush=True)
+    shutdown_distributed(context)
     return summary
 
 

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -74,3 +77,29 @@ def test_two_process_step_equals_one_process_step(tmp_path):
                     assert rank_logged[term] == pytest.approx(logged[term], rel=1e-5), f"{name}: {term}"
             for key, value in params.items():
                 torch.testing.assert_close(rank_params[key], value, atol=1e-5, rtol=0, msg=f"{name}: {key}")
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_write_one_run_directory(tmp_path):
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port", str(_free_port())]
+    cmd += ["-m", "mulclip_fast.train", "--steps", "4", "--batch-size", "8", "--out", str(out)]
+    cmd += ["--model", "vision_layers=1", "--model", "transformer_layers=1", "--fine-start", "0"]
+    cmd += ["--eval-pairs", "20", "--val-pairs", "8", "--val-every", "2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads((out / "config.json").read_text())["world_size"] == 2
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [0, 1, 2, 3]  # one writer: each step logged once
+    assert json.loads((out / "eval.json").read_text())["n_pairs"] == 20
+    assert sorted(os.listdir(out / "checkpoints")) == ["step_00000004.pt"]
+    assert done.stdout.count("run directory:") == 1  # only rank 0 prints the summary table
+
+
+def test_batch_size_must_split_over_the_ranks():
+    with pytest.raises(ValueError, match="cannot be split evenly over 3 ranks"):
+        open_batch = next(
+            iterate_batches(open_dataset("synthetic", "train", 64, 16, 0), Collator(), batch_size=4, seed=0)
+        )[2]
+        open_batch.shard(0, 3)
