@@ -90,6 +90,9 @@ class TrainConfig:
     val_pairs: int = 256
     eval_pairs: int = 1000
     threads: int = 0
+    precision: str = "fp32"
+    grad_checkpointing: bool = False
+    accum_steps: int = 1
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -223,6 +226,7 @@ class Trainer:
             _, path = config.init.split(":", 1)
             self.init_report = load_clip_weights(self.model, path, freeze_positions=config.freeze_positions)
         self.model.to(self.device)
+        self.model.set_grad_checkpointing(config.grad_checkpointing)
         terms = [t for t in OBJECTIVES[config.loss] if (t != "word" or config.wpr) and (t != "sub" or config.sap)]
         self.terms = tuple(terms)
         self.backend = resolve_backend(config.backend, self.terms, config.sap_pairing)
@@ -297,11 +301,22 @@ class Trainer:
         if self.context.enabled:
             batch = batch.shard(self.context.rank, self.context.world_size)
         batch = batch.to(self.device)
-        features, active = self.compute_features(batch, fine_scale)
-        loss_fn = DistributedMulCLIPLoss(self.loss_fn if active else self._global_only, self.context)
-        terms = loss_fn(features, self.model.logit_scale.exp(), fine_grained_scale=fine_scale)
         self.optimizer.zero_grad(set_to_none=True)
-        terms["loss"].backward()
+        # Gradient accumulation: micro-batches of batch / accum_steps, each a contrastive batch of its own
+        # (negatives come from the micro-batch, as in open_clip without feature caching); the gradient is
+        # the mean of the micro-batch losses' gradients.
+        accum = self.config.accum_steps
+        terms_sum: dict[str, torch.Tensor] = {}
+        for micro in range(accum):
+            part = batch.shard(micro, accum) if accum > 1 else batch
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.config.precision == "bf16"):
+                features, active = self.compute_features(part, fine_scale)
+                loss_fn = DistributedMulCLIPLoss(self.loss_fn if active else self._global_only, self.context)
+                terms = loss_fn(features, self.model.logit_scale.exp(), fine_grained_scale=fine_scale)
+            (terms["loss"] / accum).backward()
+            for name, value in terms.items():
+                terms_sum[name] = terms_sum.get(name, 0.0) + value.detach().float() / accum
+        terms = terms_sum
         if self.context.enabled:
             average_gradients(self.model.parameters())
             terms = {name: all_reduce_mean(value) for name, value in terms.items()}
@@ -475,6 +490,10 @@ def resolve_config(config: TrainConfig) -> TrainConfig:
             raise ConfigError(f"--init must be openai:PATH or longclip:PATH, got {c.init!r}")
         if not os.path.isfile(path):
             raise CheckpointError(f"--init checkpoint not found: {path}")
+    if c.precision not in ("fp32", "bf16"):
+        raise ConfigError(f"--precision must be fp32 or bf16, got {c.precision!r}")
+    if c.accum_steps < 1 or c.batch_size % c.accum_steps:
+        raise ConfigError(f"--accum-steps must be >= 1 and divide --batch-size {c.batch_size}, got {c.accum_steps}")
     if c.steps is not None and c.epochs is not None:
         raise ConfigError("give --steps or --epochs, not both")
     if c.steps is None and c.epochs is None:
@@ -814,6 +833,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--out", default=d.out, help="run directory")
     g.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     g.add_argument("--device", default=d.device)
+    g.add_argument("--precision", choices=("fp32", "bf16"), default=d.precision, help="bf16: autocast the step")
+    g.add_argument(
+        "--grad-checkpointing", action="store_true", help="recompute the towers' blocks in backward (less memory)"
+    )
+    g.add_argument(
+        "--accum-steps", type=int, default=d.accum_steps, help="micro-batches per step; contrast within each"
+    )
     g.add_argument("--threads", type=int, default=d.threads, help="torch CPU threads (0: torch's default)")
     g.add_argument("--num-workers", type=int, default=d.num_workers, help="data loader processes")
     g.add_argument("--log-every", type=int, default=d.log_every)
@@ -877,6 +903,9 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         val_pairs=args.val_pairs,
         eval_pairs=args.eval_pairs,
         threads=args.threads,
+        precision=args.precision,
+        grad_checkpointing=args.grad_checkpointing,
+        accum_steps=args.accum_steps,
     )
 
 

@@ -1,0 +1,96 @@
+"""Memory and precision options of a training step: bf16 autocast, activation checkpointing, accumulation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mulclip_fast.data import Collator, iterate_batches, open_dataset
+from mulclip_fast.profiling import PeakMemoryTracker
+from mulclip_fast.train import ConfigError, TrainConfig, Trainer, resolve_config
+
+
+def _trainer(**overrides) -> Trainer:
+    config = resolve_config(
+        TrainConfig(
+            model_overrides={"vision_layers": 2, "transformer_layers": 2},
+            batch_size=8,
+            steps=4,
+            fine_start=0.0,
+            fine_ramp=0.0,
+            eval_pairs=0,
+            seed=7,
+            backend="torch",
+            **overrides,
+        )
+    )
+    return Trainer(config, total_steps=4)
+
+
+def _batch():
+    dataset = open_dataset("synthetic", "train", 64, 64, 7, twin_fraction=0.5)
+    return next(iterate_batches(dataset, Collator(8), batch_size=8, seed=7))[2]
+
+
+def _step_with_peak(trainer: Trainer, batch) -> tuple[dict, int]:
+    """Logged values of one step, and the exact peak memory of a second step on the same batch (the
+    first allocates the optimizer's state, which would otherwise be the peak)."""
+    logged = trainer.step(batch, progress=0.5)
+    with PeakMemoryTracker() as memory:
+        trainer.step(batch, progress=0.5)
+    return logged, memory.peak
+
+
+def test_gradient_checkpointing_keeps_the_step_and_lowers_its_peak_memory():
+    batch = _batch()
+    plain, checkpointed = _trainer(), _trainer(grad_checkpointing=True)
+    logged_plain, peak_plain = _step_with_peak(plain, batch)
+    logged_ckpt, peak_ckpt = _step_with_peak(checkpointed, batch)
+    assert logged_ckpt["loss"] == pytest.approx(logged_plain["loss"], rel=1e-6)
+    for (name, a), b in zip(plain.model.named_parameters(), checkpointed.model.parameters(), strict=True):
+        torch.testing.assert_close(b, a, atol=1e-6, rtol=0, msg=name)
+    assert peak_ckpt < 0.85 * peak_plain, (peak_ckpt, peak_plain)
+
+
+def test_accumulation_averages_the_micro_batches():
+    batch = _batch()
+    reference = _trainer()  # the same initial model, used to score each half on its own
+    parts = [batch.shard(micro, 2) for micro in range(2)]
+    losses = []
+    for part in parts:
+        features, _ = reference.compute_features(part, 1.0)
+        losses.append(reference.loss_fn(features, reference.model.logit_scale.exp())["loss"] / 2)
+    sum(losses).backward()
+    expected_grads = [p.grad.clone() for p in reference.model.parameters() if p.grad is not None]
+
+    accumulated = _trainer(accum_steps=2)
+    grads_at_update = []
+    optimizer_step = accumulated.optimizer.step
+
+    def record_then_step():
+        grads_at_update.extend(p.grad.clone() for p in accumulated.model.parameters() if p.grad is not None)
+        optimizer_step()
+
+    accumulated.optimizer.step = record_then_step
+    logged = accumulated.step(batch, progress=0.5)
+    assert logged["loss"] == pytest.approx(sum(losses).item(), rel=1e-5)
+    assert logged["loss"] != pytest.approx(_trainer().step(batch, progress=0.5)["loss"], rel=1e-3)  # fewer negatives
+    for got, want in zip(grads_at_update, expected_grads, strict=True):
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+
+
+def test_bf16_autocast_step_is_close_to_fp32():
+    batch = _batch()
+    fp32 = _trainer().step(batch, progress=0.5)
+    bf16 = _trainer(precision="bf16").step(batch, progress=0.5)
+    for term in ("loss", "global_long", "word", "sub"):
+        assert bf16[term] == pytest.approx(fp32[term], rel=5e-2), term
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [({"precision": "fp16"}, "--precision"), ({"accum_steps": 3}, "--accum-steps"), ({"accum_steps": 0}, "--accum")],
+)
+def test_bad_option_values_are_rejected(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        resolve_config(TrainConfig(batch_size=8, **overrides))
