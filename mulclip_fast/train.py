@@ -93,6 +93,7 @@ class TrainConfig:
     precision: str = "fp32"
     grad_checkpointing: bool = False
     accum_steps: int = 1
+    compile: str | None = None  # a torch.compile backend for the towers' transformers ("inductor"), or None
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -227,6 +228,10 @@ class Trainer:
             self.init_report = load_clip_weights(self.model, path, freeze_positions=config.freeze_positions)
         self.model.to(self.device)
         self.model.set_grad_checkpointing(config.grad_checkpointing)
+        if config.compile:
+            # In place (nn.Module.compile), so parameter names and checkpoints stay as they are.
+            for tower in (self.model.visual.transformer, self.model.transformer):
+                tower.compile(backend=config.compile)
         terms = [t for t in OBJECTIVES[config.loss] if (t != "word" or config.wpr) and (t != "sub" or config.sap)]
         self.terms = tuple(terms)
         self.backend = resolve_backend(config.backend, self.terms, config.sap_pairing)
@@ -492,6 +497,10 @@ def resolve_config(config: TrainConfig) -> TrainConfig:
             raise CheckpointError(f"--init checkpoint not found: {path}")
     if c.precision not in ("fp32", "bf16"):
         raise ConfigError(f"--precision must be fp32 or bf16, got {c.precision!r}")
+    if c.compile is not None and c.compile not in torch._dynamo.list_backends(exclude_tags=()):
+        raise ConfigError(
+            f"--compile backend {c.compile!r} unknown; torch.compile knows {torch._dynamo.list_backends()}"
+        )
     if c.accum_steps < 1 or c.batch_size % c.accum_steps:
         raise ConfigError(f"--accum-steps must be >= 1 and divide --batch-size {c.batch_size}, got {c.accum_steps}")
     if c.steps is not None and c.epochs is not None:
@@ -840,6 +849,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--accum-steps", type=int, default=d.accum_steps, help="micro-batches per step; contrast within each"
     )
+    g.add_argument(
+        "--compile",
+        nargs="?",
+        const="inductor",
+        default=None,
+        metavar="BACKEND",
+        help="torch.compile the towers' transformers (backend inductor unless named)",
+    )
     g.add_argument("--threads", type=int, default=d.threads, help="torch CPU threads (0: torch's default)")
     g.add_argument("--num-workers", type=int, default=d.num_workers, help="data loader processes")
     g.add_argument("--log-every", type=int, default=d.log_every)
@@ -906,6 +923,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         precision=args.precision,
         grad_checkpointing=args.grad_checkpointing,
         accum_steps=args.accum_steps,
+        compile=args.compile,
     )
 
 

@@ -89,8 +89,26 @@ def test_bf16_autocast_step_is_close_to_fp32():
 
 @pytest.mark.parametrize(
     ("overrides", "message"),
-    [({"precision": "fp16"}, "--precision"), ({"accum_steps": 3}, "--accum-steps"), ({"accum_steps": 0}, "--accum")],
+    [
+        ({"precision": "fp16"}, "--precision"),
+        ({"accum_steps": 3}, "--accum-steps"),
+        ({"accum_steps": 0}, "--accum"),
+        ({"compile": "tensorrt-x"}, "--compile backend"),
+    ],
 )
 def test_bad_option_values_are_rejected(overrides, message):
     with pytest.raises(ConfigError, match=message):
         resolve_config(TrainConfig(batch_size=8, **overrides))
+
+
+def test_compiled_towers_give_the_eager_step():
+    """``--compile`` wraps the towers' transformers with torch.compile (in place: same parameter names).
+    The ``aot_eager`` backend checks tracing and autograd without Inductor's minutes of C++ compilation."""
+    batch = _batch()
+    eager, compiled = _trainer(), _trainer(compile="aot_eager")
+    assert [n for n, _ in compiled.model.named_parameters()] == [n for n, _ in eager.model.named_parameters()]
+    logged_eager = eager.step(batch, progress=0.5)
+    logged_compiled = compiled.step(batch, progress=0.5)
+    assert logged_compiled["loss"] == pytest.approx(logged_eager["loss"], rel=1e-5)
+    for a, b in zip(eager.model.parameters(), compiled.model.parameters(), strict=True):
+        torch.testing.assert_close(b, a, atol=1e-5, rtol=0)
