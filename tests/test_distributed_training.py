@@ -103,3 +103,28 @@ def test_batch_size_must_split_over_the_ranks():
             iterate_batches(open_dataset("synthetic", "train", 64, 16, 0), Collator(), batch_size=4, seed=0)
         )[2]
         open_batch.shard(0, 3)
+
+
+@pytest.mark.slow
+def test_torchrun_resume_continues_the_run_exactly(tmp_path):
+    """Stopped at step 2 and resumed under torchrun, a 2-process run logs the losses of an uninterrupted one."""
+    common = ["-m", "mulclip_fast.train", "--steps", "4", "--batch-size", "8", "--fine-start", "0"]
+    common += ["--model", "vision_layers=1", "--model", "transformer_layers=1", "--eval-pairs", "0"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+    def torchrun(*args):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2"]
+        cmd += ["--master_port", str(_free_port()), *common, *args]
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+        return done
+
+    def losses(out):
+        return [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+    assert torchrun("--out", str(tmp_path / "whole")).returncode == 0
+    stopped = torchrun("--out", str(tmp_path / "split"), "--stop-at-step", "2")
+    assert stopped.returncode == 0 and "--resume" in stopped.stdout, stopped.stderr[-2000:]
+    resumed = torchrun("--out", str(tmp_path / "split"), "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resumed at step 2" in resumed.stdout  # it continued, it did not start over
+    assert losses(tmp_path / "split") == losses(tmp_path / "whole")
