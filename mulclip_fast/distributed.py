@@ -214,7 +214,7 @@ class DistributedMulCLIPLoss:
     """
 
     def __init__(self, loss: MulCLIPLoss, context: DistributedContext):
-        if loss.finelip_hardest_negative and "finelip" in loss.terms:
+        if context.enabled and loss.finelip_hardest_negative and "finelip" in loss.terms:
             raise ValueError("finelip_hardest_negative is not supported with data parallelism: use the sum")
         self.loss = loss
         self.context = context
