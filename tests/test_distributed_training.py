@@ -7,6 +7,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -128,3 +129,16 @@ def test_torchrun_resume_continues_the_run_exactly(tmp_path):
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "resumed at step 2" in resumed.stdout  # it continued, it did not start over
     assert losses(tmp_path / "split") == losses(tmp_path / "whole")
+
+
+@pytest.mark.slow
+def test_a_failing_rank_ends_the_job_with_its_message(tmp_path):
+    script = os.path.join(os.path.dirname(__file__), "failing_rank_train.py")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port", str(_free_port())]
+    cmd += [script, "--steps", "4", "--batch-size", "8", "--out", str(tmp_path / "run"), "--eval-pairs", "0"]
+    cmd += ["--model", "vision_layers=1", "--model", "transformer_layers=1"]
+    started = time.monotonic()
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode != 0
+    assert "shard unreadable on rank 1" in done.stdout + done.stderr
+    assert time.monotonic() - started < 120  # ended by torchrun's supervision, not by a collective's timeout
