@@ -653,8 +653,8 @@ def train(config: TrainConfig, resume: bool = False, stop_at_step: int | None = 
                     if path not in skipped:
                         skipped[path] = reason
                         log.write(f"skipped unreadable image {path}: {reason}")
-                if len(batch) < 2:
-                    step += 1  # nothing to contrast in this batch; its position is still consumed
+                if len(batch) < max(2, context.world_size * config.accum_steps):
+                    step += 1  # too few readable samples to contrast or split; the position is still consumed
                     continue
                 logged = trainer.step(batch, progress)
                 step_time = time.perf_counter() - t0

@@ -31,10 +31,12 @@ class Batch:
         return self.images.shape[0]
 
     def shard(self, rank: int, world_size: int) -> Batch:
-        """Rows ``rank·n … (rank+1)·n`` of the batch (``n = B / world_size``): one rank's slice of a global
-        batch. Token ids keep the global batch's padding, which is exact for a causal tower pooled at EOT."""
-        if len(self) % world_size:
-            raise ValueError(f"a batch of {len(self)} cannot be split evenly over {world_size} ranks")
+        """Rows ``rank·n … (rank+1)·n`` of the batch, ``n = ⌊B / world_size⌋``: one rank's (or one
+        micro-batch's) slice of a global batch. When skipped images leave B short of a multiple, the last
+        ``B mod world_size`` rows are left out, so that every part has the same size. Token ids keep the
+        global batch's padding, which is exact for a causal tower pooled at EOT."""
+        if len(self) < world_size:
+            raise ValueError(f"a batch of {len(self)} cannot be split over {world_size} parts")
         n = len(self) // world_size
         rows = slice(rank * n, (rank + 1) * n)
         part = lambda t: None if t is None else t[rows]  # noqa: E731
