@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from .losses import FINE_GRAINED_TERMS, MulCLIPFeatures, MulCLIPLoss
+from .losses import MulCLIPFeatures, MulCLIPLoss, _prepend_valid
 
 
 @dataclass(frozen=True)
@@ -247,10 +247,7 @@ class DistributedMulCLIPLoss:
         if "finelip" in loss.terms:
             out["finelip"] = self._finelip_share(f, v_all, t_all, offset)
         out = {name: world * value for name, value in out.items()}
-        out["loss"] = sum(
-            loss.weights[name] * (fine_grained_scale if name in FINE_GRAINED_TERMS else 1.0) * value
-            for name, value in out.items()
-        )
+        out["loss"] = loss.weighted_total(out, fine_grained_scale)
         return out
 
     @staticmethod
@@ -325,7 +322,7 @@ def _with_leading_valid(mask: torch.Tensor | None, tokens: torch.Tensor) -> torc
     """Validity of ``[CLS/EOT, tokens…]``: ranks gather explicit masks, so None becomes all-True."""
     if mask is None:
         return torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device)
-    return torch.cat([torch.ones_like(mask[:, :1]), mask], dim=1)
+    return _prepend_valid(mask)
 
 
 __all__ = [

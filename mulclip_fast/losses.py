@@ -159,12 +159,15 @@ class MulCLIPLoss(nn.Module):
             out["sub"] = self._sap_loss(f, logit_scale)
         if "finelip" in self.terms:
             out["finelip"] = self._finelip_loss(f, v_cls, t_long)
-        total = sum(
-            self.weights[name] * (fine_grained_scale if name in FINE_GRAINED_TERMS else 1.0) * value
-            for name, value in out.items()
-        )
-        out["loss"] = total
+        out["loss"] = self.weighted_total(out, fine_grained_scale)
         return out
+
+    def weighted_total(self, terms: dict[str, torch.Tensor], fine_grained_scale: float = 1.0) -> torch.Tensor:
+        """``Σ w_term · term``, the fine-grained terms' weights multiplied by ``fine_grained_scale``."""
+        return sum(
+            self.weights[name] * (fine_grained_scale if name in FINE_GRAINED_TERMS else 1.0) * value
+            for name, value in terms.items()
+        )
 
     def _sap_loss(self, f: MulCLIPFeatures, logit_scale) -> torch.Tensor:
         if f.sub_eot is None or f.sub_mask is None:
