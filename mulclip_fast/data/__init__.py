@@ -7,7 +7,17 @@ import os
 import torch
 
 from .collate import Batch, Collator
-from .real import DataError, ImageCaptionFiles, Record, open_real_dataset, read_docci, read_sharegpt4v
+from .real import (
+    READERS,
+    DataError,
+    ImageCaptionFiles,
+    Record,
+    open_real_dataset,
+    read_dci,
+    read_docci,
+    read_sharegpt4v,
+    read_urban1k,
+)
 from .synthetic import SyntheticLongCaptions
 from .text import (
     LONG_CONTEXT,
@@ -19,7 +29,7 @@ from .text import (
     trim_to_longest,
 )
 
-DATA_KINDS = ("synthetic", "docci", "sharegpt4v")
+DATA_KINDS = ("synthetic", *READERS)  # synthetic, docci, sharegpt4v, dci, urban1k
 
 __all__ = [
     "Batch",
@@ -36,8 +46,10 @@ __all__ = [
     "iterate_batches",
     "open_dataset",
     "parse_data_spec",
+    "read_dci",
     "read_docci",
     "read_sharegpt4v",
+    "read_urban1k",
     "split_sentences",
     "subcaptions_of",
     "summary_of",
@@ -46,10 +58,12 @@ __all__ = [
 
 
 def parse_data_spec(spec: str) -> tuple[str, str | None]:
-    """``"synthetic"`` → (``"synthetic"``, None); ``"docci:PATH"`` → (``"docci"``, PATH)."""
+    """``"synthetic"`` → (``"synthetic"``, None); ``"docci:PATH"`` → (``"docci"``, PATH); likewise
+    ``sharegpt4v:``, ``dci:`` and ``urban1k:``."""
     kind, _, path = spec.partition(":")
     if kind not in DATA_KINDS:
-        raise DataError(f"--data must be synthetic, docci:PATH or sharegpt4v:PATH, got {spec!r}")
+        forms = ", ".join(f"{k}:PATH" for k in DATA_KINDS[1:])
+        raise DataError(f"--data must be synthetic or one of {forms}, got {spec!r}")
     if kind == "synthetic":
         if path:
             raise DataError(f"--data synthetic takes no path, got {spec!r}")
@@ -74,8 +88,8 @@ def open_dataset(
     """The ``split`` (``train`` / ``val`` / ``test``) of the dataset named by ``spec``.
 
     ``size`` is the number of synthetic samples (ignored for files); real files hold out their ``test``
-    split, or their last ``holdout`` records, for ``val`` / ``test``. ``twin_fraction``: synthetic binding
-    twins (see ``SyntheticLongCaptions``).
+    split (all of DCI and Urban1k), or their last ``holdout`` records, for ``val`` / ``test``.
+    ``twin_fraction``: synthetic binding twins (see ``SyntheticLongCaptions``).
     """
     kind, path = parse_data_spec(spec)
     if kind == "synthetic":

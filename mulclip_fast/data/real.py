@@ -4,8 +4,12 @@
   ``description`` and ``split`` (``train`` / ``test`` / ``qual_*``) — and an ``images/`` folder.
 * ShareGPT4V: a JSON list of ``{"id", "image": "relative/path.jpg", "conversations": [{"from": "human",
   ...}, {"from": "gpt", "value": caption}]}``; image paths are relative to an image root.
+* DCI (Densely Captioned Images): a ``densely_captioned_images/`` folder with ``annotations/*.json`` (one
+  JSON object per image) and ``photos/``. Evaluation set: every record is a ``test`` record.
+* Urban1k (Long-CLIP's benchmark): a folder with ``image/N.jpg`` and ``caption/N.txt``, paired by file
+  stem. Evaluation set: every record is a ``test`` record.
 
-Bad records are reported by line / index and skipped; a file with no usable record is an error.
+Bad records are reported by line / index / path and skipped; a source with no usable record is an error.
 Unreadable or corrupt images are skipped when read and counted with their path (see ``collate``).
 """
 
@@ -90,7 +94,125 @@ def read_sharegpt4v(path: str, image_root: str | None = None) -> tuple[list[Reco
     return records, problems
 
 
-READERS = {"docci": read_docci, "sharegpt4v": read_sharegpt4v}
+def read_dci(path: str, image_root: str | None = None) -> tuple[list[Record], list[str]]:
+    """Records of DCI (facebookresearch/DCI): ``path`` is the ``densely_captioned_images`` folder or
+    the folder holding it.
+
+    Each ``annotations/*.json`` is one image: ``image`` (file name relative to ``photos/``, or to
+    ``image_root``), ``short_caption`` and ``extra_caption``; its other fields (``mask_data``,
+    ``mask_keys``, ``summaries``, ``negatives``) are not read. The caption is ``short_caption`` and
+    ``extra_caption`` joined by a newline: the long caption of DCI's own ``get_extended_caption`` and of
+    the long-caption retrieval evaluations (LoTLIP's DCI loader builds it the same way). A period is added
+    to a short caption without sentence-ending punctuation so that the summary (the first sentence, used
+    by the ``short_*`` metrics) is the short caption. Those evaluations use the images of every split in
+    ``splits.json``, so every annotation file is read and every record is a ``test`` record: DCI is an
+    evaluation set here.
+    """
+    root = path
+    if not os.path.isdir(os.path.join(root, "annotations")):
+        root = os.path.join(path, "densely_captioned_images")
+    annotations = os.path.join(root, "annotations")
+    if not os.path.isdir(annotations):
+        raise DataError(
+            f"no DCI annotations folder in {path}: expected {path}/annotations or "
+            f"{path}/densely_captioned_images/annotations"
+        )
+    if image_root is None:
+        image_root = os.path.join(root, "photos")
+        if not os.path.isdir(image_root):
+            raise DataError(
+                f"DCI photos folder not found: {image_root} (extract SA-1B's sa_000138.tar there, or pass --image-root)"
+            )
+    records, problems = [], []
+    for name in sorted(f for f in os.listdir(annotations) if f.endswith(".json")):
+        file = os.path.join(annotations, name)
+        try:
+            with open(file, encoding="utf-8") as handle:
+                obj = json.load(handle)
+            if not isinstance(obj, dict):
+                raise TypeError(f"expected a JSON object, got {type(obj).__name__}")
+            image, short, extra = obj["image"], obj["short_caption"], obj["extra_caption"]
+            if not all(isinstance(v, str) for v in (image, short, extra)) or not image:
+                raise TypeError("image, short_caption and extra_caption must be strings, image non-empty")
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as exc:
+            problems.append(f"{file}: {type(exc).__name__}: {exc}")
+            continue
+        short, extra = short.strip(), extra.strip()
+        if short and not short.endswith((".", "!", "?")):
+            short += "."
+        caption = f"{short}\n{extra}".strip()
+        if not caption:
+            problems.append(f"{file}: empty caption (short_caption and extra_caption are blank)")
+            continue
+        image_path = _resolve(image_root, image)
+        if not os.path.isfile(image_path):
+            problems.append(f"{file}: image not found: {image_path}")
+            continue
+        records.append(Record(image_path, caption, "test"))
+    return records, problems
+
+
+URBAN1K_IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+
+
+def _stem_order(stem: str) -> tuple:
+    """Numeric stems (Urban1k's ``1`` … ``1000``) in numeric order, then the others by name."""
+    return (0, int(stem), "") if stem.isdigit() else (1, 0, stem)
+
+
+def read_urban1k(path: str, image_root: str | None = None) -> tuple[list[Record], list[str]]:
+    """Records of Urban1k: ``path`` holds ``caption/STEM.txt`` (the long caption, UTF-8) and
+    ``image/STEM.jpg`` (or .jpeg/.png/.webp/.bmp; ``image_root`` replaces ``image/``), paired by stem.
+
+    The caption is the whole file, stripped (Long-CLIP's evaluation reads only its first line; the two
+    agree on one-line caption files). A caption without an image, an image without a caption, two images for one
+    stem, an unreadable or empty caption file are reported and skipped. Urban1k is an evaluation set:
+    every record is a ``test`` record.
+    """
+    if not os.path.isdir(path):
+        raise DataError(f"Urban1k path must be a folder holding image/ and caption/, got {path}")
+    caption_dir = os.path.join(path, "caption")
+    image_dir = image_root or os.path.join(path, "image")
+    for folder in (caption_dir, image_dir):
+        if not os.path.isdir(folder):
+            raise DataError(f"Urban1k folder not found: {folder}")
+    images: dict[str, list[str]] = {}
+    for name in os.listdir(image_dir):
+        stem, suffix = os.path.splitext(name)
+        if suffix.lower() in URBAN1K_IMAGE_SUFFIXES and os.path.isfile(os.path.join(image_dir, name)):
+            images.setdefault(stem, []).append(name)
+    captions = {
+        os.path.splitext(name)[0]: name
+        for name in os.listdir(caption_dir)
+        if name.endswith(".txt") and os.path.isfile(os.path.join(caption_dir, name))
+    }
+    records, problems = [], []
+    for stem in sorted(set(captions) | set(images), key=_stem_order):
+        if stem not in captions:
+            problems.append(f"{os.path.join(image_dir, images[stem][0])}: no caption file {stem}.txt in {caption_dir}")
+            continue
+        file = os.path.join(caption_dir, captions[stem])
+        if stem not in images:
+            problems.append(f"{file}: no image {stem}.jpg (or .jpeg/.png/.webp/.bmp) in {image_dir}")
+            continue
+        if len(images[stem]) > 1:
+            problems.append(f"{file}: several images for one caption in {image_dir}: {sorted(images[stem])}")
+            continue
+        try:
+            with open(file, encoding="utf-8") as handle:
+                caption = handle.read().strip()
+        except UnicodeDecodeError as exc:
+            problems.append(f"{file}: UnicodeDecodeError: {exc}")
+            continue
+        if not caption:
+            problems.append(f"{file}: empty caption")
+            continue
+        records.append(Record(os.path.join(image_dir, images[stem][0]), caption, "test"))
+    return records, problems
+
+
+READERS = {"docci": read_docci, "sharegpt4v": read_sharegpt4v, "dci": read_dci, "urban1k": read_urban1k}
+EVALUATION_SETS = ("dci", "urban1k")
 
 
 def split_records(records: list[Record], split: str, holdout: int) -> list[Record]:
@@ -126,18 +248,23 @@ class ImageCaptionFiles(torch.utils.data.Dataset):
 def open_real_dataset(
     kind: str, path: str, split: str, image_size: int, image_root: str | None = None, holdout: int = 1000
 ) -> ImageCaptionFiles:
-    """The ``split`` part of a DOCCI / ShareGPT4V file, checked to have readable records."""
+    """The ``split`` part of a DOCCI / ShareGPT4V / DCI / Urban1k source, checked to have readable records."""
     if kind not in READERS:
         raise DataError(f"unknown dataset kind {kind!r}; known: synthetic, {', '.join(READERS)}")
     if image_root is not None and not os.path.isdir(image_root):
         raise DataError(f"image root is not a directory: {image_root}")
     records, problems = READERS[kind](path, image_root)
     if not records:
-        shown = "; ".join(problems[:3]) or "the file is empty"
+        shown = "; ".join(problems[:3]) or "no records found"
         raise DataError(f"{path} has no usable {kind} record ({len(problems)} bad: {shown})")
     chosen = split_records(records, split, holdout)
     if not chosen:
-        raise DataError(f"{path} has {len(records)} records but none for the {split!r} split")
+        hint = (
+            f"; {kind} is an evaluation set (every record is a test record): use it with python -m mulclip_fast.eval"
+            if kind in EVALUATION_SETS
+            else ""
+        )
+        raise DataError(f"{path} has {len(records)} records but none for the {split!r} split{hint}")
     dataset = ImageCaptionFiles(chosen, image_size, source=f"{kind}:{path}")
     dataset.bad_records = problems
     # Fail fast when the images are not where the records say (a wrong image root is the usual cause).
