@@ -132,19 +132,6 @@ def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
     return x / dist.get_world_size()
 
 
-def average_gradients(parameters) -> None:
-    """Average every parameter's gradient over the ranks (what DistributedDataParallel does, unbucketed).
-
-    Each rank back-propagates ``world · share`` of the loss (:class:`DistributedMulCLIPLoss`), so the
-    average is exactly the gradient of the global loss.
-    """
-    world = dist.get_world_size()
-    for param in parameters:
-        if param.grad is not None:
-            dist.all_reduce(param.grad)
-            param.grad /= world
-
-
 def pad_to(x: torch.Tensor | None, length: int, dim: int = 1, value=0) -> torch.Tensor | None:
     """Pad dim ``dim`` of ``x`` to ``length`` (ranks must gather equal shapes)."""
     if x is None or x.shape[dim] == length:
@@ -331,7 +318,6 @@ __all__ = [
     "all_gather_with_grad",
     "all_reduce_mean",
     "agree",
-    "average_gradients",
     "shutdown_distributed",
     "init_distributed",
     "launched_by_torchrun",

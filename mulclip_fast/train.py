@@ -14,6 +14,7 @@ is a pure function of (seed, step), so ``--resume`` continues bit-for-bit.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import math
@@ -33,12 +34,11 @@ from .distributed import (
     DistributedMulCLIPLoss,
     agree,
     all_reduce_mean,
-    average_gradients,
     init_distributed,
     shutdown_distributed,
 )
 from .eval import evaluate, format_table
-from .losses import FINE_GRAINED_TERMS, OBJECTIVES, MulCLIPLoss
+from .losses import FINE_GRAINED_TERMS, OBJECTIVES, MulCLIPFeatures, MulCLIPLoss
 from .model import CLIP, PRESETS, CheckpointError, load_clip_weights, preset_config
 
 CHECKPOINT_FORMAT = "mulclip-fast-train"
@@ -210,14 +210,33 @@ def resolve_backend(requested: str, terms: tuple[str, ...], sap_pairing: str) ->
 
 
 # ---------------------------------------------------------------------------------------------- trainer
+class FeatureForward(torch.nn.Module):
+    """The towers' training pass as one ``forward``, so that DistributedDataParallel can wrap it.
+
+    DDP only synchronises gradients of work done inside its module's ``forward``. Training calls
+    ``CLIP.features`` and the loss also uses the temperature, so this forward returns both: the
+    features' fields as a dict (DDP finds the tensors in it) plus ``logit_scale = exp(t)``.
+    """
+
+    def __init__(self, model: CLIP):
+        super().__init__()
+        self.model = model
+
+    def forward(self, **inputs) -> dict[str, torch.Tensor | None]:
+        features = self.model.features(**inputs)
+        outputs = {f.name: getattr(features, f.name) for f in dataclasses.fields(features)}
+        outputs["logit_scale"] = self.model.logit_scale.exp()
+        return outputs
+
+
 class Trainer:
     """Model, loss and optimizer of one run, and ``step`` — one optimisation step on one batch."""
 
     def __init__(self, config: TrainConfig, total_steps: int, context: DistributedContext | None = None):
         self.config = config
         self.total_steps = total_steps
-        # Data parallelism: every rank builds the same model from the same seed, takes its slice of each
-        # global batch, and averages gradients, so a step equals the one-process step on the global batch.
+        # Data parallelism: every rank takes its slice of each global batch and DistributedDataParallel
+        # averages the gradients, so a step equals the one-process step on the global batch.
         self.context = context or DistributedContext()
         self.device = torch.device(config.device)
         _seed_everything(config.seed)
@@ -245,6 +264,16 @@ class Trainer:
         )
         self.needs_tokens = any(t in FINE_GRAINED_TERMS for t in self.terms)
         self.needs_subcaptions = "sub" in self.terms
+        self.forward_module = FeatureForward(self.model)
+        if self.context.enabled:
+            # DDP broadcasts rank 0's parameters, then averages gradients in buckets while backward still
+            # runs. Some parameters take no part in some steps (the calibration modules before the
+            # fine-grained ramp, or always without WPR/SAP), hence find_unused_parameters.
+            self.forward_module = torch.nn.parallel.DistributedDataParallel(
+                self.forward_module,
+                device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                find_unused_parameters=True,
+            )
         self.optimizer = torch.optim.AdamW(
             self._param_groups(), lr=self.base_lr, betas=(0.9, 0.98), eps=1e-6, weight_decay=config.weight_decay
         )
@@ -282,20 +311,22 @@ class Trainer:
             return 0.0
         return 1.0 if ramp <= 0 else min(1.0, (progress - start) / ramp)
 
-    def compute_features(self, batch: Batch, fine_scale: float):
-        """The towers' outputs for the enabled terms. Token-level features are skipped while their
-        weight is zero (before the ramp starts), which makes those steps as cheap as the global loss."""
+    def compute_features(self, batch: Batch, fine_scale: float) -> tuple[MulCLIPFeatures, torch.Tensor, bool]:
+        """The towers' outputs for the enabled terms, the logit scale ``exp(t)``, and whether the
+        fine-grained terms are active. Token-level features are skipped while their weight is zero
+        (before the ramp starts), which makes those steps as cheap as the global loss."""
         active = fine_scale > 0
-        features = self.model.features(
-            batch.images,
-            batch.long_ids,
+        outputs = self.forward_module(
+            images=batch.images,
+            long_ids=batch.long_ids,
             short_ids=batch.short_ids if "global_short" in self.terms else None,
             sub_ids=batch.sub_ids if (self.needs_subcaptions and active) else None,
             sub_mask=batch.sub_mask if (self.needs_subcaptions and active) else None,
             need_tokens=self.needs_tokens and active,
             sap_raw_patches=self.config.sap_raw_patches,
         )
-        return features, active
+        logit_scale = outputs.pop("logit_scale")
+        return MulCLIPFeatures(**outputs), logit_scale, active
 
     def step(self, batch: Batch, progress: float) -> dict[str, float]:
         """One optimisation step; returns the logged values (each loss term unweighted, total, lr)."""
@@ -303,27 +334,31 @@ class Trainer:
         fine_scale = self.fine_grained_scale(progress)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        if self.context.enabled:
-            batch = batch.shard(self.context.rank, self.context.world_size)
-        batch = batch.to(self.device)
         self.optimizer.zero_grad(set_to_none=True)
         # Gradient accumulation: micro-batches of batch / accum_steps, each a contrastive batch of its own
-        # (negatives come from the micro-batch, as in open_clip without feature caching); the gradient is
-        # the mean of the micro-batch losses' gradients.
+        # (negatives come from the global micro-batch, as in open_clip without feature caching); the
+        # gradient is the mean of the micro-batch losses' gradients. Splitting into micro-batches before
+        # ranks makes N ranks compute exactly what one process does with the same --accum-steps.
         accum = self.config.accum_steps
         terms_sum: dict[str, torch.Tensor] = {}
         for micro in range(accum):
             part = batch.shard(micro, accum) if accum > 1 else batch
-            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.config.precision == "bf16"):
-                features, active = self.compute_features(part, fine_scale)
-                loss_fn = DistributedMulCLIPLoss(self.loss_fn if active else self._global_only, self.context)
-                terms = loss_fn(features, self.model.logit_scale.exp(), fine_grained_scale=fine_scale)
-            (terms["loss"] / accum).backward()
+            if self.context.enabled:
+                part = part.shard(self.context.rank, self.context.world_size)
+            part = part.to(self.device)
+            # Under DDP, gradients are averaged over ranks once, in the last micro-batch's backward.
+            last = micro == accum - 1
+            sync = contextlib.nullcontext() if last or not self.context.enabled else self.forward_module.no_sync()
+            with sync:
+                with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.config.precision == "bf16"):
+                    features, logit_scale, active = self.compute_features(part, fine_scale)
+                    loss_fn = DistributedMulCLIPLoss(self.loss_fn if active else self._global_only, self.context)
+                    terms = loss_fn(features, logit_scale, fine_grained_scale=fine_scale)
+                (terms["loss"] / accum).backward()
             for name, value in terms.items():
                 terms_sum[name] = terms_sum.get(name, 0.0) + value.detach().float() / accum
         terms = terms_sum
         if self.context.enabled:
-            average_gradients(self.model.parameters())
             terms = {name: all_reduce_mean(value) for name, value in terms.items()}
         self.optimizer.step()
         with torch.no_grad():  # CLIP clamps the logit scale at 100
@@ -621,6 +656,12 @@ def train(config: TrainConfig, resume: bool = False, stop_at_step: int | None = 
         f"{total_steps} steps of {config.batch_size} on {config.device} -> {out}"
         + ("" if state is None else f" (resumed at step {start_step})")
     )
+    # Records the loader could not use (bad lines, missing fields): listed, never silently dropped.
+    bad_records = getattr(train_set, "bad_records", [])
+    if bad_records:
+        log.write(f"{len(bad_records)} bad records skipped (see bad_records.json), e.g. {bad_records[0]}")
+        if main_rank:
+            _atomic_write_text(os.path.join(out, "bad_records.json"), json.dumps(bad_records, indent=2))
     collator = Collator(config.max_subcaptions, with_subcaptions=trainer.needs_subcaptions)
     skipped: dict[str, str] = {}
     step, interrupted, time_limited = start_step, None, False
@@ -691,6 +732,7 @@ def train(config: TrainConfig, resume: bool = False, stop_at_step: int | None = 
         "train_seconds": train_seconds,
         "checkpoint": path,
         "skipped_images": len(skipped),
+        "bad_records": len(bad_records),
         "interrupted": interrupted,
         "time_limited": time_limited,
     }
@@ -785,6 +827,8 @@ def _summary_table(config: TrainConfig, summary: dict, trainer: Trainer) -> str:
         rows.append(("peak memory", f"{tail[-1]['memory_mb']:.0f} MB"))
     if summary.get("skipped_images"):
         rows.append(("skipped images", f"{summary['skipped_images']} (see skipped.json)"))
+    if summary.get("bad_records"):
+        rows.append(("bad records", f"{summary['bad_records']} (see bad_records.json)"))
     width = max(len(r[0]) for r in rows)
     lines = ["", "summary", "-" * 40] + [f"{k:<{width}}  {v}" for k, v in rows]
     if "eval" in summary:
@@ -803,7 +847,11 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("model and data")
     g.add_argument("--preset", choices=sorted(PRESETS), default=d.preset)
     g.add_argument("--model", action="append", default=[], metavar="FIELD=INT", help="override a preset field")
-    g.add_argument("--data", default=d.data, help="synthetic | docci:PATH | sharegpt4v:PATH")
+    g.add_argument(
+        "--data",
+        default=d.data,
+        help="synthetic | docci:PATH | sharegpt4v:PATH | dci:PATH | urban1k:PATH (dci, urban1k: evaluation only)",
+    )
     g.add_argument("--image-root", default=None, help="folder the dataset's image paths are relative to")
     g.add_argument("--init", default=None, help="openai:PATH | longclip:PATH (local checkpoint file)")
     g.add_argument(

@@ -18,7 +18,15 @@ from mulclip_fast.data import Collator, iterate_batches, open_dataset
 from mulclip_fast.distributed import DistributedContext
 from mulclip_fast.train import TrainConfig, Trainer, resolve_config
 
-OBJECTIVES = {"mulclip": {}, "mulclip_all_pairs": {"sap_pairing": "all"}, "finelip": {"loss": "finelip"}}
+# Each case runs in 1 process and in 2. "accumulated" also checks that DDP's no_sync micro-batches add up,
+# "checkpointed" that recomputation in backward works under DDP.
+OBJECTIVES = {
+    "mulclip": {},
+    "mulclip_all_pairs": {"sap_pairing": "all"},
+    "finelip": {"loss": "finelip"},
+    "accumulated": {"accum_steps": 2},
+    "checkpointed": {"grad_checkpointing": True},
+}
 
 
 def _config(**overrides) -> TrainConfig:

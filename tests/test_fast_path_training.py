@@ -59,8 +59,7 @@ def _teacher_forced(steps: int, **overrides) -> None:
     for step, _, batch in batches:
         if step == steps:
             break
-        features, _ = trainer.compute_features(batch, fine_scale=1.0)
-        scale = trainer.model.logit_scale.exp()
+        features, scale, _ = trainer.compute_features(batch, fine_scale=1.0)
         want = trainer.loss_fn(features, scale)
         want_grads = torch.autograd.grad(want["loss"], params, retain_graph=True, allow_unused=True)
         got = fast(features, scale)
