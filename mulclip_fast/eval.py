@@ -140,7 +140,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m mulclip_fast.eval", description="Retrieval Recall@1/5/10 and binding accuracy of a model."
     )
     parser.add_argument("--checkpoint", required=True, help="run directory, training checkpoint or CLIP .pt file")
-    parser.add_argument("--data", default="synthetic", help="synthetic | docci:PATH | sharegpt4v:PATH")
+    parser.add_argument(
+        "--data", default="synthetic", help="synthetic | docci:PATH | sharegpt4v:PATH | dci:PATH | urban1k:PATH"
+    )
     parser.add_argument("--image-root", default=None, help="folder the dataset's image paths are relative to")
     parser.add_argument("--preset", default=None, help="architecture of a plain CLIP checkpoint")
     parser.add_argument("--pairs", type=int, default=1000, help="held-out pairs (synthetic: generated)")
@@ -168,6 +170,9 @@ def main(argv: list[str] | None = None) -> int:
             image_root=args.image_root,
             holdout=args.pairs,
         )
+        bad_records = getattr(dataset, "bad_records", [])
+        if bad_records:
+            print(f"{len(bad_records)} bad records skipped, e.g. {bad_records[:3]}", file=sys.stderr)
         if len(dataset) > args.pairs:  # real files: the first --pairs held-out records
             dataset = torch.utils.data.Subset(dataset, range(args.pairs))
         result = evaluate(model, dataset, args.batch_size, args.device)

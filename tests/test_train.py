@@ -129,11 +129,14 @@ def test_corrupt_and_missing_images_are_skipped_and_counted(tmp_path):
     lines.append({"image_file": "bad.png", "description": "Bad. Image.", "split": "train"})
     lines.append({"image_file": "gone.png", "description": "Gone. Image.", "split": "train"})
     data = tmp_path / "docci.jsonl"
-    data.write_text("\n".join(json.dumps(x) for x in lines))
+    data.write_text("\n".join([*(json.dumps(x) for x in lines), "{not json"]))
     summary = train(small_config(tmp_path / "run", data=f"docci:{data}", steps=4, loss="global", val_pairs=1))
     assert summary["skipped_images"] == 2
     skipped = json.loads((tmp_path / "run" / "skipped.json").read_text())
     assert set(skipped) == {str(images / "bad.png"), str(images / "gone.png")}
+    assert summary["bad_records"] == 1  # the unparseable line, named by file and line number
+    (bad,) = json.loads((tmp_path / "run" / "bad_records.json").read_text())
+    assert bad.startswith(f"{data}:{len(lines) + 1}:")
 
 
 @pytest.mark.parametrize(
