@@ -28,8 +28,11 @@ import json
 import math
 import os
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -139,6 +142,7 @@ def measure_case(
     extra: dict | None = None,
     warmed_up: bool = False,
     max_rounds: int = MAX_ROUNDS,
+    known_peak: tuple[int, str] | None = None,
 ) -> dict:
     """Warm up, measure peak memory, time ``fn`` with pytest-benchmark; record and return everything.
 
@@ -146,15 +150,21 @@ def measure_case(
     ``flops`` and ``nbytes`` are the op's useful FLOPs and compulsory bytes for that work, or None when
     the work has no closed-form count (a training step). ``warmed_up`` skips the warm-up call when the
     caller has already run ``fn``'s work; ``max_rounds`` caps the timed rounds (slow, secondary cases).
+    ``known_peak`` is ``(bytes, method)`` from :func:`measure_peak_memory` of this very ``fn`` made by the
+    caller (a batch-size search measures every candidate); the measure is then not repeated.
     """
     fn = synchronized(fn)
     if not warmed_up:
         fn()  # warm-up: compilation, autotuning, lazy initialisation, optimizer state
-    start = time.perf_counter()
-    peak_bytes, memory_method = measure_peak_memory(fn, DEVICE, compiled=compiled)
-    # The measured call doubles as the timing estimate: the tracker's overhead only makes it longer,
-    # which errs towards fewer rounds, never towards a budget overrun.
-    seconds_per_call = time.perf_counter() - start
+    if known_peak is None:
+        start = time.perf_counter()
+        peak_bytes, memory_method = measure_peak_memory(fn, DEVICE, compiled=compiled)
+        # The measured call doubles as the timing estimate: the tracker's overhead only makes it longer,
+        # which errs towards fewer rounds, never towards a budget overrun.
+        seconds_per_call = time.perf_counter() - start
+    else:
+        peak_bytes, memory_method = known_peak
+        seconds_per_call = math.inf  # no estimate: as few rounds as allowed
 
     rounds, iterations = _rounds_for(seconds_per_call)
     rounds = min(rounds, max_rounds)
@@ -200,6 +210,95 @@ def measure_case(
     # Rewritten after every case, so a run cut short (a time limit on a lent GPU) keeps what it measured.
     write_results(results, machine)
     return record
+
+
+@dataclass
+class BatchSearch:
+    """What :func:`largest_batch_within` found.
+
+    ``batch``: the largest batch measured within the budget (0 when not even the first one fits), ``peak``
+    its peak bytes; ``over``: the smallest batch measured over the budget (None if none was); ``capped``:
+    the search stopped at its limit, not at the budget; ``probes``: every batch measured and its peak
+    bytes, in the order measured.
+    """
+
+    batch: int
+    peak: int
+    over: int | None
+    capped: bool
+    probes: dict[int, int] = field(default_factory=dict)
+
+
+def largest_batch_within(
+    budget: float,
+    peak_of: Callable[[int], int],
+    start: int = 4,
+    limit: int = 4096,
+    max_growth: int = 4,
+) -> BatchSearch:
+    """The largest batch ``b <= limit`` with ``peak_of(b) <= budget``, to within 1/8 of ``b``.
+
+    The peak is assumed to grow with the batch. The search ends when it has measured a batch within the
+    budget and one over it that are at most ``max(1, b // 8)`` apart (or when ``limit`` fits). Every
+    answer is a measurement; a model only chooses the next batch to measure, so that the search needs few
+    large (slow) steps: a step's peak is a fixed part, plus activations that grow linearly with the
+    batch, plus, for an all-pairs loss computed naively, tensors that grow with its square. The next
+    batch is where the line or parabola through the (up to) three measurements closest to the budget
+    reaches it, at least 1/8 above the largest batch that fits and at most ``max_growth`` times it, and
+    below the smallest batch that does not.
+    """
+    probes: dict[int, int] = {}
+
+    def measure(batch: int) -> int:
+        probes[batch] = int(peak_of(batch))
+        return probes[batch]
+
+    if measure(start) > budget:
+        return BatchSearch(0, 0, start, False, probes)
+    fits, over = start, None
+    sides: list[bool] = []  # whether each probe since the budget was first exceeded fitted
+    while over is None or over - fits > max(1, fits // 8):
+        if fits >= limit:
+            return BatchSearch(fits, probes[fits], None, True, probes)
+        step = max(1, fits // 8)
+        predicted = _batch_reaching(probes, budget)
+        if over is None:
+            guess = predicted if predicted is not None else 2 * fits
+            candidate = min(limit, fits * max_growth, max(fits + step, guess))
+        elif predicted is None or sides[-2:] in ([True, True], [False, False]):
+            # No model, or the model missed twice on the same side: bisect, so the bracket always shrinks.
+            candidate = max(fits + step, (fits + over) // 2)
+        else:
+            candidate = min(over - 1, max(fits + step, predicted))
+        fitted = measure(candidate) <= budget
+        if fitted:
+            fits = candidate
+        else:
+            over = candidate
+        if over is not None:
+            sides.append(fitted)
+    return BatchSearch(fits, probes[fits], over, False, probes)
+
+
+def _batch_reaching(probes: dict[int, int], budget: float) -> int | None:
+    """Largest batch at which the line (two measurements) or parabola (three) through the measurements
+    closest to ``budget`` stays within it; None when they do not predict growth."""
+    closest = sorted(probes, key=lambda batch: abs(probes[batch] - budget))[:3]
+    if len(closest) < 2:
+        return None
+    xs = np.array(closest, dtype=float)
+    ys = np.array([probes[batch] for batch in closest], dtype=float)
+    if len(closest) == 3:
+        c, a, f = np.polyfit(xs, ys, 2)
+        discriminant = a * a - 4 * c * (f - budget)
+        if c > 0 and discriminant >= 0:
+            # The larger root of c·b² + a·b + f = budget.
+            return int(math.floor((-a + math.sqrt(discriminant)) / (2 * c)))
+        xs, ys = xs[:2], ys[:2]
+    a, f = np.polyfit(xs, ys, 1)
+    if a <= 0:
+        return None
+    return int(math.floor((budget - f) / a))
 
 
 class _no_sampler:

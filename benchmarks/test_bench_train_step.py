@@ -7,7 +7,11 @@ reference``: the plain PyTorch spec of every term) and ``fast`` (``--backend aut
 chunked torch path on CPU, Triton on CUDA).
 
 Objectives: the paper's (``--loss mulclip``, SAP matched), and the two all-pairs ones (``--loss finelip``
-and ``--loss mulclip --sap-pairing all``).
+and ``--loss mulclip --sap-pairing all``; ``mulclip-sap-all-raw`` adds ``--sap-raw-patches``).
+
+The largest batch each path fits in a fixed budget is searched for the paper's objective on the tiny
+preset, and for the all-pairs objectives at a ViT-B/16 shape (``ALL_PAIRS_PRESET``): there the naive
+all-pairs SAP over the 196 raw patches holds ``[B, B, M, N, d]`` tensors that outgrow the towers.
 
 Peak memory is the step's own: allocations made during the step (activations, gradients, temporaries),
 above the parameters and the optimizer state that exist before it; gradients are released before the
@@ -19,7 +23,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from benchmarks.harness import DEVICE, FULL_SWEEP, measure_case
+from benchmarks.harness import DEVICE, FULL_SWEEP, largest_batch_within, measure_case
 from mulclip_fast.data import Collator, open_dataset
 from mulclip_fast.model import preset_config
 from mulclip_fast.profiling import measure_peak_memory
@@ -30,15 +34,29 @@ OBJECTIVES = {
     "mulclip": {"loss": "mulclip", "sap_pairing": "matched"},
     "finelip": {"loss": "finelip", "sap_pairing": "matched"},
     "mulclip-sap-all": {"loss": "mulclip", "sap_pairing": "all"},
+    # SAP over the image's 196 raw projected patches (k = 49) instead of its 39 calibrated tokens.
+    "mulclip-sap-all-raw": {"loss": "mulclip", "sap_pairing": "all", "sap_raw_patches": True},
 }
+EQUAL_BATCH_OBJECTIVES = ("mulclip", "finelip", "mulclip-sap-all")
 # The ViT-B/16 preset keeps its widths, heads, patch grid (196 patches), d = 512 and 248-position text
 # table; on CPU its depth is cut from 12 to 2 layers per tower so that a step takes seconds, not minutes.
 VIT_B_CPU_DEPTH = 2
 PRESET_BATCH = {"tiny": 32 if DEVICE.type == "cpu" else 128, "vit-b-16": 8 if DEVICE.type == "cpu" else 64}
-# A fixed budget for the step's own peak memory (exact tracker on CPU, CUDA allocator on GPU): the
-# largest batch that stays under it is found by doubling, then bisecting to within 1/8. Each probe is
-# a full step, so the CPU budget is kept small enough for the search to take a minute or two.
+# Fixed budgets for the step's own peak memory (exact tracker on CPU, CUDA allocator on GPU): the largest
+# batch that stays under one is searched to within 1/8 (benchmarks.harness.largest_batch_within). Each
+# probe is a full step, so the CPU budgets keep each search to about a minute.
+# The paper's matched objective, tiny preset: its step's peak is the towers' activations.
 MEMORY_BUDGET_BYTES = (2 if FULL_SWEEP else 0.25) * 2**30 if DEVICE.type == "cpu" else 8 * 2**30
+# The all-pairs objectives at the ViT-B/16 shape (widths, 196 patches, d = 512, M = 8 subcaptions) with one
+# layer per tower on every device: a step then holds 25-30 MiB of tower activations per sample, while the
+# naive all-pairs SAP over raw patches needs about 6 MiB per *pair* (its [B, B, M, N, d] gradient buffer
+# alone is 3 MiB per pair). In 2 GiB the quadratic term is over three times the towers' share at the
+# reference's largest batch (14), and the fast path's search stops near B = 63: about a minute and a half
+# of CPU steps per path. FineLIP's [B, B, 40, 40] tensors (~27 KiB per pair) stay small next to the towers.
+ALL_PAIRS_PRESET = "vit-b-16"
+ALL_PAIRS_DEPTH = 1
+ALL_PAIRS_OBJECTIVES = ("finelip", "mulclip-sap-all-raw")
+ALL_PAIRS_BUDGET_BYTES = 2 * 2**30
 MAX_BATCH_SEARCHED = 4096
 
 
@@ -48,13 +66,13 @@ def _model_overrides(preset: str) -> dict:
     return {}
 
 
-def _trainer(preset: str, objective: str, path: str) -> Trainer:
+def _trainer(preset: str, objective: str, path: str, model_overrides: dict | None = None) -> Trainer:
     """The trainer of ``python -m mulclip_fast.train`` for this case; skips a fast path that would silently
     run the reference (the trainer falls back when ``mulclip_fast.ops`` does not export an op)."""
     config = resolve_config(
         TrainConfig(
             preset=preset,
-            model_overrides=_model_overrides(preset),
+            model_overrides=_model_overrides(preset) if model_overrides is None else model_overrides,
             **OBJECTIVES[objective],
             backend=PATHS[path],
             fine_start=0.0,
@@ -65,7 +83,9 @@ def _trainer(preset: str, objective: str, path: str) -> Trainer:
     )
     trainer = Trainer(config, total_steps=1000)
     if path == "fast" and trainer.backend == "reference":
-        flags = f"--loss {config.loss} --sap-pairing {config.sap_pairing}"
+        flags = f"--loss {config.loss} --sap-pairing {config.sap_pairing}" + (
+            " --sap-raw-patches" if config.sap_raw_patches else ""
+        )
         pytest.skip(f"mulclip_fast.ops does not export the fused ops that {flags} needs")
     return trainer
 
@@ -86,11 +106,11 @@ def _step_fn(trainer: Trainer, batch):
     return step
 
 
-def _step_peak(trainer: Trainer, size: int) -> int:
+def _step_peak(trainer: Trainer, size: int) -> tuple[int, str]:
     step = _step_fn(trainer, _batch(trainer, size))
     if not trainer.optimizer.state:
         step()  # the first step creates the optimizer state, which is not part of a step's own memory
-    return measure_peak_memory(step, DEVICE)[0]
+    return measure_peak_memory(step, DEVICE)
 
 
 def _batch_shape(batch) -> dict:
@@ -101,15 +121,15 @@ def _batch_shape(batch) -> dict:
     }
 
 
-def _preset_label(preset: str) -> str:
-    overrides = _model_overrides(preset)
+def _preset_label(preset: str, overrides: dict | None = None) -> str:
+    overrides = _model_overrides(preset) if overrides is None else overrides
     return f"{preset} (depth {overrides['vision_layers']})" if overrides else preset
 
 
 STEP_CASES = [
     pytest.param(preset, objective, path, id=f"{preset}-{objective}-{path}")
     for preset in PRESET_BATCH
-    for objective in (OBJECTIVES if preset == "tiny" or FULL_SWEEP else ("mulclip",))
+    for objective in (EQUAL_BATCH_OBJECTIVES if preset == "tiny" or FULL_SWEEP else ("mulclip",))
     for path in PATHS
 ]
 
@@ -135,69 +155,67 @@ def test_train_step(benchmark, machine, results, preset: str, objective: str, pa
     )
 
 
-def largest_batch_within(
-    budget: float, peak_of, start: int = 4, limit: int = MAX_BATCH_SEARCHED
-) -> tuple[int, int, bool]:
-    """Largest batch ``b <= limit`` with ``peak_of(b) <= budget`` (peak assumed to grow with b), its peak,
-    and whether the search stopped at ``limit`` rather than at the budget.
-
-    Doubles from ``start`` until the budget is exceeded, then bisects until the bracket is within 1/8
-    of the batch. Returns ``(0, 0, False)`` when even ``start`` does not fit.
-    """
-    fits, fit_peak, fails = 0, 0, None
-    batch = start
-    while batch <= limit:
-        peak = peak_of(batch)
-        if peak > budget:
-            fails = batch
-            break
-        fits, fit_peak = batch, peak
-        batch *= 2
-    if fits == 0:
-        return 0, 0, False
-    if fails is None:
-        return fits, fit_peak, True
-    while fails - fits > max(1, fits // 8):
-        middle = (fits + fails) // 2
-        peak = peak_of(middle)
-        if peak <= budget:
-            fits, fit_peak = middle, peak
-        else:
-            fails = middle
-    return fits, fit_peak, False
+# (preset, model overrides, objective, budget) of each largest-batch search.
+LARGEST_BATCH_CASES = [
+    pytest.param("tiny", {}, "mulclip", MEMORY_BUDGET_BYTES, id="tiny-mulclip"),
+    *(
+        pytest.param(
+            ALL_PAIRS_PRESET,
+            {"vision_layers": ALL_PAIRS_DEPTH, "transformer_layers": ALL_PAIRS_DEPTH},
+            objective,
+            ALL_PAIRS_BUDGET_BYTES,
+            id=f"{ALL_PAIRS_PRESET}-depth{ALL_PAIRS_DEPTH}-{objective}",
+        )
+        for objective in ALL_PAIRS_OBJECTIVES
+    ),
+]
 
 
 @pytest.mark.parametrize("path", list(PATHS))
-@pytest.mark.parametrize("objective", list(OBJECTIVES))
-def test_train_step_largest_batch(benchmark, machine, results, objective: str, path: str):
-    """The tiny preset's step at the largest batch whose step peak fits MEMORY_BUDGET_BYTES."""
+@pytest.mark.parametrize(("preset", "overrides", "objective", "budget"), LARGEST_BATCH_CASES)
+def test_train_step_largest_batch(
+    benchmark, machine, results, preset: str, overrides: dict, objective: str, budget: float, path: str
+):
+    """The step at the largest batch whose step peak fits ``budget``; records every batch measured."""
     torch.manual_seed(0)
-    trainer = _trainer("tiny", objective, path)
-    batch_size, peak, capped = largest_batch_within(MEMORY_BUDGET_BYTES, lambda size: _step_peak(trainer, size))
-    budget_mib = int(MEMORY_BUDGET_BYTES) >> 20
-    if batch_size == 0:
+    trainer = _trainer(preset, objective, path, model_overrides=overrides)
+    measured: dict[int, tuple[int, str]] = {}
+
+    def peak_of(size: int) -> int:
+        measured[size] = _step_peak(trainer, size)
+        return measured[size][0]
+
+    search = largest_batch_within(budget, peak_of, limit=MAX_BATCH_SEARCHED)
+    budget_mib = int(budget) >> 20
+    if search.batch == 0:
         pytest.fail(f"not even the smallest batch searched fits {budget_mib} MiB with the {path} path")
-    batch = _batch(trainer, batch_size)
-    shape = {"preset": "tiny", "objective": objective, "budget_MiB": budget_mib, "B": batch_size}
-    # The search has already stepped this trainer many times; one timed round documents the step at
-    # that batch (the equal-batch cases carry the careful timings).
+    batch = _batch(trainer, search.batch)
+    label = _preset_label(preset, overrides)
+    shape = {"preset": label, "objective": objective, "budget_MiB": budget_mib, "B": search.batch}
+    # The search has already stepped this trainer at this very batch (its peak is reused); one timed round
+    # documents the step there (the equal-batch cases carry the careful timings).
     measure_case(
         benchmark,
         results,
         machine,
-        group=f"train step tiny {objective} largest batch within {budget_mib} MiB",
+        group=f"train step {label} {objective} largest batch within {budget_mib} MiB",
         op=f"train_step_max_batch[{objective}]",
         backend=path,
         mode="train-step",
         shape={**shape, **_batch_shape(batch)},
         fn=_step_fn(trainer, batch),
         extra={
-            "max_batch": batch_size,
-            "max_batch_capped": capped,
-            "max_batch_peak_bytes": peak,
-            "memory_budget_bytes": int(MEMORY_BUDGET_BYTES),
+            "max_batch": search.batch,
+            "max_batch_capped": search.capped,
+            "max_batch_peak_bytes": search.peak,
+            "max_batch_over": search.over,
+            "max_batch_probes": [[size, peak] for size, peak in search.probes.items()],
+            "memory_budget_bytes": int(budget),
+            "preset": label,
+            "model_overrides": overrides,
             "backend_resolved": trainer.backend,
         },
         warmed_up=True,
         max_rounds=1,
+        known_peak=measured[search.batch],
     )

@@ -8,7 +8,8 @@ in ``benchmarks/results`` or ``$MULCLIP_BENCH_RESULTS``) and prints, per results
   of this machine's own large ``torch.mm`` throughput (on a GPU: the measured peak it is compared with),
   fastest round against fastest product, so that load from other work skews neither;
 - per training step: reference vs fast path at equal batch;
-- the largest batch each path fits in the memory budget.
+- the largest batch each path fits in the memory budget, and the step's peak at the batches both
+  paths' searches measured.
 
 It also draws PNG plots of the ratios. ``--markdown`` prints the tables as Markdown (README-ready).
 """
@@ -127,27 +128,66 @@ def train_rows(results: list[dict]) -> list[dict]:
     return rows
 
 
+def _max_batch_case(record: dict) -> tuple[str, str, int]:
+    """(op, preset, budget) of a largest-batch record; results files before the preset was recorded name
+    it in ``shape_dims`` only."""
+    preset = record.get("preset") or record.get("shape_dims", {}).get("preset", "")
+    return record["op"], preset, record["memory_budget_bytes"]
+
+
 def max_batch_rows(results: list[dict]) -> list[dict]:
-    """Largest batch within the memory budget, per objective, reference vs fast path."""
-    by_objective: dict[str, dict[str, dict]] = defaultdict(dict)
+    """Largest batch within the memory budget, per objective, preset and budget, reference vs fast path."""
+    by_case: dict[tuple, dict[str, dict]] = defaultdict(dict)
     for record in results:
         if "max_batch" in record:
-            by_objective[record["op"]][record["backend"]] = record
+            by_case[_max_batch_case(record)][record["backend"]] = record
     rows = []
-    for op, paths in by_objective.items():
+    for (op, preset, budget), paths in by_case.items():
         ref, fast = paths.get(REFERENCE), paths.get(TRAIN_FAST)
         if ref is None or fast is None:
             continue
         rows.append(
             {
                 "objective": op.removeprefix("train_step_max_batch[").removesuffix("]"),
-                "budget_bytes": fast["memory_budget_bytes"],
+                "preset": preset,
+                "budget_bytes": budget,
                 "ref_batch": ref["max_batch"],
                 "batch": fast["max_batch"],
                 "capped": fast.get("max_batch_capped", False),
                 "batch_ratio": _ratio(fast["max_batch"], ref["max_batch"]),
+                "ref_peak_bytes": ref.get("max_batch_peak_bytes"),
+                "peak_bytes": fast.get("max_batch_peak_bytes"),
+                "ref_over": ref.get("max_batch_over"),
+                "over": fast.get("max_batch_over"),
             }
         )
+    return rows
+
+
+def probe_rows(results: list[dict]) -> list[dict]:
+    """The step's peak at each batch that both paths' largest-batch searches measured: how each path's
+    peak grows with the batch (linearly with the towers, quadratically with a naive all-pairs loss)."""
+    by_case: dict[tuple, dict[str, dict]] = defaultdict(dict)
+    for record in results:
+        if "max_batch_probes" in record:
+            by_case[_max_batch_case(record)][record["backend"]] = record
+    rows = []
+    for (op, preset, _), paths in by_case.items():
+        ref, fast = paths.get(REFERENCE), paths.get(TRAIN_FAST)
+        if ref is None or fast is None:
+            continue
+        ref_peaks, fast_peaks = dict(map(tuple, ref["max_batch_probes"])), dict(map(tuple, fast["max_batch_probes"]))
+        for batch in sorted(set(ref_peaks) & set(fast_peaks)):
+            rows.append(
+                {
+                    "objective": op.removeprefix("train_step_max_batch[").removesuffix("]"),
+                    "preset": preset,
+                    "B": batch,
+                    "ref_peak_bytes": ref_peaks[batch],
+                    "peak_bytes": fast_peaks[batch],
+                    "memory_ratio": _ratio(fast_peaks[batch], ref_peaks[batch]),
+                }
+            )
     return rows
 
 
@@ -232,18 +272,40 @@ def render(payload: dict, markdown: bool = False) -> str:
 
     rows = max_batch_rows(results)
     if rows:
-        headers = ["objective", "budget MiB", "reference batch", "fast batch", "fast / reference"]
+        headers = ["objective", "preset", "budget MiB", "reference batch", "fast batch", "fast / reference"]
+        headers += ["reference MiB at its batch", "fast MiB at its batch", "over budget at (ref / fast)"]
         body = [
             [
                 r["objective"],
+                r["preset"],
                 str(r["budget_bytes"] >> 20),
                 str(r["ref_batch"]),
                 (">=" if r["capped"] else "") + str(r["batch"]),
                 _fmt(r["batch_ratio"], ".2f"),
+                _fmt(r["ref_peak_bytes"] and r["ref_peak_bytes"] / MiB, ".1f"),
+                _fmt(r["peak_bytes"] and r["peak_bytes"] / MiB, ".1f"),
+                f"{_fmt(r['ref_over'], 'd')} / {_fmt(r['over'], 'd')}",
             ]
             for r in rows
         ]
         out += ["Largest training batch within the memory budget (step's own peak):", ""]
+        out += [_table(headers, body, markdown), ""]
+
+    rows = probe_rows(results)
+    if rows:
+        headers = ["objective", "preset", "B", "reference MiB", "fast MiB", "memory ×ref"]
+        body = [
+            [
+                r["objective"],
+                r["preset"],
+                str(r["B"]),
+                _fmt(r["ref_peak_bytes"] / MiB, ".1f"),
+                _fmt(r["peak_bytes"] / MiB, ".1f"),
+                _fmt(r["memory_ratio"], ".3f"),
+            ]
+            for r in rows
+        ]
+        out += ["Step peak at the batches both largest-batch searches measured:", ""]
         out += [_table(headers, body, markdown), ""]
     return "\n".join(out)
 

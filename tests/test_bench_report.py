@@ -10,6 +10,7 @@ import types
 import pytest
 import torch
 
+from benchmarks.harness import largest_batch_within
 from mulclip_fast import bench_report
 from mulclip_fast.profiling import NvmlSampler, machine_facts, nvml_telemetry
 
@@ -58,15 +59,34 @@ RESULTS = [
     _op("compile", "forward+backward", 0.080, 50 * 2**20, flops=2e9),
     _step("train_step[mulclip]", "reference", 2.0, 400 * 2**20),
     _step("train_step[mulclip]", "fast", 1.0, 300 * 2**20),
+    # As older results files have them: the preset in shape_dims only, no peaks or probes.
     {
         **_step("train_step_max_batch[finelip]", "reference", 1.0, 1, max_batch=24),
+        "shape_dims": {"preset": "tiny"},
         "memory_budget_bytes": 512 * 2**20,
     },
     {
         **_step("train_step_max_batch[finelip]", "fast", 1.0, 1, max_batch=96),
+        "shape_dims": {"preset": "tiny"},
         "memory_budget_bytes": 512 * 2**20,
         "max_batch_capped": False,
     },
+    # The same objective at a second preset and budget: its own row, with the batches both searches probed.
+    *(
+        {
+            **_step("train_step_max_batch[finelip]", backend, 1.0, 1, max_batch=batch),
+            "shape_dims": {"preset": "vit-b-16 (depth 1)"},
+            "preset": "vit-b-16 (depth 1)",
+            "memory_budget_bytes": 2 * 2**30,
+            "max_batch_peak_bytes": peak,
+            "max_batch_over": over,
+            "max_batch_probes": probes,
+        }
+        for backend, batch, peak, over, probes in (
+            ("reference", 14, 1900 * 2**20, 15, [[4, 400 * 2**20], [8, 700 * 2**20], [16, 2300 * 2**20]]),
+            ("fast", 74, 2000 * 2**20, 83, [[4, 400 * 2**20], [8, 490 * 2**20], [32, 1050 * 2**20]]),
+        )
+    ),
 ]
 
 
@@ -89,9 +109,22 @@ def test_ratio_rows_compare_each_backend_with_the_reference():
     assert rows["torch"]["fraction_of_mm"] == pytest.approx(1.0)  # 2e9 FLOP in 20 ms = 1e11 FLOP/s
     (step,) = bench_report.train_rows(RESULTS)
     assert step["time_ratio"] == pytest.approx(0.5) and step["memory_ratio"] == pytest.approx(0.75)
-    (largest,) = bench_report.max_batch_rows(RESULTS)
-    assert (largest["objective"], largest["ref_batch"], largest["batch"]) == ("finelip", 24, 96)
+    largest, vit = bench_report.max_batch_rows(RESULTS)
+    assert (largest["objective"], largest["preset"], largest["ref_batch"], largest["batch"]) == (
+        "finelip",
+        "tiny",
+        24,
+        96,
+    )
     assert largest["batch_ratio"] == pytest.approx(4.0)
+    assert (vit["preset"], vit["budget_bytes"], vit["ref_over"], vit["over"]) == ("vit-b-16 (depth 1)", 2**31, 15, 83)
+    assert vit["batch_ratio"] == pytest.approx(74 / 14)
+    probes = bench_report.probe_rows(RESULTS)
+    assert [(r["B"], r["ref_peak_bytes"] >> 20, r["peak_bytes"] >> 20) for r in probes] == [
+        (4, 400, 400),
+        (8, 700, 490),
+    ]
+    assert probes[1]["memory_ratio"] == pytest.approx(0.7)
 
 
 def test_cli_reads_the_newest_file_prints_tables_and_draws_plots(results_dir, tmp_path, capsys):
@@ -117,6 +150,62 @@ def test_markdown_tables(results_dir, capsys):
     out = capsys.readouterr().out
     assert "| op | mode | shape | backend |" in out
     assert "| tiny mulclip B=32 | 2000 | 1000 | 0.50 | 400.0 | 300.0 | 0.750 |" in out
+
+
+def test_markdown_largest_batch_tables(results_dir, capsys):
+    assert bench_report.main([str(results_dir), "--markdown", "--no-plots"]) == 0
+    out = capsys.readouterr().out
+    assert "| finelip | vit-b-16 (depth 1) | 2048 | 14 | 74 | 5.29 | 1900.0 | 2000.0 | 15 / 83 |" in out
+    assert "| finelip | tiny | 512 | 24 | 96 | 4.00 | — | — | — / — |" in out
+    assert "| finelip | vit-b-16 (depth 1) | 8 | 700.0 | 490.0 | 0.700 |" in out
+
+
+def _largest(budget, peak_of, **kwargs):
+    calls = []
+
+    def counted(batch):
+        calls.append(batch)
+        return peak_of(batch)
+
+    return largest_batch_within(budget, counted, **kwargs), calls
+
+
+@pytest.mark.parametrize(
+    ("peak_of", "budget"),
+    [
+        (lambda b: 300 + 23 * b, 2048),  # a fast step: linear in the batch
+        (lambda b: 396 if b <= 4 else 303 + 23 * b + 7 * b * b, 2048),  # naive all-pairs: quadratic
+        (lambda b: 60 + 17 * b, 256),
+        (lambda b: int(2 ** (b / 10)), 10**6),  # faster than any parabola
+        (lambda b: 0 if b < 37 else 10, 5),  # a step: no model predicts it
+        (lambda b: int(1000 * b**0.5), 30_000),  # slower than a line
+    ],
+)
+def test_largest_batch_search_brackets_the_budget_within_an_eighth(peak_of, budget):
+    found, calls = _largest(budget, peak_of)
+    assert found.batch > 0 and not found.capped
+    assert peak_of(found.batch) <= budget < peak_of(found.over)
+    assert 0 < found.over - found.batch <= max(1, found.batch // 8)
+    assert found.peak == peak_of(found.batch) and list(found.probes) == calls and len(set(calls)) == len(calls)
+    assert len(calls) <= 20
+
+
+def test_largest_batch_search_needs_few_large_steps():
+    # A step whose peak is linear in the batch: two small probes predict the answer, and the search
+    # measures at most one batch above it (the one that closes the bracket).
+    found, calls = _largest(2048, lambda b: 300 + 23 * b)
+    assert found.batch == 76 and found.over == 85
+    assert sorted(calls)[-3:] == [32, 76, 85]
+    # Never more than max_growth times the largest batch that fitted, even if a model predicts more.
+    _, calls = _largest(10**9, lambda b: b, limit=64, max_growth=4)
+    assert calls == [4, 8, 32, 64]  # doubling until two measurements make a model
+
+
+def test_largest_batch_search_edges():
+    found, calls = _largest(100, lambda b: 1000)
+    assert (found.batch, found.peak, found.over, found.capped, calls) == (0, 0, 4, False, [4])
+    found, _ = _largest(10**12, lambda b: b, limit=4096)
+    assert (found.batch, found.over, found.capped) == (4096, None, True)
 
 
 def test_bad_inputs_are_reported_with_the_path(tmp_path, capsys):
