@@ -31,6 +31,7 @@ KERNEL_MODULES = [
     "mulclip_fast.kernels.topk_aggregate",
     "mulclip_fast.kernels.pairwise_maxsim",
     "mulclip_fast.kernels.pairwise_reconstruction",
+    "mulclip_fast.kernels.pairwise_topk",
 ]
 
 # Maximum shared memory per block (opt-in), bytes: A100 163 KB, H100 227 KB.

@@ -6,14 +6,20 @@ Rows ``r = b·M + m`` are subcaptions ``t_r`` of ``sub [Bq, M, d]``; ``x_cn`` th
     s_n   = ⟨t_r, x_cn⟩                           over valid patches n
     S     = top-k of s (ties at the k-th value keep the lowest n); all valid n if fewer than k
     w_n   = softmax_{n∈S}(s_n / τ)
-    a     = Σ_{n∈S} w_n x_cn,   ν = max(‖a‖, 1e-12),   out[b, c, m] = ⟨t_r, a⟩ / ν
+    a     = Σ_{n∈S} w_n x_cn,   ν = max(‖a‖, 1e-12),   out[b, c, m] = ⟨t_r, a⟩ / ν = Σ_n w_n s_n / ν
 
-A program takes a ``BLOCK_R`` block of rows and one image, holds the whole ``[BLOCK_R, BLOCK_N]`` score
-tile (``BLOCK_N`` = N rounded up to a power of two, e.g. 256 for 196 patches) in registers, finds the
-k-th largest score per row with ``tl.sort`` (a bitonic sort; ``tl.topk`` needs a power-of-two k, and SAP's
-k = ⌈N/4⌉ = 49 is not), and computes the aggregate as a dense ``w X`` GEMM over d chunks: the
-``[Bq, Bk, M, d]`` aggregates never exist. Forward writes the logits, ``lse`` of the selected scores and
-the top-k set packed 8 patches per byte (``Bq·Bk·M·⌈N/8⌉`` bytes, 4× less than int16 indices at k = N/4).
+A program takes a ``BLOCK_R`` block of rows and one image and holds the whole ``[BLOCK_R, BLOCK_N]`` score
+tile in registers (``BLOCK_N`` = N rounded up to a power of two, at most :data:`MAX_PATCHES`: 256 for
+ViT-B/16's 196 patches). The k-th largest score of each row is found by a bitwise radix select over the
+tile (32 compare-and-count passes; no sorted copy of the tile, and no power-of-two k as ``tl.topk``
+needs — SAP's k = ⌈N/4⌉ = 49 is not one). The aggregate is never stored: ``⟨t, a⟩ = Σ w s`` comes from the
+score tile, and ``a`` is built one ``BLOCK_D`` slice of d at a time, only for ``‖a‖`` (and ``X a`` in
+backward). Forward writes the logits, ``lse`` of the selected scores and the top-k set packed 8 patches
+per byte (``Bq·Bk·M·⌈N/8⌉`` bytes, 4× less than int16 indices at k = N/4).
+
+Reductions over the patches (``a = w X``, ``d_sub = α X``) are batched dots over ``BLOCK_J``-patch
+slices (``_contract_patches``): a single ``tl.dot`` with K = ``BLOCK_N`` hands every warp the whole
+``[BLOCK_R, BLOCK_N]`` operand and spills registers from 256 patches on.
 
 Backward (derivation in ``mulclip_fast.ops._torch_pairwise.sap_backward``), with ``u = a/ν``,
 ``q_n = ⟨u, x_n⟩`` and upstream ``g``::
@@ -25,10 +31,16 @@ Two deterministic kernels (no atomics) recompute ``s``, ``w``, ``a`` and ``Xa`` 
 packed selection and ``lse``: one owns a block of subcaption rows and a slice of images (partial sums
 over image slices are added by the launcher in a fixed order), the other owns one image's patches and
 loops over all subcaption rows. Each accumulates its own fp32 output rows in global memory one
-``BLOCK_D`` slice at a time (read, add, write, ordered by ``tl.debug_barrier()``).
+``BLOCK_D`` slice at a time (read, add, write, ordered by ``tl.debug_barrier()``). Float atomics would let
+one kernel serve both outputs, at the price of run-to-run differences; without a GPU to time it on,
+there is no atomic variant.
 
 Precision: IEEE fp32 ``tl.dot`` for fp32 inputs; 16-bit inputs are upcast tile by tile and multiplied
 in TF32 (exact for 16-bit values; fp32 weights rounded to 11 bits).
+
+Registers bound the patch count: each kernel holds two to three ``[16, BLOCK_N]`` fp32 tiles, which fit
+at ``BLOCK_N`` = 256 (4 warps up to 128 patches, 8 at 256) and spill at 512. Larger patch sets take the
+chunked torch path (``mulclip_fast.ops.pairwise`` routes them there).
 """
 
 from __future__ import annotations
@@ -37,34 +49,50 @@ import torch
 import triton
 import triton.language as tl
 
+from ..ops.pairwise import TRITON_TOPK_MAX_PATCHES
 from ._aot import autotune, autotuned_specs, dot_precision, interpreter_enabled, pointer
 from .pairwise_common import DtypeConfigs
 
 # F.normalize's epsilon, as in the reference.
 NORMALIZE_EPS = tl.constexpr(1e-12)
+# Widest patch tile; the tie search below walks the bits of its column indices.
+MAX_PATCHES = TRITON_TOPK_MAX_PATCHES
+MAX_LOG2_BLOCK_N = tl.constexpr(MAX_PATCHES.bit_length() - 1)
+MAX_BLOCK_N = tl.constexpr(MAX_PATCHES)
+# Every power-of-two patch tile a launch can use (``_block_n``): the compile check covers each.
+BLOCK_NS = tuple(1 << i for i in range(4, MAX_PATCHES.bit_length()))
 
-# Score tiles are [BLOCK_R, BLOCK_N] fp32 in registers and patch tiles [BLOCK_N, BLOCK_D] in shared
-# memory. 16 warps keep the forward's BLOCK_N = 256 tiles and its sort spill-free on sm_80/sm_90; the
-# backward kernels still spill at BLOCK_N = 256 (see the README, "Fused ops (all pairs)").
-_FORWARD = DtypeConfigs(
-    fp32=[triton.Config({"BLOCK_R": 16, "BLOCK_D": 16}, num_warps=16, num_stages=1)],
-    half=[triton.Config({"BLOCK_R": 16, "BLOCK_D": 16}, num_warps=16, num_stages=1)],
-    pointer_arg="T",
-)
-_BACKWARD = DtypeConfigs(
-    fp32=[triton.Config({"BLOCK_R": 16, "BLOCK_D": 32}, num_warps=8, num_stages=2)],
-    half=[triton.Config({"BLOCK_R": 16, "BLOCK_D": 16}, num_warps=8, num_stages=1)],
-    pointer_arg="T",
-)
+
+def _num_warps(block_n: int) -> int:
+    """Warps for a ``[16, block_n]`` tile: 4 up to 128 patches, 8 at 256 (4 spill there)."""
+    return 4 if block_n <= 128 else 8
+
+
+def _config(num_warps: int) -> triton.Config:
+    return triton.Config({"BLOCK_R": 16, "BLOCK_D": 16, "BLOCK_J": 16}, num_warps=num_warps, num_stages=1)
+
+
+# Spill-free on sm_80 and sm_90 in fp32, fp16 and bf16 for every tile in BLOCK_NS (compile_check), for the
+# forward and both backward kernels. One config per warp count; a launch keeps the one of its BLOCK_N
+# (``_prune``).
+_CONFIGS = DtypeConfigs(fp32=[_config(4), _config(8)], half=[_config(4), _config(8)], pointer_arg="T")
+
+
+def _prune(configs: DtypeConfigs) -> dict:
+    """``prune_configs_by``: the launch's dtype (``DtypeConfigs``) and the warp count of its ``BLOCK_N``."""
+    by_dtype = configs.prune()["early_config_prune"]
+
+    def early_config_prune(candidates, named_args, **kwargs):
+        return [c for c in by_dtype(candidates, named_args, **kwargs) if c.num_warps == _num_warps(kwargs["BLOCK_N"])]
+
+    return {"early_config_prune": early_config_prune}
 
 
 @triton.jit
 def _scores(
-    T,
-    X,
-    rows,
+    Tb,
+    Xb,
     row_ok,
-    patch_rows,
     col_in,
     dim,
     UPCAST: tl.constexpr,
@@ -73,13 +101,17 @@ def _scores(
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    """``s = t Xᵀ`` for a ``[BLOCK_R, BLOCK_N]`` tile, over d in ``BLOCK_D`` chunks (fp32)."""
+    """``s = t Xᵀ`` for a ``[BLOCK_R, BLOCK_N]`` tile, over d in ``BLOCK_D`` chunks (fp32). ``Tb`` points at
+    the first row of the block and ``Xb`` at the first patch of the image: the offsets within them are
+    int32 (one image or row block is far below 2³¹ elements), which halves the address registers."""
     s = tl.zeros([BLOCK_R, BLOCK_N], tl.float32)
+    r = tl.arange(0, BLOCK_R)
+    n = tl.arange(0, BLOCK_N)
     for d0 in range(0, dim, BLOCK_D):
         dd = d0 + tl.arange(0, BLOCK_D)
         d_ok = dd < dim
-        t = tl.load(T + rows[:, None] * dim + dd[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-        x = tl.load(X + patch_rows[:, None] * dim + dd[None, :], mask=col_in[:, None] & d_ok[None, :], other=0.0)
+        t = tl.load(Tb + r[:, None] * dim + dd[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+        x = tl.load(Xb + n[:, None] * dim + dd[None, :], mask=col_in[:, None] & d_ok[None, :], other=0.0)
         if UPCAST:
             t = t.to(tl.float32)
             x = x.to(tl.float32)
@@ -88,37 +120,69 @@ def _scores(
 
 
 @triton.jit
-def _aggregate_stats(
-    T,
-    X,
-    w,
-    rows,
-    row_ok,
-    patch_rows,
-    col_in,
-    dim,
-    WITH_PROJECTION: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-    BLOCK_R: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr,
+def _load_patches(Xb, col_in, d0, dim, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """The ``[BLOCK_N, BLOCK_D]`` fp32 tile of one image's patches at feature offset ``d0``."""
+    n = tl.arange(0, BLOCK_N)
+    dd = d0 + tl.arange(0, BLOCK_D)
+    x = tl.load(Xb + n[:, None] * dim + dd[None, :], mask=col_in[:, None] & (dd < dim)[None, :], other=0.0)
+    return x.to(tl.float32)
+
+
+@triton.jit
+def _contract_patches(
+    w, x, DOT_PRECISION: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_J: tl.constexpr
 ):
-    """``(⟨t, a⟩, ‖a‖², X a)`` for ``a = w X``, one d chunk of ``a`` at a time (``X a`` only if asked)."""
-    t_dot_a = tl.zeros([BLOCK_R], tl.float32)
-    norm2 = tl.zeros([BLOCK_R], tl.float32)
-    proj = tl.zeros([BLOCK_R, BLOCK_N], tl.float32)
-    for d0 in range(0, dim, BLOCK_D):
-        dd = d0 + tl.arange(0, BLOCK_D)
-        d_ok = dd < dim
-        x = tl.load(X + patch_rows[:, None] * dim + dd[None, :], mask=col_in[:, None] & d_ok[None, :], other=0.0)
-        x = x.to(tl.float32)
-        a = tl.dot(w, x, input_precision=DOT_PRECISION)  # [BLOCK_R, BLOCK_D]
-        t = tl.load(T + rows[:, None] * dim + dd[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-        t_dot_a += tl.sum(t.to(tl.float32) * a, axis=1)
-        norm2 += tl.sum(a * a, axis=1)
-        if WITH_PROJECTION:
-            proj = tl.dot(a, tl.trans(x), proj, input_precision=DOT_PRECISION)
-    return t_dot_a, norm2, proj
+    """``w x`` for ``w [BLOCK_R, BLOCK_N]`` and ``x [BLOCK_N, BLOCK_D]``: a reduction over all patches.
+
+    One ``tl.dot`` with K = ``BLOCK_N`` would give every warp the whole ``[BLOCK_R, BLOCK_N]`` operand
+    (BLOCK_N / 2 registers per thread, 512 at 1024 patches). Cut into ``BLOCK_N / BLOCK_J`` slices of
+    ``BLOCK_J`` patches, it becomes a batched dot whose slices spread over the warps, then a sum of the
+    partial products.
+    """
+    SPLIT: tl.constexpr = BLOCK_N // BLOCK_J
+    w_slices = tl.permute(tl.reshape(w, [BLOCK_R, SPLIT, BLOCK_J]), [1, 0, 2])
+    x_slices = tl.reshape(x, [SPLIT, BLOCK_J, x.shape[1]])
+    return tl.sum(tl.dot(w_slices, x_slices, input_precision=DOT_PRECISION), axis=0)
+
+
+@triton.jit
+def _order_keys(z):
+    """uint32 keys ordered like the fp32 values ``z`` (no NaN): positive floats get the sign bit set,
+    negative ones are bit-inverted. ``-0.0`` is folded into ``+0.0`` first so that, as in the float
+    comparisons of the reference, the two zeros tie."""
+    bits = tl.where(z == 0.0, 0.0, z).to(tl.uint32, bitcast=True)
+    return tl.where((bits >> 31) != 0, ~bits, bits | 0x80000000)
+
+
+@triton.jit
+def _topk_selection(s, col_ok, cols, top_k, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The top-``top_k`` valid scores of each row of ``s``; ties at the k-th value keep the lowest
+    column indices; every valid column if fewer than ``top_k`` are valid.
+
+    A bitwise radix select instead of a sort: the k-th largest key is built from the most significant
+    bit down, keeping a bit when at least ``top_k`` keys are ≥ the candidate (32 compare-and-count
+    passes over the tile, no sorted copy of it in registers). Invalid columns are ``-inf``, so the k-th
+    largest key is ``-inf``'s when fewer than ``top_k`` are valid: then every valid column is above it.
+    The tie cut is found the same way over column indices: the largest ``c`` with fewer than ``need``
+    tied columns below it is the ``need``-th tied column.
+    """
+    key = _order_keys(tl.where(col_ok[None, :], s, float("-inf")))
+    kth = tl.zeros([BLOCK_R], tl.uint32)
+    for i in tl.static_range(32):
+        candidate = kth | (1 << (31 - i))
+        count = tl.sum((key >= candidate[:, None]).to(tl.int32), axis=1)
+        kth = tl.where(count >= top_k, candidate, kth)
+    above = key > kth[:, None]
+    tied = (key == kth[:, None]) & col_ok[None, :]
+    need = top_k - tl.sum(above.to(tl.int32), axis=1)  # ≥ 1: fewer than top_k keys exceed the k-th
+    tl.static_assert(BLOCK_N <= MAX_BLOCK_N)
+    last = tl.zeros([BLOCK_R], tl.int32)
+    for i in tl.static_range(MAX_LOG2_BLOCK_N):
+        if (BLOCK_N >> (i + 1)) > 0:
+            candidate = last | (BLOCK_N >> (i + 1))
+            count = tl.sum((tied & (cols[None, :] < candidate[:, None])).to(tl.int32), axis=1)
+            last = tl.where(count < need, candidate, last)
+    return above | (tied & (cols[None, :] <= last[:, None]))
 
 
 @triton.jit
@@ -135,7 +199,7 @@ def _load_selection(Sel, c, n_rows, n_bytes, rows, row_ok, cols, col_in):
     return ((packed >> (cols[None, :] % 8)) & 1) != 0
 
 
-@autotune(_FORWARD.all, key=["n_patch", "dim", "BLOCK_N"], prune_configs_by=_FORWARD.prune())
+@autotune(_CONFIGS.all, key=["n_patch", "dim", "BLOCK_N"], prune_configs_by=_prune(_CONFIGS))
 @triton.jit
 def _sap_forward_kernel(
     T,  # [n_rows, dim] subcaptions
@@ -158,27 +222,28 @@ def _sap_forward_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    BLOCK_J: tl.constexpr,
 ):
-    rows = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
+    row0 = tl.program_id(0).to(tl.int64) * BLOCK_R
+    rows = row0 + tl.arange(0, BLOCK_R)
     c = tl.program_id(1).to(tl.int64)
     row_ok = rows < n_rows
     cols = tl.arange(0, BLOCK_N)
     col_in = cols < n_patch
     col_ok = col_in & (tl.load(PatchMask + c * n_patch + cols, mask=col_in, other=0) != 0)
-    patch_rows = c * n_patch + cols
-    s = _scores(T, X, rows, row_ok, patch_rows, col_in, dim, UPCAST, DOT_PRECISION, BLOCK_R, BLOCK_N, BLOCK_D)
+    Tb = T + row0 * dim
+    Xb = X + c * n_patch * dim
+    s = _scores(Tb, Xb, row_ok, col_in, dim, UPCAST, DOT_PRECISION, BLOCK_R, BLOCK_N, BLOCK_D)
+    selected = _topk_selection(s, col_ok, cols, top_k, BLOCK_R, BLOCK_N)
 
-    # Top-k: the k-th largest valid score per row; everything above it, then ties at it by lowest index.
-    z = tl.where(col_ok[None, :], s, float("-inf"))
-    ranked = tl.sort(z, dim=1, descending=True)
-    kth = tl.max(tl.where(cols[None, :] == top_k - 1, ranked, float("-inf")), axis=1)  # -inf if < k valid
-    above = z > kth[:, None]
-    tied = (z == kth[:, None]) & col_ok[None, :]
-    still_needed = top_k - tl.sum(above.to(tl.int32), axis=1)
-    tie_rank = tl.cumsum(tied.to(tl.int32), axis=1)
-    selected = above | (tied & (tie_rank <= still_needed[:, None]))
+    # Pack 8 selection bits per byte: [BLOCK_R, BLOCK_N] -> [BLOCK_R, BLOCK_N // 8, 8] -> weighted sum.
+    bits = tl.reshape(selected.to(tl.int32), [BLOCK_R, BLOCK_N // 8, 8])
+    packed = tl.sum(bits << tl.arange(0, 8)[None, None, :], axis=2).to(tl.uint8)
+    byte_cols = tl.arange(0, BLOCK_N // 8)
+    ptrs = Sel + (c * n_rows + rows[:, None]) * n_bytes + byte_cols[None, :]
+    tl.store(ptrs, packed, mask=row_ok[:, None] & (byte_cols[None, :] < n_bytes))
 
-    # Softmax over the selected scores (its max is the top score, ranked[:, 0]).
+    # Softmax over the selected scores, shifted by their maximum.
     top = tl.max(tl.where(selected, s, float("-inf")), axis=1)
     shift = tl.where(top == float("-inf"), 0.0, top) * inv_tau
     e = tl.where(selected, tl.exp(s * inv_tau - shift[:, None]), 0.0)
@@ -187,10 +252,14 @@ def _sap_forward_kernel(
     total = tl.where(has_any, total, 1.0)
     w = e / total[:, None]
     lse = tl.where(has_any, shift + tl.log(total), 0.0)
-
-    t_dot_a, norm2, _ = _aggregate_stats(
-        T, X, w, rows, row_ok, patch_rows, col_in, dim, False, DOT_PRECISION, BLOCK_R, BLOCK_N, BLOCK_D
-    )
+    # ⟨t, a⟩ = Σ_n w_n ⟨t, x_n⟩ = Σ_n w_n s_n: no d loop over t; only ‖a‖² needs a = w X.
+    t_dot_a = tl.sum(w * s, axis=1)
+    norm2 = tl.zeros([BLOCK_R], tl.float32)
+    for d0 in range(0, dim, BLOCK_D):
+        a = _contract_patches(  # [BLOCK_R, BLOCK_D] chunk of a
+            w, _load_patches(Xb, col_in, d0, dim, BLOCK_N, BLOCK_D), DOT_PRECISION, BLOCK_R, BLOCK_N, BLOCK_J
+        )
+        norm2 += tl.sum(a * a, axis=1)
     norm = tl.maximum(tl.sqrt(norm2), NORMALIZE_EPS)
     sub_ok = tl.load(SubMask + rows, mask=row_ok, other=0) != 0
     out = tl.where(sub_ok, t_dot_a / norm, 0.0)
@@ -199,13 +268,6 @@ def _sap_forward_kernel(
     m = rows % n_sub
     tl.store(Out + (b * n_k + c) * n_sub + m, out.to(Out.dtype.element_ty), mask=row_ok)
     tl.store(LSE + c * n_rows + rows, lse, mask=row_ok)
-    # Pack 8 selection bits per byte: [BLOCK_R, BLOCK_N] -> [BLOCK_R, BLOCK_N // 8, 8] -> weighted sum.
-    bits = tl.reshape(selected.to(tl.int32), [BLOCK_R, BLOCK_N // 8, 8])
-    weights = 1 << tl.arange(0, 8)
-    packed = tl.sum(bits * weights[None, None, :], axis=2).to(tl.uint8)
-    byte_cols = tl.arange(0, BLOCK_N // 8)
-    ptrs = Sel + (c * n_rows + rows[:, None]) * n_bytes + byte_cols[None, :]
-    tl.store(ptrs, packed, mask=row_ok[:, None] & (byte_cols[None, :] < n_bytes))
 
 
 @triton.jit
@@ -217,10 +279,7 @@ def _backward_coefficients(
     Grad,
     SubMask,
     c,
-    rows,
-    row_ok,
-    cols,
-    col_in,
+    row0,
     n_rows,
     n_sub,
     n_k,
@@ -233,30 +292,49 @@ def _backward_coefficients(
     BLOCK_R: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    BLOCK_J: tl.constexpr,
 ):
-    """Recompute one (row block, image) tile and return ``(w, α, β, ν)`` of the backward formulas."""
-    patch_rows = c * n_patch + cols
-    s = _scores(T, X, rows, row_ok, patch_rows, col_in, dim, UPCAST, DOT_PRECISION, BLOCK_R, BLOCK_N, BLOCK_D)
+    """Recompute the (rows ``row0 …``, image ``c``) tile; return ``(w, α, γ)`` with ``γ = −g·out/ν²``, so
+    that ``β_n u = w_n γ a`` (module docstring).
+
+    Two ``[BLOCK_R, BLOCK_N]`` tiles live through the d loop (``w`` and ``X a``): ``s`` is dropped once
+    ``⟨t, a⟩ = Σ w s`` is taken, and recovered afterwards from ``w = exp(s/τ − lse)`` as
+    ``s/τ = ln w + lse`` on the patches whose weight is nonzero (the only ones ``α`` needs).
+    """
+    rows = row0 + tl.arange(0, BLOCK_R)
+    row_ok = rows < n_rows
+    cols = tl.arange(0, BLOCK_N)
+    col_in = cols < n_patch
+    Xb = X + c * n_patch * dim
+    s = _scores(T + row0 * dim, Xb, row_ok, col_in, dim, UPCAST, DOT_PRECISION, BLOCK_R, BLOCK_N, BLOCK_D)
     selected = _load_selection(Sel, c, n_rows, n_bytes, rows, row_ok, cols, col_in)
     lse = tl.load(LSE + c * n_rows + rows, mask=row_ok, other=0.0)
     w = _selected_weights(s, selected, lse, inv_tau)
-    t_dot_a, norm2, xa = _aggregate_stats(
-        T, X, w, rows, row_ok, patch_rows, col_in, dim, True, DOT_PRECISION, BLOCK_R, BLOCK_N, BLOCK_D
-    )
+    t_dot_a = tl.sum(w * s, axis=1)
+    norm2 = tl.zeros([BLOCK_R], tl.float32)
+    xa = tl.zeros([BLOCK_R, BLOCK_N], tl.float32)
+    for d0 in range(0, dim, BLOCK_D):
+        x = _load_patches(Xb, col_in, d0, dim, BLOCK_N, BLOCK_D)
+        a = _contract_patches(w, x, DOT_PRECISION, BLOCK_R, BLOCK_N, BLOCK_J)  # [BLOCK_R, BLOCK_D] chunk of a
+        norm2 += tl.sum(a * a, axis=1)
+        xa = tl.dot(a, tl.trans(x), xa, input_precision=DOT_PRECISION)
     norm = tl.maximum(tl.sqrt(norm2), NORMALIZE_EPS)
     out = t_dot_a / norm
     b = rows // n_sub
     m = rows % n_sub
     sub_ok = tl.load(SubMask + rows, mask=row_ok, other=0) != 0
     g = tl.load(Grad + (b * n_k + c) * n_sub + m, mask=row_ok & sub_ok, other=0.0).to(tl.float32)
-    ds = w * (s - out[:, None] * (xa / norm[:, None])) * (inv_tau / norm[:, None])
-    alpha = g[:, None] * (w / norm[:, None] + ds)
-    beta = -(g * out / norm)[:, None] * w
-    return w, alpha, beta, norm
+    # α = g (w/ν + ∂out/∂s) = (g/ν) · w · (1 + s/τ − out·(X a)/(ν τ))
+    positive = w > 0
+    s_over_tau = tl.log(tl.where(positive, w, 1.0)) + lse[:, None]
+    alpha = tl.where(positive, w * (1.0 + s_over_tau - (out * inv_tau / norm)[:, None] * xa), 0.0)
+    alpha = (g / norm)[:, None] * alpha
+    gamma = -g * out / (norm * norm)
+    return w, alpha, gamma
 
 
 @autotune(
-    _BACKWARD.all, key=["n_k", "n_patch", "dim", "BLOCK_N"], reset_to_zero=["DT"], prune_configs_by=_BACKWARD.prune()
+    _CONFIGS.all, key=["n_k", "n_patch", "dim", "BLOCK_N"], reset_to_zero=["DT"], prune_configs_by=_prune(_CONFIGS)
 )
 @triton.jit
 def _sap_dsub_kernel(
@@ -280,35 +358,36 @@ def _sap_dsub_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    BLOCK_J: tl.constexpr,
 ):
-    rows = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
+    row0 = tl.program_id(0).to(tl.int64) * BLOCK_R
     split = tl.program_id(1).to(tl.int64)
-    row_ok = rows < n_rows
-    cols = tl.arange(0, BLOCK_N)
-    col_in = cols < n_patch
+    r = tl.arange(0, BLOCK_R)
+    row_ok = row0 + r < n_rows
+    col_in = tl.arange(0, BLOCK_N) < n_patch
+    DTb = DT + (split * n_rows + row0) * dim
     c_begin = split * images_per_split
     c_end = tl.minimum(c_begin + images_per_split, n_k)
     for c in range(c_begin, c_end):
-        _, alpha, _, _ = _backward_coefficients(
-            T, X, Sel, LSE, Grad, SubMask, c, rows, row_ok, cols, col_in, n_rows, n_sub, n_k, n_patch, n_bytes, dim,
-            inv_tau, UPCAST, DOT_PRECISION, BLOCK_R, BLOCK_N, BLOCK_D,
+        _, alpha, _ = _backward_coefficients(
+            T, X, Sel, LSE, Grad, SubMask, c, row0, n_rows, n_sub, n_k, n_patch, n_bytes, dim, inv_tau,
+            UPCAST, DOT_PRECISION, BLOCK_R, BLOCK_N, BLOCK_D, BLOCK_J,
         )  # fmt: skip
+        Xb = X + c * n_patch * dim
         for d0 in range(0, dim, BLOCK_D):
             dd = d0 + tl.arange(0, BLOCK_D)
-            d_ok = dd < dim
-            x = tl.load(
-                X + (c * n_patch + cols[:, None]) * dim + dd[None, :], mask=col_in[:, None] & d_ok[None, :], other=0.0
+            out = DTb + r[:, None] * dim + dd[None, :]
+            out_ok = row_ok[:, None] & (dd < dim)[None, :]
+            x = _load_patches(Xb, col_in, d0, dim, BLOCK_N, BLOCK_D)
+            acc = tl.load(out, mask=out_ok, other=0.0) + _contract_patches(
+                alpha, x, DOT_PRECISION, BLOCK_R, BLOCK_N, BLOCK_J
             )
-            out = DT + (split * n_rows + rows[:, None]) * dim + dd[None, :]
-            out_ok = row_ok[:, None] & d_ok[None, :]
-            acc = tl.load(out, mask=out_ok, other=0.0)
-            acc = tl.dot(alpha, x.to(tl.float32), acc, input_precision=DOT_PRECISION)
             tl.store(out, acc, mask=out_ok)
         tl.debug_barrier()  # this program's stores are visible to all its threads before the next read
 
 
 @autotune(
-    _BACKWARD.all, key=["n_rows", "n_patch", "dim", "BLOCK_N"], reset_to_zero=["DX"], prune_configs_by=_BACKWARD.prune()
+    _CONFIGS.all, key=["n_rows", "n_patch", "dim", "BLOCK_N"], reset_to_zero=["DX"], prune_configs_by=_prune(_CONFIGS)
 )
 @triton.jit
 def _sap_dpatches_kernel(
@@ -331,32 +410,33 @@ def _sap_dpatches_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    BLOCK_J: tl.constexpr,
 ):
     c = tl.program_id(0).to(tl.int64)
-    cols = tl.arange(0, BLOCK_N)
-    col_in = cols < n_patch
-    for r0 in range(0, n_rows, BLOCK_R):
-        rows = (r0 + tl.arange(0, BLOCK_R)).to(tl.int64)
-        row_ok = rows < n_rows
-        w, alpha, beta, norm = _backward_coefficients(
-            T, X, Sel, LSE, Grad, SubMask, c, rows, row_ok, cols, col_in, n_rows, n_sub, n_k, n_patch, n_bytes, dim,
-            inv_tau, UPCAST, DOT_PRECISION, BLOCK_R, BLOCK_N, BLOCK_D,
+    n = tl.arange(0, BLOCK_N)
+    col_in = n < n_patch
+    r = tl.arange(0, BLOCK_R)
+    Xb = X + c * n_patch * dim
+    DXb = DX + c * n_patch * dim
+    for row0 in range(0, n_rows, BLOCK_R):
+        row_ok = row0 + r < n_rows
+        w, alpha, gamma = _backward_coefficients(
+            T, X, Sel, LSE, Grad, SubMask, c, row0, n_rows, n_sub, n_k, n_patch, n_bytes, dim, inv_tau,
+            UPCAST, DOT_PRECISION, BLOCK_R, BLOCK_N, BLOCK_D, BLOCK_J,
         )  # fmt: skip
-        alpha_t = tl.trans(alpha)  # [BLOCK_N, BLOCK_R]
-        beta_t = tl.trans(beta)
+        w_t = tl.trans(w)  # [BLOCK_N, BLOCK_R]
+        alpha_t = tl.trans(alpha)
         for d0 in range(0, dim, BLOCK_D):
             dd = d0 + tl.arange(0, BLOCK_D)
             d_ok = dd < dim
-            x = tl.load(
-                X + (c * n_patch + cols[:, None]) * dim + dd[None, :], mask=col_in[:, None] & d_ok[None, :], other=0.0
-            ).to(tl.float32)
-            t = tl.load(T + rows[:, None] * dim + dd[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-            u = tl.dot(w, x, input_precision=DOT_PRECISION) / norm[:, None]  # [BLOCK_R, BLOCK_D] chunk of a/ν
-            out = DX + (c * n_patch + cols[:, None]) * dim + dd[None, :]
+            x = _load_patches(Xb, col_in, d0, dim, BLOCK_N, BLOCK_D)
+            t = tl.load(T + (row0 + r[:, None]) * dim + dd[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+            a = _contract_patches(w, x, DOT_PRECISION, BLOCK_R, BLOCK_N, BLOCK_J)  # [BLOCK_R, BLOCK_D] chunk of a
+            out = DXb + n[:, None] * dim + dd[None, :]
             out_ok = col_in[:, None] & d_ok[None, :]
             acc = tl.load(out, mask=out_ok, other=0.0)
             acc = tl.dot(alpha_t, t.to(tl.float32), acc, input_precision=DOT_PRECISION)
-            acc = tl.dot(beta_t, u, acc, input_precision=DOT_PRECISION)
+            acc = tl.dot(w_t, a * gamma[:, None], acc, input_precision=DOT_PRECISION)  # Σ_r β_rn u_r
             tl.store(out, acc, mask=out_ok)
         tl.debug_barrier()
 
@@ -371,7 +451,12 @@ def _upcast(dtype: torch.dtype) -> bool:
 
 
 def _block_n(n_patch: int) -> int:
-    # tl.dot needs >= 16 in every dimension; byte packing needs a multiple of 8
+    """The patch tile: tl.dot needs >= 16 in every dimension, byte packing a multiple of 8."""
+    if n_patch > MAX_PATCHES:
+        raise ValueError(
+            f"the Triton SAP kernels take at most {MAX_PATCHES} patches per image, got {n_patch}: "
+            "use backend='torch' (backend='auto' does)"
+        )
     return max(16, triton.next_power_of_2(n_patch))
 
 
@@ -413,7 +498,7 @@ def sap_backward(grad, sub, patches, sub_mask, patch_mask, tau: float, selected,
     if n_rows == 0 or n_k == 0:
         return torch.zeros(sub.shape, dtype=torch.float32, device=sub.device), d_patches
     options = {"UPCAST": _upcast(sub.dtype), "DOT_PRECISION": dot_precision(sub.dtype), "BLOCK_N": _block_n(n_patch)}
-    config_rows = _BACKWARD.for_dtype(sub.dtype)[0].kwargs["BLOCK_R"]
+    config_rows = _CONFIGS.for_dtype(sub.dtype)[0].kwargs["BLOCK_R"]
     splits = _image_splits(triton.cdiv(n_rows, config_rows), n_k, sub.device)
     images_per_split = triton.cdiv(n_k, splits)
     splits = triton.cdiv(n_k, images_per_split)
@@ -436,13 +521,14 @@ def sap_backward(grad, sub, patches, sub_mask, patch_mask, tau: float, selected,
 
 
 def compile_specs(dtype: torch.dtype):
-    """Every kernel × autotune config this module launches for inputs of ``dtype`` (see ``_aot.py``);
-    ``BLOCK_N`` = 256 covers ViT-B/16's 196 patches, 1024 ViT-L/14-336's 576."""
+    """Every kernel × launch config this module uses for inputs of ``dtype`` (see ``_aot.py``): each
+    patch tile in :data:`BLOCK_NS` with the config that ``_prune`` keeps for it."""
     ptr = pointer(dtype)
     common = {"T": ptr, "X": ptr, "SubMask": "*i1", "LSE": "*fp32"}
     sizes = {"n_rows": "i32", "n_sub": "i32", "n_k": "i32", "n_patch": "i32", "n_bytes": "i32", "dim": "i32"}
+    backward = {**common, **sizes, "Sel": "*u8", "Grad": ptr, "inv_tau": "fp32"}
     specs = []
-    for block_n in (256, 1024):
+    for block_n in BLOCK_NS:
         constexprs = {"UPCAST": False, "DOT_PRECISION": dot_precision(dtype), "BLOCK_N": block_n}
         forward = autotuned_specs(
             _sap_forward_kernel,
@@ -450,7 +536,6 @@ def compile_specs(dtype: torch.dtype):
             {**common, **sizes, "PatchMask": "*i1", "Out": ptr, "Sel": "*u8", "top_k": "i32", "inv_tau": "fp32"},
             constexprs,
         )
-        backward = {**common, **sizes, "Sel": "*u8", "Grad": ptr, "inv_tau": "fp32"}
         dsub = autotuned_specs(
             _sap_dsub_kernel,
             f"pairwise_topk_bwd_dsub[N<={block_n}]",
@@ -460,5 +545,6 @@ def compile_specs(dtype: torch.dtype):
         dpatches = autotuned_specs(
             _sap_dpatches_kernel, f"pairwise_topk_bwd_dpatches[N<={block_n}]", {**backward, "DX": "*fp32"}, constexprs
         )
-        specs += _FORWARD.select_specs(forward, dtype) + _BACKWARD.select_specs(dsub + dpatches, dtype)
+        launched = _CONFIGS.select_specs(forward + dsub + dpatches, dtype)
+        specs += [spec for spec in launched if spec.num_warps == _num_warps(block_n)]
     return specs

@@ -154,6 +154,30 @@ def test_empty_sets_score_zero(backend):
         assert (scores[:-1, [0, 2, 3, 4]] != 0).all()
 
 
+def test_triton_topk_at_the_widest_patch_tile():
+    """200 patches fill the widest tile (256): the radix select walks every index bit of the tie search and
+    the patch reductions run as 16 batched slices. k = 50 is SAP's ⌈N/4⌉."""
+    _check_parity("topk_k5", "triton", torch.float32, {"n_q": 2, "n_sub": 3, "n_k": 4, "n_patch": 200, "dim": 24})
+    sub, patches, sub_mask, patch_mask = _sap_case(torch.float32, n_q=2, n_sub=3, n_k=4, n_patch=200, dim=24)
+    expected = R.pairwise_topk_aggregate_logits(sub, patches, sub_mask, patch_mask, k=50, tau=0.07)
+    actual = P.pairwise_topk_aggregate_logits(sub, patches, sub_mask, patch_mask, k=50, tau=0.07, backend="triton")
+    _close(actual, expected, torch.float32, "topk k=50 over 200 patches")
+
+
+def test_topk_beyond_the_widest_tile_runs_the_torch_path(monkeypatch):
+    """More patches than the Triton kernels take: ``auto`` (as on a GPU, where it resolves to Triton)
+    runs the torch path; an explicit ``triton`` is refused with a clear error."""
+    sub, patches, sub_mask, patch_mask = _sap_case(
+        torch.float32, n_q=2, n_sub=2, n_k=4, n_patch=P.TRITON_TOPK_MAX_PATCHES + 1, dim=16
+    )
+    with pytest.raises(ValueError, match="at most 256 patches"):
+        P.pairwise_topk_aggregate_logits(sub, patches, sub_mask, patch_mask, k=3, backend="triton")
+    monkeypatch.setattr(P, "resolve_backend", lambda backend, device: "triton")
+    expected = R.pairwise_topk_aggregate_logits(sub, patches, sub_mask, patch_mask, k=3, tau=0.07)
+    actual = P.pairwise_topk_aggregate_logits(sub, patches, sub_mask, patch_mask, k=3, tau=0.07, backend="auto")
+    _close(actual, expected, torch.float32, "topk beyond the widest tile")
+
+
 def test_ties_at_the_kth_score_keep_the_lowest_patch_indices():
     """Duplicated patches (flat image background) tie exactly; both backends keep the lowest indices."""
     g = torch.Generator().manual_seed(3)

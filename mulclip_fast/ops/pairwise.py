@@ -40,6 +40,9 @@ from . import _torch_pairwise
 from ._dispatch import BACKENDS, resolve_backend
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# Patches per image the Triton SAP kernels take: they hold [16, N] score tiles in registers, which fit up
+# to 256 (ViT-B/16's 196, ViT-L/14's 256 at 224 px; calibrated token sets are smaller) and spill beyond.
+TRITON_TOPK_MAX_PATCHES = 256
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -419,6 +422,8 @@ def pairwise_topk_aggregate_logits(
     Args:
         sub: ``[Bq, M, d]``; patches: ``[Bk, N, d]``; masks ``[Bq, M]``, ``[Bk, N]`` bool or None.
         k: context patches per subcaption, ``1 <= k <= N``; tau: softmax temperature (> 0).
+        backend: ``"auto" | "triton" | "torch" | "reference"``; the Triton kernels take at most
+            :data:`TRITON_TOPK_MAX_PATCHES` patches per image (``auto`` uses the torch path above that).
 
     Returns:
         ``[Bq, Bk, M]`` in the dtype of ``sub``. Forward keeps a bit-packed top-k set
@@ -430,8 +435,23 @@ def pairwise_topk_aggregate_logits(
     sub_mask, patch_mask = _check_sets("sub", sub, "patches", patches, "sub_mask", sub_mask, "patch_mask", patch_mask)
     check_topk(k, patches.shape[1])
     check_positive("tau", tau)
-    logits, _, _ = _topk_op(sub, patches, sub_mask, patch_mask, k, float(tau), _concrete_backend(backend, sub))
+    logits, _, _ = _topk_op(sub, patches, sub_mask, patch_mask, k, float(tau), _topk_backend(backend, sub, patches))
     return logits
+
+
+def _topk_backend(backend: str, sub: torch.Tensor, patches: torch.Tensor) -> str:
+    """:func:`_concrete_backend`, except that more than :data:`TRITON_TOPK_MAX_PATCHES` patches per image
+    go to the torch path under ``auto`` and are refused under ``triton``."""
+    resolved = _concrete_backend(backend, sub)
+    n_patch = patches.shape[1]
+    if resolved == "triton" and n_patch > TRITON_TOPK_MAX_PATCHES:
+        if backend == "auto":
+            return "torch"
+        raise ValueError(
+            f"backend='triton' takes at most {TRITON_TOPK_MAX_PATCHES} patches per image for "
+            f"pairwise_topk_aggregate_logits, got {n_patch}: use backend='torch' or 'auto'"
+        )
+    return resolved
 
 
 # ----------------------------------------------------------------------------------------------------
