@@ -178,6 +178,23 @@ def test_topk_beyond_the_widest_tile_runs_the_torch_path(monkeypatch):
     _close(actual, expected, torch.float32, "topk beyond the widest tile")
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_reconstruction_gradients_stay_finite_under_large_upstream_gradients(backend):
+    """Masked keys carry the dtype's lowest logit; an upstream gradient above 1 per valid query token must
+    not turn ``g · z`` into ±inf (and ``inf · p`` with ``p = 0`` into NaN)."""
+    q, k, q_mask, k_mask = _pair_case(torch.float32, n_q=2, n_k=3, len_q=5, len_k=6, dim=16)
+    q.requires_grad_(True)
+    k.requires_grad_(True)
+    upstream = torch.full((2, 3), 40.0)
+    expected = torch.autograd.grad(R.pairwise_reconstruction_scores(q, k, q_mask, k_mask), (q, k), upstream)
+    actual = torch.autograd.grad(
+        P.pairwise_reconstruction_scores(q, k, q_mask, k_mask, backend=backend), (q, k), upstream
+    )
+    for a, e in zip(actual, expected, strict=True):
+        assert torch.isfinite(a).all()
+        _close(a, e, torch.float32, "reconstruction gradient")
+
+
 def test_ties_at_the_kth_score_keep_the_lowest_patch_indices():
     """Duplicated patches (flat image background) tie exactly; both backends keep the lowest indices."""
     g = torch.Generator().manual_seed(3)

@@ -44,6 +44,10 @@ def chunk_budget(*inputs: torch.Tensor) -> int:
 
 
 def _chunks(n: int, size: int):
+    """``[start, end)`` ranges of at most ``size`` covering ``range(n)``, as equal as possible: 32 sets in
+    chunks of 26 become 16 + 16, not 26 + 6 (a GEMM on 6 sets runs far below the CPU's peak)."""
+    count = -(-n // size)
+    size = -(-n // count) if count else size
     return [(start, min(start + size, n)) for start in range(0, n, size)]
 
 
@@ -256,7 +260,10 @@ def reconstruction_backward(grad, q, k, q_mask, k_mask, tau: float, r, lse):
             g = reconstruction_row_weights(grad[b0:b1, c0:c1], q_mask[b0:b1], acc, n_valid[b0:b1])
             g = (g * k_any[c0:c1, None, None]).permute(1, 2, 0)[..., None]  # [nb, Lq, nc, 1]
             bias = g * (1.0 - r[c0:c1, b0:b1].permute(1, 2, 0)[..., None] / tau)
-            ds = z.mul_(g).add_(bias).mul_(p)  # g p (1 + z − r/τ), in z's storage
+            # g p (1 + z − r/τ) = g·(p z) + bias·p, in z's storage. p z first: a masked key has the
+            # dtype's lowest z and p = 0, so p z = 0, where g z alone would overflow to ±inf once |g| > 1
+            # (and inf · 0 is NaN).
+            ds = z.mul_(p).mul_(g).addcmul_(p, bias)
             ds = ds.view(qc.shape[0], kc.shape[0])
             dq[b0 * len_q : b1 * len_q].addmm_(ds, kc)
             dk[c0 * len_k : c1 * len_k].addmm_(ds.T, qc)

@@ -1,13 +1,14 @@
 """Peak memory and time of the all-pairs ops, fused ``torch`` backend vs the reference (issue 5).
 
     python -m mulclip_fast.ops.pairwise_report [--batch 64] [--queries 248] [--keys 196] [--width 512]
-                                               [--subcaptions 8] [--k 49] [--repeats 3] [--no-time]
+                                               [--subcaptions 8] [--k 49] [--repeats 5] [--no-time]
 
 For ``pairwise_maxsim`` (FineLIP's form: bidirectional, LeakyReLU 0.1), ``pairwise_reconstruction_scores``
 and ``pairwise_topk_aggregate_logits``, float32, all tokens valid, prints per backend the peak bytes of
 forward + backward above the inputs, the bytes of input gradients + output (the floor any
-implementation needs), and the best wall time of ``--repeats`` forward + backward calls, run
-alternately so that load from other processes hits both alike.
+implementation needs), and the median wall time of ``--repeats`` forward + backward calls, run
+alternately so that load from other processes hits both alike (the median, not the best: on a shared
+machine a lucky run of one backend would otherwise decide the ratio).
 
 Memory is the CPU allocator's peak (``profiling.allocator_peak_memory_of``): a ``TorchDispatchMode``
 tracker sees a custom op's outputs but not the temporaries allocated inside it, so it would undercount
@@ -17,6 +18,7 @@ the fused path.
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 
 import torch
@@ -65,8 +67,8 @@ def _forward_backward(call, inputs, backend):
     return out
 
 
-def measure(op, batch, queries, keys, width, subcaptions, k, repeats=3, timed=True):
-    """``{backend: (peak bytes, floor bytes, best seconds or None)}`` for ``reference`` and ``torch``."""
+def measure(op, batch, queries, keys, width, subcaptions, k, repeats=5, timed=True):
+    """``{backend: (peak bytes, floor bytes, median seconds or None)}`` for ``reference`` and ``torch``."""
     call, inputs = _case(op, batch, queries, keys, width, subcaptions, k)
     results = {}
     for backend in ("reference", "torch"):
@@ -75,15 +77,15 @@ def measure(op, batch, queries, keys, width, subcaptions, k, repeats=3, timed=Tr
         floor = sum(x.numel() * x.element_size() for x in inputs) + out.numel() * out.element_size()
         results[backend] = [peak, floor, None]
     if timed:
-        best = {backend: float("inf") for backend in results}
+        seconds = {backend: [] for backend in results}
         for _ in range(repeats):
             for backend in results:
                 _clear_grads(inputs)
                 start = time.perf_counter()
                 _forward_backward(call, inputs, backend)
-                best[backend] = min(best[backend], time.perf_counter() - start)
+                seconds[backend].append(time.perf_counter() - start)
         for backend in results:
-            results[backend][2] = best[backend]
+            results[backend][2] = statistics.median(seconds[backend])
     return results
 
 
@@ -95,13 +97,13 @@ def main(argv=None) -> None:
     parser.add_argument("--width", type=int, default=512)
     parser.add_argument("--subcaptions", type=int, default=8)
     parser.add_argument("--k", type=int, default=49)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--no-time", action="store_true", help="memory only")
     parser.add_argument("--ops", nargs="+", default=list(OPS), choices=OPS)
     args = parser.parse_args(argv)
     shape = {key: getattr(args, key) for key in ("batch", "queries", "keys", "width", "subcaptions", "k")}
     print(f"shape {shape}, float32, forward + backward, {torch.get_num_threads()} threads")
-    print(f"{'op':32} {'backend':10} {'peak MiB':>10} {'× floor':>8} {'time s':>8}")
+    print(f"{'op':32} {'backend':10} {'peak MiB':>10} {'× floor':>8} {'median s':>8}")
     for op in args.ops:
         results = measure(op, **shape, repeats=args.repeats, timed=not args.no_time)
         for backend, (peak, floor, seconds) in results.items():
