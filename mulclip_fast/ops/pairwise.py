@@ -497,16 +497,16 @@ def pairwise_reconstruction_cost(n_q: int, len_q: int, n_k: int, len_k: int, d: 
 
 def pairwise_topk_aggregate_cost(n_q: int, n_sub: int, n_k: int, n_patch: int, d: int, itemsize: int = 4) -> OpCost:
     """Forward: scores ``s = t Xᵀ`` and the aggregate ``a = w X`` as dense GEMMs over all N patches
-    (``2 × 2·Bq·Bk·M·N·d``), plus an on-chip sort of each N-row (``~N·log²N`` compares, not counted).
-    Backward: the d_sub kernel recomputes s, a and ``Xa`` and applies ``αX`` (4 GEMMs); the d_patches
-    kernel recomputes s, a, ``Xa`` and applies ``αᵀt`` and ``βᵀu`` (5 GEMMs)."""
+    (``2 × 2·Bq·Bk·M·N·d``), plus an on-chip radix select of each N-row (32 compare-and-count passes, not
+    counted). Backward: the d_sub kernel recomputes s, a and ``Xa`` and applies ``αX`` (4 GEMMs); the
+    d_patches kernel recomputes s, a and ``Xa``, then per d slice a again, ``αᵀt`` and ``βᵀu`` (6 GEMMs)."""
     rows_pairs = n_q * n_sub * n_k
     gemm = 2 * rows_pairs * n_patch * d
     inputs = (n_q * n_sub + n_k * n_patch) * d * itemsize
     stats = rows_pairs * ((n_patch + 7) // 8 + 4)  # packed selection + fp32 lse
     return OpCost(
         flops_forward=2 * gemm,
-        flops_backward=9 * gemm,
+        flops_backward=10 * gemm,
         bytes_forward=inputs + stats + rows_pairs * itemsize,
         bytes_backward=2 * inputs + stats + rows_pairs * itemsize,
     )
