@@ -102,8 +102,8 @@ def _scores(
     BLOCK_D: tl.constexpr,
 ):
     """``s = t Xᵀ`` for a ``[BLOCK_R, BLOCK_N]`` tile, over d in ``BLOCK_D`` chunks (fp32). ``Tb`` points at
-    the first row of the block and ``Xb`` at the first patch of the image: the offsets within them are
-    int32 (one image or row block is far below 2³¹ elements), which halves the address registers."""
+    the first row of the block and ``Xb`` at the first patch of the image (64-bit scalars), so the
+    offsets within them stay int32 tiles (one image or row block is far below 2³¹ elements)."""
     s = tl.zeros([BLOCK_R, BLOCK_N], tl.float32)
     r = tl.arange(0, BLOCK_R)
     n = tl.arange(0, BLOCK_N)
@@ -135,7 +135,7 @@ def _contract_patches(
     """``w x`` for ``w [BLOCK_R, BLOCK_N]`` and ``x [BLOCK_N, BLOCK_D]``: a reduction over all patches.
 
     One ``tl.dot`` with K = ``BLOCK_N`` would give every warp the whole ``[BLOCK_R, BLOCK_N]`` operand
-    (BLOCK_N / 2 registers per thread, 512 at 1024 patches). Cut into ``BLOCK_N / BLOCK_J`` slices of
+    (BLOCK_N / 2 registers per thread, 128 at 256 patches). Cut into ``BLOCK_N / BLOCK_J`` slices of
     ``BLOCK_J`` patches, it becomes a batched dot whose slices spread over the warps, then a sum of the
     partial products.
     """
@@ -418,7 +418,7 @@ def _sap_dpatches_kernel(
     r = tl.arange(0, BLOCK_R)
     Xb = X + c * n_patch * dim
     DXb = DX + c * n_patch * dim
-    for row0 in range(0, n_rows, BLOCK_R):
+    for row0 in range(0, n_rows, BLOCK_R):  # int32: sap_backward checks n_rows · dim < 2³¹
         row_ok = row0 + r < n_rows
         w, alpha, gamma = _backward_coefficients(
             T, X, Sel, LSE, Grad, SubMask, c, row0, n_rows, n_sub, n_k, n_patch, n_bytes, dim, inv_tau,
@@ -497,6 +497,8 @@ def sap_backward(grad, sub, patches, sub_mask, patch_mask, tau: float, selected,
     d_patches = torch.zeros(patches.shape, dtype=torch.float32, device=patches.device)
     if n_rows == 0 or n_k == 0:
         return torch.zeros(sub.shape, dtype=torch.float32, device=sub.device), d_patches
+    if n_rows * dim >= 2**31:  # the d_patches kernel walks the subcaption rows with int32 offsets
+        raise ValueError(f"the Triton SAP backward takes fewer than 2³¹ subcaption elements, got {n_rows * dim}")
     options = {"UPCAST": _upcast(sub.dtype), "DOT_PRECISION": dot_precision(sub.dtype), "BLOCK_N": _block_n(n_patch)}
     config_rows = _CONFIGS.for_dtype(sub.dtype)[0].kwargs["BLOCK_R"]
     splits = _image_splits(triton.cdiv(n_rows, config_rows), n_k, sub.device)
