@@ -47,11 +47,41 @@ def test_finelip_example_fused_op_matches_and_uses_less_memory():
     assert summary["naive_peak_bytes"] - summary["fused_peak_bytes"] > 12 * 12 * 24 * 17 * 4, summary
 
 
+@pytest.mark.slow
+def test_binding_diagnostic_oracle_trains_one_tower_against_binding_aware_codes():
+    summary = run_example(
+        "binding_diagnostic.py", "--pairs", "8", "oracle", "--tower", "text", "--steps", "4", "--batch-size", "4"
+    )
+    assert summary["tower"] == "text" and summary["steps"] == 4 and summary["pairs"] == 8, summary
+    # The codes are binding-aware: swapping two objects' colours changes every scene's code.
+    assert summary["probe_codes_differ"] == 1.0, summary
+    assert 0 <= summary["binding_acc"] <= 1 and 0 <= summary["r5_against_codes"] <= 1, summary
+
+
+def test_binding_diagnostic_twin_cosines(tmp_path):
+    import torch
+
+    from mulclip_fast.model.clip import CLIP, preset_config
+
+    torch.manual_seed(0)
+    checkpoint = tmp_path / "tiny.pt"
+    torch.save(CLIP(preset_config("tiny")).state_dict(), checkpoint)
+    summary = run_example(
+        "binding_diagnostic.py", "--pairs", "6", "twins", "--checkpoint", str(checkpoint), "--preset", "tiny"
+    )
+    # A caption and its colour-swapped probe share every word, so even an untrained text tower puts them
+    # closer together than two unrelated captions.
+    assert summary["cos_caption_probe"] > summary["cos_caption_unrelated"], summary
+    assert summary["cos_image_twin_image"] > summary["cos_image_unrelated"], summary
+    assert 0 <= summary["binding_acc"] <= 1, summary
+
+
 @pytest.mark.parametrize(
     "script, args, message",
     [
         ("finetune_hf_clip.py", ["--batch-size", "1"], "--batch-size must be >= 2"),
         ("finelip_fused_late_interaction.py", ["--batch", "1"], "--batch is too small"),
+        ("binding_diagnostic.py", ["oracle", "--tower", "image", "--steps", "0"], "--steps must be >= 1"),
     ],
 )
 def test_examples_reject_bad_arguments(script, args, message):
