@@ -255,7 +255,7 @@ def _assert_memory_ratios(shape):
 def test_peak_memory_at_paper_shape():
     """Issue 4's shape: B=64, 248 words, 196 patches, M=8, k=49, d=512, forward + backward above the inputs,
     temporaries inside the custom ops included (measured: wpr_loss 338.2 → 68.0 MiB, topk_patch_aggregate
-    442.5 → 42.9 MiB)."""
+    442.5 → 38.6 MiB)."""
     _assert_memory_ratios(PAPER_SHAPE)
 
 

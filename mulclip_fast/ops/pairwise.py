@@ -34,7 +34,7 @@ import torch
 
 from .. import reference
 from ..profiling import OpCost
-from ..reference._checks import FLOAT_DTYPES, check_mask, check_positive, check_same_width, check_topk
+from ..reference._checks import check_mask, check_positive, check_same_width, check_tokens, check_topk
 from ..reference._masked import accumulation_dtype
 from . import _torch_pairwise
 from ._dispatch import BACKENDS, resolve_backend
@@ -65,37 +65,10 @@ def _check_backend_name(backend: str) -> None:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
 
 
-# Elements per slice of the NaN/Inf scan of the inputs.
-_FINITE_CHECK_ELEMENTS = 1 << 20
-
-
-def _check_tokens(name: str, x: torch.Tensor) -> None:
-    """``reference._checks.check_tokens`` with the NaN/Inf scan done in slices.
-
-    ``torch.isfinite(x).all()`` on a whole input allocates input-sized temporaries (``abs`` and three
-    boolean masks): 1.7× the input, more than these ops' entire working memory at paper shapes. Scanning
-    1M elements at a time reports the same error with a bounded footprint.
-    """
-    if not isinstance(x, torch.Tensor):
-        raise ValueError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if x.dim() != 3:
-        raise ValueError(f"{name} must have shape [B, L, d], got shape {tuple(x.shape)}")
-    if x.dtype not in FLOAT_DTYPES:
-        raise ValueError(f"{name} must be float16, bfloat16, float32 or float64, got {x.dtype}")
-    if x.shape[-1] == 0:
-        raise ValueError(f"{name} has an empty feature dimension: shape {tuple(x.shape)}")
-    if torch.compiler.is_compiling():  # data-dependent checks would break the graph
-        return
-    flat = x.reshape(-1)
-    for start in range(0, flat.numel(), _FINITE_CHECK_ELEMENTS):
-        if not torch.isfinite(flat[start : start + _FINITE_CHECK_ELEMENTS]).all():
-            raise ValueError(f"{name} contains NaN or Inf values")
-
-
 def _check_sets(q_name, q, k_name, k, q_mask_name, q_mask, k_mask_name, k_mask):
     """Validate two token-set batches (any batch sizes) and their masks; returns the masks (None → all valid)."""
-    _check_tokens(q_name, q)
-    _check_tokens(k_name, k)
+    check_tokens(q_name, q)
+    check_tokens(k_name, k)
     check_same_width(q_name, q, k_name, k)
     return check_mask(q_mask_name, q_mask, q, q_name), check_mask(k_mask_name, k_mask, k, k_name)
 
