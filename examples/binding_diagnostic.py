@@ -34,7 +34,6 @@ import time
 import torch
 import torch.nn.functional as F
 
-from mulclip_fast.data.images import CLIP_MEAN, CLIP_STD
 from mulclip_fast.data.synthetic import COLOURS, SHAPES, SceneObject, SyntheticLongCaptions
 from mulclip_fast.data.text import CLIPTokenizer, trim_to_longest
 from mulclip_fast.eval import load_model_for_eval
@@ -45,15 +44,6 @@ _tokenizer = CLIPTokenizer()
 
 def tokenize(captions: list[str]) -> torch.Tensor:
     return trim_to_longest(_tokenizer.tokenize(captions))
-
-
-def render_twin(dataset: SyntheticLongCaptions, index: int) -> torch.Tensor:
-    """The image of sample ``index``'s colour-swapped scene (its probe caption), with the same pixel noise."""
-    objects = dataset.probe_objects(dataset.scene(index), index)
-    rng = dataset._rng(index)
-    rng.bit_generator.advance(1 << 20)  # as SyntheticLongCaptions.__getitem__ does
-    pixels = torch.from_numpy(dataset.render(objects, rng)).permute(2, 0, 1)
-    return (pixels - CLIP_MEAN[:, None, None]) / CLIP_STD[:, None, None]
 
 
 def mean_off_diagonal(similarity: torch.Tensor) -> float:
@@ -68,9 +58,9 @@ def twins(args: argparse.Namespace) -> dict:
     dataset = SyntheticLongCaptions(args.pairs, seed=args.seed, split="test", image_size=model.config.image_resolution)
     items = [dataset[i] for i in range(args.pairs)]
     image = F.normalize(model.encode_image(torch.stack([it["image"] for it in items])), dim=-1)
-    twin_image = F.normalize(
-        model.encode_image(torch.stack([render_twin(dataset, i) for i in range(args.pairs)])), dim=-1
-    )
+    # The probe scene (two objects' colours swapped) drawn with the sample's own pixel noise and jitter.
+    twin_scenes = [dataset.image(dataset.probe_objects(dataset.scene(i), i), i) for i in range(args.pairs)]
+    twin_image = F.normalize(model.encode_image(torch.stack(twin_scenes)), dim=-1)
     caption = F.normalize(model.encode_text(tokenize([it["caption"] for it in items])), dim=-1)
     probe = F.normalize(model.encode_text(tokenize([it["probe"] for it in items])), dim=-1)
     return {

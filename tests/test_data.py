@@ -87,6 +87,18 @@ def test_synthetic_is_deterministic_and_splits_differ():
         a[50]
 
 
+def test_synthetic_probe_image_is_the_twin_the_dataset_renders():
+    """``image(probe_objects(scene(i)), i)`` draws the probe caption's scene with sample i's noise: the
+    twin a training batch holds at i + 1 shows the same scene (with its own noise), and the sample's own
+    scene drawn this way is its image."""
+    data = SyntheticLongCaptions(40, seed=3, twin_fraction=1.0)
+    for i in (0, 10, 22):
+        assert torch.equal(data.image(data.scene(i), i), data[i]["image"])
+        probe_scene = data.probe_objects(data.scene(i), i)
+        assert probe_scene == data.scene(i + 1)  # the twin at i + 1 is the probe scene
+        assert not torch.equal(data.image(probe_scene, i), data[i]["image"])
+
+
 def test_synthetic_captions_are_long_and_probes_swap_colours(tokenizer):
     data = SyntheticLongCaptions(100, seed=0)
     lengths = [tokenizer.count_tokens(data[i]["caption"]) for i in range(100)]

@@ -192,14 +192,20 @@ class SyntheticLongCaptions(torch.utils.data.Dataset):
         swapped[j] = SceneObject(objects[j].shape, objects[i].colour, objects[j].size, objects[j].cell)
         return swapped
 
-    def __getitem__(self, index: int) -> dict:
-        objects = self.scene(index)
+    def image(self, objects: list[SceneObject], index: int) -> torch.Tensor:
+        """``objects`` rendered with sample ``index``'s pixel noise and jitter, CLIP-normalised ``[3, R, R]``.
+
+        With the sample's own scene this is its image; with its probe scene, the image its probe caption
+        describes (``examples/binding_diagnostic.py`` compares the two)."""
         rng = self._rng(index)
         rng.bit_generator.advance(1 << 20)  # a stream for pixels disjoint from the scene draws
         pixels = torch.from_numpy(self.render(objects, rng)).permute(2, 0, 1)
-        image = (pixels - CLIP_MEAN[:, None, None]) / CLIP_STD[:, None, None]
+        return (pixels - CLIP_MEAN[:, None, None]) / CLIP_STD[:, None, None]
+
+    def __getitem__(self, index: int) -> dict:
+        objects = self.scene(index)
         return {
-            "image": image,
+            "image": self.image(objects, index),
             "caption": describe(objects),
             "probe": describe(self.probe_objects(objects, index)),
             "key": f"synthetic/{self.split}/{index}",
