@@ -20,12 +20,13 @@ import torch
 import triton
 import triton.language as tl
 
+from ..ops.matched import TRITON_AGGREGATE_MAX_PATCHES
 from ._aot import CompileSpec, autotune, autotuned_specs, dot_precision, dtype_class, pointer
 
 # The whole score row of 16 subcaptions lives in registers ([16, BLOCK_N] scores, int32 keys, probabilities
 # and, in backward, their gradients). Up to 256 patches (ViT-B/16's 196, ViT-L/14's 256) this compiles
 # without spills for sm_80/sm_90 (see compile_check); larger N falls back to the torch path.
-MAX_PATCHES = 256
+MAX_PATCHES = TRITON_AGGREGATE_MAX_PATCHES
 SUBCAPTIONS_PER_PROGRAM = 16  # tl.dot's minimum tile
 BLOCK_M: tl.constexpr = tl.constexpr(SUBCAPTIONS_PER_PROGRAM)
 NORMALIZE_EPS: tl.constexpr = tl.constexpr(1e-12)  # F.normalize's

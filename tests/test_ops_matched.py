@@ -13,8 +13,8 @@ import torch.nn.functional as F
 
 from mulclip_fast import ops
 from mulclip_fast import reference as R
-from mulclip_fast.ops import matched
-from mulclip_fast.ops._dispatch import interpreter_enabled
+from mulclip_fast.ops import _dispatch, matched
+from mulclip_fast.ops._dispatch import interpreter_enabled, kernel_backend
 from mulclip_fast.ops.memory_report import PAPER_SHAPE, measure
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -156,8 +156,8 @@ def test_backends_auto_and_reference():
     torch.testing.assert_close(
         auto, ops.token_reconstruction(q, kv, tau=0.1, backend="reference"), atol=1e-6, rtol=1e-5
     )
-    assert matched._concrete_backend("auto", q) == ("triton" if q.is_cuda else "torch")
-    assert matched._concrete_backend("auto", q.double()) == "torch"  # no fp64 kernels: torch path
+    assert kernel_backend("auto", q) == ("triton" if q.is_cuda else "torch")
+    assert kernel_backend("auto", q.double()) == "torch"  # no fp64 kernels: torch path
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -319,8 +319,9 @@ def test_bad_backend_raises_value_error():
         ops.topk_patch_aggregate(s.double(), v.double(), k=2, backend="triton")
 
 
-def test_topk_beyond_the_kernel_row_falls_back_to_torch():
-    """More patches than the Triton score row holds: ``auto`` takes the torch path, ``triton`` refuses."""
+def test_topk_beyond_the_kernel_row_falls_back_to_torch(monkeypatch):
+    """More patches than the Triton score row holds: ``auto`` (as on a GPU, where it resolves to Triton)
+    takes the torch path, ``triton`` refuses."""
     _skip_without_triton("triton")
     from mulclip_fast.kernels.topk_aggregate import MAX_PATCHES
 
@@ -328,6 +329,7 @@ def test_topk_beyond_the_kernel_row_falls_back_to_torch():
     sub, patches = _tokens(g, 1, 2, 16), _tokens(g, 1, MAX_PATCHES + 1, 16)
     with pytest.raises(ValueError, match=f"at most {MAX_PATCHES} patches"):
         ops.topk_patch_aggregate(sub, patches, k=3, backend="triton")
+    monkeypatch.setattr(_dispatch, "resolve_backend", lambda backend, device: "triton")
     expected = R.topk_patch_aggregate(sub, patches, k=3)
     torch.testing.assert_close(ops.topk_patch_aggregate(sub, patches, k=3), expected, atol=1e-6, rtol=1e-5)
 

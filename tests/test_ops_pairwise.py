@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from mulclip_fast import reference as R
-from mulclip_fast.ops import _torch_pairwise
+from mulclip_fast.ops import _dispatch, _torch_pairwise
 from mulclip_fast.ops import pairwise as P
 from mulclip_fast.profiling import allocator_peak_memory_of
 
@@ -172,7 +172,7 @@ def test_topk_beyond_the_widest_tile_runs_the_torch_path(monkeypatch):
     )
     with pytest.raises(ValueError, match="at most 256 patches"):
         P.pairwise_topk_aggregate_logits(sub, patches, sub_mask, patch_mask, k=3, backend="triton")
-    monkeypatch.setattr(P, "resolve_backend", lambda backend, device: "triton")
+    monkeypatch.setattr(_dispatch, "resolve_backend", lambda backend, device: "triton")
     expected = R.pairwise_topk_aggregate_logits(sub, patches, sub_mask, patch_mask, k=3, tau=0.07)
     actual = P.pairwise_topk_aggregate_logits(sub, patches, sub_mask, patch_mask, k=3, tau=0.07, backend="auto")
     _close(actual, expected, torch.float32, "topk beyond the widest tile")

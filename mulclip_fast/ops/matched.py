@@ -37,7 +37,7 @@ from ..reference._checks import (
 )
 from ..reference._masked import accumulation_dtype
 from . import _torch_matched
-from ._dispatch import BACKENDS, resolve_backend
+from ._dispatch import check_backend_name, kernel_backend
 
 # Bytes of temporaries one chunk of the torch backend may hold (the [c, Lq, Lk] scores and their
 # companions). The batch is split so that a chunk stays under this; 24 MiB keeps chunks of a few samples
@@ -45,27 +45,14 @@ from ._dispatch import BACKENDS, resolve_backend
 # per-chunk overhead negligible. At 64 MiB the SAP chunk alone would take the fused peak past a tenth
 # of the reference's.
 CHUNK_BYTES = 24 * 2**20
-KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# Patches per score row the Triton top-k aggregate holds in registers (kernels/topk_aggregate.py: up to 256
+# it compiles without spills); more go to the torch path under backend='auto' and are refused under 'triton'.
+TRITON_AGGREGATE_MAX_PATCHES = 256
 
 
 # ----------------------------------------------------------------------------------------------------
 # Validation and backend choice
 # ----------------------------------------------------------------------------------------------------
-
-
-def _check_backend_name(backend: str) -> None:
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-
-
-def _concrete_backend(backend: str, x: torch.Tensor) -> str:
-    """``triton`` or ``torch`` for tensors like ``x`` (``reference`` is handled by the callers)."""
-    resolved = resolve_backend(backend, x.device)
-    if resolved == "triton" and x.dtype not in KERNEL_DTYPES:
-        if backend == "auto":
-            return "torch"
-        raise ValueError(f"backend='triton' supports float16, bfloat16 and float32 inputs, got {x.dtype}")
-    return resolved
 
 
 def _scalar(name: str, value) -> float:
@@ -209,12 +196,12 @@ def token_reconstruction(
     :func:`mulclip_fast.reference.token_reconstruction`. Invalid query rows and samples without a
     valid key give zeros. Returns ``[B, Lq, d]`` in the dtype of ``q``.
     """
-    _check_backend_name(backend)
+    check_backend_name(backend)
     if backend == "reference":
         return reference.token_reconstruction(q, kv, q_mask, kv_mask, tau)
     q_mask, kv_mask = _check_pair("q", q, "kv", kv, "q_mask", q_mask, "kv_mask", kv_mask)
     tau = _scalar("tau", tau)
-    out, _ = _token_reconstruction_op(q, kv, q_mask, kv_mask, tau, _concrete_backend(backend, q))
+    out, _ = _token_reconstruction_op(q, kv, q_mask, kv_mask, tau, kernel_backend(backend, q))
     return out
 
 
@@ -348,14 +335,14 @@ def wpr_loss(
     ``reduction="mean"`` averages over the samples with valid tokens on both sides; ``"none"`` returns
     ``[B]`` (0 for a sample without valid tokens on a side). Float32 (float64 for float64 inputs).
     """
-    _check_backend_name(backend)
+    check_backend_name(backend)
     if backend == "reference":
         return reference.wpr_loss(v_tokens, t_tokens, v_mask, t_mask, tau_attn, tau_contrast, reduction)
     v_mask, t_mask = _check_pair("v_tokens", v_tokens, "t_tokens", t_tokens, "v_mask", v_mask, "t_mask", t_mask)
     tau_attn, tau_contrast = _scalar("tau_attn", tau_attn), _scalar("tau_contrast", tau_contrast)
     check_reduction(reduction)
     per_sample = _wpr_loss_op(
-        v_tokens, t_tokens, v_mask, t_mask, tau_attn, tau_contrast, _concrete_backend(backend, v_tokens)
+        v_tokens, t_tokens, v_mask, t_mask, tau_attn, tau_contrast, kernel_backend(backend, v_tokens)
     )
     if reduction == "none":
         return per_sample
@@ -463,23 +450,13 @@ def topk_patch_aggregate(
     than ``k`` valid patches pools all of them; invalid subcaptions give zero rows. ``[B, M, d]`` in the
     dtype of ``sub``.
     """
-    _check_backend_name(backend)
+    check_backend_name(backend)
     if backend == "reference":
         return reference.topk_patch_aggregate(sub, patches, sub_mask, patch_mask, k, tau)
     sub_mask, patch_mask = _check_pair("sub", sub, "patches", patches, "sub_mask", sub_mask, "patch_mask", patch_mask)
     check_topk(k, patches.shape[1])
     tau = _scalar("tau", tau)
-    concrete = _concrete_backend(backend, sub)
-    if concrete == "triton":
-        from ..kernels.topk_aggregate import MAX_PATCHES
-
-        if patches.shape[1] > MAX_PATCHES:
-            if backend != "auto":
-                raise ValueError(
-                    f"backend='triton' holds at most {MAX_PATCHES} patches per score row, got patches with "
-                    f"N = {patches.shape[1]}; use backend='auto' or 'torch'"
-                )
-            concrete = "torch"
+    concrete = kernel_backend(backend, sub, patches.shape[1], TRITON_AGGREGATE_MAX_PATCHES)
     return _topk_patch_aggregate_op(sub, patches, sub_mask, patch_mask, k, tau, concrete)
 
 

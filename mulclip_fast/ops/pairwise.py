@@ -37,9 +37,8 @@ from ..profiling import OpCost
 from ..reference._checks import check_mask, check_positive, check_same_width, check_tokens, check_topk
 from ..reference._masked import accumulation_dtype
 from . import _torch_pairwise
-from ._dispatch import BACKENDS, resolve_backend
+from ._dispatch import check_backend_name, kernel_backend
 
-KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # Patches per image the Triton SAP kernels take: they hold [16, N] score tiles in registers, which fit up
 # to 256 (ViT-B/16's 196, ViT-L/14's 256 at 224 px; calibrated token sets are smaller) and spill beyond.
 TRITON_TOPK_MAX_PATCHES = 256
@@ -48,21 +47,6 @@ TRITON_TOPK_MAX_PATCHES = 256
 # ----------------------------------------------------------------------------------------------------
 # Validation and backend choice
 # ----------------------------------------------------------------------------------------------------
-
-
-def _concrete_backend(backend: str, x: torch.Tensor) -> str:
-    """``triton`` or ``torch`` for tensors like ``x`` (``reference`` is handled by the callers)."""
-    resolved = resolve_backend(backend, x.device)
-    if resolved == "triton" and x.dtype not in KERNEL_DTYPES:
-        if backend == "auto":
-            return "torch"
-        raise ValueError(f"backend='triton' supports float16, bfloat16 and float32 inputs, got {x.dtype}")
-    return resolved
-
-
-def _check_backend_name(backend: str) -> None:
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
 
 
 def _check_sets(q_name, q, k_name, k, q_mask_name, q_mask, k_mask_name, k_mask):
@@ -195,7 +179,7 @@ def pairwise_maxsim(
     Returns:
         ``[Bq, Bk]`` in the dtype of ``q``. Forward keeps ``O(Bq·Bk·(Lq+Lk))`` maxima and arg-maxes only.
     """
-    _check_backend_name(backend)
+    check_backend_name(backend)
     if backend == "reference":
         return reference.pairwise_maxsim(q, k, q_mask, k_mask, bidirectional, negative_slope)
     q_mask, k_mask = _check_sets("q", q, "k", k, "q_mask", q_mask, "k_mask", k_mask)
@@ -207,7 +191,7 @@ def pairwise_maxsim(
         if not (math.isfinite(negative_slope) and negative_slope >= 0):
             raise ValueError(f"negative_slope must be None or >= 0, got {negative_slope!r}")
         negative_slope = float(negative_slope)
-    scores, *_ = _maxsim_op(q, k, q_mask, k_mask, bidirectional, negative_slope, _concrete_backend(backend, q))
+    scores, *_ = _maxsim_op(q, k, q_mask, k_mask, bidirectional, negative_slope, kernel_backend(backend, q))
     return scores
 
 
@@ -293,12 +277,12 @@ def pairwise_reconstruction_scores(
     Returns:
         ``[Bq, Bk]`` in the dtype of ``q``. Forward keeps ``O(Bq·Bk·Lq)`` row statistics only.
     """
-    _check_backend_name(backend)
+    check_backend_name(backend)
     if backend == "reference":
         return reference.pairwise_reconstruction_scores(q, k, q_mask, k_mask, tau)
     q_mask, k_mask = _check_sets("q", q, "k", k, "q_mask", q_mask, "k_mask", k_mask)
     check_positive("tau", tau)
-    scores, _, _ = _reconstruction_op(q, k, q_mask, k_mask, float(tau), _concrete_backend(backend, q))
+    scores, _, _ = _reconstruction_op(q, k, q_mask, k_mask, float(tau), kernel_backend(backend, q))
     return scores
 
 
@@ -402,29 +386,15 @@ def pairwise_topk_aggregate_logits(
         ``[Bq, Bk, M]`` in the dtype of ``sub``. Forward keeps a bit-packed top-k set
         (``Bq·Bk·M·⌈N/8⌉`` bytes) and one log-sum-exp per (subcaption, image).
     """
-    _check_backend_name(backend)
+    check_backend_name(backend)
     if backend == "reference":
         return reference.pairwise_topk_aggregate_logits(sub, patches, sub_mask, patch_mask, k, tau)
     sub_mask, patch_mask = _check_sets("sub", sub, "patches", patches, "sub_mask", sub_mask, "patch_mask", patch_mask)
     check_topk(k, patches.shape[1])
     check_positive("tau", tau)
-    logits, _, _ = _topk_op(sub, patches, sub_mask, patch_mask, k, float(tau), _topk_backend(backend, sub, patches))
+    concrete = kernel_backend(backend, sub, patches.shape[1], TRITON_TOPK_MAX_PATCHES)
+    logits, _, _ = _topk_op(sub, patches, sub_mask, patch_mask, k, float(tau), concrete)
     return logits
-
-
-def _topk_backend(backend: str, sub: torch.Tensor, patches: torch.Tensor) -> str:
-    """:func:`_concrete_backend`, except that more than :data:`TRITON_TOPK_MAX_PATCHES` patches per image
-    go to the torch path under ``auto`` and are refused under ``triton``."""
-    resolved = _concrete_backend(backend, sub)
-    n_patch = patches.shape[1]
-    if resolved == "triton" and n_patch > TRITON_TOPK_MAX_PATCHES:
-        if backend == "auto":
-            return "torch"
-        raise ValueError(
-            f"backend='triton' takes at most {TRITON_TOPK_MAX_PATCHES} patches per image for "
-            f"pairwise_topk_aggregate_logits, got {n_patch}: use backend='torch' or 'auto'"
-        )
-    return resolved
 
 
 # ----------------------------------------------------------------------------------------------------
