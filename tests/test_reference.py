@@ -385,3 +385,26 @@ def test_finite_scan_agrees_with_isfinite_and_allocates_nothing_input_sized(dtyp
     # min, max and their two flags: a few scalars, where isfinite(x).all() holds 1.7x the input.
     assert mem.peak < 1024, mem.peak
     assert all_finite(torch.empty(2, 0, 3, dtype=dtype))
+
+
+def test_finite_checks_can_be_switched_off_and_back_on():
+    import mulclip_fast
+    from mulclip_fast import ops
+
+    v, t = unit(2, 4, 5), unit(2, 3, 5)
+    v[0, 1, 2] = torch.nan
+    with pytest.raises(ValueError, match="v_tokens contains NaN"):
+        R.wpr_loss(v, t)
+    previous = mulclip_fast.set_finite_checks(False)
+    try:
+        assert previous is True
+        # No scan: the NaN reaches the result, in the reference and in the fused ops alike.
+        assert torch.isnan(R.wpr_loss(v, t))
+        assert torch.isnan(ops.wpr_loss(v, t, backend="torch"))
+        assert torch.isnan(ops.pairwise_maxsim(v, t, backend="torch")).any()
+        with pytest.raises(ValueError, match="must share the feature width"):  # other checks stay on
+            R.wpr_loss(v, unit(2, 3, 6))
+    finally:
+        assert mulclip_fast.set_finite_checks(previous) is False
+    with pytest.raises(ValueError, match="q contains NaN"):
+        ops.pairwise_maxsim(v, t, backend="torch")
