@@ -36,7 +36,7 @@ import torch.nn.functional as F
 
 from mulclip_fast.data.synthetic import COLOURS, SHAPES, SceneObject, SyntheticLongCaptions
 from mulclip_fast.data.text import CLIPTokenizer, trim_to_longest
-from mulclip_fast.eval import load_model_for_eval
+from mulclip_fast.eval import binding_accuracy, embed_dataset, load_model_for_eval, recall_at_k
 from mulclip_fast.model.clip import CLIP, preset_config
 
 _tokenizer = CLIPTokenizer()
@@ -56,20 +56,18 @@ def twins(args: argparse.Namespace) -> dict:
     model, _ = load_model_for_eval(args.checkpoint, args.preset, "cpu")
     model.eval()
     dataset = SyntheticLongCaptions(args.pairs, seed=args.seed, split="test", image_size=model.config.image_resolution)
-    items = [dataset[i] for i in range(args.pairs)]
-    image = F.normalize(model.encode_image(torch.stack([it["image"] for it in items])), dim=-1)
+    emb = embed_dataset(model, dataset)  # what python -m mulclip_fast.eval scores: image, long caption, probe
     # The probe scene (two objects' colours swapped) drawn with the sample's own pixel noise and jitter.
     twin_scenes = [dataset.image(dataset.probe_objects(dataset.scene(i), i), i) for i in range(args.pairs)]
-    twin_image = F.normalize(model.encode_image(torch.stack(twin_scenes)), dim=-1)
-    caption = F.normalize(model.encode_text(tokenize([it["caption"] for it in items])), dim=-1)
-    probe = F.normalize(model.encode_text(tokenize([it["probe"] for it in items])), dim=-1)
+    twin_image = F.normalize(model.encode_image(torch.stack(twin_scenes)).float(), dim=-1)
+    image, caption, probe = emb["image"], emb["long"], emb["probe"]
     return {
         "pairs": args.pairs,
         "cos_caption_probe": float((caption * probe).sum(-1).mean()),
         "cos_caption_unrelated": mean_off_diagonal(caption @ caption.T),
         "cos_image_twin_image": float((image * twin_image).sum(-1).mean()),
         "cos_image_unrelated": mean_off_diagonal(image @ image.T),
-        "binding_acc": float(((image * caption).sum(-1) > (image * probe).sum(-1)).float().mean()),
+        "binding_acc": binding_accuracy(image, caption, probe),
     }
 
 
@@ -126,11 +124,10 @@ def oracle(args: argparse.Namespace) -> dict:
         probe_code = torch.stack([code(test.probe_objects(test.scene(i), i)) for i in range(args.pairs)])
         features = encode(items, "caption")
         if args.tower == "image":  # the image against its scene's code and the swapped scene's code
-            binding = (features * true_code).sum(-1) > (features * probe_code).sum(-1)
+            binding = binding_accuracy(features, true_code, probe_code)
         else:  # the scene's code against the caption and the swapped caption
-            binding = (true_code * features).sum(-1) > (true_code * encode(items, "probe")).sum(-1)
-        top5 = (features @ true_code.T).topk(min(5, args.pairs), dim=-1).indices
-        recall5 = (top5 == torch.arange(args.pairs)[:, None]).any(-1)
+            binding = binding_accuracy(true_code, features, encode(items, "probe"))
+        recall5 = recall_at_k(features @ true_code.T, ks=(5,))["t2i_r5"]  # tower output → the true code
     return {
         "tower": args.tower,
         "steps": args.steps,
@@ -138,8 +135,8 @@ def oracle(args: argparse.Namespace) -> dict:
         "first_loss": first_loss,
         "last_loss": loss.item(),
         "pairs": args.pairs,
-        "binding_acc": float(binding.float().mean()),
-        "r5_against_codes": float(recall5.float().mean()),
+        "binding_acc": binding,
+        "r5_against_codes": recall5,
         "probe_codes_differ": float(((true_code - probe_code).norm(dim=-1) > 1e-6).float().mean()),
     }
 
