@@ -42,7 +42,9 @@ from .losses import FINE_GRAINED_TERMS, OBJECTIVES, MulCLIPFeatures, MulCLIPLoss
 from .model import CLIP, PRESETS, CheckpointError, load_clip_weights, preset_config
 
 CHECKPOINT_FORMAT = "mulclip-fast-train"
-CHECKPOINT_VERSION = 1
+# Version 2: the tiny preset's text tower gained ALiBi biases. Version-1 checkpoints are read as what they
+# are, tiny towers without them (``_upgrade_checkpoint``), so old runs still evaluate and resume exactly.
+CHECKPOINT_VERSION = 2
 
 
 class ConfigError(ValueError):
@@ -147,10 +149,21 @@ def load_training_checkpoint(path: str) -> dict | None:
             return None
         raise CheckpointError(f"cannot read checkpoint {path}: {type(exc).__name__}: {exc}") from None
     if isinstance(state, dict) and state.get("format") == CHECKPOINT_FORMAT:
-        if state.get("version") != CHECKPOINT_VERSION:
-            raise CheckpointError(f"{path} has checkpoint version {state.get('version')}, expected 1")
-        return state
+        if state.get("version") not in (1, CHECKPOINT_VERSION):
+            raise CheckpointError(
+                f"{path} has checkpoint version {state.get('version')}, expected 1 or {CHECKPOINT_VERSION}"
+            )
+        return _upgrade_checkpoint(state)
     return None
+
+
+def _upgrade_checkpoint(state: dict) -> dict:
+    """A version-1 state as version 2: its towers had no ALiBi biases, so say so in its model overrides."""
+    if state["version"] == 1:
+        config = dict(state["config"])
+        config["model_overrides"] = {"text_alibi": 0, **config.get("model_overrides", {})}
+        state = {**state, "config": config, "version": CHECKPOINT_VERSION}
+    return state
 
 
 def _rng_state() -> dict:
@@ -577,7 +590,7 @@ def resolve_config(config: TrainConfig) -> TrainConfig:
         raise ConfigError(f"unknown loss term weight(s) {sorted(unknown)}")
     try:
         preset_config(c.preset, **c.model_overrides)
-    except TypeError as exc:
+    except (TypeError, ValueError) as exc:
         raise ConfigError(f"bad --model override: {exc}") from None
     if c.device.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"--device {c.device} requested but CUDA is not available")

@@ -53,6 +53,7 @@ def test_binding_diagnostic_oracle_trains_one_tower_against_binding_aware_codes(
         "binding_diagnostic.py", "--pairs", "8", "oracle", "--tower", "text", "--steps", "4", "--batch-size", "4"
     )
     assert summary["tower"] == "text" and summary["steps"] == 4 and summary["pairs"] == 8, summary
+    assert summary["text_alibi"] == 1, summary  # the tiny preset's text tower, unless --text-alibi 0
     # The codes are binding-aware: swapping two objects' colours changes every scene's code.
     assert summary["probe_codes_differ"] == 1.0, summary
     assert 0 <= summary["binding_acc"] <= 1 and 0 <= summary["r5_against_codes"] <= 1, summary
@@ -74,6 +75,25 @@ def test_binding_diagnostic_twin_cosines(tmp_path):
     assert summary["cos_caption_probe"] > summary["cos_caption_unrelated"], summary
     assert summary["cos_image_twin_image"] > summary["cos_image_unrelated"], summary
     assert 0 <= summary["binding_acc"] <= 1, summary
+
+
+def test_binding_diagnostic_attention_sees_the_alibi_recency_heads(tmp_path):
+    import torch
+
+    from mulclip_fast.model.clip import CLIP, preset_config
+
+    torch.manual_seed(0)
+    checkpoint = tmp_path / "tiny.pt"
+    torch.save(CLIP(preset_config("tiny")).state_dict(), checkpoint)
+    summary = run_example(
+        "binding_diagnostic.py", "--pairs", "4", "attention", "--checkpoint", str(checkpoint), "--preset", "tiny"
+    )
+    previous = summary["previous_word_attention"]
+    assert summary["text_alibi"] and summary["shape_words"] > 0 and len(previous) == 4 and len(previous[0]) == 4
+    # Untrained, attention follows the biases: the slope-1/4 head puts ~(1 - e^(-1/4))·e^(-1/4) ≈ 0.17 on the
+    # previous word, the slope-1/256 head about what an even spread over the prefix gives.
+    assert previous[0][0] > 4 * summary["even_spread"], summary
+    assert previous[0][3] < 2 * summary["even_spread"], summary
 
 
 @pytest.mark.parametrize(

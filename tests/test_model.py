@@ -7,6 +7,7 @@ import torch
 
 from mulclip_fast.losses import MulCLIPLoss
 from mulclip_fast.model import CLIP, CheckpointError, load_clip_weights, preset_config
+from mulclip_fast.model.clip import alibi_bias
 from mulclip_fast.reference import stretch_positional_embedding
 
 EOT, SOT = 49407, 49406
@@ -97,10 +98,44 @@ def test_text_tower_is_causal_and_pooled_at_eot():
     model = small_model().eval()
     ids = token_ids([6, 6], 10)
     ids[1, 6:] = torch.randint(1, 49000, (4,))  # garbage after EOT must not change the EOT embedding
-    out = model.encode_text(ids)
     ids[1, :6] = ids[0, :6]
     out = model.encode_text(ids)
     torch.testing.assert_close(out[0], out[1], atol=1e-5, rtol=1e-5)
+
+
+def test_alibi_bias_is_causal_with_press_et_al_slopes():
+    bias = alibi_bias(4, 5)
+    assert bias.shape == (4, 5, 5)
+    above = torch.ones(5, 5, dtype=torch.bool).triu(1)
+    assert (bias[:, above] == float("-inf")).all() and torch.isfinite(bias[:, ~above]).all()  # causal
+    for head, slope in enumerate([1 / 4, 1 / 16, 1 / 64, 1 / 256]):
+        torch.testing.assert_close(bias[head, 4, :], -slope * torch.tensor([4.0, 3, 2, 1, 0]))
+
+
+def test_text_alibi_only_in_the_tiny_preset_and_adds_no_state():
+    assert preset_config("tiny").text_alibi
+    assert not any(preset_config(name).text_alibi for name in ("vit-b-16", "vit-l-14", "vit-l-14-336"))
+    with_alibi, without = small_model(), small_model(text_alibi=0)
+    assert with_alibi.transformer.alibi is not None and without.transformer.alibi is None
+    assert with_alibi.visual.transformer.alibi is None  # the vision tower is not causal and has none
+    # Same keys and shapes: checkpoints keep OpenAI's layout either way.
+    assert {k: v.shape for k, v in with_alibi.state_dict().items()} == {
+        k: v.shape for k, v in without.state_dict().items()
+    }
+    without.load_state_dict(with_alibi.state_dict())
+    ids = token_ids([12, 7], 12)
+    # Same weights, different attention: the biases are really applied ...
+    assert not torch.allclose(with_alibi.encode_text(ids), without.encode_text(ids), atol=1e-4)
+    # ... and match attention computed by hand: softmax(q·k/√d - m_h·(i - j)) over j ≤ i.
+    block = with_alibi.transformer.resblocks[0]
+    x = torch.randn(2, 6, 128)
+    q, k, v = torch.nn.functional.linear(x, block.attn.in_proj_weight, block.attn.in_proj_bias).chunk(3, dim=-1)
+    q, k, v = (t.view(2, 6, 4, 32).transpose(1, 2) for t in (q, k, v))
+    weights = (q @ k.transpose(-1, -2) / 32**0.5 + alibi_bias(4, 6)).softmax(-1)
+    expected = block.attn.out_proj((weights @ v).transpose(1, 2).reshape(2, 6, 128))
+    torch.testing.assert_close(block.attn(x, True, with_alibi.transformer.alibi[:, :6, :6]), expected)
+    with pytest.raises(ValueError, match="text_alibi must be 0 or 1"):
+        preset_config("tiny", text_alibi=2)
 
 
 def test_bad_inputs_are_reported():

@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from mulclip_fast.eval import load_model_for_eval
-from mulclip_fast.model import CLIP, preset_config
+from mulclip_fast.model import CLIP, CheckpointError, preset_config
 from mulclip_fast.train import TrainConfig, build_parser, config_from_args, load_training_checkpoint, main, train
 
 SMALL = ["--model", "vision_layers=1", "--model", "transformer_layers=1"]
@@ -84,6 +84,29 @@ def test_resume_is_bit_for_bit(tmp_path):
     final_a = load_training_checkpoint(straight["checkpoint"])["model"]
     final_b = load_training_checkpoint(resumed["checkpoint"])["model"]
     assert all(torch.equal(final_a[k], final_b[k]) for k in final_a)
+
+
+def test_version_1_checkpoints_resume_as_towers_without_alibi(tmp_path):
+    """Checkpoints written before the tiny text tower gained ALiBi (version 1) hold towers without it."""
+    no_alibi = {**SMALL_OVERRIDES, "text_alibi": 0}
+    train(small_config(tmp_path / "straight", model_overrides=no_alibi))
+    train(small_config(tmp_path / "old", model_overrides=no_alibi, checkpoint_every=3), stop_at_step=3)
+    path = tmp_path / "old" / "checkpoints" / "step_00000003.pt"
+    state = torch.load(path, weights_only=False)
+    state["version"] = 1
+    state["config"]["model_overrides"] = dict(SMALL_OVERRIDES)  # what a version-1 run stored
+    torch.save(state, path)
+    model, _ = load_model_for_eval(str(path), None, "cpu")
+    assert not model.config.text_alibi
+    resumed = train(TrainConfig(out=str(tmp_path / "old")), resume=True)
+    assert resumed["steps"] == 6
+    a = read_jsonl(tmp_path / "straight" / "metrics.jsonl")
+    b = read_jsonl(tmp_path / "old" / "metrics.jsonl")
+    assert [m["loss"] for m in a] == [m["loss"] for m in b]
+    state["version"] = 7
+    torch.save(state, path)
+    with pytest.raises(CheckpointError, match="version 7, expected 1 or 2"):
+        load_training_checkpoint(str(path))
 
 
 def test_checkpoint_round_trip_and_keep_last(tmp_path):

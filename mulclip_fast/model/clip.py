@@ -5,6 +5,13 @@ The parameter names and shapes follow OpenAI's ``clip/model.py`` (``visual.conv1
 OpenAI, Long-CLIP and open_clip OpenAI-layout checkpoints load with a plain ``load_state_dict``. The two
 local-token-calibration modules (``patch_calibration``, ``word_calibration``) are the only extra keys.
 Attention goes through ``F.scaled_dot_product_attention``.
+
+The ``tiny`` preset's text tower adds ALiBi recency biases (Press et al., 2022) to its causal attention:
+no parameters, so the layout is unchanged, and the OpenAI presets compute exactly OpenAI's CLIP. Why:
+trained from scratch for a few minutes, a text tower with only learned absolute positions spreads its
+attention evenly over the ~170 caption tokens and never learns to look at the word before (``examples/
+binding_diagnostic.py attention`` measures it), so "red circle" and "blue circle" look alike and colours
+cannot be bound to shapes. With the recency heads binding is learned within the default run.
 """
 
 from __future__ import annotations
@@ -42,6 +49,12 @@ class CLIPConfig:
     transformer_heads: int
     transformer_layers: int
     calibrated_tokens: int = 0
+    text_alibi: bool = False  # ALiBi recency biases in the text tower's attention (see the module docstring)
+
+    def __post_init__(self):
+        if self.text_alibi not in (0, 1):  # also reached from ``--model text_alibi=N``
+            raise ValueError(f"text_alibi must be 0 or 1 (false or true), got {self.text_alibi!r}")
+        object.__setattr__(self, "text_alibi", bool(self.text_alibi))
 
     @property
     def num_patches(self) -> int:
@@ -85,6 +98,7 @@ PRESETS: dict[str, CLIPConfig] = {
         transformer_width=128,
         transformer_heads=4,
         transformer_layers=4,
+        text_alibi=True,
     ),
     "vit-b-16": _openai_vit(512, 224, 12, 768, 16, 512, 8, 12),
     "vit-l-14": _openai_vit(768, 224, 24, 1024, 14, 768, 12, 12),
@@ -120,11 +134,15 @@ class SelfAttention(nn.Module):
         nn.init.xavier_uniform_(self.in_proj_weight)
         nn.init.zeros_(self.out_proj.bias)
 
-    def forward(self, x: torch.Tensor, causal: bool) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, causal: bool, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """``bias``: an additive ``[heads, n, n]`` attention bias that already holds the causal mask."""
         b, n, w = x.shape
         qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)
         q, k, v = qkv.view(b, n, 3, self.heads, w // self.heads).permute(2, 0, 3, 1, 4)
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+        if bias is None:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype))
         return self.out_proj(out.transpose(1, 2).reshape(b, n, w))
 
 
@@ -139,24 +157,44 @@ class ResidualAttentionBlock(nn.Module):
         self.mlp.add_module("c_proj", nn.Linear(4 * width, width))
         self.ln_2 = nn.LayerNorm(width)
 
-    def forward(self, x: torch.Tensor, causal: bool) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), causal)
+    def forward(self, x: torch.Tensor, causal: bool, bias: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), causal, bias)
         return x + self.mlp(self.ln_2(x))
 
 
+def alibi_bias(heads: int, length: int) -> torch.Tensor:
+    """Causal ALiBi biases ``[heads, length, length]``: ``-m_h·(i - j)`` for ``j ≤ i``, ``-inf`` above.
+
+    Slopes ``m_h = 2^(-8h/heads)``, h = 1…heads (Press et al., 2022, §3): with 4 heads 1/4, 1/16, 1/64,
+    1/256, from a head that sees the last few words to one that sees the whole caption nearly evenly.
+    """
+    slopes = 2.0 ** (-8.0 * torch.arange(1, heads + 1, dtype=torch.float32) / heads)
+    position = torch.arange(length, dtype=torch.float32)
+    distance = position[:, None] - position[None, :]  # i - j
+    bias = -slopes[:, None, None] * distance
+    return bias.masked_fill(distance < 0, float("-inf"))
+
+
 class Transformer(nn.Module):
-    def __init__(self, width: int, layers: int, heads: int, causal: bool):
+    def __init__(self, width: int, layers: int, heads: int, causal: bool, alibi_length: int = 0):
+        """``alibi_length > 0``: add causal ALiBi biases for sequences up to that length (needs ``causal``)."""
         super().__init__()
+        if alibi_length and not causal:
+            raise ValueError("ALiBi biases are built causal; the transformer must be causal")
         self.causal = causal
         self.resblocks = nn.ModuleList(ResidualAttentionBlock(width, heads) for _ in range(layers))
         self.grad_checkpointing = False
+        # A buffer, not a parameter: no state-dict key, so checkpoints keep OpenAI's layout.
+        self.register_buffer("alibi", alibi_bias(heads, alibi_length) if alibi_length else None, persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n = x.shape[1]
+        bias = None if self.alibi is None else self.alibi[:, :n, :n]
         for block in self.resblocks:
             if self.grad_checkpointing and self.training and torch.is_grad_enabled():
-                x = torch.utils.checkpoint.checkpoint(block, x, self.causal, use_reentrant=False)
+                x = torch.utils.checkpoint.checkpoint(block, x, self.causal, bias, use_reentrant=False)
             else:
-                x = block(x, self.causal)
+                x = block(x, self.causal, bias)
         return x
 
 
@@ -192,7 +230,13 @@ class CLIP(nn.Module):
         super().__init__()
         self.config = cfg
         self.visual = VisionTransformer(cfg)
-        self.transformer = Transformer(cfg.transformer_width, cfg.transformer_layers, cfg.transformer_heads, True)
+        self.transformer = Transformer(
+            cfg.transformer_width,
+            cfg.transformer_layers,
+            cfg.transformer_heads,
+            causal=True,
+            alibi_length=cfg.context_length if cfg.text_alibi else 0,
+        )
         self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.transformer_width)
         self.positional_embedding = nn.Parameter(torch.empty(cfg.context_length, cfg.transformer_width))
         self.ln_final = nn.LayerNorm(cfg.transformer_width)
