@@ -69,8 +69,8 @@ class TrainConfig:
     sap_topk_ratio: float = 0.25
     sap_raw_patches: bool = False
     max_subcaptions: int = 8
-    fine_start: float = 0.3
-    fine_ramp: float = 0.3
+    fine_start: float = 0.8
+    fine_ramp: float = 0.05
     steps: int | None = None
     epochs: int | None = None
     time_limit: float = 0.0
@@ -104,13 +104,19 @@ class TrainConfig:
 # ---------------------------------------------------------------------------------------------- defaults
 # The no-argument run: tiny model from scratch on synthetic data, sized to finish within ~4 minutes of
 # training on a 2-core CPU (DESIGN §8). Tuned values; see README "Default run".
-DEFAULT_STEPS_SCRATCH = 300
+DEFAULT_STEPS_SCRATCH = 440
 DEFAULT_LR_SCRATCH = 5e-4
 DEFAULT_LR_FINETUNE = 1e-6
 DEFAULT_TIME_LIMIT_SYNTHETIC = 240.0
 
 
 # ---------------------------------------------------------------------------------------------- helpers
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU multiplies bf16 in hardware (AVX512-BF16 or AMX); elsewhere bf16 autocast is slower."""
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")  # torch.cpu's own capability checks
+    return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
+
+
 def _atomic_torch_save(obj, path: str) -> None:
     """Write to a temporary file in the same folder, then rename: a crash never leaves half a file."""
     tmp = f"{path}.tmp.{os.getpid()}"
@@ -903,7 +909,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--out", default=d.out, help="run directory")
     g.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     g.add_argument("--device", default=d.device)
-    g.add_argument("--precision", choices=("fp32", "bf16"), default=d.precision, help="bf16: autocast the step")
+    g.add_argument(
+        "--precision",
+        choices=("fp32", "bf16"),
+        default=None,
+        help="bf16: autocast the step (default fp32; the no-argument run uses bf16 on CPUs with native bf16)",
+    )
     g.add_argument(
         "--grad-checkpointing", action="store_true", help="recompute the towers' blocks in backward (less memory)"
     )
@@ -938,11 +949,17 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
             raise ConfigError(f"--model expects FIELD=INT, got {item!r}")
         overrides[key] = int(value)
     weights = {t: getattr(args, f"w_{t}") for t in TERM_NAMES if getattr(args, f"w_{t}") is not None}
+    # The no-argument run (synthetic data, no length given, from scratch) promises to finish in a few
+    # minutes even on a busy machine, and autocasts to bf16 where the CPU computes it natively: 1.2× the
+    # steps in the same time, which the from-scratch learning curve turns into much better retrieval
+    # and binding (README "Default run").
+    default_run = args.data == "synthetic" and args.steps is None and args.epochs is None and not args.init
     time_limit = args.time_limit
     if time_limit is None:
-        # The no-argument run promises to finish in a few minutes even on a busy machine.
-        default_run = args.data == "synthetic" and args.steps is None and args.epochs is None and not args.init
         time_limit = DEFAULT_TIME_LIMIT_SYNTHETIC if default_run else 0.0
+    precision = args.precision
+    if precision is None:
+        precision = "bf16" if default_run and args.device == "cpu" and cpu_has_native_bf16() else "fp32"
     return TrainConfig(
         preset=args.preset,
         model_overrides=overrides,
@@ -981,7 +998,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         val_pairs=args.val_pairs,
         eval_pairs=args.eval_pairs,
         threads=args.threads,
-        precision=args.precision,
+        precision=precision,
         grad_checkpointing=args.grad_checkpointing,
         accum_steps=args.accum_steps,
         compile=args.compile,

@@ -199,11 +199,24 @@ def test_unknown_choice_values_exit_nonzero(capsys):
         assert "invalid choice" in capsys.readouterr().err
 
 
-def test_default_command_settings():
-    config = config_from_args(build_parser().parse_args([]))
+def test_default_command_settings(monkeypatch):
+    from mulclip_fast import train as train_module
+
+    def parse(*argv):
+        return config_from_args(build_parser().parse_args(list(argv)))
+
+    config = parse()
     assert config.preset == "tiny" and config.data == "synthetic" and config.loss == "mulclip"
     assert config.time_limit > 0 and config.backend == "auto"
-    assert config_from_args(build_parser().parse_args(["--steps", "5"])).time_limit == 0
+    assert (config.fine_start, config.fine_ramp) == (0.8, 0.05) and config.steps is None  # 440, resolved later
+    assert parse("--steps", "5").time_limit == 0
+    # bf16 for the no-argument run only, and only where the CPU computes bf16 natively.
+    for native in (True, False):
+        monkeypatch.setattr(train_module, "cpu_has_native_bf16", lambda native=native: native)
+        assert parse().precision == ("bf16" if native else "fp32")
+        assert parse("--precision", "fp32").precision == "fp32"
+        assert parse("--steps", "5").precision == "fp32"
+        assert parse("--precision", "bf16", "--steps", "5").precision == "bf16"
 
 
 @pytest.mark.slow
