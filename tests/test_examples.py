@@ -59,7 +59,9 @@ def test_binding_diagnostic_oracle_trains_one_tower_against_binding_aware_codes(
     assert 0 <= summary["binding_acc"] <= 1 and 0 <= summary["r5_against_codes"] <= 1, summary
 
 
-def test_binding_diagnostic_twin_cosines(tmp_path):
+@pytest.fixture
+def fresh_tiny_checkpoint(tmp_path):
+    """An untrained tiny model saved in the OpenAI layout (load it with ``--preset tiny``)."""
     import torch
 
     from mulclip_fast.model.clip import CLIP, preset_config
@@ -67,8 +69,12 @@ def test_binding_diagnostic_twin_cosines(tmp_path):
     torch.manual_seed(0)
     checkpoint = tmp_path / "tiny.pt"
     torch.save(CLIP(preset_config("tiny")).state_dict(), checkpoint)
+    return str(checkpoint)
+
+
+def test_binding_diagnostic_twin_cosines(fresh_tiny_checkpoint):
     summary = run_example(
-        "binding_diagnostic.py", "--pairs", "6", "twins", "--checkpoint", str(checkpoint), "--preset", "tiny"
+        "binding_diagnostic.py", "--pairs", "6", "twins", "--checkpoint", fresh_tiny_checkpoint, "--preset", "tiny"
     )
     # A caption and its colour-swapped probe share every word, so even an untrained text tower puts them
     # closer together than two unrelated captions.
@@ -77,16 +83,9 @@ def test_binding_diagnostic_twin_cosines(tmp_path):
     assert 0 <= summary["binding_acc"] <= 1, summary
 
 
-def test_binding_diagnostic_attention_sees_the_alibi_recency_heads(tmp_path):
-    import torch
-
-    from mulclip_fast.model.clip import CLIP, preset_config
-
-    torch.manual_seed(0)
-    checkpoint = tmp_path / "tiny.pt"
-    torch.save(CLIP(preset_config("tiny")).state_dict(), checkpoint)
+def test_binding_diagnostic_attention_sees_the_alibi_recency_heads(fresh_tiny_checkpoint):
     summary = run_example(
-        "binding_diagnostic.py", "--pairs", "4", "attention", "--checkpoint", str(checkpoint), "--preset", "tiny"
+        "binding_diagnostic.py", "--pairs", "4", "attention", "--checkpoint", fresh_tiny_checkpoint, "--preset", "tiny"
     )
     previous = summary["previous_word_attention"]
     assert summary["text_alibi"] and summary["shape_words"] > 0 and len(previous) == 4 and len(previous[0]) == 4
