@@ -157,11 +157,8 @@ def attention_weights(transformer: Transformer, x: torch.Tensor) -> list[torch.T
     bias = torch.full((n, n), float("-inf")).triu(1) if alibi is None else alibi  # alibi holds the causal mask
     weights = []
     for block in transformer.resblocks:
-        attn, h = block.attn, block.ln_1(x)
-        b, _, w = h.shape
-        qkv = F.linear(h, attn.in_proj_weight, attn.in_proj_bias)
-        q, k, _ = qkv.view(b, n, 3, attn.heads, w // attn.heads).permute(2, 0, 3, 1, 4)
-        weights.append((q @ k.transpose(-1, -2) / math.sqrt(w // attn.heads) + bias).softmax(-1))
+        q, k, _ = block.attn.project(block.ln_1(x))
+        weights.append((q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1]) + bias).softmax(-1))
         x = block(x, transformer.causal, alibi)
     return weights
 

@@ -134,11 +134,16 @@ class SelfAttention(nn.Module):
         nn.init.xavier_uniform_(self.in_proj_weight)
         nn.init.zeros_(self.out_proj.bias)
 
+    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Queries, keys and values ``[B, heads, n, width / heads]`` of ``x [B, n, width]``."""
+        b, n, w = x.shape
+        qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)
+        return qkv.view(b, n, 3, self.heads, w // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
+
     def forward(self, x: torch.Tensor, causal: bool, bias: torch.Tensor | None = None) -> torch.Tensor:
         """``bias``: an additive ``[heads, n, n]`` attention bias that already holds the causal mask."""
         b, n, w = x.shape
-        qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)
-        q, k, v = qkv.view(b, n, 3, self.heads, w // self.heads).permute(2, 0, 3, 1, 4)
+        q, k, v = self.project(x)
         if bias is None:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
         else:
