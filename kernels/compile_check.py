@@ -3,10 +3,18 @@
     python -m mulclip_fast.kernels.compile_check [--arch 80 90] [--dtype fp32 fp16 bf16] [--jobs N]
 
 compiles every kernel × autotune config × target × dtype with
-``triton.compile(ASTSource(fn, signature, constexprs), target=GPUTarget("cuda", arch, 32))``, prints a
+``triton.compile(ASTSource(fn, signature, constexprs, attrs), target=GPUTarget("cuda", arch, 32))``, prints a
 table (kernel, config, target, dtype, shared memory, registers, spills) and exits non-zero on any compile
 error, shared memory above the target's per-block limit, or register spills (``STACK``/``LOCAL`` bytes
 reported by ``cuobjdump -res-usage`` on the cubin, from the tools bundled in the Triton wheel).
+
+What is compiled is what launches at the paper's shapes: Triton's runtime specialises each launch on its
+arguments, marking pointers whose address and integers whose value are multiples of 16 as such
+(``tt.divisibility``), which changes vectorisation and so registers. Every pointer the launchers pass is a
+fresh or contiguous allocation (16-byte aligned), and the widths (``D``/``dim`` = 512, 768, 1024) are
+multiples of 16, so the check compiles with exactly those hints (:func:`runtime_hints`). Launches whose
+width is not a multiple of 16, or that pass a view at an unaligned offset, or a size equal to 1 (which
+the runtime turns into a constant), run other variants that this check does not compile.
 
 Protocol for kernel modules (see ``_aot.py``): list the module in :data:`KERNEL_MODULES`; it defines
 ``compile_specs(dtype) -> list[CompileSpec]``. Run it without ``TRITON_INTERPRET`` (the interpreter
@@ -68,6 +76,19 @@ def _torch_dtype(name: str):
     return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[name]
 
 
+# Integer arguments that are multiples of 16 at every shape the kernels are launched with in practice.
+ALIGNED_INTS = ("D", "dim")
+
+
+def runtime_hints(spec) -> dict:
+    """``ASTSource`` attrs with the runtime's ``tt.divisibility`` 16 on every pointer and aligned width."""
+    return {
+        (index,): [["tt.divisibility", 16]]
+        for index, name in enumerate(spec.fn.arg_names)
+        if spec.signature[name].startswith("*") or (name in ALIGNED_INTS and spec.signature[name] == "i32")
+    }
+
+
 def _specs(module_name: str, dtype: str):
     return importlib.import_module(module_name).compile_specs(_torch_dtype(dtype))
 
@@ -97,7 +118,7 @@ def compile_one(module_name: str, dtype: str, index: int, arch: int) -> Result:
     spec = _specs(module_name, dtype)[index]
     result = Result(spec.name, spec.config, arch, dtype)
     try:
-        source = ASTSource(fn=spec.fn, signature=spec.signature, constexprs=spec.constexprs)
+        source = ASTSource(fn=spec.fn, signature=spec.signature, constexprs=spec.constexprs, attrs=runtime_hints(spec))
         compiled = triton.compile(
             source,
             target=GPUTarget("cuda", arch, 32),

@@ -28,8 +28,10 @@ import torch
 import triton
 import triton.language as tl
 
-from ._aot import autotune, autotuned_specs, dot_precision, interpreter_enabled, pointer
+from ._aot import autotune, autotuned_specs, dot_precision, pointer
+from ._launch import checked_grid, dense, on_device_of, upcast
 from .pairwise_common import DtypeConfigs
+from .tiles import block_and_set, similarity_tile
 
 # Spill-free on sm_80 and sm_90 (``python -m mulclip_fast.kernels.compile_check``); see pairwise_common.
 _FORWARD = DtypeConfigs(
@@ -39,7 +41,8 @@ _FORWARD = DtypeConfigs(
     ],
     half=[
         triton.Config({"BLOCK_R": 64, "BLOCK_J": 64, "BLOCK_D": 32}, num_warps=8, num_stages=2),
-        triton.Config({"BLOCK_R": 128, "BLOCK_J": 64, "BLOCK_D": 32}, num_warps=8, num_stages=3),
+        # [128, 64] tiles spill on sm_80 with aligned pointers (compile_check); [128, 32] do not
+        triton.Config({"BLOCK_R": 128, "BLOCK_J": 32, "BLOCK_D": 32}, num_warps=8, num_stages=3),
     ],
     pointer_arg="Q",
 )
@@ -57,7 +60,7 @@ _GATHER = DtypeConfigs(
 _SCATTER = DtypeConfigs(
     fp32=[
         triton.Config({"BLOCK_J": 32, "BLOCK_R": 32, "BLOCK_D": 32}, num_warps=4, num_stages=2),
-        triton.Config({"BLOCK_J": 64, "BLOCK_R": 16, "BLOCK_D": 64}, num_warps=4, num_stages=2),
+        triton.Config({"BLOCK_J": 64, "BLOCK_R": 16, "BLOCK_D": 64}, num_warps=8, num_stages=2),
     ],
     half=[
         triton.Config({"BLOCK_J": 32, "BLOCK_R": 32, "BLOCK_D": 32}, num_warps=4, num_stages=2),
@@ -86,30 +89,19 @@ def _maxsim_forward_kernel(
     BLOCK_J: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    pid_r = tl.program_id(0)
-    c = tl.program_id(1).to(tl.int64)
+    pid_r, c = block_and_set(n_rows, BLOCK_R)
     rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
     row_ok = rows < n_rows
     best = tl.full([BLOCK_R], float("-inf"), tl.float32)
     arg = tl.zeros([BLOCK_R], tl.int32)
+    Kc = K + c * len_k * dim
     for j0 in range(0, len_k, BLOCK_J):
         cols = j0 + tl.arange(0, BLOCK_J)
         col_in = cols < len_k
         col_ok = col_in & (tl.load(KMask + c * len_k + cols, mask=col_in, other=0) != 0)
-        sim = tl.zeros([BLOCK_R, BLOCK_J], tl.float32)
-        for d0 in range(0, dim, BLOCK_D):
-            dd = d0 + tl.arange(0, BLOCK_D)
-            d_ok = dd < dim
-            q = tl.load(
-                Q + rows[:, None].to(tl.int64) * dim + dd[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0
-            )
-            k = tl.load(
-                K + (c * len_k + cols[:, None]) * dim + dd[None, :], mask=col_in[:, None] & d_ok[None, :], other=0.0
-            )
-            if UPCAST:
-                q = q.to(tl.float32)
-                k = k.to(tl.float32)
-            sim = tl.dot(q, tl.trans(k), sim, input_precision=DOT_PRECISION)
+        sim = similarity_tile(
+            Q, rows.to(tl.int64), row_ok, Kc, cols, col_in, dim, UPCAST, DOT_PRECISION, BLOCK_R, BLOCK_J, BLOCK_D
+        )
         if HAS_SLOPE:  # FineLIP's LeakyReLU before the max
             sim = tl.where(sim > 0, sim, sim * negative_slope)
         sim = tl.where(col_ok[None, :], sim, float("-inf"))
@@ -145,13 +137,12 @@ def _maxsim_gather_kernel(
     row_ok = rows < n_rows
     d_ok = dd < dim
     acc = tl.zeros([BLOCK_R, BLOCK_D], tl.float32)
-    for c in range(0, n_k):
+    for key_set in range(0, n_k):
+        c = tl.cast(key_set, tl.int64)  # c · n_rows passes 2³¹ at large gathered batches (4096 × 197 rows, 4096 sets)
         w = tl.load(Weight + c * n_rows + rows, mask=row_ok, other=0.0)
         j = tl.load(Idx + c * n_rows + rows, mask=row_ok, other=0)
         take = row_ok & (w != 0)
-        k = tl.load(
-            K + (c * len_k + j[:, None]).to(tl.int64) * dim + dd[None, :], mask=take[:, None] & d_ok[None, :], other=0.0
-        )
+        k = tl.load(K + (c * len_k + j[:, None]) * dim + dd[None, :], mask=take[:, None] & d_ok[None, :], other=0.0)
         acc += w[:, None] * k.to(tl.float32)
     tl.store(
         DQ + rows[:, None].to(tl.int64) * dim + dd[None, :],
@@ -195,17 +186,13 @@ def _maxsim_scatter_kernel(
 
 
 # ----------------------------------------------------------------------------------------------------
-# Launchers (same signatures as mulclip_fast.ops._torch_pairwise)
+# Launchers: one direction each; ``mulclip_fast.ops`` combines the two directions and the row weights
 # ----------------------------------------------------------------------------------------------------
 
 
-def _upcast(dtype: torch.dtype) -> bool:
-    # The interpreter computes bf16/fp16 on raw bits; on a GPU the tensor cores take 16-bit tiles.
-    return interpreter_enabled() and dtype != torch.float32
-
-
-def _one_way_forward(q, k, k_mask, negative_slope):
+def one_way_forward(q, k, k_mask, negative_slope):
     """``(val, idx)``, both ``[Bk, Bq, Lq]``, of ``max_{j valid} f(⟨q_bi, k_cj⟩)``."""
+    q, k, k_mask = dense(q, k, k_mask)
     (n_q, len_q, dim), (n_k, len_k, _) = q.shape, k.shape
     n_rows = n_q * len_q
     val = torch.empty((n_k, n_q, len_q), dtype=torch.float32, device=q.device)
@@ -214,26 +201,17 @@ def _one_way_forward(q, k, k_mask, negative_slope):
         return val, idx
 
     def grid(meta):
-        return (triton.cdiv(n_rows, meta["BLOCK_R"]), n_k)
+        return checked_grid((n_k * triton.cdiv(n_rows, meta["BLOCK_R"]),))
 
-    _maxsim_forward_kernel[grid](
-        q,
-        k,
-        k_mask,
-        val,
-        idx,
-        n_rows,
-        len_k,
-        dim,
-        0.0 if negative_slope is None else float(negative_slope),
-        HAS_SLOPE=negative_slope is not None,
-        UPCAST=_upcast(q.dtype),
-        DOT_PRECISION=dot_precision(q.dtype),
-    )
+    with on_device_of(q):
+        _maxsim_forward_kernel[grid](
+            q, k, k_mask, val, idx, n_rows, len_k, dim, 0.0 if negative_slope is None else float(negative_slope),
+            HAS_SLOPE=negative_slope is not None, UPCAST=upcast(q.dtype), DOT_PRECISION=dot_precision(q.dtype),
+        )  # fmt: skip
     return val, idx
 
 
-def _one_way_backward(q, k, weight, idx):
+def one_way_backward(q, k, weight, idx):
     """``(dq, dk)`` in the inputs' dtypes from per-row weights ``[Bk, Bq, Lq]`` and arg-maxes."""
     (n_q, len_q, dim), (n_k, len_k, _) = q.shape, k.shape
     n_rows = n_q * len_q
@@ -242,40 +220,19 @@ def _one_way_backward(q, k, weight, idx):
     dk = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
     if n_rows == 0 or n_k == 0:
         return dq, dk
-    weight = weight.to(torch.float32).contiguous()
+    q, k, weight, idx = dense(q, k, weight.to(torch.float32), idx)
 
     def gather_grid(meta):
-        return (triton.cdiv(n_rows, meta["BLOCK_R"]), triton.cdiv(dim, meta["BLOCK_D"]))
+        return checked_grid((triton.cdiv(n_rows, meta["BLOCK_R"]), triton.cdiv(dim, meta["BLOCK_D"])))
 
     def scatter_grid(meta):
-        return (n_k, triton.cdiv(len_k, meta["BLOCK_J"]), triton.cdiv(dim, meta["BLOCK_D"]))
+        return checked_grid((n_k, triton.cdiv(len_k, meta["BLOCK_J"]), triton.cdiv(dim, meta["BLOCK_D"])))
 
-    _maxsim_gather_kernel[gather_grid](k, weight, idx, dq, n_rows, n_k, len_k, dim, UPCAST=_upcast(k.dtype))
-    _maxsim_scatter_kernel[scatter_grid](q, weight, idx, dk, n_rows, len_k, dim, DOT_PRECISION=dot_precision(q.dtype))
-    return dq, dk
-
-
-def maxsim_forward(q, k, q_mask, k_mask, bidirectional: bool, negative_slope: float | None):
-    """Same contract as ``_torch_pairwise.maxsim_forward``; the key → query direction swaps the roles."""
-    val_qk, idx_qk = _one_way_forward(q, k, k_mask, negative_slope)
-    if bidirectional:
-        val_kq, idx_kq = _one_way_forward(k, q, q_mask, negative_slope)  # [Bq, Bk, Lk]
-    else:
-        val_kq = q.new_zeros((q.shape[0], k.shape[0], 0), dtype=torch.float32)
-        idx_kq = q.new_zeros((q.shape[0], k.shape[0], 0), dtype=torch.int32)
-    return val_qk, idx_qk, val_kq, idx_kq
-
-
-def maxsim_backward(grad, q, k, q_mask, k_mask, val_qk, idx_qk, val_kq, idx_kq, bidirectional, negative_slope):
-    """Same contract as ``_torch_pairwise.maxsim_backward``; returns fp32 gradients."""
-    from mulclip_fast.ops._torch_pairwise import maxsim_row_weights
-
-    w_qk, w_kq = maxsim_row_weights(grad, q_mask, k_mask, val_qk, val_kq, bidirectional, negative_slope)
-    dq, dk = _one_way_backward(q, k, w_qk, idx_qk)
-    if bidirectional:
-        dk_kq, dq_kq = _one_way_backward(k, q, w_kq, idx_kq)
-        dq = dq + dq_kq
-        dk = dk + dk_kq
+    with on_device_of(q):
+        _maxsim_gather_kernel[gather_grid](k, weight, idx, dq, n_rows, n_k, len_k, dim, UPCAST=upcast(k.dtype))
+        _maxsim_scatter_kernel[scatter_grid](
+            q, weight, idx, dk, n_rows, len_k, dim, DOT_PRECISION=dot_precision(q.dtype)
+        )
     return dq, dk
 
 

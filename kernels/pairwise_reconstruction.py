@@ -31,8 +31,10 @@ import torch
 import triton
 import triton.language as tl
 
-from ._aot import autotune, autotuned_specs, dot_precision, interpreter_enabled, pointer
+from ._aot import autotune, autotuned_specs, dot_precision, pointer
+from ._launch import checked_grid, dense, on_device_of, upcast
 from .pairwise_common import DtypeConfigs
+from .tiles import block_and_set, similarity_tile
 
 # Spill-free on sm_80 and sm_90 (``python -m mulclip_fast.kernels.compile_check``); see pairwise_common.
 _FORWARD = DtypeConfigs(
@@ -47,7 +49,7 @@ _FORWARD = DtypeConfigs(
     pointer_arg="Q",
 )
 _BACKWARD_DQ = DtypeConfigs(
-    fp32=[triton.Config({"BLOCK_R": 32, "BLOCK_J": 16, "BLOCK_D": 16}, num_warps=4, num_stages=2)],
+    fp32=[triton.Config({"BLOCK_R": 32, "BLOCK_J": 16, "BLOCK_D": 16}, num_warps=4, num_stages=1)],
     half=[
         triton.Config({"BLOCK_R": 32, "BLOCK_J": 32, "BLOCK_D": 16}, num_warps=4, num_stages=2),
         triton.Config({"BLOCK_R": 32, "BLOCK_J": 32, "BLOCK_D": 32}, num_warps=8, num_stages=2),
@@ -62,35 +64,6 @@ _BACKWARD_DK = DtypeConfigs(
     ],
     pointer_arg="Q",
 )
-
-
-@triton.jit
-def _similarity_tile(
-    Q,
-    K,
-    rows,
-    row_ok,
-    key_rows,
-    key_in,
-    dim,
-    UPCAST: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-    BLOCK_R: tl.constexpr,
-    BLOCK_J: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-):
-    """``⟨q_r, k_j⟩`` for a ``[BLOCK_R, BLOCK_J]`` tile, accumulated over d in ``BLOCK_D`` chunks (fp32)."""
-    sim = tl.zeros([BLOCK_R, BLOCK_J], tl.float32)
-    for d0 in range(0, dim, BLOCK_D):
-        dd = d0 + tl.arange(0, BLOCK_D)
-        d_ok = dd < dim
-        q = tl.load(Q + rows[:, None] * dim + dd[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-        k = tl.load(K + key_rows[:, None] * dim + dd[None, :], mask=key_in[:, None] & d_ok[None, :], other=0.0)
-        if UPCAST:
-            q = q.to(tl.float32)
-            k = k.to(tl.float32)
-        sim = tl.dot(q, tl.trans(k), sim, input_precision=DOT_PRECISION)
-    return sim
 
 
 @autotune(_FORWARD.all, key=["len_k", "dim"], prune_configs_by=_FORWARD.prune())
@@ -111,8 +84,7 @@ def _reconstruction_forward_kernel(
     BLOCK_J: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    pid_r = tl.program_id(0)
-    c = tl.program_id(1).to(tl.int64)
+    pid_r, c = block_and_set(n_rows, BLOCK_R)
     rows = (pid_r * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
     row_ok = rows < n_rows
     run_max = tl.full([BLOCK_R], float("-inf"), tl.float32)
@@ -122,8 +94,8 @@ def _reconstruction_forward_kernel(
         cols = j0 + tl.arange(0, BLOCK_J)
         col_in = cols < len_k
         col_ok = col_in & (tl.load(KMask + c * len_k + cols, mask=col_in, other=0) != 0)
-        sim = _similarity_tile(
-            Q, K, rows, row_ok, c * len_k + cols, col_in, dim, UPCAST, DOT_PRECISION, BLOCK_R, BLOCK_J, BLOCK_D
+        sim = similarity_tile(
+            Q, rows, row_ok, K, c * len_k + cols, col_in, dim, UPCAST, DOT_PRECISION, BLOCK_R, BLOCK_J, BLOCK_D
         )
         z = tl.where(col_ok[None, :], sim * inv_tau, float("-inf"))
         new_max = tl.maximum(run_max, tl.max(z, axis=1))
@@ -171,7 +143,8 @@ def _reconstruction_dq_kernel(
 ):
     rows = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
     row_ok = rows < n_rows
-    for c in range(0, n_k):
+    for key_set in range(0, n_k):
+        c = tl.cast(key_set, tl.int64)  # c · n_rows passes 2³¹ at large gathered batches
         stat = c * n_rows + rows
         g = tl.load(G + stat, mask=row_ok, other=0.0)
         lse = tl.load(LSE + stat, mask=row_ok, other=0.0)
@@ -180,9 +153,9 @@ def _reconstruction_dq_kernel(
             cols = j0 + tl.arange(0, BLOCK_J)
             col_in = cols < len_k
             col_ok = col_in & (tl.load(KMask + c * len_k + cols, mask=col_in, other=0) != 0)
-            key_rows = (c * len_k + cols).to(tl.int64)
-            sim = _similarity_tile(
-                Q, K, rows, row_ok, key_rows, col_in, dim, UPCAST, DOT_PRECISION, BLOCK_R, BLOCK_J, BLOCK_D
+            key_rows = c * len_k + cols
+            sim = similarity_tile(
+                Q, rows, row_ok, K, key_rows, col_in, dim, UPCAST, DOT_PRECISION, BLOCK_R, BLOCK_J, BLOCK_D
             )
             ds = _score_gradient_tile(sim, col_ok, lse, r, g, inv_tau)
             for d0 in range(0, dim, BLOCK_D):
@@ -229,8 +202,8 @@ def _reconstruction_dk_kernel(
         g = tl.load(G + stat, mask=row_ok, other=0.0)
         lse = tl.load(LSE + stat, mask=row_ok, other=0.0)
         r = tl.load(R + stat, mask=row_ok, other=0.0)
-        sim = _similarity_tile(
-            Q, K, rows, row_ok, key_rows, col_in, dim, UPCAST, DOT_PRECISION, BLOCK_R, BLOCK_J, BLOCK_D
+        sim = similarity_tile(
+            Q, rows, row_ok, K, key_rows, col_in, dim, UPCAST, DOT_PRECISION, BLOCK_R, BLOCK_J, BLOCK_D
         )
         ds_t = tl.trans(_score_gradient_tile(sim, col_ok, lse, r, g, inv_tau))  # [BLOCK_J, BLOCK_R]
         for d0 in range(0, dim, BLOCK_D):
@@ -246,16 +219,13 @@ def _reconstruction_dk_kernel(
 
 
 # ----------------------------------------------------------------------------------------------------
-# Launchers (same signatures as mulclip_fast.ops._torch_pairwise)
+# Launchers: ``mulclip_fast.ops`` computes the row weights ``g`` and the scores from ``r``
 # ----------------------------------------------------------------------------------------------------
-
-
-def _upcast(dtype: torch.dtype) -> bool:
-    return interpreter_enabled() and dtype != torch.float32
 
 
 def reconstruction_forward(q, k, q_mask, k_mask, tau: float):
     """``(r, lse)``, both ``[Bk, Bq, Lq]`` fp32; same contract as ``_torch_pairwise.reconstruction_forward``."""
+    q, k, k_mask = dense(q, k, k_mask)
     (n_q, len_q, dim), (n_k, len_k, _) = q.shape, k.shape
     n_rows = n_q * len_q
     r = torch.zeros((n_k, n_q, len_q), dtype=torch.float32, device=q.device)
@@ -264,46 +234,37 @@ def reconstruction_forward(q, k, q_mask, k_mask, tau: float):
         return r, lse
 
     def grid(meta):
-        return (triton.cdiv(n_rows, meta["BLOCK_R"]), n_k)
+        return checked_grid((n_k * triton.cdiv(n_rows, meta["BLOCK_R"]),))
 
-    _reconstruction_forward_kernel[grid](
-        q,
-        k,
-        k_mask,
-        r,
-        lse,
-        n_rows,
-        len_k,
-        dim,
-        1.0 / tau,
-        UPCAST=_upcast(q.dtype),
-        DOT_PRECISION=dot_precision(q.dtype),
-    )
+    with on_device_of(q):
+        _reconstruction_forward_kernel[grid](
+            q, k, k_mask, r, lse, n_rows, len_k, dim, 1.0 / tau,
+            UPCAST=upcast(q.dtype), DOT_PRECISION=dot_precision(q.dtype),
+        )  # fmt: skip
     return r, lse
 
 
-def reconstruction_backward(grad, q, k, q_mask, k_mask, tau: float, r, lse):
-    """``(dq, dk)`` in fp32; same contract as ``_torch_pairwise.reconstruction_backward``."""
-    from mulclip_fast.ops._torch_pairwise import reconstruction_row_weights
-
+def reconstruction_backward(g, q, k, k_mask, tau: float, r, lse):
+    """``(dq, dk)`` in fp32 from the per-row weights ``g = ∂L/∂r`` (``[Bk, Bq, Lq]``) and the saved
+    ``(r, lse)``."""
+    q, k, k_mask, g, r, lse = dense(q, k, k_mask, g.to(torch.float32), r, lse)
     (n_q, len_q, dim), (n_k, len_k, _) = q.shape, k.shape
     n_rows = n_q * len_q
     dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
     dk = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
     if n_rows == 0 or n_k == 0:
         return dq, dk
-    g = reconstruction_row_weights(grad, q_mask, torch.float32).contiguous()
-    r, lse = r.contiguous(), lse.contiguous()
-    options = {"UPCAST": _upcast(q.dtype), "DOT_PRECISION": dot_precision(q.dtype)}
+    options = {"UPCAST": upcast(q.dtype), "DOT_PRECISION": dot_precision(q.dtype)}
 
     def dq_grid(meta):
-        return (triton.cdiv(n_rows, meta["BLOCK_R"]),)
+        return checked_grid((triton.cdiv(n_rows, meta["BLOCK_R"]),))
 
     def dk_grid(meta):
-        return (n_k, triton.cdiv(len_k, meta["BLOCK_J"]))
+        return checked_grid((n_k, triton.cdiv(len_k, meta["BLOCK_J"])))
 
-    _reconstruction_dq_kernel[dq_grid](q, k, k_mask, r, lse, g, dq, n_rows, n_k, len_k, dim, 1.0 / tau, **options)
-    _reconstruction_dk_kernel[dk_grid](q, k, k_mask, r, lse, g, dk, n_rows, len_k, dim, 1.0 / tau, **options)
+    with on_device_of(q):
+        _reconstruction_dq_kernel[dq_grid](q, k, k_mask, r, lse, g, dq, n_rows, n_k, len_k, dim, 1.0 / tau, **options)
+        _reconstruction_dk_kernel[dk_grid](q, k, k_mask, r, lse, g, dk, n_rows, len_k, dim, 1.0 / tau, **options)
     return dq, dk
 
 

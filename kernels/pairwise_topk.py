@@ -49,23 +49,23 @@ import torch
 import triton
 import triton.language as tl
 
-from ..ops.pairwise import TRITON_TOPK_MAX_PATCHES
-from ._aot import autotune, autotuned_specs, dot_precision, interpreter_enabled, pointer
+from ._aot import autotune, autotuned_specs, dot_precision, pointer
+from ._launch import checked_grid, dense, on_device_of, upcast
+from .limits import TOPK_MAX_PATCHES as MAX_PATCHES
 from .pairwise_common import DtypeConfigs
+from .tiles import block_and_set, similarity_tile
+from .topk_select import topk_selection
 
 # F.normalize's epsilon, as in the reference.
 NORMALIZE_EPS = tl.constexpr(1e-12)
-# Widest patch tile; the tie search below walks the bits of its column indices.
-MAX_PATCHES = TRITON_TOPK_MAX_PATCHES
-MAX_LOG2_BLOCK_N = tl.constexpr(MAX_PATCHES.bit_length() - 1)
-MAX_BLOCK_N = tl.constexpr(MAX_PATCHES)
 # Every power-of-two patch tile a launch can use (``_block_n``): the compile check covers each.
 BLOCK_NS = tuple(1 << i for i in range(4, MAX_PATCHES.bit_length()))
 
 
 def _num_warps(block_n: int) -> int:
-    """Warps for a ``[16, block_n]`` tile: 4 up to 128 patches, 8 at 256 (4 spill there)."""
-    return 4 if block_n <= 128 else 8
+    """Warps for a ``[16, block_n]`` tile: 4 up to 64 patches, 8 from 128 (4 spill at 256, and at 128 in
+    the fp32 d_patches kernel on sm_90 once pointers are known aligned)."""
+    return 4 if block_n <= 64 else 8
 
 
 def _config(num_warps: int) -> triton.Config:
@@ -101,22 +101,12 @@ def _scores(
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    """``s = t Xᵀ`` for a ``[BLOCK_R, BLOCK_N]`` tile, over d in ``BLOCK_D`` chunks (fp32). ``Tb`` points at
-    the first row of the block and ``Xb`` at the first patch of the image (64-bit scalars), so the
-    offsets within them stay int32 tiles (one image or row block is far below 2³¹ elements)."""
-    s = tl.zeros([BLOCK_R, BLOCK_N], tl.float32)
+    """``s = t Xᵀ`` for a ``[BLOCK_R, BLOCK_N]`` tile. ``Tb`` points at the first row of the block and
+    ``Xb`` at the first patch of the image (64-bit scalars), so the offsets within them stay int32 tiles
+    (one image or row block is far below 2³¹ elements)."""
     r = tl.arange(0, BLOCK_R)
     n = tl.arange(0, BLOCK_N)
-    for d0 in range(0, dim, BLOCK_D):
-        dd = d0 + tl.arange(0, BLOCK_D)
-        d_ok = dd < dim
-        t = tl.load(Tb + r[:, None] * dim + dd[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-        x = tl.load(Xb + n[:, None] * dim + dd[None, :], mask=col_in[:, None] & d_ok[None, :], other=0.0)
-        if UPCAST:
-            t = t.to(tl.float32)
-            x = x.to(tl.float32)
-        s = tl.dot(t, tl.trans(x), s, input_precision=DOT_PRECISION)
-    return s
+    return similarity_tile(Tb, r, row_ok, Xb, n, col_in, dim, UPCAST, DOT_PRECISION, BLOCK_R, BLOCK_N, BLOCK_D)
 
 
 @triton.jit
@@ -143,46 +133,6 @@ def _contract_patches(
     w_slices = tl.permute(tl.reshape(w, [BLOCK_R, SPLIT, BLOCK_J]), [1, 0, 2])
     x_slices = tl.reshape(x, [SPLIT, BLOCK_J, x.shape[1]])
     return tl.sum(tl.dot(w_slices, x_slices, input_precision=DOT_PRECISION), axis=0)
-
-
-@triton.jit
-def _order_keys(z):
-    """uint32 keys ordered like the fp32 values ``z`` (no NaN): positive floats get the sign bit set,
-    negative ones are bit-inverted. ``-0.0`` is folded into ``+0.0`` first so that, as in the float
-    comparisons of the reference, the two zeros tie."""
-    bits = tl.where(z == 0.0, 0.0, z).to(tl.uint32, bitcast=True)
-    return tl.where((bits >> 31) != 0, ~bits, bits | 0x80000000)
-
-
-@triton.jit
-def _topk_selection(s, col_ok, cols, top_k, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr):
-    """The top-``top_k`` valid scores of each row of ``s``; ties at the k-th value keep the lowest
-    column indices; every valid column if fewer than ``top_k`` are valid.
-
-    A bitwise radix select instead of a sort: the k-th largest key is built from the most significant
-    bit down, keeping a bit when at least ``top_k`` keys are ≥ the candidate (32 compare-and-count
-    passes over the tile, no sorted copy of it in registers). Invalid columns are ``-inf``, so the k-th
-    largest key is ``-inf``'s when fewer than ``top_k`` are valid: then every valid column is above it.
-    The tie cut is found the same way over column indices: the largest ``c`` with fewer than ``need``
-    tied columns below it is the ``need``-th tied column.
-    """
-    key = _order_keys(tl.where(col_ok[None, :], s, float("-inf")))
-    kth = tl.zeros([BLOCK_R], tl.uint32)
-    for i in tl.static_range(32):
-        candidate = kth | (1 << (31 - i))
-        count = tl.sum((key >= candidate[:, None]).to(tl.int32), axis=1)
-        kth = tl.where(count >= top_k, candidate, kth)
-    above = key > kth[:, None]
-    tied = (key == kth[:, None]) & col_ok[None, :]
-    need = top_k - tl.sum(above.to(tl.int32), axis=1)  # ≥ 1: fewer than top_k keys exceed the k-th
-    tl.static_assert(BLOCK_N <= MAX_BLOCK_N)
-    last = tl.zeros([BLOCK_R], tl.int32)
-    for i in tl.static_range(MAX_LOG2_BLOCK_N):
-        if (BLOCK_N >> (i + 1)) > 0:
-            candidate = last | (BLOCK_N >> (i + 1))
-            count = tl.sum((tied & (cols[None, :] < candidate[:, None])).to(tl.int32), axis=1)
-            last = tl.where(count < need, candidate, last)
-    return above | (tied & (cols[None, :] <= last[:, None]))
 
 
 @triton.jit
@@ -224,9 +174,9 @@ def _sap_forward_kernel(
     BLOCK_D: tl.constexpr,
     BLOCK_J: tl.constexpr,
 ):
-    row0 = tl.program_id(0).to(tl.int64) * BLOCK_R
+    row_block, c = block_and_set(n_rows, BLOCK_R)
+    row0 = row_block.to(tl.int64) * BLOCK_R
     rows = row0 + tl.arange(0, BLOCK_R)
-    c = tl.program_id(1).to(tl.int64)
     row_ok = rows < n_rows
     cols = tl.arange(0, BLOCK_N)
     col_in = cols < n_patch
@@ -234,7 +184,7 @@ def _sap_forward_kernel(
     Tb = T + row0 * dim
     Xb = X + c * n_patch * dim
     s = _scores(Tb, Xb, row_ok, col_in, dim, UPCAST, DOT_PRECISION, BLOCK_R, BLOCK_N, BLOCK_D)
-    selected = _topk_selection(s, col_ok, cols, top_k, BLOCK_R, BLOCK_N)
+    selected = topk_selection(s, col_ok, cols, top_k, BLOCK_R, BLOCK_N)
 
     # Pack 8 selection bits per byte: [BLOCK_R, BLOCK_N] -> [BLOCK_R, BLOCK_N // 8, 8] -> weighted sum.
     bits = tl.reshape(selected.to(tl.int32), [BLOCK_R, BLOCK_N // 8, 8])
@@ -368,7 +318,8 @@ def _sap_dsub_kernel(
     DTb = DT + (split * n_rows + row0) * dim
     c_begin = split * images_per_split
     c_end = tl.minimum(c_begin + images_per_split, n_k)
-    for c in range(c_begin, c_end):
+    for image in range(c_begin, c_end):
+        c = tl.cast(image, tl.int64)  # multiplies whole-image offsets
         _, alpha, _ = _backward_coefficients(
             T, X, Sel, LSE, Grad, SubMask, c, row0, n_rows, n_sub, n_k, n_patch, n_bytes, dim, inv_tau,
             UPCAST, DOT_PRECISION, BLOCK_R, BLOCK_N, BLOCK_D, BLOCK_J,
@@ -446,10 +397,6 @@ def _sap_dpatches_kernel(
 # ----------------------------------------------------------------------------------------------------
 
 
-def _upcast(dtype: torch.dtype) -> bool:
-    return interpreter_enabled() and dtype != torch.float32
-
-
 def _block_n(n_patch: int) -> int:
     """The patch tile: tl.dot needs >= 16 in every dimension, byte packing a multiple of 8."""
     if n_patch > MAX_PATCHES:
@@ -462,6 +409,7 @@ def _block_n(n_patch: int) -> int:
 
 def sap_forward(sub, patches, sub_mask, patch_mask, k: int, tau: float):
     """``(logits [Bq, Bk, M], selected uint8 [Bk, Bq·M, ⌈N/8⌉], lse fp32 [Bk, Bq·M])``."""
+    sub, patches, sub_mask, patch_mask = dense(sub, patches, sub_mask, patch_mask)
     (n_q, n_sub, dim), (n_k, n_patch, _) = sub.shape, patches.shape
     n_rows, n_bytes = n_q * n_sub, (n_patch + 7) // 8
     logits = torch.zeros((n_q, n_k, n_sub), dtype=sub.dtype, device=sub.device)
@@ -471,13 +419,14 @@ def sap_forward(sub, patches, sub_mask, patch_mask, k: int, tau: float):
         return logits, selected, lse
 
     def grid(meta):
-        return (triton.cdiv(n_rows, meta["BLOCK_R"]), n_k)
+        return checked_grid((n_k * triton.cdiv(n_rows, meta["BLOCK_R"]),))
 
-    _sap_forward_kernel[grid](
-        sub, patches, sub_mask, patch_mask, logits, selected, lse, n_rows, n_sub, n_k, n_patch, n_bytes, dim,
-        min(k, n_patch), 1.0 / tau,
-        UPCAST=_upcast(sub.dtype), DOT_PRECISION=dot_precision(sub.dtype), BLOCK_N=_block_n(n_patch),
-    )  # fmt: skip
+    with on_device_of(sub):
+        _sap_forward_kernel[grid](
+            sub, patches, sub_mask, patch_mask, logits, selected, lse, n_rows, n_sub, n_k, n_patch, n_bytes, dim,
+            min(k, n_patch), 1.0 / tau,
+            UPCAST=upcast(sub.dtype), DOT_PRECISION=dot_precision(sub.dtype), BLOCK_N=_block_n(n_patch),
+        )  # fmt: skip
     return logits, selected, lse
 
 
@@ -492,6 +441,9 @@ def _image_splits(n_row_blocks: int, n_k: int, device: torch.device) -> int:
 
 def sap_backward(grad, sub, patches, sub_mask, patch_mask, tau: float, selected, lse):
     """``(d_sub, d_patches)`` in fp32; same contract as ``_torch_pairwise.sap_backward``."""
+    grad, sub, patches, sub_mask, patch_mask, selected, lse = dense(
+        grad, sub, patches, sub_mask, patch_mask, selected, lse
+    )
     (n_q, n_sub, dim), (n_k, n_patch, _) = sub.shape, patches.shape
     n_rows, n_bytes = n_q * n_sub, (n_patch + 7) // 8
     d_patches = torch.zeros(patches.shape, dtype=torch.float32, device=patches.device)
@@ -499,25 +451,25 @@ def sap_backward(grad, sub, patches, sub_mask, patch_mask, tau: float, selected,
         return torch.zeros(sub.shape, dtype=torch.float32, device=sub.device), d_patches
     if n_rows * dim >= 2**31:  # the d_patches kernel walks the subcaption rows with int32 offsets
         raise ValueError(f"the Triton SAP backward takes fewer than 2³¹ subcaption elements, got {n_rows * dim}")
-    options = {"UPCAST": _upcast(sub.dtype), "DOT_PRECISION": dot_precision(sub.dtype), "BLOCK_N": _block_n(n_patch)}
+    options = {"UPCAST": upcast(sub.dtype), "DOT_PRECISION": dot_precision(sub.dtype), "BLOCK_N": _block_n(n_patch)}
     config_rows = _CONFIGS.for_dtype(sub.dtype)[0].kwargs["BLOCK_R"]
     splits = _image_splits(triton.cdiv(n_rows, config_rows), n_k, sub.device)
     images_per_split = triton.cdiv(n_k, splits)
     splits = triton.cdiv(n_k, images_per_split)
     d_sub_parts = torch.zeros((splits, n_rows, dim), dtype=torch.float32, device=sub.device)
-    lse = lse.contiguous()
 
-    def dsub_grid(meta):
-        return (triton.cdiv(n_rows, meta["BLOCK_R"]), splits)
+    def dsub_grid(meta):  # splits ≤ 16 (``_image_splits``) on axis 1
+        return checked_grid((triton.cdiv(n_rows, meta["BLOCK_R"]), splits))
 
-    _sap_dsub_kernel[dsub_grid](
-        sub, patches, sub_mask, selected, lse, grad, d_sub_parts, n_rows, n_sub, n_k, n_patch, n_bytes, dim,
-        images_per_split, 1.0 / tau, **options,
-    )  # fmt: skip
-    _sap_dpatches_kernel[(n_k,)](
-        sub, patches, sub_mask, selected, lse, grad, d_patches, n_rows, n_sub, n_k, n_patch, n_bytes, dim, 1.0 / tau,
-        **options,
-    )  # fmt: skip
+    with on_device_of(sub):
+        _sap_dsub_kernel[dsub_grid](
+            sub, patches, sub_mask, selected, lse, grad, d_sub_parts, n_rows, n_sub, n_k, n_patch, n_bytes, dim,
+            images_per_split, 1.0 / tau, **options,
+        )  # fmt: skip
+        _sap_dpatches_kernel[checked_grid((n_k,))](
+            sub, patches, sub_mask, selected, lse, grad, d_patches, n_rows, n_sub, n_k, n_patch, n_bytes, dim,
+            1.0 / tau, **options,
+        )  # fmt: skip
     d_sub = d_sub_parts.sum(dim=0) if splits > 1 else d_sub_parts[0]
     return d_sub.view(n_q, n_sub, dim), d_patches
 

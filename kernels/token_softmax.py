@@ -10,12 +10,15 @@ Three kernels, in the style of Triton's fused-attention tutorial, with an online
 the saved row log-sum-exp (``lse``) to rebuild probabilities tile by tile in backward, so the
 ``[B, Lq, Lk]`` matrix never exists:
 
-- ``_token_softmax_fwd``        grid (row blocks, B, d chunks): ``out`` and ``lse`` (or ``lse`` and diag);
-- ``_token_softmax_bwd_rows``   grid (row blocks, B, d chunks): the gradient of the query side;
-- ``_token_softmax_bwd_cols``   grid (key blocks, B, d chunks): the gradient of the key (= value) side.
+- ``_token_softmax_fwd``        grid (B × row blocks, d chunks): ``out`` and ``lse`` (or ``lse`` and diag);
+- ``_token_softmax_bwd_rows``   grid (B × row blocks, d chunks): the gradient of the query side;
+- ``_token_softmax_bwd_cols``   grid (B × key blocks, d chunks): the gradient of the key (= value) side.
+
+The batch shares grid axis 0 with the row (or key) blocks, which CUDA allows up to 2³¹ − 1 programs;
+axis 1 holds the d chunks (at most 64 at d = 1024), far below its cap of 65535.
 
 Widths up to 1024 are handled by looping over d in ``BLOCK_D`` chunks: each program owns one d chunk of
-its output tile and recomputes the scores over the full width (``_scores``), which keeps registers at
+its output tile and recomputes the scores over the full width (``tiles.similarity_tile``), which keeps registers at
 ``[BLOCK_M, BLOCK_D]`` whatever d is, at the price of recomputing ``q kᵀ`` once per d chunk (d / BLOCK_D
 times: 16 at d = 512). Within a pair the token counts are small (≤ 248), so this buys spill-free kernels
 for little time; a faster layout would keep a [BLOCK_M, d] accumulator split over a second grid level.
@@ -27,55 +30,28 @@ Under the interpreter ``UPCAST`` casts loaded tiles to float32 (it computes bf16
 
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
 
 from ._aot import autotune, autotuned_specs, dot_precision, pointer
+from ._launch import checked_grid, dense, on_device_of, upcast
+from .tiles import block_and_set, similarity_tile
 
 # (BLOCK_M, BLOCK_N, BLOCK_D, warps, stages), by operand width. The first is the interpreter's. Registers,
 # not shared memory (at most ~40 KB), bound the blocks: these compile without spills on sm_80 and sm_90
-# (compile_check). fp32 runs IEEE FMA dots whose operands live in registers, hence its smaller tiles; e.g.
-# [64, 32] blocks with 32-wide d chunks spill in fp32 backward, and [128, 64] ones in fp16/bf16 on sm_80.
+# (compile_check, with the runtime's alignment hints). fp32 runs IEEE FMA dots whose operands live in
+# registers, hence its smaller tiles; e.g. [64, 32] blocks with 32-wide d chunks spill in fp32 backward,
+# 32-wide d chunks with 8 warps spill on sm_80 once pointers are known aligned, and [128, 64] blocks spill
+# in fp16/bf16 on sm_80.
 _CONFIGS = {
     "half": [
         triton.Config({"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_D": 32}, num_warps=4, num_stages=2),
         triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_D": 32}, num_warps=8, num_stages=2),
     ],
-    "fp32": [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_D": 32}, num_warps=8, num_stages=2)],
+    "fp32": [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_D": 16}, num_warps=4, num_stages=1)],
 }
 _KEY = ["Lq", "Lk", "D"]
-
-
-@triton.jit
-def _scores(
-    A,
-    B,
-    a_rows,
-    b_rows,
-    a_in,
-    b_in,
-    D,
-    BLOCK_A: tl.constexpr,
-    BLOCK_B: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    UPCAST: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-):
-    """``[BLOCK_A, BLOCK_B]`` float32 ``A[a_rows] · B[b_rows]ᵀ`` over the full width, in d chunks.
-
-    Rows outside ``a_in``/``b_in`` load as zeros.
-    """
-    acc = tl.zeros([BLOCK_A, BLOCK_B], dtype=tl.float32)
-    for d0 in range(0, D, BLOCK_D):
-        cols = d0 + tl.arange(0, BLOCK_D)
-        col_in = cols < D
-        a = tl.load(A + a_rows[:, None] * D + cols[None, :], mask=a_in[:, None] & col_in[None, :], other=0.0)
-        b = tl.load(B + b_rows[:, None] * D + cols[None, :], mask=b_in[:, None] & col_in[None, :], other=0.0)
-        if UPCAST:
-            a = a.to(tl.float32)
-            b = b.to(tl.float32)
-        acc = tl.dot(a, tl.trans(b), acc, input_precision=DOT_PRECISION)
-    return acc
 
 
 @triton.jit
@@ -114,9 +90,8 @@ def _token_softmax_fwd(
     queries or samples without a valid key) and ``Lse``. Otherwise (InfoNCE, Lq = Lk, one d chunk):
     ``Lse`` and ``Diag[b, i] = scale·⟨q_i, k_i⟩``.
     """
-    pid_m = tl.program_id(0)
-    pid_b = tl.program_id(1).to(tl.int64)
-    pid_d = tl.program_id(2)
+    pid_m, pid_b = block_and_set(Lq, BLOCK_M)
+    pid_d = tl.program_id(1)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_in = rows < Lq
     Qb = Q + pid_b * Lq * D
@@ -133,7 +108,9 @@ def _token_softmax_fwd(
         cols = n0 + tl.arange(0, BLOCK_N)
         col_in = cols < Lk
         k_valid = tl.load(KMask + pid_b * Lk + cols, mask=col_in, other=0) != 0
-        s = _scores(Qb, Kb, rows, cols, row_in, col_in, D, BLOCK_M, BLOCK_N, BLOCK_D, UPCAST, DOT_PRECISION) * scale
+        s = scale * similarity_tile(
+            Qb, rows, row_in, Kb, cols, col_in, D, UPCAST, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_D
+        )
         if not WITH_OUTPUT:
             diag += tl.sum(tl.where(rows[:, None] == cols[None, :], s, 0.0), axis=1)
         s = tl.where(k_valid[None, :], s, float("-inf"))
@@ -190,11 +167,13 @@ def _score_gradient(
     ``WITH_GRAD`` (reconstruction): ``dS = P ∘ (dO kᵀ − delta)`` with ``coef = delta``; otherwise
     (InfoNCE): ``dS = coef ∘ P`` with ``coef`` the per-row loss gradient.
     """
-    s = _scores(Qb, Kb, rows, cols, row_in, col_in, D, BLOCK_M, BLOCK_N, BLOCK_D, UPCAST, DOT_PRECISION) * scale
+    s = scale * similarity_tile(Qb, rows, row_in, Kb, cols, col_in, D, UPCAST, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_D)
     s = tl.where(k_valid[None, :], s, float("-inf"))
     p = tl.exp(s - lse[:, None])
     if WITH_GRAD:
-        dp = _scores(dOb, Kb, rows, cols, row_grad_in, col_in, D, BLOCK_M, BLOCK_N, BLOCK_D, UPCAST, DOT_PRECISION)
+        dp = similarity_tile(
+            dOb, rows, row_grad_in, Kb, cols, col_in, D, UPCAST, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_D
+        )
         ds = p * (dp - coef[:, None])
     else:
         ds = p * coef[:, None]
@@ -224,9 +203,8 @@ def _token_softmax_bwd_rows(
     BLOCK_D: tl.constexpr,
 ):
     """``dQ[b, rows, chunk] = scale · Σ_j dS[:, j] k_j[chunk]``: the query-side gradient."""
-    pid_m = tl.program_id(0)
-    pid_b = tl.program_id(1).to(tl.int64)
-    pid_d = tl.program_id(2)
+    pid_m, pid_b = block_and_set(Lq, BLOCK_M)
+    pid_d = tl.program_id(1)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_in = rows < Lq
     q_valid = tl.load(QMask + pid_b * Lq + rows, mask=row_in, other=0) != 0
@@ -279,9 +257,8 @@ def _token_softmax_bwd_cols(
     BLOCK_D: tl.constexpr,
 ):
     """``dK[b, cols, chunk] = Σ_i P[i, cols]ᵀ dO_i[chunk] (WITH_GRAD) + scale · Σ_i dS[i, cols]ᵀ q_i[chunk]``."""
-    pid_n = tl.program_id(0)
-    pid_b = tl.program_id(1).to(tl.int64)
-    pid_d = tl.program_id(2)
+    pid_n, pid_b = block_and_set(Lk, BLOCK_N)
+    pid_d = tl.program_id(1)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     col_in = cols < Lk
     k_valid = tl.load(KMask + pid_b * Lk + cols, mask=col_in, other=0) != 0
@@ -310,6 +287,59 @@ def _token_softmax_bwd_cols(
     tl.store(
         dKb + cols[:, None] * D + d_cols[None, :], acc.to(dK.dtype.element_ty), mask=col_in[:, None] & d_in[None, :]
     )
+
+
+# ----------------------------------------------------------------------------------------------------
+# Launchers
+# ----------------------------------------------------------------------------------------------------
+
+
+def token_softmax_forward(q, k, q_mask, k_mask, scale, out):
+    """Row ``lse`` of ``scale · q kᵀ`` over the valid keys of each sample, ``[B, Lq]`` fp32, and either
+    the reconstruction ``softmax(scale · q kᵀ) k`` written into ``out`` (``out`` given) or the diagonal
+    ``scale · ⟨q_i, k_i⟩`` (``out=None``; in-sample InfoNCE, ``Lq = Lk``), returned as ``(lse, diag)``."""
+    q, k, q_mask, k_mask = dense(q, k, q_mask, k_mask)
+    batch, lq, width = q.shape
+    with_output = out is not None
+    lse = torch.empty(batch, lq, dtype=torch.float32, device=q.device)
+    diag = lse if with_output else torch.empty_like(lse)
+    target = out if with_output else q  # unused pointer in InfoNCE mode
+    if not target.is_contiguous():
+        raise ValueError("token_softmax_forward writes into out, which must be contiguous")
+    grid = lambda meta: checked_grid(  # noqa: E731
+        (batch * triton.cdiv(lq, meta["BLOCK_M"]), triton.cdiv(width, meta["BLOCK_D"]) if with_output else 1)
+    )
+    with on_device_of(q):
+        _token_softmax_fwd[grid](
+            q, k, target, lse, diag, q_mask, k_mask, lq, k.shape[1], width, scale,
+            WITH_OUTPUT=with_output, UPCAST=upcast(q.dtype), DOT_PRECISION=dot_precision(q.dtype),
+        )  # fmt: skip
+    return lse, diag
+
+
+def token_softmax_backward(q, k, grad_out, lse, coef, q_mask, k_mask, scale):
+    """``(dq, dk)`` in fp32 from the saved row ``lse`` and per-row coefficients ``coef``: the
+    reconstruction's (``grad_out`` given, ``coef`` = Σ_d grad_out ∘ out) or InfoNCE's (``grad_out=None``,
+    ``coef`` = the loss gradient of each row)."""
+    with_grad = grad_out is not None
+    grad_out = q if grad_out is None else grad_out  # unused pointer in InfoNCE mode
+    q, k, grad_out, lse, coef, q_mask, k_mask = dense(q, k, grad_out, lse, coef, q_mask, k_mask)
+    batch, lq, width = q.shape
+    lk = k.shape[1]
+    dq = torch.empty(q.shape, dtype=torch.float32, device=q.device)
+    dk = torch.empty(k.shape, dtype=torch.float32, device=q.device)
+    flags = {"WITH_GRAD": with_grad, "UPCAST": upcast(q.dtype), "DOT_PRECISION": dot_precision(q.dtype)}
+    args = (q, k, grad_out, lse, coef, q_mask, k_mask)
+    rows_grid = lambda meta: checked_grid(  # noqa: E731
+        (batch * triton.cdiv(lq, meta["BLOCK_M"]), triton.cdiv(width, meta["BLOCK_D"]))
+    )
+    cols_grid = lambda meta: checked_grid(  # noqa: E731
+        (batch * triton.cdiv(lk, meta["BLOCK_N"]), triton.cdiv(width, meta["BLOCK_D"]))
+    )
+    with on_device_of(q):
+        _token_softmax_bwd_rows[rows_grid](*args, dq, lq, lk, width, scale, **flags)
+        _token_softmax_bwd_cols[cols_grid](*args, dk, lq, lk, width, scale, **flags)
+    return dq, dk
 
 
 def compile_specs(dtype) -> list:

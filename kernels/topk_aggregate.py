@@ -4,9 +4,9 @@ One program owns a block of ``BLOCK_M`` subcaptions of one sample and the whole 
 ``N ≤ BLOCK_N`` patches (``BLOCK_N`` = next power of two ≥ N, at most 1024):
 
 1. scores ``s = sub · xᵀ`` with ``tl.dot`` over d chunks;
-2. top-k on chip (:func:`_topk_probabilities`): scores become order-preserving int32 keys, a 32-step
-   bisection finds each row's k-th largest key, ties at the threshold go to the lowest patch index, so
-   exactly ``min(k, valid)`` patches are chosen — no sort, no ``[M, k]`` index tensor;
+2. top-k on chip (``topk_select.topk_selection``, the selection rule shared with the all-pairs kernels):
+   a radix select over order-preserving keys finds each row's k-th largest score, ties at it go to the
+   lowest patch index, so exactly ``min(k, valid)`` patches are chosen — no sort, no ``[M, k]`` index tensor;
 3. softmax over the chosen scores / τ, aggregate ``u = p x`` chunk by chunk, normalise.
 
 Backward recomputes 1–3 from the inputs (nothing of size ``[B, M, k, d]`` or ``[B, M, N]`` is saved by
@@ -20,29 +20,44 @@ import torch
 import triton
 import triton.language as tl
 
-from ..ops.matched import TRITON_AGGREGATE_MAX_PATCHES
 from ._aot import CompileSpec, autotune, autotuned_specs, dot_precision, dtype_class, pointer
+from ._launch import checked_grid, dense, on_device_of, upcast
+from .limits import TOPK_MAX_PATCHES
+from .tiles import block_and_set, similarity_tile
+from .topk_select import topk_selection
 
 # The whole score row of 16 subcaptions lives in registers ([16, BLOCK_N] scores, int32 keys, probabilities
 # and, in backward, their gradients). Up to 256 patches (ViT-B/16's 196, ViT-L/14's 256) this compiles
 # without spills for sm_80/sm_90 (see compile_check); larger N falls back to the torch path.
-MAX_PATCHES = TRITON_AGGREGATE_MAX_PATCHES
+MAX_PATCHES = TOPK_MAX_PATCHES
+# Every power-of-two score row a launch can use (``block_patches``): the compile check covers each.
+BLOCK_NS = tuple(1 << i for i in range(4, MAX_PATCHES.bit_length()))
 SUBCAPTIONS_PER_PROGRAM = 16  # tl.dot's minimum tile
 BLOCK_M: tl.constexpr = tl.constexpr(SUBCAPTIONS_PER_PROGRAM)
 NORMALIZE_EPS: tl.constexpr = tl.constexpr(1e-12)  # F.normalize's
-_INT32_MIN: tl.constexpr = tl.constexpr(-(2**31))
 
 # Launch settings of the row kernels, fixed rather than autotuned: the register budget, not speed, decides
-# (a [BLOCK_N, BLOCK_D] patch tile and its addresses sit next to the score row). These are the spill-free
-# choices at BLOCK_N = 256 on sm_80 and sm_90 (compile_check); fp32's IEEE FMA dots need 16 warps.
+# (a [BLOCK_N, BLOCK_D] patch tile and its addresses sit next to the score row). Each is the spill-free
+# choice on sm_80 and sm_90 for its score row (compile_check, with the runtime's alignment hints): warps by
+# BLOCK_N where one count does not fit every row width.
 FWD_LAUNCH = {
-    "half": {"BLOCK_D": 32, "num_warps": 8, "num_stages": 1},
-    "fp32": {"BLOCK_D": 16, "num_warps": 16, "num_stages": 1},
+    "half": {"BLOCK_D": 32, "num_warps": {256: 8}, "num_stages": 1},
+    "fp32": {"BLOCK_D": 16, "num_warps": {256: 8}, "num_stages": 1},
 }
 BWD_LAUNCH = {
-    "half": {"BLOCK_D": 16, "num_warps": 8, "num_stages": 1},
-    "fp32": {"BLOCK_D": 16, "num_warps": 16, "num_stages": 1},
+    "half": {"BLOCK_D": 16, "num_warps": {64: 8, 128: 16, 256: 8}, "num_stages": 1},
+    "fp32": {"BLOCK_D": 16, "num_warps": {16: 8, 32: 16, 256: 8}, "num_stages": 1},
 }
+
+
+def launch_settings(table: dict, dtype, block_n: int) -> dict:
+    """``BLOCK_D``, ``num_warps``, ``num_stages`` of a row kernel; ``num_warps`` maps the largest
+    ``BLOCK_N`` of each range to its warp count (``{32: 16, 256: 8}``: 16 up to 32, 8 above)."""
+    settings = dict(table[dtype_class(dtype)])
+    settings["num_warps"] = next(w for limit, w in sorted(settings["num_warps"].items()) if block_n <= limit)
+    return settings
+
+
 _PATCH_CONFIGS = [
     triton.Config({"BLOCK_P": 64, "BLOCK_D": 32}, num_warps=4, num_stages=2),
     triton.Config({"BLOCK_P": 32, "BLOCK_D": 64}, num_warps=4, num_stages=2),
@@ -50,35 +65,12 @@ _PATCH_CONFIGS = [
 
 
 @triton.jit
-def _ordered_key(s):
-    """int32 keys ordered like the float32 scores (flip the magnitude bits of negative floats)."""
-    bits = s.to(tl.int32, bitcast=True)
-    return tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)
-
-
-@triton.jit
-def _topk_probabilities(s, valid, k, scale, BLOCK_N: tl.constexpr):
+def _topk_probabilities(s, valid, cols, k, scale, BLOCK_N: tl.constexpr):
     """Softmax over the top-k valid entries of each row of ``s`` (``[BLOCK_M, BLOCK_N]``), zeros elsewhere.
 
     Rows with fewer than k valid entries use all of them; rows without any give zeros.
     """
-    key = tl.where(valid, _ordered_key(s), _INT32_MIN)
-    # Invariant per row: count(key >= lo) >= k > count(key >= hi); 32 halvings of the int32 range
-    # leave hi = lo + 1, so lo is the k-th largest key.
-    lo = tl.full([BLOCK_M], _INT32_MIN, dtype=tl.int64)
-    hi = tl.full([BLOCK_M], 2**31, dtype=tl.int64)
-    for _ in range(32):
-        mid = lo + (hi - lo) // 2
-        count = tl.sum((key >= mid.to(tl.int32)[:, None]).to(tl.int32), axis=1)
-        enough = count >= k
-        lo = tl.where(enough, mid, lo)
-        hi = tl.where(enough, hi, mid)
-    threshold = lo.to(tl.int32)[:, None]
-    above = key > threshold
-    tie = key == threshold
-    room = k - tl.sum(above.to(tl.int32), axis=1)
-    tie_rank = tl.cumsum(tie.to(tl.int32), axis=1)  # 1-based position among ties, lowest index first
-    chosen = (above | (tie & (tie_rank <= room[:, None]))) & valid
+    chosen = topk_selection(s, valid, cols, k, BLOCK_M, BLOCK_N)
     row_max = tl.max(tl.where(chosen, s, float("-inf")), axis=1)
     row_max = tl.where(row_max == float("-inf"), 0.0, row_max)
     e = tl.where(chosen, tl.exp((s - row_max[:, None]) * scale), 0.0)
@@ -95,17 +87,8 @@ def _row_probabilities(
     cols = tl.arange(0, BLOCK_N)
     col_in = cols < N
     valid = (tl.load(XMask + cols, mask=col_in, other=0) != 0) & col_in
-    s = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for d0 in range(0, D, BLOCK_D):
-        d_cols = d0 + tl.arange(0, BLOCK_D)
-        d_in = d_cols < D
-        a = tl.load(Subb + rows[:, None] * D + d_cols[None, :], mask=row_in[:, None] & d_in[None, :], other=0.0)
-        x = tl.load(Xb + cols[:, None] * D + d_cols[None, :], mask=col_in[:, None] & d_in[None, :], other=0.0)
-        if UPCAST:
-            a = a.to(tl.float32)
-            x = x.to(tl.float32)
-        s = tl.dot(a, tl.trans(x), s, input_precision=DOT_PRECISION)
-    return _topk_probabilities(s, valid[None, :], k, scale, BLOCK_N), cols, col_in
+    s = similarity_tile(Subb, rows, row_in, Xb, cols, col_in, D, UPCAST, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_D)
+    return _topk_probabilities(s, valid, cols, k, scale, BLOCK_N), cols, col_in
 
 
 @triton.jit
@@ -125,8 +108,7 @@ def _topk_aggregate_fwd(
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):  # fmt: skip
     """``Out[b, i] = normalize(Σ_{j ∈ top-k} softmax_j(s_j·scale) x_j)``, zero for invalid subcaptions."""
-    pid_m = tl.program_id(0)
-    pid_b = tl.program_id(1).to(tl.int64)
+    pid_m, pid_b = block_and_set(M, BLOCK_M)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_in = rows < M
     Subb = Sub + pid_b * M * D
@@ -159,8 +141,7 @@ def _topk_aggregate_bwd_rows(
 ):  # fmt: skip
     """Per subcaption: ``du`` through the normalisation, ``dp = du xᵀ``, softmax backward
     ``dS = scale · p ∘ (dp − Σ p dp)``, ``dSub = dS x``; writes ``P``, ``dS`` ``[B, M, N]`` and ``dU``."""
-    pid_m = tl.program_id(0)
-    pid_b = tl.program_id(1).to(tl.int64)
+    pid_m, pid_b = block_and_set(M, BLOCK_M)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_in = rows < M
     Subb = Sub + pid_b * M * D
@@ -219,9 +200,8 @@ def _topk_aggregate_bwd_patches(
     BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     """``dX[b, patches, chunk] = Σ_i P[i, patches]ᵀ du_i[chunk] + dS[i, patches]ᵀ sub_i[chunk]`` (IEEE fp32)."""
-    pid_p = tl.program_id(0)
-    pid_b = tl.program_id(1).to(tl.int64)
-    pid_d = tl.program_id(2)
+    pid_p, pid_b = block_and_set(N, BLOCK_P)
+    pid_d = tl.program_id(1)
     patches = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
     patch_in = patches < N
     d_cols = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -251,31 +231,45 @@ def block_patches(n_patches: int) -> int:
     return max(16, triton.next_power_of_2(n_patches))
 
 
-def topk_aggregate_forward(sub, patches, sub_mask, patch_mask, k, tau, *, upcast, dot_precision):
+def topk_aggregate_forward(sub, patches, sub_mask, patch_mask, k, tau):
+    """``[B, M, d]`` aggregates in ``sub``'s dtype (the module docstring's forward)."""
+    sub, patches, sub_mask, patch_mask = dense(sub, patches, sub_mask, patch_mask)
     batch, m, width = sub.shape
     n = patches.shape[1]
     out = torch.empty_like(sub)
-    grid = (triton.cdiv(m, SUBCAPTIONS_PER_PROGRAM), batch)
-    _topk_aggregate_fwd[grid](
-        sub, patches, sub_mask, patch_mask, out, m, n, width, k, 1.0 / tau,
-        BLOCK_N=block_patches(n), UPCAST=upcast, DOT_PRECISION=dot_precision, **FWD_LAUNCH[dtype_class(sub.dtype)],
-    )  # fmt: skip
+    grid = checked_grid((batch * triton.cdiv(m, SUBCAPTIONS_PER_PROGRAM),))
+    block_n = block_patches(n)
+    with on_device_of(sub):
+        _topk_aggregate_fwd[grid](
+            sub, patches, sub_mask, patch_mask, out, m, n, width, k, 1.0 / tau,
+            BLOCK_N=block_n, UPCAST=upcast(sub.dtype), DOT_PRECISION=dot_precision(sub.dtype),
+            **launch_settings(FWD_LAUNCH, sub.dtype, block_n),
+        )  # fmt: skip
     return out
 
 
-def topk_aggregate_backward(sub, patches, sub_mask, patch_mask, k, tau, grad_out, *, upcast, dot_precision):
+def topk_aggregate_backward(sub, patches, sub_mask, patch_mask, k, tau, grad_out):
+    """``(d_sub, d_patches)`` in the inputs' dtypes, recomputed from the inputs."""
+    sub, patches, sub_mask, patch_mask, grad_out = dense(sub, patches, sub_mask, patch_mask, grad_out)
     batch, m, width = sub.shape
     n = patches.shape[1]
     f32 = {"dtype": torch.float32, "device": sub.device}
     probs, d_scores = torch.empty(batch, m, n, **f32), torch.empty(batch, m, n, **f32)
     d_pooled = torch.empty(batch, m, width, **f32)
     d_sub, d_patches = torch.empty_like(sub), torch.empty_like(patches)
-    _topk_aggregate_bwd_rows[(triton.cdiv(m, SUBCAPTIONS_PER_PROGRAM), batch)](
-        sub, patches, sub_mask, patch_mask, grad_out, d_sub, probs, d_scores, d_pooled, m, n, width, k, 1.0 / tau,
-        BLOCK_N=block_patches(n), UPCAST=upcast, DOT_PRECISION=dot_precision, **BWD_LAUNCH[dtype_class(sub.dtype)],
-    )  # fmt: skip
-    grid = lambda meta: (triton.cdiv(n, meta["BLOCK_P"]), batch, triton.cdiv(width, meta["BLOCK_D"]))  # noqa: E731
-    _topk_aggregate_bwd_patches[grid](sub, probs, d_scores, d_pooled, d_patches, m, n, width)
+    rows_grid = checked_grid((batch * triton.cdiv(m, SUBCAPTIONS_PER_PROGRAM),))
+
+    def patches_grid(meta):
+        return checked_grid((batch * triton.cdiv(n, meta["BLOCK_P"]), triton.cdiv(width, meta["BLOCK_D"])))
+
+    block_n = block_patches(n)
+    with on_device_of(sub):
+        _topk_aggregate_bwd_rows[rows_grid](
+            sub, patches, sub_mask, patch_mask, grad_out, d_sub, probs, d_scores, d_pooled, m, n, width, k,
+            1.0 / tau, BLOCK_N=block_n, UPCAST=upcast(sub.dtype), DOT_PRECISION=dot_precision(sub.dtype),
+            **launch_settings(BWD_LAUNCH, sub.dtype, block_n),
+        )  # fmt: skip
+        _topk_aggregate_bwd_patches[patches_grid](sub, probs, d_scores, d_pooled, d_patches, m, n, width)
     return d_sub, d_patches
 
 
@@ -288,26 +282,26 @@ def _fixed_specs(kernel, name, args, constexprs, launch) -> list[CompileSpec]:
 
 
 def compile_specs(dtype) -> list[CompileSpec]:
-    """Every kernel × launch, the row kernels at the smallest and largest score rows they hold."""
+    """Every kernel × launch, the row kernels at every score row a launch can pick (:data:`BLOCK_NS`)."""
     ptr = pointer(dtype)
     scalars = {"M": "i32", "N": "i32", "D": "i32", "k": "i32", "scale": "fp32", "SubMask": "*i1", "XMask": "*i1"}
     base = {"UPCAST": False, "DOT_PRECISION": dot_precision(dtype)}
     specs = []
-    for block_n in (16, MAX_PATCHES):
+    for block_n in BLOCK_NS:
         constexprs = {**base, "BLOCK_N": block_n}
         specs += _fixed_specs(
             _topk_aggregate_fwd,
             f"topk_aggregate_fwd[N<={block_n}]",
             {**scalars, "Sub": ptr, "X": ptr, "Out": ptr},
             constexprs,
-            FWD_LAUNCH[dtype_class(dtype)],
+            launch_settings(FWD_LAUNCH, dtype, block_n),
         )
         specs += _fixed_specs(
             _topk_aggregate_bwd_rows,
             f"topk_aggregate_bwd_rows[N<={block_n}]",
             {**scalars, "Sub": ptr, "X": ptr, "G": ptr, "dSub": ptr, "P": "*fp32", "dS": "*fp32", "dU": "*fp32"},
             constexprs,
-            BWD_LAUNCH[dtype_class(dtype)],
+            launch_settings(BWD_LAUNCH, dtype, block_n),
         )
     specs += autotuned_specs(
         _topk_aggregate_bwd_patches,

@@ -99,19 +99,28 @@ def normalize_backward(normalized: torch.Tensor, norm: torch.Tensor, grad: torch
     return (grad - normalized * radial) / norm.clamp_min(NORMALIZE_EPS)[..., None]
 
 
+def topk_selection(s: torch.Tensor, valid: torch.Tensor, take: int) -> torch.Tensor:
+    """Boolean selection of the top-``take`` valid scores along the last dim, by the rule every backend
+    shares (the Triton kernels' ``topk_select``, the reference's stable sort): exactly ``take`` entries,
+    ties at the ``take``-th value broken towards the lowest index (``-0.0`` and ``+0.0`` tie, as floats
+    do), masked entries never; all valid entries when fewer than ``take`` are valid. ``valid``
+    broadcasts to ``s``."""
+    masked = s.masked_fill(~valid, float("-inf"))
+    kth = masked.topk(take, dim=-1).values[..., -1:]  # -inf when fewer than ``take`` are valid
+    above = masked > kth
+    tied = (masked == kth) & valid
+    still_needed = take - above.sum(dim=-1, keepdim=True)
+    return above | (tied & (tied.cumsum(dim=-1) <= still_needed))
+
+
 def _topk_weights(sub, patches, patch_mask, k, tau):
-    """Scores, top-k indices, validity of the selected patches and their softmax weights."""
+    """Dense ``[B, M, N]`` softmax weights of each subcaption's selected patches (zeros elsewhere, and
+    for rows without a valid patch)."""
     scores = masked_scores(sub, patches, patch_mask, 1.0)  # [B, M, N], -inf at invalid patches
-    values, index = scores.topk(k, dim=-1)  # [B, M, k]; fewer than k valid: some -inf picked
-    chosen_valid = torch.isfinite(values)
-    logits = (values / tau).masked_fill_(~chosen_valid, torch.finfo(values.dtype).min)
-    weights = torch.softmax(logits, dim=-1).mul_(chosen_valid)  # zeros when no patch is valid
-    return index, weights
-
-
-def _dense(index, weights, n_tokens):
-    """Scatter the ``[B, M, k]`` top-k weights into a dense ``[B, M, N]`` matrix (zeros elsewhere)."""
-    return weights.new_zeros(*weights.shape[:-1], n_tokens).scatter_(-1, index, weights)
+    selected = topk_selection(scores, patch_mask[:, None, :], k)
+    logits = (scores / tau).masked_fill_(~selected, float("-inf"))
+    weights = torch.softmax(logits, dim=-1)
+    return weights.masked_fill_(~selected.any(dim=-1, keepdim=True), 0.0)  # softmax of all -inf is NaN
 
 
 def topk_forward(sub, patches, sub_mask, patch_mask, k, tau):
@@ -120,8 +129,8 @@ def topk_forward(sub, patches, sub_mask, patch_mask, k, tau):
     The weighted sum is a product with the dense ``[B, M, N]`` weight matrix, so the ``[B, M, k, d]``
     gathered patches are never formed.
     """
-    index, weights = _topk_weights(sub, patches, patch_mask, k, tau)
-    pooled = torch.bmm(_dense(index, weights, patches.shape[1]), patches)
+    weights = _topk_weights(sub, patches, patch_mask, k, tau)
+    pooled = torch.bmm(weights, patches)
     out, _ = normalize_rows(pooled)
     return out.mul_(sub_mask[..., None])
 
@@ -129,19 +138,17 @@ def topk_forward(sub, patches, sub_mask, patch_mask, k, tau):
 def topk_backward(sub, patches, sub_mask, patch_mask, k, tau, grad_out):
     """Gradients of :func:`topk_forward`, recomputing the selection and weights from the inputs.
 
-    ``du`` from the normalisation, ``dw = du xᵀ`` at the selected patches, the softmax backward
-    ``dz = w ∘ (dw − Σ w dw)``, then ``ds = dz / τ`` scattered back to the patches::
+    ``du`` from the normalisation, ``dw = du xᵀ``, the softmax backward ``dz = w ∘ (dw − Σ w dw)`` (zero
+    off the selection, where ``w`` is), then ``ds = dz / τ``::
 
         dsub = ds x,   dx = Wᵀ du + dsᵀ sub
     """
-    index, weights = _topk_weights(sub, patches, patch_mask, k, tau)
-    dense = _dense(index, weights, patches.shape[1])
-    pooled = torch.bmm(dense, patches)
+    weights = _topk_weights(sub, patches, patch_mask, k, tau)
+    pooled = torch.bmm(weights, patches)
     normalized, norm = normalize_rows(pooled)
     d_pooled = normalize_backward(normalized, norm, grad_out * sub_mask[..., None])
-    d_weights = torch.bmm(d_pooled, patches.transpose(1, 2)).gather(-1, index)  # [B, M, k]
-    d_logits = weights * (d_weights - (weights * d_weights).sum(-1, keepdim=True))
-    d_scores = _dense(index, d_logits / tau, patches.shape[1])
+    d_weights = torch.bmm(d_pooled, patches.transpose(1, 2))  # [B, M, N]
+    d_scores = weights * (d_weights - (weights * d_weights).sum(-1, keepdim=True)) / tau
     d_sub = torch.bmm(d_scores, patches)
-    d_patches = torch.bmm(dense.transpose(1, 2), d_pooled).add_(torch.bmm(d_scores.transpose(1, 2), sub))
+    d_patches = torch.bmm(weights.transpose(1, 2), d_pooled).add_(torch.bmm(d_scores.transpose(1, 2), sub))
     return d_sub, d_patches

@@ -20,6 +20,7 @@ import math
 import torch
 
 from ..reference._masked import accumulation_dtype
+from ._torch_matched import topk_selection
 
 # F.normalize's epsilon: the reference normalises the SAP aggregate with F.normalize(x, dim=-1).
 NORMALIZE_EPS = 1e-12
@@ -317,7 +318,7 @@ def sap_forward(sub, patches, sub_mask, patch_mask, k: int, tau: float):
             x = patches[c0:c1].to(acc)
             valid = patch_mask[None, c0:c1]  # [1, nc, N]
             s = (t @ x.reshape(-1, d).T).view(r1 - r0, c1 - c0, n_patch)
-            sel = _topk_selection(s, valid, take)
+            sel = topk_selection(s, valid, take)
             w, row_lse = _selection_softmax(s, sel, tau)
             agg = torch.bmm(w.transpose(0, 1), x)  # [nc, nr, d]
             norm = agg.norm(dim=2).clamp_min_(NORMALIZE_EPS)
@@ -326,18 +327,6 @@ def sap_forward(sub, patches, sub_mask, patch_mask, k: int, tau: float):
             lse[c0:c1, r0:r1] = row_lse.T
     logits = logits * sub_mask.reshape(n_rows, 1)
     return logits.view(n_q, n_sub, n_k).transpose(1, 2).to(sub.dtype).contiguous(), selected, lse
-
-
-def _topk_selection(s, valid, take):
-    """The top-``take`` valid scores along the last dim; ties at the k-th value keep the lowest indices
-    (the Triton kernel's rule, so both backends select the same patches, e.g. duplicated background
-    patches of a flat image). All valid entries when fewer than ``take`` are valid."""
-    masked = s.masked_fill(~valid, float("-inf"))
-    kth = masked.topk(take, dim=-1).values[..., -1:]  # -inf when fewer than ``take`` are valid
-    above = masked > kth
-    tied = (masked == kth) & valid
-    still_needed = take - above.sum(dim=-1, keepdim=True)
-    return above | (tied & (tied.cumsum(dim=-1) <= still_needed))
 
 
 def _selection_softmax(s, sel, tau, lse=None):

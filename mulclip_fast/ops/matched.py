@@ -26,6 +26,7 @@ from types import ModuleType
 import torch
 
 from .. import reference
+from ..kernels.limits import TOPK_MAX_PATCHES
 from ..reference._checks import (
     check_mask,
     check_positive,
@@ -45,9 +46,9 @@ from ._dispatch import check_backend_name, kernel_backend
 # per-chunk overhead negligible. At 64 MiB the SAP chunk alone would take the fused peak past a tenth
 # of the reference's.
 CHUNK_BYTES = 24 * 2**20
-# Patches per score row the Triton top-k aggregate holds in registers (kernels/topk_aggregate.py: up to 256
-# it compiles without spills); more go to the torch path under backend='auto' and are refused under 'triton'.
-TRITON_AGGREGATE_MAX_PATCHES = 256
+# Patches per score row the Triton top-k aggregate holds in registers; more go to the torch path under
+# backend='auto' and are refused under 'triton'.
+TRITON_AGGREGATE_MAX_PATCHES = TOPK_MAX_PATCHES
 
 
 # ----------------------------------------------------------------------------------------------------

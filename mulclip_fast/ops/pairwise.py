@@ -26,22 +26,21 @@ the fraction of peak reached.
 
 from __future__ import annotations
 
-import importlib
 import math
 from types import ModuleType
 
 import torch
 
 from .. import reference
+from ..kernels.limits import TOPK_MAX_PATCHES
 from ..profiling import OpCost
 from ..reference._checks import check_mask, check_positive, check_same_width, check_tokens, check_topk
 from ..reference._masked import accumulation_dtype
 from . import _torch_pairwise
 from ._dispatch import check_backend_name, kernel_backend
 
-# Patches per image the Triton SAP kernels take: they hold [16, N] score tiles in registers, which fit up
-# to 256 (ViT-B/16's 196, ViT-L/14's 256 at 224 px; calibrated token sets are smaller) and spill beyond.
-TRITON_TOPK_MAX_PATCHES = 256
+# Patches per image the Triton SAP kernels take (they hold [16, N] score tiles in registers).
+TRITON_TOPK_MAX_PATCHES = TOPK_MAX_PATCHES
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -57,14 +56,16 @@ def _check_sets(q_name, q, k_name, k, q_mask_name, q_mask, k_mask_name, k_mask):
     return check_mask(q_mask_name, q_mask, q, q_name), check_mask(k_mask_name, k_mask, k, k_name)
 
 
-def _implementation(backend: str, op: str) -> ModuleType:
-    """The module with the forward/backward bodies of ``op`` for ``backend``.
+def _implementation(backend: str) -> ModuleType:
+    """The module with the forward/backward bodies of the ops for ``backend``.
 
     Kernel modules are imported lazily: importing ``mulclip_fast.ops`` must not need Triton, and Triton
     reads ``TRITON_INTERPRET`` when a kernel module is first imported.
     """
     if backend == "triton":
-        return importlib.import_module(f"mulclip_fast.kernels.pairwise_{op}")
+        from . import _triton_pairwise
+
+        return _triton_pairwise
     return _torch_pairwise
 
 
@@ -87,7 +88,7 @@ def _maxsim_op(
     negative_slope: float | None,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    impl = _implementation(backend, "maxsim")
+    impl = _implementation(backend)
     q, k, q_mask, k_mask = _contiguous(q, k, q_mask, k_mask)
     val_qk, idx_qk, val_kq, idx_kq = impl.maxsim_forward(q, k, q_mask, k_mask, bidirectional, negative_slope)
     scores = _torch_pairwise.maxsim_scores(val_qk, val_kq, q_mask, k_mask, bidirectional, q.dtype)
@@ -123,7 +124,7 @@ def _maxsim_backward_op(
     negative_slope: float | None,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    impl = _implementation(backend, "maxsim")
+    impl = _implementation(backend)
     grad, q, k, q_mask, k_mask = _contiguous(grad, q, k, q_mask, k_mask)
     dq, dk = impl.maxsim_backward(
         grad, q, k, q_mask, k_mask, val_qk, idx_qk, val_kq, idx_kq, bidirectional, negative_slope
@@ -204,7 +205,7 @@ def pairwise_maxsim(
 def _reconstruction_op(
     q: torch.Tensor, k: torch.Tensor, q_mask: torch.Tensor, k_mask: torch.Tensor, tau: float, backend: str
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    impl = _implementation(backend, "reconstruction")
+    impl = _implementation(backend)
     q, k, q_mask, k_mask = _contiguous(q, k, q_mask, k_mask)
     r, lse = impl.reconstruction_forward(q, k, q_mask, k_mask, tau)
     return _torch_pairwise.reconstruction_scores(r, q_mask, q.dtype), r, lse
@@ -229,7 +230,7 @@ def _reconstruction_backward_op(
     tau: float,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    impl = _implementation(backend, "reconstruction")
+    impl = _implementation(backend)
     grad, q, k, q_mask, k_mask = _contiguous(grad, q, k, q_mask, k_mask)
     dq, dk = impl.reconstruction_backward(grad, q, k, q_mask, k_mask, tau, r, lse)
     return dq.to(q.dtype), dk.to(k.dtype)
@@ -301,7 +302,7 @@ def _topk_op(
     tau: float,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    impl = _implementation(backend, "topk")
+    impl = _implementation(backend)
     sub, patches, sub_mask, patch_mask = _contiguous(sub, patches, sub_mask, patch_mask)
     return impl.sap_forward(sub, patches, sub_mask, patch_mask, k, tau)
 
@@ -328,7 +329,7 @@ def _topk_backward_op(
     tau: float,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    impl = _implementation(backend, "topk")
+    impl = _implementation(backend)
     grad, sub, patches, sub_mask, patch_mask = _contiguous(grad, sub, patches, sub_mask, patch_mask)
     d_sub, d_patches = impl.sap_backward(grad, sub, patches, sub_mask, patch_mask, tau, selected, lse)
     return d_sub.to(sub.dtype), d_patches.to(patches.dtype)

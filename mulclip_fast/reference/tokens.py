@@ -136,10 +136,13 @@ def topk_softmax_aggregate(scores, keys, key_mask, k, tau):
         key_mask: ``[..., N]`` bool, broadcastable likewise.
 
     Returns:
-        ``[..., d]`` normalised aggregate. Fewer than ``k`` valid keys: all valid ones are used.
+        ``[..., d]`` normalised aggregate. Ties at the k-th score keep the lowest key indices; fewer than
+        ``k`` valid keys: all valid ones are used.
     """
     key_mask = key_mask.expand(scores.shape)
-    values, index = scores.masked_fill(~key_mask, float("-inf")).topk(k, dim=-1)  # [..., k]
+    # the k largest valid scores; a stable sort breaks ties towards the lowest index (and -0.0 ties +0.0)
+    values, index = scores.masked_fill(~key_mask, float("-inf")).sort(dim=-1, descending=True, stable=True)
+    values, index = values[..., :k], index[..., :k]  # [..., k]
     weights = masked_softmax(values / tau, key_mask.gather(-1, index))
     lead = scores.shape[:-1]
     gathered = keys.expand(*lead, *keys.shape[-2:]).gather(
