@@ -1,4 +1,4 @@
-"""Root test configuration (DESIGN §5).
+"""Root test configuration (docs/kernels.md, "Verification without a GPU").
 
 Triton reads TRITON_INTERPRET when a kernel is decorated, i.e. when its module is imported. Without
 CUDA we switch the interpreter on here, before any test module imports a kernel, so every Triton

@@ -1,4 +1,4 @@
-"""Shared machinery of the benchmark suites (DESIGN §10): device, sweep size, one measured case, results.
+"""Shared machinery of the benchmark suites (docs/performance.md): device, sweep size, one measured case, results.
 
 Every benchmark goes through :func:`measure_case`, which
 
@@ -92,7 +92,7 @@ def shape_label(shape: dict) -> str:
 
 
 def normalized(*size: int, generator: torch.Generator) -> torch.Tensor:
-    """L2-normalised random features, as every op expects from its callers (DESIGN §4)."""
+    """L2-normalised random features, as every op expects from its callers (docs/method.md, "Op conventions")."""
     x = torch.randn(*size, generator=generator, dtype=torch.float32)
     return F.normalize(x, dim=-1).to(device=DEVICE, dtype=DTYPE)
 

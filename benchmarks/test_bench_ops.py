@@ -1,4 +1,4 @@
-"""Every public op, forward and forward+backward, per backend, over a sweep of shapes (DESIGN §10).
+"""Every public op, forward and forward+backward, per backend, over a sweep of shapes (docs/performance.md).
 
 Backends compared with the reference (``mulclip_fast.reference``, the plain PyTorch spec):
 

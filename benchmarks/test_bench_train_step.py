@@ -1,4 +1,4 @@
-"""A full training step with the towers: reference loss path vs fast path (DESIGN §10, issue 6).
+"""A full training step with the towers: reference loss path vs fast path (docs/performance.md; issue 6).
 
 One step is ``Trainer.step`` of ``python -m mulclip_fast.train``: towers forward on a collated batch of
 the built-in synthetic dataset, ``MulCLIPLoss``, backward, AdamW update, logit-scale clamp. The fine-grained

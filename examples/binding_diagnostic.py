@@ -1,4 +1,4 @@
-"""Why did binding stay at chance on the synthetic data? The measurements behind the README's answer.
+"""Why did binding stay at chance on the synthetic data? Measurements: docs/notes/2026-11-27-binding.md.
 
 Binding accuracy (``mulclip_fast.eval``) asks whether an image's true caption scores above the same
 caption with two objects' colours swapped. It needs both towers to encode *which colour goes with which

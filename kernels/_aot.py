@@ -1,4 +1,4 @@
-"""The protocol between kernel modules and the ahead-of-time compile check (DESIGN §5.2).
+"""The protocol between kernel modules and the ahead-of-time compile check (docs/kernels.md).
 
 A kernel module joins the check by being listed in ``compile_check.KERNEL_MODULES`` and defining::
 

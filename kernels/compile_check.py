@@ -1,4 +1,4 @@
-"""Ahead-of-time compile check of every Triton kernel for real GPUs, without a GPU (DESIGN §5.2).
+"""Ahead-of-time compile check of every Triton kernel for real GPUs, without a GPU (docs/kernels.md).
 
     python -m mulclip_fast.kernels.compile_check [--arch 80 90] [--dtype fp32 fp16 bf16] [--jobs N]
 

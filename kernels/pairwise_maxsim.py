@@ -1,4 +1,4 @@
-"""Triton kernels of the all-pairs late-interaction max-sim (FILIP / FineLIP; DESIGN §3 baselines, §4).
+"""Triton kernels of the all-pairs late-interaction max-sim (FILIP / FineLIP; docs/method.md, "Baselines").
 
 One direction at a time: for query tokens ``q [Bq, Lq, d]`` (flattened to rows ``r = b·Lq + i``) and key
 sets ``k [Bk, Lk, d]``::
@@ -16,8 +16,8 @@ Backward (deterministic, no atomics), given per-row weights ``w[c, r] = ∂L/∂
 - ``dk[c, j] = Σ_r [idx[c, r] = j] · w[c, r] · q[r]``: a one-hot GEMM, one program per
   (key set, key block, d block), so every output element is written by exactly one program.
 
-Precision (DESIGN §4): ``tl.dot`` runs IEEE fp32 for fp32 inputs (``DOT_PRECISION="ieee"``); fp16/bf16
-tiles go to the tensor cores with fp32 accumulation; the one-hot weights of the dk GEMM are fp32 with
+Precision (docs/kernels.md, "Precision"): ``tl.dot`` runs IEEE fp32 for fp32 inputs (``DOT_PRECISION="ieee"``);
+fp16/bf16 tiles go to the tensor cores with fp32 accumulation; the one-hot weights of the dk GEMM are fp32 with
 TF32 rounding for 16-bit inputs (relative error 2⁻¹¹, far inside the 2e-2 tolerance). ``UPCAST`` casts
 loaded tiles to fp32, needed under the interpreter, which computes bf16 on raw bits.
 """

@@ -1,4 +1,4 @@
-"""Triton kernels of the all-pairs top-k SAP logits (DESIGN §3 "SAP", all-pairs variant; §4).
+"""Triton kernels of the all-pairs top-k SAP logits (docs/method.md, "SAP", all-pairs; docs/kernels.md).
 
 Rows ``r = b·M + m`` are subcaptions ``t_r`` of ``sub [Bq, M, d]``; ``x_cn`` the patches of image ``c`` in
 ``patches [Bk, N, d]``. For every (row, image)::

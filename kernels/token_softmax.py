@@ -1,6 +1,6 @@
 """Softmax over the tokens of the same sample, flash-attention style: WPR's reconstruction and InfoNCE.
 
-Both WPR pieces are a softmax over a token × token similarity within one sample (DESIGN §3):
+Both WPR pieces are a softmax over a token × token similarity within one sample (docs/method.md, "WPR"):
 
 - reconstruction (``WITH_OUTPUT`` in forward, ``WITH_GRAD`` in backward): ``out = softmax(scale · q kᵀ) k``,
   attention whose values are the keys;

@@ -1,4 +1,4 @@
-"""SAP's top-k softmax aggregate of patches per subcaption, fused (DESIGN §3 "SAP", §4).
+"""SAP's top-k softmax aggregate of patches per subcaption, fused (docs/method.md, "SAP"; docs/kernels.md).
 
 One program owns a block of ``BLOCK_M`` subcaptions of one sample and the whole score row over the
 ``N ≤ BLOCK_N`` patches (``BLOCK_N`` = next power of two ≥ N, at most 1024):

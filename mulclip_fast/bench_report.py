@@ -1,4 +1,4 @@
-"""``python -m mulclip_fast.bench_report``: ratio tables and plots from benchmark results (DESIGN §10).
+"""``python -m mulclip_fast.bench_report``: ratio tables and plots from benchmark results (docs/performance.md).
 
 Reads the JSON files that ``pytest benchmarks --benchmark-only`` writes (``bench-<device>-<time>.json``
 in ``benchmarks/results`` or ``$MULCLIP_BENCH_RESULTS``) and prints, per results file:

@@ -1,4 +1,4 @@
-"""Retrieval and binding evaluation (DESIGN §9); also ``python -m mulclip_fast.eval``.
+"""Retrieval and binding evaluation (docs/training.md, "Evaluation"); also ``python -m mulclip_fast.eval``.
 
 Recall@K is computed on long captions (and on summaries, under ``short_*`` keys): text→image ranks the
 images for each caption, image→text the captions for each image. A tie with the correct item counts

@@ -1,4 +1,4 @@
-"""The MulCLIP objective and its baselines, composed from the token-level ops (DESIGN §3).
+"""The MulCLIP objective and its baselines, composed from the token-level ops (docs/method.md, "Total loss").
 
     L = w_long·L_batch(v_cls, t_long) + w_short·L_batch(v_cls, t_short)      global alignment
       + w_word·L_word                                                       word–patch reconstruction (WPR)

@@ -1,4 +1,4 @@
-"""Peak memory, machine facts, NVML telemetry and FLOP/byte models for tests and benchmarks (DESIGN §5, §10).
+"""Peak memory, machine facts, NVML telemetry and FLOP/byte models for tests and benchmarks (docs/kernels.md).
 
 ``PeakMemoryTracker`` is a ``TorchDispatchMode`` that sees every tensor an op creates, records the
 byte size of its storage, and subtracts it again when the storage is freed. Its ``peak`` is the CPU

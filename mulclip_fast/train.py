@@ -1,4 +1,4 @@
-"""``python -m mulclip_fast.train``: train MulCLIP, its ablations and baselines (DESIGN §8).
+"""``python -m mulclip_fast.train``: train MulCLIP, its ablations and baselines (docs/training.md).
 
 With no arguments it trains the ``tiny`` preset from scratch on the built-in synthetic long-caption
 dataset, on the CPU, in a few minutes, and evaluates it on held-out synthetic pairs. With flags it
@@ -103,7 +103,7 @@ class TrainConfig:
 
 # ---------------------------------------------------------------------------------------------- defaults
 # The no-argument run: tiny model from scratch on synthetic data, sized to finish within ~4 minutes of
-# training on a 2-core CPU (DESIGN §8). Tuned values; see README "Default run".
+# training on a 2-core CPU (docs/training.md, "The default run"). Tuned values; see docs/notes/2026-11-27-binding.md.
 DEFAULT_STEPS_SCRATCH = 440
 DEFAULT_LR_SCRATCH = 5e-4
 DEFAULT_LR_FINETUNE = 1e-6
@@ -323,8 +323,8 @@ class Trainer:
         """0 before ``fine_start``, then a linear ramp to 1 over ``fine_ramp`` (fractions of training).
 
         Training from scratch, the token-level terms at full weight from step 0 keep the towers from
-        learning the global alignment they rely on (DESIGN §8); fine-tuning can start them at once
-        (``--fine-start 0 --fine-ramp 0``)."""
+        learning the global alignment they rely on (docs/notes/2026-11-27-binding.md); fine-tuning can start
+        them at once (``--fine-start 0 --fine-ramp 0``)."""
         start, ramp = self.config.fine_start, self.config.fine_ramp
         if progress < start:
             return 0.0
@@ -952,7 +952,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     # The no-argument run (synthetic data, no length given, from scratch) promises to finish in a few
     # minutes even on a busy machine, and autocasts to bf16 where the CPU computes it natively: 1.2× the
     # steps in the same time, which the from-scratch learning curve turns into much better retrieval
-    # and binding (README "Default run").
+    # and binding (docs/training.md, "The default run").
     default_run = args.data == "synthetic" and args.steps is None and args.epochs is None and not args.init
     time_limit = args.time_limit
     if time_limit is None:

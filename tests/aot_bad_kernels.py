@@ -1,7 +1,7 @@
 """Kernels the AOT compile check must reject (used by tests/test_compile_check.py, never launched).
 
-Each one breaks a different rule of DESIGN §5.2: a compile error, shared memory above every target's
-limit, and register spills.
+Each one breaks a different rule of the compile check (docs/kernels.md, "Verification without a GPU"): a
+compile error, shared memory above every target's limit, and register spills.
 """
 
 from __future__ import annotations

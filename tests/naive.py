@@ -1,4 +1,4 @@
-"""Deliberately naive transcriptions of DESIGN §3: explicit Python loops over samples and tokens.
+"""Deliberately naive transcriptions of docs/method.md: explicit Python loops over samples and tokens.
 
 They share no code with ``mulclip_fast.reference`` and are written for the eye, not for speed, so the
 vectorised reference can be checked against an independent reading of the equations. Inputs are

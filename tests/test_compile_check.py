@@ -1,4 +1,4 @@
-"""The ahead-of-time compile check (DESIGN §5.2): every kernel compiles for sm_80/sm_90 in every dtype.
+"""The ahead-of-time compile check (docs/kernels.md): every kernel compiles for sm_80/sm_90 in every dtype.
 
 The check compiles real GPU code, so it runs in a subprocess with ``TRITON_INTERPRET`` removed (the root
 conftest sets it for this process). Compiles are cached by Triton (``~/.triton/cache``): a cold run of the

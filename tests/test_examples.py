@@ -41,7 +41,7 @@ def test_finetune_hf_clip_example_reduces_the_mulclip_loss():
 
 def test_finelip_example_fused_op_matches_and_uses_less_memory():
     summary = run_example("finelip_fused_late_interaction.py", "--batch", "12", "--words", "24", "--patches", "17")
-    assert summary["max_score_diff"] < 1e-5 and summary["max_grad_diff"] < 1e-5, summary  # DESIGN §5, fp32
+    assert summary["max_score_diff"] < 1e-5 and summary["max_grad_diff"] < 1e-5, summary  # docs/kernels.md, fp32
     # The naive version holds the [B, B, W, P] similarities (and their LeakyReLU, mask and argmax) for
     # backward: at least that tensor's 12·12·24·17·4 bytes more than the fused op.
     assert summary["naive_peak_bytes"] - summary["fused_peak_bytes"] > 12 * 12 * 24 * 17 * 4, summary

@@ -1,6 +1,6 @@
-"""Training through the fused ops follows the reference (DESIGN §5, issue 4).
+"""Training through the fused ops follows the reference (docs/kernels.md, "Verification without a GPU"; issue 4).
 
-DESIGN asks that a 30-step fp32 run with the fast path and one with the reference give the same loss
+The verification plan asks that a 30-step fp32 run with the fast path and one with the reference give the same loss
 curve within 1e-4 relative. Two *free-running* fp32 trainings cannot meet that from scratch, whatever
 the implementation: the reference against itself with one CPU thread instead of two (a different
 summation order, differences of 1e-7 at step 0) drifts past 1e-4 relative by step 12 and to 1e-2 by

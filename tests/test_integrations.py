@@ -29,7 +29,7 @@ VOCAB = 100
 
 
 def long_clip_rule(old: torch.Tensor) -> torch.Tensor:
-    """DESIGN §3, transcribed position by position (independent of ``stretch_positional_embedding``)."""
+    """docs/method.md's stretching rule, position by position (independent of ``stretch_positional_embedding``)."""
     new = torch.empty(248, old.shape[1], dtype=torch.float64)
     old = old.double()
     for p in range(20):
@@ -318,7 +318,7 @@ def test_clip_loss_matches_reference_loss_and_gradients_on_hf_features(hf_batch,
         if g_ref is None:
             assert g_ours is None or g_ours.abs().max() == 0
             continue
-        # The fused path sums in another order; DESIGN §5's fp32 tolerance (atol 1e-5, rtol 1e-4) applies
+        # The fused path sums in another order; docs/kernels.md's fp32 tolerance (atol 1e-5, rtol 1e-4) applies
         # to it. The reference backend computes the same expressions, so its gradients agree more tightly.
         tolerance = dict(rtol=1e-4, atol=1e-6) if backend == "reference" else dict(rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(g_ours, g_ref, **tolerance)

@@ -1,4 +1,4 @@
-"""MulCLIPLoss composes the reference terms exactly as DESIGN §3 writes the total."""
+"""MulCLIPLoss composes the reference terms exactly as docs/method.md writes the total."""
 
 from __future__ import annotations
 

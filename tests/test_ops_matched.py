@@ -1,7 +1,7 @@
-"""Fused matched-pair ops vs the reference (DESIGN §4, §5): values, gradients, contracts, memory, bad input.
+"""Fused matched-pair ops vs the reference (docs/kernels.md): values, gradients, contracts, memory, bad input.
 
 The Triton cases run in Triton's interpreter on machines without CUDA (the root conftest sets
-TRITON_INTERPRET=1), so shapes there stay small and blocks few. Tolerances (DESIGN §5): fp32 atol 1e-5 /
+TRITON_INTERPRET=1), so shapes there stay small and blocks few. Tolerances (docs/kernels.md): fp32 atol 1e-5 /
 rtol 1e-4, fp16/bf16 rtol 2e-2, against the reference computed from the same rounded inputs.
 """
 
@@ -241,7 +241,7 @@ def test_autograd_saves_no_quadratic_tensor():
 
 
 # ---------------------------------------------------------------------------------------------------
-# Memory (DESIGN §5.3)
+# Memory (docs/kernels.md, "Verification without a GPU")
 # ---------------------------------------------------------------------------------------------------
 
 

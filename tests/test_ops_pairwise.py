@@ -21,7 +21,7 @@ from mulclip_fast.ops import _dispatch, _torch_pairwise
 from mulclip_fast.ops import pairwise as P
 from mulclip_fast.profiling import allocator_peak_memory_of
 
-# (rtol, atol relative to the largest reference magnitude): DESIGN §5 tolerances
+# (rtol, atol relative to the largest reference magnitude): docs/kernels.md tolerances
 TOLERANCE = {
     torch.float64: (1e-7, 1e-9),
     torch.float32: (1e-4, 1e-5),
@@ -410,7 +410,7 @@ def test_peak_memory_at_scaled_shape(op_name):
     """B = 16 at the paper's token counts and width. The fused peak is the input gradients + output, the
     saved statistics and a few chunk buffers of bounded size (``_torch_pairwise.chunk_budget``): nothing
     that grows with Bq·Bk·Lq·Lk. The reference, measured, is already ≥ 5× higher; the gap grows linearly
-    with B (≥ 20× at B = 64: ``test_peak_memory_at_paper_shape`` and the README)."""
+    with B (≥ 20× at B = 64: ``test_peak_memory_at_paper_shape`` and docs/performance.md)."""
     shape = {**PAPER, "n": 16}
     call, inputs = _memory_case(op_name, **shape)
     fused, floor = _peak_forward_backward(call, inputs, "torch")
@@ -425,7 +425,7 @@ def test_peak_memory_at_scaled_shape(op_name):
 def test_peak_memory_at_paper_shape(op_name):
     """Bq = Bk = 64, 248 query tokens, 196 keys, d = 512 (M = 8, k = 49): fused ≤ 1.5× (input gradients +
     output) and ≥ 20× below the reference. The reference is measured for max-sim and reconstruction (about
-    4 GB each); for SAP (about 16 GB measured once, README) its unavoidable [Bq, Bk, M, k, d] gather, a
+    4 GB each); for SAP (about 16 GB measured once, docs/performance.md) its unavoidable [Bq, Bk, M, k, d] gather, a
     lower bound on its peak, stands in."""
     call, inputs = _memory_case(op_name, **PAPER)
     fused, floor = _peak_forward_backward(call, inputs, "torch")

@@ -1,4 +1,4 @@
-"""``torch.compile(fullgraph=True)`` of the MulCLIP loss through the fused ops (DESIGN §4, §5.4).
+"""``torch.compile(fullgraph=True)`` of the MulCLIP loss through the fused ops (docs/kernels.md).
 
 Dynamo must trace the custom ops without a graph break, AOTAutograd must run their fake implementations
 and registered backward, and the compiled loss and gradients must equal eager ones. The ``aot_eager``

@@ -1,4 +1,4 @@
-"""Tokenizer, caption splitting, the synthetic dataset, real dataset formats and batching (DESIGN §7)."""
+"""Tokenizer, caption splitting, the synthetic dataset, real dataset formats and batching (docs/training.md, "Data")."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Loaders for real long-caption datasets whose files the user brings (DESIGN §7).
+"""Loaders for real long-caption datasets whose files the user brings (docs/training.md, "Real data").
 
 * DOCCI: ``docci_descriptions.jsonlines`` — one JSON object per line with ``image_file``,
   ``description`` and ``split`` (``train`` / ``test`` / ``qual_*``) — and an ``images/`` folder.

@@ -1,4 +1,4 @@
-"""The built-in synthetic long-caption dataset (DESIGN §7).
+"""The built-in synthetic long-caption dataset (docs/training.md, "Synthetic (the default)").
 
 Each image shows 3–6 objects on a dark, noisy background; each object has a shape, a colour (distinct
 within an image), a size and a cell of a 3×3 grid. The long caption is a summary sentence listing the

@@ -1,4 +1,4 @@
-"""CLIP tokenisation and caption splitting (DESIGN §7).
+"""CLIP tokenisation and caption splitting (docs/method.md, "Features").
 
 Long captions use Long-CLIP's 248-token context; summaries and subcaptions use OpenAI's 77. Truncation
 always keeps the end-of-text token, because the text tower pools at EOT.

@@ -14,7 +14,7 @@ from torch import nn
 from ..losses import MulCLIPFeatures
 from ..reference import LocalTokenCalibration, stretch_positional_embedding
 
-LONG_CONTEXT = 248  # Long-CLIP's context: 4·77 − 3·20 positions (DESIGN §3)
+LONG_CONTEXT = 248  # Long-CLIP's context: 4·77 − 3·20 positions (docs/method.md, "Positional stretching")
 KEPT_POSITIONS = 20  # leading positions copied unchanged, and frozen by default (Long-CLIP, FineLIP)
 
 
@@ -126,9 +126,9 @@ def encode_subcaptions(encode_eot, sub_ids: torch.Tensor, sub_mask: torch.Tensor
     """``[B, M, d]`` EOT embeddings of the valid subcaptions (zeros in empty slots), in one text pass.
 
     Only the valid slots are encoded: empty slots are padding, and encoding them would cost a text pass
-    each (subcaptions are MulCLIP's dominant extra cost, DESIGN §6). ``like`` (the long captions' ``[B, d]``
-    EOT embeddings) gives width, dtype and device when no slot is valid, which the SAP loss treats as
-    contributing nothing.
+    each (subcaptions are MulCLIP's dominant extra cost, docs/method.md, "Model"). ``like`` (the long
+    captions' ``[B, d]`` EOT embeddings) gives width, dtype and device when no slot is valid, which the SAP
+    loss treats as contributing nothing.
     """
     out = like.new_zeros(*sub_mask.shape, like.shape[-1])
     flat_ids = sub_ids[sub_mask]  # [n_valid, L]
@@ -168,7 +168,7 @@ def calibrate(
     text_calibration: LocalTokenCalibration,
     sap_on_raw_patches: bool = False,
 ) -> MulCLIPFeatures:
-    """Replace the raw tokens of ``features`` by their locally calibrated ``V'`` and ``T'`` (DESIGN §3 LC).
+    """Replace the raw tokens of ``features`` by their locally calibrated ``V'`` and ``T'`` (docs/method.md, LC).
 
     MulCLIP computes WPR and SAP on calibrated tokens; ``sap_on_raw_patches`` keeps the raw patches for
     SAP (the paper's ablation flag). Calibrated tokens are all valid, so their masks become None.

@@ -8,7 +8,7 @@
     total = sum(losses.values())            # what open_clip's train loop does with output_dict=True
 
 With only the three positional arguments it is open_clip's ``ClipLoss`` (symmetric InfoNCE, optional
-``logit_bias``). Each term of DESIGN §3 is added when its inputs are passed and the objective enables it:
+``logit_bias``). Each term of docs/method.md is added when its inputs are passed and the objective enables it:
 
     contrastive_loss        w_long  · L_batch(v_cls, t_eot)                      always
     short_contrastive_loss  w_short · L_batch(v_cls, t_short)                    short_text_features

@@ -8,7 +8,7 @@ Works on any object laid out like ``transformers.CLIPModel`` (``vision_model``, 
     feats = hf.mulclip_features(model, pixel_values, long_ids, short_ids=short_ids, sub_ids=sub_ids, sub_mask=m)
     out = MulCLIPLoss()(calibrate(feats, v_calibration, t_calibration), model.logit_scale.exp())
 
-Feature extraction follows DESIGN §3: every token goes through the same final LayerNorm and projection
+Feature extraction follows docs/method.md, "Features": every token goes through the same final LayerNorm and projection
 as the pooled CLS / EOT embedding, so ``cls`` and ``eot`` equal ``get_image_features`` /
 ``get_text_features`` exactly.
 """
@@ -125,7 +125,7 @@ def encode_text_tokens(
         input_ids: ``[B, L]`` token ids, SOT first and one EOT per row (as CLIP's tokenizer makes them).
         attention_mask: optional ``[B, L]`` (1 = real token), passed to the model.
         trim: cut the batch after its longest caption's EOT before encoding. The text tower is causal and
-            pooled at EOT, so this is exact and saves the padded positions' compute (DESIGN §6).
+            pooled at EOT, so this is exact and saves the padded positions' compute (docs/method.md, "Model").
 
     Returns:
         ``eot [B, d]`` (equal to ``get_text_features``), ``tokens [B, L', d]`` and ``mask [B, L']`` with

@@ -1,4 +1,4 @@
-"""CLIP towers in OpenAI CLIP's state-dict layout, with MulCLIP's feature extraction (DESIGN §3, §6).
+"""CLIP towers in OpenAI CLIP's state-dict layout, with MulCLIP's feature extraction (docs/method.md, "Features").
 
 The parameter names and shapes follow OpenAI's ``clip/model.py`` (``visual.conv1``,
 ``visual.transformer.resblocks.N.attn.in_proj_weight``, ``token_embedding``, ``text_projection``, …) so
@@ -223,7 +223,7 @@ class VisionTransformer(nn.Module):
         cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
         x = torch.cat([cls, x], dim=1) + self.positional_embedding.to(x.dtype)
         x = self.transformer(self.ln_pre(x))
-        # Every token goes through the same final LayerNorm and projection (DESIGN §3, "Features").
+        # Every token goes through the same final LayerNorm and projection (docs/method.md, "Features").
         x = self.ln_post(x) @ self.proj
         return x[:, 0], x[:, 1:]
 

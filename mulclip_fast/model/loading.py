@@ -1,4 +1,4 @@
-"""Loading OpenAI / Long-CLIP / open_clip OpenAI-layout checkpoints into ``CLIP`` (DESIGN §6).
+"""Loading OpenAI / Long-CLIP / open_clip OpenAI-layout checkpoints into ``CLIP`` (docs/method.md, "Model").
 
 A checkpoint is a local file holding either a TorchScript archive (OpenAI's released ``ViT-B-16.pt``)
 or a plain state dict (Long-CLIP's ``longclip-B.pt``, open_clip's OpenAI-layout exports), possibly

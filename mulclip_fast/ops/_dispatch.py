@@ -1,4 +1,4 @@
-"""Backend choice for the fused ops (DESIGN §4, "Backends").
+"""Backend choice for the fused ops (docs/kernels.md, "Backends").
 
 ``auto`` runs the Triton kernels on CUDA tensors and the memory-lean chunked PyTorch path elsewhere.
 ``triton`` on CPU tensors is allowed only under Triton's interpreter (``TRITON_INTERPRET=1``), which

@@ -1,4 +1,4 @@
-"""Plain PyTorch primitives of the matched-pair ops, forward and backward by hand (DESIGN §3, §4).
+"""Plain PyTorch primitives of the matched-pair ops, forward and backward by hand (docs/method.md, "WPR", "SAP").
 
 These are the bodies of the memory-lean ``torch`` backend. ``mulclip_fast.ops.matched`` calls them on
 chunks of the batch, so the ``[c, Lq, Lk]`` similarities exist for one chunk at a time, and calls the

@@ -1,4 +1,4 @@
-"""Chunked PyTorch bodies of the all-pairs ops, forward and backward by hand (DESIGN §3 baselines, §4).
+"""Chunked PyTorch bodies of the all-pairs ops, forward and backward by hand (docs/kernels.md, "All-pairs ops").
 
 These are the memory-lean ``torch`` backend of ``mulclip_fast.ops.pairwise``. The quadratic tensor
 (``[Bq, Bk, Lq, Lk]`` similarities, ``[Bq, Bk, M, d]`` aggregates) exists for one chunk of
@@ -29,7 +29,7 @@ NORMALIZE_EPS = 1e-12
 # the elements of the inputs, so that the two or three live chunk buffers stay well below the inputs'
 # gradients, which any implementation must allocate (the ≤ 1.5× peak-memory bound at paper shapes), but
 # never below 4 MiB or above 16 MiB of float32. Larger chunks run faster on a CPU (fewer, larger GEMMs:
-# measured in the README, "Fused ops (all pairs)").
+# measured in docs/performance.md, "All-pairs ops").
 MIN_CHUNK_ELEMENTS = 1 << 20
 MAX_CHUNK_ELEMENTS = 1 << 22
 # Overrides the size-derived budget when set (tests, experiments).

@@ -13,8 +13,8 @@ traces through it and ``torch.library.opcheck`` holds. Forward saves only the in
 reconstruction, its output and row log-sum-exp); backward recomputes the similarities. Nothing of size
 ``[B, Lq, Lk]`` (WPR) or ``[B, M, k, d]`` (SAP) outlives one batch chunk (torch) or one tile (Triton).
 
-Backends (DESIGN §4): ``triton`` launches the kernels of ``mulclip_fast.kernels`` (CUDA, or CPU tensors
-under ``TRITON_INTERPRET=1``); ``torch`` runs the primitives of ``_torch_matched`` on chunks of the batch;
+Backends (docs/kernels.md, "Backends"): ``triton`` launches the kernels of ``mulclip_fast.kernels`` (CUDA, or CPU
+tensors under ``TRITON_INTERPRET=1``); ``torch`` runs the primitives of ``_torch_matched`` on chunks of the batch;
 ``reference`` calls ``mulclip_fast.reference``; ``auto`` picks ``triton`` for CUDA tensors of a kernel
 dtype (fp16/bf16/fp32) and ``torch`` otherwise.
 """

@@ -1,4 +1,4 @@
-"""Exact peak memory of the matched-pair ops, fused vs reference (DESIGN §5.3).
+"""Exact peak memory of the matched-pair ops, fused vs reference (docs/kernels.md; results in docs/performance.md).
 
     python -m mulclip_fast.ops.memory_report [--batch 64 --words 248 --patches 196 --subcaptions 8 --k 49 --width 512]
 

@@ -1,5 +1,5 @@
 """Fused token pooling over all pairs of a batch: late-interaction max-sim, reconstruction scores and
-top-k SAP logits (DESIGN §3 baselines, §4).
+top-k SAP logits (docs/method.md, "Baselines"; docs/kernels.md, "All-pairs ops").
 
 Public ops (same signatures as their ``mulclip_fast.reference`` twins, plus ``backend``):
 
@@ -14,7 +14,7 @@ recomputes similarities tile by tile (Triton) or chunk by chunk (torch).
 
 Each op is a ``torch.library.custom_op`` (namespace ``mulclip_fast``) with a fake implementation and an
 autograd formula whose backward is a second custom op, so ``torch.compile(fullgraph=True)`` traces through
-it and ``torch.library.opcheck`` holds. Backends (DESIGN §4): ``triton`` launches the kernels in
+it and ``torch.library.opcheck`` holds. Backends (docs/kernels.md, "Backends"): ``triton`` launches the kernels in
 ``mulclip_fast.kernels.pairwise_*`` (CUDA, or CPU tensors under ``TRITON_INTERPRET=1``), ``torch`` runs the
 chunked bodies of ``_torch_pairwise``, ``reference`` calls ``mulclip_fast.reference``, ``auto`` picks
 ``triton`` for CUDA tensors of a kernel dtype (fp16/bf16/fp32) and ``torch`` otherwise. Both kernel

@@ -1,9 +1,9 @@
-"""The reference MulCLIP implementation: plain, readable PyTorch for every term of DESIGN §3.
+"""The reference MulCLIP implementation: plain, readable PyTorch for every term of docs/method.md.
 
 This package is the spec. Every fast path (``mulclip_fast.ops``) is tested against it for values and
 gradients; it imports nothing else of ours, so it can serve as the baseline in tests and benchmarks.
-Conventions (DESIGN §4): boolean masks mark valid tokens with True; inputs are L2-normalised by the
-caller; ``logit_scale`` is the multiplier itself; temperatures divide.
+Conventions (docs/method.md, "Op conventions"): boolean masks mark valid tokens with True; inputs are
+L2-normalised by the caller; ``logit_scale`` is the multiplier itself; temperatures divide.
 """
 
 from .calibration import LocalTokenCalibration

@@ -19,10 +19,10 @@ _finite_checks = True
 def set_finite_checks(enabled: bool) -> bool:
     """Switch the NaN/Inf scan of every op's token inputs on or off; returns the previous setting.
 
-    On by default (DESIGN §11: bad values are reported, not propagated). Each scan reads its input once
-    and waits for the result, a host sync per input on CUDA; a training loop that already checks its loss
-    for NaN can switch the scans off, as ``torch.distributions`` lets one switch off ``validate_args``.
-    Shape, dtype, device and mask checks stay on.
+    On by default (docs/method.md, "Edge cases and bad input": bad values are reported, not propagated).
+    Each scan reads its input once and waits for the result, a host sync per input on CUDA; a training loop
+    that already checks its loss for NaN can switch the scans off, as ``torch.distributions`` lets one switch
+    off ``validate_args``. Shape, dtype, device and mask checks stay on.
     """
     global _finite_checks
     previous, _finite_checks = _finite_checks, bool(enabled)
@@ -40,8 +40,8 @@ def check_tokens(name: str, x: torch.Tensor, ndim: int = 3) -> None:
         raise ValueError(f"{name} must be float16, bfloat16, float32 or float64, got {x.dtype}")
     if x.shape[-1] == 0:
         raise ValueError(f"{name} has an empty feature dimension: shape {tuple(x.shape)}")
-    # NaN/Inf are reported, never propagated silently (DESIGN §11), unless switched off by
-    # set_finite_checks. Skipped while tracing, where data-dependent checks would break the graph.
+    # NaN/Inf are reported, never propagated silently (docs/method.md, "Edge cases and bad input"), unless
+    # switched off by set_finite_checks. Skipped while tracing, where data-dependent checks would break the graph.
     if _finite_checks and not torch.compiler.is_compiling() and not all_finite(x):
         raise ValueError(f"{name} contains NaN or Inf values")
 

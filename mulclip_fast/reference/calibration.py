@@ -1,4 +1,4 @@
-"""FineLIP's local token calibration (DESIGN §3, "Local token calibration")."""
+"""FineLIP's local token calibration (docs/method.md, "Local token calibration")."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Batch-level losses: CLIP's symmetric InfoNCE and FineLIP's hinge loss (DESIGN §3)."""
+"""Batch-level losses: CLIP's symmetric InfoNCE and FineLIP's hinge loss (docs/method.md)."""
 
 from __future__ import annotations
 

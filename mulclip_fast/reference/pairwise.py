@@ -1,4 +1,4 @@
-"""Token pooling over all pairs of a batch, computed naively (DESIGN §3 baselines, §4).
+"""Token pooling over all pairs of a batch, computed naively (docs/method.md, "Baselines", "SAP").
 
 These materialise the full ``[Bq, Bk, Lq, Lk]`` similarity tensor (and, for top-k aggregation, the
 ``[Bq, Bk, M, k, d]`` gathered patches): they are the spec for the fused all-pairs ops, which never do.

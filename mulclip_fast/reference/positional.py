@@ -1,4 +1,4 @@
-"""Long-CLIP's positional stretching (DESIGN §3, "Positional stretching")."""
+"""Long-CLIP's positional stretching (docs/method.md, "Positional stretching")."""
 
 from __future__ import annotations
 

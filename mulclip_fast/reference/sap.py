@@ -1,4 +1,4 @@
-"""Subcaption-aggregated patch alignment, MulCLIP's SAP loss (DESIGN §3)."""
+"""Subcaption-aggregated patch alignment, MulCLIP's SAP loss (docs/method.md, "SAP")."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ def sap_loss(
     logit_scale: torch.Tensor | float,
     pairing: str = "matched",
 ) -> torch.Tensor:
-    """Subcaption-aggregated patch alignment ``L_sub`` (DESIGN §3, "SAP").
+    """Subcaption-aggregated patch alignment ``L_sub`` (docs/method.md, "SAP").
 
     ``matched`` (the paper's): ``v̄[b,i]`` is built from image b with b's own subcaption i, and
     ``L_sub = mean over slots i with ≥ 2 valid samples of L_batch(v̄[:, i], sub[:, i])``.

@@ -1,4 +1,4 @@
-"""Token pooling within matched image–caption pairs: WPR and SAP (DESIGN §3).
+"""Token pooling within matched image–caption pairs: WPR and SAP (docs/method.md, "WPR", "SAP").
 
 Everything here is computed in float32 (float64 for float64 inputs) and materialises every
 intermediate: this is the readable spec the fused ops are checked against, not a fast path.
