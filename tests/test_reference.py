@@ -374,7 +374,7 @@ def test_bad_input_names_the_argument(call, message):
 @pytest.mark.parametrize("bad", [None, float("nan"), float("inf"), -float("inf")])
 def test_finite_scan_agrees_with_isfinite_and_allocates_nothing_input_sized(dtype, bad):
     from mulclip_fast.profiling import PeakMemoryTracker
-    from mulclip_fast.reference._checks import all_finite
+    from mulclip_fast.reference.checks import all_finite
 
     x = torch.randn(4, 300, 64).to(dtype)
     if bad is not None:

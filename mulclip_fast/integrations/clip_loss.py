@@ -38,8 +38,8 @@ from torch import nn
 
 from ..distributed import all_gather_no_grad, all_gather_with_grad, all_reduce_max
 from ..losses import FINE_GRAINED_TERMS, MulCLIPLoss
-from ..reference import _checks
-from ..reference._masked import masked_mean
+from ..reference import checks as _checks
+from ..reference.masking import masked_mean
 
 OUTPUT_KEYS = {
     "global_long": "contrastive_loss",

@@ -34,8 +34,8 @@ import torch
 
 from .. import reference
 from ..profiling import OpCost
-from ..reference._checks import check_mask, check_positive, check_same_width, check_tokens, check_topk
-from ..reference._masked import accumulation_dtype
+from ..reference.checks import check_mask, check_positive, check_same_width, check_tokens, check_topk
+from ..reference.masking import accumulation_dtype
 from . import _torch_pairwise
 from ._dispatch import check_backend_name, kernel_backend
 

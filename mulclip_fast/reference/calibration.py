@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ._checks import check_mask, check_tokens
-from ._masked import masked_softmax
+from .checks import check_mask, check_tokens
+from .masking import masked_softmax
 
 
 class LocalTokenCalibration(nn.Module):
