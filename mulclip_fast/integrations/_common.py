@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..losses import MulCLIPFeatures
+from ..features import MulCLIPFeatures
 from ..reference import LocalTokenCalibration, stretch_positional_embedding
 
 LONG_CONTEXT = 248  # Long-CLIP's context: 4·77 − 3·20 positions (DESIGN §3)

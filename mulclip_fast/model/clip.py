@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..losses import MulCLIPFeatures
+from ..features import MulCLIPFeatures
 from ..reference import LocalTokenCalibration
 
 LONG_CONTEXT = 248  # Long-CLIP's stretched text context
