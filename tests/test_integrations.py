@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from mulclip_fast.integrations import MulCLIPClipLoss, as_clip_loss_inputs, calibrate, hf, token_calibrations
 from mulclip_fast.integrations import open_clip as oc
 from mulclip_fast.losses import DEFAULT_WEIGHTS, MulCLIPFeatures, MulCLIPLoss
-from mulclip_fast.reference import LocalTokenCalibration
+from mulclip_fast.model import LocalTokenCalibration
 
 transformers = pytest.importorskip("transformers", reason="transformers is in the dev extra; install '.[dev]'")
 

@@ -12,7 +12,8 @@ import torch
 from torch import nn
 
 from ..features import MulCLIPFeatures
-from ..reference import LocalTokenCalibration, stretch_positional_embedding
+from ..model import LocalTokenCalibration
+from ..reference import stretch_positional_embedding
 
 LONG_CONTEXT = 248  # Long-CLIP's context: 4·77 − 3·20 positions (DESIGN §3)
 KEPT_POSITIONS = 20  # leading positions copied unchanged, and frozen by default (Long-CLIP, FineLIP)

@@ -6,7 +6,6 @@ Conventions (DESIGN §4): boolean masks mark valid tokens with True; inputs are 
 caller; ``logit_scale`` is the multiplier itself; temperatures divide.
 """
 
-from .calibration import LocalTokenCalibration
 from .contrastive import clip_contrastive_loss, finelip_hinge_loss, slotwise_contrastive_loss
 from .pairwise import pairwise_maxsim, pairwise_reconstruction_scores, pairwise_topk_aggregate_logits
 from .positional import stretch_positional_embedding
@@ -14,7 +13,6 @@ from .sap import sap_loss
 from .tokens import token_reconstruction, topk_patch_aggregate, wpr_loss
 
 __all__ = [
-    "LocalTokenCalibration",
     "clip_contrastive_loss",
     "finelip_hinge_loss",
     "pairwise_maxsim",

@@ -1,12 +1,12 @@
-"""FineLIP's local token calibration (DESIGN §3, "Local token calibration")."""
+"""FineLIP's local token calibration: a trainable module of the model, fed to WPR, SAP and FineLIP."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from .checks import check_mask, check_tokens
-from .masking import masked_softmax
+from ..reference.checks import check_mask, check_tokens
+from ..reference.masking import masked_softmax
 
 
 class LocalTokenCalibration(nn.Module):
