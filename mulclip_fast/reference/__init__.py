@@ -1,7 +1,9 @@
 """The reference MulCLIP implementation: plain, readable PyTorch for every term of DESIGN §3.
 
-This package is the spec. Every fast path (``mulclip_fast.ops``) is tested against it for values and
-gradients; it imports nothing else of ours, so it can serve as the baseline in tests and benchmarks.
+This package is the spec. Every fast path (``mulclip_fast.ops``) and the loss library
+(``mulclip_fast.loss_terms``) is tested against it for values and gradients; it imports nothing else of
+ours, so it can serve as the baseline in tests and benchmarks, and its argument checks (``checks``) and
+masked reductions (``masking``) are public for every other layer to share.
 Conventions (DESIGN §4): boolean masks mark valid tokens with True; inputs are L2-normalised by the
 caller; ``logit_scale`` is the multiplier itself; temperatures divide.
 """
