@@ -27,8 +27,7 @@ import torch.nn.functional as F
 
 from benchmarks.harness import DEVICE, DTYPE, FULL_SWEEP, length_mask, measure_case, normalized, tier_selected
 from mulclip_fast import ops, reference
-from mulclip_fast.ops import pairwise as pairwise_ops
-from mulclip_fast.profiling import token_reconstruction_cost, topk_patch_aggregate_cost, wpr_loss_cost
+from mulclip_fast.ops import costs
 
 TAU = 0.07
 ITEMSIZE = torch.finfo(DTYPE).bits // 8
@@ -106,7 +105,7 @@ OPS = [
         ops.token_reconstruction,
         _reconstruction_inputs,
         lambda s: (s["B"], s["Lq"], s["d"]),
-        lambda s: token_reconstruction_cost(s["B"], s["Lq"], s["Lk"], s["d"], ITEMSIZE),
+        lambda s: costs.token_reconstruction_cost(s["B"], s["Lq"], s["Lk"], s["d"], ITEMSIZE),
         [
             ("quick", {"B": 64, "Lq": 39, "Lk": 39, "d": 512}),
             ("quick", {"B": 16, "Lq": 196, "Lk": 248, "d": 512}),
@@ -120,7 +119,7 @@ OPS = [
         ops.wpr_loss,
         _wpr_inputs,
         lambda s: (),
-        lambda s: wpr_loss_cost(s["B"], s["P"], s["K"], s["d"], ITEMSIZE),
+        lambda s: costs.wpr_loss_cost(s["B"], s["P"], s["K"], s["d"], ITEMSIZE),
         [
             ("quick", {"B": 64, "P": 39, "K": 39, "d": 512}),
             ("quick", {"B": 16, "P": 196, "K": 248, "d": 512}),
@@ -134,7 +133,7 @@ OPS = [
         ops.topk_patch_aggregate,
         _topk_inputs,
         lambda s: (s["B"], s["M"], s["d"]),
-        lambda s: topk_patch_aggregate_cost(s["B"], s["M"], s["N"], s["k"], s["d"], ITEMSIZE),
+        lambda s: costs.topk_patch_aggregate_cost(s["B"], s["M"], s["N"], s["k"], s["d"], ITEMSIZE),
         [
             ("quick", {"B": 64, "M": 8, "N": 39, "k": _sap_k(39), "d": 512}),
             ("quick", {"B": 16, "M": 8, "N": 196, "k": _sap_k(196), "d": 512}),
@@ -148,7 +147,7 @@ OPS = [
         ops.pairwise_maxsim,
         _maxsim_inputs,
         lambda s: (s["Bq"], s["Bk"]),
-        lambda s: pairwise_ops.pairwise_maxsim_cost(s["Bq"], s["Lq"], s["Bk"], s["Lk"], s["d"], True, ITEMSIZE),
+        lambda s: costs.pairwise_maxsim_cost(s["Bq"], s["Lq"], s["Bk"], s["Lk"], s["d"], True, ITEMSIZE),
         [
             ("quick", {"Bq": 32, "Bk": 32, "Lq": 40, "Lk": 40, "d": 512}),
             ("quick", {"Bq": 16, "Bk": 16, "Lq": 249, "Lk": 197, "d": 512}),
@@ -162,7 +161,7 @@ OPS = [
         ops.pairwise_reconstruction_scores,
         _pairwise_reconstruction_inputs,
         lambda s: (s["Bq"], s["Bk"]),
-        lambda s: pairwise_ops.pairwise_reconstruction_cost(s["Bq"], s["Lq"], s["Bk"], s["Lk"], s["d"], ITEMSIZE),
+        lambda s: costs.pairwise_reconstruction_cost(s["Bq"], s["Lq"], s["Bk"], s["Lk"], s["d"], ITEMSIZE),
         [
             ("quick", {"Bq": 32, "Bk": 32, "Lq": 39, "Lk": 39, "d": 512}),
             ("quick", {"Bq": 16, "Bk": 16, "Lq": 248, "Lk": 196, "d": 512}),
@@ -176,7 +175,7 @@ OPS = [
         ops.pairwise_topk_aggregate_logits,
         _pairwise_topk_inputs,
         lambda s: (s["Bq"], s["Bk"], s["M"]),
-        lambda s: pairwise_ops.pairwise_topk_aggregate_cost(s["Bq"], s["M"], s["Bk"], s["N"], s["d"], ITEMSIZE),
+        lambda s: costs.pairwise_topk_aggregate_cost(s["Bq"], s["M"], s["Bk"], s["N"], s["d"], ITEMSIZE),
         [
             ("quick", {"Bq": 32, "Bk": 32, "M": 8, "N": 39, "k": _sap_k(39), "d": 512}),
             ("quick", {"Bq": 16, "Bk": 16, "M": 8, "N": 196, "k": _sap_k(196), "d": 512}),

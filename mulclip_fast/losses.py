@@ -6,19 +6,21 @@
       + w_finelip·L_finelip                                                 FineLIP's late interaction (baseline)
 
 Every term has a switch and a weight and is returned separately, so each ablation row of the paper is
-one setting. Features are L2-normalised here, once, before any op sees them.
+one setting. Features are L2-normalised here, once, before any op sees them. The terms themselves are
+written once, in ``mulclip_fast.loss_terms``, on a rank's rows against the gathered columns: one process,
+``torchrun`` training (``DistributedMulCLIPLoss``) and the open_clip / Hugging Face adapter all run them.
 """
 
 from __future__ import annotations
-
-import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import reference
+from . import loss_terms
+from .distributed import BatchSharding, DistributedContext
+from .features import MulCLIPFeatures
+from .reference.checks import check_mask, check_positive, check_same_batch, check_same_width, check_tokens
 
 TERMS = ("global_long", "global_short", "word", "sub", "finelip")
 FINE_GRAINED_TERMS = ("word", "sub", "finelip")
@@ -29,40 +31,7 @@ OBJECTIVES = {
 }
 DEFAULT_WEIGHTS = {"global_long": 1.0, "global_short": 0.5, "word": 1.0, "sub": 1.0, "finelip": 1.0}
 BACKENDS = ("auto", "triton", "torch", "reference")
-
-
-@dataclass
-class MulCLIPFeatures:
-    """What the towers produce for one batch of B image–caption pairs (unnormalised is fine).
-
-    Attributes:
-        image_cls: ``[B, d]`` projected CLS embedding.
-        image_tokens: ``[B, P, d]`` visual tokens for WPR, SAP and FineLIP (the calibrated ``V'``).
-        text_eot: ``[B, d]`` EOT embedding of the long caption.
-        text_tokens: ``[B, K, d]`` word tokens (the calibrated ``T'``).
-        short_eot: ``[B, d]`` EOT embedding of the summary caption, or None.
-        sub_eot: ``[B, M, d]`` EOT embeddings of the subcaptions, or None.
-        sub_mask: ``[B, M]`` bool, True for real subcaptions.
-        image_token_mask, text_token_mask: ``[B, P]`` / ``[B, K]`` bool, or None for all valid.
-        sap_tokens, sap_token_mask: visual tokens for SAP when they differ from ``image_tokens``
-            (e.g. the raw patches instead of the calibrated ones); None uses ``image_tokens``.
-    """
-
-    image_cls: torch.Tensor
-    image_tokens: torch.Tensor
-    text_eot: torch.Tensor
-    text_tokens: torch.Tensor
-    short_eot: torch.Tensor | None = None
-    sub_eot: torch.Tensor | None = None
-    sub_mask: torch.Tensor | None = None
-    image_token_mask: torch.Tensor | None = None
-    text_token_mask: torch.Tensor | None = None
-    sap_tokens: torch.Tensor | None = None
-    sap_token_mask: torch.Tensor | None = None
-
-
-def _normalize(x: torch.Tensor | None) -> torch.Tensor | None:
-    return None if x is None else F.normalize(x, dim=-1)
+ONE_PROCESS = BatchSharding()
 
 
 class MulCLIPLoss(nn.Module):
@@ -80,9 +49,10 @@ class MulCLIPLoss(nn.Module):
         backend: ``"reference"`` runs the naive spec; ``"auto" | "torch" | "triton"`` run the fused ops
             of ``mulclip_fast.ops``.
 
-    ``forward(features, logit_scale, fine_grained_scale=1.0)`` returns a dict with each enabled term
-    (unweighted) and ``"loss"``, the weighted total. ``fine_grained_scale`` multiplies the weights of
-    the fine-grained terms, so a trainer can ramp them in.
+    ``forward(features, logit_scale, fine_grained_scale=1.0, sharding=ONE_PROCESS)`` returns a dict with
+    each enabled term (unweighted) and ``"loss"``, the weighted total. ``fine_grained_scale`` multiplies
+    the weights of the fine-grained terms, so a trainer can ramp them in. ``sharding``
+    (``mulclip_fast.distributed.BatchSharding``) runs the loss on one rank's slice of a global batch.
     """
 
     def __init__(
@@ -103,9 +73,7 @@ class MulCLIPLoss(nn.Module):
         if objective not in OBJECTIVES:
             raise ValueError(f"objective must be one of {sorted(OBJECTIVES)}, got {objective!r}")
         enabled = OBJECTIVES[objective] if terms is None else tuple(terms)
-        unknown = set(enabled) - set(TERMS) | set(weights or {}) - set(TERMS)
-        if unknown:
-            raise ValueError(f"unknown loss terms {sorted(unknown)}; known terms are {TERMS}")
+        _check_term_names((*enabled, *(weights or {})))
         if sap_pairing not in ("matched", "all"):
             raise ValueError(f"sap_pairing must be 'matched' or 'all', got {sap_pairing!r}")
         if not 0 < sap_topk_ratio <= 1:
@@ -125,78 +93,158 @@ class MulCLIPLoss(nn.Module):
         self.finelip_hardest_negative = finelip_hardest_negative
         self.backend = backend
 
-    def _op(self, name: str):
-        """The named token-level op of the chosen backend."""
-        if self.backend == "reference":
-            return getattr(reference, name)
-        from . import ops
-
-        op = getattr(ops, name)
-        return lambda *args, **kwargs: op(*args, **kwargs, backend=self.backend)
-
     def forward(
-        self, features: MulCLIPFeatures, logit_scale: torch.Tensor | float, fine_grained_scale: float = 1.0
+        self,
+        features: MulCLIPFeatures,
+        logit_scale: torch.Tensor | float,
+        fine_grained_scale: float = 1.0,
+        sharding: BatchSharding = ONE_PROCESS,
     ) -> dict[str, torch.Tensor]:
-        f = features
-        v_cls, t_long = _normalize(f.image_cls), _normalize(f.text_eot)
+        out = self.compute_terms(features, logit_scale, self.terms, sharding)
+        out["loss"] = self.weighted_total(out, fine_grained_scale)
+        return out
+
+    def term_weight(self, name: str, fine_grained_scale: float = 1.0) -> float:
+        """``w_term``, times ``fine_grained_scale`` for the fine-grained terms."""
+        return self.weights[name] * (fine_grained_scale if name in FINE_GRAINED_TERMS else 1.0)
+
+    def weighted_total(self, terms: dict[str, torch.Tensor], fine_grained_scale: float = 1.0) -> torch.Tensor:
+        """``Σ w_term · term``, the fine-grained terms' weights multiplied by ``fine_grained_scale``."""
+        return sum(self.term_weight(name, fine_grained_scale) * value for name, value in terms.items())
+
+    def compute_terms(
+        self,
+        features: MulCLIPFeatures,
+        logit_scale: torch.Tensor | float,
+        terms: tuple[str, ...],
+        sharding: BatchSharding = ONE_PROCESS,
+        logit_bias: torch.Tensor | float | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """Each of ``terms`` (unweighted) on this rank's slice of the batch (see ``mulclip_fast.loss_terms``).
+
+        ``logit_bias`` is added to the global InfoNCE logits (open_clip's ``ClipLoss`` option).
+        """
+        _check_term_names(terms)
+        f = _checked_and_normalized(features, terms)
+        check_positive("logit_scale", logit_scale)
+        sharding.check_process_group()
         out: dict[str, torch.Tensor] = {}
-        if "global_long" in self.terms:
-            out["global_long"] = reference.clip_contrastive_loss(v_cls, t_long, logit_scale)
-        if "global_short" in self.terms:
-            if f.short_eot is None:
-                raise ValueError("the global_short term needs features.short_eot [B, d]")
-            out["global_short"] = reference.clip_contrastive_loss(v_cls, _normalize(f.short_eot), logit_scale)
-        if "word" in self.terms:
-            out["word"] = self._op("wpr_loss")(
-                _normalize(f.image_tokens),
-                _normalize(f.text_tokens),
+        texts = {"global_long": f.text_eot, "global_short": f.short_eot}
+        texts = {name: text for name, text in texts.items() if name in terms}
+        if texts:
+            out.update(loss_terms.contrastive_terms(f.image_cls, texts, logit_scale, sharding, logit_bias))
+        if "word" in terms:
+            out["word"] = loss_terms.wpr_term(
+                f.image_tokens,
+                f.text_tokens,
                 f.image_token_mask,
                 f.text_token_mask,
                 self.tau_attn,
                 self.tau_contrast,
+                self.backend,
+                sharding,
             )
-        if "sub" in self.terms:
-            out["sub"] = self._sap_loss(f, logit_scale)
-        if "finelip" in self.terms:
-            out["finelip"] = self._finelip_loss(f, v_cls, t_long)
-        out["loss"] = self.weighted_total(out, fine_grained_scale)
-        return out
-
-    def weighted_total(self, terms: dict[str, torch.Tensor], fine_grained_scale: float = 1.0) -> torch.Tensor:
-        """``Σ w_term · term``, the fine-grained terms' weights multiplied by ``fine_grained_scale``."""
-        return sum(
-            self.weights[name] * (fine_grained_scale if name in FINE_GRAINED_TERMS else 1.0) * value
-            for name, value in terms.items()
-        )
-
-    def _sap_loss(self, f: MulCLIPFeatures, logit_scale) -> torch.Tensor:
-        if f.sub_eot is None or f.sub_mask is None:
-            raise ValueError("the sub term needs features.sub_eot [B, M, d] and features.sub_mask [B, M]")
-        sub = _normalize(f.sub_eot)
-        tokens = _normalize(f.image_tokens if f.sap_tokens is None else f.sap_tokens)
-        token_mask = f.image_token_mask if f.sap_tokens is None else f.sap_token_mask
-        k = max(1, math.ceil(self.sap_topk_ratio * tokens.shape[1]))
-        acc = torch.float64 if sub.dtype == torch.float64 else torch.float32
-        if self.sap_pairing == "matched":
-            agg = self._op("topk_patch_aggregate")(sub, tokens, f.sub_mask, token_mask, k, self.tau_sap)
-            cos = torch.einsum("bmd,cmd->mbc", sub.to(acc), agg.to(acc))
-        else:
-            cos = self._op("pairwise_topk_aggregate_logits")(sub, tokens, f.sub_mask, token_mask, k, self.tau_sap)
-            cos = cos.to(acc).permute(2, 0, 1)  # [M, B(captions), B(images)]
-        return reference.slotwise_contrastive_loss(logit_scale * cos, f.sub_mask)
-
-    def _finelip_loss(self, f: MulCLIPFeatures, v_cls, t_long) -> torch.Tensor:
-        # FineLIP's token sets include CLS / EOT next to the calibrated tokens.
-        v_all = torch.cat([v_cls[:, None], _normalize(f.image_tokens)], dim=1)
-        t_all = torch.cat([t_long[:, None], _normalize(f.text_tokens)], dim=1)
-        v_mask = _prepend_valid(f.image_token_mask)
-        t_mask = _prepend_valid(f.text_token_mask)
-        scores = self._op("pairwise_maxsim")(t_all, v_all, t_mask, v_mask, bidirectional=True, negative_slope=0.1)
-        return reference.finelip_hinge_loss(scores, self.finelip_margin, self.finelip_hardest_negative)
+        if "sub" in terms:
+            tokens, token_mask = (
+                (f.image_tokens, f.image_token_mask) if f.sap_tokens is None else (f.sap_tokens, f.sap_token_mask)
+            )
+            out["sub"] = loss_terms.sap_term(
+                f.sub_eot,
+                f.sub_mask,
+                tokens,
+                token_mask,
+                logit_scale,
+                self.sap_pairing,
+                self.sap_topk_ratio,
+                self.tau_sap,
+                self.backend,
+                sharding,
+            )
+        if "finelip" in terms:
+            out["finelip"] = loss_terms.finelip_term(
+                f.image_cls,
+                f.text_eot,
+                f.image_tokens,
+                f.text_tokens,
+                f.image_token_mask,
+                f.text_token_mask,
+                self.finelip_margin,
+                self.finelip_hardest_negative,
+                self.backend,
+                sharding,
+            )
+        return {name: out[name] for name in TERMS if name in out}
 
 
-def _prepend_valid(mask: torch.Tensor | None) -> torch.Tensor | None:
-    """Mark the CLS / EOT token put in front of a token set as valid."""
-    if mask is None:
-        return None
-    return torch.cat([torch.ones_like(mask[:, :1]), mask], dim=1)
+def _check_term_names(names) -> None:
+    unknown = set(names) - set(TERMS)
+    if unknown:
+        raise ValueError(f"unknown loss terms {sorted(unknown)}; known terms are {TERMS}")
+
+
+# The features each term reads (SAP also reads sap_tokens, or image_tokens without them), and their shapes.
+TERM_INPUTS = {
+    "global_long": ("image_cls", "text_eot"),
+    "global_short": ("image_cls", "short_eot"),
+    "word": ("image_tokens", "text_tokens"),
+    "sub": ("image_cls", "sub_eot"),
+    "finelip": ("image_cls", "text_eot", "image_tokens", "text_tokens"),
+}
+FEATURE_SHAPES = {"image_cls": "[B, d]", "text_eot": "[B, d]", "short_eot": "[B, d]", "sub_eot": "[B, M, d]"}
+FEATURE_SHAPES |= {"image_tokens": "[B, P, d]", "text_tokens": "[B, K, d]", "sap_tokens": "[B, N, d]"}
+MASK_OF = {"image_tokens": "image_token_mask", "text_tokens": "text_token_mask", "sub_eot": "sub_mask"}
+MASK_OF |= {"sap_tokens": "sap_token_mask"}
+
+
+def _checked_and_normalized(f: MulCLIPFeatures, terms: tuple[str, ...]) -> MulCLIPFeatures:
+    """The features that ``terms`` read, validated, L2-normalised once, with explicit masks (None: all valid)."""
+    read = {field for name in terms for field in TERM_INPUTS[name]}
+    if "sub" in terms:
+        read.add("image_tokens" if f.sap_tokens is None else "sap_tokens")
+    for name in terms:
+        missing = [x for x in TERM_INPUTS[name] if getattr(f, x) is None]
+        if name == "sub" and f.sap_tokens is None and f.image_tokens is None:
+            missing.append("image_tokens")
+        if missing:
+            needed = " and ".join(f"features.{x} {FEATURE_SHAPES[x]}" for x in missing)
+            raise ValueError(f"the {name} term needs {needed}")
+    check_tokens("image_cls", f.image_cls, ndim=2)
+    checked = {}
+    for field in sorted(read):
+        x = getattr(f, field)
+        check_tokens(field, x, ndim=FEATURE_SHAPES[field].count(",") + 1)
+        check_same_width("image_cls", f.image_cls, field, x)
+        check_same_batch("image_cls", f.image_cls, field, x)
+        checked[field] = F.normalize(x, dim=-1)
+        if field in MASK_OF:
+            checked[MASK_OF[field]] = check_mask(MASK_OF[field], getattr(f, MASK_OF[field]), x, field)
+    return MulCLIPFeatures(**{"image_tokens": None, "text_eot": None, "text_tokens": None, **checked})
+
+
+class DistributedMulCLIPLoss:
+    """Run a :class:`MulCLIPLoss` on this rank's slice of the global batch (the ``torchrun`` training path).
+
+    Each rank scores its own rows against the gathered columns and returns, per term and for ``"loss"``,
+    ``world · share`` of the global value (see ``mulclip_fast.loss_terms``): back-propagate ``out["loss"]``
+    under DDP, and log :func:`mulclip_fast.distributed.all_reduce_mean` of the values. With one process it
+    returns what ``loss`` returns.
+    """
+
+    def __init__(self, loss: MulCLIPLoss, context: DistributedContext):
+        self.loss = loss
+        self.sharding = BatchSharding(context.rank, context.world_size)
+
+    def __call__(self, features: MulCLIPFeatures, logit_scale, fine_grained_scale: float = 1.0):
+        return self.loss(features, logit_scale, fine_grained_scale, sharding=self.sharding)
+
+
+__all__ = [
+    "BACKENDS",
+    "DEFAULT_WEIGHTS",
+    "FINE_GRAINED_TERMS",
+    "OBJECTIVES",
+    "TERMS",
+    "DistributedMulCLIPLoss",
+    "MulCLIPFeatures",
+    "MulCLIPLoss",
+]

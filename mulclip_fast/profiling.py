@@ -1,4 +1,4 @@
-"""Peak memory, machine facts, NVML telemetry and FLOP/byte models for tests and benchmarks (docs/kernels.md).
+"""Peak memory, machine facts and NVML telemetry for tests and benchmarks (docs/kernels.md, docs/performance.md).
 
 ``PeakMemoryTracker`` is a ``TorchDispatchMode`` that sees every tensor an op creates, records the
 byte size of its storage, and subtracts it again when the storage is freed. Its ``peak`` is the CPU
@@ -25,7 +25,6 @@ import statistics
 import threading
 import time
 import weakref
-from dataclasses import dataclass
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -401,61 +400,3 @@ def matmul_throughput(
         "best_seconds": best,
         "best_flops_per_s": 2 * n**3 / best,
     }
-
-
-# ----------------------------------------------------------------------------------------------------
-# FLOP and byte models of the matched-pair ops (the all-pairs ones live beside them in ops/pairwise.py)
-# ----------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class OpCost:
-    """Useful FLOPs (a multiply-add counts 2) and compulsory memory traffic of one call of an op.
-
-    FLOPs count the products of the op's definition, whatever an implementation recomputes, so every
-    backend of an op is measured against the same work. Bytes count reading each input and writing each
-    output once (forward), and reading the inputs and the output gradient and writing the input
-    gradients once (backward): the floor a kernel's traffic is compared with.
-    """
-
-    flops_forward: int
-    flops_backward: int
-    bytes_forward: int
-    bytes_backward: int
-
-    @property
-    def flops(self) -> int:
-        return self.flops_forward + self.flops_backward
-
-
-def _io_cost(flops_forward: int, flops_backward: int, input_bytes: int, output_bytes: int) -> OpCost:
-    return OpCost(
-        flops_forward=flops_forward,
-        flops_backward=flops_backward,
-        bytes_forward=input_bytes + output_bytes,
-        bytes_backward=2 * input_bytes + output_bytes,  # inputs and output grad in, input grads out
-    )
-
-
-def token_reconstruction_cost(batch: int, len_q: int, len_kv: int, d: int, itemsize: int = 4) -> OpCost:
-    """Forward: ``S = q kvᵀ`` and ``P kv`` (``2 × 2·B·Lq·Lk·d``). Backward: ``dP = dO kvᵀ``, ``dkv += Pᵀ dO``,
-    ``dq = dS kv``, ``dkv += dSᵀ q`` (``4 × 2·B·Lq·Lk·d``)."""
-    gemm = 2 * batch * len_q * len_kv * d
-    io = batch * (len_q + len_kv) * d * itemsize
-    return _io_cost(2 * gemm, 4 * gemm, io, batch * len_q * d * itemsize)
-
-
-def wpr_loss_cost(batch: int, n_patches: int, n_words: int, d: int, itemsize: int = 4) -> OpCost:
-    """Two reconstructions (patches from words, words from patches: ``2 × 2 × 2·B·P·K·d``) and two
-    in-sample InfoNCE logit matrices (``2·B·P²·d + 2·B·K²·d``) forward; backward twice the forward."""
-    forward = 2 * 2 * (2 * batch * n_patches * n_words * d) + 2 * batch * (n_patches**2 + n_words**2) * d
-    return _io_cost(forward, 2 * forward, batch * (n_patches + n_words) * d * itemsize, 4)
-
-
-def topk_patch_aggregate_cost(batch: int, n_sub: int, n_patches: int, k: int, d: int, itemsize: int = 4) -> OpCost:
-    """Forward: scores against every patch (``2·B·M·N·d``) and the weighted sum of the top k
-    (``2·B·M·k·d``). Backward: through the k selected patches only, into the subcaption and into the
-    patches, from both the scores and the sum (``4 × 2·B·M·k·d``)."""
-    forward = 2 * batch * n_sub * (n_patches + k) * d
-    io = batch * (n_sub + n_patches) * d * itemsize
-    return _io_cost(forward, 8 * batch * n_sub * k * d, io, batch * n_sub * d * itemsize)

@@ -31,14 +31,13 @@ import torch
 from .data import Batch, Collator, DataError, iterate_batches, open_dataset, parse_data_spec
 from .distributed import (
     DistributedContext,
-    DistributedMulCLIPLoss,
     agree,
     all_reduce_mean,
     init_distributed,
     shutdown_distributed,
 )
 from .eval import evaluate, format_table
-from .losses import FINE_GRAINED_TERMS, OBJECTIVES, MulCLIPFeatures, MulCLIPLoss
+from .losses import FINE_GRAINED_TERMS, OBJECTIVES, DistributedMulCLIPLoss, MulCLIPFeatures, MulCLIPLoss
 from .model import CLIP, PRESETS, CheckpointError, load_clip_weights, preset_config
 
 CHECKPOINT_FORMAT = "mulclip-fast-train"

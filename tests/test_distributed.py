@@ -1,4 +1,8 @@
-"""Data parallelism: a 2-process loss share equals the 1-process loss on the same global batch."""
+"""Data parallelism: a 2-process loss share equals the 1-process loss on the same global batch.
+
+Both distributed entry points run the same loss terms: ``DistributedMulCLIPLoss`` (the ``torchrun``
+training path) and the open_clip-style adapter ``MulCLIPClipLoss`` with ``local_loss`` on and off.
+"""
 
 from __future__ import annotations
 
@@ -10,13 +14,11 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from mulclip_fast.distributed import (
-    DistributedContext,
-    DistributedMulCLIPLoss,
-    all_reduce_mean,
-    slotwise_share,
-)
-from mulclip_fast.losses import MulCLIPFeatures, MulCLIPLoss
+from mulclip_fast.distributed import DistributedContext, all_reduce_mean
+from mulclip_fast.integrations import MulCLIPClipLoss, as_clip_loss_inputs
+from mulclip_fast.integrations.clip_loss import OUTPUT_KEYS
+from mulclip_fast.loss_terms import slotwise_contrastive_share
+from mulclip_fast.losses import DistributedMulCLIPLoss, MulCLIPFeatures, MulCLIPLoss
 from mulclip_fast.reference import slotwise_contrastive_loss
 
 GLOBAL_B, P, K, M, D = 6, 7, 5, 4, 8
@@ -26,6 +28,14 @@ CONFIGS = {
     "mulclip": {"objective": "mulclip"},
     "mulclip_all_pairs": {"objective": "mulclip", "sap_pairing": "all"},
     "finelip": {"objective": "finelip"},
+    "finelip_hardest_negative": {"objective": "finelip", "finelip_hardest_negative": True},
+}
+# Runs: the configuration, and None for DistributedMulCLIPLoss or the adapter's distributed options.
+RUNS = {name: (name, None) for name in CONFIGS} | {
+    "adapter/mulclip/local_loss": ("mulclip", {"local_loss": True}),
+    "adapter/mulclip_all_pairs/every_row": ("mulclip_all_pairs", {"local_loss": False}),
+    "adapter/mulclip_all_pairs/local_loss": ("mulclip_all_pairs", {"local_loss": True}),
+    "adapter/finelip_hardest_negative/local_loss": ("finelip_hardest_negative", {"local_loss": True}),
 }
 
 
@@ -72,10 +82,17 @@ def _rank_main(rank: int, world: int, port: int, out_dir: str) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         results = {}
-        for name, config in CONFIGS.items():
+        for name, (config, adapter_options) in RUNS.items():
             local = local_slice(global_features(), rank, world)
-            loss = DistributedMulCLIPLoss(MulCLIPLoss(**config), DistributedContext(rank, world))
-            out = loss(local, SCALE, fine_grained_scale=0.5)
+            if adapter_options is None:
+                loss = DistributedMulCLIPLoss(MulCLIPLoss(**CONFIGS[config]), DistributedContext(rank, world))
+                out = loss(local, SCALE, fine_grained_scale=0.5)
+            else:
+                loss = MulCLIPClipLoss(
+                    **CONFIGS[config], **adapter_options, gather_with_grad=True, rank=rank, world_size=world
+                )
+                out = loss(**as_clip_loss_inputs(local), logit_scale=SCALE, output_dict=True, fine_grained_scale=0.5)
+                out["loss"] = sum(out.values())
             out["loss"].backward()
             results[name] = {
                 "values": {term: all_reduce_mean(value) for term, value in out.items()},
@@ -99,12 +116,20 @@ def test_two_processes_match_one_process_on_the_global_batch(tmp_path):
     world = 2
     mp.spawn(_rank_main, args=(world, _free_port(), str(tmp_path)), nprocs=world, join=True)
     per_rank = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
-    for name, config in CONFIGS.items():
+    for name, (config, adapter_options) in RUNS.items():
         f = global_features()
         for field in FEATURE_NAMES:
             getattr(f, field).requires_grad_()
-        expected = MulCLIPLoss(**config)(f, SCALE, fine_grained_scale=0.5)
+        loss = MulCLIPLoss(**CONFIGS[config])
+        expected = loss(f, SCALE, fine_grained_scale=0.5)
         expected["loss"].backward()
+        if adapter_options is not None:  # the adapter returns the weighted terms under open_clip-style keys
+            expected = {
+                OUTPUT_KEYS[term]: loss.term_weight(term, 0.5) * value
+                for term, value in expected.items()
+                if term != "loss"
+            } | {"loss": expected["loss"]}
+        assert per_rank[0][name]["values"].keys() == expected.keys(), name
         for term, value in expected.items():
             torch.testing.assert_close(per_rank[0][name]["values"][term], value.detach(), msg=f"{name}/{term}")
             torch.testing.assert_close(per_rank[1][name]["values"][term], value.detach(), msg=f"{name}/{term}")
@@ -122,7 +147,7 @@ def test_slotwise_share_of_the_whole_batch_is_the_reference_loss():
     g = torch.Generator().manual_seed(3)
     logits = torch.randn(3, 5, 5, generator=g, dtype=torch.float64)
     mask = torch.rand(5, 3, generator=g) < 0.6
-    share = slotwise_share(logits, logits.transpose(1, 2), mask, mask, offset=0)
+    share = slotwise_contrastive_share(logits, logits.transpose(1, 2), mask, mask, offset=0)
     torch.testing.assert_close(share, slotwise_contrastive_loss(logits, mask))
 
 

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from mulclip_fast.integrations import MulCLIPClipLoss, as_clip_loss_inputs, calibrate, hf, token_calibrations
 from mulclip_fast.integrations import open_clip as oc
 from mulclip_fast.losses import DEFAULT_WEIGHTS, MulCLIPFeatures, MulCLIPLoss
-from mulclip_fast.reference import LocalTokenCalibration
+from mulclip_fast.model import LocalTokenCalibration
 
 transformers = pytest.importorskip("transformers", reason="transformers is in the dev extra; install '.[dev]'")
 
@@ -501,12 +501,13 @@ def test_two_gloo_ranks_average_to_the_single_process_loss_and_gradients(tmp_pat
 
     Covers the all-gather with gradient (``gather_with_grad``), ``local_loss`` label offsets, and
     token sets / subcaption slots of different lengths per rank, padded and masked by the gather. With
-    ``local_loss`` each rank averages over its own rows, as open_clip does: that equals the global mean
-    when every rank holds the same number of valid rows per subcaption slot, so those runs use full masks.
+    ``local_loss`` each rank returns the world size times its exact share of the global loss, so the
+    ranks agree with one process whether or not they hold the same number of valid subcaptions per slot.
     """
     settings = {
         "mulclip-matched": dict(objective="mulclip"),
         "mulclip-matched-local": dict(objective="mulclip", local_loss=True, even_subcaptions=True),
+        "mulclip-matched-local-uneven-subcaptions": dict(objective="mulclip", local_loss=True),
         "mulclip-all-pairs": dict(objective="mulclip", sap_pairing="all"),
         "mulclip-all-pairs-local": dict(objective="mulclip", sap_pairing="all", local_loss=True, even_subcaptions=True),
         "finelip": dict(objective="finelip"),

@@ -74,14 +74,15 @@ def test_objectives_and_ablation_switches_select_terms():
     assert "sub" not in no_sap and "word" in no_sap
 
 
-def test_finelip_term_uses_late_interaction_over_tokens_with_cls_and_eot():
+@pytest.mark.parametrize("hardest_negative", [False, True])
+def test_finelip_term_uses_late_interaction_over_tokens_with_cls_and_eot(hardest_negative):
     f = features(2)
-    out = MulCLIPLoss("finelip")(f, SCALE)
+    out = MulCLIPLoss("finelip", finelip_hardest_negative=hardest_negative)(f, SCALE)
     v = torch.cat([n(f.image_cls)[:, None], n(f.image_tokens)], 1)
     t = torch.cat([n(f.text_eot)[:, None], n(f.text_tokens)], 1)
     t_mask = torch.cat([torch.ones(B, 1, dtype=torch.bool), f.text_token_mask], 1)
     scores = R.pairwise_maxsim(t, v, t_mask, None, bidirectional=True, negative_slope=0.1)
-    torch.testing.assert_close(out["finelip"], R.finelip_hinge_loss(scores, 0.2))
+    torch.testing.assert_close(out["finelip"], R.finelip_hinge_loss(scores, 0.2, hardest_negative))
 
 
 def test_fine_grained_scale_ramps_only_the_fine_grained_terms():

@@ -15,7 +15,7 @@ from mulclip_fast import ops
 from mulclip_fast import reference as R
 from mulclip_fast.ops import _dispatch, matched
 from mulclip_fast.ops._dispatch import interpreter_enabled, kernel_backend
-from mulclip_fast.ops.memory_report import PAPER_SHAPE, measure
+from mulclip_fast.tools.memory_report import PAPER_SHAPE, measure
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 BACKENDS = ["torch", "triton"]

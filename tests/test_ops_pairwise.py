@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from mulclip_fast import reference as R
-from mulclip_fast.ops import _dispatch, _torch_pairwise
+from mulclip_fast.ops import _dispatch, _torch_pairwise, costs
 from mulclip_fast.ops import pairwise as P
 from mulclip_fast.profiling import allocator_peak_memory_of
 
@@ -438,11 +438,11 @@ def test_peak_memory_at_paper_shape(op_name):
 
 
 def test_cost_model_counts_the_similarity_gemms():
-    cost = P.pairwise_maxsim_cost(64, 248, 64, 196, 512, bidirectional=True)
+    cost = costs.pairwise_maxsim_cost(64, 248, 64, 196, 512, bidirectional=True)
     assert cost.flops_forward == 2 * (2 * 64 * 64 * 248 * 196 * 512)
-    recon = P.pairwise_reconstruction_cost(64, 248, 64, 196, 512)
+    recon = costs.pairwise_reconstruction_cost(64, 248, 64, 196, 512)
     assert recon.flops_backward > 4 * 2 * 64 * 64 * 248 * 196 * 512
-    sap = P.pairwise_topk_aggregate_cost(64, 8, 64, 196, 512)
+    sap = costs.pairwise_topk_aggregate_cost(64, 8, 64, 196, 512)
     assert sap.flops == 12 * 2 * 64 * 8 * 64 * 196 * 512
     assert sap.bytes_forward > (64 * 8 + 64 * 196) * 512 * 4
     assert math.isclose(cost.flops, cost.flops_forward + cost.flops_backward)

@@ -1,16 +1,16 @@
-"""Peak-memory measures: the dispatch tracker, the CPU allocator's events, and the FLOP models."""
+"""Peak-memory measures: the dispatch tracker, the CPU allocator's events, and the FLOP models of the ops."""
 
 from __future__ import annotations
 
 import torch
 
 from mulclip_fast import reference
+from mulclip_fast.ops.costs import token_reconstruction_cost
 from mulclip_fast.profiling import (
     allocator_peak_memory_of,
     matmul_throughput,
     measure_peak_memory,
     peak_memory_of,
-    token_reconstruction_cost,
 )
 
 

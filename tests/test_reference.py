@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import mulclip_fast.reference as R
+from mulclip_fast.model import LocalTokenCalibration
 
 from . import naive
 
@@ -47,7 +48,7 @@ def test_clip_contrastive_loss_matches_naive():
 
 def test_local_token_calibration_matches_naive():
     torch.manual_seed(0)
-    module = R.LocalTokenCalibration(d=10, n_out=3).double()
+    module = LocalTokenCalibration(d=10, n_out=3).double()
     with torch.no_grad():
         module.alpha.fill_(1.7)
     x = torch.randn(4, 9, 10, dtype=torch.float64)
@@ -178,7 +179,7 @@ def test_padding_tokens_never_change_a_result():
         R.pairwise_topk_aggregate_logits(sp, vp, spm, vpm, 4)[:, :, :4],
         R.pairwise_topk_aggregate_logits(sub, v, sub_mask, v_mask, 4),
     )
-    module = R.LocalTokenCalibration(8, 3).double()
+    module = LocalTokenCalibration(8, 3).double()
     torch.testing.assert_close(module(vp, vpm), module(v, v_mask))
 
 
@@ -292,7 +293,7 @@ def test_fully_masked_token_row_gives_zeros_and_finite_gradients():
     assert torch.all(t.grad[1] == 0)
     scores = R.pairwise_maxsim(v, t, v_mask, t_mask)
     assert torch.all(scores[:, 1] == 0)
-    module = R.LocalTokenCalibration(6, 2).double()
+    module = LocalTokenCalibration(6, 2).double()
     out = module(t, t_mask)
     assert torch.all(out[1] == 0)
     out.sum().backward()
@@ -333,7 +334,7 @@ def test_gradcheck_every_differentiable_function():
     }
     for name, (fn, inputs) in checks.items():
         assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-5), name
-    module = R.LocalTokenCalibration(4, 2).double()
+    module = LocalTokenCalibration(4, 2).double()
     assert torch.autograd.gradcheck(lambda x: module(x, q_mask), (q,), eps=1e-6, atol=1e-5)
 
 
@@ -374,7 +375,7 @@ def test_bad_input_names_the_argument(call, message):
 @pytest.mark.parametrize("bad", [None, float("nan"), float("inf"), -float("inf")])
 def test_finite_scan_agrees_with_isfinite_and_allocates_nothing_input_sized(dtype, bad):
     from mulclip_fast.profiling import PeakMemoryTracker
-    from mulclip_fast.reference._checks import all_finite
+    from mulclip_fast.reference.checks import all_finite
 
     x = torch.randn(4, 300, 64).to(dtype)
     if bad is not None:

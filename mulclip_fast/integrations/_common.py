@@ -11,8 +11,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..losses import MulCLIPFeatures
-from ..reference import LocalTokenCalibration, stretch_positional_embedding
+from ..features import MulCLIPFeatures
+from ..model import LocalTokenCalibration
+from ..reference import stretch_positional_embedding
 
 LONG_CONTEXT = 248  # Long-CLIP's context: 4·77 − 3·20 positions (docs/method.md, "Positional stretching")
 KEPT_POSITIONS = 20  # leading positions copied unchanged, and frozen by default (Long-CLIP, FineLIP)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..losses import MulCLIPFeatures
+from ..features import MulCLIPFeatures
 from ._common import (
     KEPT_POSITIONS,
     LONG_CONTEXT,

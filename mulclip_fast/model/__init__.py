@@ -1,5 +1,6 @@
 """CLIP towers in OpenAI's layout, presets, checkpoint loading and MulCLIP feature extraction."""
 
+from .calibration import LocalTokenCalibration
 from .clip import CLIP, LONG_CONTEXT, PRESETS, SHORT_CONTEXT, CLIPConfig, preset_config
 from .loading import CheckpointError, describe_clip_state_dict, load_clip_weights, read_state_dict
 
@@ -7,6 +8,7 @@ __all__ = [
     "CLIP",
     "CLIPConfig",
     "CheckpointError",
+    "LocalTokenCalibration",
     "LONG_CONTEXT",
     "PRESETS",
     "SHORT_CONTEXT",

@@ -23,8 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..losses import MulCLIPFeatures
-from ..reference import LocalTokenCalibration
+from ..features import MulCLIPFeatures
+from .calibration import LocalTokenCalibration
 
 LONG_CONTEXT = 248  # Long-CLIP's stretched text context
 SHORT_CONTEXT = 77  # OpenAI CLIP's context, used for summaries and subcaptions

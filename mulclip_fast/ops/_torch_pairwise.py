@@ -19,7 +19,7 @@ import math
 
 import torch
 
-from ..reference._masked import accumulation_dtype
+from ..reference.masking import accumulation_dtype
 from ._torch_matched import topk_selection
 
 # F.normalize's epsilon: the reference normalises the SAP aggregate with F.normalize(x, dim=-1).

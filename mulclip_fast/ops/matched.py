@@ -27,7 +27,7 @@ import torch
 
 from .. import reference
 from ..kernels.limits import TOPK_MAX_PATCHES
-from ..reference._checks import (
+from ..reference.checks import (
     check_mask,
     check_positive,
     check_reduction,
@@ -36,7 +36,7 @@ from ..reference._checks import (
     check_tokens,
     check_topk,
 )
-from ..reference._masked import accumulation_dtype
+from ..reference.masking import accumulation_dtype
 from . import _torch_matched
 from ._dispatch import check_backend_name, kernel_backend
 

@@ -20,8 +20,7 @@ chunked bodies of ``_torch_pairwise``, ``reference`` calls ``mulclip_fast.refere
 ``triton`` for CUDA tensors of a kernel dtype (fp16/bf16/fp32) and ``torch`` otherwise. Both kernel
 backends are deterministic (no float atomics).
 
-``*_cost`` functions give each op's FLOPs and compulsory DRAM bytes per call, for benchmarks to report
-the fraction of peak reached.
+Their FLOP and byte counts per call are in ``mulclip_fast.ops.costs``.
 """
 
 from __future__ import annotations
@@ -33,9 +32,8 @@ import torch
 
 from .. import reference
 from ..kernels.limits import TOPK_MAX_PATCHES
-from ..profiling import OpCost
-from ..reference._checks import check_mask, check_positive, check_same_width, check_tokens, check_topk
-from ..reference._masked import accumulation_dtype
+from ..reference.checks import check_mask, check_positive, check_same_width, check_tokens, check_topk
+from ..reference.masking import accumulation_dtype
 from . import _torch_pairwise
 from ._dispatch import check_backend_name, kernel_backend
 
@@ -396,61 +394,3 @@ def pairwise_topk_aggregate_logits(
     concrete = kernel_backend(backend, sub, patches.shape[1], TRITON_TOPK_MAX_PATCHES)
     logits, _, _ = _topk_op(sub, patches, sub_mask, patch_mask, k, float(tau), concrete)
     return logits
-
-
-# ----------------------------------------------------------------------------------------------------
-# FLOP and byte counts per call (for benchmarks); bytes here also count the saved statistics that the
-# Triton path reads back in backward.
-# ----------------------------------------------------------------------------------------------------
-
-
-def pairwise_maxsim_cost(
-    n_q: int, len_q: int, n_k: int, len_k: int, d: int, bidirectional: bool = False, itemsize: int = 4
-) -> OpCost:
-    """Per direction, forward is one similarity GEMM ``2·Bq·Bk·Lq·Lk·d``; backward gathers the arg-max
-    rows for the queries (``2·Bq·Bk·Lq·d``) and scatters into the keys with a one-hot GEMM
-    (``2·Bq·Bk·Lq·Lk·d``). Bidirectional runs both directions."""
-    directions = 2 if bidirectional else 1
-    pairs = n_q * n_k
-    gemm = 2 * pairs * len_q * len_k * d
-    inputs = (n_q * len_q + n_k * len_k) * d * itemsize
-    stats = pairs * (len_q + (len_k if bidirectional else 0)) * 8  # fp32 max + int32 index
-    return OpCost(
-        flops_forward=directions * gemm,
-        flops_backward=directions * gemm + 2 * pairs * d * (len_q + (len_k if bidirectional else 0)),
-        bytes_forward=inputs + stats + pairs * itemsize,
-        bytes_backward=2 * inputs + stats + pairs * itemsize,
-    )
-
-
-def pairwise_reconstruction_cost(n_q: int, len_q: int, n_k: int, len_k: int, d: int, itemsize: int = 4) -> OpCost:
-    """Forward: one similarity GEMM (``2·Bq·Bk·Lq·Lk·d``) plus a few flops per similarity for the online
-    softmax. Backward: the dq and dk kernels each recompute the similarities and apply one GEMM."""
-    pairs = n_q * n_k
-    gemm = 2 * pairs * len_q * len_k * d
-    elementwise = 6 * pairs * len_q * len_k
-    inputs = (n_q * len_q + n_k * len_k) * d * itemsize
-    stats = pairs * len_q * 8  # fp32 r + lse
-    return OpCost(
-        flops_forward=gemm + elementwise,
-        flops_backward=4 * gemm + 2 * elementwise,
-        bytes_forward=inputs + stats + pairs * itemsize,
-        bytes_backward=2 * inputs + stats + pairs * itemsize,
-    )
-
-
-def pairwise_topk_aggregate_cost(n_q: int, n_sub: int, n_k: int, n_patch: int, d: int, itemsize: int = 4) -> OpCost:
-    """Forward: scores ``s = t Xᵀ`` and the aggregate ``a = w X`` as dense GEMMs over all N patches
-    (``2 × 2·Bq·Bk·M·N·d``), plus an on-chip radix select of each N-row (32 compare-and-count passes, not
-    counted). Backward: the d_sub kernel recomputes s, a and ``Xa`` and applies ``αX`` (4 GEMMs); the
-    d_patches kernel recomputes s, a and ``Xa``, then per d slice a again, ``αᵀt`` and ``βᵀu`` (6 GEMMs)."""
-    rows_pairs = n_q * n_sub * n_k
-    gemm = 2 * rows_pairs * n_patch * d
-    inputs = (n_q * n_sub + n_k * n_patch) * d * itemsize
-    stats = rows_pairs * ((n_patch + 7) // 8 + 4)  # packed selection + fp32 lse
-    return OpCost(
-        flops_forward=2 * gemm,
-        flops_backward=10 * gemm,
-        bytes_forward=inputs + stats + rows_pairs * itemsize,
-        bytes_backward=2 * inputs + stats + rows_pairs * itemsize,
-    )

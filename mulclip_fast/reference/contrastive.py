@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._checks import check_positive, check_same_batch, check_same_width, check_tokens
-from ._masked import masked_mean
+from .checks import check_positive, check_same_batch, check_same_width, check_tokens
+from .masking import masked_mean
 
 
 def clip_contrastive_loss(

@@ -9,8 +9,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._checks import check_mask, check_positive, check_same_width, check_tokens
-from ._masked import accumulation_dtype, masked_mean, masked_softmax
+from .checks import check_mask, check_positive, check_same_width, check_tokens
+from .masking import accumulation_dtype, masked_mean, masked_softmax
 from .tokens import _check_sap_inputs, topk_softmax_aggregate
 
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from ._checks import check_positive
-from ._masked import accumulation_dtype
+from .checks import check_positive
 from .contrastive import slotwise_contrastive_loss
+from .masking import accumulation_dtype
 from .pairwise import pairwise_topk_aggregate_logits
 from .tokens import _check_sap_inputs, topk_patch_aggregate
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._checks import (
+from .checks import (
     check_mask,
     check_positive,
     check_reduction,
@@ -18,7 +18,7 @@ from ._checks import (
     check_tokens,
     check_topk,
 )
-from ._masked import accumulation_dtype, masked_mean, masked_softmax
+from .masking import accumulation_dtype, masked_mean, masked_softmax
 
 
 def _reconstruct(q, kv, q_mask, kv_mask, tau):

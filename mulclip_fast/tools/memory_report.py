@@ -1,6 +1,6 @@
 """Exact peak memory of the matched-pair ops, fused vs reference (docs/kernels.md; results in docs/performance.md).
 
-    python -m mulclip_fast.ops.memory_report [--batch 64 --words 248 --patches 196 --subcaptions 8 --k 49 --width 512]
+    python -m mulclip_fast.tools.memory_report [--batch 64 --words 248 --patches 196 --subcaptions 8 --k 49 --width 512]
 
 Prints, for ``wpr_loss`` and ``topk_patch_aggregate``, the peak bytes of forward + backward above the
 inputs (``PeakMemoryTracker``: every storage allocated inside the measurement, gradients included) for
@@ -16,8 +16,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ..ops import matched
 from ..profiling import PeakMemoryTracker
-from . import matched
 
 PAPER_SHAPE = {"batch": 64, "words": 248, "patches": 196, "subcaptions": 8, "k": 49, "width": 512}
 

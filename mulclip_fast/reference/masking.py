@@ -1,4 +1,7 @@
-"""Masked reductions shared by the reference functions (True = valid)."""
+"""Masked reductions (True = valid) and the accumulation dtype, shared by the reference, the ops and the losses.
+
+Public so that every layer may import them; like the rest of ``reference`` it imports nothing else of ours.
+"""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """Peak memory and time of the all-pairs ops, fused ``torch`` backend vs the reference (issue 5).
 
-    python -m mulclip_fast.ops.pairwise_report [--batch 64] [--queries 248] [--keys 196] [--width 512]
-                                               [--subcaptions 8] [--k 49] [--repeats 5] [--no-time]
+    python -m mulclip_fast.tools.pairwise_report [--batch 64] [--queries 248] [--keys 196] [--width 512]
+                                                 [--subcaptions 8] [--k 49] [--repeats 5] [--no-time]
 
 For ``pairwise_maxsim`` (FineLIP's form: bidirectional, LeakyReLU 0.1), ``pairwise_reconstruction_scores``
 and ``pairwise_topk_aggregate_logits``, float32, all tokens valid, prints per backend the peak bytes of
@@ -24,8 +24,8 @@ import time
 import torch
 import torch.nn.functional as F
 
+from ..ops import pairwise
 from ..profiling import allocator_peak_memory_of
-from . import pairwise
 
 OPS = ("pairwise_maxsim", "pairwise_reconstruction_scores", "pairwise_topk_aggregate_logits")
 

@@ -1,7 +1,8 @@
-"""Argument validation shared by the reference and every fast path.
+"""Argument validation shared by the reference, the ops, the losses and the adapters.
 
 Every public entry point checks its inputs up front and raises a ``ValueError`` that names the
 argument and the expected form, so a bad call fails at the boundary instead of deep inside a kernel.
+Public so that every layer may import it; like the rest of ``reference`` it imports nothing else of ours.
 """
 
 from __future__ import annotations

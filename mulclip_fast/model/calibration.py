@@ -1,12 +1,12 @@
-"""FineLIP's local token calibration (docs/method.md, "Local token calibration")."""
+"""FineLIP's local token calibration: a trainable module of the model, fed to WPR, SAP and FineLIP."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from ._checks import check_mask, check_tokens
-from ._masked import masked_softmax
+from ..reference.checks import check_mask, check_tokens
+from ..reference.masking import masked_softmax
 
 
 class LocalTokenCalibration(nn.Module):

@@ -1,0 +1,5 @@
+"""Command-line reports about the ops, kept out of the op layer: they import the ops, the ops never import them.
+
+- ``python -m mulclip_fast.tools.memory_report``: exact peak memory of the matched-pair ops, fused vs reference.
+- ``python -m mulclip_fast.tools.pairwise_report``: peak memory and time of the all-pairs ops.
+"""
