@@ -51,13 +51,6 @@ ALLOWED = {
     # train.py and eval.py import each other (eval resumes from train's checkpoints); the train package split
     # removes the cycle.
     ("mulclip_fast.eval", "mulclip_fast.train"): "train/eval cycle, fixed by the train package split",
-    # The kernels import patch limits and row-weight maths from the ops; the kernel work moves them down.
-    ("mulclip_fast.kernels.pairwise_topk", "mulclip_fast.ops.pairwise"): "kernels → ops, fixed by the kernel work",
-    ("mulclip_fast.kernels.topk_aggregate", "mulclip_fast.ops.matched"): "kernels → ops, fixed by the kernel work",
-    ("mulclip_fast.kernels.pairwise_maxsim", "mulclip_fast.ops._torch_pairwise"): "kernels → ops, kernel work",
-    ("mulclip_fast.kernels.pairwise_reconstruction", "mulclip_fast.ops._torch_pairwise"): "kernels → ops, kernel work",
-    # The Triton launchers read the kernels' private precision helper; the kernel work makes it public.
-    ("mulclip_fast.ops._triton_matched", "mulclip_fast.kernels._aot"): "private kernels helper, kernel work",
 }
 
 
