@@ -200,7 +200,7 @@ def test_unknown_choice_values_exit_nonzero(capsys):
 
 
 def test_default_command_settings(monkeypatch):
-    from mulclip_fast import train as train_module
+    from mulclip_fast.train import loop as train_module
 
     def parse(*argv):
         return config_from_args(build_parser().parse_args(list(argv)))

@@ -28,8 +28,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .data import Batch, Collator, DataError, iterate_batches, open_dataset, parse_data_spec
-from .distributed import (
+from ..data import Batch, Collator, DataError, iterate_batches, open_dataset, parse_data_spec
+from ..distributed import (
     DistributedContext,
     DistributedMulCLIPLoss,
     agree,
@@ -37,9 +37,9 @@ from .distributed import (
     init_distributed,
     shutdown_distributed,
 )
-from .eval import evaluate, format_table
-from .losses import FINE_GRAINED_TERMS, OBJECTIVES, MulCLIPFeatures, MulCLIPLoss
-from .model import CLIP, PRESETS, CheckpointError, load_clip_weights, preset_config
+from ..eval import evaluate, format_table
+from ..losses import FINE_GRAINED_TERMS, OBJECTIVES, MulCLIPFeatures, MulCLIPLoss
+from ..model import CLIP, PRESETS, CheckpointError, load_clip_weights, preset_config
 
 CHECKPOINT_FORMAT = "mulclip-fast-train"
 # Version 2: the tiny preset's text tower gained ALiBi biases. Version-1 checkpoints are read as what they
@@ -217,7 +217,7 @@ def resolve_backend(requested: str, terms: tuple[str, ...], sap_pairing: str) ->
     if requested == "reference" or not needed:
         return requested
     try:
-        from . import ops
+        from .. import ops
     except ImportError:
         ops = None
     missing = [name for name in needed if not hasattr(ops, name)]
@@ -1024,6 +1024,3 @@ def main(argv: list[str] | None = None) -> int:
         return 128 + interrupted
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())
