@@ -40,11 +40,13 @@ from ..distributed import (
 from ..eval import evaluate, format_table
 from ..losses import FINE_GRAINED_TERMS, OBJECTIVES, MulCLIPFeatures, MulCLIPLoss
 from ..model import CLIP, PRESETS, CheckpointError, load_clip_weights, preset_config
-
-CHECKPOINT_FORMAT = "mulclip-fast-train"
-# Version 2: the tiny preset's text tower gained ALiBi biases. Version-1 checkpoints are read as what they
-# are, tiny towers without them (``_upgrade_checkpoint``), so old runs still evaluate and resume exactly.
-CHECKPOINT_VERSION = 2
+from ..run_checkpoints import (
+    CHECKPOINT_FORMAT,
+    CHECKPOINT_VERSION,
+    checkpoint_dir,
+    find_latest_checkpoint,
+    load_training_checkpoint,
+)
 
 
 class ConfigError(ValueError):
@@ -129,47 +131,6 @@ def _atomic_write_text(path: str, text: str) -> None:
     with open(tmp, "w") as handle:
         handle.write(text)
     os.replace(tmp, path)
-
-
-def checkpoint_dir(out: str) -> str:
-    return os.path.join(out, "checkpoints")
-
-
-def find_latest_checkpoint(out: str) -> str | None:
-    """The newest ``step_*.pt`` of a run directory (or of its ``checkpoints`` folder)."""
-    folder = checkpoint_dir(out) if os.path.isdir(checkpoint_dir(out)) else out
-    if not os.path.isdir(folder):
-        return None
-    names = sorted(f for f in os.listdir(folder) if f.startswith("step_") and f.endswith(".pt"))
-    return os.path.join(folder, names[-1]) if names else None
-
-
-def load_training_checkpoint(path: str) -> dict | None:
-    """A training checkpoint written by this trainer, or None when ``path`` holds something else."""
-    if not os.path.isfile(path):
-        raise CheckpointError(f"checkpoint not found: {path}")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:  # zip, pickle and torch errors alike mean "not a readable checkpoint"
-        if "TorchScript" in str(exc) or "constants.pkl" in str(exc):
-            return None
-        raise CheckpointError(f"cannot read checkpoint {path}: {type(exc).__name__}: {exc}") from None
-    if isinstance(state, dict) and state.get("format") == CHECKPOINT_FORMAT:
-        if state.get("version") not in (1, CHECKPOINT_VERSION):
-            raise CheckpointError(
-                f"{path} has checkpoint version {state.get('version')}, expected 1 or {CHECKPOINT_VERSION}"
-            )
-        return _upgrade_checkpoint(state)
-    return None
-
-
-def _upgrade_checkpoint(state: dict) -> dict:
-    """A version-1 state as version 2: its towers had no ALiBi biases, so say so in its model overrides."""
-    if state["version"] == 1:
-        config = dict(state["config"])
-        config["model_overrides"] = {"text_alibi": 0, **config.get("model_overrides", {})}
-        state = {**state, "config": config, "version": CHECKPOINT_VERSION}
-    return state
 
 
 def _rng_state() -> dict:
