@@ -200,7 +200,7 @@ def test_unknown_choice_values_exit_nonzero(capsys):
 
 
 def test_default_command_settings(monkeypatch):
-    from mulclip_fast.train import loop as train_module
+    from mulclip_fast.train import cli as cli_module
 
     def parse(*argv):
         return config_from_args(build_parser().parse_args(list(argv)))
@@ -212,7 +212,7 @@ def test_default_command_settings(monkeypatch):
     assert parse("--steps", "5").time_limit == 0
     # bf16 for the no-argument run only, and only where the CPU computes bf16 natively.
     for native in (True, False):
-        monkeypatch.setattr(train_module, "cpu_has_native_bf16", lambda native=native: native)
+        monkeypatch.setattr(cli_module, "cpu_has_native_bf16", lambda native=native: native)
         assert parse().precision == ("bf16" if native else "fp32")
         assert parse("--precision", "fp32").precision == "fp32"
         assert parse("--steps", "5").precision == "fp32"
@@ -236,16 +236,3 @@ def test_sigterm_saves_a_checkpoint_and_the_run_resumes(tmp_path):
     (checkpoint,) = os.listdir(out / "checkpoints")
     step = load_training_checkpoint(str(out / "checkpoints" / checkpoint))["step"]
     assert step >= 2 and [m["step"] for m in read_jsonl(metrics)] == list(range(step))
-
-
-def test_backend_resolution_follows_the_available_ops(monkeypatch):
-    import mulclip_fast.ops as ops
-    from mulclip_fast.train import ConfigError, resolve_backend
-
-    assert resolve_backend("reference", ("global_long", "word"), "matched") == "reference"
-    assert resolve_backend("torch", ("global_long",), "matched") == "torch"  # no token-level op needed
-    assert resolve_backend("auto", ("word", "sub"), "matched") == "auto"  # ops provides both
-    monkeypatch.delattr(ops, "wpr_loss")
-    assert resolve_backend("auto", ("word",), "matched") == "reference"
-    with pytest.raises(ConfigError, match="wpr_loss"):
-        resolve_backend("torch", ("word",), "matched")
