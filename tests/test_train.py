@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -200,7 +201,7 @@ def test_unknown_choice_values_exit_nonzero(capsys):
 
 
 def test_default_command_settings(monkeypatch):
-    from mulclip_fast import train as train_module
+    from mulclip_fast.train import config as config_module
 
     def parse(*argv):
         return config_from_args(build_parser().parse_args(list(argv)))
@@ -212,12 +213,75 @@ def test_default_command_settings(monkeypatch):
     assert parse("--steps", "5").time_limit == 0
     # bf16 for the no-argument run only, and only where the CPU computes bf16 natively.
     for native in (True, False):
-        monkeypatch.setattr(train_module, "cpu_has_native_bf16", lambda native=native: native)
+        monkeypatch.setattr(config_module, "cpu_has_native_bf16", lambda native=native: native)
         assert parse().precision == ("bf16" if native else "fp32")
         assert parse("--precision", "fp32").precision == "fp32"
         assert parse("--steps", "5").precision == "fp32"
         assert parse("--precision", "bf16", "--steps", "5").precision == "bf16"
 
+
+
+def test_every_setting_is_set_by_its_flag():
+    """The parser is generated from TrainConfig's fields: each field has a flag with the documented spelling."""
+    argv = ["--preset", "vit-b-16", "--model", "vision_layers=1", "--model", "text_alibi=0", "--data", "docci:/d"]
+    argv += ["--image-root", "/img", "--init", "openai:/w.pt", "--freeze-positions", "0", "--train-size", "64"]
+    argv += ["--twin-fraction", "0.25", "--max-subcaptions", "3", "--loss", "finelip", "--no-wpr", "--no-sap"]
+    argv += ["--w-word", "2", "--w-global-short", "0.25", "--sap-pairing", "all", "--sap-topk-ratio", "0.5"]
+    argv += ["--sap-raw-patches", "--fine-start", "0.1", "--fine-ramp", "0.2", "--backend", "reference"]
+    argv += ["--steps", "7", "--epochs", "2", "--time-limit", "30", "--batch-size", "16", "--lr", "0.01"]
+    argv += ["--weight-decay", "0", "--warmup", "0.1", "--seed", "3", "--out", "/runs/x", "--device", "cuda"]
+    argv += ["--precision", "bf16", "--grad-checkpointing", "--accum-steps", "2", "--compile", "--threads", "2"]
+    argv += ["--num-workers", "1", "--log-every", "5", "--checkpoint-every", "10", "--keep-checkpoints", "3"]
+    argv += ["--val-every", "4", "--val-pairs", "8", "--eval-pairs", "0"]
+    expected = TrainConfig(
+        preset="vit-b-16",
+        model_overrides={"vision_layers": 1, "text_alibi": 0},
+        data="docci:/d",
+        image_root="/img",
+        init="openai:/w.pt",
+        freeze_positions=0,
+        train_size=64,
+        twin_fraction=0.25,
+        max_subcaptions=3,
+        loss="finelip",
+        wpr=False,
+        sap=False,
+        weights={"word": 2.0, "global_short": 0.25},
+        sap_pairing="all",
+        sap_topk_ratio=0.5,
+        sap_raw_patches=True,
+        fine_start=0.1,
+        fine_ramp=0.2,
+        backend="reference",
+        steps=7,
+        epochs=2,
+        time_limit=30.0,
+        batch_size=16,
+        lr=0.01,
+        weight_decay=0.0,
+        warmup=0.1,
+        seed=3,
+        out="/runs/x",
+        device="cuda",
+        precision="bf16",
+        grad_checkpointing=True,
+        accum_steps=2,
+        compile="inductor",  # --compile alone; --compile BACKEND names one
+        threads=2,
+        num_workers=1,
+        log_every=5,
+        checkpoint_every=10,
+        keep_checkpoints=3,
+        val_every=4,
+        val_pairs=8,
+        eval_pairs=0,
+    )
+    assert config_from_args(build_parser().parse_args(argv)) == expected
+    default = dataclasses.asdict(TrainConfig())
+    assert [name for name, value in dataclasses.asdict(expected).items() if value == default[name]] == []  # all set
+    assert config_from_args(build_parser().parse_args(["--compile", "aot_eager"])).compile == "aot_eager"
+    # Left out, every flag keeps the field's default (time limit and precision follow the no-argument run).
+    assert config_from_args(build_parser().parse_args(["--steps", "5"])) == TrainConfig(steps=5)
 
 @pytest.mark.slow
 def test_sigterm_saves_a_checkpoint_and_the_run_resumes(tmp_path):
@@ -236,16 +300,3 @@ def test_sigterm_saves_a_checkpoint_and_the_run_resumes(tmp_path):
     (checkpoint,) = os.listdir(out / "checkpoints")
     step = load_training_checkpoint(str(out / "checkpoints" / checkpoint))["step"]
     assert step >= 2 and [m["step"] for m in read_jsonl(metrics)] == list(range(step))
-
-
-def test_backend_resolution_follows_the_available_ops(monkeypatch):
-    import mulclip_fast.ops as ops
-    from mulclip_fast.train import ConfigError, resolve_backend
-
-    assert resolve_backend("reference", ("global_long", "word"), "matched") == "reference"
-    assert resolve_backend("torch", ("global_long",), "matched") == "torch"  # no token-level op needed
-    assert resolve_backend("auto", ("word", "sub"), "matched") == "auto"  # ops provides both
-    monkeypatch.delattr(ops, "wpr_loss")
-    assert resolve_backend("auto", ("word",), "matched") == "reference"
-    with pytest.raises(ConfigError, match="wpr_loss"):
-        resolve_backend("torch", ("word",), "matched")

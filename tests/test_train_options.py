@@ -24,7 +24,7 @@ def _trainer(**overrides) -> Trainer:
             **overrides,
         )
     )
-    return Trainer(config, total_steps=4)
+    return Trainer(config)
 
 
 def _batch():

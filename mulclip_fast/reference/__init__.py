@@ -4,8 +4,8 @@ This package is the spec. Every fast path (``mulclip_fast.ops``) and the loss li
 (``mulclip_fast.loss_terms``) is tested against it for values and gradients; it imports nothing else of
 ours, so it can serve as the baseline in tests and benchmarks, and its argument checks (``checks``) and
 masked reductions (``masking``) are public for every other layer to share.
-Conventions (docs/method.md, "Op conventions"): boolean masks mark valid tokens with True; inputs are L2-normalised by the
-caller; ``logit_scale`` is the multiplier itself; temperatures divide.
+Conventions (docs/method.md, "Op conventions"): boolean masks mark valid tokens with True; inputs are
+L2-normalised by the caller; ``logit_scale`` is the multiplier itself; temperatures divide.
 """
 
 from .contrastive import clip_contrastive_loss, finelip_hinge_loss, slotwise_contrastive_loss

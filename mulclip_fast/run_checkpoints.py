@@ -1,0 +1,73 @@
+"""Checkpoints in a run directory: where training writes them, how to find the newest, how to read one.
+
+Training writes and resumes them (``mulclip_fast.train``) and evaluation reads them (``mulclip_fast.eval``);
+training also evaluates, so the format lives here, below both, and neither has to import the other's
+internals. A checkpoint is a dict holding ``format``, ``version``, the run's ``config`` (a ``TrainConfig``
+as a dict), the ``model`` and ``optimizer`` state, the ``step``, the ``elapsed`` training seconds and the
+``rng`` states.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from .model import CheckpointError
+
+CHECKPOINT_FORMAT = "mulclip-fast-train"
+# Version 2: the tiny preset's text tower gained ALiBi biases. Version-1 checkpoints are read as what they
+# are, tiny towers without them (``_upgrade_checkpoint``), so old runs still evaluate and resume exactly.
+CHECKPOINT_VERSION = 2
+
+
+def checkpoint_dir(out: str) -> str:
+    """The folder of a run directory that holds its checkpoints."""
+    return os.path.join(out, "checkpoints")
+
+
+def checkpoint_path(out: str, step: int) -> str:
+    """Where the checkpoint taken after ``step`` steps goes: zero-padded, so names sort by step."""
+    return os.path.join(checkpoint_dir(out), f"step_{step:08d}.pt")
+
+
+def list_checkpoints(folder: str) -> list[str]:
+    """The ``step_*.pt`` files of ``folder``, oldest first."""
+    return sorted(os.path.join(folder, f) for f in os.listdir(folder) if f.startswith("step_") and f.endswith(".pt"))
+
+
+def find_latest_checkpoint(out: str) -> str | None:
+    """The newest ``step_*.pt`` of a run directory (or of its ``checkpoints`` folder)."""
+    folder = checkpoint_dir(out) if os.path.isdir(checkpoint_dir(out)) else out
+    if not os.path.isdir(folder):
+        return None
+    paths = list_checkpoints(folder)
+    return paths[-1] if paths else None
+
+
+def load_training_checkpoint(path: str) -> dict | None:
+    """A training checkpoint written by this trainer, or None when ``path`` holds something else."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # zip, pickle and torch errors alike mean "not a readable checkpoint"
+        if "TorchScript" in str(exc) or "constants.pkl" in str(exc):
+            return None
+        raise CheckpointError(f"cannot read checkpoint {path}: {type(exc).__name__}: {exc}") from None
+    if isinstance(state, dict) and state.get("format") == CHECKPOINT_FORMAT:
+        if state.get("version") not in (1, CHECKPOINT_VERSION):
+            raise CheckpointError(
+                f"{path} has checkpoint version {state.get('version')}, expected 1 or {CHECKPOINT_VERSION}"
+            )
+        return _upgrade_checkpoint(state)
+    return None
+
+
+def _upgrade_checkpoint(state: dict) -> dict:
+    """A version-1 state as version 2: its towers had no ALiBi biases, so say so in its model overrides."""
+    if state["version"] == 1:
+        config = dict(state["config"])
+        config["model_overrides"] = {"text_alibi": 0, **config.get("model_overrides", {})}
+        state = {**state, "config": config, "version": CHECKPOINT_VERSION}
+    return state

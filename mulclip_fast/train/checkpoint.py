@@ -1,0 +1,66 @@
+"""Writing a run's files without half-written states, keeping the newest checkpoints, and RNG states.
+
+The checkpoint format itself (what a checkpoint holds, where it lives, how an old one is read) is in
+``mulclip_fast.run_checkpoints``, which evaluation reads too.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+
+import numpy as np
+import torch
+
+from ..run_checkpoints import checkpoint_dir, checkpoint_path, list_checkpoints
+
+
+def atomic_torch_save(obj, path: str) -> None:
+    """Write to a temporary file in the same folder, then rename: a crash never leaves half a file."""
+    tmp = f"{path}.tmp.{os.getpid()}"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def atomic_write_text(path: str, text: str) -> None:
+    """``atomic_torch_save`` for text files (config, summaries, logs rewritten on resume)."""
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "w") as handle:
+        handle.write(text)
+    os.replace(tmp, path)
+
+
+def save_checkpoint(state: dict, out: str, keep: int) -> str:
+    """Write ``state`` (a ``Trainer.state_dict``) as the run's checkpoint of its step, then delete all but
+    the ``keep`` newest; returns the path written."""
+    os.makedirs(checkpoint_dir(out), exist_ok=True)
+    path = checkpoint_path(out, state["step"])
+    atomic_torch_save(state, path)
+    paths = list_checkpoints(checkpoint_dir(out))
+    for old in paths[: max(0, len(paths) - keep)]:
+        os.remove(old)
+    return path
+
+
+def capture_rng_state() -> dict:
+    """Every random generator a step draws from, so that a resumed run draws the same numbers."""
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+        "numpy": np.random.get_state(),
+        "python": random.getstate(),
+    }
+
+
+def restore_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)

@@ -1,0 +1,294 @@
+"""Every setting of a training run (``TrainConfig``), its command-line form, and its validation.
+
+Each field carries a ``Flag`` in its metadata: the help text, the group of ``--help`` it appears in, and
+where the command line differs from the field (another flag name, choices, a parser, a default that
+depends on the other settings). ``cli.build_parser`` and ``cli.config_from_args`` are generated from them,
+so a new setting is one field here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+import torch
+
+from ..data import parse_data_spec
+from ..losses import DEFAULT_WEIGHTS, OBJECTIVES, TERMS
+from ..model import PRESETS, CheckpointError, preset_config
+
+
+class ConfigError(ValueError):
+    """An invalid combination of settings; the message names the flag."""
+
+
+# ---------------------------------------------------------------------------------------------- defaults
+# The no-argument run: tiny model from scratch on synthetic data, sized to finish within ~4 minutes of
+# training on a 2-core CPU (docs/training.md, "The default run"). Tuned values; see
+# docs/notes/2026-11-27-binding.md.
+DEFAULT_STEPS_SCRATCH = 440
+DEFAULT_LR_SCRATCH = 5e-4
+DEFAULT_LR_FINETUNE = 1e-6
+DEFAULT_TIME_LIMIT_SYNTHETIC = 240.0
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU multiplies bf16 in hardware (AVX512-BF16 or AMX); elsewhere bf16 autocast is slower."""
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")  # torch.cpu's own capability checks
+    return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
+
+
+def is_default_run(config: TrainConfig) -> bool:
+    """Whether the command line asked for the no-argument run: synthetic data, no length, from scratch."""
+    return config.data == "synthetic" and config.steps is None and config.epochs is None and not config.init
+
+
+# The no-argument run promises to finish in a few minutes even on a busy machine, and autocasts to bf16
+# where the CPU computes it natively: 1.2× the steps in the same time, which the from-scratch learning
+# curve turns into much better retrieval and binding (docs/training.md, "The default run"). Explicit flags
+# override both.
+def _default_run_time_limit(config: TrainConfig) -> float:
+    return DEFAULT_TIME_LIMIT_SYNTHETIC if is_default_run(config) else 0.0
+
+
+def _default_run_precision(config: TrainConfig) -> str:
+    native = config.device == "cpu" and cpu_has_native_bf16()
+    return "bf16" if is_default_run(config) and native else "fp32"
+
+
+def parse_model_overrides(items: list[str]) -> dict[str, int]:
+    """``--model FIELD=INT`` (repeatable) as a dict of preset fields."""
+    overrides = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not value.lstrip("-").isdigit():
+            raise ConfigError(f"--model expects FIELD=INT, got {item!r}")
+        overrides[key] = int(value)
+    return overrides
+
+
+# ---------------------------------------------------------------------------------------------- flags
+MODEL_AND_DATA = "model and data"
+OBJECTIVE = "objective"
+OPTIMISATION = "optimisation"
+RUN = "run"
+
+
+@dataclass(frozen=True)
+class Flag:
+    """How one ``TrainConfig`` field is set on the command line.
+
+    By default the field is ``--field-name VALUE``, parsed as the field's type, and leaving the flag out
+    keeps the field's default. A bool field is a switch that flips its default: ``--name`` for one that is
+    off by default, ``--no-name`` for one that is on.
+    """
+
+    help: str
+    group: str
+    name: str | None = None  # the flag, when it is not derived from the field's name
+    choices: tuple[str, ...] | None = None
+    metavar: str | None = None
+    repeatable: bool = False  # the flag may be given many times; ``parse`` gets the list of values
+    optional_value: str | None = None  # the flag may be given alone, meaning this value
+    parse: Callable | None = None  # the command-line string (or list of them) -> the field's value
+    # The value when the flag is left out, computed from the other settings (instead of the field default).
+    unset: Callable[[TrainConfig], object] | None = None
+    # One flag per key, ``NAME-KEY VALUE``, its help formatted with the key and the default the mapping gives;
+    # the field is a dict of the keys given.
+    keys: Mapping[str, object] = field(default_factory=dict)
+
+
+def setting(default, help: str, group: str, **flag) -> dataclasses.Field:
+    """A ``TrainConfig`` field with its command-line ``Flag``; a dict default is copied per instance."""
+    metadata = {"cli": Flag(help, group, **flag)}
+    if isinstance(default, dict):
+        return field(default_factory=lambda: dict(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+@dataclass
+class TrainConfig:
+    """Every setting of a training run; written to ``config.json`` fully resolved."""
+
+    # model and data
+    preset: str = setting("tiny", "architecture (OpenAI CLIP layout)", MODEL_AND_DATA, choices=tuple(sorted(PRESETS)))
+    model_overrides: dict = setting(
+        {},
+        "override a field of the preset (repeatable; text_alibi=0: tiny text tower without ALiBi)",
+        MODEL_AND_DATA,
+        name="--model",
+        metavar="FIELD=INT",
+        repeatable=True,
+        parse=parse_model_overrides,
+    )
+    data: str = setting(
+        "synthetic",
+        "synthetic | docci:PATH | sharegpt4v:PATH | dci:PATH | urban1k:PATH (dci, urban1k: evaluation only)",
+        MODEL_AND_DATA,
+    )
+    image_root: str | None = setting(None, "folder the dataset's image paths are relative to", MODEL_AND_DATA)
+    init: str | None = setting(
+        None, "start from a local checkpoint: openai:PATH | longclip:PATH (OpenAI layout)", MODEL_AND_DATA
+    )
+    freeze_positions: int = setting(20, "leading text positions kept frozen after --init", MODEL_AND_DATA)
+    train_size: int = setting(1_000_000, "synthetic training samples per epoch", MODEL_AND_DATA)
+    twin_fraction: float = setting(
+        0.5, "synthetic training pairs followed by their colour-swapped twin in the same batch", MODEL_AND_DATA
+    )
+    max_subcaptions: int = setting(8, "subcaptions per caption at most", MODEL_AND_DATA)
+    # objective
+    loss: str = setting("mulclip", "objective", OBJECTIVE, choices=tuple(sorted(OBJECTIVES)))
+    wpr: bool = setting(True, "leave out word-patch reconstruction", OBJECTIVE)
+    sap: bool = setting(True, "leave out subcaption-aggregated patches", OBJECTIVE)
+    weights: dict = setting(
+        {}, "weight of the {key} term (default: {default})", OBJECTIVE, name="--w", metavar="W", keys=DEFAULT_WEIGHTS
+    )
+    sap_pairing: str = setting(
+        "matched", "SAP against each image's own subcaptions, or all pairs", OBJECTIVE, choices=("matched", "all")
+    )
+    sap_topk_ratio: float = setting(0.25, "share of patches SAP aggregates per subcaption", OBJECTIVE)
+    sap_raw_patches: bool = setting(False, "SAP on raw patches, not calibrated ones", OBJECTIVE)
+    fine_start: float = setting(0.8, "fraction of training before WPR/SAP", OBJECTIVE)
+    fine_ramp: float = setting(0.05, "fraction over which they ramp to full weight", OBJECTIVE)
+    backend: str = setting(
+        "auto",
+        "loss implementation: fused ops (auto: Triton on CUDA, torch elsewhere) or the reference",
+        OBJECTIVE,
+        choices=("auto", "torch", "triton", "reference"),
+    )
+    # optimisation
+    steps: int | None = setting(None, f"optimisation steps (default: {DEFAULT_STEPS_SCRATCH})", OPTIMISATION)
+    epochs: int | None = setting(None, "passes over the training set, instead of --steps", OPTIMISATION)
+    time_limit: float = setting(
+        0.0,
+        f"seconds of training at most (0: none; default: {DEFAULT_TIME_LIMIT_SYNTHETIC:.0f} for the no-argument run)",
+        OPTIMISATION,
+        unset=_default_run_time_limit,
+    )
+    batch_size: int = setting(32, "pairs per optimisation step (over all processes)", OPTIMISATION)
+    lr: float | None = setting(
+        None,
+        f"peak learning rate (default: {DEFAULT_LR_SCRATCH:g} from scratch, {DEFAULT_LR_FINETUNE:g} with --init)",
+        OPTIMISATION,
+    )
+    weight_decay: float = setting(0.1, "AdamW weight decay", OPTIMISATION)
+    warmup: float = setting(0.05, "warm-up fraction of training", OPTIMISATION)
+    seed: int = setting(0, "seed of the model, the data order and the synthetic data", OPTIMISATION)
+    # run
+    out: str = setting("runs/default", "run directory", RUN)
+    device: str = setting("cpu", "torch device (cuda: the local rank's GPU under torchrun)", RUN)
+    precision: str = setting(
+        "fp32",
+        "bf16: autocast the step (default: fp32; the no-argument run uses bf16 on CPUs with native bf16)",
+        RUN,
+        choices=("fp32", "bf16"),
+        unset=_default_run_precision,
+    )
+    grad_checkpointing: bool = setting(False, "recompute the towers' blocks in backward (less memory)", RUN)
+    accum_steps: int = setting(1, "micro-batches per step; contrast within each", RUN)
+    # A torch.compile backend for the towers' transformers ("inductor"), or None.
+    compile: str | None = setting(
+        None,
+        "torch.compile the towers' transformers (backend inductor unless named)",
+        RUN,
+        metavar="BACKEND",
+        optional_value="inductor",
+    )
+    threads: int = setting(0, "torch CPU threads (0: torch's default)", RUN)
+    num_workers: int = setting(0, "data loader processes", RUN)
+    log_every: int = setting(1, "steps between metrics.jsonl records", RUN)
+    checkpoint_every: int = setting(0, "steps between checkpoints (0: only at the end)", RUN)
+    keep_checkpoints: int = setting(2, "checkpoints kept (the newest)", RUN)
+    val_every: int = setting(0, "steps between validations (0: 5 per run)", RUN)
+    val_pairs: int = setting(256, "held-out synthetic pairs of each validation", RUN)
+    eval_pairs: int = setting(1000, "held-out pairs of the final evaluation (0: none)", RUN)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def flag_of(config_field: dataclasses.Field) -> Flag:
+    return config_field.metadata["cli"]
+
+
+def flag_name(config_field: dataclasses.Field) -> str:
+    """The command-line name of a field: the one its ``Flag`` gives, else ``--field-name`` (``--no-field-name``
+    for a switch that is on by default)."""
+    flag = flag_of(config_field)
+    if flag.name:
+        return flag.name
+    dashed = config_field.name.replace("_", "-")
+    return f"--no-{dashed}" if config_field.default is True else f"--{dashed}"
+
+
+_FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+
+
+def resolve_config(config: TrainConfig) -> TrainConfig:
+    """Fill the defaults that depend on other settings and validate everything; raises ConfigError."""
+    c = dataclasses.replace(config, weights=dict(config.weights), model_overrides=dict(config.model_overrides))
+    if c.preset not in PRESETS:
+        raise ConfigError(f"unknown --preset {c.preset!r}; choose one of {sorted(PRESETS)}")
+    if c.loss not in OBJECTIVES:
+        raise ConfigError(f"unknown --loss {c.loss!r}; choose one of {sorted(OBJECTIVES)}")
+    parse_data_spec(c.data)  # raises DataError with the reason
+    if c.init is not None:
+        kind, _, path = c.init.partition(":")
+        if kind not in ("openai", "longclip") or not path:
+            raise ConfigError(f"--init must be openai:PATH or longclip:PATH, got {c.init!r}")
+        if not os.path.isfile(path):
+            raise CheckpointError(f"--init checkpoint not found: {path}")
+    if c.precision not in ("fp32", "bf16"):
+        raise ConfigError(f"--precision must be fp32 or bf16, got {c.precision!r}")
+    if c.compile is not None and c.compile not in torch._dynamo.list_backends(exclude_tags=()):
+        raise ConfigError(
+            f"--compile backend {c.compile!r} unknown; torch.compile knows {torch._dynamo.list_backends()}"
+        )
+    if c.accum_steps < 1 or c.batch_size % c.accum_steps:
+        raise ConfigError(f"--accum-steps must be >= 1 and divide --batch-size {c.batch_size}, got {c.accum_steps}")
+    if c.steps is not None and c.epochs is not None:
+        raise ConfigError("give --steps or --epochs, not both")
+    if c.steps is None and c.epochs is None:
+        c.steps = DEFAULT_STEPS_SCRATCH
+    for name in ("steps", "epochs"):
+        value = getattr(c, name)
+        if value is not None and value < 1:
+            raise ConfigError(f"--{name} must be >= 1, got {value}")
+    if c.lr is None:
+        c.lr = DEFAULT_LR_FINETUNE if c.init else DEFAULT_LR_SCRATCH
+    valid = {
+        "batch_size": c.batch_size >= 2,
+        "lr": c.lr > 0,
+        "weight_decay": c.weight_decay >= 0,
+        "warmup": 0 <= c.warmup < 1,
+        "fine_start": 0 <= c.fine_start <= 1,
+        "fine_ramp": 0 <= c.fine_ramp <= 1,
+        "time_limit": c.time_limit >= 0,
+        "max_subcaptions": c.max_subcaptions >= 1,
+        "sap_topk_ratio": 0 < c.sap_topk_ratio <= 1,
+        "freeze_positions": 0 <= c.freeze_positions <= 248,
+        "keep_checkpoints": c.keep_checkpoints >= 1,
+        "log_every": c.log_every >= 1,
+        "eval_pairs": c.eval_pairs >= 0,
+        "val_pairs": c.val_pairs >= 1,
+        "num_workers": c.num_workers >= 0,
+        "train_size": c.train_size >= c.batch_size,
+        "twin_fraction": 0 <= c.twin_fraction <= 1,
+    }
+    invalid = [name for name, ok in valid.items() if not ok]
+    if invalid:
+        raise ConfigError(f"invalid value for {flag_name(_FIELDS[invalid[0]])} ({getattr(c, invalid[0])})")
+    if c.sap_pairing not in ("matched", "all"):
+        raise ConfigError(f"--sap-pairing must be matched or all, got {c.sap_pairing!r}")
+    unknown = set(c.weights) - set(TERMS)
+    if unknown:
+        raise ConfigError(f"unknown loss term weight(s) {sorted(unknown)}")
+    try:
+        preset_config(c.preset, **c.model_overrides)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"bad --model override: {exc}") from None
+    if c.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"--device {c.device} requested but CUDA is not available")
+    return c

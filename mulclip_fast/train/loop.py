@@ -1,0 +1,310 @@
+"""``train(config)``: one whole training job, from the run directory to the final evaluation.
+
+Around ``Trainer.step`` the loop logs metrics (``RunLog``), validates, saves checkpoints, obeys the time
+limit and stops cleanly on SIGINT / SIGTERM (``StopRequest``). The data order is a pure function of
+(seed, step) and a checkpoint holds everything else a step depends on, so ``--resume`` continues
+bit-for-bit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import sys
+import threading
+import time
+
+import torch
+
+from ..data import Collator, DataError, iterate_batches, open_dataset
+from ..distributed import agree, init_distributed, shutdown_distributed
+from ..eval import evaluate
+from ..losses import TERMS
+from ..model import CheckpointError, preset_config
+from ..run_checkpoints import checkpoint_dir, find_latest_checkpoint, load_training_checkpoint
+from .checkpoint import atomic_write_text, save_checkpoint
+from .config import ConfigError, TrainConfig, resolve_config
+from .report import summary_table, truncate_jsonl, write_plots
+from .trainer import Trainer
+
+
+class StopRequest:
+    """SIGINT / SIGTERM set a flag; the loop saves a checkpoint after the current step and exits."""
+
+    def __init__(self):
+        self.signal: int | None = None
+        self._previous = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signal is not None:  # a second signal: stop now
+            raise KeyboardInterrupt
+        self.signal = signum
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        return False
+
+
+class RunLog:
+    """``metrics.jsonl`` / ``val.jsonl`` writer plus a tqdm bar on a terminal or plain log lines."""
+
+    def __init__(self, out: str, total_steps: int, start_step: int, resumed: bool, enabled: bool = True):
+        self.enabled = enabled  # False on the ranks other than 0 of a distributed run: they write nothing
+        self.bar = None
+        if not enabled:
+            return
+        self.metrics_path = os.path.join(out, "metrics.jsonl")
+        self.val_path = os.path.join(out, "val.jsonl")
+        if resumed:  # drop what was logged after the checkpoint we resume from: it will be redone
+            for path in (self.metrics_path, self.val_path):
+                truncate_jsonl(path, start_step)
+        else:
+            for path in (self.metrics_path, self.val_path):
+                if os.path.exists(path):
+                    os.remove(path)
+        self.total_steps = total_steps
+        if sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True)
+        self.print_every = max(1, total_steps // 20)
+
+    def metrics(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        with open(self.metrics_path, "a") as handle:
+            handle.write(json.dumps(record) + "\n")
+        step = record["step"]
+        if self.bar is not None:
+            self.bar.update(step + 1 - self.bar.n)
+            self.bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.1e}")
+        elif (step + 1) % self.print_every == 0 or step == 0:
+            terms = " ".join(f"{k}={record[k]:.3f}" for k in ("loss", *TERMS) if k in record)
+            print(
+                f"step {step + 1}/{self.total_steps} {terms} lr={record['lr']:.2e} "
+                f"{record['samples_per_s']:.0f} samples/s",
+                flush=True,
+            )
+
+    def val(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        with open(self.val_path, "a") as handle:
+            handle.write(json.dumps(record) + "\n")
+        self.write(f"val step {record['step']}: t2i R@5 {record['t2i_r5']:.3f} i2t R@5 {record['i2t_r5']:.3f}")
+
+    def write(self, text: str) -> None:
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.write(text)
+        else:
+            print(text, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _count_steps(config: TrainConfig, train_len: int) -> int:
+    per_epoch = train_len // config.batch_size
+    if per_epoch < 1:
+        raise DataError(f"--batch-size {config.batch_size} is larger than the training set ({train_len} samples)")
+    return config.epochs * per_epoch if config.epochs else config.steps
+
+
+def _peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+
+    # ru_maxrss is in KiB on Linux: the process's peak resident memory.
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def train(config: TrainConfig, resume: bool = False, stop_at_step: int | None = None) -> dict:
+    """Run (or resume) a training job; returns the summary (also the final evaluation, if run).
+
+    ``stop_at_step`` ends the run after that many steps as if interrupted (checkpoint written): tests
+    use it to check that resuming is exact.
+    """
+    out = config.out
+    state = None
+    if resume:
+        latest = find_latest_checkpoint(out)
+        if latest is None:
+            raise CheckpointError(f"--resume: no checkpoint in {checkpoint_dir(out)}")
+        state = load_training_checkpoint(latest)
+        if state is None:
+            raise CheckpointError(f"--resume: {latest} is not a training checkpoint")
+        # The stored config defines the run; only where it runs may change.
+        config = dataclasses.replace(TrainConfig(**state["config"]), device=config.device, out=out)
+    config = resolve_config(config)
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    # Under torchrun every rank runs this function; rank 0 alone writes the run directory.
+    context = init_distributed(config.device)
+    if context.enabled:
+        if config.batch_size % context.world_size:
+            raise ConfigError(f"--batch-size {config.batch_size} must be a multiple of the {context.world_size} ranks")
+        if config.device.startswith("cuda"):
+            config = dataclasses.replace(config, device=f"cuda:{context.local_rank}")
+    main_rank = context.is_main
+    os.makedirs(out, exist_ok=True)
+
+    image_size = preset_config(config.preset, **config.model_overrides).image_resolution
+    synthetic = config.data == "synthetic"
+    train_set = open_dataset(
+        config.data,
+        "train",
+        image_size,
+        config.train_size,
+        config.seed,
+        config.image_root,
+        config.eval_pairs,
+        twin_fraction=config.twin_fraction,
+    )
+    total_steps = _count_steps(config, len(train_set))
+    trainer = Trainer(config, context)
+    start_step, elapsed_before = 0, 0.0
+    if state is not None:
+        start_step, elapsed_before = trainer.load_state_dict(state)
+    if main_rank:
+        atomic_write_text(
+            os.path.join(out, "config.json"),
+            json.dumps({**config.to_dict(), "total_steps": total_steps, "world_size": context.world_size}, indent=2),
+        )
+    val_set = None
+    val_every = config.val_every or max(1, total_steps // 5)
+    if synthetic:
+        val_set = open_dataset("synthetic", "val", image_size, config.val_pairs, config.seed)
+
+    log = RunLog(out, total_steps, start_step, resumed=state is not None, enabled=main_rank)
+    log.write(
+        f"training {config.preset} ({trainer.model.num_parameters() / 1e6:.2f}M non-embedding parameters) "
+        f"with --loss {config.loss} terms {', '.join(trainer.terms)} on {config.data}, backend {config.backend}, "
+        f"{total_steps} steps of {config.batch_size} on {config.device} -> {out}"
+        + ("" if state is None else f" (resumed at step {start_step})")
+    )
+    if trainer.init_report is not None:
+        init = trainer.init_report
+        notes = [f"initialised from {init['path']}"]
+        if init["stretched_77_to"]:
+            notes.append(f"text positions stretched from 77 to {init['stretched_77_to']}")
+        if init["ignored_keys"]:
+            notes.append(f"{len(init['ignored_keys'])} checkpoint keys ignored")
+        log.write(", ".join(notes))
+    # Records the loader could not use (bad lines, missing fields): listed, never silently dropped.
+    bad_records = getattr(train_set, "bad_records", [])
+    if bad_records:
+        log.write(f"{len(bad_records)} bad records skipped (see bad_records.json), e.g. {bad_records[0]}")
+        if main_rank:
+            atomic_write_text(os.path.join(out, "bad_records.json"), json.dumps(bad_records, indent=2))
+    collator = Collator(config.max_subcaptions, with_subcaptions=trainer.needs_subcaptions)
+    skipped: dict[str, str] = {}
+    step, interrupted, time_limited = start_step, None, False
+    loop_start = time.perf_counter()
+    try:
+        with StopRequest() as stop:
+            batches = iterate_batches(
+                train_set,
+                collator,
+                config.batch_size,
+                config.seed,
+                start_step,
+                config.num_workers,
+                shuffle=not synthetic,  # generated samples are independent draws; twins must stay adjacent
+            )
+            while step < total_steps:
+                elapsed = elapsed_before + time.perf_counter() - loop_start
+                progress = step / total_steps
+                if config.time_limit:
+                    elapsed = agree(elapsed, context)  # every rank must stop at the same step
+                    if elapsed >= config.time_limit:
+                        time_limited = True
+                        log.write(f"time limit of {config.time_limit:.0f} s reached at step {step}")
+                        break
+                    # Under a time limit the schedule follows whichever runs out first, steps or time.
+                    progress = max(progress, elapsed / config.time_limit)
+                t0 = time.perf_counter()
+                _, epoch, batch = next(batches)
+                for path, reason in batch.skipped:
+                    if path not in skipped:
+                        skipped[path] = reason
+                        log.write(f"skipped unreadable image {path}: {reason}")
+                if len(batch) < max(2, context.world_size * config.accum_steps):
+                    step += 1  # too few readable samples to contrast or split; the position is still consumed
+                    continue
+                logged = trainer.step(batch, progress)
+                step_time = time.perf_counter() - t0
+                if step % config.log_every == 0 or step == total_steps - 1:
+                    log.metrics(
+                        {
+                            "step": step,
+                            "epoch": epoch,
+                            **logged,
+                            "samples_per_s": len(batch) / step_time,
+                            "step_time_s": step_time,
+                            "memory_mb": _peak_memory_mb(trainer.device),
+                            "elapsed_s": elapsed_before + time.perf_counter() - loop_start,
+                        }
+                    )
+                step += 1
+                if main_rank and val_set is not None and (step % val_every == 0) and step < total_steps:
+                    log.val({"step": step, **evaluate(trainer.model, val_set, device=trainer.device)})
+                if main_rank and config.checkpoint_every and step % config.checkpoint_every == 0:
+                    elapsed = elapsed_before + time.perf_counter() - loop_start
+                    save_checkpoint(trainer.state_dict(step, elapsed), out, config.keep_checkpoints)
+                if agree(stop.signal is not None, context) or step == stop_at_step:
+                    interrupted = stop.signal or "stop_at_step"
+                    break
+    finally:
+        log.close()
+    train_seconds = elapsed_before + time.perf_counter() - loop_start
+    if not main_rank:
+        shutdown_distributed(context)
+        return {"steps": step, "total_steps": total_steps, "interrupted": interrupted, "rank": context.rank}
+    path = save_checkpoint(trainer.state_dict(step, train_seconds), out, config.keep_checkpoints)
+    summary = {
+        "steps": step,
+        "total_steps": total_steps,
+        "train_seconds": train_seconds,
+        "checkpoint": path,
+        "skipped_images": len(skipped),
+        "bad_records": len(bad_records),
+        "interrupted": interrupted,
+        "time_limited": time_limited,
+    }
+    if skipped:
+        atomic_write_text(os.path.join(out, "skipped.json"), json.dumps(skipped, indent=2))
+    if interrupted is not None:
+        reason = "a signal" if isinstance(interrupted, int) else "--stop-at-step"
+        print(f"stopped by {reason} at step {step}; checkpoint {path}; continue with --resume --out {out}", flush=True)
+        shutdown_distributed(context)
+        return summary
+    if config.eval_pairs:
+        test_set = open_dataset(
+            config.data, "test", image_size, config.eval_pairs, config.seed, config.image_root, config.eval_pairs
+        )
+        if len(test_set) > config.eval_pairs:
+            test_set = torch.utils.data.Subset(test_set, range(config.eval_pairs))
+        result = evaluate(trainer.model, test_set, device=trainer.device)
+        atomic_write_text(os.path.join(out, "eval.json"), json.dumps(result, indent=2))
+        summary["eval"] = result
+        with open(os.path.join(out, "val.jsonl"), "a") as handle:
+            handle.write(json.dumps({"step": step, "split": "test", **result}) + "\n")
+    write_plots(out)
+    summary["wall_seconds"] = time.perf_counter() - loop_start + elapsed_before
+    atomic_write_text(os.path.join(out, "summary.json"), json.dumps(summary, indent=2))
+    print(summary_table(config, summary, trainer.terms), flush=True)
+    shutdown_distributed(context)
+    return summary

@@ -1,0 +1,96 @@
+"""What a run reports: its jsonl logs, the loss and retrieval plots, and the summary table."""
+
+from __future__ import annotations
+
+import json
+import os
+
+from ..eval import format_table
+from ..losses import TERMS
+from .checkpoint import atomic_write_text
+from .config import TrainConfig
+
+
+def read_jsonl(path: str) -> list[dict]:
+    """The records of a jsonl log (none when it has not been written yet)."""
+    if not os.path.exists(path):
+        return []
+    with open(path) as handle:
+        return [json.loads(line) for line in handle if line.strip()]
+
+
+def truncate_jsonl(path: str, keep_before_step: int) -> None:
+    """Drop the records of steps from ``keep_before_step`` on: a resumed run logs them again."""
+    if not os.path.exists(path):
+        return
+    with open(path) as handle:
+        kept = [line for line in handle if line.strip() and json.loads(line)["step"] < keep_before_step]
+    atomic_write_text(path, "".join(kept))
+
+
+def write_plots(out: str) -> None:
+    """``loss.png`` (every loss term over the steps) and ``retrieval.png`` (validation recall and binding)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metrics = read_jsonl(os.path.join(out, "metrics.jsonl"))
+    if metrics:
+        fig, ax = plt.subplots(figsize=(7, 4))
+        steps = [m["step"] for m in metrics]
+        for name in ("loss", *TERMS):
+            if name in metrics[-1]:
+                values = [m.get(name, float("nan")) for m in metrics]
+                ax.plot(steps, values, label=name, linewidth=1.0 if name != "loss" else 1.8)
+        ax.set_xlabel("step")
+        ax.set_ylabel("loss (unweighted terms)")
+        ax.set_title("training losses")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(os.path.join(out, "loss.png"), dpi=100)
+        plt.close(fig)
+    vals = read_jsonl(os.path.join(out, "val.jsonl"))
+    if vals:
+        fig, ax = plt.subplots(figsize=(7, 4))
+        for key in ("t2i_r1", "t2i_r5", "i2t_r1", "i2t_r5", "binding_acc"):
+            points = [(v["step"], v[key]) for v in vals if v.get(key) is not None and v.get("split") != "test"]
+            line = ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=key)[0] if points else None
+            final = [v for v in vals if v.get("split") == "test" and v.get(key) is not None]
+            if final:
+                color = line.get_color() if line else None
+                ax.scatter([final[-1]["step"]], [final[-1][key]], marker="*", s=120, color=color)
+        ax.set_ylim(0, 1)
+        ax.set_xlabel("step")
+        ax.set_title("retrieval (lines: validation, stars: final test)")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(os.path.join(out, "retrieval.png"), dpi=100)
+        plt.close(fig)
+
+
+def summary_table(config: TrainConfig, summary: dict, terms: tuple[str, ...]) -> str:
+    metrics = read_jsonl(os.path.join(config.out, "metrics.jsonl"))
+    tail = metrics[-10:]
+    rows = [
+        ("objective", f"{config.loss} ({', '.join(terms)})"),
+        ("steps", f"{summary['steps']} / {summary['total_steps']}"),
+        ("training time", f"{summary['train_seconds']:.1f} s"),
+    ]
+    if tail:
+        rows.append(("samples / s", f"{sum(m['samples_per_s'] for m in tail) / len(tail):.1f} (last 10 steps)"))
+        for name in ("loss", *TERMS):
+            values = [m[name] for m in tail if name in m]
+            if values:
+                rows.append((f"final {name}", f"{sum(values) / len(values):.4f}"))
+        rows.append(("peak memory", f"{tail[-1]['memory_mb']:.0f} MB"))
+    if summary.get("skipped_images"):
+        rows.append(("skipped images", f"{summary['skipped_images']} (see skipped.json)"))
+    if summary.get("bad_records"):
+        rows.append(("bad records", f"{summary['bad_records']} (see bad_records.json)"))
+    width = max(len(r[0]) for r in rows)
+    lines = ["", "summary", "-" * 40] + [f"{k:<{width}}  {v}" for k, v in rows]
+    if "eval" in summary:
+        lines += ["-" * 40, format_table(summary["eval"])]
+    lines.append(f"run directory: {config.out}")
+    return "\n".join(lines)
