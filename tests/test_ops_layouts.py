@@ -29,6 +29,7 @@ from mulclip_fast.op_parity import (
 from mulclip_fast.ops._dispatch import interpreter_enabled
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 # (sizes, make_case keyword arguments) per scenario; the matched ops take batch_b = batch_a.
 SCENARIOS = {

@@ -29,12 +29,7 @@ EXAMPLES = {"torch": 130, "reference": 30, "triton": 20}
 TOPK_OPS = ("topk_patch_aggregate", "pairwise_topk_aggregate_logits")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _profile(backend: str):
