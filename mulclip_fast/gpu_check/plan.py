@@ -165,7 +165,7 @@ def _parity_task(setting: Setting, op: str, shape: str, dtype: torch.dtype, stri
             "problems": result.problems,
         }
 
-    estimate = {"gpu": 1.5 if shape == "paper" else 0.8, "dry": 1.5}[setting.mode]
+    estimate = {"gpu": 1.5 if shape == "paper" else 0.8, "dry": 0.6}[setting.mode]
     name = f"{op} {shape} {_dtype_name(dtype)} {'strided' if strided else 'dense'}"
     return Task("parity", name, estimate, run, _context(op, sizes, dtype, layout="strided" if strided else "dense"))
 
@@ -300,7 +300,7 @@ def autotune_tasks(setting: Setting, sweep: ConfigSweep) -> list[Task]:
                     dtypes_run.add(_dtype_name(dtype))
                     return sweep.check(setting, op, sizes, dtype)
 
-                estimate = {"gpu": 6.0, "dry": 4.0}[setting.mode]
+                estimate = {"gpu": 6.0, "dry": 2.5}[setting.mode]
                 name = f"{op} {_dtype_name(dtype)} {sizes.label()}"
                 tasks.append(Task("autotune", name, estimate, run, _context(op, sizes, dtype)))
     tasks.append(Task("autotune", "coverage", 0.1, lambda: sweep.coverage(dtypes_run)))
@@ -332,7 +332,7 @@ def determinism_tasks(setting: Setting) -> list[Task]:
 
             name = f"{op} paper {_dtype_name(dtype)}"
             tasks.append(
-                Task("determinism", name, {"gpu": 2.0, "dry": 1.5}[setting.mode], run, _context(op, sizes, dtype))
+                Task("determinism", name, {"gpu": 2.0, "dry": 1.2}[setting.mode], run, _context(op, sizes, dtype))
             )
     return tasks
 
@@ -419,9 +419,11 @@ def _timing_task(setting: Setting, op: str, dtype: torch.dtype, backend: str) ->
             record["compile_backend"] = setting.compile_backend
         return record
 
+    # Rough guesses, like every estimate here (the time limit, not these, bounds the run). Inductor
+    # compiles the forward and the backward of each op.
     estimate = {
-        "gpu": 60.0 if backend == "compiled-reference" else 4.0,
-        "dry": 8.0 if backend == "compiled-reference" else 1.5,
+        "gpu": 45.0 if backend == "compiled-reference" else 2.0,
+        "dry": 2.0 if backend == "compiled-reference" else 0.6,
     }
     section = "compiled" if backend == "compiled-reference" else "timing"
     name = f"{op} paper {_dtype_name(dtype)} {backend}"
@@ -536,7 +538,7 @@ def _train_task(setting: Setting, preset: str, objective: str, gpu_batch: int, d
             "problems": problems,
         }
 
-    estimate = {"gpu": 40.0 if preset == "vit-b-16" else 12.0, "dry": 25.0 if preset == "vit-b-16" else 6.0}
+    estimate = {"gpu": 40.0 if preset == "vit-b-16" else 12.0, "dry": 4.0 if preset == "vit-b-16" else 3.0}
     context = {"op": f"train step {objective}", "shape": f"{preset} B={batch_size}", "dtype": "float32"}
     return Task("train_step", f"{preset} {objective} B={batch_size}", estimate[setting.mode], run, context)
 

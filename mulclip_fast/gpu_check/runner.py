@@ -300,6 +300,10 @@ def main(argv: list[str] | None = None) -> int:
     from .plan import Setting, build_plan
 
     device = torch.device("cuda" if cuda else "cpu")
+    if cuda:
+        # The reference must be exact fp32: no TF32 in its matmuls (nor in the towers' convolutions).
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
     mode = "dry-run" if args.dry_run else "gpu"
     report = Report(Path(args.out), argv, mode, args.time_limit, started)
     report.data["tolerances"] = {str(k).removeprefix("torch."): v for k, v in op_parity.TOLERANCE.items()}
