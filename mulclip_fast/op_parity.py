@@ -267,6 +267,7 @@ class Case:
     options: dict
     upstream_seed: int
     description: dict = field(default_factory=dict)
+    upstream: dict = field(default_factory=dict, repr=False)  # output gradients drawn so far (_upstream)
 
     def label(self) -> str:
         """Everything needed to reproduce the case, for failure messages and reports."""
@@ -330,9 +331,15 @@ def make_case(
     )
 
 
-def _upstream(out: torch.Tensor, seed: int) -> torch.Tensor:
-    generator = torch.Generator().manual_seed(seed)
-    return torch.randn(out.shape, generator=generator, dtype=torch.float32).to(device=out.device, dtype=out.dtype)
+def _upstream(case: Case, out: torch.Tensor) -> torch.Tensor:
+    """The fixed random output gradient ``g`` of the case (drawn once per output shape, dtype and device, so
+    that timing a call does not time drawing it)."""
+    key = (tuple(out.shape), out.dtype, out.device)
+    if key not in case.upstream:
+        generator = torch.Generator().manual_seed(case.upstream_seed)
+        g = torch.randn(out.shape, generator=generator, dtype=torch.float32)
+        case.upstream[key] = g.to(device=out.device, dtype=out.dtype)
+    return case.upstream[key]
 
 
 def evaluate(
@@ -346,7 +353,7 @@ def evaluate(
         out = (call or case.op.reference)(a, b, a_mask, b_mask, **case.options)
     else:
         out = case.op.fused(a, b, a_mask, b_mask, **case.options, backend=backend)
-    grad_a, grad_b = torch.autograd.grad(out, (a, b), grad_outputs=_upstream(out, case.upstream_seed))
+    grad_a, grad_b = torch.autograd.grad(out, (a, b), grad_outputs=_upstream(case, out))
     return out.detach(), grad_a, grad_b
 
 
