@@ -23,9 +23,10 @@ tail; the estimate of every section is printed before it starts):
 - **train_step**: one step of the ``tiny`` preset (MulCLIP, FineLIP, all-pairs SAP) and of ``vit-b-16``,
   fused path vs reference (loss terms and parameter gradients to 1e-4 relative), step time and memory;
 - **timing**: forward + backward at the paper shape, ``triton`` vs ``torch`` vs ``reference``
-  (``triton.testing.do_bench``; calls as users make them, input validation included), peak memory (``torch.cuda.max_memory_allocated``) and NVML telemetry
-  sampled while timing, with the fraction of the GPU's peak FLOP/s and bandwidth from each op's cost model
-  (peaks from the device's SM count, its clocks read through NVML, and its architecture: ``peaks.py``);
+  (``triton.testing.do_bench``; calls as users make them, input validation included), peak memory
+  (``torch.cuda.max_memory_allocated``) and NVML telemetry sampled while timing, with the fraction of the
+  GPU's peak FLOP/s and bandwidth from each op's cost model (peaks from the device's SM count, its clocks
+  read through NVML, and its architecture: ``peaks.py``);
 - **compiled**: the same for ``torch.compile`` of the reference.
 
 Exit codes: 0 everything planned ran and passed; 1 a check failed; 2 bad command line; 3 no CUDA device

@@ -106,6 +106,12 @@ class Report:
             os.replace(tmp, path)
 
 
+def _bytes(value) -> str:
+    if value is None:
+        return "—"
+    return f"{value / 2**20:.1f} MiB" if value >= 2**20 else f"{value / 2**10:.1f} KiB"
+
+
 def _fmt(value, spec: str = ".3g") -> str:
     if value is None:
         return "—"
@@ -119,7 +125,7 @@ def render(data: dict) -> str:
     from ..bench_report import _table, machine_line
 
     lines = [
-        f"# GPU check ({data['mode']} run): {data['status']}",
+        f"# GPU check ({'dry run' if data['mode'] == 'dry-run' else 'GPU run'}): {data['status']}",
         "",
         f"`{' '.join(data['command'])}` — started {data['started_utc']}, {data['elapsed_s']} s "
         f"(limit {data['time_limit_s']} s), exit code {data['exit_code']}.",
@@ -215,16 +221,14 @@ def render(data: dict) -> str:
                 "yes" if r["ok"] else "NO",
                 _fmt(r.get("grad_relative_error")),
                 *(
-                    _fmt((r.get("timing", {}).get(p) or {}).get(f), ".4g")
-                    if f == "step_s"
-                    else _fmt(((r.get("timing", {}).get(p) or {}).get(f) or 0) / 2**20, ".1f")
-                    for p in ("reference", "fast")
-                    for f in ("step_s", "peak_bytes")
+                    cell
+                    for timing in (r.get("timing", {}).get(path) or {} for path in ("reference", "fast"))
+                    for cell in (_fmt(timing.get("step_s"), ".4g"), _bytes(timing.get("peak_bytes")))
                 ),
             ]
             for r in sections["train_step"]
         ]
-        headers = ["step", "ok", "grad rel. error", "ref s", "ref MiB", "fast s", "fast MiB"]
+        headers = ["step", "ok", "grad rel. error", "ref s", "ref peak", "fast s", "fast peak"]
         lines += ["## Training step, fast path vs reference", "", _table(headers, rows, markdown=True), ""]
     timed = sections.get("timing", []) + sections.get("compiled", [])
     if timed:
@@ -239,7 +243,7 @@ def render(data: dict) -> str:
                     r["backend"],
                     _fmt(r["median_ms"], ".4g"),
                     _fmt(base["median_ms"] / r["median_ms"] if base else None, ".2f"),
-                    _fmt(r["peak_bytes"] / 2**20, ".1f"),
+                    _bytes(r["peak_bytes"]),
                     _fmt(r["peak_bytes"] / base["peak_bytes"] if base and base["peak_bytes"] else None, ".3f"),
                     _fmt(None if r["fraction_of_peak_flops"] is None else 100 * r["fraction_of_peak_flops"], ".2f"),
                     _fmt(
@@ -254,7 +258,7 @@ def render(data: dict) -> str:
             "backend",
             "fwd+bwd ms",
             "speed-up vs ref",
-            "peak MiB",
+            "peak memory",
             "memory / ref",
             "% peak FLOP/s",
             "% peak B/s",
