@@ -116,7 +116,7 @@ def test_dry_run_pins_every_autotune_config(dry_run):
     assert "## Autotune configs, each pinned" in markdown
 
 
-def test_dry_run_covers_determinism_timing_and_training_steps(dry_run):
+def test_dry_run_covers_determinism_timing_training_steps_and_scale(dry_run):
     _, data, markdown, _ = dry_run
     sections = data["sections"]
     assert {r["task"].split()[0] for r in sections["determinism"]} == set(OPS)
@@ -136,7 +136,9 @@ def test_dry_run_covers_determinism_timing_and_training_steps(dry_run):
         )
     for op in OPS:
         assert op in markdown
-    for heading in ("## Parity", "## Determinism", "## Training step", "## Time and memory"):
+    assert {r["op"] for r in sections["scale"]} == {op for op in OPS if op.startswith("pairwise")}
+    assert all(r["ok"] and "skipped" not in r and len(r["rows_checked"]) == 3 for r in sections["scale"])
+    for heading in ("## Parity", "## Determinism", "## Training step", "## Time and memory", "## Largest"):
         assert heading in markdown
 
 

@@ -27,6 +27,9 @@ tail; the estimate of every section is printed before it starts):
   (``torch.cuda.max_memory_allocated``) and NVML telemetry sampled while timing, with the fraction of the
   GPU's peak FLOP/s and bandwidth from each op's cost model (peaks from the device's SM count, its clocks
   read through NVML, and its architecture: ``peaks.py``);
+- **scale**: the all-pairs ops at FineLIP's gathered batch (B = 4096, 197 tokens, d = 512, bf16), where
+  offset products pass 2^31: three rows of scores and their query gradients against the reference on those
+  rows (skipped, and said so, when the GPU lacks the memory);
 - **compiled**: the same for ``torch.compile`` of the reference.
 
 Exit codes: 0 everything planned ran and passed; 1 a check failed; 2 bad command line; 3 no CUDA device

@@ -9,6 +9,9 @@ Sections, most important first (a time limit cuts the tail):
 ``train_step``   one training step of the ``tiny`` preset (three objectives) and of ``vit-b-16``, fused path
                  vs reference: loss terms and parameter gradients, then step time and peak memory;
 ``timing``       forward + backward time and peak memory at the paper shape: triton, torch, reference;
+``scale``        the all-pairs ops at FineLIP's gathered batch (B = 4096, 197 tokens, d = 512, bf16), where
+                 offset products pass 2^31: value rows and their query gradients against the reference on
+                 those rows (a row of the scores, and its query's gradient, depend on that query alone);
 ``compiled``     the same for ``torch.compile`` of the reference (compiling is the slow part).
 
 A task returns a record (a dict with ``ok``); an exception is a crash, which stops the run.
@@ -30,7 +33,7 @@ from . import configs as tuning
 from .peaks import peak_kind
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-SECTIONS = ("parity", "autotune", "determinism", "train_step", "timing", "compiled")
+SECTIONS = ("parity", "autotune", "determinism", "train_step", "timing", "scale", "compiled")
 
 # Per op: the small shape (non-power-of-two lengths and width, several blocks) and the paper's
 # (B = 64, 248 words, 196 patches, M = 8 subcaptions, k = 49, d = 512). For the matched ops a = the patches
@@ -547,6 +550,90 @@ def train_tasks(setting: Setting) -> list[Task]:
     return [_train_task(setting, *case) for case in TRAIN_CASES if not (setting.dry and case[3] is None)]
 
 
+# ----------------------------------------------------------------------------------------------------
+# scale: the all-pairs ops at the largest gathered batch
+# ----------------------------------------------------------------------------------------------------
+
+# FineLIP bidirectional over a gathered batch of 4096 with 197 tokens a side: n_k · n_rows = 4096 · 4096 · 197
+# passes 2^31, so every offset product must be 64-bit. SAP all-pairs at the same batch (M = 8, k = 50).
+SCALE_SHAPES = {
+    "gpu": {
+        "pairwise_maxsim": Sizes(4096, 197, 4096, 197, 512),
+        "pairwise_reconstruction_scores": Sizes(4096, 197, 4096, 197, 512),
+        "pairwise_topk_aggregate_logits": Sizes(4096, 8, 4096, 197, 512, k=50),
+    },
+    "dry": {
+        "pairwise_maxsim": Sizes(6, 5, 5, 7, 24),
+        "pairwise_reconstruction_scores": Sizes(6, 5, 5, 7, 24),
+        "pairwise_topk_aggregate_logits": Sizes(6, 3, 5, 9, 24, k=3),
+    },
+}
+SCALE_ROWS = 3  # query sets compared with the reference: the first, a middle one and the last
+
+
+def _scale_bytes(op: str, sizes: Sizes) -> int:
+    """Rough device memory the fused op needs at ``sizes`` in bf16: inputs and their gradients, and the saved
+    per-(query set, key set, token) statistics (8 bytes each, both directions for max-sim)."""
+    pairs = sizes.batch_a * sizes.batch_b
+    if op == "pairwise_topk_aggregate_logits":
+        stats = pairs * sizes.len_a * ((sizes.len_b + 7) // 8 + 8)
+    else:
+        stats = pairs * (sizes.len_a + (sizes.len_b if op == "pairwise_maxsim" else 0)) * 8
+    tokens = (sizes.batch_a * sizes.len_a + sizes.batch_b * sizes.len_b) * sizes.width
+    return 2 * stats + tokens * 12
+
+
+def _scale_task(setting: Setting, op: str) -> Task:
+    sizes = SCALE_SHAPES[setting.mode][op]
+    dtype = torch.bfloat16
+
+    def run() -> dict:
+        needed = _scale_bytes(op, sizes)
+        if setting.device.type == "cuda":
+            free = torch.cuda.mem_get_info(setting.device)[0]
+            if needed > free:
+                return {"ok": True, "skipped": f"needs about {needed / 2**30:.0f} GiB, {free / 2**30:.0f} GiB free"}
+        case = make_case(op, sizes, dtype=dtype, device=setting.device, seed=21, a_mask_kind="prefix")
+        try:
+            value, grad_a, _ = evaluate(case, "triton")
+        except torch.cuda.OutOfMemoryError as error:  # the estimate was short: a fact, not a kernel bug
+            torch.cuda.empty_cache()
+            return {"ok": True, "skipped": f"out of memory: {error}"}
+        rows = sorted({0, sizes.batch_a // 2, sizes.batch_a - 1})[:SCALE_ROWS]
+        a_rows = case.a.detach()[rows].requires_grad_()
+        b_fixed = case.b.detach()
+        want = OPS[op].reference(a_rows, b_fixed, case.a_mask[rows], case.b_mask, **case.options)
+        upstream = case.upstream[(tuple(value.shape), value.dtype, value.device)][rows]
+        (want_grad,) = torch.autograd.grad(want, (a_rows,), grad_outputs=upstream)
+        tolerance = op_parity.TOLERANCE[dtype]
+        scaled = {**tolerance, "atol": tolerance["atol"] * max(1.0, float(want_grad.abs().max()))}
+        problems = []
+        for name, got, expected, limits in (
+            ("value rows", value[rows], want.detach(), tolerance),
+            (f"grad {OPS[op].arg_names[0]} rows", grad_a[rows], want_grad, scaled),
+        ):
+            problem = op_parity.compare(got, expected, limits)[2]
+            if problem:
+                problems.append(f"{name}: {problem}")
+        return {
+            "ok": not problems,
+            "op": op,
+            "shape": sizes.label(),
+            "dtype": _dtype_name(dtype),
+            "rows_checked": rows,
+            "estimated_bytes": needed,
+            "problems": problems,
+        }
+
+    name = f"{op} {sizes.label()} {_dtype_name(dtype)}"
+    estimate = {"gpu": 25.0, "dry": 1.0}[setting.mode]
+    return Task("scale", name, estimate, run, _context(op, sizes, dtype))
+
+
+def scale_tasks(setting: Setting) -> list[Task]:
+    return [_scale_task(setting, op) for op in SCALE_SHAPES[setting.mode]]
+
+
 def build_plan(setting: Setting, sections: tuple[str, ...] = SECTIONS) -> list[Task]:
     builders = {
         "parity": parity_tasks,
@@ -554,6 +641,7 @@ def build_plan(setting: Setting, sections: tuple[str, ...] = SECTIONS) -> list[T
         "determinism": determinism_tasks,
         "train_step": train_tasks,
         "timing": timing_tasks,
+        "scale": scale_tasks,
         "compiled": compiled_tasks,
     }
     return [task for section in SECTIONS if section in sections for task in builders[section](setting)]

@@ -269,6 +269,17 @@ def render(data: dict) -> str:
             _table(headers, rows, markdown=True),
             "",
         ]
+    if "scale" in sections:
+        rows = [
+            [r["task"], r.get("skipped") or ("yes" if r["ok"] else "NO"), str(r.get("rows_checked", "—"))]
+            for r in sections["scale"]
+        ]
+        lines += [
+            "## Largest gathered batch (rows vs the reference)",
+            "",
+            _table(["case", "ok", "query sets checked"], rows, markdown=True),
+            "",
+        ]
     if data["skipped"]:
         lines += ["## Not run", ""] + [f"- {s['section']}: {s['task']} ({s['reason']})" for s in data["skipped"]] + [""]
     return "\n".join(lines)
