@@ -59,7 +59,8 @@ def dry_run(tmp_path_factory):
     env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
     started = time.monotonic()
     completed = subprocess.run(
-        [sys.executable, "-m", "mulclip_fast.gpu_check", "--dry-run", "--out", str(out)],
+        # a generous limit: this test checks what the plan covers, not how fast this machine is
+        [sys.executable, "-m", "mulclip_fast.gpu_check", "--dry-run", "--out", str(out), "--time-limit", "1200"],
         cwd=REPO,
         env=env,
         capture_output=True,
@@ -218,6 +219,25 @@ def test_the_time_limit_leaves_out_tasks_that_would_overrun(fake_plan, tmp_path)
     assert code == gpu_check.EXIT_INCOMPLETE == 4 and data["status"] == "incomplete"
     assert [r["task"] for r in data["sections"]["parity"]] == ["quick", "quick again"]
     assert [s["task"] for s in data["skipped"]] == ["too long"]
+
+
+def test_a_section_that_would_overrun_its_share_leaves_its_tasks_out_and_the_next_section_runs(fake_plan, tmp_path):
+    fake_plan += [
+        _ok("first"),
+        # parity's share of a 100 s limit over the sections parity and determinism is 100 · 0.25 / 0.30 ≈ 83 s
+        _ok("past the share", estimate=90.0),
+        Task("determinism", "next section", 0.01, lambda: {"ok": True}),
+    ]
+    code = runner.main(
+        ["--dry-run", "--out", str(tmp_path), "--time-limit", "100", "--sections", "parity", "determinism"]
+    )
+    data, _ = _reports(tmp_path)
+    assert code == gpu_check.EXIT_INCOMPLETE
+    assert [r["task"] for r in data["sections"]["parity"]] == ["first"]
+    assert [r["task"] for r in data["sections"]["determinism"]] == ["next section"]
+    [skipped] = data["skipped"]
+    assert skipped["task"] == "past the share" and "share" in skipped["reason"]
+    assert data["plan"]["section_deadlines_s"] == {"parity": pytest.approx(83.3, abs=0.1), "determinism": 100.0}
 
 
 def test_the_watchdog_interrupts_a_task_that_overruns_and_the_report_is_written(fake_plan, tmp_path, monkeypatch):

@@ -34,6 +34,31 @@ from .peaks import peak_kind
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 SECTIONS = ("parity", "autotune", "determinism", "train_step", "timing", "scale", "compiled")
+# Each section's share of the time limit. A section may run until the sum of its share and those before it is
+# spent (so time a section leaves unused passes on); one that would overrun leaves its remaining tasks out
+# and the next section starts, so a slow section cannot starve the rest.
+SHARES = {
+    "parity": 0.25,
+    "autotune": 0.2,
+    "determinism": 0.05,
+    "train_step": 0.15,
+    "timing": 0.15,
+    "scale": 0.1,
+    "compiled": 0.1,
+}
+
+
+def section_deadlines(sections, time_limit: float) -> dict[str, float]:
+    """Seconds from the start by which each of ``sections`` (in plan order) must have started its last task:
+    the cumulative shares of the selected sections, rescaled to sum to ``time_limit``."""
+    chosen = [s for s in SECTIONS if s in sections]
+    total = sum(SHARES[s] for s in chosen)
+    deadlines, spent = {}, 0.0
+    for section in chosen:
+        spent += SHARES[section] / total * time_limit
+        deadlines[section] = spent
+    return deadlines
+
 
 # Per op: the small shape (non-power-of-two lengths and width, several blocks) and the paper's
 # (B = 64, 248 words, 196 patches, M = 8 subcaptions, k = 49, d = 512). For the matched ops a = the patches
@@ -99,6 +124,7 @@ class Task:
     estimate_s: float
     run: Callable[[], dict]
     context: dict = field(default_factory=dict)  # op, shape, dtype: named in a crash report
+    always: bool = False  # a summary of what ran before it: runs whatever the time
 
 
 @dataclass
@@ -306,7 +332,7 @@ def autotune_tasks(setting: Setting, sweep: ConfigSweep) -> list[Task]:
                 estimate = {"gpu": 6.0, "dry": 2.5}[setting.mode]
                 name = f"{op} {_dtype_name(dtype)} {sizes.label()}"
                 tasks.append(Task("autotune", name, estimate, run, _context(op, sizes, dtype)))
-    tasks.append(Task("autotune", "coverage", 0.1, lambda: sweep.coverage(dtypes_run)))
+    tasks.append(Task("autotune", "coverage", 0.0, lambda: sweep.coverage(dtypes_run), always=True))
     return tasks
 
 

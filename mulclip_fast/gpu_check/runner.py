@@ -312,7 +312,7 @@ def main(argv: list[str] | None = None) -> int:
     from .. import op_parity
     from ..profiling import machine_facts
     from .peaks import device_peaks
-    from .plan import Setting, build_plan
+    from .plan import Setting, build_plan, section_deadlines
 
     device = torch.device("cuda" if cuda else "cpu")
     if cuda:
@@ -354,14 +354,20 @@ def main(argv: list[str] | None = None) -> int:
         )
         for section, entry in summary.items():
             _print(f"  {section:<12} {entry['tasks']:>4} tasks  ~{entry['estimated_s']:.0f} s")
+        deadlines = section_deadlines(args.sections, args.time_limit)
+        report.data["plan"]["section_deadlines_s"] = {k: round(v, 1) for k, v in deadlines.items()}
         if total > args.time_limit:
-            _print("  the estimate exceeds the limit: the last tasks (lowest priority) will be left out")
+            _print(
+                "  the estimate exceeds the limit: each section runs within its share of the limit (time a section "
+                "leaves unused passes on) and leaves out its last tasks when it would overrun"
+            )
         report.write()
         for task in plan:
             elapsed = time.monotonic() - started
-            if elapsed + task.estimate_s > args.time_limit:
+            if not task.always and elapsed + task.estimate_s > min(args.time_limit, deadlines[task.section]):
+                limit = "time limit" if elapsed + task.estimate_s > args.time_limit else "section's share of the limit"
                 report.data["skipped"].append(
-                    {"section": task.section, "task": task.name, "reason": f"time limit ({elapsed:.0f} s elapsed)"}
+                    {"section": task.section, "task": task.name, "reason": f"{limit} ({elapsed:.0f} s elapsed)"}
                 )
                 continue
             current = task
