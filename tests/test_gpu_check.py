@@ -265,14 +265,14 @@ def test_peaks_follow_from_the_sm_count_the_clocks_and_the_architecture(monkeypa
 
     props = SimpleNamespace(name="NVIDIA H100 80GB HBM3", major=9, minor=0, multi_processor_count=132)
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: props)
-    clocks = {"sm_clock_max_mhz": 1980, "memory_clock_max_mhz": 2619, "memory_bus_width_bits": 5120}
-    monkeypatch.setattr(peaks, "_nvml_clocks", lambda index: dict(clocks))
+    nvml = {"available": True, "sm_clock_max_mhz": 1980, "memory_clock_max_mhz": 2619, "memory_bus_width_bits": 5120}
+    monkeypatch.setattr(peaks, "nvml_telemetry", lambda index: dict(nvml))
     got = peaks.device_peaks(0)
     assert got["flops_per_s"]["fp32"] == pytest.approx(66.9e12, rel=1e-3)
     assert got["flops_per_s"]["half"] == pytest.approx(1070.5e12, rel=1e-3)
     assert got["bytes_per_s"] == pytest.approx(3.352e12, rel=1e-3)
     assert peaks.peak_kind(torch.float32) == "fp32" and peaks.peak_kind(torch.bfloat16) == "half"
     # without NVML the peaks are unknown and the report says why
-    monkeypatch.setattr(peaks, "_nvml_clocks", lambda index: {"reason": "NVML could not start"})
+    monkeypatch.setattr(peaks, "nvml_telemetry", lambda index: {"available": False, "reason": "NVML could not start"})
     unknown = peaks.device_peaks(0)
     assert unknown["flops_per_s"] is None and unknown["bytes_per_s"] is None and unknown["reason"]

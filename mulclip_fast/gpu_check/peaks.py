@@ -13,7 +13,7 @@ the 16-bit tensor-core rate, the most the hardware could give them.
 
 from __future__ import annotations
 
-import contextlib
+from ..profiling import nvml_telemetry
 
 # FLOPs per SM per clock (a fused multiply-add counts 2), dense. fp32: CUDA cores; tf32 and half (fp16/bf16
 # with fp32 accumulation): tensor cores. A100 (8.0): 19.5 / 156 / 312 TFLOP/s at 108 SMs × 1410 MHz;
@@ -27,35 +27,6 @@ FLOPS_PER_SM_PER_CLOCK = {
 }
 
 
-def _nvml_clocks(cuda_index: int) -> dict:
-    """Max SM and memory clocks (MHz) and memory bus width (bits) from NVML, or why they are unknown."""
-    try:
-        import pynvml
-    except ImportError:
-        return {"reason": "nvidia-ml-py (pynvml) is not installed"}
-    try:
-        pynvml.nvmlInit()
-    except pynvml.NVMLError as error:
-        return {"reason": f"NVML could not start: {error}"}
-    try:
-        from ..profiling import _nvml_handle
-
-        try:
-            handle = _nvml_handle(pynvml, cuda_index)
-        except pynvml.NVMLError as error:
-            return {"reason": f"NVML has no handle for CUDA device {cuda_index}: {error}"}
-        out = {}
-        with contextlib.suppress(pynvml.NVMLError):
-            out["sm_clock_max_mhz"] = pynvml.nvmlDeviceGetMaxClockInfo(handle, pynvml.NVML_CLOCK_SM)
-        with contextlib.suppress(pynvml.NVMLError):
-            out["memory_clock_max_mhz"] = pynvml.nvmlDeviceGetMaxClockInfo(handle, pynvml.NVML_CLOCK_MEM)
-        with contextlib.suppress(pynvml.NVMLError, AttributeError):
-            out["memory_bus_width_bits"] = pynvml.nvmlDeviceGetMemoryBusWidth(handle)
-        return out
-    finally:
-        pynvml.nvmlShutdown()
-
-
 def device_peaks(cuda_index: int = 0) -> dict:
     """``{"flops_per_s": {"fp32", "tf32", "half"}, "bytes_per_s", inputs…}`` of CUDA device ``cuda_index``;
     entries that cannot be derived are ``None`` with a ``reason``."""
@@ -63,7 +34,9 @@ def device_peaks(cuda_index: int = 0) -> dict:
 
     props = torch.cuda.get_device_properties(cuda_index)
     capability = (props.major, props.minor)
-    clocks = _nvml_clocks(cuda_index)
+    nvml = nvml_telemetry(cuda_index)
+    fields = ("sm_clock_max_mhz", "memory_clock_max_mhz", "memory_bus_width_bits")
+    clocks = {f: nvml.get(f) for f in fields} if nvml["available"] else {"reason": nvml["reason"]}
     out = {
         "name": props.name,
         "capability": f"{props.major}.{props.minor}",

@@ -122,7 +122,7 @@ def _fmt(value, spec: str = ".3g") -> str:
 
 def render(data: dict) -> str:
     """The markdown report."""
-    from ..bench_report import _table, machine_line
+    from ..bench_report import machine_line, table
 
     lines = [
         f"# GPU check ({'dry run' if data['mode'] == 'dry-run' else 'GPU run'}): {data['status']}",
@@ -169,7 +169,7 @@ def render(data: dict) -> str:
         rows = [
             [s, str(v["tasks"]), f"{v['estimated_s']:.0f}", str(v.get("ran", 0))] for s, v in plan["sections"].items()
         ]
-        lines += ["## Plan", "", _table(["section", "tasks", "estimated s", "ran"], rows, markdown=True), ""]
+        lines += ["## Plan", "", table(["section", "tasks", "estimated s", "ran"], rows, markdown=True), ""]
     sections = data["sections"]
     if "parity" in sections:
         rows = [
@@ -183,7 +183,7 @@ def render(data: dict) -> str:
         lines += [
             "## Parity (triton vs reference)",
             "",
-            _table(["case", "ok", "max abs error"], rows, markdown=True),
+            table(["case", "ok", "max abs error"], rows, markdown=True),
             "",
         ]
     if "autotune" in sections:
@@ -194,7 +194,7 @@ def render(data: dict) -> str:
         lines += [
             "## Autotune configs, each pinned",
             "",
-            _table(["kernel", "config", "dtype", "op", "ok"], rows, markdown=True),
+            table(["kernel", "config", "dtype", "op", "ok"], rows, markdown=True),
             "",
         ]
         coverage = next((r for r in sections["autotune"] if r["task"] == "coverage"), None)
@@ -211,7 +211,7 @@ def render(data: dict) -> str:
         lines += [
             "## Determinism (two backward passes)",
             "",
-            _table(["case", "bitwise equal"], rows, markdown=True),
+            table(["case", "bitwise equal"], rows, markdown=True),
             "",
         ]
     if "train_step" in sections:
@@ -229,7 +229,7 @@ def render(data: dict) -> str:
             for r in sections["train_step"]
         ]
         headers = ["step", "ok", "grad rel. error", "ref s", "ref peak", "fast s", "fast peak"]
-        lines += ["## Training step, fast path vs reference", "", _table(headers, rows, markdown=True), ""]
+        lines += ["## Training step, fast path vs reference", "", table(headers, rows, markdown=True), ""]
     timed = sections.get("timing", []) + sections.get("compiled", [])
     if timed:
         reference = {(r["op"], r["dtype"]): r for r in timed if r["backend"] == "reference"}
@@ -266,7 +266,7 @@ def render(data: dict) -> str:
         lines += [
             "## Time and memory, forward + backward at the paper shape",
             "",
-            _table(headers, rows, markdown=True),
+            table(headers, rows, markdown=True),
             "",
         ]
     if "scale" in sections:
@@ -277,7 +277,7 @@ def render(data: dict) -> str:
         lines += [
             "## Largest gathered batch (rows vs the reference)",
             "",
-            _table(["case", "ok", "query sets checked"], rows, markdown=True),
+            table(["case", "ok", "query sets checked"], rows, markdown=True),
             "",
         ]
     if data["skipped"]:
