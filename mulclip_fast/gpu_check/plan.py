@@ -503,7 +503,7 @@ def _train_task(setting: Setting, preset: str, objective: str, gpu_batch: int, d
                     device=str(setting.device),
                 )
             )
-            trainers[path] = Trainer(config, total_steps=1000)
+            trainers[path] = Trainer(config)
         reference, fast_trainer = trainers["reference"], trainers["fast"]
         image_size = preset_config(preset, **overrides).image_resolution
         dataset = open_dataset("synthetic", "train", image_size, size=batch_size, seed=0)
@@ -561,7 +561,7 @@ def _train_task(setting: Setting, preset: str, objective: str, gpu_batch: int, d
             "objective": objective,
             "batch": batch_size,
             "model_overrides": overrides,
-            "backend_fast": fast_trainer.backend,
+            "backend_fast": fast_trainer.config.backend,
             "loss_terms": {name: {"reference": logs["reference"][name], "fast": logs["fast"][name]} for name in terms},
             "grad_relative_error": grad_error,
             "timing": timing,
