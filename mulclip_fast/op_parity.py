@@ -24,9 +24,9 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from . import ops, profiling
+from . import ops
 from . import reference as R
-from .ops import pairwise as _pairwise
+from .ops import costs
 
 TOLERANCE = {
     torch.float32: {"atol": 1e-5, "rtol": 1e-4},
@@ -66,7 +66,7 @@ class OpSpec:
     arg_names: tuple[str, str, str, str]
     matched: bool
     options: Callable[[Sizes], dict]
-    cost: Callable[[Sizes, int], profiling.OpCost]
+    cost: Callable[[Sizes, int], costs.OpCost]
 
     @property
     def fused(self) -> Callable:
@@ -90,48 +90,42 @@ OPS: dict[str, OpSpec] = {
             ("v_tokens", "t_tokens", "v_mask", "t_mask"),
             True,
             lambda s: {"tau_attn": 0.07, "tau_contrast": 0.07, "reduction": "none"},
-            lambda s, item: profiling.wpr_loss_cost(s.batch_a, s.len_a, s.len_b, s.width, item),
+            lambda s, item: costs.wpr_loss_cost(s.batch_a, s.len_a, s.len_b, s.width, item),
         ),
         OpSpec(
             "token_reconstruction",
             ("q", "kv", "q_mask", "kv_mask"),
             True,
             lambda s: {"tau": 0.07},
-            lambda s, item: profiling.token_reconstruction_cost(s.batch_a, s.len_a, s.len_b, s.width, item),
+            lambda s, item: costs.token_reconstruction_cost(s.batch_a, s.len_a, s.len_b, s.width, item),
         ),
         OpSpec(
             "topk_patch_aggregate",
             ("sub", "patches", "sub_mask", "patch_mask"),
             True,
             _topk,
-            lambda s, item: profiling.topk_patch_aggregate_cost(
-                s.batch_a, s.len_a, s.len_b, _topk(s)["k"], s.width, item
-            ),
+            lambda s, item: costs.topk_patch_aggregate_cost(s.batch_a, s.len_a, s.len_b, _topk(s)["k"], s.width, item),
         ),
         OpSpec(
             "pairwise_maxsim",
             ("q", "k", "q_mask", "k_mask"),
             False,
             lambda s: {"bidirectional": True, "negative_slope": 0.1},
-            lambda s, item: _pairwise.pairwise_maxsim_cost(s.batch_a, s.len_a, s.batch_b, s.len_b, s.width, True, item),
+            lambda s, item: costs.pairwise_maxsim_cost(s.batch_a, s.len_a, s.batch_b, s.len_b, s.width, True, item),
         ),
         OpSpec(
             "pairwise_reconstruction_scores",
             ("q", "k", "q_mask", "k_mask"),
             False,
             lambda s: {"tau": 0.07},
-            lambda s, item: _pairwise.pairwise_reconstruction_cost(
-                s.batch_a, s.len_a, s.batch_b, s.len_b, s.width, item
-            ),
+            lambda s, item: costs.pairwise_reconstruction_cost(s.batch_a, s.len_a, s.batch_b, s.len_b, s.width, item),
         ),
         OpSpec(
             "pairwise_topk_aggregate_logits",
             ("sub", "patches", "sub_mask", "patch_mask"),
             False,
             _topk,
-            lambda s, item: _pairwise.pairwise_topk_aggregate_cost(
-                s.batch_a, s.len_a, s.batch_b, s.len_b, s.width, item
-            ),
+            lambda s, item: costs.pairwise_topk_aggregate_cost(s.batch_a, s.len_a, s.batch_b, s.len_b, s.width, item),
         ),
     )
 }

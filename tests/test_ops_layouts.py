@@ -69,6 +69,9 @@ def _skip_without_triton(backend: str) -> None:
 
 def test_every_public_op_is_covered():
     assert missing_ops() == [], "describe the new op in mulclip_fast.op_parity.OPS so the layout tests cover it"
+    for op, spec in OPS.items():
+        cost = spec.cost(_sizes(op), 4)  # the FLOP/byte model the GPU check reports against
+        assert cost.flops > 0 and cost.bytes_forward > 0 and cost.bytes_backward > 0, op
 
 
 @pytest.mark.parametrize("layout", list(TOKEN_LAYOUTS))
