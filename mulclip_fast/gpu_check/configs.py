@@ -8,11 +8,12 @@ never fastest is never checked for correctness on the GPU.
 :func:`pinned` forces one config without touching the kernel modules: for the duration of a ``with`` block
 it hands the tuner the full list, empties its cache of tuned choices, and wraps its ``early_config_prune``
 hook. The wrapper first asks the kernel's own prune which configs this launch may use (the dtype class of
-the inputs, the warps of the patch tile, …) and then keeps only the pinned one. A launch that the pinned
-config does not serve (a fp32 config and fp16 inputs) runs the first config the kernel's prune allows and is
-counted as not served, so the caller knows the run did not check the config. A single surviving config is
-launched without timing (Triton's rule), so pinning also skips the benchmarking. On exit the tuner's
-configs, hook and cache are restored.
+the inputs, the warps of the patch tile, …) and then keeps only the pinned one. When the first launch is
+one the pinned config does not serve (a fp32 config and fp16 inputs), the hook raises :class:`NotServed`,
+which abandons the call at once rather than running the op to no purpose; a later launch the config does not
+serve (after some it did) runs the first config the kernel's prune allows and is counted. A single
+surviving config is launched without timing (Triton's rule), so pinning also skips the benchmarking. On exit
+the tuner's configs, hook and cache are restored.
 
 :class:`LaunchRecorder` wraps each tuner's ``run`` to record which kernels a call launched and with which
 config (``best_config``), which is how the caller learns what an op launches and confirms that the pinned
@@ -61,6 +62,10 @@ def pinning_supported(kernel) -> str | None:
     return f"triton.autotune object lacks {', '.join(missing)}" if missing else None
 
 
+class NotServed(Exception):
+    """The pinned config does not serve this launch (another dtype class, another tile): nothing to check."""
+
+
 @dataclass
 class PinState:
     """What the pinned launches did: ``served`` counts launches that ran the pinned config, ``not_served``
@@ -86,6 +91,8 @@ def pinned(kernel, config):
         if any(c is config for c in allowed):
             state.served += 1
             return [config]
+        if state.served == 0:
+            raise NotServed(config_label(config))
         state.not_served += 1
         return allowed[:1]  # one config: launched as is, without timing the others
 

@@ -260,9 +260,13 @@ class ConfigSweep:
                     not self.thorough and any(k[:3] == key[:3] and k[4] == sizes.label() for k in self.not_served)
                 ):
                     continue
-                with tuning.LaunchRecorder({label: kernel}) as pinned_launches, tuning.pinned(kernel, config) as state:
-                    result = check_case(case, "triton", expected=expected)
-                if state.served == 0:
+                try:
+                    with (
+                        tuning.LaunchRecorder({label: kernel}) as pinned_launches,
+                        tuning.pinned(kernel, config) as state,
+                    ):
+                        result = check_case(case, "triton", expected=expected)
+                except tuning.NotServed:
                     # not a launch this config serves (another dtype class or patch tile)
                     self.not_served.add((*key, sizes.label()))
                     continue
