@@ -9,8 +9,11 @@ Usage::
     python -m mulclip_fast.gpu_check --dry-run        # the same plan at tiny shapes; no GPU needed
 
 It writes ``gpu-check-<UTC timestamp>.json`` and ``.md`` into the output directory, rewritten after every
-task so that a killed run still leaves what it had. The plan, in order of priority (a time limit cuts the
-tail; the estimate of every section is printed before it starts):
+task so that a killed run still leaves what it had. The plan's sections, in order (the number of tasks and
+the estimated seconds of each are printed before it starts). Each section has a share of ``--time-limit``
+(default 320 s); it runs its tasks, most important first, until its share and any time earlier sections
+left unused are spent, then the next section starts, so every section is represented in a short run. The
+report lists what was left out; run those with ``--sections`` (e.g. ``--sections timing scale compiled``):
 
 - **parity**: every public op on the ``triton`` backend against ``mulclip_fast.reference``, values and
   input gradients, in fp32 (atol 1e-5, rtol 1e-4: the kernels use IEEE fp32 dots), bf16 and fp16 (rtol
@@ -31,6 +34,13 @@ tail; the estimate of every section is printed before it starts):
   offset products pass 2^31: three rows of scores and their query gradients against the reference on those
   rows (skipped, and said so, when the GPU lacks the memory);
 - **compiled**: the same for ``torch.compile`` of the reference.
+
+The JSON (``"schema": "mulclip-fast/gpu-check/1"``) holds ``command``, ``mode`` (``gpu`` or ``dry-run``),
+``status`` (``passed``, ``failed``, ``incomplete``, ``crashed``) and ``exit_code``, ``elapsed_s`` and
+``time_limit_s``, ``machine`` (``profiling.machine_facts``: GPU, versions, NVML), ``peaks``, ``tolerances``,
+``plan`` (tasks and estimates per section, their deadlines), ``sections`` (one record per task, each with
+``task``, ``seconds``, ``ok`` and ``problems``), ``skipped`` (task and reason), ``failures`` (one line each)
+and ``crash`` (``None``, or section, task, op, shape, dtype, error and traceback).
 
 Exit codes: 0 everything planned ran and passed; 1 a check failed; 2 bad command line; 3 no CUDA device
 (and no ``--dry-run``); 4 the time limit left tasks out (everything that ran passed); 5 a crash stopped the
