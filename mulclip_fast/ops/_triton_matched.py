@@ -32,7 +32,12 @@ def recon_forward(q, kv, q_mask, kv_mask, scale, out_dtype):
 
 def recon_backward(q, kv, q_mask, kv_mask, scale, grad_out, out, lse):
     grad_out = grad_out.to(q.dtype)
-    delta = (grad_out.float() * out.float()).sum(-1)  # out is zero on invalid queries, so delta is too
+    if out.dtype != torch.float32:
+        # delta = Σ_d dO·O is subtracted from dP = dO kᵀ in the score gradient, where the two nearly cancel;
+        # O rounded to 16 bits would leave its rounding, times the scale 1/τ, as the result (bf16 gradients
+        # off by 25% at τ = 0.07). The torch path takes the row sums from fp32 P; here O is rebuilt in fp32.
+        out, _ = recon_forward(q, kv, q_mask, kv_mask, scale, torch.float32)
+    delta = (grad_out.float() * out).sum(-1)  # out is zero on invalid queries, so delta is too
     return token_softmax.token_softmax_backward(q, kv, grad_out, lse, delta, q_mask, kv_mask, scale)
 
 
