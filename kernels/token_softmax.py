@@ -343,25 +343,31 @@ def token_softmax_backward(q, k, grad_out, lse, coef, q_mask, k_mask, scale):
 
 
 def compile_specs(dtype) -> list:
-    """Every kernel × launch variant × autotune config, for the AOT compile check (``_aot``)."""
+    """Every kernel × launch variant × autotune config, for the AOT compile check (``_aot``), with the
+    pointer types the launches pass: gradients are fp32; the reconstruction's output is in the input dtype,
+    and also fp32 for 16-bit inputs (the backward rebuilds it in fp32 for its row sums)."""
     ptr, stat = pointer(dtype), "*fp32"
     common = {"Lq": "i32", "Lk": "i32", "D": "i32", "scale": "fp32", "QMask": "*i1", "KMask": "*i1"}
     base = {"UPCAST": False, "DOT_PRECISION": dot_precision(dtype)}
+    forwards = [("recon", True, ptr), ("lse", False, ptr)]  # InfoNCE mode passes q as its unused Out
+    if dtype != torch.float32:
+        forwards.append(("recon,fp32 out", True, stat))
     specs = []
-    for variant, with_output in (("recon", True), ("lse", False)):
+    for variant, with_output, out in forwards:
         specs += autotuned_specs(
             _token_softmax_fwd,
             f"token_softmax_fwd[{variant}]",
-            args={**common, "Q": ptr, "K": ptr, "Out": ptr, "Lse": stat, "Diag": stat},
+            args={**common, "Q": ptr, "K": ptr, "Out": out, "Lse": stat, "Diag": stat},
             constexprs={**base, "WITH_OUTPUT": with_output},
             dtype=dtype,
         )
-        for kernel, label, out in ((_token_softmax_bwd_rows, "rows", "dQ"), (_token_softmax_bwd_cols, "cols", "dK")):
+    for variant, with_grad in (("recon", True), ("lse", False)):
+        for kernel, label, grad in ((_token_softmax_bwd_rows, "rows", "dQ"), (_token_softmax_bwd_cols, "cols", "dK")):
             specs += autotuned_specs(
                 kernel,
                 f"token_softmax_bwd_{label}[{variant}]",
-                args={**common, "Q": ptr, "K": ptr, "dO": ptr, "Lse": stat, "Coef": stat, out: ptr},
-                constexprs={**base, "WITH_GRAD": with_output},
+                args={**common, "Q": ptr, "K": ptr, "dO": ptr, "Lse": stat, "Coef": stat, grad: stat},
+                constexprs={**base, "WITH_GRAD": with_grad},
                 dtype=dtype,
             )
     return specs
