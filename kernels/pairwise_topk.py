@@ -21,7 +21,7 @@ Reductions over the patches (``a = w X``, ``d_sub = α X``) are batched dots ove
 slices (``_contract_patches``): a single ``tl.dot`` with K = ``BLOCK_N`` hands every warp the whole
 ``[BLOCK_R, BLOCK_N]`` operand and spills registers from 256 patches on.
 
-Backward (derivation in ``mulclip_fast.ops._torch_pairwise.sap_backward``), with ``u = a/ν``,
+Backward (derivation in ``mulclip_fast.ops._torch_pairwise.topk_aggregate_cosines_backward``), with ``u = a/ν``,
 ``q_n = ⟨u, x_n⟩`` and upstream ``g``::
 
     ∂out/∂s_n = w_n (s_n − out·q_n) / (τν),   α_n = g (w_n/ν + ∂out/∂s_n),   β_n = −g w_n out / ν
@@ -151,7 +151,7 @@ def _load_selection(Sel, c, n_rows, n_bytes, rows, row_ok, cols, col_in):
 
 @autotune(_CONFIGS.all, key=["n_patch", "dim", "BLOCK_N"], prune_configs_by=_prune(_CONFIGS))
 @triton.jit
-def _sap_forward_kernel(
+def _cosines_forward_kernel(
     T,  # [n_rows, dim] subcaptions
     X,  # [n_k, n_patch, dim] patches
     SubMask,  # [n_rows] bool
@@ -287,7 +287,7 @@ def _backward_coefficients(
     _CONFIGS.all, key=["n_k", "n_patch", "dim", "BLOCK_N"], reset_to_zero=["DT"], prune_configs_by=_prune(_CONFIGS)
 )
 @triton.jit
-def _sap_dsub_kernel(
+def _cosines_dsub_kernel(
     T,
     X,
     SubMask,
@@ -341,7 +341,7 @@ def _sap_dsub_kernel(
     _CONFIGS.all, key=["n_rows", "n_patch", "dim", "BLOCK_N"], reset_to_zero=["DX"], prune_configs_by=_prune(_CONFIGS)
 )
 @triton.jit
-def _sap_dpatches_kernel(
+def _cosines_dpatches_kernel(
     T,
     X,
     SubMask,
@@ -369,7 +369,7 @@ def _sap_dpatches_kernel(
     r = tl.arange(0, BLOCK_R)
     Xb = X + c * n_patch * dim
     DXb = DX + c * n_patch * dim
-    for row0 in range(0, n_rows, BLOCK_R):  # int32: sap_backward checks n_rows · dim < 2³¹
+    for row0 in range(0, n_rows, BLOCK_R):  # int32: topk_aggregate_cosines_backward checks n_rows · dim < 2³¹
         row_ok = row0 + r < n_rows
         w, alpha, gamma = _backward_coefficients(
             T, X, Sel, LSE, Grad, SubMask, c, row0, n_rows, n_sub, n_k, n_patch, n_bytes, dim, inv_tau,
@@ -407,7 +407,7 @@ def _block_n(n_patch: int) -> int:
     return max(16, triton.next_power_of_2(n_patch))
 
 
-def sap_forward(sub, patches, sub_mask, patch_mask, k: int, tau: float):
+def topk_aggregate_cosines_forward(sub, patches, sub_mask, patch_mask, k: int, tau: float):
     """``(logits [Bq, Bk, M], selected uint8 [Bk, Bq·M, ⌈N/8⌉], lse fp32 [Bk, Bq·M])``."""
     sub, patches, sub_mask, patch_mask = dense(sub, patches, sub_mask, patch_mask)
     (n_q, n_sub, dim), (n_k, n_patch, _) = sub.shape, patches.shape
@@ -422,7 +422,7 @@ def sap_forward(sub, patches, sub_mask, patch_mask, k: int, tau: float):
         return checked_grid((n_k * triton.cdiv(n_rows, meta["BLOCK_R"]),))
 
     with on_device_of(sub):
-        _sap_forward_kernel[grid](
+        _cosines_forward_kernel[grid](
             sub, patches, sub_mask, patch_mask, logits, selected, lse, n_rows, n_sub, n_k, n_patch, n_bytes, dim,
             min(k, n_patch), 1.0 / tau,
             UPCAST=upcast(sub.dtype), DOT_PRECISION=dot_precision(sub.dtype), BLOCK_N=_block_n(n_patch),
@@ -439,8 +439,8 @@ def _image_splits(n_row_blocks: int, n_k: int, device: torch.device) -> int:
     return max(1, min(n_k, 16, triton.cdiv(programs_wanted, n_row_blocks)))
 
 
-def sap_backward(grad, sub, patches, sub_mask, patch_mask, tau: float, selected, lse):
-    """``(d_sub, d_patches)`` in fp32; same contract as ``_torch_pairwise.sap_backward``."""
+def topk_aggregate_cosines_backward(grad, sub, patches, sub_mask, patch_mask, tau: float, selected, lse):
+    """``(d_sub, d_patches)`` in fp32; same contract as ``_torch_pairwise.topk_aggregate_cosines_backward``."""
     grad, sub, patches, sub_mask, patch_mask, selected, lse = dense(
         grad, sub, patches, sub_mask, patch_mask, selected, lse
     )
@@ -462,11 +462,11 @@ def sap_backward(grad, sub, patches, sub_mask, patch_mask, tau: float, selected,
         return checked_grid((triton.cdiv(n_rows, meta["BLOCK_R"]), splits))
 
     with on_device_of(sub):
-        _sap_dsub_kernel[dsub_grid](
+        _cosines_dsub_kernel[dsub_grid](
             sub, patches, sub_mask, selected, lse, grad, d_sub_parts, n_rows, n_sub, n_k, n_patch, n_bytes, dim,
             images_per_split, 1.0 / tau, **options,
         )  # fmt: skip
-        _sap_dpatches_kernel[checked_grid((n_k,))](
+        _cosines_dpatches_kernel[checked_grid((n_k,))](
             sub, patches, sub_mask, selected, lse, grad, d_patches, n_rows, n_sub, n_k, n_patch, n_bytes, dim,
             1.0 / tau, **options,
         )  # fmt: skip
@@ -485,19 +485,22 @@ def compile_specs(dtype: torch.dtype):
     for block_n in BLOCK_NS:
         constexprs = {"UPCAST": False, "DOT_PRECISION": dot_precision(dtype), "BLOCK_N": block_n}
         forward = autotuned_specs(
-            _sap_forward_kernel,
+            _cosines_forward_kernel,
             f"pairwise_topk_fwd[N<={block_n}]",
             {**common, **sizes, "PatchMask": "*i1", "Out": ptr, "Sel": "*u8", "top_k": "i32", "inv_tau": "fp32"},
             constexprs,
         )
         dsub = autotuned_specs(
-            _sap_dsub_kernel,
+            _cosines_dsub_kernel,
             f"pairwise_topk_bwd_dsub[N<={block_n}]",
             {**backward, "DT": "*fp32", "images_per_split": "i32"},
             constexprs,
         )
         dpatches = autotuned_specs(
-            _sap_dpatches_kernel, f"pairwise_topk_bwd_dpatches[N<={block_n}]", {**backward, "DX": "*fp32"}, constexprs
+            _cosines_dpatches_kernel,
+            f"pairwise_topk_bwd_dpatches[N<={block_n}]",
+            {**backward, "DX": "*fp32"},
+            constexprs,
         )
         launched = _CONFIGS.select_specs(forward + dsub + dpatches, dtype)
         specs += [spec for spec in launched if spec.num_warps == _num_warps(block_n)]

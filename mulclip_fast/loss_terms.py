@@ -201,7 +201,7 @@ def sap_term(
         k = max(1, math.ceil(topk_ratio * token_columns.shape[1]))
 
         def cosines(sub_set, sub_set_mask, token_set, token_set_mask):  # [captions, images, M]
-            out = ops.pairwise_topk_aggregate_logits(
+            out = ops.pairwise_topk_aggregate_cosines(
                 sub_set, token_set, sub_set_mask, token_set_mask, k, tau, backend=backend
             )
             return out.to(acc)

@@ -266,7 +266,7 @@ def skip_without_ops(backend: str, settings: dict) -> None:
 
     needed = {"wpr_loss", "topk_patch_aggregate"}
     if settings.get("sap_pairing") == "all":
-        needed.add("pairwise_topk_aggregate_logits")
+        needed.add("pairwise_topk_aggregate_cosines")
     if settings.get("objective") == "finelip":
         needed.add("pairwise_maxsim")
     missing = sorted(name for name in needed if not hasattr(ops, name))
