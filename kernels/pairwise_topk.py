@@ -151,7 +151,7 @@ def _load_selection(Sel, c, n_rows, n_bytes, rows, row_ok, cols, col_in):
 
 @autotune(_CONFIGS.all, key=["n_patch", "dim", "BLOCK_N"], prune_configs_by=_prune(_CONFIGS))
 @triton.jit
-def _cosines_forward_kernel(
+def _sap_forward_kernel(
     T,  # [n_rows, dim] subcaptions
     X,  # [n_k, n_patch, dim] patches
     SubMask,  # [n_rows] bool
@@ -287,7 +287,7 @@ def _backward_coefficients(
     _CONFIGS.all, key=["n_k", "n_patch", "dim", "BLOCK_N"], reset_to_zero=["DT"], prune_configs_by=_prune(_CONFIGS)
 )
 @triton.jit
-def _cosines_dsub_kernel(
+def _sap_dsub_kernel(
     T,
     X,
     SubMask,
@@ -341,7 +341,7 @@ def _cosines_dsub_kernel(
     _CONFIGS.all, key=["n_rows", "n_patch", "dim", "BLOCK_N"], reset_to_zero=["DX"], prune_configs_by=_prune(_CONFIGS)
 )
 @triton.jit
-def _cosines_dpatches_kernel(
+def _sap_dpatches_kernel(
     T,
     X,
     SubMask,
@@ -422,7 +422,7 @@ def topk_aggregate_cosines_forward(sub, patches, sub_mask, patch_mask, k: int, t
         return checked_grid((n_k * triton.cdiv(n_rows, meta["BLOCK_R"]),))
 
     with on_device_of(sub):
-        _cosines_forward_kernel[grid](
+        _sap_forward_kernel[grid](
             sub, patches, sub_mask, patch_mask, logits, selected, lse, n_rows, n_sub, n_k, n_patch, n_bytes, dim,
             min(k, n_patch), 1.0 / tau,
             UPCAST=upcast(sub.dtype), DOT_PRECISION=dot_precision(sub.dtype), BLOCK_N=_block_n(n_patch),
@@ -462,11 +462,11 @@ def topk_aggregate_cosines_backward(grad, sub, patches, sub_mask, patch_mask, ta
         return checked_grid((triton.cdiv(n_rows, meta["BLOCK_R"]), splits))
 
     with on_device_of(sub):
-        _cosines_dsub_kernel[dsub_grid](
+        _sap_dsub_kernel[dsub_grid](
             sub, patches, sub_mask, selected, lse, grad, d_sub_parts, n_rows, n_sub, n_k, n_patch, n_bytes, dim,
             images_per_split, 1.0 / tau, **options,
         )  # fmt: skip
-        _cosines_dpatches_kernel[checked_grid((n_k,))](
+        _sap_dpatches_kernel[checked_grid((n_k,))](
             sub, patches, sub_mask, selected, lse, grad, d_patches, n_rows, n_sub, n_k, n_patch, n_bytes, dim,
             1.0 / tau, **options,
         )  # fmt: skip
@@ -485,19 +485,19 @@ def compile_specs(dtype: torch.dtype):
     for block_n in BLOCK_NS:
         constexprs = {"UPCAST": False, "DOT_PRECISION": dot_precision(dtype), "BLOCK_N": block_n}
         forward = autotuned_specs(
-            _cosines_forward_kernel,
+            _sap_forward_kernel,
             f"pairwise_topk_fwd[N<={block_n}]",
             {**common, **sizes, "PatchMask": "*i1", "Out": ptr, "Sel": "*u8", "top_k": "i32", "inv_tau": "fp32"},
             constexprs,
         )
         dsub = autotuned_specs(
-            _cosines_dsub_kernel,
+            _sap_dsub_kernel,
             f"pairwise_topk_bwd_dsub[N<={block_n}]",
             {**backward, "DT": "*fp32", "images_per_split": "i32"},
             constexprs,
         )
         dpatches = autotuned_specs(
-            _cosines_dpatches_kernel,
+            _sap_dpatches_kernel,
             f"pairwise_topk_bwd_dpatches[N<={block_n}]",
             {**backward, "DX": "*fp32"},
             constexprs,
