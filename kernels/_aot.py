@@ -108,23 +108,33 @@ def autotuned_specs(
     return specs
 
 
-def autotune(configs, key: list[str], dtype_arg: str | None = None, **kwargs):
+def autotune(configs, key: list[str], dtype_arg: str | None = None, keep=None, **kwargs):
     """``triton.autotune`` that keeps the full config list for the compile check, runs only the first
-    config under the interpreter, and may choose configs by dtype.
+    config under the interpreter, and may choose configs by dtype — the one per-dtype config mechanism of
+    the kernels.
 
     ``configs`` is a list, or ``{"half": [...], "fp32": [...]}`` (see :func:`dtype_class`) chosen by the
-    dtype of the argument ``dtype_arg``: fp32 operands need smaller tiles to stay clear of spills.
+    dtype of the argument ``dtype_arg``: fp32 operands need smaller tiles to stay clear of spills. List
+    ``"half"`` first: the interpreter runs the first config, and larger tiles mean fewer (slowly
+    interpreted) programs. ``keep(config, named_args, launch_constexprs) -> bool`` drops, at each launch,
+    the configs meant for other launches (e.g. the warp count of another tile width or dtype); the compile
+    check applies the same rule to its specs.
     """
     by_class = configs if isinstance(configs, dict) else None
     everything = [c for group in by_class.values() for c in group] if by_class else list(configs)
-    if by_class:
-        owner = {id(c): cls for cls, group in by_class.items() for c in group}
+    if by_class or keep:
+        owner = {id(c): cls for cls, group in (by_class or {}).items() for c in group}
 
-        def by_dtype(candidates, named_args, **_):
-            wanted = dtype_class(named_args[dtype_arg].dtype)
-            return [c for c in candidates if owner[id(c)] == wanted]
+        def early_config_prune(candidates, named_args, **launch_constexprs):
+            wanted = dtype_class(named_args[dtype_arg].dtype) if by_class else None
+            return [
+                c
+                for c in candidates
+                if (wanted is None or owner[id(c)] == wanted)
+                and (keep is None or keep(c, named_args, launch_constexprs))
+            ]
 
-        kwargs["prune_configs_by"] = {"early_config_prune": by_dtype}
+        kwargs["prune_configs_by"] = {"early_config_prune": early_config_prune}
 
     def decorate(fn):
         tuned = triton.autotune(configs=autotune_configs(everything), key=key, **kwargs)(fn)

@@ -30,47 +30,43 @@ import triton.language as tl
 
 from ._aot import autotune, autotuned_specs, dot_precision, pointer
 from ._launch import checked_grid, dense, on_device_of, upcast
-from .pairwise_common import DtypeConfigs
 from .tiles import block_and_set, similarity_tile
 
-# Spill-free on sm_80 and sm_90 (``python -m mulclip_fast.kernels.compile_check``); see pairwise_common.
-_FORWARD = DtypeConfigs(
-    fp32=[
-        triton.Config({"BLOCK_R": 32, "BLOCK_J": 32, "BLOCK_D": 16}, num_warps=4, num_stages=2),
-        triton.Config({"BLOCK_R": 64, "BLOCK_J": 64, "BLOCK_D": 16}, num_warps=8, num_stages=2),
-    ],
-    half=[
+# Spill-free on sm_80 and sm_90 (``python -m mulclip_fast.kernels.compile_check``); see _aot.autotune.
+_FORWARD = {
+    "half": [
         triton.Config({"BLOCK_R": 64, "BLOCK_J": 64, "BLOCK_D": 32}, num_warps=8, num_stages=2),
         # [128, 64] tiles spill on sm_80 with aligned pointers (compile_check); [128, 32] do not
         triton.Config({"BLOCK_R": 128, "BLOCK_J": 32, "BLOCK_D": 32}, num_warps=8, num_stages=3),
     ],
-    pointer_arg="Q",
-)
-_GATHER = DtypeConfigs(
-    fp32=[
+    "fp32": [
+        triton.Config({"BLOCK_R": 32, "BLOCK_J": 32, "BLOCK_D": 16}, num_warps=4, num_stages=2),
+        triton.Config({"BLOCK_R": 64, "BLOCK_J": 64, "BLOCK_D": 16}, num_warps=8, num_stages=2),
+    ],
+}
+_GATHER = {
+    "half": [
         triton.Config({"BLOCK_R": 32, "BLOCK_D": 64}, num_warps=4, num_stages=1),
         triton.Config({"BLOCK_R": 64, "BLOCK_D": 64}, num_warps=8, num_stages=1),
     ],
-    half=[
+    "fp32": [
         triton.Config({"BLOCK_R": 32, "BLOCK_D": 64}, num_warps=4, num_stages=1),
         triton.Config({"BLOCK_R": 64, "BLOCK_D": 64}, num_warps=8, num_stages=1),
     ],
-    pointer_arg="K",
-)
-_SCATTER = DtypeConfigs(
-    fp32=[
-        triton.Config({"BLOCK_J": 32, "BLOCK_R": 32, "BLOCK_D": 32}, num_warps=4, num_stages=2),
-        triton.Config({"BLOCK_J": 64, "BLOCK_R": 16, "BLOCK_D": 64}, num_warps=8, num_stages=2),
-    ],
-    half=[
+}
+_SCATTER = {
+    "half": [
         triton.Config({"BLOCK_J": 32, "BLOCK_R": 32, "BLOCK_D": 32}, num_warps=4, num_stages=2),
         triton.Config({"BLOCK_J": 64, "BLOCK_R": 16, "BLOCK_D": 64}, num_warps=4, num_stages=2),
     ],
-    pointer_arg="Q",
-)
+    "fp32": [
+        triton.Config({"BLOCK_J": 32, "BLOCK_R": 32, "BLOCK_D": 32}, num_warps=4, num_stages=2),
+        triton.Config({"BLOCK_J": 64, "BLOCK_R": 16, "BLOCK_D": 64}, num_warps=8, num_stages=2),
+    ],
+}
 
 
-@autotune(_FORWARD.all, key=["len_k", "dim", "HAS_SLOPE"], prune_configs_by=_FORWARD.prune())
+@autotune(_FORWARD, dtype_arg="Q", key=["len_k", "dim", "HAS_SLOPE"])
 @triton.jit
 def _maxsim_forward_kernel(
     Q,  # [n_rows, dim] query tokens, rows r = b·Lq + i
@@ -116,7 +112,7 @@ def _maxsim_forward_kernel(
     tl.store(Idx + c * n_rows + rows, arg, mask=row_ok)
 
 
-@autotune(_GATHER.all, key=["n_k", "dim"], prune_configs_by=_GATHER.prune())
+@autotune(_GATHER, dtype_arg="K", key=["n_k", "dim"])
 @triton.jit
 def _maxsim_gather_kernel(
     K,  # [n_k, len_k, dim]
@@ -151,7 +147,7 @@ def _maxsim_gather_kernel(
     )
 
 
-@autotune(_SCATTER.all, key=["n_rows", "len_k", "dim"], prune_configs_by=_SCATTER.prune())
+@autotune(_SCATTER, dtype_arg="Q", key=["n_rows", "len_k", "dim"])
 @triton.jit
 def _maxsim_scatter_kernel(
     Q,  # [n_rows, dim]
@@ -239,60 +235,29 @@ def one_way_backward(q, k, weight, idx):
 def compile_specs(dtype: torch.dtype):
     """Every kernel × autotune config this module launches for inputs of ``dtype`` (see ``_aot.py``)."""
     ptr = pointer(dtype)
+    sizes = {"n_rows": "i32", "len_k": "i32", "dim": "i32"}
+    forward = {**sizes, "Q": ptr, "K": ptr, "KMask": "*i1", "Val": "*fp32", "Idx": "*i32", "negative_slope": "fp32"}
     specs = []
     for has_slope in (False, True):
-        specs += _FORWARD.select_specs(
-            autotuned_specs(
-                _maxsim_forward_kernel,
-                f"pairwise_maxsim_fwd[slope={has_slope}]",
-                args={
-                    "Q": ptr,
-                    "K": ptr,
-                    "KMask": "*i1",
-                    "Val": "*fp32",
-                    "Idx": "*i32",
-                    "n_rows": "i32",
-                    "len_k": "i32",
-                    "dim": "i32",
-                    "negative_slope": "fp32",
-                },
-                constexprs={"HAS_SLOPE": has_slope, "UPCAST": False, "DOT_PRECISION": dot_precision(dtype)},
-            ),
-            dtype,
+        specs += autotuned_specs(
+            _maxsim_forward_kernel,
+            f"pairwise_maxsim_fwd[slope={has_slope}]",
+            args=forward,
+            constexprs={"HAS_SLOPE": has_slope, "UPCAST": False, "DOT_PRECISION": dot_precision(dtype)},
+            dtype=dtype,
         )
-    specs += _GATHER.select_specs(
-        autotuned_specs(
-            _maxsim_gather_kernel,
-            "pairwise_maxsim_bwd_dq",
-            args={
-                "K": ptr,
-                "Weight": "*fp32",
-                "Idx": "*i32",
-                "DQ": "*fp32",
-                "n_rows": "i32",
-                "n_k": "i32",
-                "len_k": "i32",
-                "dim": "i32",
-            },
-            constexprs={"UPCAST": False},
-        ),
-        dtype,
+    specs += autotuned_specs(
+        _maxsim_gather_kernel,
+        "pairwise_maxsim_bwd_dq",
+        args={**sizes, "K": ptr, "Weight": "*fp32", "Idx": "*i32", "DQ": "*fp32", "n_k": "i32"},
+        constexprs={"UPCAST": False},
+        dtype=dtype,
     )
-    specs += _SCATTER.select_specs(
-        autotuned_specs(
-            _maxsim_scatter_kernel,
-            "pairwise_maxsim_bwd_dk",
-            args={
-                "Q": ptr,
-                "Weight": "*fp32",
-                "Idx": "*i32",
-                "DK": "*fp32",
-                "n_rows": "i32",
-                "len_k": "i32",
-                "dim": "i32",
-            },
-            constexprs={"DOT_PRECISION": dot_precision(dtype)},
-        ),
-        dtype,
+    specs += autotuned_specs(
+        _maxsim_scatter_kernel,
+        "pairwise_maxsim_bwd_dk",
+        args={**sizes, "Q": ptr, "Weight": "*fp32", "Idx": "*i32", "DK": "*fp32"},
+        constexprs={"DOT_PRECISION": dot_precision(dtype)},
+        dtype=dtype,
     )
     return specs

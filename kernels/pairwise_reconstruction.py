@@ -33,40 +33,36 @@ import triton.language as tl
 
 from ._aot import autotune, autotuned_specs, dot_precision, pointer
 from ._launch import checked_grid, dense, on_device_of, upcast
-from .pairwise_common import DtypeConfigs
 from .tiles import block_and_set, similarity_tile
 
-# Spill-free on sm_80 and sm_90 (``python -m mulclip_fast.kernels.compile_check``); see pairwise_common.
-_FORWARD = DtypeConfigs(
-    fp32=[
-        triton.Config({"BLOCK_R": 32, "BLOCK_J": 32, "BLOCK_D": 16}, num_warps=4, num_stages=2),
-        triton.Config({"BLOCK_R": 64, "BLOCK_J": 64, "BLOCK_D": 16}, num_warps=8, num_stages=2),
-    ],
-    half=[
+# Spill-free on sm_80 and sm_90 (``python -m mulclip_fast.kernels.compile_check``); see _aot.autotune.
+_FORWARD = {
+    "half": [
         triton.Config({"BLOCK_R": 64, "BLOCK_J": 64, "BLOCK_D": 32}, num_warps=8, num_stages=2),
         triton.Config({"BLOCK_R": 128, "BLOCK_J": 64, "BLOCK_D": 32}, num_warps=8, num_stages=3),
     ],
-    pointer_arg="Q",
-)
-_BACKWARD_DQ = DtypeConfigs(
-    fp32=[triton.Config({"BLOCK_R": 32, "BLOCK_J": 16, "BLOCK_D": 16}, num_warps=4, num_stages=1)],
-    half=[
+    "fp32": [
+        triton.Config({"BLOCK_R": 32, "BLOCK_J": 32, "BLOCK_D": 16}, num_warps=4, num_stages=2),
+        triton.Config({"BLOCK_R": 64, "BLOCK_J": 64, "BLOCK_D": 16}, num_warps=8, num_stages=2),
+    ],
+}
+_BACKWARD_DQ = {
+    "half": [
         triton.Config({"BLOCK_R": 32, "BLOCK_J": 32, "BLOCK_D": 16}, num_warps=4, num_stages=2),
         triton.Config({"BLOCK_R": 32, "BLOCK_J": 32, "BLOCK_D": 32}, num_warps=8, num_stages=2),
     ],
-    pointer_arg="Q",
-)
-_BACKWARD_DK = DtypeConfigs(
-    fp32=[triton.Config({"BLOCK_R": 32, "BLOCK_J": 32, "BLOCK_D": 16}, num_warps=4, num_stages=2)],
-    half=[
+    "fp32": [triton.Config({"BLOCK_R": 32, "BLOCK_J": 16, "BLOCK_D": 16}, num_warps=4, num_stages=1)],
+}
+_BACKWARD_DK = {
+    "half": [
         triton.Config({"BLOCK_R": 32, "BLOCK_J": 32, "BLOCK_D": 16}, num_warps=4, num_stages=2),
         triton.Config({"BLOCK_R": 32, "BLOCK_J": 32, "BLOCK_D": 32}, num_warps=8, num_stages=2),
     ],
-    pointer_arg="Q",
-)
+    "fp32": [triton.Config({"BLOCK_R": 32, "BLOCK_J": 32, "BLOCK_D": 16}, num_warps=4, num_stages=2)],
+}
 
 
-@autotune(_FORWARD.all, key=["len_k", "dim"], prune_configs_by=_FORWARD.prune())
+@autotune(_FORWARD, dtype_arg="Q", key=["len_k", "dim"])
 @triton.jit
 def _reconstruction_forward_kernel(
     Q,  # [n_rows, dim]
@@ -120,7 +116,7 @@ def _score_gradient_tile(sim, col_ok, lse, r, g, inv_tau):
     return g[:, None] * p * (1.0 + (sim - r[:, None]) * inv_tau)
 
 
-@autotune(_BACKWARD_DQ.all, key=["n_k", "len_k", "dim"], reset_to_zero=["DQ"], prune_configs_by=_BACKWARD_DQ.prune())
+@autotune(_BACKWARD_DQ, dtype_arg="Q", key=["n_k", "len_k", "dim"], reset_to_zero=["DQ"])
 @triton.jit
 def _reconstruction_dq_kernel(
     Q,
@@ -170,7 +166,7 @@ def _reconstruction_dq_kernel(
             tl.debug_barrier()  # this program's stores are visible to all its threads before the next read
 
 
-@autotune(_BACKWARD_DK.all, key=["n_rows", "len_k", "dim"], reset_to_zero=["DK"], prune_configs_by=_BACKWARD_DK.prune())
+@autotune(_BACKWARD_DK, dtype_arg="Q", key=["n_rows", "len_k", "dim"], reset_to_zero=["DK"])
 @triton.jit
 def _reconstruction_dk_kernel(
     Q,
@@ -274,18 +270,17 @@ def compile_specs(dtype: torch.dtype):
     common = {"Q": ptr, "K": ptr, "KMask": "*i1", "R": "*fp32", "LSE": "*fp32"}
     sizes = {"n_rows": "i32", "len_k": "i32", "dim": "i32", "inv_tau": "fp32"}
     constexprs = {"UPCAST": False, "DOT_PRECISION": dot_precision(dtype)}
-    forward = autotuned_specs(_reconstruction_forward_kernel, "pairwise_recon_fwd", {**common, **sizes}, constexprs)
-    dq = autotuned_specs(
-        _reconstruction_dq_kernel,
-        "pairwise_recon_bwd_dq",
-        {**common, **sizes, "G": "*fp32", "DQ": "*fp32", "n_k": "i32"},
-        constexprs,
-    )
-    dk = autotuned_specs(
-        _reconstruction_dk_kernel, "pairwise_recon_bwd_dk", {**common, **sizes, "G": "*fp32", "DK": "*fp32"}, constexprs
-    )
+    backward = {**common, **sizes, "G": "*fp32"}
     return (
-        _FORWARD.select_specs(forward, dtype)
-        + _BACKWARD_DQ.select_specs(dq, dtype)
-        + _BACKWARD_DK.select_specs(dk, dtype)
+        autotuned_specs(_reconstruction_forward_kernel, "pairwise_recon_fwd", {**common, **sizes}, constexprs, dtype)
+        + autotuned_specs(
+            _reconstruction_dq_kernel,
+            "pairwise_recon_bwd_dq",
+            {**backward, "DQ": "*fp32", "n_k": "i32"},
+            constexprs,
+            dtype,
+        )
+        + autotuned_specs(
+            _reconstruction_dk_kernel, "pairwise_recon_bwd_dk", {**backward, "DK": "*fp32"}, constexprs, dtype
+        )
     )

@@ -52,7 +52,6 @@ import triton.language as tl
 from ._aot import autotune, autotuned_specs, dot_precision, pointer
 from ._launch import checked_grid, dense, on_device_of, upcast
 from .limits import TOPK_MAX_PATCHES as MAX_PATCHES
-from .pairwise_common import DtypeConfigs
 from .tiles import block_and_set, similarity_tile
 from .topk_select import topk_selection
 
@@ -62,9 +61,12 @@ NORMALIZE_EPS = tl.constexpr(1e-12)
 BLOCK_NS = tuple(1 << i for i in range(4, MAX_PATCHES.bit_length()))
 
 
-def _num_warps(block_n: int) -> int:
-    """Warps for a ``[16, block_n]`` tile: 4 up to 64 patches, 8 from 128 (4 spill at 256, and at 128 in
-    the fp32 d_patches kernel on sm_90 once pointers are known aligned)."""
+def _num_warps(block_n: int, dtype: torch.dtype) -> int:
+    """Warps for a ``[16, block_n]`` tile: 4 up to 64 patches, 8 at 256 (4 spill there). At 128 patches
+    the d_patches kernel spills with 4 warps in fp32 (sm_90) and with 8 in fp16/bf16 (sm_80), once the
+    runtime knows its pointers aligned (compile_check)."""
+    if block_n == 128:
+        return 8 if dtype == torch.float32 else 4
     return 4 if block_n <= 64 else 8
 
 
@@ -73,19 +75,13 @@ def _config(num_warps: int) -> triton.Config:
 
 
 # Spill-free on sm_80 and sm_90 in fp32, fp16 and bf16 for every tile in BLOCK_NS (compile_check), for the
-# forward and both backward kernels. One config per warp count; a launch keeps the one of its BLOCK_N
-# (``_prune``).
-_CONFIGS = DtypeConfigs(fp32=[_config(4), _config(8)], half=[_config(4), _config(8)], pointer_arg="T")
+# forward and both backward kernels: one config per warp count, the same for every dtype; a launch keeps
+# the one of its BLOCK_N (``_for_tile``).
+_CONFIGS = [_config(4), _config(8)]
 
 
-def _prune(configs: DtypeConfigs) -> dict:
-    """``prune_configs_by``: the launch's dtype (``DtypeConfigs``) and the warp count of its ``BLOCK_N``."""
-    by_dtype = configs.prune()["early_config_prune"]
-
-    def early_config_prune(candidates, named_args, **kwargs):
-        return [c for c in by_dtype(candidates, named_args, **kwargs) if c.num_warps == _num_warps(kwargs["BLOCK_N"])]
-
-    return {"early_config_prune": early_config_prune}
+def _for_tile(config: triton.Config, named_args: dict, launch_constexprs: dict) -> bool:
+    return config.num_warps == _num_warps(launch_constexprs["BLOCK_N"], named_args["T"].dtype)
 
 
 @triton.jit
@@ -149,7 +145,7 @@ def _load_selection(Sel, c, n_rows, n_bytes, rows, row_ok, cols, col_in):
     return ((packed >> (cols[None, :] % 8)) & 1) != 0
 
 
-@autotune(_CONFIGS.all, key=["n_patch", "dim", "BLOCK_N"], prune_configs_by=_prune(_CONFIGS))
+@autotune(_CONFIGS, key=["n_patch", "dim", "BLOCK_N"], keep=_for_tile)
 @triton.jit
 def _sap_forward_kernel(
     T,  # [n_rows, dim] subcaptions
@@ -283,9 +279,7 @@ def _backward_coefficients(
     return w, alpha, gamma
 
 
-@autotune(
-    _CONFIGS.all, key=["n_k", "n_patch", "dim", "BLOCK_N"], reset_to_zero=["DT"], prune_configs_by=_prune(_CONFIGS)
-)
+@autotune(_CONFIGS, key=["n_k", "n_patch", "dim", "BLOCK_N"], reset_to_zero=["DT"], keep=_for_tile)
 @triton.jit
 def _sap_dsub_kernel(
     T,
@@ -337,9 +331,7 @@ def _sap_dsub_kernel(
         tl.debug_barrier()  # this program's stores are visible to all its threads before the next read
 
 
-@autotune(
-    _CONFIGS.all, key=["n_rows", "n_patch", "dim", "BLOCK_N"], reset_to_zero=["DX"], prune_configs_by=_prune(_CONFIGS)
-)
+@autotune(_CONFIGS, key=["n_rows", "n_patch", "dim", "BLOCK_N"], reset_to_zero=["DX"], keep=_for_tile)
 @triton.jit
 def _sap_dpatches_kernel(
     T,
@@ -452,7 +444,7 @@ def topk_aggregate_cosines_backward(grad, sub, patches, sub_mask, patch_mask, ta
     if n_rows * dim >= 2**31:  # the d_patches kernel walks the subcaption rows with int32 offsets
         raise ValueError(f"the Triton SAP backward takes fewer than 2³¹ subcaption elements, got {n_rows * dim}")
     options = {"UPCAST": upcast(sub.dtype), "DOT_PRECISION": dot_precision(sub.dtype), "BLOCK_N": _block_n(n_patch)}
-    config_rows = _CONFIGS.for_dtype(sub.dtype)[0].kwargs["BLOCK_R"]
+    config_rows = _CONFIGS[0].kwargs["BLOCK_R"]
     splits = _image_splits(triton.cdiv(n_rows, config_rows), n_k, sub.device)
     images_per_split = triton.cdiv(n_k, splits)
     splits = triton.cdiv(n_k, images_per_split)
@@ -476,7 +468,7 @@ def topk_aggregate_cosines_backward(grad, sub, patches, sub_mask, patch_mask, ta
 
 def compile_specs(dtype: torch.dtype):
     """Every kernel × launch config this module uses for inputs of ``dtype`` (see ``_aot.py``): each
-    patch tile in :data:`BLOCK_NS` with the config that ``_prune`` keeps for it."""
+    patch tile in :data:`BLOCK_NS` with the config that ``_for_tile`` keeps for it."""
     ptr = pointer(dtype)
     common = {"T": ptr, "X": ptr, "SubMask": "*i1", "LSE": "*fp32"}
     sizes = {"n_rows": "i32", "n_sub": "i32", "n_k": "i32", "n_patch": "i32", "n_bytes": "i32", "dim": "i32"}
@@ -502,6 +494,5 @@ def compile_specs(dtype: torch.dtype):
             {**backward, "DX": "*fp32"},
             constexprs,
         )
-        launched = _CONFIGS.select_specs(forward + dsub + dpatches, dtype)
-        specs += [spec for spec in launched if spec.num_warps == _num_warps(block_n)]
+        specs += [spec for spec in forward + dsub + dpatches if spec.num_warps == _num_warps(block_n, dtype)]
     return specs

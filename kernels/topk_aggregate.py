@@ -1,7 +1,7 @@
 """SAP's top-k softmax aggregate of patches per subcaption, fused (docs/method.md, "SAP"; docs/kernels.md).
 
 One program owns a block of ``BLOCK_M`` subcaptions of one sample and the whole score row over the
-``N ≤ BLOCK_N`` patches (``BLOCK_N`` = next power of two ≥ N, at most 1024):
+``N ≤ BLOCK_N`` patches (``BLOCK_N`` = next power of two ≥ N, at most 256, ``limits.TOPK_MAX_PATCHES``):
 
 1. scores ``s = sub · xᵀ`` with ``tl.dot`` over d chunks;
 2. top-k on chip (``topk_select.topk_selection``, the selection rule shared with the all-pairs kernels):

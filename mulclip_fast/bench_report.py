@@ -196,7 +196,7 @@ def probe_rows(results: list[dict]) -> list[dict]:
     return rows
 
 
-def _table(headers: list[str], rows: list[list[str]], markdown: bool) -> str:
+def table(headers: list[str], rows: list[list[str]], markdown: bool) -> str:
     if markdown:
         lines = ["| " + " | ".join(headers) + " |", "|" + "|".join(" --- " for _ in headers) + "|"]
         lines += ["| " + " | ".join(row) + " |" for row in rows]
@@ -256,7 +256,7 @@ def render(payload: dict, markdown: bool = False) -> str:
             for r in rows
         ]
         out += ["Ops (median time, exact peak memory above the inputs; ×ref = fast / reference):", ""]
-        out += [_table(headers, body, markdown), ""]
+        out += [table(headers, body, markdown), ""]
 
     rows = train_rows(results)
     if rows:
@@ -273,7 +273,7 @@ def render(payload: dict, markdown: bool = False) -> str:
             ]
             for r in rows
         ]
-        out += ["Training step at equal batch (reference vs fast path):", "", _table(headers, body, markdown), ""]
+        out += ["Training step at equal batch (reference vs fast path):", "", table(headers, body, markdown), ""]
 
     rows = max_batch_rows(results)
     if rows:
@@ -294,7 +294,7 @@ def render(payload: dict, markdown: bool = False) -> str:
             for r in rows
         ]
         out += ["Largest training batch within the memory budget (step's own peak):", ""]
-        out += [_table(headers, body, markdown), ""]
+        out += [table(headers, body, markdown), ""]
 
     rows = probe_rows(results)
     if rows:
@@ -311,7 +311,7 @@ def render(payload: dict, markdown: bool = False) -> str:
             for r in rows
         ]
         out += ["Step peak at the batches both largest-batch searches measured:", ""]
-        out += [_table(headers, body, markdown), ""]
+        out += [table(headers, body, markdown), ""]
     return "\n".join(out)
 
 

@@ -229,6 +229,10 @@ def nvml_telemetry(cuda_index: int = 0) -> dict:
             "sm_clock_mhz": read(pynvml.nvmlDeviceGetClockInfo, pynvml.NVML_CLOCK_SM),
             "sm_clock_max_mhz": read(pynvml.nvmlDeviceGetMaxClockInfo, pynvml.NVML_CLOCK_SM),
             "memory_clock_mhz": read(pynvml.nvmlDeviceGetClockInfo, pynvml.NVML_CLOCK_MEM),
+            "memory_clock_max_mhz": read(pynvml.nvmlDeviceGetMaxClockInfo, pynvml.NVML_CLOCK_MEM),
+            "memory_bus_width_bits": (
+                read(pynvml.nvmlDeviceGetMemoryBusWidth) if hasattr(pynvml, "nvmlDeviceGetMemoryBusWidth") else None
+            ),
             "gpu_utilization_pct": None if utilization is None else utilization.gpu,
             "memory_utilization_pct": None if utilization is None else utilization.memory,
             "temperature_c": read(pynvml.nvmlDeviceGetTemperature, pynvml.NVML_TEMPERATURE_GPU),

@@ -92,13 +92,7 @@ def hf_batch():
     return dict(pixels=pixels, long_ids=long_ids, short_ids=short_ids, sub_ids=sub_ids, sub_mask=sub_mask)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread; on a loaded 2-core machine more threads spin against each other."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # -- imports -----------------------------------------------------------------------------------------

@@ -43,6 +43,8 @@ LAYERS = {
     "mulclip_fast.profiling": 6,
     "mulclip_fast.bench_report": 6,
     "mulclip_fast.tools": 6,
+    "mulclip_fast.op_parity": 6,  # the parity harness of the layout/property tests and the GPU check
+    "mulclip_fast.gpu_check": 6,
 }
 LEAVES = ("mulclip_fast.reference", "mulclip_fast.data")
 

@@ -211,12 +211,16 @@ def test_topk_launches_keep_the_config_the_compile_check_compiles(dtype):
     only the first); for every tile a launch can use, the one config left is the one in compile_specs."""
     from mulclip_fast.kernels import pairwise_topk
 
-    prune = pairwise_topk._prune(pairwise_topk._CONFIGS)["early_config_prune"]
     named_args = {"T": torch.empty(0, dtype=dtype)}
     compiled = {(spec.constexprs["BLOCK_N"], spec.num_warps) for spec in pairwise_topk.compile_specs(dtype)}
-    for block_n in pairwise_topk.BLOCK_NS:
-        kept = prune(pairwise_topk._CONFIGS.all, named_args, BLOCK_N=block_n)
-        assert len(kept) == 1 and (block_n, kept[0].num_warps) in compiled
+    for kernel in (
+        pairwise_topk._sap_forward_kernel,
+        pairwise_topk._sap_dsub_kernel,
+        pairwise_topk._sap_dpatches_kernel,
+    ):
+        for block_n in pairwise_topk.BLOCK_NS:
+            kept = kernel.early_config_prune(kernel.all_configs, named_args, BLOCK_N=block_n)
+            assert len(kept) == 1 and (block_n, kept[0].num_warps) in compiled
 
 
 def test_ties_at_the_kth_score_keep_the_lowest_patch_indices():

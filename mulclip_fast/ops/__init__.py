@@ -8,18 +8,15 @@ Over all pairs of a batch (``pairwise.py``): ``pairwise_maxsim``, ``pairwise_rec
 """
 
 from .matched import token_reconstruction, topk_patch_aggregate, wpr_loss
-from .pairwise import (
-    pairwise_maxsim,
-    pairwise_reconstruction_scores,
-    pairwise_topk_aggregate_cosines,
-    pairwise_topk_aggregate_logits,
-)
+from .pairwise import pairwise_maxsim, pairwise_reconstruction_scores, pairwise_topk_aggregate_cosines
+
+# The deprecated alias is importable but not listed in __all__: the public ops are each op once.
+from .pairwise import pairwise_topk_aggregate_logits as pairwise_topk_aggregate_logits
 
 __all__ = [
     "pairwise_maxsim",
     "pairwise_reconstruction_scores",
     "pairwise_topk_aggregate_cosines",
-    "pairwise_topk_aggregate_logits",
     "token_reconstruction",
     "topk_patch_aggregate",
     "wpr_loss",

@@ -1,0 +1,678 @@
+"""What the GPU check runs: shapes, and one task per unit of work, in order of priority.
+
+Sections, most important first (a time limit cuts the tail):
+
+``parity``       every op on the ``triton`` backend vs the reference, values and input gradients, in fp32,
+                 bf16 and fp16, at a small and the paper shape, dense and strided inputs;
+``autotune``     every autotune config of every kernel an op launches, pinned one at a time and checked;
+``determinism``  two forward + backward passes give bitwise equal values and gradients;
+``train_step``   one training step of the ``tiny`` preset (three objectives) and of ``vit-b-16``, fused path
+                 vs reference: loss terms and parameter gradients, then step time and peak memory;
+``timing``       forward + backward time and peak memory at the paper shape: triton, torch, reference;
+``scale``        the all-pairs ops at FineLIP's gathered batch (B = 4096, 197 tokens, d = 512, bf16), where
+                 offset products pass 2^31: value rows and their query gradients against the reference on
+                 those rows (a row of the scores, and its query's gradient, depend on that query alone);
+``compiled``     the same for ``torch.compile`` of the reference (compiling is the slow part).
+
+A task returns a record (a dict with ``ok``); an exception is a crash, which stops the run.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from .. import op_parity
+from ..op_parity import OPS, Sizes, check_case, dense_inputs, evaluate, make_case
+from ..profiling import NvmlSampler, measure_peak_memory
+from . import configs as tuning
+from .peaks import peak_kind
+
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+SECTIONS = ("parity", "autotune", "determinism", "train_step", "timing", "scale", "compiled")
+# Each section's share of the time limit. A section may run until the sum of its share and those before it is
+# spent (so time a section leaves unused passes on); one that would overrun leaves its remaining tasks out
+# and the next section starts, so a slow section cannot starve the rest.
+SHARES = {
+    "parity": 0.25,
+    "autotune": 0.2,
+    "determinism": 0.05,
+    "train_step": 0.15,
+    "timing": 0.15,
+    "scale": 0.1,
+    "compiled": 0.1,
+}
+
+
+def section_deadlines(sections, time_limit: float) -> dict[str, float]:
+    """Seconds from the start by which each of ``sections`` (in plan order) must have started its last task:
+    the cumulative shares of the selected sections, rescaled to sum to ``time_limit``."""
+    chosen = [s for s in SECTIONS if s in sections]
+    total = sum(SHARES[s] for s in chosen)
+    deadlines, spent = {}, 0.0
+    for section in chosen:
+        spent += SHARES[section] / total * time_limit
+        deadlines[section] = spent
+    return deadlines
+
+
+# Per op: the small shape (non-power-of-two lengths and width, several blocks) and the paper's
+# (B = 64, 248 words, 196 patches, M = 8 subcaptions, k = 49, d = 512). For the matched ops a = the patches
+# (wpr), the words (reconstruction) or the subcaptions (SAP); for the all-pairs ops a = the caption side.
+GPU_SHAPES = {
+    "wpr_loss": {"small": Sizes(4, 23, 4, 37, 72), "paper": Sizes(64, 196, 64, 248, 512)},
+    "token_reconstruction": {"small": Sizes(4, 37, 4, 23, 72), "paper": Sizes(64, 248, 64, 196, 512)},
+    "topk_patch_aggregate": {"small": Sizes(4, 5, 4, 37, 72, k=10), "paper": Sizes(64, 8, 64, 196, 512, k=49)},
+    "pairwise_maxsim": {"small": Sizes(5, 23, 4, 37, 72), "paper": Sizes(64, 248, 64, 196, 512)},
+    "pairwise_reconstruction_scores": {"small": Sizes(5, 23, 4, 37, 72), "paper": Sizes(64, 248, 64, 196, 512)},
+    "pairwise_topk_aggregate_cosines": {
+        "small": Sizes(5, 5, 4, 37, 72, k=10),
+        "paper": Sizes(64, 8, 64, 196, 512, k=49),
+    },
+}
+# The dry run's stand-ins, sized for Triton's interpreter (its "paper" shape has d > 32: several d chunks).
+DRY_SHAPES = {
+    "wpr_loss": {"small": Sizes(2, 5, 2, 7, 24), "paper": Sizes(2, 6, 2, 9, 40)},
+    "token_reconstruction": {"small": Sizes(2, 7, 2, 5, 24), "paper": Sizes(2, 9, 2, 6, 40)},
+    "topk_patch_aggregate": {"small": Sizes(2, 3, 2, 9, 24, k=3), "paper": Sizes(2, 4, 2, 10, 40, k=3)},
+    "pairwise_maxsim": {"small": Sizes(2, 5, 3, 7, 24), "paper": Sizes(2, 6, 2, 9, 40)},
+    "pairwise_reconstruction_scores": {"small": Sizes(2, 5, 3, 7, 24), "paper": Sizes(2, 6, 2, 9, 40)},
+    "pairwise_topk_aggregate_cosines": {"small": Sizes(2, 3, 3, 9, 24, k=3), "paper": Sizes(2, 4, 2, 10, 40, k=3)},
+}
+# Extra shapes for the config sweep: the SAP kernels pick their warps from the patch tile (up to 128 patches
+# one config, 256 another), so a second shape with more than 128 patches reaches the other configs.
+WIDE_TOPK = {"gpu": Sizes(3, 5, 2, 150, 72, k=38), "dry": Sizes(1, 2, 1, 137, 16, k=35)}
+TOPK_OPS = ("topk_patch_aggregate", "pairwise_topk_aggregate_cosines")
+
+# The strided variant of a case: features sliced out of a wider tensor, a batch that is every other sample
+# of a larger one, a mask expanded from one row (stride 0) and a transposed one.
+STRIDED = {
+    "a_layout": "sliced-width",
+    "b_layout": "batch-strided",
+    "a_mask_layout": "expanded-row",
+    "b_mask_layout": "transposed",
+}
+
+# Training steps: (preset, objective, batch on the GPU, batch in the dry run, model overrides in the dry run).
+TRAIN_OBJECTIVES = {
+    "mulclip": {"loss": "mulclip", "sap_pairing": "matched"},
+    "finelip": {"loss": "finelip", "sap_pairing": "matched"},
+    "mulclip-sap-all": {"loss": "mulclip", "sap_pairing": "all"},
+}
+# The dry run keeps each preset's image and patch grid and text context but cuts depth and widths, so that a
+# step through Triton's interpreter takes seconds.
+_DRY_TOWERS = {"embed_dim": 32, "vision_layers": 1, "transformer_layers": 1}
+_DRY_VIT = {**_DRY_TOWERS, "vision_width": 64, "vision_heads": 2, "transformer_width": 64, "transformer_heads": 2}
+# (preset, objective, GPU batch, dry-run batch or None to leave the case out of a dry run, dry-run overrides)
+# ViT-B/16 first: the paper's model is the case a short GPU run must not leave out.
+TRAIN_CASES = (
+    ("vit-b-16", "mulclip", 64, 2, _DRY_VIT),
+    ("tiny", "mulclip", 128, None, _DRY_TOWERS),
+    ("tiny", "finelip", 128, 2, _DRY_TOWERS),
+    ("tiny", "mulclip-sap-all", 128, 2, _DRY_TOWERS),
+)
+TRAIN_RTOL = 1e-4
+
+
+@dataclass
+class Task:
+    section: str
+    name: str
+    estimate_s: float
+    run: Callable[[], dict]
+    context: dict = field(default_factory=dict)  # op, shape, dtype: named in a crash report
+    always: bool = False  # a summary of what ran before it: runs whatever the time
+
+
+@dataclass
+class Setting:
+    """What differs between a GPU run and a dry run."""
+
+    device: torch.device
+    dry: bool
+    compile_backend: str
+    peaks: dict | None = None
+
+    @property
+    def shapes(self) -> dict:
+        return DRY_SHAPES if self.dry else GPU_SHAPES
+
+    @property
+    def mode(self) -> str:
+        return "dry" if self.dry else "gpu"
+
+    @property
+    def parity_shapes(self) -> tuple[str, ...]:
+        return ("small",) if self.dry else ("small", "paper")
+
+    def dtypes(self, section: str) -> tuple[torch.dtype, ...]:
+        """Every dtype for parity (and, on a GPU, for the config sweep); fp32 and bf16 for the determinism
+        and timing sections. A dry run sweeps configs in fp32 and bf16 (fp16 launches bf16's configs) and
+        determinism and timing in fp32 only."""
+        if section == "parity" or (section == "autotune" and not self.dry):
+            return DTYPES
+        if section == "autotune" or not self.dry:
+            return (torch.float32, torch.bfloat16)
+        return (torch.float32,)
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _context(op: str, sizes: Sizes, dtype: torch.dtype, **extra) -> dict:
+    return {"op": op, "shape": sizes.label(), "dtype": _dtype_name(dtype), **extra}
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# ----------------------------------------------------------------------------------------------------
+# parity
+# ----------------------------------------------------------------------------------------------------
+
+
+def _parity_task(setting: Setting, op: str, shape: str, dtype: torch.dtype, strided: bool) -> Task:
+    sizes = setting.shapes[op][shape]
+    layout = (
+        STRIDED if strided else {"a_mask_kind": "one-empty" if shape == "small" else "prefix", "b_mask_kind": "prefix"}
+    )
+
+    def run() -> dict:
+        case = make_case(op, sizes, dtype=dtype, device=setting.device, seed=3, **layout)
+        result = check_case(case, "triton")
+        return {
+            "ok": result.ok,
+            "case": result.case,
+            "tolerance": result.tolerance,
+            "max_abs_error": result.max_abs_error,
+            "problems": result.problems,
+        }
+
+    estimate = {"gpu": 1.5 if shape == "paper" else 0.8, "dry": 0.6}[setting.mode]
+    name = f"{op} {shape} {_dtype_name(dtype)} {'strided' if strided else 'dense'}"
+    return Task("parity", name, estimate, run, _context(op, sizes, dtype, layout="strided" if strided else "dense"))
+
+
+def parity_tasks(setting: Setting) -> list[Task]:
+    tasks = []
+    for dtype in setting.dtypes("parity"):
+        for shape in setting.parity_shapes:
+            for op in OPS:
+                tasks.append(_parity_task(setting, op, shape, dtype, strided=False))
+                if shape == "small" or dtype != torch.float16:
+                    tasks.append(_parity_task(setting, op, shape, dtype, strided=True))
+    return tasks
+
+
+# ----------------------------------------------------------------------------------------------------
+# autotune configs
+# ----------------------------------------------------------------------------------------------------
+
+
+class ConfigSweep:
+    """Pins every config of every tuned kernel an op launches and checks the op.
+
+    ``thorough`` (the GPU run): every (kernel, config) once per dtype and per op that launches the kernel
+    (ops launch the same kernel with different constexpr variants). Otherwise (the dry run) each
+    (kernel, config) once, through the first op that launches it."""
+
+    def __init__(self, thorough: bool = True):
+        self.thorough = thorough
+        self.dtypes: tuple[torch.dtype, ...] = DTYPES  # the dtypes the plan sweeps (set by autotune_tasks)
+        self.kernels: dict[str, object] | None = None
+        self.checked: dict[tuple[str, str, str, str], dict] = {}  # (kernel, config, dtype, op) -> record
+        # (kernel, config, dtype, op, sizes) whose launches the config does not serve: not pinned again
+        self.not_served: set[tuple[str, str, str, str, str]] = set()
+        self.launched_by: dict[str, set[str]] = {}  # kernel -> ops that launch it
+
+    def _kernels(self) -> dict[str, object]:
+        if self.kernels is None:
+            self.kernels = tuning.autotuned_kernels()
+        return self.kernels
+
+    def check(self, setting: Setting, op: str, sizes: Sizes, dtype: torch.dtype) -> dict:
+        kernels = self._kernels()
+        # dense inputs: a failure here is the config's, not a layout's (parity covers the layouts)
+        case = make_case(op, sizes, dtype=dtype, device=setting.device, seed=5, a_mask_kind="prefix")
+        expected = evaluate(case, None, dense_inputs(case))
+        with tuning.LaunchRecorder(kernels) as recorder:
+            first = check_case(case, "triton", expected=expected)
+        launched = recorder.launched()
+        records, problems = [], [f"tuned choice: {p}" for p in first.problems]
+        for label in launched:
+            self.launched_by.setdefault(label, set()).add(op)
+            kernel = kernels[label]
+            configs = tuning.all_configs(kernel)
+            if len(configs) < 2:
+                continue
+            for config in configs:
+                key = (label, tuning.config_label(config), _dtype_name(dtype), op)
+                if key in self.checked or (not self.thorough and any(k[:2] == key[:2] for k in self.checked)):
+                    continue
+                if (*key, sizes.label()) in self.not_served or (
+                    not self.thorough and any(k[:3] == key[:3] and k[4] == sizes.label() for k in self.not_served)
+                ):
+                    continue
+                try:
+                    with (
+                        tuning.LaunchRecorder({label: kernel}) as pinned_launches,
+                        tuning.pinned(kernel, config) as state,
+                    ):
+                        result = check_case(case, "triton", expected=expected)
+                except tuning.NotServed:
+                    # not a launch this config serves (another dtype class or patch tile)
+                    self.not_served.add((*key, sizes.label()))
+                    continue
+                ran = {cfg for _, cfg in pinned_launches.launches}
+                record = {
+                    "kernel": label,
+                    "config": key[1],
+                    "dtype": key[2],
+                    "op": op,
+                    "shape": sizes.label(),
+                    "launches": state.served,
+                    "ran_pinned": key[1] in ran,
+                    "ok": result.ok,
+                    "max_abs_error": result.max_abs_error,
+                    "problems": result.problems,
+                }
+                if not record["ran_pinned"]:
+                    record["ok"] = False
+                    record["problems"] = [*result.problems, f"the tuner ran {sorted(ran)}, not the pinned config"]
+                self.checked[key] = record
+                records.append(record)
+                problems += [f"{label} [{key[1]}]: {p}" for p in record["problems"]]
+        return {"ok": not problems, "kernels_launched": launched, "configs_checked": records, "problems": problems}
+
+    def coverage(self, dtypes_run: set[str]) -> dict:
+        """Every config of every tuned kernel, with the dtypes it was checked in; the ones never reached."""
+        rows, unreached = [], []
+        for label, kernel in sorted(self._kernels().items()):
+            configs = tuning.all_configs(kernel)
+            for config in configs:
+                name = tuning.config_label(config)
+                dtypes = sorted({d for (k, c, d, _) in self.checked if k == label and c == name})
+                only = len(configs) == 1
+                rows.append({"kernel": label, "config": name, "checked_in": dtypes, "only_config": only})
+                if not dtypes and not only:
+                    unreached.append(f"{label} [{name}]")
+        problems = (
+            [f"never launched by this plan: {item}" for item in unreached]
+            if dtypes_run == set(map(_dtype_name, self.dtypes))
+            else []
+        )
+        return {
+            "ok": not problems,
+            "configs": rows,
+            "unreached": unreached,
+            "launched_by": {k: sorted(v) for k, v in self.launched_by.items()},
+            "problems": problems,
+        }
+
+
+def autotune_tasks(setting: Setting, sweep: ConfigSweep) -> list[Task]:
+    tasks, dtypes_run = [], set()
+    sweep.dtypes = setting.dtypes("autotune")
+    # A dry run checks each config once, through the first op that launches it: the reconstruction runs the
+    # token-softmax kernels at a fifth of the cost of the WPR loss.
+    ops = sorted(OPS, key=lambda op: op != "token_reconstruction") if setting.dry else list(OPS)
+    for dtype in sweep.dtypes:
+        for op in ops:
+            shapes = [setting.shapes[op]["small"]]
+            if op in TOPK_OPS:
+                shapes.append(WIDE_TOPK[setting.mode])
+            for sizes in shapes:
+
+                def run(op=op, sizes=sizes, dtype=dtype) -> dict:
+                    dtypes_run.add(_dtype_name(dtype))
+                    return sweep.check(setting, op, sizes, dtype)
+
+                estimate = {"gpu": 6.0, "dry": 2.5}[setting.mode]
+                name = f"{op} {_dtype_name(dtype)} {sizes.label()}"
+                tasks.append(Task("autotune", name, estimate, run, _context(op, sizes, dtype)))
+    tasks.append(Task("autotune", "coverage", 0.0, lambda: sweep.coverage(dtypes_run), always=True))
+    return tasks
+
+
+# ----------------------------------------------------------------------------------------------------
+# determinism
+# ----------------------------------------------------------------------------------------------------
+
+
+def determinism_tasks(setting: Setting) -> list[Task]:
+    tasks = []
+    for dtype in setting.dtypes("determinism"):
+        for op in OPS:
+            sizes = setting.shapes[op]["paper"]
+
+            def run(op=op, sizes=sizes, dtype=dtype) -> dict:
+                case = make_case(op, sizes, dtype=dtype, device=setting.device, seed=9, a_mask_kind="prefix")
+                first, second = evaluate(case, "triton"), evaluate(case, "triton")
+                names = ("value", "grad a", "grad b")
+                differing = [n for n, x, y in zip(names, first, second, strict=True) if not torch.equal(x, y)]
+                return {
+                    "ok": not differing,
+                    "case": case.label(),
+                    "bitwise_equal": not differing,
+                    "differing": differing,
+                }
+
+            name = f"{op} paper {_dtype_name(dtype)}"
+            tasks.append(
+                Task("determinism", name, {"gpu": 2.0, "dry": 1.2}[setting.mode], run, _context(op, sizes, dtype))
+            )
+    return tasks
+
+
+# ----------------------------------------------------------------------------------------------------
+# timing and memory
+# ----------------------------------------------------------------------------------------------------
+
+
+def time_call(fn: Callable[[], object], device: torch.device) -> dict:
+    """Median milliseconds of ``fn()``: ``triton.testing.do_bench`` (CUDA events, after warm-up runs) on a
+    GPU; elsewhere (a dry run: the numbers only rehearse the report) one wall-clock run."""
+    if device.type == "cuda":
+        import triton.testing
+
+        return {
+            "median_ms": float(triton.testing.do_bench(fn, warmup=10, rep=60, return_mode="median")),
+            "method": "triton.testing.do_bench",
+        }
+    start = time.perf_counter()
+    fn()
+    return {"median_ms": 1e3 * (time.perf_counter() - start), "method": "perf_counter"}
+
+
+def _fractions(setting: Setting, op: str, sizes: Sizes, dtype: torch.dtype, seconds: float) -> dict:
+    cost = OPS[op].cost(sizes, torch.empty((), dtype=dtype).element_size())
+    moved = cost.bytes_forward + cost.bytes_backward
+    out = {"flops": cost.flops, "bytes": moved, "flops_per_s": cost.flops / seconds, "bytes_per_s": moved / seconds}
+    peaks = setting.peaks or {}
+    flops_peak = (peaks.get("flops_per_s") or {}).get(peak_kind(dtype))
+    out["peak_flops_kind"] = peak_kind(dtype)
+    out["fraction_of_peak_flops"] = out["flops_per_s"] / flops_peak if flops_peak else None
+    out["fraction_of_peak_bandwidth"] = out["bytes_per_s"] / peaks["bytes_per_s"] if peaks.get("bytes_per_s") else None
+    return out
+
+
+def _timing_task(setting: Setting, op: str, dtype: torch.dtype, backend: str) -> Task:
+    sizes = setting.shapes[op]["paper"]
+
+    def run() -> dict:
+        case = make_case(op, sizes, dtype=dtype, device=setting.device, seed=13, a_mask_kind="prefix")
+        if backend == "compiled-reference":
+            compiled = torch.compile(OPS[op].reference, backend=setting.compile_backend)
+            start = time.perf_counter()
+            expected = evaluate(case, None, dense_inputs(case))
+            got = evaluate(case, None, call=compiled)
+            compile_s = time.perf_counter() - start
+            problems = [
+                f"{name}: {problem}"
+                for name, g, w in zip(("value", "grad a", "grad b"), got, expected, strict=True)
+                if (problem := op_parity.compare(g, w, op_parity.TOLERANCE[dtype])[2])
+            ]
+
+            def fn():
+                return evaluate(case, None, call=compiled)
+        else:
+            compile_s, problems = None, []
+            concrete = None if backend == "reference" else backend
+
+            def fn():
+                return evaluate(case, concrete) if concrete else evaluate(case, None)
+
+        if not setting.dry:
+            fn()  # warm-up: kernels compile and autotune here
+            _synchronize(setting.device)
+        with NvmlSampler(setting.device.index or 0) as sampler:
+            timing = time_call(fn, setting.device)
+        peak, method = measure_peak_memory(fn, setting.device, compiled=backend == "compiled-reference")
+        record = {
+            "ok": not problems,
+            "op": op,
+            "backend": backend,
+            "dtype": _dtype_name(dtype),
+            "shape": sizes.label(),
+            **timing,
+            "peak_bytes": peak,
+            "memory_method": method,
+            **_fractions(setting, op, sizes, dtype, timing["median_ms"] / 1e3),
+            "nvml": sampler.summary(),
+            "problems": problems,
+        }
+        if compile_s is not None:
+            record["first_call_s"] = compile_s
+            record["compile_backend"] = setting.compile_backend
+        return record
+
+    # Rough guesses, like every estimate here (the time limit, not these, bounds the run). Inductor
+    # compiles the forward and the backward of each op.
+    estimate = {
+        "gpu": 45.0 if backend == "compiled-reference" else 2.0,
+        "dry": 2.0 if backend == "compiled-reference" else 0.6,
+    }
+    section = "compiled" if backend == "compiled-reference" else "timing"
+    name = f"{op} paper {_dtype_name(dtype)} {backend}"
+    return Task(section, name, estimate[setting.mode], run, _context(op, sizes, dtype, backend=backend))
+
+
+def timing_tasks(setting: Setting) -> list[Task]:
+    tasks = [
+        _timing_task(setting, op, dtype, backend)
+        for dtype in setting.dtypes("timing")
+        for op in OPS
+        for backend in ("triton", "torch", "reference")
+    ]
+    return tasks
+
+
+def compiled_tasks(setting: Setting) -> list[Task]:
+    return [_timing_task(setting, op, torch.float32, "compiled-reference") for op in OPS]
+
+
+# ----------------------------------------------------------------------------------------------------
+# training step
+# ----------------------------------------------------------------------------------------------------
+
+
+def _train_task(setting: Setting, preset: str, objective: str, gpu_batch: int, dry_batch: int, dry_overrides: dict):
+    batch_size = dry_batch if setting.dry else gpu_batch
+    overrides = dry_overrides if setting.dry else {}
+
+    def run() -> dict:
+        from ..data import Collator, open_dataset
+        from ..model import preset_config
+        from ..train import TrainConfig, Trainer, resolve_config
+
+        fast = "triton" if setting.device.type != "cuda" else "auto"
+        trainers = {}
+        for path, backend in (("reference", "reference"), ("fast", fast)):
+            config = resolve_config(
+                TrainConfig(
+                    preset=preset,
+                    model_overrides=overrides,
+                    **TRAIN_OBJECTIVES[objective],
+                    backend=backend,
+                    fine_start=0.0,
+                    fine_ramp=0.0,
+                    lr=1e-4,
+                    device=str(setting.device),
+                )
+            )
+            trainers[path] = Trainer(config)
+        reference, fast_trainer = trainers["reference"], trainers["fast"]
+        image_size = preset_config(preset, **overrides).image_resolution
+        dataset = open_dataset("synthetic", "train", image_size, size=batch_size, seed=0)
+        collator = Collator(reference.config.max_subcaptions, with_subcaptions=reference.needs_subcaptions)
+        batch = collator([dataset[i] for i in range(batch_size)]).to(setting.device)
+        logs, timing = {}, {}
+        for path, trainer in trainers.items():
+            # The first step of each path starts from the same parameters: its loss terms and gradients are
+            # compared. In a dry run it is also the only step, timed and measured.
+            start = time.perf_counter()
+            if setting.dry:
+                peak, method = measure_peak_memory(
+                    lambda t=trainer, p=path: logs.update({p: t.step(batch, 0.5)}), setting.device
+                )
+                timing[path] = {"step_s": time.perf_counter() - start, "peak_bytes": peak, "memory_method": method}
+            else:
+                logs[path] = trainer.step(batch, progress=0.5)
+        terms = [name for name in logs["reference"] if name not in ("lr", "fine_scale", "logit_scale")]
+        problems = []
+        for name in terms:
+            want, got = logs["reference"][name], logs["fast"][name]
+            if abs(got - want) > TRAIN_RTOL * max(abs(want), 1e-12):
+                problems.append(f"loss term {name}: fast {got:.8g} vs reference {want:.8g}")
+        pairs = [
+            (p.grad, q.grad)
+            for p, q in zip(reference.model.parameters(), fast_trainer.model.parameters(), strict=True)
+            if p.grad is not None or q.grad is not None
+        ]
+        missing = sum(1 for p, q in pairs if p is None or q is None)
+        want_flat = torch.cat([p.flatten().double() for p, q in pairs if p is not None and q is not None])
+        got_flat = torch.cat([q.flatten().double() for p, q in pairs if p is not None and q is not None])
+        grad_error = float((got_flat - want_flat).norm() / want_flat.norm().clamp(min=1e-30))
+        if grad_error > TRAIN_RTOL:
+            problems.append(f"parameter gradients differ by {grad_error:.3g} of their norm (> {TRAIN_RTOL:g})")
+        if missing:
+            problems.append(f"{missing} parameters have a gradient on one path only")
+        for path, trainer in trainers.items() if not setting.dry else ():
+
+            def step(trainer=trainer):
+                trainer.optimizer.zero_grad(set_to_none=True)
+                out = trainer.step(batch, progress=0.5)
+                _synchronize(setting.device)
+                return out
+
+            times = []
+            for _ in range(3):
+                start = time.perf_counter()
+                step()
+                times.append(time.perf_counter() - start)
+            peak, method = measure_peak_memory(step, setting.device)
+            timing[path] = {"step_s": statistics.median(times), "peak_bytes": peak, "memory_method": method}
+        return {
+            "ok": not problems,
+            "preset": preset,
+            "objective": objective,
+            "batch": batch_size,
+            "model_overrides": overrides,
+            "backend_fast": fast_trainer.config.backend,
+            "loss_terms": {name: {"reference": logs["reference"][name], "fast": logs["fast"][name]} for name in terms},
+            "grad_relative_error": grad_error,
+            "timing": timing,
+            "problems": problems,
+        }
+
+    estimate = {"gpu": 40.0 if preset == "vit-b-16" else 12.0, "dry": 4.0 if preset == "vit-b-16" else 3.0}
+    context = {"op": f"train step {objective}", "shape": f"{preset} B={batch_size}", "dtype": "float32"}
+    return Task("train_step", f"{preset} {objective} B={batch_size}", estimate[setting.mode], run, context)
+
+
+def train_tasks(setting: Setting) -> list[Task]:
+    return [_train_task(setting, *case) for case in TRAIN_CASES if not (setting.dry and case[3] is None)]
+
+
+# ----------------------------------------------------------------------------------------------------
+# scale: the all-pairs ops at the largest gathered batch
+# ----------------------------------------------------------------------------------------------------
+
+# FineLIP bidirectional over a gathered batch of 4096 with 197 tokens a side: n_k · n_rows = 4096 · 4096 · 197
+# passes 2^31, so every offset product must be 64-bit. SAP all-pairs at the same batch (M = 8, k = 50).
+SCALE_SHAPES = {
+    "gpu": {
+        "pairwise_maxsim": Sizes(4096, 197, 4096, 197, 512),
+        "pairwise_reconstruction_scores": Sizes(4096, 197, 4096, 197, 512),
+        "pairwise_topk_aggregate_cosines": Sizes(4096, 8, 4096, 197, 512, k=50),
+    },
+    "dry": {
+        "pairwise_maxsim": Sizes(6, 5, 5, 7, 24),
+        "pairwise_reconstruction_scores": Sizes(6, 5, 5, 7, 24),
+        "pairwise_topk_aggregate_cosines": Sizes(6, 3, 5, 9, 24, k=3),
+    },
+}
+SCALE_ROWS = 3  # query sets compared with the reference: the first, a middle one and the last
+
+
+def _scale_bytes(op: str, sizes: Sizes) -> int:
+    """Rough device memory the fused op needs at ``sizes`` in bf16: inputs and their gradients, and the saved
+    per-(query set, key set, token) statistics (8 bytes each, both directions for max-sim)."""
+    pairs = sizes.batch_a * sizes.batch_b
+    if op == "pairwise_topk_aggregate_cosines":
+        stats = pairs * sizes.len_a * ((sizes.len_b + 7) // 8 + 8)
+    else:
+        stats = pairs * (sizes.len_a + (sizes.len_b if op == "pairwise_maxsim" else 0)) * 8
+    tokens = (sizes.batch_a * sizes.len_a + sizes.batch_b * sizes.len_b) * sizes.width
+    return 2 * stats + tokens * 12
+
+
+def _scale_task(setting: Setting, op: str) -> Task:
+    sizes = SCALE_SHAPES[setting.mode][op]
+    dtype = torch.bfloat16
+
+    def run() -> dict:
+        needed = _scale_bytes(op, sizes)
+        if setting.device.type == "cuda":
+            free = torch.cuda.mem_get_info(setting.device)[0]
+            if needed > free:
+                return {"ok": True, "skipped": f"needs about {needed / 2**30:.0f} GiB, {free / 2**30:.0f} GiB free"}
+        case = make_case(op, sizes, dtype=dtype, device=setting.device, seed=21, a_mask_kind="prefix")
+        try:
+            value, grad_a, _ = evaluate(case, "triton")
+        except torch.cuda.OutOfMemoryError as error:  # the estimate was short: a fact, not a kernel bug
+            torch.cuda.empty_cache()
+            return {"ok": True, "skipped": f"out of memory: {error}"}
+        rows = sorted({0, sizes.batch_a // 2, sizes.batch_a - 1})[:SCALE_ROWS]
+        a_rows = case.a.detach()[rows].requires_grad_()
+        b_fixed = case.b.detach()
+        want = OPS[op].reference(a_rows, b_fixed, case.a_mask[rows], case.b_mask, **case.options)
+        upstream = case.upstream[(tuple(value.shape), value.dtype, value.device)][rows]
+        (want_grad,) = torch.autograd.grad(want, (a_rows,), grad_outputs=upstream)
+        tolerance = op_parity.TOLERANCE[dtype]
+        scaled = {**tolerance, "atol": tolerance["atol"] * max(1.0, float(want_grad.abs().max()))}
+        problems = []
+        for name, got, expected, limits in (
+            ("value rows", value[rows], want.detach(), tolerance),
+            (f"grad {OPS[op].arg_names[0]} rows", grad_a[rows], want_grad, scaled),
+        ):
+            problem = op_parity.compare(got, expected, limits)[2]
+            if problem:
+                problems.append(f"{name}: {problem}")
+        return {
+            "ok": not problems,
+            "op": op,
+            "shape": sizes.label(),
+            "dtype": _dtype_name(dtype),
+            "rows_checked": rows,
+            "estimated_bytes": needed,
+            "problems": problems,
+        }
+
+    name = f"{op} {sizes.label()} {_dtype_name(dtype)}"
+    estimate = {"gpu": 25.0, "dry": 1.0}[setting.mode]
+    return Task("scale", name, estimate, run, _context(op, sizes, dtype))
+
+
+def scale_tasks(setting: Setting) -> list[Task]:
+    return [_scale_task(setting, op) for op in SCALE_SHAPES[setting.mode]]
+
+
+def build_plan(setting: Setting, sections: tuple[str, ...] = SECTIONS) -> list[Task]:
+    builders = {
+        "parity": parity_tasks,
+        "autotune": lambda s: autotune_tasks(s, ConfigSweep(thorough=not s.dry)),
+        "determinism": determinism_tasks,
+        "train_step": train_tasks,
+        "timing": timing_tasks,
+        "scale": scale_tasks,
+        "compiled": compiled_tasks,
+    }
+    return [task for section in SECTIONS if section in sections for task in builders[section](setting)]

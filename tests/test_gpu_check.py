@@ -1,0 +1,279 @@
+"""``python -m mulclip_fast.gpu_check``: the dry run's report, exit codes, crash and time-limit handling.
+
+The dry run (``--dry-run``) runs the GPU plan at tiny shapes on the CPU through Triton's interpreter; it is
+run once, as a subprocess, into a temporary directory, and its JSON and markdown reports are checked. The
+runner's own behaviour (a crash stops the run and names the op, shape and dtype; the time limit leaves tasks
+out; the watchdog interrupts a task that overruns) is checked in-process on small fake plans.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from mulclip_fast import gpu_check
+from mulclip_fast.gpu_check import plan as plan_module
+from mulclip_fast.gpu_check import runner
+from mulclip_fast.gpu_check.configs import all_configs, autotuned_kernels, config_label
+from mulclip_fast.gpu_check.plan import DTYPES, Task
+from mulclip_fast.op_parity import OPS
+
+REPO = Path(__file__).resolve().parents[1]
+TOP_LEVEL_KEYS = {
+    "schema",
+    "command",
+    "mode",
+    "status",
+    "exit_code",
+    "started_utc",
+    "elapsed_s",
+    "time_limit_s",
+    "machine",
+    "peaks",
+    "tolerances",
+    "plan",
+    "sections",
+    "skipped",
+    "failures",
+    "crash",
+}
+
+
+def _reports(directory: Path) -> tuple[dict, str]:
+    [json_path] = directory.glob("gpu-check-*.json")
+    [md_path] = directory.glob("gpu-check-*.md")
+    assert json_path.stem == md_path.stem
+    return json.loads(json_path.read_text()), md_path.read_text()
+
+
+@pytest.fixture(scope="module")
+def dry_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("gpu-check")
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    started = time.monotonic()
+    completed = subprocess.run(
+        # a generous limit: this test checks what the plan covers, not how fast this machine is
+        [sys.executable, "-m", "mulclip_fast.gpu_check", "--dry-run", "--out", str(out), "--time-limit", "1200"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    data, markdown = _reports(out)
+    return completed, data, markdown, time.monotonic() - started
+
+
+def test_dry_run_passes_and_writes_its_reports(dry_run):
+    completed, data, _, _ = dry_run
+    assert completed.returncode == gpu_check.EXIT_OK, completed.stdout[-4000:] + completed.stderr[-4000:]
+    assert set(data) >= TOP_LEVEL_KEYS
+    assert data["schema"] == gpu_check.SCHEMA
+    assert data["mode"] == "dry-run" and data["status"] == "passed" and data["exit_code"] == 0
+    assert data["failures"] == [] and data["crash"] is None and data["skipped"] == []
+    assert data["machine"]["device"] in ("cpu", "cuda")
+    assert data["tolerances"]["float32"] == {"atol": 1e-5, "rtol": 1e-4}
+    assert data["tolerances"]["bfloat16"]["rtol"] == 2e-2 and data["tolerances"]["float16"]["rtol"] == 2e-2
+    # the plan printed and recorded its estimate, and every planned task ran
+    assert "tasks, estimated" in completed.stdout
+    assert data["plan"]["tasks"] == sum(len(records) for records in data["sections"].values())
+    assert all(entry["ran"] == entry["tasks"] for entry in data["plan"]["sections"].values())
+
+
+def test_dry_run_checks_parity_of_every_op_dtype_and_layout(dry_run):
+    _, data, _, _ = dry_run
+    records = data["sections"]["parity"]
+    seen = set()
+    for record in records:
+        op, _, dtype, layout = record["task"].split()
+        seen.add((op, dtype, layout))
+        assert record["ok"] and record["problems"] == []
+        assert set(record["max_abs_error"]) == {"value", *(f"grad {n}" for n in OPS[op].arg_names[:2])}
+        assert all(math.isfinite(error) for error in record["max_abs_error"].values())
+    dtypes = {str(d).removeprefix("torch.") for d in DTYPES}
+    assert seen == {(op, d, layout) for op in OPS for d in dtypes for layout in ("dense", "strided")}
+
+
+def test_dry_run_pins_every_autotune_config(dry_run):
+    _, data, markdown, _ = dry_run
+    coverage = next(r for r in data["sections"]["autotune"] if r["task"] == "coverage")
+    assert coverage["ok"] and coverage["unreached"] == []
+    kernels = autotuned_kernels()
+    expected = {(label, config_label(c)) for label, kernel in kernels.items() for c in all_configs(kernel)}
+    assert {(row["kernel"], row["config"]) for row in coverage["configs"]} == expected
+    pinned = [c for r in data["sections"]["autotune"] for c in r.get("configs_checked", [])]
+    assert pinned and all(c["ok"] and c["ran_pinned"] and c["launches"] >= 1 for c in pinned)
+    multi = {
+        (label, config_label(c)) for label, k in kernels.items() if len(all_configs(k)) > 1 for c in all_configs(k)
+    }
+    assert {(c["kernel"], c["config"]) for c in pinned} == multi
+    assert "## Autotune configs, each pinned" in markdown
+
+
+def test_dry_run_covers_determinism_timing_training_steps_and_scale(dry_run):
+    _, data, markdown, _ = dry_run
+    sections = data["sections"]
+    assert {r["task"].split()[0] for r in sections["determinism"]} == set(OPS)
+    assert all(r["bitwise_equal"] for r in sections["determinism"])
+    timed = {(r["op"], r["backend"]) for r in sections["timing"] + sections["compiled"]}
+    assert timed == {(op, b) for op in OPS for b in ("triton", "torch", "reference", "compiled-reference")}
+    for record in sections["timing"] + sections["compiled"]:
+        assert record["median_ms"] > 0 and record["peak_bytes"] > 0 and record["flops"] > 0 and record["bytes"] > 0
+        assert record["nvml"]["available"] in (True, False)
+    steps = sections["train_step"]
+    assert {(r["preset"], r["objective"]) for r in steps} >= {("tiny", "finelip"), ("vit-b-16", "mulclip")}
+    for record in steps:
+        assert record["ok"] and record["grad_relative_error"] <= 1e-4
+        assert set(record["timing"]) == {"reference", "fast"}
+        assert record["loss_terms"]["loss"]["fast"] == pytest.approx(
+            record["loss_terms"]["loss"]["reference"], rel=1e-4
+        )
+    for op in OPS:
+        assert op in markdown
+    assert {r["op"] for r in sections["scale"]} == {op for op in OPS if op.startswith("pairwise")}
+    assert all(r["ok"] and "skipped" not in r and len(r["rows_checked"]) == 3 for r in sections["scale"])
+    for heading in ("## Parity", "## Determinism", "## Training step", "## Time and memory", "## Largest"):
+        assert heading in markdown
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a machine without CUDA")
+def test_without_cuda_it_says_so_and_exits_with_its_own_code(tmp_path):
+    completed = subprocess.run(
+        [sys.executable, "-m", "mulclip_fast.gpu_check", "--out", str(tmp_path)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert completed.returncode == gpu_check.EXIT_NO_CUDA == 3
+    assert "no CUDA device" in completed.stdout and "--dry-run" in completed.stdout
+    assert list(tmp_path.iterdir()) == []
+
+
+# ----------------------------------------------------------------------------------------------------
+# The runner on fake plans (in-process)
+# ----------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def fake_plan(monkeypatch):
+    """Replace the plan by the tasks a test gives; keep the process's torch thread count."""
+    threads = torch.get_num_threads()
+    tasks: list[Task] = []
+    monkeypatch.setattr(plan_module, "build_plan", lambda setting, sections: list(tasks))
+    yield tasks
+    torch.set_num_threads(threads)
+
+
+def _ok(name="fine", estimate=0.01):
+    return Task("parity", name, estimate, lambda: {"ok": True, "problems": []})
+
+
+def test_a_crash_stops_the_run_names_op_shape_dtype_and_still_writes(fake_plan, tmp_path):
+    def crash():
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    ran = []
+    fake_plan += [
+        _ok("first"),
+        Task("parity", "boom", 0.01, crash, {"op": "wpr_loss", "shape": "a=[64,196,512]", "dtype": "bfloat16"}),
+        Task("parity", "after", 0.01, lambda: ran.append(1) or {"ok": True}),
+    ]
+    code = runner.main(["--dry-run", "--out", str(tmp_path)])
+    data, markdown = _reports(tmp_path)
+    assert code == data["exit_code"] == gpu_check.EXIT_CRASHED == 5
+    assert data["status"] == "crashed" and not ran
+    crash = data["crash"]
+    assert (crash["op"], crash["shape"], crash["dtype"], crash["task"]) == (
+        "wpr_loss",
+        "a=[64,196,512]",
+        "bfloat16",
+        "boom",
+    )
+    assert "illegal memory access" in crash["error"] and "Traceback" in crash["traceback"]
+    assert [r["task"] for r in data["sections"]["parity"]] == ["first"]
+    assert "## Crash" in markdown and "wpr_loss" in markdown
+
+
+def test_a_failed_check_is_reported_and_the_run_goes_on(fake_plan, tmp_path):
+    fake_plan += [Task("parity", "bad", 0.01, lambda: {"ok": False, "problems": ["value: too far"]}), _ok("next")]
+    code = runner.main(["--dry-run", "--out", str(tmp_path)])
+    data, markdown = _reports(tmp_path)
+    assert code == gpu_check.EXIT_FAILED == 1 and data["status"] == "failed"
+    assert data["failures"] == ["parity: bad: value: too far"]
+    assert [r["task"] for r in data["sections"]["parity"]] == ["bad", "next"]
+    assert "value: too far" in markdown
+
+
+def test_the_time_limit_leaves_out_tasks_that_would_overrun(fake_plan, tmp_path):
+    fake_plan += [_ok("quick"), _ok("too long", estimate=1e6), _ok("quick again")]
+    code = runner.main(["--dry-run", "--out", str(tmp_path), "--time-limit", "100"])
+    data, _ = _reports(tmp_path)
+    assert code == gpu_check.EXIT_INCOMPLETE == 4 and data["status"] == "incomplete"
+    assert [r["task"] for r in data["sections"]["parity"]] == ["quick", "quick again"]
+    assert [s["task"] for s in data["skipped"]] == ["too long"]
+
+
+def test_a_section_that_would_overrun_its_share_leaves_its_tasks_out_and_the_next_section_runs(fake_plan, tmp_path):
+    fake_plan += [
+        _ok("first"),
+        # parity's share of a 100 s limit over the sections parity and determinism is 100 · 0.25 / 0.30 ≈ 83 s
+        _ok("past the share", estimate=90.0),
+        Task("determinism", "next section", 0.01, lambda: {"ok": True}),
+    ]
+    code = runner.main(
+        ["--dry-run", "--out", str(tmp_path), "--time-limit", "100", "--sections", "parity", "determinism"]
+    )
+    data, _ = _reports(tmp_path)
+    assert code == gpu_check.EXIT_INCOMPLETE
+    assert [r["task"] for r in data["sections"]["parity"]] == ["first"]
+    assert [r["task"] for r in data["sections"]["determinism"]] == ["next section"]
+    [skipped] = data["skipped"]
+    assert skipped["task"] == "past the share" and "share" in skipped["reason"]
+    assert data["plan"]["section_deadlines_s"] == {"parity": pytest.approx(83.3, abs=0.1), "determinism": 100.0}
+
+
+def test_the_watchdog_interrupts_a_task_that_overruns_and_the_report_is_written(fake_plan, tmp_path, monkeypatch):
+    monkeypatch.setattr(runner, "GRACE_S", 0.5)
+
+    def hang():
+        time.sleep(30)
+        return {"ok": True}
+
+    fake_plan += [_ok("quick"), Task("compiled", "hangs", 0.01, hang, {"op": "pairwise_maxsim"})]
+    started = time.monotonic()
+    code = runner.main(["--dry-run", "--out", str(tmp_path), "--time-limit", "5"])
+    assert time.monotonic() - started < 20
+    data, _ = _reports(tmp_path)
+    assert code == gpu_check.EXIT_INCOMPLETE
+    assert data["skipped"][-1]["task"] == "hangs" and "interrupted" in data["skipped"][-1]["reason"]
+
+
+def test_peaks_follow_from_the_sm_count_the_clocks_and_the_architecture(monkeypatch):
+    """An H100 SXM (132 SMs at 1980 MHz, 5120-bit HBM3 at 2619 MHz): 67 TFLOP/s fp32, 1070 TFLOP/s bf16 dense at
+    that clock, 3.35 TB/s."""
+    from types import SimpleNamespace
+
+    from mulclip_fast.gpu_check import peaks
+
+    props = SimpleNamespace(name="NVIDIA H100 80GB HBM3", major=9, minor=0, multi_processor_count=132)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: props)
+    nvml = {"available": True, "sm_clock_max_mhz": 1980, "memory_clock_max_mhz": 2619, "memory_bus_width_bits": 5120}
+    monkeypatch.setattr(peaks, "nvml_telemetry", lambda index: dict(nvml))
+    got = peaks.device_peaks(0)
+    assert got["flops_per_s"]["fp32"] == pytest.approx(66.9e12, rel=1e-3)
+    assert got["flops_per_s"]["half"] == pytest.approx(1070.5e12, rel=1e-3)
+    assert got["bytes_per_s"] == pytest.approx(3.352e12, rel=1e-3)
+    assert peaks.peak_kind(torch.float32) == "fp32" and peaks.peak_kind(torch.bfloat16) == "half"
+    # without NVML the peaks are unknown and the report says why
+    monkeypatch.setattr(peaks, "nvml_telemetry", lambda index: {"available": False, "reason": "NVML could not start"})
+    unknown = peaks.device_peaks(0)
+    assert unknown["flops_per_s"] is None and unknown["bytes_per_s"] is None and unknown["reason"]
