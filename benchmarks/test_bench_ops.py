@@ -170,9 +170,9 @@ OPS = [
         ],
     ),
     OpSpec(
-        "pairwise_topk_aggregate_logits",
-        reference.pairwise_topk_aggregate_logits,
-        ops.pairwise_topk_aggregate_logits,
+        "pairwise_topk_aggregate_cosines",
+        reference.pairwise_topk_aggregate_cosines,
+        ops.pairwise_topk_aggregate_cosines,
         _pairwise_topk_inputs,
         lambda s: (s["Bq"], s["Bk"], s["M"]),
         lambda s: costs.pairwise_topk_aggregate_cost(s["Bq"], s["M"], s["Bk"], s["N"], s["d"], ITEMSIZE),

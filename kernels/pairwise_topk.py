@@ -21,7 +21,7 @@ Reductions over the patches (``a = w X``, ``d_sub = α X``) are batched dots ove
 slices (``_contract_patches``): a single ``tl.dot`` with K = ``BLOCK_N`` hands every warp the whole
 ``[BLOCK_R, BLOCK_N]`` operand and spills registers from 256 patches on.
 
-Backward (derivation in ``mulclip_fast.ops._torch_pairwise.sap_backward``), with ``u = a/ν``,
+Backward (derivation in ``mulclip_fast.ops._torch_pairwise.topk_aggregate_cosines_backward``), with ``u = a/ν``,
 ``q_n = ⟨u, x_n⟩`` and upstream ``g``::
 
     ∂out/∂s_n = w_n (s_n − out·q_n) / (τν),   α_n = g (w_n/ν + ∂out/∂s_n),   β_n = −g w_n out / ν
@@ -361,7 +361,7 @@ def _sap_dpatches_kernel(
     r = tl.arange(0, BLOCK_R)
     Xb = X + c * n_patch * dim
     DXb = DX + c * n_patch * dim
-    for row0 in range(0, n_rows, BLOCK_R):  # int32: sap_backward checks n_rows · dim < 2³¹
+    for row0 in range(0, n_rows, BLOCK_R):  # int32: topk_aggregate_cosines_backward checks n_rows · dim < 2³¹
         row_ok = row0 + r < n_rows
         w, alpha, gamma = _backward_coefficients(
             T, X, Sel, LSE, Grad, SubMask, c, row0, n_rows, n_sub, n_k, n_patch, n_bytes, dim, inv_tau,
@@ -399,7 +399,7 @@ def _block_n(n_patch: int) -> int:
     return max(16, triton.next_power_of_2(n_patch))
 
 
-def sap_forward(sub, patches, sub_mask, patch_mask, k: int, tau: float):
+def topk_aggregate_cosines_forward(sub, patches, sub_mask, patch_mask, k: int, tau: float):
     """``(logits [Bq, Bk, M], selected uint8 [Bk, Bq·M, ⌈N/8⌉], lse fp32 [Bk, Bq·M])``."""
     sub, patches, sub_mask, patch_mask = dense(sub, patches, sub_mask, patch_mask)
     (n_q, n_sub, dim), (n_k, n_patch, _) = sub.shape, patches.shape
@@ -431,8 +431,8 @@ def _image_splits(n_row_blocks: int, n_k: int, device: torch.device) -> int:
     return max(1, min(n_k, 16, triton.cdiv(programs_wanted, n_row_blocks)))
 
 
-def sap_backward(grad, sub, patches, sub_mask, patch_mask, tau: float, selected, lse):
-    """``(d_sub, d_patches)`` in fp32; same contract as ``_torch_pairwise.sap_backward``."""
+def topk_aggregate_cosines_backward(grad, sub, patches, sub_mask, patch_mask, tau: float, selected, lse):
+    """``(d_sub, d_patches)`` in fp32; same contract as ``_torch_pairwise.topk_aggregate_cosines_backward``."""
     grad, sub, patches, sub_mask, patch_mask, selected, lse = dense(
         grad, sub, patches, sub_mask, patch_mask, selected, lse
     )
@@ -489,7 +489,10 @@ def compile_specs(dtype: torch.dtype):
             constexprs,
         )
         dpatches = autotuned_specs(
-            _sap_dpatches_kernel, f"pairwise_topk_bwd_dpatches[N<={block_n}]", {**backward, "DX": "*fp32"}, constexprs
+            _sap_dpatches_kernel,
+            f"pairwise_topk_bwd_dpatches[N<={block_n}]",
+            {**backward, "DX": "*fp32"},
+            constexprs,
         )
         specs += [spec for spec in forward + dsub + dpatches if spec.num_warps == _num_warps(block_n, dtype)]
     return specs

@@ -86,7 +86,7 @@ def slotwise_contrastive_share(
     ``column_mask [N, M]``. Per slot m only the valid samples take part, as rows and as columns::
 
         L_m   = ½ [Σ_{valid b} CE_b(t2i) + Σ_{valid c} CE_c(i2t)] / count_m      count_m = valid samples of slot m
-        L_sub = mean of L_m over the slots with count_m ≥ 2                      (0 when there is none)
+        L_sap = mean of L_m over the slots with count_m ≥ 2                      (0 when there is none)
     """
     valid_rows, valid_columns = row_mask.T, column_mask.T  # [M, n], [M, N]
     targets = torch.arange(offset, offset + row_mask.shape[0], device=t2i_logits.device)
@@ -150,9 +150,9 @@ def wpr_term(
     backend: str,
     sharding: BatchSharding,
 ) -> torch.Tensor:
-    """Word–patch reconstruction ``L_word``: within each sample, so computed on this rank's samples only.
+    """Word–patch reconstruction ``L_wpr``: within each sample, so computed on this rank's samples only.
 
-    ``L_word = Σ_b [L_recon(V'_b, Ṽ_b) + L_recon(T'_b, T̃_b)] / #{samples with both token sets}``
+    ``L_wpr = Σ_b [L_recon(V'_b, Ṽ_b) + L_recon(T'_b, T̃_b)] / #{samples with both token sets}``
     (``mulclip_fast.ops.wpr_loss`` gives each sample's bracket, 0 for a sample missing a token set).
     """
     per_sample = ops.wpr_loss(
@@ -175,7 +175,7 @@ def sap_term(
     backend: str,
     sharding: BatchSharding,
 ) -> torch.Tensor:
-    """Subcaption-aggregated patch alignment ``L_sub`` (reference ``sap_loss``).
+    """Subcaption-aggregated patch alignment ``L_sap`` (reference ``sap_loss``).
 
     ``v̄[b, i] = normalize(Σ_{j ∈ top-k} softmax_j(⟨sub[b,i], x_bj⟩ / τs) x_bj)`` with ``k = ⌈ρ·N⌉``, N the
     token positions (padded to the longest over the ranks).
@@ -201,7 +201,7 @@ def sap_term(
         k = max(1, math.ceil(topk_ratio * token_columns.shape[1]))
 
         def cosines(sub_set, sub_set_mask, token_set, token_set_mask):  # [captions, images, M]
-            out = ops.pairwise_topk_aggregate_logits(
+            out = ops.pairwise_topk_aggregate_cosines(
                 sub_set, token_set, sub_set_mask, token_set_mask, k, tau, backend=backend
             )
             return out.to(acc)

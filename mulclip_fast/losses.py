@@ -1,8 +1,8 @@
 """The MulCLIP objective and its baselines, composed from the token-level ops (docs/method.md, "Total loss").
 
     L = w_long·L_batch(v_cls, t_long) + w_short·L_batch(v_cls, t_short)      global alignment
-      + w_word·L_word                                                       word–patch reconstruction (WPR)
-      + w_sub·L_sub                                                         subcaption-aggregated patches (SAP)
+      + w_wpr·L_wpr                                                         word–patch reconstruction (WPR)
+      + w_sap·L_sap                                                         subcaption-aggregated patches (SAP)
       + w_finelip·L_finelip                                                 FineLIP's late interaction (baseline)
 
 Every term has a switch and a weight and is returned separately, so each ablation row of the paper is
@@ -13,6 +13,9 @@ written once, in ``mulclip_fast.loss_terms``, on a rank's rows against the gathe
 
 from __future__ import annotations
 
+import warnings
+from collections.abc import Mapping
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -22,14 +25,16 @@ from .distributed import BatchSharding, DistributedContext
 from .features import MulCLIPFeatures
 from .reference.checks import check_mask, check_positive, check_same_batch, check_same_width, check_tokens
 
-TERMS = ("global_long", "global_short", "word", "sub", "finelip")
-FINE_GRAINED_TERMS = ("word", "sub", "finelip")
+TERMS = ("global_long", "global_short", "wpr", "sap", "finelip")
+FINE_GRAINED_TERMS = ("wpr", "sap", "finelip")
 OBJECTIVES = {
-    "mulclip": ("global_long", "global_short", "word", "sub"),
+    "mulclip": ("global_long", "global_short", "wpr", "sap"),
     "global": ("global_long", "global_short"),
     "finelip": ("global_long", "global_short", "finelip"),
 }
-DEFAULT_WEIGHTS = {"global_long": 1.0, "global_short": 0.5, "word": 1.0, "sub": 1.0, "finelip": 1.0}
+DEFAULT_WEIGHTS = {"global_long": 1.0, "global_short": 0.5, "wpr": 1.0, "sap": 1.0, "finelip": 1.0}
+# The terms' names before each took its method's name; scripts, checkpoints and metrics.jsonl files may hold them.
+RENAMED_TERMS = {"word": "wpr", "sub": "sap"}
 BACKENDS = ("auto", "triton", "torch", "reference")
 ONE_PROCESS = BatchSharding()
 
@@ -42,6 +47,8 @@ class MulCLIPLoss(nn.Module):
             or ``"finelip"`` (global + FineLIP's late-interaction hinge loss). Sets the default terms.
         terms: explicit set of enabled terms (subset of ``TERMS``), overriding the objective's.
         weights: per-term weights, merged over ``DEFAULT_WEIGHTS`` (short caption 0.5, others 1).
+            ``terms`` and ``weights`` still accept the old names ``"word"`` and ``"sub"`` (``RENAMED_TERMS``)
+            with a ``DeprecationWarning``.
         sap_pairing: ``"matched"`` (the paper's) or ``"all"`` (every subcaption against every image).
         sap_topk_ratio: ρ, the fraction of visual tokens kept as context patches, ``k = ⌈ρ·N⌉``.
         tau_attn, tau_contrast, tau_sap: τa, τr and τs (all 0.07 by default).
@@ -72,8 +79,9 @@ class MulCLIPLoss(nn.Module):
         super().__init__()
         if objective not in OBJECTIVES:
             raise ValueError(f"objective must be one of {sorted(OBJECTIVES)}, got {objective!r}")
-        enabled = OBJECTIVES[objective] if terms is None else tuple(terms)
-        _check_term_names((*enabled, *(weights or {})))
+        enabled = OBJECTIVES[objective] if terms is None else current_term_names(terms)
+        weights = current_term_names(weights or {})
+        _check_term_names((*enabled, *weights))
         if sap_pairing not in ("matched", "all"):
             raise ValueError(f"sap_pairing must be 'matched' or 'all', got {sap_pairing!r}")
         if not 0 < sap_topk_ratio <= 1:
@@ -85,7 +93,7 @@ class MulCLIPLoss(nn.Module):
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         self.objective = objective
         self.terms = tuple(t for t in TERMS if t in enabled)
-        self.weights = {**DEFAULT_WEIGHTS, **(weights or {})}
+        self.weights = {**DEFAULT_WEIGHTS, **weights}
         self.sap_pairing = sap_pairing
         self.sap_topk_ratio = sap_topk_ratio
         self.tau_attn, self.tau_contrast, self.tau_sap = tau_attn, tau_contrast, tau_sap
@@ -133,8 +141,8 @@ class MulCLIPLoss(nn.Module):
         texts = {name: text for name, text in texts.items() if name in terms}
         if texts:
             out.update(loss_terms.contrastive_terms(f.image_cls, texts, logit_scale, sharding, logit_bias))
-        if "word" in terms:
-            out["word"] = loss_terms.wpr_term(
+        if "wpr" in terms:
+            out["wpr"] = loss_terms.wpr_term(
                 f.image_tokens,
                 f.text_tokens,
                 f.image_token_mask,
@@ -144,11 +152,11 @@ class MulCLIPLoss(nn.Module):
                 self.backend,
                 sharding,
             )
-        if "sub" in terms:
+        if "sap" in terms:
             tokens, token_mask = (
                 (f.image_tokens, f.image_token_mask) if f.sap_tokens is None else (f.sap_tokens, f.sap_token_mask)
             )
-            out["sub"] = loss_terms.sap_term(
+            out["sap"] = loss_terms.sap_term(
                 f.sub_eot,
                 f.sub_mask,
                 tokens,
@@ -176,6 +184,23 @@ class MulCLIPLoss(nn.Module):
         return {name: out[name] for name in TERMS if name in out}
 
 
+def current_term_names(names, warn: bool = True):
+    """``names`` (term names, or a dict keyed by them) with the old names (``RENAMED_TERMS``) replaced by
+    the current ones: a tuple, or a dict of the same values.
+
+    ``warn``: a ``DeprecationWarning`` for the caller's caller, who passed the old names; files written
+    before the rename (checkpoints, metrics logs) are read without one.
+    """
+    old = [name for name in names if name in RENAMED_TERMS]
+    if old and warn:
+        renames = ", ".join(f"{name!r} is now {RENAMED_TERMS[name]!r}" for name in old)
+        warnings.warn(f"renamed loss terms: {renames}", DeprecationWarning, stacklevel=3)
+    current = tuple(RENAMED_TERMS.get(name, name) for name in names)
+    if len(set(current)) < len(current):
+        raise ValueError(f"loss terms {list(names)} name a term twice, under its old and its current name")
+    return dict(zip(current, names.values(), strict=True)) if isinstance(names, Mapping) else current
+
+
 def _check_term_names(names) -> None:
     unknown = set(names) - set(TERMS)
     if unknown:
@@ -186,8 +211,8 @@ def _check_term_names(names) -> None:
 TERM_INPUTS = {
     "global_long": ("image_cls", "text_eot"),
     "global_short": ("image_cls", "short_eot"),
-    "word": ("image_tokens", "text_tokens"),
-    "sub": ("image_cls", "sub_eot"),
+    "wpr": ("image_tokens", "text_tokens"),
+    "sap": ("image_cls", "sub_eot"),
     "finelip": ("image_cls", "text_eot", "image_tokens", "text_tokens"),
 }
 FEATURE_SHAPES = {"image_cls": "[B, d]", "text_eot": "[B, d]", "short_eot": "[B, d]", "sub_eot": "[B, M, d]"}
@@ -199,11 +224,11 @@ MASK_OF |= {"sap_tokens": "sap_token_mask"}
 def _checked_and_normalized(f: MulCLIPFeatures, terms: tuple[str, ...]) -> MulCLIPFeatures:
     """The features that ``terms`` read, validated, L2-normalised once, with explicit masks (None: all valid)."""
     read = {field for name in terms for field in TERM_INPUTS[name]}
-    if "sub" in terms:
+    if "sap" in terms:
         read.add("image_tokens" if f.sap_tokens is None else "sap_tokens")
     for name in terms:
         missing = [x for x in TERM_INPUTS[name] if getattr(f, x) is None]
-        if name == "sub" and f.sap_tokens is None and f.image_tokens is None:
+        if name == "sap" and f.sap_tokens is None and f.image_tokens is None:
             missing.append("image_tokens")
         if missing:
             needed = " and ".join(f"features.{x} {FEATURE_SHAPES[x]}" for x in missing)
@@ -243,8 +268,10 @@ __all__ = [
     "DEFAULT_WEIGHTS",
     "FINE_GRAINED_TERMS",
     "OBJECTIVES",
+    "RENAMED_TERMS",
     "TERMS",
     "DistributedMulCLIPLoss",
     "MulCLIPFeatures",
     "MulCLIPLoss",
+    "current_term_names",
 ]

@@ -121,7 +121,7 @@ OPS: dict[str, OpSpec] = {
             lambda s, item: costs.pairwise_reconstruction_cost(s.batch_a, s.len_a, s.batch_b, s.len_b, s.width, item),
         ),
         OpSpec(
-            "pairwise_topk_aggregate_logits",
+            "pairwise_topk_aggregate_cosines",
             ("sub", "patches", "sub_mask", "patch_mask"),
             False,
             _topk,

@@ -13,11 +13,14 @@ import os
 
 import torch
 
+from .losses import current_term_names
 from .model import CheckpointError
 
 CHECKPOINT_FORMAT = "mulclip-fast-train"
 # Version 2: the tiny preset's text tower gained ALiBi biases. Version-1 checkpoints are read as what they
 # are, tiny towers without them (``_upgrade_checkpoint``), so old runs still evaluate and resume exactly.
+# Checkpoints written before the loss terms "word" and "sub" became "wpr" and "sap" keep version 2: the
+# upgrade renames their weights whatever the version.
 CHECKPOINT_VERSION = 2
 
 
@@ -65,9 +68,10 @@ def load_training_checkpoint(path: str) -> dict | None:
 
 
 def _upgrade_checkpoint(state: dict) -> dict:
-    """A version-1 state as version 2: its towers had no ALiBi biases, so say so in its model overrides."""
+    """A state as this code reads it: a version-1 state's towers had no ALiBi biases, so its model overrides
+    say so; weights of loss terms renamed since (``losses.RENAMED_TERMS``) go under the current names."""
+    config = dict(state["config"])
     if state["version"] == 1:
-        config = dict(state["config"])
         config["model_overrides"] = {"text_alibi": 0, **config.get("model_overrides", {})}
-        state = {**state, "config": config, "version": CHECKPOINT_VERSION}
-    return state
+    config["weights"] = current_term_names(config.get("weights", {}), warn=False)
+    return {**state, "config": config, "version": CHECKPOINT_VERSION}

@@ -142,7 +142,7 @@ def pairwise_reconstruction_scores(q, k, q_mask, k_mask, tau):
     return out
 
 
-def pairwise_topk_aggregate_logits(sub, patches, sub_mask, patch_mask, k, tau):
+def pairwise_topk_aggregate_cosines(sub, patches, sub_mask, patch_mask, k, tau):
     out = torch.zeros(sub.shape[0], patches.shape[0], sub.shape[1], dtype=torch.float64)
     for b in range(sub.shape[0]):
         for c in range(patches.shape[0]):

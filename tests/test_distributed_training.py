@@ -81,7 +81,7 @@ def test_two_process_step_equals_one_process_step(tmp_path):
         params, logged = _one_step(DistributedContext(), **overrides)
         for rank in ranks:
             rank_params, rank_logged = rank[name]
-            for term in ("loss", "global_long", "global_short", "word", "sub", "finelip"):
+            for term in ("loss", "global_long", "global_short", "wpr", "sap", "finelip"):
                 if term in logged:
                     assert rank_logged[term] == pytest.approx(logged[term], rel=1e-5), f"{name}: {term}"
             for key, value in params.items():

@@ -102,5 +102,5 @@ def test_free_running_cli_curves_agree_before_rounding_grows(tmp_path):
     reference = _loss_curve(tmp_path / "reference", [*argv, "--backend", "reference"])
     assert len(fast) == len(reference) == 6
     for got, want in zip(fast, reference, strict=True):
-        for term in ("loss", "global_long", "global_short", "word", "sub"):
+        for term in ("loss", "global_long", "global_short", "wpr", "sap"):
             assert got[term] == pytest.approx(want[term], rel=1e-4), f"step {want['step']}, {term}"

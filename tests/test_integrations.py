@@ -260,7 +260,7 @@ def skip_without_ops(backend: str, settings: dict) -> None:
 
     needed = {"wpr_loss", "topk_patch_aggregate"}
     if settings.get("sap_pairing") == "all":
-        needed.add("pairwise_topk_aggregate_logits")
+        needed.add("pairwise_topk_aggregate_cosines")
     if settings.get("objective") == "finelip":
         needed.add("pairwise_maxsim")
     missing = sorted(name for name in needed if not hasattr(ops, name))
@@ -273,7 +273,7 @@ def skip_without_ops(backend: str, settings: dict) -> None:
     "settings",
     [
         dict(objective="mulclip"),
-        dict(objective="mulclip", sap_pairing="all", weights={"word": 0.5, "sub": 2.0}),
+        dict(objective="mulclip", sap_pairing="all", weights={"wpr": 0.5, "sap": 2.0}),
         dict(objective="finelip"),
         dict(objective="finelip", finelip_hardest_negative=True),
     ],
@@ -293,14 +293,14 @@ def test_clip_loss_matches_reference_loss_and_gradients_on_hf_features(hf_batch,
         **as_clip_loss_inputs(features), logit_scale=logit_scale, output_dict=True, fine_grained_scale=0.7
     )
     weights = {**DEFAULT_WEIGHTS, **settings.get("weights", {})}
-    names = {"global_long": "contrastive_loss", "global_short": "short_contrastive_loss", "word": "word_loss"}
-    names |= {"sub": "sub_loss", "finelip": "finelip_loss"}
+    names = {"global_long": "contrastive_loss", "global_short": "short_contrastive_loss", "wpr": "wpr_loss"}
+    names |= {"sap": "sap_loss", "finelip": "finelip_loss"}
     expected_terms = {names[t] for t in reference if t != "loss"}
     assert set(ours) == expected_terms
     for term, value in reference.items():
         if term == "loss":
             continue
-        scale = weights[term] * (0.7 if term in ("word", "sub", "finelip") else 1.0)
+        scale = weights[term] * (0.7 if term in ("wpr", "sap", "finelip") else 1.0)
         torch.testing.assert_close(ours[names[term]], scale * value, rtol=1e-5, atol=1e-6)
     total = sum(ours.values())
     torch.testing.assert_close(total, reference["loss"], rtol=1e-5, atol=1e-6)
@@ -357,7 +357,7 @@ def test_clip_loss_without_token_features_is_open_clips_clip_loss():
             dict(image_tokens=torch.randn(3, 5, 8), text_tokens=torch.randn(3, 5, 8), text_token_mask=torch.ones(3, 5)),
             "text_token_mask must have dtype torch.bool",
         ),
-        (dict(terms=("word",)), {}, "none of the enabled terms"),
+        (dict(terms=("wpr",)), {}, "none of the enabled terms"),
     ],
 )
 def test_clip_loss_bad_input_names_the_argument(kwargs, call, message):

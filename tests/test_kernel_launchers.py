@@ -71,8 +71,8 @@ def _calls(batch: int, generator: torch.Generator):
             (text, image, word_mask, patch_mask),
             {"tau": 0.1},
         ),
-        "pairwise_topk_aggregate_logits": (
-            ops.pairwise_topk_aggregate_logits,
+        "pairwise_topk_aggregate_cosines": (
+            ops.pairwise_topk_aggregate_cosines,
             (sub, image, sub_mask, patch_mask),
             {"k": 4, "tau": 0.1},
         ),
@@ -206,7 +206,7 @@ def test_ties_at_the_kth_score_keep_the_lowest_indices_on_every_backend_and_pair
     expected = F.normalize(weights @ patches[0, chosen], dim=-1)
     matched = ops.topk_patch_aggregate(sub, patches, k=4, tau=tau, backend=backend)
     torch.testing.assert_close(matched[0, 0], expected, atol=1e-6, rtol=1e-5)
-    all_pairs = ops.pairwise_topk_aggregate_logits(sub, patches, k=4, tau=tau, backend=backend)
+    all_pairs = ops.pairwise_topk_aggregate_cosines(sub, patches, k=4, tau=tau, backend=backend)
     torch.testing.assert_close(all_pairs[0, 0, 0], sub[0, 0] @ expected, atol=1e-6, rtol=1e-5)
 
 

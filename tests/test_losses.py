@@ -48,12 +48,12 @@ def test_mulclip_total_is_the_weighted_sum_of_reference_terms():
     expected = {
         "global_long": R.clip_contrastive_loss(n(f.image_cls), n(f.text_eot), SCALE),
         "global_short": R.clip_contrastive_loss(n(f.image_cls), n(f.short_eot), SCALE),
-        "word": R.wpr_loss(n(f.image_tokens), n(f.text_tokens), None, f.text_token_mask),
-        "sub": R.sap_loss(n(f.sub_eot), n(f.image_tokens), f.sub_mask, None, k, 0.07, SCALE),
+        "wpr": R.wpr_loss(n(f.image_tokens), n(f.text_tokens), None, f.text_token_mask),
+        "sap": R.sap_loss(n(f.sub_eot), n(f.image_tokens), f.sub_mask, None, k, 0.07, SCALE),
     }
     for name, value in expected.items():
         torch.testing.assert_close(out[name], value, msg=name)
-    total = expected["global_long"] + 0.5 * expected["global_short"] + expected["word"] + expected["sub"]
+    total = expected["global_long"] + 0.5 * expected["global_short"] + expected["wpr"] + expected["sap"]
     torch.testing.assert_close(out["loss"], total)
 
 
@@ -62,7 +62,7 @@ def test_all_pairs_sap_matches_the_reference_sap_loss():
     out = MulCLIPLoss("mulclip", sap_pairing="all")(f, SCALE)
     k = math.ceil(0.25 * P)
     torch.testing.assert_close(
-        out["sub"], R.sap_loss(n(f.sub_eot), n(f.image_tokens), f.sub_mask, None, k, 0.07, SCALE, "all")
+        out["sap"], R.sap_loss(n(f.sub_eot), n(f.image_tokens), f.sub_mask, None, k, 0.07, SCALE, "all")
     )
 
 
@@ -70,8 +70,8 @@ def test_objectives_and_ablation_switches_select_terms():
     f = features()
     assert set(MulCLIPLoss("global")(f, SCALE)) == {"global_long", "global_short", "loss"}
     assert set(MulCLIPLoss("finelip")(f, SCALE)) == {"global_long", "global_short", "finelip", "loss"}
-    no_sap = MulCLIPLoss(terms=("global_long", "global_short", "word"))(f, SCALE)
-    assert "sub" not in no_sap and "word" in no_sap
+    no_sap = MulCLIPLoss(terms=("global_long", "global_short", "wpr"))(f, SCALE)
+    assert "sap" not in no_sap and "wpr" in no_sap
 
 
 @pytest.mark.parametrize("hardest_negative", [False, True])
@@ -87,9 +87,9 @@ def test_finelip_term_uses_late_interaction_over_tokens_with_cls_and_eot(hardest
 
 def test_fine_grained_scale_ramps_only_the_fine_grained_terms():
     f = features()
-    loss = MulCLIPLoss("mulclip", weights={"word": 2.0})
+    loss = MulCLIPLoss("mulclip", weights={"wpr": 2.0})
     out = loss(f, SCALE, fine_grained_scale=0.25)
-    expected = out["global_long"] + 0.5 * out["global_short"] + 0.25 * (2.0 * out["word"] + out["sub"])
+    expected = out["global_long"] + 0.5 * out["global_short"] + 0.25 * (2.0 * out["wpr"] + out["sap"])
     torch.testing.assert_close(out["loss"], expected)
 
 
@@ -122,5 +122,5 @@ def test_bad_configuration_is_rejected(kwargs, message):
 def test_missing_features_for_an_enabled_term_are_named():
     f = features()
     f.sub_eot = None
-    with pytest.raises(ValueError, match="sub term needs features.sub_eot"):
+    with pytest.raises(ValueError, match="sap term needs features.sub_eot"):
         MulCLIPLoss("mulclip")(f, SCALE)

@@ -57,7 +57,7 @@ def _pair_case(dtype, n_q=3, n_k=5, len_q=23, len_k=70, dim=72, seed=0):
     return q, k, _masks(g, n_q, len_q, empty_set=n_q - 1), _masks(g, n_k, len_k, empty_set=1)
 
 
-def _sap_case(dtype, n_q=3, n_sub=6, n_k=5, n_patch=21, dim=40, seed=1):
+def _topk_case(dtype, n_q=3, n_sub=6, n_k=5, n_patch=21, dim=40, seed=1):
     g = torch.Generator().manual_seed(seed)
     sub = _tokens(g, n_q, n_sub, dim, dtype=dtype)
     patches = _tokens(g, n_k, n_patch, dim, dtype=dtype)
@@ -78,9 +78,19 @@ OPS = {
     ),
     "maxsim_relu": (P.pairwise_maxsim, R.pairwise_maxsim, _pair_case, {"negative_slope": 0.0}),
     "reconstruction": (P.pairwise_reconstruction_scores, R.pairwise_reconstruction_scores, _pair_case, {"tau": 0.07}),
-    "topk_k1": (P.pairwise_topk_aggregate_logits, R.pairwise_topk_aggregate_logits, _sap_case, {"k": 1, "tau": 0.07}),
-    "topk_k5": (P.pairwise_topk_aggregate_logits, R.pairwise_topk_aggregate_logits, _sap_case, {"k": 5, "tau": 0.1}),
-    "topk_kN": (P.pairwise_topk_aggregate_logits, R.pairwise_topk_aggregate_logits, _sap_case, {"k": 21, "tau": 0.07}),
+    "topk_k1": (
+        P.pairwise_topk_aggregate_cosines,
+        R.pairwise_topk_aggregate_cosines,
+        _topk_case,
+        {"k": 1, "tau": 0.07},
+    ),
+    "topk_k5": (P.pairwise_topk_aggregate_cosines, R.pairwise_topk_aggregate_cosines, _topk_case, {"k": 5, "tau": 0.1}),
+    "topk_kN": (
+        P.pairwise_topk_aggregate_cosines,
+        R.pairwise_topk_aggregate_cosines,
+        _topk_case,
+        {"k": 21, "tau": 0.07},
+    ),
 }
 
 
@@ -134,8 +144,8 @@ def test_gathered_batch(op_name, backend):
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_topk_with_k1_is_cosine_maxsim(backend):
     """With normalised inputs and k = 1 the aggregate is the best patch itself: the logit is max_n ⟨t, x_n⟩."""
-    sub, patches, sub_mask, patch_mask = _sap_case(torch.float32)
-    logits = P.pairwise_topk_aggregate_logits(sub, patches, sub_mask, patch_mask, k=1, tau=0.07, backend=backend)
+    sub, patches, sub_mask, patch_mask = _topk_case(torch.float32)
+    logits = P.pairwise_topk_aggregate_cosines(sub, patches, sub_mask, patch_mask, k=1, tau=0.07, backend=backend)
     for m in range(sub.shape[1]):
         maxsim = P.pairwise_maxsim(sub[:, m : m + 1], patches, sub_mask[:, m : m + 1], patch_mask, backend=backend)
         torch.testing.assert_close(logits[:, :, m], maxsim, rtol=1e-5, atol=1e-6)
@@ -158,23 +168,23 @@ def test_triton_topk_at_the_widest_patch_tile():
     """200 patches fill the widest tile (256): the radix select walks every index bit of the tie search and
     the patch reductions run as 16 batched slices. k = 50 is SAP's ⌈N/4⌉."""
     _check_parity("topk_k5", "triton", torch.float32, {"n_q": 2, "n_sub": 3, "n_k": 4, "n_patch": 200, "dim": 24})
-    sub, patches, sub_mask, patch_mask = _sap_case(torch.float32, n_q=2, n_sub=3, n_k=4, n_patch=200, dim=24)
-    expected = R.pairwise_topk_aggregate_logits(sub, patches, sub_mask, patch_mask, k=50, tau=0.07)
-    actual = P.pairwise_topk_aggregate_logits(sub, patches, sub_mask, patch_mask, k=50, tau=0.07, backend="triton")
+    sub, patches, sub_mask, patch_mask = _topk_case(torch.float32, n_q=2, n_sub=3, n_k=4, n_patch=200, dim=24)
+    expected = R.pairwise_topk_aggregate_cosines(sub, patches, sub_mask, patch_mask, k=50, tau=0.07)
+    actual = P.pairwise_topk_aggregate_cosines(sub, patches, sub_mask, patch_mask, k=50, tau=0.07, backend="triton")
     _close(actual, expected, torch.float32, "topk k=50 over 200 patches")
 
 
 def test_topk_beyond_the_widest_tile_runs_the_torch_path(monkeypatch):
     """More patches than the Triton kernels take: ``auto`` (as on a GPU, where it resolves to Triton)
     runs the torch path; an explicit ``triton`` is refused with a clear error."""
-    sub, patches, sub_mask, patch_mask = _sap_case(
+    sub, patches, sub_mask, patch_mask = _topk_case(
         torch.float32, n_q=2, n_sub=2, n_k=4, n_patch=P.TRITON_TOPK_MAX_PATCHES + 1, dim=16
     )
     with pytest.raises(ValueError, match="at most 256 patches"):
-        P.pairwise_topk_aggregate_logits(sub, patches, sub_mask, patch_mask, k=3, backend="triton")
+        P.pairwise_topk_aggregate_cosines(sub, patches, sub_mask, patch_mask, k=3, backend="triton")
     monkeypatch.setattr(_dispatch, "resolve_backend", lambda backend, device: "triton")
-    expected = R.pairwise_topk_aggregate_logits(sub, patches, sub_mask, patch_mask, k=3, tau=0.07)
-    actual = P.pairwise_topk_aggregate_logits(sub, patches, sub_mask, patch_mask, k=3, tau=0.07, backend="auto")
+    expected = R.pairwise_topk_aggregate_cosines(sub, patches, sub_mask, patch_mask, k=3, tau=0.07)
+    actual = P.pairwise_topk_aggregate_cosines(sub, patches, sub_mask, patch_mask, k=3, tau=0.07, backend="auto")
     _close(actual, expected, torch.float32, "topk beyond the widest tile")
 
 
@@ -224,7 +234,9 @@ def test_ties_at_the_kth_score_keep_the_lowest_patch_indices():
     selections = []
     for impl in (_torch_pairwise, pairwise_topk):
         mask = torch.ones(2, 20, dtype=torch.bool)
-        _, selected, _ = impl.sap_forward(sub, patches, torch.ones(2, 3, dtype=torch.bool), mask, 4, 0.07)
+        _, selected, _ = impl.topk_aggregate_cosines_forward(
+            sub, patches, torch.ones(2, 3, dtype=torch.bool), mask, 4, 0.07
+        )
         selections.append(_torch_pairwise.unpack_bits(selected, 20))
     assert torch.equal(selections[0], selections[1])
     assert (selections[0].sum(-1) == 4).all()
@@ -253,7 +265,7 @@ def test_gradcheck_float64():
         return P.pairwise_reconstruction_scores(a, b, q_mask, k_mask, tau=0.3, backend="torch")
 
     def topk(a, b):
-        return P.pairwise_topk_aggregate_logits(a, b, q_mask, k_mask, k=2, tau=0.3, backend="torch")
+        return P.pairwise_topk_aggregate_cosines(a, b, q_mask, k_mask, k=2, tau=0.3, backend="torch")
 
     for fn in (maxsim, recon, topk):
         assert torch.autograd.gradcheck(fn, (q, k), eps=1e-6, atol=1e-6)
@@ -298,7 +310,7 @@ def test_torch_compile_fullgraph():
     def loss(a, b, s):
         scores = P.pairwise_maxsim(a, b, q_mask, k_mask, bidirectional=True, negative_slope=0.1, backend="torch")
         recon = P.pairwise_reconstruction_scores(a, b, q_mask, k_mask, backend="torch")
-        sap = P.pairwise_topk_aggregate_logits(s, b, None, k_mask, k=2, backend="torch")
+        sap = P.pairwise_topk_aggregate_cosines(s, b, None, k_mask, k=2, backend="torch")
         return scores.sum() + recon.sum() + sap.sum()
 
     args = [t.clone().requires_grad_() for t in (q, k, sub)]
@@ -329,10 +341,10 @@ def _bad_calls():
         ("negative_slope", lambda: P.pairwise_maxsim(q, k, negative_slope=-0.1)),
         ("bidirectional must be a bool", lambda: P.pairwise_maxsim(q, k, bidirectional=1)),
         ("tau must be a positive", lambda: P.pairwise_reconstruction_scores(q, k, tau=0.0)),
-        ("k must satisfy", lambda: P.pairwise_topk_aggregate_logits(q, k, k=5)),
-        ("k must satisfy", lambda: P.pairwise_topk_aggregate_logits(q, k, k=0)),
-        ("k must be an int", lambda: P.pairwise_topk_aggregate_logits(q, k, k=2.0)),
-        ("sub is torch.float32 but patches is torch.float16", lambda: P.pairwise_topk_aggregate_logits(q, k.half())),
+        ("k must satisfy", lambda: P.pairwise_topk_aggregate_cosines(q, k, k=5)),
+        ("k must satisfy", lambda: P.pairwise_topk_aggregate_cosines(q, k, k=0)),
+        ("k must be an int", lambda: P.pairwise_topk_aggregate_cosines(q, k, k=2.0)),
+        ("sub is torch.float32 but patches is torch.float16", lambda: P.pairwise_topk_aggregate_cosines(q, k.half())),
         ("backend must be one of", lambda: P.pairwise_maxsim(q, k, backend="cuda")),
         ("supports float16, bfloat16 and float32", lambda: P.pairwise_maxsim(q.double(), k.double(), backend="triton")),
     ]
@@ -360,7 +372,7 @@ def _memory_case(op_name, n, len_q, len_k, dim, n_sub, k):
         sub = _tokens(g, n, n_sub, dim).requires_grad_()
 
         def call(backend):
-            return P.pairwise_topk_aggregate_logits(sub, keys, k=k, tau=0.07, backend=backend)
+            return P.pairwise_topk_aggregate_cosines(sub, keys, k=k, tau=0.07, backend=backend)
 
         return call, (sub, keys)
     q = _tokens(g, n, len_q, dim).requires_grad_()

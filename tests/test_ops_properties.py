@@ -26,7 +26,7 @@ from mulclip_fast.ops._dispatch import interpreter_enabled
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 EXAMPLES = {"torch": 130, "reference": 30, "triton": 20}
-TOPK_OPS = ("topk_patch_aggregate", "pairwise_topk_aggregate_logits")
+TOPK_OPS = ("topk_patch_aggregate", "pairwise_topk_aggregate_cosines")
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -94,7 +94,7 @@ def test_sap_loss_matched_matches_naive():
 def test_sap_loss_all_pairs_scores_every_subcaption_against_every_image():
     sub, patches = unit(4, 3, 6, seed=0), unit(4, 9, 6, seed=1)
     sub_mask, patch_mask = random_mask(4, 3, seed=2), random_mask(4, 9, seed=3)
-    logits = naive.pairwise_topk_aggregate_logits(sub, patches, sub_mask, patch_mask, 3, TAU)
+    logits = naive.pairwise_topk_aggregate_cosines(sub, patches, sub_mask, patch_mask, 3, TAU)
     slot_losses = []
     for i in range(3):
         rows = [b for b in range(4) if sub_mask[b, i]]
@@ -127,13 +127,13 @@ def test_pairwise_reconstruction_scores_matches_naive():
     )
 
 
-def test_pairwise_topk_aggregate_logits_matches_naive():
+def test_pairwise_topk_aggregate_cosines_matches_naive():
     sub, patches = unit(3, 4, 6, seed=0), unit(5, 9, 6, seed=1)
     sub_mask, patch_mask = random_mask(3, 4, seed=2), random_mask(5, 9, seed=3)
     for k in (1, 4, 9):
         torch.testing.assert_close(
-            R.pairwise_topk_aggregate_logits(sub, patches, sub_mask, patch_mask, k, TAU),
-            naive.pairwise_topk_aggregate_logits(sub, patches, sub_mask, patch_mask, k, TAU),
+            R.pairwise_topk_aggregate_cosines(sub, patches, sub_mask, patch_mask, k, TAU),
+            naive.pairwise_topk_aggregate_cosines(sub, patches, sub_mask, patch_mask, k, TAU),
         )
 
 
@@ -176,8 +176,8 @@ def test_padding_tokens_never_change_a_result():
         R.pairwise_reconstruction_scores(tp, vp, tpm, vpm), R.pairwise_reconstruction_scores(t, v, t_mask, v_mask)
     )
     torch.testing.assert_close(
-        R.pairwise_topk_aggregate_logits(sp, vp, spm, vpm, 4)[:, :, :4],
-        R.pairwise_topk_aggregate_logits(sub, v, sub_mask, v_mask, 4),
+        R.pairwise_topk_aggregate_cosines(sp, vp, spm, vpm, 4)[:, :, :4],
+        R.pairwise_topk_aggregate_cosines(sub, v, sub_mask, v_mask, 4),
     )
     module = LocalTokenCalibration(8, 3).double()
     torch.testing.assert_close(module(vp, vpm), module(v, v_mask))
@@ -200,8 +200,8 @@ def test_permuting_the_batch_permutes_the_outputs():
         R.pairwise_maxsim(t, v, t_mask, v_mask)[perm][:, perm],
     )
     torch.testing.assert_close(
-        R.pairwise_topk_aggregate_logits(sub[perm], v[perm], sub_mask[perm], v_mask[perm], 2),
-        R.pairwise_topk_aggregate_logits(sub, v, sub_mask, v_mask, 2)[perm][:, perm],
+        R.pairwise_topk_aggregate_cosines(sub[perm], v[perm], sub_mask[perm], v_mask[perm], 2),
+        R.pairwise_topk_aggregate_cosines(sub, v, sub_mask, v_mask, 2)[perm][:, perm],
     )
     # Batch-level losses are invariant to a permutation of the pairs.
     torch.testing.assert_close(
@@ -244,7 +244,7 @@ def test_k_above_n_is_an_error():
     with pytest.raises(ValueError, match="k must satisfy"):
         R.topk_patch_aggregate(unit(2, 3, 6), unit(2, 7, 6), k=8)
     with pytest.raises(ValueError, match="k must satisfy"):
-        R.pairwise_topk_aggregate_logits(unit(2, 3, 6), unit(2, 7, 6), k=0)
+        R.pairwise_topk_aggregate_cosines(unit(2, 3, 6), unit(2, 7, 6), k=0)
 
 
 def test_subcaption_count_varying_per_sample_with_empty_rows():
@@ -321,8 +321,8 @@ def test_gradcheck_every_differentiable_function():
             lambda a, b: R.pairwise_reconstruction_scores(a, b, q_mask, kv_mask, 0.5),
             (q, kv),
         ),
-        "pairwise_topk_aggregate_logits": (
-            lambda a, b: R.pairwise_topk_aggregate_logits(a, b, q_mask, kv_mask, 2, 0.5),
+        "pairwise_topk_aggregate_cosines": (
+            lambda a, b: R.pairwise_topk_aggregate_cosines(a, b, q_mask, kv_mask, 2, 0.5),
             (q, kv),
         ),
         "clip_contrastive_loss": (lambda a, b: R.clip_contrastive_loss(a[:, 0], b[:, 0], 4.0), (q, kv)),

@@ -52,7 +52,7 @@ def test_compiled_mulclip_loss_matches_eager():
     compiled = compiled_fn(features, log_scale.exp())
     compiled_grads = torch.autograd.grad(compiled["loss"], [*_leaves(features), log_scale])
 
-    assert set(compiled) == set(eager) == {"global_long", "global_short", "word", "sub", "loss"}
+    assert set(compiled) == set(eager) == {"global_long", "global_short", "wpr", "sap", "loss"}
     for name in eager:
         torch.testing.assert_close(compiled[name], eager[name], atol=1e-6, rtol=1e-5)
     for got, want in zip(compiled_grads, eager_grads, strict=True):

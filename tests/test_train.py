@@ -58,7 +58,7 @@ def test_cli_smoke_run_writes_the_run_directory(tmp_path):
     for key in ("loss", "global_long", "global_short", "lr", "samples_per_s", "memory_mb", "fine_scale"):
         assert all(key in m for m in metrics), key
     # The fine-grained terms appear once the ramp starts (a quarter of the way in).
-    assert "word" not in metrics[0] and {"word", "sub"} <= set(metrics[-1])
+    assert "wpr" not in metrics[0] and {"wpr", "sap"} <= set(metrics[-1])
     result = json.loads((out / "eval.json").read_text())
     for key in ("t2i_r1", "t2i_r5", "t2i_r10", "i2t_r1", "i2t_r5", "i2t_r10", "binding_acc"):
         assert 0.0 <= result[key] <= 1.0
@@ -80,7 +80,7 @@ def test_resume_is_bit_for_bit(tmp_path):
     a = read_jsonl(tmp_path / "straight" / "metrics.jsonl")
     b = read_jsonl(tmp_path / "resumed" / "metrics.jsonl")
     assert [m["step"] for m in b] == list(range(6))
-    for key in ("loss", "global_long", "global_short", "word", "sub", "lr", "logit_scale"):
+    for key in ("loss", "global_long", "global_short", "wpr", "sap", "lr", "logit_scale"):
         assert [m.get(key) for m in a] == [m.get(key) for m in b], key
     final_a = load_training_checkpoint(straight["checkpoint"])["model"]
     final_b = load_training_checkpoint(resumed["checkpoint"])["model"]
@@ -226,7 +226,7 @@ def test_every_setting_is_set_by_its_flag():
     argv = ["--preset", "vit-b-16", "--model", "vision_layers=1", "--model", "text_alibi=0", "--data", "docci:/d"]
     argv += ["--image-root", "/img", "--init", "openai:/w.pt", "--freeze-positions", "0", "--train-size", "64"]
     argv += ["--twin-fraction", "0.25", "--max-subcaptions", "3", "--loss", "finelip", "--no-wpr", "--no-sap"]
-    argv += ["--w-word", "2", "--w-global-short", "0.25", "--sap-pairing", "all", "--sap-topk-ratio", "0.5"]
+    argv += ["--w-wpr", "2", "--w-global-short", "0.25", "--sap-pairing", "all", "--sap-topk-ratio", "0.5"]
     argv += ["--sap-raw-patches", "--fine-start", "0.1", "--fine-ramp", "0.2", "--backend", "reference"]
     argv += ["--steps", "7", "--epochs", "2", "--time-limit", "30", "--batch-size", "16", "--lr", "0.01"]
     argv += ["--weight-decay", "0", "--warmup", "0.1", "--seed", "3", "--out", "/runs/x", "--device", "cuda"]
@@ -246,7 +246,7 @@ def test_every_setting_is_set_by_its_flag():
         loss="finelip",
         wpr=False,
         sap=False,
-        weights={"word": 2.0, "global_short": 0.25},
+        weights={"wpr": 2.0, "global_short": 0.25},
         sap_pairing="all",
         sap_topk_ratio=0.5,
         sap_raw_patches=True,

@@ -69,7 +69,7 @@ GPU_SHAPES = {
     "topk_patch_aggregate": {"small": Sizes(4, 5, 4, 37, 72, k=10), "paper": Sizes(64, 8, 64, 196, 512, k=49)},
     "pairwise_maxsim": {"small": Sizes(5, 23, 4, 37, 72), "paper": Sizes(64, 248, 64, 196, 512)},
     "pairwise_reconstruction_scores": {"small": Sizes(5, 23, 4, 37, 72), "paper": Sizes(64, 248, 64, 196, 512)},
-    "pairwise_topk_aggregate_logits": {
+    "pairwise_topk_aggregate_cosines": {
         "small": Sizes(5, 5, 4, 37, 72, k=10),
         "paper": Sizes(64, 8, 64, 196, 512, k=49),
     },
@@ -81,12 +81,12 @@ DRY_SHAPES = {
     "topk_patch_aggregate": {"small": Sizes(2, 3, 2, 9, 24, k=3), "paper": Sizes(2, 4, 2, 10, 40, k=3)},
     "pairwise_maxsim": {"small": Sizes(2, 5, 3, 7, 24), "paper": Sizes(2, 6, 2, 9, 40)},
     "pairwise_reconstruction_scores": {"small": Sizes(2, 5, 3, 7, 24), "paper": Sizes(2, 6, 2, 9, 40)},
-    "pairwise_topk_aggregate_logits": {"small": Sizes(2, 3, 3, 9, 24, k=3), "paper": Sizes(2, 4, 2, 10, 40, k=3)},
+    "pairwise_topk_aggregate_cosines": {"small": Sizes(2, 3, 3, 9, 24, k=3), "paper": Sizes(2, 4, 2, 10, 40, k=3)},
 }
 # Extra shapes for the config sweep: the SAP kernels pick their warps from the patch tile (up to 128 patches
 # one config, 256 another), so a second shape with more than 128 patches reaches the other configs.
 WIDE_TOPK = {"gpu": Sizes(3, 5, 2, 150, 72, k=38), "dry": Sizes(1, 2, 1, 137, 16, k=35)}
-TOPK_OPS = ("topk_patch_aggregate", "pairwise_topk_aggregate_logits")
+TOPK_OPS = ("topk_patch_aggregate", "pairwise_topk_aggregate_cosines")
 
 # The strided variant of a case: features sliced out of a wider tensor, a batch that is every other sample
 # of a larger one, a mask expanded from one row (stride 0) and a transposed one.
@@ -591,12 +591,12 @@ SCALE_SHAPES = {
     "gpu": {
         "pairwise_maxsim": Sizes(4096, 197, 4096, 197, 512),
         "pairwise_reconstruction_scores": Sizes(4096, 197, 4096, 197, 512),
-        "pairwise_topk_aggregate_logits": Sizes(4096, 8, 4096, 197, 512, k=50),
+        "pairwise_topk_aggregate_cosines": Sizes(4096, 8, 4096, 197, 512, k=50),
     },
     "dry": {
         "pairwise_maxsim": Sizes(6, 5, 5, 7, 24),
         "pairwise_reconstruction_scores": Sizes(6, 5, 5, 7, 24),
-        "pairwise_topk_aggregate_logits": Sizes(6, 3, 5, 9, 24, k=3),
+        "pairwise_topk_aggregate_cosines": Sizes(6, 3, 5, 9, 24, k=3),
     },
 }
 SCALE_ROWS = 3  # query sets compared with the reference: the first, a middle one and the last
@@ -606,7 +606,7 @@ def _scale_bytes(op: str, sizes: Sizes) -> int:
     """Rough device memory the fused op needs at ``sizes`` in bf16: inputs and their gradients, and the saved
     per-(query set, key set, token) statistics (8 bytes each, both directions for max-sim)."""
     pairs = sizes.batch_a * sizes.batch_b
-    if op == "pairwise_topk_aggregate_logits":
+    if op == "pairwise_topk_aggregate_cosines":
         stats = pairs * sizes.len_a * ((sizes.len_b + 7) // 8 + 8)
     else:
         stats = pairs * (sizes.len_a + (sizes.len_b if op == "pairwise_maxsim" else 0)) * 8

@@ -12,8 +12,8 @@ With only the three positional arguments it is open_clip's ``ClipLoss`` (symmetr
 
     contrastive_loss        w_long  · L_batch(v_cls, t_eot)                      always
     short_contrastive_loss  w_short · L_batch(v_cls, t_short)                    short_text_features
-    word_loss               w_word  · L_word (WPR, within each sample)           image_tokens + text_tokens
-    sub_loss                w_sub   · L_sub (SAP, across the batch)              sub_text_features + image_tokens
+    wpr_loss                w_wpr   · L_wpr (WPR, within each sample)            image_tokens + text_tokens
+    sap_loss                w_sap   · L_sap (SAP, across the batch)              sub_text_features + image_tokens
     finelip_loss            w_fl    · FineLIP hinge on late interaction          objective="finelip" + tokens
 
 The values in the ``output_dict`` are already weighted, so they sum to the total as open_clip expects.
@@ -42,8 +42,8 @@ from ..reference.checks import check_positive, check_same_batch, check_same_widt
 OUTPUT_KEYS = {
     "global_long": "contrastive_loss",
     "global_short": "short_contrastive_loss",
-    "word": "word_loss",
-    "sub": "sub_loss",
+    "wpr": "wpr_loss",
+    "sap": "sap_loss",
     "finelip": "finelip_loss",
 }
 
@@ -169,8 +169,8 @@ class MulCLIPClipLoss(nn.Module):
         has_inputs = {
             "global_long": True,
             "global_short": short_text_features is not None,
-            "word": has_tokens,
-            "sub": sub_text_features is not None and (sap_tokens is not None or image_tokens is not None),
+            "wpr": has_tokens,
+            "sap": sub_text_features is not None and (sap_tokens is not None or image_tokens is not None),
             "finelip": has_tokens,
         }
         present = tuple(name for name in self.loss.terms if has_inputs[name])

@@ -291,12 +291,12 @@ def unpack_bits(packed: torch.Tensor, n: int) -> torch.Tensor:
     return bits.view(*packed.shape[:-1], -1)[..., :n].bool()
 
 
-def _sap_chunk_counts(n_rows: int, n_k: int, n_patches: int, d: int, budget: int) -> tuple[int, int]:
+def _cosines_chunk_counts(n_rows: int, n_k: int, n_patches: int, d: int, budget: int) -> tuple[int, int]:
     # Per (row, key set) a chunk holds N-sized score tiles and d-sized aggregates.
     return _chunk_counts(n_rows, n_k, 3 * n_patches + 2 * d, budget)
 
 
-def sap_forward(sub, patches, sub_mask, patch_mask, k: int, tau: float):
+def topk_aggregate_cosines_forward(sub, patches, sub_mask, patch_mask, k: int, tau: float):
     """Top-k SAP logits ``out[b, c, m] = ⟨t, normalize(Σ_{n∈top-k} w_n x_cn)⟩`` for every pair.
 
     Rows ``r = b·M + m`` are the subcaptions. Returns ``(logits [Bq, Bk, M], selected, lse)`` with
@@ -311,7 +311,7 @@ def sap_forward(sub, patches, sub_mask, patch_mask, k: int, tau: float):
     selected = sub.new_zeros((n_k, n_rows, (n_patch + 7) // 8), dtype=torch.uint8)
     lse = sub.new_zeros((n_k, n_rows), dtype=acc)
     take = min(k, n_patch)
-    cr, ck = _sap_chunk_counts(n_rows, n_k, n_patch, d, chunk_budget(sub, patches))
+    cr, ck = _cosines_chunk_counts(n_rows, n_k, n_patch, d, chunk_budget(sub, patches))
     for r0, r1 in _chunks(n_rows, cr):
         t = rows[r0:r1].to(acc)
         for c0, c1 in _chunks(n_k, ck):
@@ -337,8 +337,8 @@ def _selection_softmax(s, sel, tau, lse=None):
     return z.sub_(lse[..., None]).exp_(), lse
 
 
-def sap_backward(grad, sub, patches, sub_mask, patch_mask, tau: float, selected, lse):
-    """Gradients of :func:`sap_forward` w.r.t. ``sub`` and ``patches``.
+def topk_aggregate_cosines_backward(grad, sub, patches, sub_mask, patch_mask, tau: float, selected, lse):
+    """Gradients of :func:`topk_aggregate_cosines_forward` w.r.t. ``sub`` and ``patches``.
 
     For one (subcaption t, image c) with selected weights ``w``, aggregate ``a = Σ w_n x_n``, ``ν = ‖a‖``,
     ``u = a / ν``, ``out = ⟨t, u⟩``, ``s_n = ⟨t, x_n⟩``, ``q_n = ⟨u, x_n⟩`` and upstream ``g``::
@@ -354,7 +354,7 @@ def sap_backward(grad, sub, patches, sub_mask, patch_mask, tau: float, selected,
     g_all = (grad.to(acc).transpose(1, 2) * sub_mask[:, :, None]).reshape(n_rows, n_k)
     d_rows = torch.zeros((n_rows, d), dtype=acc, device=sub.device)
     d_patches = torch.zeros((n_k * n_patch, d), dtype=acc, device=patches.device)
-    cr, ck = _sap_chunk_counts(n_rows, n_k, n_patch, d, chunk_budget(sub, patches))
+    cr, ck = _cosines_chunk_counts(n_rows, n_k, n_patch, d, chunk_budget(sub, patches))
     for r0, r1 in _chunks(n_rows, cr):
         t = rows[r0:r1].to(acc)
         for c0, c1 in _chunks(n_k, ck):

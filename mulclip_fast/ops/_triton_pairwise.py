@@ -12,8 +12,8 @@ import torch
 from ..kernels import pairwise_maxsim, pairwise_reconstruction, pairwise_topk
 from ._torch_pairwise import maxsim_row_weights, reconstruction_row_weights
 
-sap_forward = pairwise_topk.sap_forward
-sap_backward = pairwise_topk.sap_backward
+topk_aggregate_cosines_forward = pairwise_topk.topk_aggregate_cosines_forward
+topk_aggregate_cosines_backward = pairwise_topk.topk_aggregate_cosines_backward
 reconstruction_forward = pairwise_reconstruction.reconstruction_forward
 
 

@@ -1,11 +1,11 @@
 """Fused token pooling over all pairs of a batch: late-interaction max-sim, reconstruction scores and
-top-k SAP logits (docs/method.md, "Baselines"; docs/kernels.md, "All-pairs ops").
+top-k SAP cosines (docs/method.md, "Baselines"; docs/kernels.md, "All-pairs ops").
 
 Public ops (same signatures as their ``mulclip_fast.reference`` twins, plus ``backend``):
 
 - :func:`pairwise_maxsim` — FILIP / FineLIP late interaction, ``[Bq, Bk]``;
 - :func:`pairwise_reconstruction_scores` — how well each key set rebuilds each query set, ``[Bq, Bk]``;
-- :func:`pairwise_topk_aggregate_logits` — SAP with every subcaption against every image, ``[Bq, Bk, M]``.
+- :func:`pairwise_topk_aggregate_cosines` — SAP with every subcaption against every image, ``[Bq, Bk, M]``.
 
 None of them materialises the quadratic tensor (``[Bq, Bk, Lq, Lk]`` similarities, ``[Bq, Bk, M, d]``
 aggregates): the forward keeps per-(query set, key set, token) statistics only — arg-maxes for max-sim,
@@ -26,6 +26,7 @@ Their FLOP and byte counts per call are in ``mulclip_fast.ops.costs``.
 from __future__ import annotations
 
 import math
+import warnings
 from types import ModuleType
 
 import torch
@@ -286,11 +287,11 @@ def pairwise_reconstruction_scores(
 
 
 # ----------------------------------------------------------------------------------------------------
-# pairwise_topk_aggregate_logits
+# pairwise_topk_aggregate_cosines
 # ----------------------------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("mulclip_fast::pairwise_topk_aggregate_logits", mutates_args=())
+@torch.library.custom_op("mulclip_fast::pairwise_topk_aggregate_cosines", mutates_args=())
 def _topk_op(
     sub: torch.Tensor,
     patches: torch.Tensor,
@@ -302,7 +303,7 @@ def _topk_op(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     impl = _implementation(backend)
     sub, patches, sub_mask, patch_mask = _contiguous(sub, patches, sub_mask, patch_mask)
-    return impl.sap_forward(sub, patches, sub_mask, patch_mask, k, tau)
+    return impl.topk_aggregate_cosines_forward(sub, patches, sub_mask, patch_mask, k, tau)
 
 
 @_topk_op.register_fake
@@ -315,7 +316,7 @@ def _(sub, patches, sub_mask, patch_mask, k, tau, backend):
     )
 
 
-@torch.library.custom_op("mulclip_fast::pairwise_topk_aggregate_logits_backward", mutates_args=())
+@torch.library.custom_op("mulclip_fast::pairwise_topk_aggregate_cosines_backward", mutates_args=())
 def _topk_backward_op(
     grad: torch.Tensor,
     sub: torch.Tensor,
@@ -329,7 +330,9 @@ def _topk_backward_op(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     impl = _implementation(backend)
     grad, sub, patches, sub_mask, patch_mask = _contiguous(grad, sub, patches, sub_mask, patch_mask)
-    d_sub, d_patches = impl.sap_backward(grad, sub, patches, sub_mask, patch_mask, tau, selected, lse)
+    d_sub, d_patches = impl.topk_aggregate_cosines_backward(
+        grad, sub, patches, sub_mask, patch_mask, tau, selected, lse
+    )
     return d_sub.to(sub.dtype), d_patches.to(patches.dtype)
 
 
@@ -359,7 +362,7 @@ def _topk_backward(ctx, grad, *_stat_grads):
 _topk_op.register_autograd(_topk_backward, setup_context=_topk_setup)
 
 
-def pairwise_topk_aggregate_logits(
+def pairwise_topk_aggregate_cosines(
     sub: torch.Tensor,
     patches: torch.Tensor,
     sub_mask: torch.Tensor | None = None,
@@ -373,7 +376,7 @@ def pairwise_topk_aggregate_logits(
     ``out[b, c, i] = ⟨sub[b,i], normalize(Σ_{n ∈ top-k} softmax(s / τ)_n · patches[c,n])⟩`` with
     ``s_n = ⟨sub[b,i], patches[c,n]⟩`` over valid patches; fewer than ``k`` valid patches pool all of
     them, an empty patch set or an invalid subcaption gives 0. Ties at the k-th score keep the lowest
-    patch indices. See :func:`mulclip_fast.reference.pairwise_topk_aggregate_logits`.
+    patch indices. See :func:`mulclip_fast.reference.pairwise_topk_aggregate_cosines`.
 
     Args:
         sub: ``[Bq, M, d]``; patches: ``[Bk, N, d]``; masks ``[Bq, M]``, ``[Bk, N]`` bool or None.
@@ -387,10 +390,22 @@ def pairwise_topk_aggregate_logits(
     """
     check_backend_name(backend)
     if backend == "reference":
-        return reference.pairwise_topk_aggregate_logits(sub, patches, sub_mask, patch_mask, k, tau)
+        return reference.pairwise_topk_aggregate_cosines(sub, patches, sub_mask, patch_mask, k, tau)
     sub_mask, patch_mask = _check_sets("sub", sub, "patches", patches, "sub_mask", sub_mask, "patch_mask", patch_mask)
     check_topk(k, patches.shape[1])
     check_positive("tau", tau)
     concrete = kernel_backend(backend, sub, patches.shape[1], TRITON_TOPK_MAX_PATCHES)
     logits, _, _ = _topk_op(sub, patches, sub_mask, patch_mask, k, float(tau), concrete)
     return logits
+
+
+def pairwise_topk_aggregate_logits(*args, **kwargs) -> torch.Tensor:
+    """Deprecated name of :func:`pairwise_topk_aggregate_cosines`, kept for existing callers: the op returns
+    cosines, which SAP multiplies by the logit scale itself."""
+    warnings.warn(
+        "pairwise_topk_aggregate_logits is deprecated: it returns cosines, not logits; "
+        "call pairwise_topk_aggregate_cosines",
+        DeprecationWarning,
+        stacklevel=2,
+    )
+    return pairwise_topk_aggregate_cosines(*args, **kwargs)

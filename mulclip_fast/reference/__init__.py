@@ -9,7 +9,7 @@ L2-normalised by the caller; ``logit_scale`` is the multiplier itself; temperatu
 """
 
 from .contrastive import clip_contrastive_loss, finelip_hinge_loss, slotwise_contrastive_loss
-from .pairwise import pairwise_maxsim, pairwise_reconstruction_scores, pairwise_topk_aggregate_logits
+from .pairwise import pairwise_maxsim, pairwise_reconstruction_scores, pairwise_topk_aggregate_cosines
 from .positional import stretch_positional_embedding
 from .sap import sap_loss
 from .tokens import token_reconstruction, topk_patch_aggregate, wpr_loss
@@ -19,7 +19,7 @@ __all__ = [
     "finelip_hinge_loss",
     "pairwise_maxsim",
     "pairwise_reconstruction_scores",
-    "pairwise_topk_aggregate_logits",
+    "pairwise_topk_aggregate_cosines",
     "sap_loss",
     "slotwise_contrastive_loss",
     "stretch_positional_embedding",

@@ -86,7 +86,7 @@ def pairwise_reconstruction_scores(
     return masked_mean(per_token, q_mask[:, None, :]).to(q.dtype)
 
 
-def pairwise_topk_aggregate_logits(
+def pairwise_topk_aggregate_cosines(
     sub: torch.Tensor,
     patches: torch.Tensor,
     sub_mask: torch.Tensor | None = None,
@@ -111,5 +111,5 @@ def pairwise_topk_aggregate_logits(
     t, x = sub.to(acc), patches.to(acc)
     scores = torch.einsum("bmd,cnd->bcmn", t, x)  # [Bq, Bk, M, N]
     agg = topk_softmax_aggregate(scores, x[None, :, None], patch_mask[None, :, None, :], k, tau)
-    logits = torch.einsum("bmd,bcmd->bcm", t, agg)
-    return (logits * sub_mask[:, None, :]).to(sub.dtype)
+    cosines = torch.einsum("bmd,bcmd->bcm", t, agg)
+    return (cosines * sub_mask[:, None, :]).to(sub.dtype)

@@ -7,7 +7,7 @@ import torch
 from .checks import check_positive
 from .contrastive import slotwise_contrastive_loss
 from .masking import accumulation_dtype
-from .pairwise import pairwise_topk_aggregate_logits
+from .pairwise import pairwise_topk_aggregate_cosines
 from .tokens import _check_sap_inputs, topk_patch_aggregate
 
 
@@ -21,10 +21,10 @@ def sap_loss(
     logit_scale: torch.Tensor | float,
     pairing: str = "matched",
 ) -> torch.Tensor:
-    """Subcaption-aggregated patch alignment ``L_sub`` (docs/method.md, "SAP").
+    """Subcaption-aggregated patch alignment ``L_sap`` (docs/method.md, "SAP").
 
     ``matched`` (the paper's): ``v̄[b,i]`` is built from image b with b's own subcaption i, and
-    ``L_sub = mean over slots i with ≥ 2 valid samples of L_batch(v̄[:, i], sub[:, i])``.
+    ``L_sap = mean over slots i with ≥ 2 valid samples of L_batch(v̄[:, i], sub[:, i])``.
     ``all``: every subcaption of caption b is aggregated against every image c,
     ``logit[b, c, i] = s · ⟨sub[b,i], v̄(image c | sub[b,i])⟩``, with the same slot-wise contrast.
 
@@ -40,6 +40,6 @@ def sap_loss(
         agg = topk_patch_aggregate(sub, patches, sub_mask, patch_mask, k, tau).to(acc)
         cos = torch.einsum("bmd,cmd->mbc", sub.to(acc), agg)
     else:
-        cos = pairwise_topk_aggregate_logits(sub, patches, sub_mask, patch_mask, k, tau).to(acc)
+        cos = pairwise_topk_aggregate_cosines(sub, patches, sub_mask, patch_mask, k, tau).to(acc)
         cos = cos.permute(2, 0, 1)  # [M, B(captions), B(images)]
     return slotwise_contrastive_loss(logit_scale * cos, sub_mask)

@@ -4,7 +4,7 @@
                                                  [--subcaptions 8] [--k 49] [--repeats 5] [--no-time]
 
 For ``pairwise_maxsim`` (FineLIP's form: bidirectional, LeakyReLU 0.1), ``pairwise_reconstruction_scores``
-and ``pairwise_topk_aggregate_logits``, float32, all tokens valid, prints per backend the peak bytes of
+and ``pairwise_topk_aggregate_cosines``, float32, all tokens valid, prints per backend the peak bytes of
 forward + backward above the inputs, the bytes of input gradients + output (the floor any
 implementation needs), and the median wall time of ``--repeats`` forward + backward calls, run
 alternately so that load from other processes hits both alike (the median, not the best: on a shared
@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from ..ops import pairwise
 from ..profiling import allocator_peak_memory_of
 
-OPS = ("pairwise_maxsim", "pairwise_reconstruction_scores", "pairwise_topk_aggregate_logits")
+OPS = ("pairwise_maxsim", "pairwise_reconstruction_scores", "pairwise_topk_aggregate_cosines")
 
 
 def _case(op: str, batch, queries, keys, width, subcaptions, k, seed=0):
@@ -37,9 +37,9 @@ def _case(op: str, batch, queries, keys, width, subcaptions, k, seed=0):
         return F.normalize(torch.randn(*shape, generator=generator), dim=-1).requires_grad_()
 
     key_tokens = tokens(batch, keys, width)
-    if op == "pairwise_topk_aggregate_logits":
+    if op == "pairwise_topk_aggregate_cosines":
         sub = tokens(batch, subcaptions, width)
-        return (lambda backend: pairwise.pairwise_topk_aggregate_logits(sub, key_tokens, k=k, backend=backend)), (
+        return (lambda backend: pairwise.pairwise_topk_aggregate_cosines(sub, key_tokens, k=k, backend=backend)), (
             sub,
             key_tokens,
         )

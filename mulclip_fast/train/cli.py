@@ -42,12 +42,22 @@ def _add_flag(group: argparse._ArgumentGroup, config_field: dataclasses.Field, f
     if flag.keys:
         for key, key_default in flag.keys.items():
             group.add_argument(
-                f"{name}-{key.replace('_', '-')}",
+                _keyed_flag(name, key),
                 dest=_key_dest(config_field, key),
                 type=type(key_default),
                 metavar=flag.metavar,
                 default=argparse.SUPPRESS,
                 help=flag.help.format(key=key, default=key_default),
+            )
+        for old, key in flag.renamed_keys.items():
+            group.add_argument(
+                _keyed_flag(name, old),
+                dest=_key_dest(config_field, key),
+                type=type(flag.keys[key]),
+                default=argparse.SUPPRESS,
+                help=argparse.SUPPRESS,  # --help shows the current names only
+                action=_RenamedFlag,
+                replacement=_keyed_flag(name, key),
             )
         return
     options = {"dest": config_field.name, "default": argparse.SUPPRESS, "help": _help(config_field, flag)}
@@ -61,6 +71,22 @@ def _add_flag(group: argparse._ArgumentGroup, config_field: dataclasses.Field, f
         if flag.optional_value is not None:
             options.update(nargs="?", const=flag.optional_value)
     group.add_argument(name, **options)
+
+
+class _RenamedFlag(argparse.Action):
+    """A flag's old name: stores the value where the current flag does and says so on stderr."""
+
+    def __init__(self, option_strings, dest, replacement: str, **kwargs):
+        super().__init__(option_strings, dest, **kwargs)
+        self.replacement = replacement
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(f"warning: {option_string} is deprecated; use {self.replacement}", file=sys.stderr)
+        setattr(namespace, self.dest, values)
+
+
+def _keyed_flag(name: str, key: str) -> str:
+    return f"{name}-{key.replace('_', '-')}"
 
 
 def _key_dest(config_field: dataclasses.Field, key: str) -> str:

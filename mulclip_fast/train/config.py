@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..data import parse_data_spec
-from ..losses import DEFAULT_WEIGHTS, OBJECTIVES, TERMS
+from ..losses import DEFAULT_WEIGHTS, OBJECTIVES, RENAMED_TERMS, TERMS, current_term_names
 from ..model import PRESETS, CheckpointError, preset_config
 
 
@@ -98,6 +98,9 @@ class Flag:
     # One flag per key, ``NAME-KEY VALUE``, its help formatted with the key and the default the mapping gives;
     # the field is a dict of the keys given.
     keys: Mapping[str, object] = field(default_factory=dict)
+    # Old keys of ``keys`` -> their current names: ``NAME-OLD`` still sets the current key, with a deprecation
+    # message on stderr, so that existing scripts keep running.
+    renamed_keys: Mapping[str, str] = field(default_factory=dict)
 
 
 def setting(default, help: str, group: str, **flag) -> dataclasses.Field:
@@ -143,7 +146,13 @@ class TrainConfig:
     wpr: bool = setting(True, "leave out word-patch reconstruction", OBJECTIVE)
     sap: bool = setting(True, "leave out subcaption-aggregated patches", OBJECTIVE)
     weights: dict = setting(
-        {}, "weight of the {key} term (default: {default})", OBJECTIVE, name="--w", metavar="W", keys=DEFAULT_WEIGHTS
+        {},
+        "weight of the {key} term (default: {default})",
+        OBJECTIVE,
+        name="--w",
+        metavar="W",
+        keys=DEFAULT_WEIGHTS,
+        renamed_keys=RENAMED_TERMS,
     )
     sap_pairing: str = setting(
         "matched", "SAP against each image's own subcaptions, or all pairs", OBJECTIVE, choices=("matched", "all")
@@ -228,7 +237,8 @@ _FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 
 def resolve_config(config: TrainConfig) -> TrainConfig:
     """Fill the defaults that depend on other settings and validate everything; raises ConfigError."""
-    c = dataclasses.replace(config, weights=dict(config.weights), model_overrides=dict(config.model_overrides))
+    weights = current_term_names(config.weights)  # a script's old names still work, with a warning
+    c = dataclasses.replace(config, weights=weights, model_overrides=dict(config.model_overrides))
     if c.preset not in PRESETS:
         raise ConfigError(f"unknown --preset {c.preset!r}; choose one of {sorted(PRESETS)}")
     if c.loss not in OBJECTIVES:

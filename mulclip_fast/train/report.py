@@ -6,7 +6,7 @@ import json
 import os
 
 from ..eval import format_table
-from ..losses import TERMS
+from ..losses import TERMS, current_term_names
 from .checkpoint import atomic_write_text
 from .config import TrainConfig
 
@@ -20,12 +20,15 @@ def read_jsonl(path: str) -> list[dict]:
 
 
 def truncate_jsonl(path: str, keep_before_step: int) -> None:
-    """Drop the records of steps from ``keep_before_step`` on: a resumed run logs them again."""
+    """Drop the records of steps from ``keep_before_step`` on: a resumed run logs them again.
+
+    The kept records of a run logged before the loss terms were renamed (``losses.RENAMED_TERMS``) take the
+    current names, so the resumed log, its plots and its summary name each term one way.
+    """
     if not os.path.exists(path):
         return
-    with open(path) as handle:
-        kept = [line for line in handle if line.strip() and json.loads(line)["step"] < keep_before_step]
-    atomic_write_text(path, "".join(kept))
+    kept = [current_term_names(record, warn=False) for record in read_jsonl(path) if record["step"] < keep_before_step]
+    atomic_write_text(path, "".join(json.dumps(record) + "\n" for record in kept))
 
 
 def write_plots(out: str) -> None:

@@ -61,7 +61,7 @@ class Trainer:
             # In place (nn.Module.compile), so parameter names and checkpoints stay as they are.
             for tower in (self.model.visual.transformer, self.model.transformer):
                 tower.compile(backend=config.compile)
-        terms = [t for t in OBJECTIVES[config.loss] if (t != "word" or config.wpr) and (t != "sub" or config.sap)]
+        terms = [t for t in OBJECTIVES[config.loss] if (t != "wpr" or config.wpr) and (t != "sap" or config.sap)]
         self.terms = tuple(terms)
         self.loss_fn = MulCLIPLoss(
             objective=config.loss,
@@ -78,7 +78,7 @@ class Trainer:
             weights=config.weights,
         )
         self.needs_tokens = any(t in FINE_GRAINED_TERMS for t in self.terms)
-        self.needs_subcaptions = "sub" in self.terms
+        self.needs_subcaptions = "sap" in self.terms
         self.forward_module = FeatureForward(self.model)
         if self.context.enabled:
             # DDP broadcasts rank 0's parameters, then averages gradients in buckets while backward still
