@@ -153,11 +153,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def check_output_file(path: str) -> None:
+    """Raise ``ValueError`` unless ``path`` is a file that can be written: checked before the evaluation,
+    so that a bad ``--out`` does not cost a whole evaluation."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise ValueError(f"--out {path} is a directory; give a file name")
+    if not os.path.isdir(folder):
+        raise ValueError(f"--out {path}: the folder {folder} does not exist")
+    if not os.access(folder, os.W_OK | os.X_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
+        raise ValueError(f"--out {path} is not writable")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.pairs < 1 or args.batch_size < 1:
             raise DataError("--pairs and --batch-size must be >= 1")
+        if args.out:
+            check_output_file(args.out)
         model, config = load_model_for_eval(args.checkpoint, args.preset, args.device)
         seed = args.seed if args.seed is not None else int(config.get("seed", 0))
         dataset = open_dataset(
@@ -180,8 +194,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(format_table(result))
     if args.out:
-        with open(args.out, "w") as handle:
-            json.dump(result, handle, indent=2)
+        try:
+            with open(args.out, "w") as handle:
+                json.dump(result, handle, indent=2)
+        except OSError as exc:  # checked before evaluating, but the file system can change meanwhile
+            print(f"error: cannot write --out {args.out}: {exc.strerror}", file=sys.stderr)
+            return 2
     else:
         print(json.dumps(result))
     return 0

@@ -8,9 +8,21 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from PIL import Image
 
+from mulclip_fast import eval as eval_cli
 from mulclip_fast.data import open_dataset, read_docci
+
+
+def _error(capsys) -> str:
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") or "\nerror: " in err, err
+    assert "Traceback" not in err
+    return err
+
+
+# ------------------------------------------------------------------------------------ one run per directory
 
 
 def _docci_with_unreadable_images(tmp_path, n: int, unreadable: set[int]):
@@ -47,3 +59,12 @@ def test_an_image_above_the_pixel_limit_is_skipped_with_its_path(tmp_path, monke
     item = dataset[1]
     assert item["image"] is None and "exceeds limit" in item["error"] and item["key"] == str(images / "1.png")
     assert dataset[0]["image"] is not None
+
+
+def test_eval_out_that_cannot_be_written_is_an_error_before_evaluating(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(eval_cli, "load_model_for_eval", lambda *a: pytest.fail("evaluation started"))
+    file = tmp_path / "file"
+    file.write_text("")
+    for out, message in ((file / "eval.json", "does not exist"), (tmp_path, "is a directory")):
+        assert eval_cli.main(["--checkpoint", str(tmp_path), "--out", str(out)]) == 2
+        assert message in _error(capsys)
