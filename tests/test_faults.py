@@ -6,13 +6,19 @@ no data is lost and that every error is an ``error: …`` line with exit code 2 
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 
 import pytest
+import torch
 from PIL import Image
 
 from mulclip_fast import eval as eval_cli
 from mulclip_fast.data import open_dataset, read_docci
+from mulclip_fast.train import main, train
+
+from .test_train import small_config
 
 
 def _error(capsys) -> str:
@@ -23,6 +29,25 @@ def _error(capsys) -> str:
 
 
 # ------------------------------------------------------------------------------------ one run per directory
+
+
+def test_a_full_disk_during_a_save_leaves_no_partial_file_and_the_run_resumes(tmp_path, capsys, monkeypatch):
+    out = tmp_path / "run"
+    train(small_config(out, loss="global", steps=4), stop_at_step=2)
+    real_save = torch.save
+
+    def disk_full(obj, path):
+        with open(path, "wb") as handle:
+            handle.write(b"half a checkpoint")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    assert main(["--resume", "--out", str(out)]) == 2
+    assert "No space left on device" in _error(capsys)
+    assert os.listdir(out / "checkpoints") == ["step_00000002.pt"]
+    monkeypatch.setattr(torch, "save", real_save)
+    assert main(["--resume", "--out", str(out)]) == 0
+    assert sorted(os.listdir(out / "checkpoints")) == ["step_00000002.pt", "step_00000004.pt"]
 
 
 def _docci_with_unreadable_images(tmp_path, n: int, unreadable: set[int]):
