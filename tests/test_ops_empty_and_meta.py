@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mulclip_fast.ops._dispatch import interpreter_enabled, triton_available
 from mulclip_fast.ops import pairwise_maxsim, pairwise_reconstruction_scores, pairwise_topk_aggregate_logits
+from mulclip_fast.ops._dispatch import interpreter_enabled, triton_available
 
 # Empty inputs take the torch path under every backend; "triton" is checked where the interpreter runs it.
 KERNEL_BACKENDS = ("torch", "auto") + (("triton",) if triton_available() and interpreter_enabled() else ())
@@ -46,7 +46,7 @@ def test_empty_batches_and_token_sets_give_the_reference_result(op, shape):
     expected = _run(op, q_shape, k_shape, "reference")
     for backend in KERNEL_BACKENDS:
         got = _run(op, q_shape, k_shape, backend)
-        for a, b in zip(got, expected):
+        for a, b in zip(got, expected, strict=True):
             assert a.shape == b.shape and torch.equal(a, b), (backend, a, b)
 
 
