@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from .data import Collator, DataError, open_dataset
 from .model import CLIP, CheckpointError, load_clip_weights, preset_config
-from .run_checkpoints import find_latest_checkpoint, load_training_checkpoint
+from .run_checkpoints import load_latest_training_checkpoint, load_training_checkpoint
 
 RECALL_KS = (1, 5, 10)
 EVAL_KEYS = tuple(f"{d}_r{k}" for d in ("t2i", "i2t") for k in RECALL_KS) + ("binding_acc",)
@@ -118,10 +118,11 @@ def load_model_for_eval(checkpoint: str, preset: str | None, device: str) -> tup
     """
     path = checkpoint
     if os.path.isdir(path):
-        path = find_latest_checkpoint(path)
-        if path is None:
-            raise CheckpointError(f"no checkpoint in run directory {checkpoint}")
-    state = load_training_checkpoint(path)
+        path, state, unreadable = load_latest_training_checkpoint(path)
+        for bad, reason in unreadable:
+            print(f"warning: {bad} cannot be read ({reason}); evaluating the older {path}", file=sys.stderr)
+    else:
+        state = load_training_checkpoint(path)
     if state is not None:
         config = state["config"]
         model = CLIP(preset_config(config["preset"], **config.get("model_overrides", {})))

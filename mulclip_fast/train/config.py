@@ -292,3 +292,57 @@ def resolve_config(config: TrainConfig) -> TrainConfig:
     if c.device.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"--device {c.device} requested but CUDA is not available")
     return c
+
+
+# What a resumed run may change: where and how fast it runs, its bookkeeping, and how long it trains.
+# Every other setting defines what is trained; changing one mid-run would make the run a mix of two.
+RESUMABLE_CHANGES = frozenset(
+    {
+        "out",
+        "device",
+        "threads",
+        "num_workers",
+        "compile",
+        "grad_checkpointing",
+        "log_every",
+        "checkpoint_every",
+        "keep_checkpoints",
+        "val_every",
+        "val_pairs",
+        "eval_pairs",
+        "steps",
+        "epochs",
+        "time_limit",
+    }
+)
+
+
+def resumed_config(stored: TrainConfig, requested: TrainConfig, given: set[str]) -> TrainConfig:
+    """The settings of a resumed run: the ``stored`` run's, where it runs (``out``, ``device``) from
+    ``requested``, and the ``given`` settings of ``requested`` that may change (``RESUMABLE_CHANGES``).
+
+    Raises ``ConfigError`` naming every given flag that contradicts the stored run in a setting that may
+    not change; a given setting equal to the stored one is fine.
+    """
+    changes, refused = {"out": requested.out, "device": requested.device}, []
+    for name in sorted(given):
+        before, value = getattr(stored, name), getattr(requested, name)
+        if isinstance(before, dict):  # keyed flags (--w-*, --model) give only the keys on the command line
+            value = {**before, **value}
+        if value == before:
+            continue
+        if name in RESUMABLE_CHANGES:
+            changes[name] = value
+        else:
+            refused.append(f"{flag_name(_FIELDS[name])} {value} (the run has {before})")
+    if refused:
+        raise ConfigError(
+            "--resume continues the stored run, and these flags contradict it: "
+            + "; ".join(refused)
+            + ". Leave them out, or start a new run (another --out, or --overwrite)"
+        )
+    # The run's length is --steps or --epochs: giving one replaces the other.
+    for length, other in (("steps", "epochs"), ("epochs", "steps")):
+        if length in changes and other not in given:
+            changes[other] = None
+    return dataclasses.replace(stored, **changes)
