@@ -189,6 +189,31 @@ def test_temporaries_of_a_killed_save_are_removed_at_start(tmp_path, capsys):
     assert "left by a save that was interrupted" in capsys.readouterr().out
 
 
+@pytest.mark.slow
+def test_a_kill_inside_a_save_loses_nothing(tmp_path):
+    straight = tmp_path / "straight"
+    train(small_config(straight, loss="global", steps=4))
+    out = tmp_path / "run"
+    cmd = [sys.executable, os.path.join(os.path.dirname(__file__), "killed_save_train.py"), "--out", str(out)]
+    cmd += SMALL + ["--steps", "4", "--batch-size", "4", "--loss", "global", "--checkpoint-every", "1"]
+    cmd += ["--fine-start", "0", "--fine-ramp", "0.5", "--eval-pairs", "0", "--val-pairs", "4", "--val-every", "1000"]
+    env = {**os.environ, "KILL_IN_SAVE_OF": "step_00000003.pt"}
+    run = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        for line in run.stdout:
+            if line.strip() == "in save":
+                break
+    finally:
+        run.send_signal(signal.SIGKILL)
+        run.wait()
+    (temporary,) = [name for name in os.listdir(out / "checkpoints") if ".tmp." in name]
+    assert temporary.startswith("step_00000003.pt.tmp.")
+    assert main(["--resume", "--out", str(out)]) == 0
+    assert not [name for name in os.listdir(out / "checkpoints") if ".tmp." in name]
+    a, b = read_jsonl(straight / "metrics.jsonl"), read_jsonl(out / "metrics.jsonl")
+    assert [m["step"] for m in b] == [0, 1, 2, 3] and [m["loss"] for m in a] == [m["loss"] for m in b]
+
+
 def test_an_unreadable_latest_checkpoint_falls_back_to_the_previous_one_loudly(tmp_path, capsys):
     train(small_config(tmp_path / "straight", loss="global", steps=4))
     out = tmp_path / "run"
