@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from .data import Collator, DataError, open_dataset
-from .model import CLIP, CheckpointError, load_clip_weights, preset_config
+from .model import CLIP, CheckpointError, check_device, load_clip_weights, preset_config
 from .run_checkpoints import load_latest_training_checkpoint, load_training_checkpoint
 
 RECALL_KS = (1, 5, 10)
@@ -171,6 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.pairs < 1 or args.batch_size < 1:
             raise DataError("--pairs and --batch-size must be >= 1")
+        check_device(args.device)
         if args.out:
             check_output_file(args.out)
         model, config = load_model_for_eval(args.checkpoint, args.preset, args.device)

@@ -272,3 +272,19 @@ def test_eval_out_that_cannot_be_written_is_an_error_before_evaluating(tmp_path,
     for out, message in ((file / "eval.json", "does not exist"), (tmp_path, "is a directory")):
         assert eval_cli.main(["--checkpoint", str(tmp_path), "--out", str(out)]) == 2
         assert message in _error(capsys)
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--device", "gpu0"], "--device 'gpu0' is not a torch device"),
+        (["--device", "mps"], "--device mps requested but MPS is not available"),
+        (["--threads", "-1"], "invalid value for --threads (-1)"),
+    ],
+)
+def test_bad_device_and_threads_are_errors_in_train_and_eval(tmp_path, capsys, argv, message):
+    assert main([*argv, "--out", str(tmp_path / "run")]) == 2
+    assert message in _error(capsys)
+    if argv[0] == "--device":
+        assert eval_cli.main(["--checkpoint", str(tmp_path), *argv]) == 2
+        assert message in _error(capsys)

@@ -17,7 +17,7 @@ import torch
 
 from ..data import parse_data_spec
 from ..losses import DEFAULT_WEIGHTS, OBJECTIVES, TERMS
-from ..model import PRESETS, CheckpointError, preset_config
+from ..model import PRESETS, CheckpointError, check_device, preset_config
 
 
 class ConfigError(ValueError):
@@ -274,6 +274,7 @@ def resolve_config(config: TrainConfig) -> TrainConfig:
         "eval_pairs": c.eval_pairs >= 0,
         "val_pairs": c.val_pairs >= 1,
         "num_workers": c.num_workers >= 0,
+        "threads": c.threads >= 0,
         "train_size": c.train_size >= c.batch_size,
         "twin_fraction": 0 <= c.twin_fraction <= 1,
     }
@@ -289,8 +290,10 @@ def resolve_config(config: TrainConfig) -> TrainConfig:
         preset_config(c.preset, **c.model_overrides)
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"bad --model override: {exc}") from None
-    if c.device.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"--device {c.device} requested but CUDA is not available")
+    try:
+        check_device(c.device)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     return c
 
 

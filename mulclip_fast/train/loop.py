@@ -19,7 +19,7 @@ import time
 import torch
 
 from ..data import Collator, DataError, iterate_batches, open_dataset
-from ..distributed import agree, init_distributed, shutdown_distributed
+from ..distributed import agree, init_distributed, is_main_process, shutdown_distributed
 from ..eval import evaluate
 from ..losses import TERMS
 from ..model import preset_config
@@ -176,21 +176,20 @@ def train(
     use it to check that resuming is exact.
     """
     # Under torchrun every rank runs this function; rank 0 alone writes the run directory.
-    context = init_distributed(config.device)
-    lock = claim_run_directory(config.out, resume, overwrite) if context.is_main else None
+    lock = claim_run_directory(config.out, resume, overwrite) if is_main_process() else None
     try:
-        return _train(config, context, resume, stop_at_step, given)
+        return _train(config, resume, stop_at_step, given)
     finally:
         if lock is not None:
             lock.release()
 
 
-def _train(config, context, resume, stop_at_step, given) -> dict:
+def _train(config, resume, stop_at_step, given) -> dict:
     out = config.out
     state = None
     if resume:
         latest, state, unreadable = load_latest_training_checkpoint(out)
-        if context.is_main:
+        if is_main_process():
             _set_aside_unreadable(unreadable, latest)
         if given is None:
             default = TrainConfig()
@@ -199,6 +198,7 @@ def _train(config, context, resume, stop_at_step, given) -> dict:
     config = resolve_config(config)
     if config.threads:
         torch.set_num_threads(config.threads)
+    context = init_distributed(config.device)
     if context.enabled:
         if config.batch_size % context.world_size:
             raise ConfigError(f"--batch-size {config.batch_size} must be a multiple of the {context.world_size} ranks")
