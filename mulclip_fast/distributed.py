@@ -38,6 +38,12 @@ def launched_by_torchrun() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
+def is_main_process() -> bool:
+    """Whether this process is rank 0 (or runs alone), known before the process group forms: torchrun's
+    ``RANK`` is the rank the group gives it."""
+    return not launched_by_torchrun() or int(os.environ["RANK"]) == 0
+
+
 def init_distributed(device: str, timeout_s: float = 300.0) -> DistributedContext:
     """Join the process group that ``torchrun`` describes in the environment (no-op otherwise).
 

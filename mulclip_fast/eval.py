@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 
 from .data import Collator, DataError, open_dataset
-from .model import CLIP, CheckpointError, load_clip_weights, preset_config
-from .run_checkpoints import find_latest_checkpoint, load_training_checkpoint
+from .model import CLIP, CheckpointError, check_device, load_clip_weights, preset_config
+from .run_checkpoints import load_latest_training_checkpoint, load_training_checkpoint
 
 RECALL_KS = (1, 5, 10)
 EVAL_KEYS = tuple(f"{d}_r{k}" for d in ("t2i", "i2t") for k in RECALL_KS) + ("binding_acc",)
@@ -118,10 +118,11 @@ def load_model_for_eval(checkpoint: str, preset: str | None, device: str) -> tup
     """
     path = checkpoint
     if os.path.isdir(path):
-        path = find_latest_checkpoint(path)
-        if path is None:
-            raise CheckpointError(f"no checkpoint in run directory {checkpoint}")
-    state = load_training_checkpoint(path)
+        path, state, unreadable = load_latest_training_checkpoint(path)
+        for bad, reason in unreadable:
+            print(f"warning: {bad} cannot be read ({reason}); evaluating the older {path}", file=sys.stderr)
+    else:
+        state = load_training_checkpoint(path)
     if state is not None:
         config = state["config"]
         model = CLIP(preset_config(config["preset"], **config.get("model_overrides", {})))
@@ -153,11 +154,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def check_output_file(path: str) -> None:
+    """Raise ``ValueError`` unless ``path`` is a file that can be written: checked before the evaluation,
+    so that a bad ``--out`` does not cost a whole evaluation."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise ValueError(f"--out {path} is a directory; give a file name")
+    if not os.path.isdir(folder):
+        raise ValueError(f"--out {path}: the folder {folder} does not exist")
+    if not os.access(folder, os.W_OK | os.X_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
+        raise ValueError(f"--out {path} is not writable")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.pairs < 1 or args.batch_size < 1:
             raise DataError("--pairs and --batch-size must be >= 1")
+        check_device(args.device)
+        if args.out:
+            check_output_file(args.out)
         model, config = load_model_for_eval(args.checkpoint, args.preset, args.device)
         seed = args.seed if args.seed is not None else int(config.get("seed", 0))
         dataset = open_dataset(
@@ -180,8 +196,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(format_table(result))
     if args.out:
-        with open(args.out, "w") as handle:
-            json.dump(result, handle, indent=2)
+        try:
+            with open(args.out, "w") as handle:
+                json.dump(result, handle, indent=2)
+        except OSError as exc:  # checked before evaluating, but the file system can change meanwhile
+            print(f"error: cannot write --out {args.out}: {exc.strerror}", file=sys.stderr)
+            return 2
     else:
         print(json.dumps(result))
     return 0

@@ -39,13 +39,26 @@ def list_checkpoints(folder: str) -> list[str]:
     return sorted(os.path.join(folder, f) for f in os.listdir(folder) if f.startswith("step_") and f.endswith(".pt"))
 
 
-def find_latest_checkpoint(out: str) -> str | None:
-    """The newest ``step_*.pt`` of a run directory (or of its ``checkpoints`` folder)."""
+def load_latest_training_checkpoint(out: str) -> tuple[str, dict, list[tuple[str, str]]]:
+    """The newest checkpoint of a run directory that can be read: its path, its state, and the newer ones
+    that could not be read (path, reason), which the caller must report. Raises ``CheckpointError`` when
+    there is none at all, or none readable."""
     folder = checkpoint_dir(out) if os.path.isdir(checkpoint_dir(out)) else out
-    if not os.path.isdir(folder):
-        return None
-    paths = list_checkpoints(folder)
-    return paths[-1] if paths else None
+    paths = list_checkpoints(folder) if os.path.isdir(folder) else []
+    if not paths:
+        raise CheckpointError(f"no checkpoint in {folder}")
+    unreadable = []
+    for path in reversed(paths):
+        try:
+            state = load_training_checkpoint(path)
+        except CheckpointError as exc:
+            unreadable.append((path, str(exc)))
+            continue
+        if state is None:
+            unreadable.append((path, "not a training checkpoint"))
+            continue
+        return path, state, unreadable
+    raise CheckpointError(f"no readable checkpoint in {folder}: " + "; ".join(reason for _, reason in unreadable))
 
 
 def load_training_checkpoint(path: str) -> dict | None:

@@ -12,12 +12,17 @@ CLIP_STD = torch.tensor([0.26862954, 0.26130258, 0.27577711])
 def load_image(path: str, size: int) -> torch.Tensor:
     """CLIP's preprocessing: RGB, shorter side resized to ``size`` (bicubic), centre crop, normalise.
 
-    Raises ``OSError``/``ValueError`` (from PIL) for a missing, truncated or corrupt file; callers skip
-    and count those.
+    Raises ``OSError``/``ValueError`` (from PIL) for a missing, truncated or corrupt file, and
+    ``ValueError`` for an image above PIL's pixel limit (``Image.MAX_IMAGE_PIXELS``); callers skip and
+    count those.
     """
     from PIL import Image
 
-    with Image.open(path) as img:
+    try:
+        img = Image.open(path)
+    except Image.DecompressionBombError as exc:  # above PIL's pixel limit: as unusable as a corrupt file
+        raise ValueError(str(exc)) from None
+    with img:
         img.load()  # decode now, so a truncated file fails here and not later
         img = img.convert("RGB")
         w, h = img.size

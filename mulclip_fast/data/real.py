@@ -52,16 +52,17 @@ def read_docci(path: str, image_root: str | None = None) -> tuple[list[Record], 
     if image_root is None:
         image_root = os.path.join(base, "images") if os.path.isdir(os.path.join(base, "images")) else base
     records, problems = [], []
-    with open(path, encoding="utf-8") as handle:
-        for line_no, line in enumerate(handle, 1):
-            if not line.strip():
+    # Bytes, decoded line by line: one badly encoded line is a bad record, not the end of the file.
+    with open(path, "rb") as handle:
+        for line_no, raw in enumerate(handle, 1):
+            if not raw.strip():
                 continue
             try:
-                obj = json.loads(line)
+                obj = json.loads(raw.decode("utf-8"))
                 image, caption = obj["image_file"], obj["description"]
                 if not isinstance(image, str) or not isinstance(caption, str) or not caption.strip():
                     raise TypeError("image_file and description must be non-empty strings")
-            except (json.JSONDecodeError, KeyError, TypeError) as exc:
+            except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as exc:
                 problems.append(f"{path}:{line_no}: {type(exc).__name__}: {exc}")
                 continue
             records.append(Record(_resolve(image_root, image), caption.strip(), obj.get("split")))

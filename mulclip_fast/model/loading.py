@@ -112,3 +112,16 @@ def load_clip_weights(model: CLIP, path: str, freeze_positions: int = 20) -> dic
     model.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
     model.freeze_leading_positions(freeze_positions)
     return {"path": path, "stretched_77_to": target if stretched else None, "ignored_keys": unexpected}
+
+
+def check_device(device: str) -> torch.device:
+    """``device`` as a torch device this process can use; ``ValueError`` naming ``--device`` otherwise, so
+    that a bad value is an error line before any work instead of a traceback when a model moves there."""
+    try:
+        parsed = torch.device(device)
+    except RuntimeError as exc:
+        raise ValueError(f"--device {device!r} is not a torch device ({exc})") from None
+    accelerator = getattr(torch, parsed.type, None)  # torch.cuda, torch.mps, torch.xpu: each says if it is there
+    if parsed.type != "cpu" and not (hasattr(accelerator, "is_available") and accelerator.is_available()):
+        raise ValueError(f"--device {device} requested but {parsed.type.upper()} is not available")
+    return parsed

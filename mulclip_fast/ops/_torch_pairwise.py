@@ -56,8 +56,9 @@ def _chunk_counts(n_q: int, n_k: int, per_pair: int, budget: int) -> tuple[int, 
     """(query sets, key sets) per chunk so that a chunk holds about ``budget`` elements of ``per_pair`` each."""
     pairs = max(1, budget // max(1, per_pair))
     per_side = max(1, math.isqrt(pairs))
-    n_k_chunk = min(n_k, per_side)
-    n_q_chunk = min(n_q, max(1, pairs // n_k_chunk))
+    # At least one set per chunk: an empty batch (0 sets) then has no chunks at all.
+    n_k_chunk = max(1, min(n_k, per_side))
+    n_q_chunk = max(1, min(n_q, pairs // n_k_chunk))
     return n_q_chunk, n_k_chunk
 
 
@@ -87,6 +88,8 @@ def maxsim_forward(q, k, q_mask, k_mask, bidirectional: bool, negative_slope: fl
     kq_len = len_k if bidirectional else 0
     val_kq = q.new_zeros((n_q, n_k, kq_len), dtype=acc)
     idx_kq = q.new_zeros((n_q, n_k, kq_len), dtype=torch.int32)
+    if len_q == 0 or len_k == 0:  # every set of one side is empty: the zero statistics are its values
+        return val_qk, idx_qk, val_kq, idx_kq
     k_any, q_any = k_mask.any(dim=1), q_mask.any(dim=1)
     cq, ck = _chunk_counts(n_q, n_k, len_q * len_k, chunk_budget(q, k))
     for b0, b1 in _chunks(n_q, cq):
@@ -152,6 +155,8 @@ def maxsim_backward(grad, q, k, q_mask, k_mask, val_qk, idx_qk, val_kq, idx_kq, 
     (n_q, len_q, d), (n_k, len_k, _) = q.shape, k.shape
     dq = torch.zeros((n_q * len_q, d), dtype=acc, device=q.device)
     dk = torch.zeros((n_k * len_k, d), dtype=acc, device=k.device)
+    if len_q == 0 or len_k == 0:  # no token pair, no max: the scores are constant 0
+        return dq.view(q.shape), dk.view(k.shape)
     cq, ck = _chunk_counts(n_q, n_k, len_q * len_k, chunk_budget(q, k))
     for b0, b1 in _chunks(n_q, cq):
         qc = q[b0:b1].to(acc).reshape(-1, d)
@@ -205,6 +210,8 @@ def reconstruction_forward(q, k, q_mask, k_mask, tau: float):
     (n_q, len_q, d), (n_k, len_k, _) = q.shape, k.shape
     r = q.new_zeros((n_k, n_q, len_q), dtype=acc)
     lse = q.new_zeros((n_k, n_q, len_q), dtype=acc)
+    if len_k == 0:  # every key set is empty: r and lse are 0
+        return r, lse
     k_empty = ~k_mask.any(dim=1)
     cq, ck = _chunk_counts(n_q, n_k, len_q * len_k, chunk_budget(q, k))
     for b0, b1 in _chunks(n_q, cq):

@@ -68,6 +68,14 @@ def _implementation(backend: str) -> ModuleType:
     return _torch_pairwise
 
 
+def _backend_for(backend: str, x: torch.Tensor, *inputs: torch.Tensor, **limits) -> str:
+    """The concrete backend for an op on ``inputs`` (``x`` first): the torch path when one of them is
+    empty (no sets or no tokens), whose result is then the empty or zero one the reference gives; the
+    kernels are launched on non-empty grids only."""
+    concrete = kernel_backend(backend, x, **limits)  # validates the backend for these tensors first
+    return "torch" if any(t.numel() == 0 for t in (x, *inputs)) else concrete
+
+
 def _contiguous(*tensors):
     return [t.contiguous() for t in tensors]
 
@@ -191,7 +199,7 @@ def pairwise_maxsim(
         if not (math.isfinite(negative_slope) and negative_slope >= 0):
             raise ValueError(f"negative_slope must be None or >= 0, got {negative_slope!r}")
         negative_slope = float(negative_slope)
-    scores, *_ = _maxsim_op(q, k, q_mask, k_mask, bidirectional, negative_slope, kernel_backend(backend, q))
+    scores, *_ = _maxsim_op(q, k, q_mask, k_mask, bidirectional, negative_slope, _backend_for(backend, q, k))
     return scores
 
 
@@ -282,7 +290,7 @@ def pairwise_reconstruction_scores(
         return reference.pairwise_reconstruction_scores(q, k, q_mask, k_mask, tau)
     q_mask, k_mask = _check_sets("q", q, "k", k, "q_mask", q_mask, "k_mask", k_mask)
     check_positive("tau", tau)
-    scores, _, _ = _reconstruction_op(q, k, q_mask, k_mask, float(tau), kernel_backend(backend, q))
+    scores, _, _ = _reconstruction_op(q, k, q_mask, k_mask, float(tau), _backend_for(backend, q, k))
     return scores
 
 
@@ -394,7 +402,7 @@ def pairwise_topk_aggregate_cosines(
     sub_mask, patch_mask = _check_sets("sub", sub, "patches", patches, "sub_mask", sub_mask, "patch_mask", patch_mask)
     check_topk(k, patches.shape[1])
     check_positive("tau", tau)
-    concrete = kernel_backend(backend, sub, patches.shape[1], TRITON_TOPK_MAX_PATCHES)
+    concrete = _backend_for(backend, sub, patches, n_patches=patches.shape[1], max_patches=TRITON_TOPK_MAX_PATCHES)
     logits, _, _ = _topk_op(sub, patches, sub_mask, patch_mask, k, float(tau), concrete)
     return logits
 

@@ -54,7 +54,7 @@ def all_finite(x: torch.Tensor) -> bool:
     propagates NaN). ``torch.isfinite(x).all()`` says the same but allocates ``abs(x)`` and boolean masks,
     1.7× the input: at the calibrated shapes more than a fused op's whole working memory.
     """
-    if x.numel() == 0:
+    if x.numel() == 0 or x.is_meta:  # no values to scan (meta tensors carry shapes only)
         return True
     low, high = torch.aminmax(x)
     return bool(torch.isfinite(low) & torch.isfinite(high))

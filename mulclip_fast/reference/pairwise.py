@@ -23,6 +23,8 @@ def _check_pair_inputs(q, k, q_mask, k_mask):
 
 def _maxsim_one_way(sim, q_mask, k_mask):
     """``mean over valid i of max over valid j of sim[b, c, i, j]``; 0 where either side is empty."""
+    if sim.shape[-1] == 0:  # no key tokens at all: every key set is empty (a zero sum keeps the graph)
+        return sim.sum(dim=(2, 3))
     pair_mask = k_mask[None, :, None, :]  # [1, Bk, 1, Lk]
     best = sim.masked_fill(~pair_mask, float("-inf")).amax(dim=-1)  # [Bq, Bk, Lq]
     best = best.masked_fill(~k_mask.any(dim=1)[None, :, None], 0.0)

@@ -10,7 +10,7 @@ logging, checkpoints, signals, evaluation), ``checkpoint`` (atomic writes, RNG s
 plots, summary) and ``cli`` (the parser generated from ``TrainConfig`` and ``main``).
 """
 
-from ..run_checkpoints import find_latest_checkpoint, load_training_checkpoint
+from ..run_checkpoints import load_latest_training_checkpoint, load_training_checkpoint
 from .cli import build_parser, config_from_args, main
 from .config import ConfigError, TrainConfig, resolve_config
 from .loop import train
@@ -22,7 +22,7 @@ __all__ = [
     "Trainer",
     "build_parser",
     "config_from_args",
-    "find_latest_checkpoint",
+    "load_latest_training_checkpoint",
     "load_training_checkpoint",
     "main",
     "resolve_config",

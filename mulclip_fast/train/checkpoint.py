@@ -12,22 +12,40 @@ import random
 import numpy as np
 import torch
 
+from ..model import CheckpointError
 from ..run_checkpoints import checkpoint_dir, checkpoint_path, list_checkpoints
 
 
-def atomic_torch_save(obj, path: str) -> None:
-    """Write to a temporary file in the same folder, then rename: a crash never leaves half a file."""
+def _write_atomically(path: str, write) -> None:
+    """``write(tmp)`` to a temporary file in the same folder, then rename: a crash never leaves half a file.
+
+    A write that fails (disk full, no permission) removes its partial temporary and raises
+    ``CheckpointError`` saying why; a file already at ``path`` is left as it was.
+    """
     tmp = f"{path}.tmp.{os.getpid()}"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as exc:  # torch's zip writer reports a failed write as a RuntimeError
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise CheckpointError(f"cannot write {path}: {reason} (the partial file was removed)") from None
+
+
+def atomic_torch_save(obj, path: str) -> None:
+    """``torch.save`` that leaves either the old file or the whole new one (see ``_write_atomically``)."""
+    _write_atomically(path, lambda tmp: torch.save(obj, tmp))
 
 
 def atomic_write_text(path: str, text: str) -> None:
-    """``atomic_torch_save`` for text files (config, summaries, logs rewritten on resume)."""
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w") as handle:
-        handle.write(text)
-    os.replace(tmp, path)
+    """The same for text files (config, summaries, logs rewritten on resume)."""
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w") as handle:
+            handle.write(text)
+
+    _write_atomically(path, write)
 
 
 def save_checkpoint(state: dict, out: str, keep: int) -> str:

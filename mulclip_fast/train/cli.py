@@ -1,8 +1,9 @@
 """The command line of ``python -m mulclip_fast.train``, generated from the fields of ``TrainConfig``.
 
 Each field's ``Flag`` (see ``config``) says how it is spelled, grouped and parsed; leaving a flag out keeps
-the field's default, or the default its ``Flag`` computes from the other settings. Two flags are not
-settings of the run: ``--resume`` and the hidden ``--stop-at-step`` (tests interrupt runs with it).
+the field's default, or the default its ``Flag`` computes from the other settings. Three flags are not
+settings of the run: ``--resume``, ``--overwrite`` and the hidden ``--stop-at-step`` (tests interrupt runs
+with it).
 """
 
 from __future__ import annotations
@@ -31,6 +32,9 @@ def build_parser() -> argparse.ArgumentParser:
             groups[flag.group] = parser.add_argument_group(flag.group)
         _add_flag(groups[flag.group], config_field, flag, hints[config_field.name])
     groups[RUN].add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    groups[RUN].add_argument(
+        "--overwrite", action="store_true", help="delete the earlier run in --out (checkpoints, logs) and start anew"
+    )
     parser.add_argument("--stop-at-step", type=int, default=None, help=argparse.SUPPRESS)
     return parser
 
@@ -106,7 +110,8 @@ def _help(config_field: dataclasses.Field, flag: Flag) -> str:
     return f"{flag.help} (default: {default})" if shown and not isinstance(default, bool) else flag.help
 
 
-def config_from_args(args: argparse.Namespace) -> TrainConfig:
+def given_settings(args: argparse.Namespace) -> dict:
+    """The settings the command line gave, by field name, parsed."""
     given = vars(args)
     values = {}
     for config_field in dataclasses.fields(TrainConfig):
@@ -119,6 +124,11 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         elif config_field.name in given:
             value = given[config_field.name]
             values[config_field.name] = flag.parse(value) if flag.parse else value
+    return values
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    values = given_settings(args)
     config = TrainConfig(**values)
     computed = {
         f.name: flag_of(f).unset(config)
@@ -132,7 +142,13 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         config = config_from_args(args)
-        summary = train(config, resume=args.resume, stop_at_step=args.stop_at_step)
+        summary = train(
+            config,
+            resume=args.resume,
+            stop_at_step=args.stop_at_step,
+            overwrite=args.overwrite,
+            given=set(given_settings(args)),
+        )
     except (ConfigError, DataError, CheckpointError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -17,7 +17,7 @@ import torch
 
 from ..data import parse_data_spec
 from ..losses import DEFAULT_WEIGHTS, OBJECTIVES, RENAMED_TERMS, TERMS, current_term_names
-from ..model import PRESETS, CheckpointError, preset_config
+from ..model import PRESETS, CheckpointError, check_device, preset_config
 
 
 class ConfigError(ValueError):
@@ -284,6 +284,7 @@ def resolve_config(config: TrainConfig) -> TrainConfig:
         "eval_pairs": c.eval_pairs >= 0,
         "val_pairs": c.val_pairs >= 1,
         "num_workers": c.num_workers >= 0,
+        "threads": c.threads >= 0,
         "train_size": c.train_size >= c.batch_size,
         "twin_fraction": 0 <= c.twin_fraction <= 1,
     }
@@ -299,6 +300,62 @@ def resolve_config(config: TrainConfig) -> TrainConfig:
         preset_config(c.preset, **c.model_overrides)
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"bad --model override: {exc}") from None
-    if c.device.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"--device {c.device} requested but CUDA is not available")
+    try:
+        check_device(c.device)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     return c
+
+
+# What a resumed run may change: where and how fast it runs, its bookkeeping, and how long it trains.
+# Every other setting defines what is trained; changing one mid-run would make the run a mix of two.
+RESUMABLE_CHANGES = frozenset(
+    {
+        "out",
+        "device",
+        "threads",
+        "num_workers",
+        "compile",
+        "grad_checkpointing",
+        "log_every",
+        "checkpoint_every",
+        "keep_checkpoints",
+        "val_every",
+        "val_pairs",
+        "eval_pairs",
+        "steps",
+        "epochs",
+        "time_limit",
+    }
+)
+
+
+def resumed_config(stored: TrainConfig, requested: TrainConfig, given: set[str]) -> TrainConfig:
+    """The settings of a resumed run: the ``stored`` run's, where it runs (``out``, ``device``) from
+    ``requested``, and the ``given`` settings of ``requested`` that may change (``RESUMABLE_CHANGES``).
+
+    Raises ``ConfigError`` naming every given flag that contradicts the stored run in a setting that may
+    not change; a given setting equal to the stored one is fine.
+    """
+    changes, refused = {"out": requested.out, "device": requested.device}, []
+    for name in sorted(given):
+        before, value = getattr(stored, name), getattr(requested, name)
+        if isinstance(before, dict):  # keyed flags (--w-*, --model) give only the keys on the command line
+            value = {**before, **value}
+        if value == before:
+            continue
+        if name in RESUMABLE_CHANGES:
+            changes[name] = value
+        else:
+            refused.append(f"{flag_name(_FIELDS[name])} {value} (the run has {before})")
+    if refused:
+        raise ConfigError(
+            "--resume continues the stored run, and these flags contradict it: "
+            + "; ".join(refused)
+            + ". Leave them out, or start a new run (another --out, or --overwrite)"
+        )
+    # The run's length is --steps or --epochs: giving one replaces the other.
+    for length, other in (("steps", "epochs"), ("epochs", "steps")):
+        if length in changes and other not in given:
+            changes[other] = None
+    return dataclasses.replace(stored, **changes)

@@ -19,14 +19,15 @@ import time
 import torch
 
 from ..data import Collator, DataError, iterate_batches, open_dataset
-from ..distributed import agree, init_distributed, shutdown_distributed
+from ..distributed import agree, init_distributed, is_main_process, shutdown_distributed
 from ..eval import evaluate
 from ..losses import TERMS
-from ..model import CheckpointError, preset_config
-from ..run_checkpoints import checkpoint_dir, find_latest_checkpoint, load_training_checkpoint
+from ..model import preset_config
+from ..run_checkpoints import load_latest_training_checkpoint
 from .checkpoint import atomic_write_text, save_checkpoint
-from .config import ConfigError, TrainConfig, resolve_config
+from .config import ConfigError, TrainConfig, resolve_config, resumed_config
 from .report import summary_table, truncate_jsonl, write_plots
+from .run_dir import claim_run_directory
 from .trainer import Trainer
 
 
@@ -64,13 +65,15 @@ class RunLog:
             return
         self.metrics_path = os.path.join(out, "metrics.jsonl")
         self.val_path = os.path.join(out, "val.jsonl")
-        if resumed:  # drop what was logged after the checkpoint we resume from: it will be redone
-            for path in (self.metrics_path, self.val_path):
-                truncate_jsonl(path, start_step)
-        else:
-            for path in (self.metrics_path, self.val_path):
-                if os.path.exists(path):
-                    os.remove(path)
+        if resumed:
+            # Drop what was logged after the checkpoint we resume from: it will be redone. A metrics record
+            # is the step of that index; a validation record follows its step and precedes the checkpoint of
+            # the same step, except the final test, which a resumed run repeats.
+            truncate_jsonl(self.metrics_path, lambda record: record["step"] < start_step)
+            truncate_jsonl(
+                self.val_path,
+                lambda record: record["step"] < start_step or (record["step"] == start_step and "split" not in record),
+            )
         self.total_steps = total_steps
         if sys.stderr.isatty():
             from tqdm import tqdm
@@ -131,27 +134,70 @@ def _peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def train(config: TrainConfig, resume: bool = False, stop_at_step: int | None = None) -> dict:
+def _set_aside_unreadable(unreadable: list[tuple[str, str]], resumed_from: str) -> None:
+    """Rename checkpoints that cannot be read out of the way, loudly: left in place, they would sort after
+    the new ones and keep-last pruning would delete good checkpoints instead of them."""
+    for path, reason in unreadable:
+        os.replace(path, f"{path}.unreadable")
+        print(
+            f"warning: {path} cannot be read ({reason}); renamed to {path}.unreadable, "
+            f"resuming from the older {resumed_from}",
+            file=sys.stderr,
+            flush=True,
+        )
+
+
+def _write_skipped(out: str, skipped: dict[str, str]) -> None:
+    if skipped:
+        atomic_write_text(os.path.join(out, "skipped.json"), json.dumps(skipped, indent=2))
+
+
+def _checkpoint(trainer: Trainer, step: int, elapsed: float, skipped: dict[str, str], out: str, keep: int) -> str:
+    """Save the checkpoint of ``step`` with the images skipped so far (a resumed run lists them again), and
+    ``skipped.json`` as of that checkpoint."""
+    _write_skipped(out, skipped)
+    return save_checkpoint({**trainer.state_dict(step, elapsed), "skipped_images": dict(skipped)}, out, keep)
+
+
+def train(
+    config: TrainConfig,
+    resume: bool = False,
+    stop_at_step: int | None = None,
+    overwrite: bool = False,
+    given: set[str] | None = None,
+) -> dict:
     """Run (or resume) a training job; returns the summary (also the final evaluation, if run).
 
+    The run directory ``config.out`` is this run's alone while it runs (``run_dir``): a directory an
+    earlier run used is refused unless ``resume`` continues that run or ``overwrite`` deletes it. With
+    ``resume``, ``given`` names the settings the caller chose (the flags of the command line; by default
+    the fields of ``config`` that differ from ``TrainConfig``'s defaults): see ``resumed_config``.
     ``stop_at_step`` ends the run after that many steps as if interrupted (checkpoint written): tests
     use it to check that resuming is exact.
     """
+    # Under torchrun every rank runs this function; rank 0 alone writes the run directory.
+    lock = claim_run_directory(config.out, resume, overwrite) if is_main_process() else None
+    try:
+        return _train(config, resume, stop_at_step, given)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train(config, resume, stop_at_step, given) -> dict:
     out = config.out
     state = None
     if resume:
-        latest = find_latest_checkpoint(out)
-        if latest is None:
-            raise CheckpointError(f"--resume: no checkpoint in {checkpoint_dir(out)}")
-        state = load_training_checkpoint(latest)
-        if state is None:
-            raise CheckpointError(f"--resume: {latest} is not a training checkpoint")
-        # The stored config defines the run; only where it runs may change.
-        config = dataclasses.replace(TrainConfig(**state["config"]), device=config.device, out=out)
+        latest, state, unreadable = load_latest_training_checkpoint(out)
+        if is_main_process():
+            _set_aside_unreadable(unreadable, latest)
+        if given is None:
+            default = TrainConfig()
+            given = {f.name for f in dataclasses.fields(config) if getattr(config, f.name) != getattr(default, f.name)}
+        config = resumed_config(TrainConfig(**state["config"]), config, given)
     config = resolve_config(config)
     if config.threads:
         torch.set_num_threads(config.threads)
-    # Under torchrun every rank runs this function; rank 0 alone writes the run directory.
     context = init_distributed(config.device)
     if context.enabled:
         if config.batch_size % context.world_size:
@@ -159,7 +205,6 @@ def train(config: TrainConfig, resume: bool = False, stop_at_step: int | None = 
         if config.device.startswith("cuda"):
             config = dataclasses.replace(config, device=f"cuda:{context.local_rank}")
     main_rank = context.is_main
-    os.makedirs(out, exist_ok=True)
 
     image_size = preset_config(config.preset, **config.model_overrides).image_resolution
     synthetic = config.data == "synthetic"
@@ -174,6 +219,8 @@ def train(config: TrainConfig, resume: bool = False, stop_at_step: int | None = 
         twin_fraction=config.twin_fraction,
     )
     total_steps = _count_steps(config, len(train_set))
+    if state is not None and total_steps < state["step"]:
+        raise ConfigError(f"the run has done {state['step']} steps; --steps / --epochs give only {total_steps}")
     trainer = Trainer(config, context)
     start_step, elapsed_before = 0, 0.0
     if state is not None:
@@ -210,8 +257,9 @@ def train(config: TrainConfig, resume: bool = False, stop_at_step: int | None = 
         if main_rank:
             atomic_write_text(os.path.join(out, "bad_records.json"), json.dumps(bad_records, indent=2))
     collator = Collator(config.max_subcaptions, with_subcaptions=trainer.needs_subcaptions)
-    skipped: dict[str, str] = {}
+    skipped: dict[str, str] = dict(state.get("skipped_images", {})) if state is not None else {}
     step, interrupted, time_limited = start_step, None, False
+    trained_steps = 0  # by this process: a run that never had a usable batch must not pass for a success
     loop_start = time.perf_counter()
     try:
         with StopRequest() as stop:
@@ -245,6 +293,7 @@ def train(config: TrainConfig, resume: bool = False, stop_at_step: int | None = 
                     step += 1  # too few readable samples to contrast or split; the position is still consumed
                     continue
                 logged = trainer.step(batch, progress)
+                trained_steps += 1
                 step_time = time.perf_counter() - t0
                 if step % config.log_every == 0 or step == total_steps - 1:
                     log.metrics(
@@ -263,7 +312,7 @@ def train(config: TrainConfig, resume: bool = False, stop_at_step: int | None = 
                     log.val({"step": step, **evaluate(trainer.model, val_set, device=trainer.device)})
                 if main_rank and config.checkpoint_every and step % config.checkpoint_every == 0:
                     elapsed = elapsed_before + time.perf_counter() - loop_start
-                    save_checkpoint(trainer.state_dict(step, elapsed), out, config.keep_checkpoints)
+                    _checkpoint(trainer, step, elapsed, skipped, out, config.keep_checkpoints)
                 if agree(stop.signal is not None, context) or step == stop_at_step:
                     interrupted = stop.signal or "stop_at_step"
                     break
@@ -273,7 +322,13 @@ def train(config: TrainConfig, resume: bool = False, stop_at_step: int | None = 
     if not main_rank:
         shutdown_distributed(context)
         return {"steps": step, "total_steps": total_steps, "interrupted": interrupted, "rank": context.rank}
-    path = save_checkpoint(trainer.state_dict(step, train_seconds), out, config.keep_checkpoints)
+    if step > start_step and trained_steps == 0:  # no checkpoint: it would claim steps that never trained
+        _write_skipped(out, skipped)
+        raise DataError(
+            f"no step trained: each of the {step - start_step} batches had fewer than 2 readable images "
+            f"({len(skipped)} unreadable, listed in {os.path.join(out, 'skipped.json')})"
+        )
+    path = _checkpoint(trainer, step, train_seconds, skipped, out, config.keep_checkpoints)
     summary = {
         "steps": step,
         "total_steps": total_steps,
@@ -284,8 +339,6 @@ def train(config: TrainConfig, resume: bool = False, stop_at_step: int | None = 
         "interrupted": interrupted,
         "time_limited": time_limited,
     }
-    if skipped:
-        atomic_write_text(os.path.join(out, "skipped.json"), json.dumps(skipped, indent=2))
     if interrupted is not None:
         reason = "a signal" if isinstance(interrupted, int) else "--stop-at-step"
         print(f"stopped by {reason} at step {step}; checkpoint {path}; continue with --resume --out {out}", flush=True)

@@ -4,30 +4,49 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 
 from ..eval import format_table
 from ..losses import TERMS, current_term_names
+from ..model import CheckpointError
 from .checkpoint import atomic_write_text
 from .config import TrainConfig
 
 
 def read_jsonl(path: str) -> list[dict]:
-    """The records of a jsonl log (none when it has not been written yet)."""
+    """The records of a jsonl log (none when it has not been written yet).
+
+    A last line a crash cut off (no newline and not JSON) is left out: the record it began is lost with
+    the step that wrote it, which a resumed run redoes. Any other line that is not JSON is damage the run
+    did not cause, reported as ``CheckpointError`` with the file and line.
+    """
     if not os.path.exists(path):
         return []
-    with open(path) as handle:
-        return [json.loads(line) for line in handle if line.strip()]
+    with open(path, errors="replace") as handle:
+        lines = handle.read().split("\n")
+    records = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as exc:
+            if number == len(lines):  # the final line, with no newline after it: torn
+                print(f"warning: {path}:{number} was cut off ({exc}); left out", file=sys.stderr)
+                continue
+            raise CheckpointError(f"{path}:{number} is not a JSON record ({exc}); the run's log is damaged") from None
+    return records
 
 
-def truncate_jsonl(path: str, keep_before_step: int) -> None:
-    """Drop the records of steps from ``keep_before_step`` on: a resumed run logs them again.
+def truncate_jsonl(path: str, keep) -> None:
+    """Keep the records of a log for which ``keep(record)`` holds: a resumed run drops what it redoes.
 
     The kept records of a run logged before the loss terms were renamed (``losses.RENAMED_TERMS``) take the
     current names, so the resumed log, its plots and its summary name each term one way.
     """
     if not os.path.exists(path):
         return
-    kept = [current_term_names(record, warn=False) for record in read_jsonl(path) if record["step"] < keep_before_step]
+    kept = [current_term_names(record, warn=False) for record in read_jsonl(path) if keep(record)]
     atomic_write_text(path, "".join(json.dumps(record) + "\n" for record in kept))
 
 

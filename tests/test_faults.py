@@ -1,0 +1,290 @@
+"""Faults a long run meets: a run directory shared by two runs, kills in the middle of a save, a full disk,
+torn logs, unreadable checkpoints, bad encodings, oversized images, unwritable outputs. Each asserts that
+no data is lost and that every error is an ``error: …`` line with exit code 2 (docs/training.md,
+"Reliability").
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+from PIL import Image
+
+from mulclip_fast import eval as eval_cli
+from mulclip_fast.data import batch_order, open_dataset, read_docci
+from mulclip_fast.train import TrainConfig, main, train
+from mulclip_fast.train.run_dir import LOCK_FILE, claim_run_directory
+
+from .test_train import SMALL, read_jsonl, small_config
+
+
+def _error(capsys) -> str:
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") or "\nerror: " in err, err
+    assert "Traceback" not in err
+    return err
+
+
+# ------------------------------------------------------------------------------------ one run per directory
+
+
+def test_a_second_run_into_a_directory_in_use_is_refused_until_the_first_ends(tmp_path, capsys):
+    out = tmp_path / "run"
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            f"from mulclip_fast.train.run_dir import RunDirectoryLock as L; l = L({str(out)!r}); "
+            "print('locked', flush=True); import time; time.sleep(600)",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        out.mkdir()
+        assert holder.stdout.readline().strip() == "locked"
+        assert main(["--out", str(out), "--steps", "2"]) == 2
+        err = _error(capsys)
+        assert "in use by another run" in err and f"process {holder.pid}" in err
+    finally:
+        holder.send_signal(signal.SIGKILL)  # a crash: the kernel drops the lock with the process
+        holder.wait()
+    claim_run_directory(str(out), resume=False, overwrite=False).release()
+
+
+def test_a_used_directory_is_refused_without_resume_and_overwrite_keeps_only_foreign_files(tmp_path, capsys):
+    out = tmp_path / "run"
+    (out / "checkpoints").mkdir(parents=True)
+    (out / "checkpoints" / "step_00000006.pt").write_bytes(b"an earlier run's model")
+    (out / "metrics.jsonl").write_text('{"step": 0, "loss": 1.0}\n')
+    (out / "notes.txt").write_text("the user's own file")
+    assert main(["--out", str(out), "--steps", "2"]) == 2
+    err = _error(capsys)
+    assert "holds an earlier run" in err and "--resume" in err and "--overwrite" in err
+    assert (out / "checkpoints" / "step_00000006.pt").exists()  # nothing of the earlier run was touched
+    assert main(["--out", str(out), "--resume", "--overwrite"]) == 2
+    assert "give one of them" in _error(capsys)
+    claim_run_directory(str(out), resume=False, overwrite=True).release()
+    assert sorted(os.listdir(out)) == sorted([LOCK_FILE, "notes.txt"])
+
+
+def test_out_that_is_a_file_or_below_a_file_is_an_error_before_any_work(tmp_path, capsys, monkeypatch):
+    from mulclip_fast.train import loop
+
+    monkeypatch.setattr(loop, "open_dataset", lambda *a, **k: pytest.fail("the data was opened"))
+    file = tmp_path / "file"
+    file.write_text("")
+    assert main(["--out", str(file)]) == 2
+    assert "is a file" in _error(capsys)
+    assert main(["--out", str(file / "run")]) == 2
+    assert "cannot create --out" in _error(capsys)
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes everywhere")
+def test_unwritable_out_is_an_error(tmp_path, capsys):
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    assert main(["--out", str(locked / "run")]) == 2
+    assert "cannot create --out" in _error(capsys)
+
+
+# ------------------------------------------------------------------------------------ resume restores every log
+
+
+def test_resume_keeps_the_validation_at_the_resume_step_and_tolerates_a_torn_log(tmp_path):
+    settings = dict(steps=4, val_every=2, checkpoint_every=2, loss="global")
+    train(small_config(tmp_path / "straight", **settings))
+    train(small_config(tmp_path / "resumed", **settings), stop_at_step=2)
+    metrics = tmp_path / "resumed" / "metrics.jsonl"
+    with open(metrics, "a") as handle:  # a kill in the middle of writing the next record
+        handle.write('{"step": 2, "loss": 2.7')
+    train(TrainConfig(out=str(tmp_path / "resumed")), resume=True)
+    for log in ("val.jsonl", "metrics.jsonl"):
+        straight = read_jsonl(tmp_path / "straight" / log)
+        resumed = read_jsonl(tmp_path / "resumed" / log)
+        assert [r["step"] for r in resumed] == [r["step"] for r in straight], log
+    assert read_jsonl(tmp_path / "resumed" / "val.jsonl") == read_jsonl(tmp_path / "straight" / "val.jsonl")
+
+
+def _docci_with_unreadable_images(tmp_path, n: int, unreadable: set[int]):
+    """A DOCCI file of ``n`` training records whose images at ``unreadable`` positions are corrupt."""
+    images = tmp_path / "images"
+    images.mkdir()
+    lines = []
+    for i in range(n):
+        if i in unreadable:
+            (images / f"{i}.png").write_bytes(b"\x89PNG\r\n\x1a\ncorrupt")
+        else:
+            Image.new("RGB", (64, 64), (20 * i, 90, 200 - 15 * i)).save(images / f"{i}.png")
+        lines.append({"image_file": f"{i}.png", "description": f"Picture {i}. It is plain.", "split": "train"})
+    data = tmp_path / "docci.jsonl"
+    data.write_text("\n".join(json.dumps(x) for x in lines))
+    return data, images
+
+
+def test_resume_keeps_the_images_skipped_before_the_checkpoint(tmp_path):
+    # One unreadable image in the first batch of the epoch (before the checkpoint), one in the last.
+    order = batch_order(12, 4, seed=0, epoch=0)
+    data, images = _docci_with_unreadable_images(tmp_path, 12, {order[0][0], order[2][0]})
+    settings = dict(data=f"docci:{data}", steps=3, loss="global", val_pairs=1)
+    train(small_config(tmp_path / "straight", **settings))
+    train(small_config(tmp_path / "resumed", checkpoint_every=1, **settings), stop_at_step=1)
+    train(TrainConfig(out=str(tmp_path / "resumed")), resume=True)
+    straight = json.loads((tmp_path / "straight" / "skipped.json").read_text())
+    assert len(straight) == 2
+    assert json.loads((tmp_path / "resumed" / "skipped.json").read_text()) == straight
+
+
+def test_flags_given_with_resume_apply_where_safe_and_are_refused_otherwise(tmp_path, capsys):
+    out = tmp_path / "run"
+    train(small_config(out, loss="global", steps=4), stop_at_step=2)
+    assert main(["--resume", "--out", str(out), "--batch-size", "8", "--preset", "vit-b-16"]) == 2
+    err = _error(capsys)
+    assert "--batch-size 8 (the run has 4)" in err and "--preset vit-b-16 (the run has tiny)" in err
+    assert main(["--resume", "--out", str(out), "--batch-size", "4", "--steps", "1"]) == 2  # the same batch: fine
+    assert "the run has done 2 steps" in _error(capsys)
+    assert main(["--resume", "--out", str(out), "--steps", "5"]) == 0
+    assert [m["step"] for m in read_jsonl(out / "metrics.jsonl")] == [0, 1, 2, 3, 4]
+    assert json.loads((out / "config.json").read_text())["steps"] == 5
+
+
+# ------------------------------------------------------------------------------------ saves clean up after themselves
+
+
+def test_a_full_disk_during_a_save_leaves_no_partial_file_and_the_run_resumes(tmp_path, capsys, monkeypatch):
+    out = tmp_path / "run"
+    train(small_config(out, loss="global", steps=4), stop_at_step=2)
+    real_save = torch.save
+
+    def disk_full(obj, path):
+        with open(path, "wb") as handle:
+            handle.write(b"half a checkpoint")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    assert main(["--resume", "--out", str(out)]) == 2
+    assert "No space left on device" in _error(capsys)
+    assert os.listdir(out / "checkpoints") == ["step_00000002.pt"]
+    monkeypatch.setattr(torch, "save", real_save)
+    assert main(["--resume", "--out", str(out)]) == 0
+    assert sorted(os.listdir(out / "checkpoints")) == ["step_00000002.pt", "step_00000004.pt"]
+
+
+def test_temporaries_of_a_killed_save_are_removed_at_start(tmp_path, capsys):
+    out = tmp_path / "run"
+    train(small_config(out, loss="global", steps=3), stop_at_step=2)
+    stale = [out / "checkpoints" / "step_00000003.pt.tmp.4242", out / "config.json.tmp.4242"]
+    for path in stale:
+        path.write_bytes(b"x" * 1000)
+    (out / "mine.tmp.4242").write_text("a file of the user's: not ours to delete")
+    assert main(["--resume", "--out", str(out)]) == 0
+    assert not any(path.exists() for path in stale) and (out / "mine.tmp.4242").exists()
+    assert "left by a save that was interrupted" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_a_kill_inside_a_save_loses_nothing(tmp_path):
+    straight = tmp_path / "straight"
+    train(small_config(straight, loss="global", steps=4))
+    out = tmp_path / "run"
+    cmd = [sys.executable, os.path.join(os.path.dirname(__file__), "killed_save_train.py"), "--out", str(out)]
+    cmd += SMALL + ["--steps", "4", "--batch-size", "4", "--loss", "global", "--checkpoint-every", "1"]
+    cmd += ["--fine-start", "0", "--fine-ramp", "0.5", "--eval-pairs", "0", "--val-pairs", "4", "--val-every", "1000"]
+    env = {**os.environ, "KILL_IN_SAVE_OF": "step_00000003.pt"}
+    run = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        for line in run.stdout:
+            if line.strip() == "in save":
+                break
+    finally:
+        run.send_signal(signal.SIGKILL)
+        run.wait()
+    (temporary,) = [name for name in os.listdir(out / "checkpoints") if ".tmp." in name]
+    assert temporary.startswith("step_00000003.pt.tmp.")
+    assert main(["--resume", "--out", str(out)]) == 0
+    assert not [name for name in os.listdir(out / "checkpoints") if ".tmp." in name]
+    a, b = read_jsonl(straight / "metrics.jsonl"), read_jsonl(out / "metrics.jsonl")
+    assert [m["step"] for m in b] == [0, 1, 2, 3] and [m["loss"] for m in a] == [m["loss"] for m in b]
+
+
+def test_an_unreadable_latest_checkpoint_falls_back_to_the_previous_one_loudly(tmp_path, capsys):
+    train(small_config(tmp_path / "straight", loss="global", steps=4))
+    out = tmp_path / "run"
+    train(small_config(out, loss="global", steps=4, checkpoint_every=1), stop_at_step=3)
+    latest = out / "checkpoints" / "step_00000003.pt"
+    latest.write_bytes(latest.read_bytes()[:1000])  # cut off, as by a disk that filled under another writer
+    capsys.readouterr()
+    model, _ = eval_cli.load_model_for_eval(str(out), None, "cpu")  # evaluation falls back too, and says so
+    assert "step_00000003.pt cannot be read" in capsys.readouterr().err
+    assert main(["--resume", "--out", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert "step_00000003.pt cannot be read" in err and "resuming from the older" in err
+    assert (out / "checkpoints" / "step_00000003.pt.unreadable").exists()
+    a = read_jsonl(tmp_path / "straight" / "metrics.jsonl")
+    b = read_jsonl(out / "metrics.jsonl")
+    assert [m["loss"] for m in a] == [m["loss"] for m in b]
+
+
+# ------------------------------------------------------------------------------------ bad data and outputs
+
+
+def test_a_badly_encoded_line_is_a_bad_record(tmp_path):
+    data = tmp_path / "docci.jsonl"
+    good = json.dumps({"image_file": "a.png", "description": "A caption.", "split": "train"}).encode()
+    data.write_bytes(good + b"\n" + b'{"image_file": "b.png", "description": "caf\xe9"}\n' + good + b"\n")
+    records, problems = read_docci(str(data), str(tmp_path))
+    assert len(records) == 2
+    (problem,) = problems
+    assert problem.startswith(f"{data}:2: UnicodeDecodeError")
+
+
+def test_an_image_above_the_pixel_limit_is_skipped_with_its_path(tmp_path, monkeypatch):
+    data, images = _docci_with_unreadable_images(tmp_path, 3, set())
+    Image.new("RGB", (400, 400)).save(images / "1.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 60_000)  # 400x400 is above twice that: PIL refuses it
+    dataset = open_dataset(f"docci:{data}", "train", 64, 0)
+    item = dataset[1]
+    assert item["image"] is None and "exceeds limit" in item["error"] and item["key"] == str(images / "1.png")
+    assert dataset[0]["image"] is not None
+
+
+def test_a_run_that_trains_on_nothing_fails(tmp_path, capsys):
+    data, _ = _docci_with_unreadable_images(tmp_path, 8, set(range(1, 8)))
+    argv = ["--data", f"docci:{data}", "--out", str(tmp_path / "run"), "--steps", "2", "--batch-size", "4"]
+    assert main(argv + SMALL + ["--eval-pairs", "0", "--loss", "global"]) == 2
+    err = _error(capsys)
+    assert "no step trained" in err and "7 unreadable" in err
+    assert len(json.loads((tmp_path / "run" / "skipped.json").read_text())) == 7
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_eval_out_that_cannot_be_written_is_an_error_before_evaluating(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(eval_cli, "load_model_for_eval", lambda *a: pytest.fail("evaluation started"))
+    file = tmp_path / "file"
+    file.write_text("")
+    for out, message in ((file / "eval.json", "does not exist"), (tmp_path, "is a directory")):
+        assert eval_cli.main(["--checkpoint", str(tmp_path), "--out", str(out)]) == 2
+        assert message in _error(capsys)
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--device", "gpu0"], "--device 'gpu0' is not a torch device"),
+        (["--device", "mps"], "--device mps requested but MPS is not available"),
+        (["--threads", "-1"], "invalid value for --threads (-1)"),
+    ],
+)
+def test_bad_device_and_threads_are_errors_in_train_and_eval(tmp_path, capsys, argv, message):
+    assert main([*argv, "--out", str(tmp_path / "run")]) == 2
+    assert message in _error(capsys)
+    if argv[0] == "--device":
+        assert eval_cli.main(["--checkpoint", str(tmp_path), *argv]) == 2
+        assert message in _error(capsys)
