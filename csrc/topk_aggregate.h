@@ -1,0 +1,227 @@
+// SAP's top-k softmax aggregate of patches, per row, written once for the CPU twin and the CUDA kernels
+// (docs/kernels.md, "The C++/CUDA extension"; the math is docs/method.md, "SAP").
+//
+// Every function works on one row (one subcaption of one sample) and is generic over a Team: the
+// threads that share the row. The CPU twin passes a team of one thread (SerialTeam below); the CUDA
+// kernels pass a thread block whose sum/max are block reductions in shared memory. Loops over patches
+// and channels are strided by the team (`for (j = team.rank(); j < n; j += team.size())`), and every
+// value a lane reads that another lane wrote is behind a team.sync(), so the same text is correct for
+// both. Reductions run in a fixed order, so results (and gradients) are deterministic.
+//
+// This header includes no PyTorch and no CUDA header: the .cu file compiles on its own with nvcc.
+#pragma once
+
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+#if defined(__CUDACC__)
+#define MULCLIP_HD __host__ __device__ __forceinline__
+#else
+#define MULCLIP_HD inline
+#endif
+
+namespace mulclip_fast {
+
+// F.normalize's epsilon: the reference normalises the aggregate with F.normalize(x, dim=-1).
+constexpr float kNormalizeEps = 1e-12f;
+
+// A team of one: the CPU twin runs each row on one thread.
+struct SerialTeam {
+  MULCLIP_HD int rank() const { return 0; }
+  MULCLIP_HD int size() const { return 1; }
+  MULCLIP_HD void sync() const {}
+  MULCLIP_HD float sum(float x) const { return x; }
+  MULCLIP_HD int count(int x) const { return x; }
+  MULCLIP_HD float max(float x) const { return x; }
+};
+
+// uint32 key ordered like the float z: positive floats get the sign bit set, negative ones are
+// bit-inverted. -0.0 is folded into +0.0 first so that, as in float comparisons, the two zeros tie.
+MULCLIP_HD uint32_t order_key(float z) {
+  if (z == 0.0f) z = 0.0f;
+  uint32_t bits;
+  memcpy(&bits, &z, sizeof bits);
+  return (bits >> 31) ? ~bits : (bits | 0x80000000u);
+}
+
+// Key of a masked patch: below every float's key (order_key(-inf) = 0x007FFFFF), so a masked patch is
+// never above or tied with a valid one.
+constexpr uint32_t kMaskedKey = 0u;
+
+// The selection of one row, under the rule every backend shares (kernels/topk_select.py): exactly
+// min(take, valid) valid patches, the largest scores, ties at the take-th value broken towards the
+// lowest index. A patch j is selected when its key is above `kth`, or equal to it with j <= last_tied.
+struct RowSelection {
+  uint32_t kth;
+  int last_tied;
+};
+
+MULCLIP_HD bool is_selected(float score, bool valid, int j, RowSelection sel) {
+  if (!valid) return false;
+  const uint32_t key = order_key(score);
+  return key > sel.kth || (key == sel.kth && j <= sel.last_tied);
+}
+
+// scores[j] = <query, patches[j]> in fp32 for the n patches of one sample (row stride d).
+template <class Team, class T>
+MULCLIP_HD void row_scores(const Team& team, const T* query, const T* patches, int n, int d, float* scores) {
+  for (int j = team.rank(); j < n; j += team.size()) {
+    const T* patch = patches + static_cast<int64_t>(j) * d;
+    float acc = 0.0f;
+    for (int c = 0; c < d; ++c) acc += static_cast<float>(query[c]) * static_cast<float>(patch[c]);
+    scores[j] = acc;
+  }
+  team.sync();
+}
+
+// Radix select of the take-th largest key, from the most significant bit down: a bit is kept when at
+// least `take` keys are >= the candidate (32 count passes, no sorted copy). When fewer than `take`
+// patches are valid, the take-th key is a masked one, so every valid patch is above it. The tie cut is
+// found the same way over indices: the largest c with fewer than `need` tied patches below it is the
+// need-th tied patch.
+template <class Team>
+MULCLIP_HD RowSelection select_topk(const Team& team, const float* scores, const bool* valid, int n, int take) {
+  uint32_t kth = 0;
+  for (int bit = 31; bit >= 0; --bit) {
+    const uint32_t candidate = kth | (1u << bit);
+    int local = 0;
+    for (int j = team.rank(); j < n; j += team.size())
+      local += (valid[j] ? order_key(scores[j]) : kMaskedKey) >= candidate;
+    if (team.count(local) >= take) kth = candidate;
+  }
+  int local_above = 0;
+  for (int j = team.rank(); j < n; j += team.size()) local_above += valid[j] && order_key(scores[j]) > kth;
+  const int need = take - team.count(local_above);
+  int index_bits = 0;
+  while ((1 << index_bits) < n) ++index_bits;
+  int last = 0;
+  for (int bit = index_bits - 1; bit >= 0; --bit) {
+    const int candidate = last | (1 << bit);
+    int local = 0;
+    for (int j = team.rank(); j < n && j < candidate; j += team.size())
+      local += valid[j] && order_key(scores[j]) == kth;
+    if (team.count(local) < need) last = candidate;
+  }
+  return RowSelection{kth, last};
+}
+
+// Overwrites scores[j] with the softmax weight of patch j over the selection, softmax(s / tau); 0 off
+// the selection (and everywhere in a row without a valid patch).
+template <class Team>
+MULCLIP_HD void softmax_weights(const Team& team, float* scores, const bool* valid, int n, RowSelection sel,
+                                float inv_tau) {
+  float local_max = -INFINITY;
+  for (int j = team.rank(); j < n; j += team.size())
+    if (is_selected(scores[j], valid[j], j, sel)) local_max = fmaxf(local_max, scores[j] * inv_tau);
+  const float row_max = team.max(local_max);
+  float local_sum = 0.0f;
+  for (int j = team.rank(); j < n; j += team.size()) {
+    const float e = is_selected(scores[j], valid[j], j, sel) ? expf(scores[j] * inv_tau - row_max) : 0.0f;
+    scores[j] = e;
+    local_sum += e;
+  }
+  const float total = team.sum(local_sum);
+  const float inv_total = total > 0.0f ? 1.0f / total : 0.0f;
+  for (int j = team.rank(); j < n; j += team.size()) scores[j] *= inv_total;
+  team.sync();
+}
+
+// pooled[c] = sum_j weights[j] * patches[j][c] (fp32, patches in index order); returns ||pooled||.
+template <class Team, class T>
+MULCLIP_HD float weighted_sum(const Team& team, const float* weights, const T* patches, int n, int d,
+                              float* pooled) {
+  float local_sq = 0.0f;
+  for (int c = team.rank(); c < d; c += team.size()) {
+    float acc = 0.0f;
+    for (int j = 0; j < n; ++j)
+      if (weights[j] != 0.0f) acc += weights[j] * static_cast<float>(patches[static_cast<int64_t>(j) * d + c]);
+    pooled[c] = acc;
+    local_sq += acc * acc;
+  }
+  const float norm = sqrtf(team.sum(local_sq));
+  return norm;
+}
+
+// The forward of one row: out = normalize(sum_{j in top-k} softmax_j(s_j / tau) x_j), zero for an
+// invalid row. `scores` (n floats) and `pooled` (d floats) are the row's scratch.
+template <class Team, class T>
+MULCLIP_HD void topk_aggregate_row(const Team& team, const T* query, bool query_valid, const T* patches,
+                                   const bool* patch_valid, int n, int d, int k, float inv_tau, float* scores,
+                                   float* pooled, T* out) {
+  row_scores(team, query, patches, n, d, scores);
+  const RowSelection sel = select_topk(team, scores, patch_valid, n, k);
+  softmax_weights(team, scores, patch_valid, n, sel, inv_tau);
+  const float norm = weighted_sum(team, scores, patches, n, d, pooled);
+  const float scale = query_valid ? 1.0f / fmaxf(norm, kNormalizeEps) : 0.0f;
+  for (int c = team.rank(); c < d; c += team.size()) out[c] = static_cast<T>(pooled[c] * scale);
+  team.sync();
+}
+
+// The first half of the backward, for one row (recomputing the forward from the inputs):
+//   d_pooled = (g - u <u, g>) / max(||pooled||, eps)   with u the normalised aggregate, g = grad_out
+//                                                       on a valid row (the radial term vanishes below eps)
+//   dw_j = <d_pooled, x_j>,  ds_j = w_j (dw_j - sum_l w_l dw_l) / tau,  d_query = sum_j ds_j x_j.
+// Writes the row's weights w (n), score gradients ds (n) and d_pooled (d), which the patch gradient
+// (topk_aggregate_patch_grad) sums over the rows of a sample, and d_query.
+template <class Team, class T>
+MULCLIP_HD void topk_aggregate_row_backward(const Team& team, const T* grad_out, const T* query, bool query_valid,
+                                            const T* patches, const bool* patch_valid, int n, int d, int k,
+                                            float inv_tau, float* weights, float* d_scores, float* d_pooled,
+                                            T* d_query) {
+  row_scores(team, query, patches, n, d, weights);
+  const RowSelection sel = select_topk(team, weights, patch_valid, n, k);
+  softmax_weights(team, weights, patch_valid, n, sel, inv_tau);
+  const float norm = weighted_sum(team, weights, patches, n, d, d_pooled);
+  const float inv_norm = 1.0f / fmaxf(norm, kNormalizeEps);
+  const float grad_scale = query_valid ? 1.0f : 0.0f;
+  float local_radial = 0.0f;
+  for (int c = team.rank(); c < d; c += team.size())
+    local_radial += d_pooled[c] * inv_norm * static_cast<float>(grad_out[c]) * grad_scale;
+  const float radial = norm > kNormalizeEps ? team.sum(local_radial) : 0.0f;  // norm is the same on every lane
+  for (int c = team.rank(); c < d; c += team.size()) {
+    const float u = d_pooled[c] * inv_norm;
+    d_pooled[c] = (static_cast<float>(grad_out[c]) * grad_scale - u * radial) * inv_norm;
+  }
+  team.sync();
+  float local_mix = 0.0f;
+  for (int j = team.rank(); j < n; j += team.size()) {
+    float dw = 0.0f;
+    if (weights[j] != 0.0f) {
+      const T* patch = patches + static_cast<int64_t>(j) * d;
+      for (int c = 0; c < d; ++c) dw += d_pooled[c] * static_cast<float>(patch[c]);
+    }
+    d_scores[j] = dw;
+    local_mix += weights[j] * dw;
+  }
+  const float mix = team.sum(local_mix);
+  for (int j = team.rank(); j < n; j += team.size()) d_scores[j] = weights[j] * (d_scores[j] - mix) * inv_tau;
+  team.sync();
+  for (int c = team.rank(); c < d; c += team.size()) {
+    float acc = 0.0f;
+    for (int j = 0; j < n; ++j)
+      if (d_scores[j] != 0.0f) acc += d_scores[j] * static_cast<float>(patches[static_cast<int64_t>(j) * d + c]);
+    d_query[c] = static_cast<T>(acc);
+  }
+  team.sync();
+}
+
+// The second half of the backward, for one patch j of a sample: the sum over the sample's m rows, in row
+// order (no atomics, so deterministic), d_patch[c] = sum_i w_ij d_pooled_i[c] + ds_ij query_i[c].
+template <class Team, class T>
+MULCLIP_HD void topk_aggregate_patch_grad(const Team& team, const float* weights, const float* d_scores,
+                                          const float* d_pooled, const T* queries, int m, int n, int d, int j,
+                                          T* d_patch) {
+  for (int c = team.rank(); c < d; c += team.size()) {
+    float acc = 0.0f;
+    for (int i = 0; i < m; ++i) {
+      const float w = weights[static_cast<int64_t>(i) * n + j];
+      const float ds = d_scores[static_cast<int64_t>(i) * n + j];
+      if (w != 0.0f) acc += w * d_pooled[static_cast<int64_t>(i) * d + c];
+      if (ds != 0.0f) acc += ds * static_cast<float>(queries[static_cast<int64_t>(i) * d + c]);
+    }
+    d_patch[c] = static_cast<T>(acc);
+  }
+}
+
+}  // namespace mulclip_fast

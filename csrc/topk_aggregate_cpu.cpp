@@ -1,0 +1,143 @@
+// The CPU twin of the CUDA extension: the per-row code of topk_aggregate.h run by a team of one thread,
+// rows in parallel with at::parallel_for; and the registration of the extension's ops
+// (docs/kernels.md, "The C++/CUDA extension").
+//
+// The Python ops (mulclip_fast.ops) validate shapes, masks, k and tau and hand over contiguous tensors;
+// the TORCH_CHECKs here guard direct callers of torch.ops.mulclip_fast_ext.
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <tuple>
+#include <vector>
+
+#include "topk_aggregate.h"
+#include "topk_aggregate_ops.h"
+
+namespace mulclip_fast {
+namespace {
+
+// Runs f with a value of the C++ element type of `dtype` (fp32, fp16 or bf16: the dtypes the kernels take).
+template <class F>
+void with_element_type(at::ScalarType dtype, F&& f) {
+  switch (dtype) {
+    case at::kFloat: f(float{}); break;
+    case at::kHalf: f(at::Half{}); break;
+    case at::kBFloat16: f(at::BFloat16{}); break;
+    default: TORCH_CHECK(false, "mulclip_fast_ext takes float32, float16 or bfloat16 inputs, got ", dtype);
+  }
+}
+
+at::Tensor topk_aggregate_forward_cpu(const at::Tensor& sub, const at::Tensor& patches, const at::Tensor& sub_mask,
+                                      const at::Tensor& patch_mask, int64_t k, double tau) {
+  const TopkShape shape = check_topk_inputs(sub, patches, sub_mask, patch_mask, k, tau);
+  const at::Tensor q = sub.contiguous(), x = patches.contiguous();
+  const at::Tensor q_mask = sub_mask.contiguous(), x_mask = patch_mask.contiguous();
+  at::Tensor out = at::empty_like(q);
+  with_element_type(q.scalar_type(), [&](auto tag) {
+    using T = decltype(tag);
+    const T* qp = q.const_data_ptr<T>();
+    const T* xp = x.const_data_ptr<T>();
+    const bool* qm = q_mask.const_data_ptr<bool>();
+    const bool* xm = x_mask.const_data_ptr<bool>();
+    T* op = out.mutable_data_ptr<T>();
+    const int n = shape.n, d = shape.d;
+    at::parallel_for(0, shape.batch * shape.m, 1, [&](int64_t begin, int64_t end) {
+      std::vector<float> scores(n), pooled(d);
+      for (int64_t row = begin; row < end; ++row) {
+        const int64_t b = row / shape.m;
+        topk_aggregate_row(SerialTeam{}, qp + row * d, qm[row], xp + b * n * d, xm + b * n, n, d, static_cast<int>(k),
+                           static_cast<float>(1.0 / tau), scores.data(), pooled.data(), op + row * d);
+      }
+    });
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> topk_aggregate_backward_cpu(const at::Tensor& grad_out, const at::Tensor& sub,
+                                                               const at::Tensor& patches, const at::Tensor& sub_mask,
+                                                               const at::Tensor& patch_mask, int64_t k, double tau) {
+  const TopkShape shape = check_topk_inputs(sub, patches, sub_mask, patch_mask, k, tau);
+  TORCH_CHECK(grad_out.sizes() == sub.sizes() && grad_out.scalar_type() == sub.scalar_type(),
+              "grad_out must have the shape and dtype of sub");
+  const at::Tensor g = grad_out.contiguous(), q = sub.contiguous(), x = patches.contiguous();
+  const at::Tensor q_mask = sub_mask.contiguous(), x_mask = patch_mask.contiguous();
+  const BackwardWorkspace ws = allocate_backward_workspace(shape, q.options());
+  at::Tensor d_sub = at::empty_like(q), d_patches = at::empty_like(x);
+  with_element_type(q.scalar_type(), [&](auto tag) {
+    using T = decltype(tag);
+    const T* gp = g.const_data_ptr<T>();
+    const T* qp = q.const_data_ptr<T>();
+    const T* xp = x.const_data_ptr<T>();
+    const bool* qm = q_mask.const_data_ptr<bool>();
+    const bool* xm = x_mask.const_data_ptr<bool>();
+    float* weights = ws.weights.mutable_data_ptr<float>();
+    float* d_scores = ws.d_scores.mutable_data_ptr<float>();
+    float* d_pooled = ws.d_pooled.mutable_data_ptr<float>();
+    T* dq = d_sub.mutable_data_ptr<T>();
+    T* dx = d_patches.mutable_data_ptr<T>();
+    const int m = shape.m, n = shape.n, d = shape.d;
+    at::parallel_for(0, shape.batch * m, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t row = begin; row < end; ++row) {
+        const int64_t b = row / m;
+        topk_aggregate_row_backward(SerialTeam{}, gp + row * d, qp + row * d, qm[row], xp + b * n * d, xm + b * n, n, d,
+                                    static_cast<int>(k), static_cast<float>(1.0 / tau), weights + row * n,
+                                    d_scores + row * n, d_pooled + row * d, dq + row * d);
+      }
+    });
+    at::parallel_for(0, shape.batch * n, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t patch = begin; patch < end; ++patch) {
+        const int64_t b = patch / n;
+        topk_aggregate_patch_grad(SerialTeam{}, weights + b * m * n, d_scores + b * m * n, d_pooled + b * m * d,
+                                  qp + b * m * d, m, n, d, static_cast<int>(patch % n), dx + patch * d);
+      }
+    });
+  });
+  return {d_sub, d_patches};
+}
+
+}  // namespace
+
+TopkShape check_topk_inputs(const at::Tensor& sub, const at::Tensor& patches, const at::Tensor& sub_mask,
+                            const at::Tensor& patch_mask, int64_t k, double tau) {
+  TORCH_CHECK(sub.dim() == 3 && patches.dim() == 3, "sub and patches must be [B, M, d] and [B, N, d]");
+  TORCH_CHECK(sub.size(0) == patches.size(0) && sub.size(2) == patches.size(2),
+              "sub and patches must share the batch and the width");
+  TORCH_CHECK(sub.scalar_type() == patches.scalar_type(), "sub and patches must share a dtype");
+  TORCH_CHECK(sub.device() == patches.device() && sub_mask.device() == sub.device() &&
+                  patch_mask.device() == sub.device(),
+              "all tensors must be on one device");
+  TORCH_CHECK(sub_mask.scalar_type() == at::kBool && sub_mask.sizes() == sub.sizes().slice(0, 2),
+              "sub_mask must be a bool [B, M] tensor");
+  TORCH_CHECK(patch_mask.scalar_type() == at::kBool && patch_mask.sizes() == patches.sizes().slice(0, 2),
+              "patch_mask must be a bool [B, N] tensor");
+  TORCH_CHECK(k >= 1 && k <= patches.size(1), "k must be in [1, N], got ", k);
+  TORCH_CHECK(tau > 0.0, "tau must be positive, got ", tau);
+  constexpr int64_t int_max = 2147483647;
+  TORCH_CHECK(sub.size(1) <= int_max && patches.size(1) <= int_max && sub.size(2) <= int_max,
+              "M, N and d must fit in int32");
+  return TopkShape{sub.size(0), static_cast<int>(sub.size(1)), static_cast<int>(patches.size(1)),
+                   static_cast<int>(sub.size(2))};
+}
+
+BackwardWorkspace allocate_backward_workspace(const TopkShape& shape, const at::TensorOptions& like) {
+  const at::TensorOptions fp32 = like.dtype(at::kFloat);
+  return BackwardWorkspace{at::empty({shape.batch, shape.m, shape.n}, fp32),
+                           at::empty({shape.batch, shape.m, shape.n}, fp32),
+                           at::empty({shape.batch, shape.m, shape.d}, fp32)};
+}
+
+}  // namespace mulclip_fast
+
+TORCH_LIBRARY(mulclip_fast_ext, m) {
+  m.def("topk_aggregate_forward(Tensor sub, Tensor patches, Tensor sub_mask, Tensor patch_mask, int k, float tau) "
+        "-> Tensor");
+  m.def("topk_aggregate_backward(Tensor grad_out, Tensor sub, Tensor patches, Tensor sub_mask, Tensor patch_mask, "
+        "int k, float tau) -> (Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(mulclip_fast_ext, CPU, m) {
+  m.impl("topk_aggregate_forward", &mulclip_fast::topk_aggregate_forward_cpu);
+  m.impl("topk_aggregate_backward", &mulclip_fast::topk_aggregate_backward_cpu);
+}
