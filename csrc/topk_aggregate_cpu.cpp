@@ -97,6 +97,28 @@ std::tuple<at::Tensor, at::Tensor> topk_aggregate_backward_cpu(const at::Tensor&
   return {d_sub, d_patches};
 }
 
+// The selection rule alone on explicit fp32 scores [R, N] (True = selected): lets tests feed it what no
+// dot product produces here, such as -0.0 against +0.0.
+at::Tensor topk_select_cpu(const at::Tensor& scores, const at::Tensor& valid, int64_t k) {
+  TORCH_CHECK(scores.dim() == 2 && scores.scalar_type() == at::kFloat, "scores must be a float32 [R, N] tensor");
+  TORCH_CHECK(valid.scalar_type() == at::kBool && valid.sizes() == scores.sizes(),
+              "valid must be a bool tensor shaped like scores");
+  TORCH_CHECK(k >= 1 && k <= scores.size(1), "k must be in [1, N], got ", k);
+  const at::Tensor s = scores.contiguous(), v = valid.contiguous();
+  at::Tensor out = at::empty_like(v);
+  const float* sp = s.const_data_ptr<float>();
+  const bool* vp = v.const_data_ptr<bool>();
+  bool* op = out.mutable_data_ptr<bool>();
+  const int n = static_cast<int>(s.size(1));
+  at::parallel_for(0, s.size(0), 1, [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      const RowSelection sel = select_topk(SerialTeam{}, sp + row * n, vp + row * n, n, static_cast<int>(k));
+      for (int j = 0; j < n; ++j) op[row * n + j] = is_selected(sp[row * n + j], vp[row * n + j], j, sel);
+    }
+  });
+  return out;
+}
+
 }  // namespace
 
 TopkShape check_topk_inputs(const at::Tensor& sub, const at::Tensor& patches, const at::Tensor& sub_mask,
@@ -135,9 +157,11 @@ TORCH_LIBRARY(mulclip_fast_ext, m) {
         "-> Tensor");
   m.def("topk_aggregate_backward(Tensor grad_out, Tensor sub, Tensor patches, Tensor sub_mask, Tensor patch_mask, "
         "int k, float tau) -> (Tensor, Tensor)");
+  m.def("topk_select(Tensor scores, Tensor valid, int k) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(mulclip_fast_ext, CPU, m) {
   m.impl("topk_aggregate_forward", &mulclip_fast::topk_aggregate_forward_cpu);
   m.impl("topk_aggregate_backward", &mulclip_fast::topk_aggregate_backward_cpu);
+  m.impl("topk_select", &mulclip_fast::topk_select_cpu);
 }

@@ -1,0 +1,238 @@
+"""The C++/CUDA extension of csrc/ (docs/kernels.md, "The C++/CUDA extension") against the reference.
+
+Its CPU twin (``backend="cpp"``) runs the per-row code the CUDA kernels run, so these tests check the
+extension's selection, softmax, aggregate and backward on machines without a GPU: values and input
+gradients for N in {7, 196, 576, 1024} (beyond the Triton kernels' 256), k from 1 to N, masks with fully
+masked samples and subcaptions, ties and -0.0/+0.0, strided layouts, and the backend's contracts. The
+first test of the session builds the extension (about 20 s on two cores; cached under build/).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from mulclip_fast import ops
+from mulclip_fast import reference as R
+from mulclip_fast.ops import _dispatch, _extension
+from mulclip_fast.ops._torch_matched import topk_selection
+
+TOLERANCE = {
+    torch.float32: {"atol": 1e-5, "rtol": 1e-4},
+    torch.float16: {"atol": 2e-3, "rtol": 2e-2},
+    torch.bfloat16: {"atol": 1e-2, "rtol": 2e-2},
+}
+DTYPES = list(TOLERANCE)
+
+
+def _tokens(generator, *shape, dtype=torch.float32):
+    x = F.normalize(torch.randn(*shape, generator=generator, dtype=torch.float64), dim=-1)
+    return x.to(dtype).requires_grad_()
+
+
+def _masks(generator, batch, m, n):
+    """Random validity; sample 1 has no valid patch, sample 2 no valid subcaption, sample 0 all valid."""
+    sub_mask = torch.rand(batch, m, generator=generator) < 0.8
+    patch_mask = torch.rand(batch, n, generator=generator) < 0.7
+    sub_mask[0], patch_mask[0] = True, True
+    patch_mask[1] = False
+    sub_mask[2] = False
+    return sub_mask, patch_mask
+
+
+def _assert_matches_reference(sub, patches, sub_mask, patch_mask, k, tau, dtype):
+    """Values and input gradients of the C++ twin vs the reference on the same (rounded) inputs."""
+    got = ops.topk_patch_aggregate(sub, patches, sub_mask, patch_mask, k=k, tau=tau, backend="cpp")
+    want = R.topk_patch_aggregate(sub, patches, sub_mask, patch_mask, k, tau)
+    assert got.dtype == want.dtype == sub.dtype and got.shape == want.shape
+    torch.testing.assert_close(got, want, **TOLERANCE[dtype], msg=lambda m: f"values, k={k}: {m}")
+    upstream = torch.randn(got.shape, generator=torch.Generator().manual_seed(k), dtype=torch.float64)
+    got_grads = torch.autograd.grad((got.double() * upstream).sum(), (sub, patches))
+    want_grads = torch.autograd.grad((want.double() * upstream).sum(), (sub, patches))
+    for name, g, w in zip(("d_sub", "d_patches"), got_grads, want_grads, strict=True):
+        assert g.dtype == w.dtype and torch.isfinite(g).all()
+        # gradients of half inputs are rounded once more: scale atol by their magnitude
+        scale = max(1.0, w.abs().max().item()) if dtype != torch.float32 else 1.0
+        tolerance = {"atol": TOLERANCE[dtype]["atol"] * scale, "rtol": TOLERANCE[dtype]["rtol"]}
+        torch.testing.assert_close(g, w, **tolerance, msg=lambda m, name=name: f"{name}: {m}")
+
+
+def _ks(n: int) -> list[int]:
+    """Every k for a small N; the edges, a middle and N - 1 for large ones."""
+    return list(range(1, n + 1)) if n <= 7 else [1, 2, n // 3, n - 1, n]
+
+
+@pytest.mark.parametrize("n", [7, 196, 576, 1024])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_cpp_matches_reference_for_every_patch_count(n, dtype):
+    g = torch.Generator().manual_seed(n)
+    batch, m, d = 4, 5, 32
+    sub, patches = _tokens(g, batch, m, d, dtype=dtype), _tokens(g, batch, n, d, dtype=dtype)
+    sub_mask, patch_mask = _masks(g, batch, m, n)
+    for k in _ks(n):
+        _assert_matches_reference(sub, patches, sub_mask, patch_mask, k, 0.07, dtype)
+
+
+def test_cpp_fully_masked_rows_give_zeros_and_no_gradient():
+    g = torch.Generator().manual_seed(3)
+    sub, patches = _tokens(g, 3, 4, 16), _tokens(g, 3, 9, 16)
+    sub_mask, patch_mask = _masks(g, 3, 4, 9)
+    out = ops.topk_patch_aggregate(sub, patches, sub_mask, patch_mask, k=3, backend="cpp")
+    assert (out[1] == 0).all() and (out[2] == 0).all()
+    d_sub, d_patches = torch.autograd.grad(out.sum(), (sub, patches))
+    assert (d_sub[1] == 0).all() and (d_sub[2] == 0).all() and (d_patches[1] == 0).all()
+    assert (d_patches[0] != 0).any()
+
+
+def test_cpp_duplicate_patches_tie_and_exactly_k_are_pooled():
+    """Duplicates tie at the k-th score: k = 1 pools one copy, k = 2 both (equal weights), never a third
+    patch; against the reference's stable-sort rule, and the output unit-norm."""
+    g = torch.Generator().manual_seed(5)
+    sub = _tokens(g, 1, 1, 16)
+    twin = sub.detach()[0, 0]
+    others = _tokens(g, 6, 16).detach() * 0.1
+    patches = torch.cat([others[:2], twin[None], others[2:4], twin[None], others[4:]])[None].requires_grad_()
+    for k in (1, 2, 3, 8):
+        _assert_matches_reference(sub, patches, None, None, k, 0.05, torch.float32)
+    both = ops.topk_patch_aggregate(sub, patches, k=2, tau=0.05, backend="cpp")
+    torch.testing.assert_close(both[0, 0], F.normalize(twin, dim=-1), atol=1e-6, rtol=1e-5)
+
+
+SIGNED_ZERO_SCORES = [0.0, -0.0, 0.5, 0.0, -0.0, 0.5, -0.0, 0.0]
+
+
+@pytest.mark.parametrize("masked", [None, 0, 2], ids=lambda m: f"masked={m}")
+def test_cpp_selection_rule_with_signed_zero_ties(masked):
+    """The extension's selection on explicit scores (a dot product here never yields -0.0) is the rule of
+    every backend: -0.0 ties +0.0, ties cut towards the lowest index, masked entries never chosen."""
+    _extension.require("cpp")
+    scores = torch.tensor(SIGNED_ZERO_SCORES)
+    assert torch.signbit(scores).sum() == 3, "-0.0 and +0.0 both present"
+    valid = torch.ones(scores.numel(), dtype=torch.bool)
+    if masked is not None:
+        valid[masked] = False
+    for k in range(1, scores.numel() + 1):
+        got = torch.ops.mulclip_fast_ext.topk_select(scores[None], valid[None], k)[0]
+        want = topk_selection(scores, valid, k)
+        assert int(got.sum()) == min(k, int(valid.sum()))
+        torch.testing.assert_close(got, want, msg=f"k={k}")
+
+
+def test_cpp_selection_rule_on_random_ties_and_masks():
+    """Many rows of scores drawn from few values (ties everywhere, both zeros), random masks, every k."""
+    _extension.require("cpp")
+    g = torch.Generator().manual_seed(9)
+    n = 40
+    scores = torch.tensor([-1.0, -0.0, 0.0, 0.25, 3.0])[torch.randint(0, 5, (64, n), generator=g)]
+    valid = torch.rand(64, n, generator=g) < 0.6
+    valid[0] = False
+    for k in range(1, n + 1):
+        got = torch.ops.mulclip_fast_ext.topk_select(scores, valid, k)
+        torch.testing.assert_close(got, topk_selection(scores, valid, k), msg=f"k={k}")
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    batch=st.integers(1, 3),
+    m=st.integers(1, 5),
+    n=st.integers(1, 70),
+    d=st.integers(1, 24),
+    k_fraction=st.floats(0.0, 1.0),
+    tau=st.sampled_from([0.01, 0.07, 1.0]),
+    transposed=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_cpp_matches_reference_across_shapes_and_layouts(batch, m, n, d, k_fraction, tau, transposed, seed):
+    """Property: any shape, k, temperature and memory layout (a transposed view is not contiguous)."""
+    g = torch.Generator().manual_seed(seed)
+    k = max(1, min(n, round(k_fraction * n)))
+    if transposed:
+        patches = _tokens(g, batch, d, n).detach().transpose(1, 2).requires_grad_()
+    else:
+        patches = _tokens(g, batch, n, d)
+    sub = _tokens(g, batch, m, d)
+    sub_mask = torch.rand(batch, m, generator=g) < 0.8
+    patch_mask = torch.rand(batch, n, generator=g) < 0.7
+    _assert_matches_reference(sub, patches, sub_mask, patch_mask, k, tau, torch.float32)
+
+
+def test_cpp_backward_is_deterministic():
+    g = torch.Generator().manual_seed(2)
+    sub, patches = _tokens(g, 2, 6, 64), _tokens(g, 2, 300, 64)
+
+    def grads():
+        out = ops.topk_patch_aggregate(sub, patches, k=20, backend="cpp")
+        return torch.autograd.grad((out * out.detach().flip(-1)).sum(), (sub, patches))
+
+    first, second = grads(), grads()
+    for a, b in zip(first, second, strict=True):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("op_name", ["topk_patch_aggregate", "topk_patch_aggregate_backward"])
+def test_opcheck_cpp(op_name):
+    g = torch.Generator().manual_seed(4)
+    sub, patches = _tokens(g, 2, 3, 8).detach(), _tokens(g, 2, 11, 8).detach()
+    sub_mask, patch_mask = _masks(g, 3, 3, 11)
+    _extension.require("cpp")
+    masks = (sub_mask[:2], patch_mask[:2])
+    if op_name == "topk_patch_aggregate":
+        args = (sub.requires_grad_(), patches.requires_grad_(), *masks, 4, 0.1, "cpp")
+    else:
+        args = (torch.randn(sub.shape, generator=g), sub, patches, *masks, 4, 0.1, "cpp")
+    torch.library.opcheck(getattr(torch.ops.mulclip_fast, op_name).default, args)
+
+
+def test_cpp_compiles_with_fullgraph():
+    g = torch.Generator().manual_seed(6)
+    sub, patches = _tokens(g, 2, 3, 8), _tokens(g, 2, 300, 8)
+
+    def loss(a, b):
+        return ops.topk_patch_aggregate(a, b, k=5, backend="cpp").square().sum()
+
+    compiled = torch.compile(loss, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(sub, patches), loss(sub, patches))
+
+
+def test_extension_backends_refuse_what_they_cannot_run(monkeypatch):
+    g = torch.Generator().manual_seed(8)
+    sub, patches = _tokens(g, 1, 2, 8), _tokens(g, 1, 5, 8)
+    with pytest.raises(ValueError, match="float16, bfloat16 and float32"):
+        ops.topk_patch_aggregate(sub.double(), patches.double(), k=2, backend="cpp")
+    with pytest.raises(ValueError, match="implements topk_patch_aggregate only"):
+        ops.token_reconstruction(sub, patches, backend="cpp")
+    with pytest.raises(ValueError, match="implements topk_patch_aggregate only"):
+        ops.pairwise_topk_aggregate_logits(sub, patches, k=2, backend="cpp")
+    with pytest.raises(ValueError, match="runs on cuda tensors"):
+        ops.topk_patch_aggregate(sub, patches, k=2, backend="cuda_ext")
+    monkeypatch.setattr(_dispatch, "resolve_backend", lambda backend, device: backend)  # as if on a GPU
+    monkeypatch.setattr(_extension.torch.version, "cuda", None)
+    with pytest.raises(ValueError, match="cuda_ext' is not built here: PyTorch has no CUDA.*nvcc"):
+        ops.topk_patch_aggregate(sub, patches, k=2, backend="cuda_ext")
+
+
+def test_a_failed_build_says_how_to_build(monkeypatch):
+    monkeypatch.setattr(_extension, "_built", ())
+    monkeypatch.setattr(_extension, "_load", lambda: "RuntimeError: Ninja is required to load C++ extensions")
+    with pytest.raises(ValueError, match="could not build csrc/: RuntimeError: Ninja.*C\\+\\+ compiler"):
+        _extension.require("cpp")
+
+
+@pytest.mark.parametrize("built", [True, False])
+def test_auto_sends_patch_sets_beyond_triton_to_the_cuda_extension_when_built(monkeypatch, built):
+    """On a GPU (``resolve_backend`` says triton), N above the Triton kernel's row: ``cuda_ext`` when it is
+    built, else the torch path; within the row, Triton; the all-pairs op has no extension kernel yet."""
+    from mulclip_fast.kernels.limits import TOPK_MAX_PATCHES
+
+    monkeypatch.setattr(_dispatch, "resolve_backend", lambda backend, device: "triton")
+    monkeypatch.setattr(_extension, "cuda_available", lambda: built)
+    x = torch.zeros(1)
+    big = TOPK_MAX_PATCHES + 1
+    assert _dispatch.kernel_backend("auto", x, big, TOPK_MAX_PATCHES, has_extension=True) == (
+        "cuda_ext" if built else "torch"
+    )
+    assert _dispatch.kernel_backend("auto", x, TOPK_MAX_PATCHES, TOPK_MAX_PATCHES, has_extension=True) == "triton"
+    assert _dispatch.kernel_backend("auto", x, big, TOPK_MAX_PATCHES) == "torch"
