@@ -98,6 +98,105 @@ __global__ void __launch_bounds__(kCudaBlockThreads)
 }
 
 template <class T>
+__global__ void __launch_bounds__(kCudaBlockThreads)
+    pairwise_topk_forward_kernel(const T* sub, const T* patches, const bool* sub_mask, const bool* patch_mask,
+                                 int64_t rows, int64_t keys, int m, int n, int d, int k, float inv_tau, T* logits,
+                                 uint8_t* selected, float* lse) {
+  MULCLIP_BLOCK_TEAM;
+  extern __shared__ float scratch[];  // n scores, then d pooled channels
+  const int64_t pair = blockIdx.x;
+  const int64_t image = pair / rows, row = pair % rows;
+  const float logit = pair_logit_forward(team, sub + row * d, sub_mask[row], patches + image * n * d,
+                                         patch_mask + image * n, n, d, k, inv_tau, scratch, scratch + n,
+                                         selected + pair * selection_bytes(n), lse + pair);
+  if (threadIdx.x == 0) logits[((row / m) * keys + image) * m + row % m] = static_cast<T>(logit);
+}
+
+// The upstream gradient of the pair (image, row), 0 for an invalid subcaption.
+template <class T>
+__device__ float pair_upstream(const T* grad, const bool* sub_mask, int64_t keys, int m, int64_t image, int64_t row) {
+  return sub_mask[row] ? static_cast<float>(grad[((row / m) * keys + image) * m + row % m]) : 0.0f;
+}
+
+template <class T>
+__global__ void __launch_bounds__(kCudaBlockThreads)
+    pairwise_topk_query_grad_kernel(const T* grad, const T* sub, const T* patches, const bool* sub_mask,
+                                    const uint8_t* selected, const float* lse, int64_t rows, int64_t keys, int m,
+                                    int n, int d, float inv_tau, T* d_sub) {
+  MULCLIP_BLOCK_TEAM;
+  extern __shared__ float scratch[];  // alpha, beta (n each), u, accumulator (d each)
+  float *alpha = scratch, *beta = scratch + n, *u = scratch + 2 * n, *acc = scratch + 2 * n + d;
+  const int64_t row = blockIdx.x;
+  for (int c = threadIdx.x; c < d; c += kCudaBlockThreads) acc[c] = 0.0f;
+  for (int64_t image = 0; image < keys; ++image) {
+    const float g = pair_upstream(grad, sub_mask, keys, m, image, row);
+    if (g == 0.0f) continue;  // the same for every thread of the block
+    const int64_t pair = image * rows + row;
+    pair_logit_coefficients(team, sub + row * d, g, patches + image * n * d, n, d, inv_tau,
+                            selected + pair * selection_bytes(n), lse[pair], alpha, beta, u);
+    add_query_grad(team, alpha, patches + image * n * d, n, d, acc);
+    __syncthreads();  // alpha is rewritten by the next pair
+  }
+  for (int c = threadIdx.x; c < d; c += kCudaBlockThreads) d_sub[row * d + c] = static_cast<T>(acc[c]);
+}
+
+template <class T>
+__global__ void __launch_bounds__(kCudaBlockThreads)
+    pairwise_topk_patch_grad_kernel(const T* grad, const T* sub, const T* patches, const bool* sub_mask,
+                                    const uint8_t* selected, const float* lse, int64_t rows, int64_t keys, int m,
+                                    int n, int d, float inv_tau, float* patch_accumulator, T* d_patches) {
+  MULCLIP_BLOCK_TEAM;
+  extern __shared__ float scratch[];  // alpha, beta (n each), u (d)
+  float *alpha = scratch, *beta = scratch + n, *u = scratch + 2 * n;
+  const int64_t image = blockIdx.x;
+  const int64_t size = static_cast<int64_t>(n) * d;
+  float* acc = patch_accumulator + image * size;
+  for (int64_t e = threadIdx.x; e < size; e += kCudaBlockThreads) acc[e] = 0.0f;
+  for (int64_t row = 0; row < rows; ++row) {
+    const float g = pair_upstream(grad, sub_mask, keys, m, image, row);
+    if (g == 0.0f) continue;  // the same for every thread of the block
+    const int64_t pair = image * rows + row;
+    pair_logit_coefficients(team, sub + row * d, g, patches + image * n * d, n, d, inv_tau,
+                            selected + pair * selection_bytes(n), lse[pair], alpha, beta, u);
+    add_patch_grad(team, alpha, beta, sub + row * d, u, n, d, acc);
+    __syncthreads();  // alpha, beta and u are rewritten by the next pair
+  }
+  for (int64_t e = threadIdx.x; e < size; e += kCudaBlockThreads) d_patches[image * size + e] = static_cast<T>(acc[e]);
+}
+
+template <class T>
+int pairwise_forward(const void* sub, const void* patches, const bool* sub_mask, const bool* patch_mask,
+                     int64_t queries, int64_t keys, int m, int n, int d, int k, float tau, void* logits,
+                     uint8_t* selected, float* lse, cudaStream_t stream) {
+  const int64_t rows = queries * m;
+  if (rows * keys == 0) return cudaSuccess;
+  pairwise_topk_forward_kernel<T><<<rows * keys, kCudaBlockThreads, pairwise_forward_shared_bytes(n, d), stream>>>(
+      static_cast<const T*>(sub), static_cast<const T*>(patches), sub_mask, patch_mask, rows, keys, m, n, d, k,
+      1.0f / tau, static_cast<T*>(logits), selected, lse);
+  return cudaGetLastError();
+}
+
+template <class T>
+int pairwise_backward(const void* grad, const void* sub, const void* patches, const bool* sub_mask,
+                      const uint8_t* selected, const float* lse, int64_t queries, int64_t keys, int m, int n, int d,
+                      float tau, float* patch_accumulator, void* d_sub, void* d_patches, cudaStream_t stream) {
+  const int64_t rows = queries * m;
+  const auto shared = pairwise_backward_shared_bytes(n, d);
+  if (rows > 0) {
+    pairwise_topk_query_grad_kernel<T><<<rows, kCudaBlockThreads, shared, stream>>>(
+        static_cast<const T*>(grad), static_cast<const T*>(sub), static_cast<const T*>(patches), sub_mask, selected,
+        lse, rows, keys, m, n, d, 1.0f / tau, static_cast<T*>(d_sub));
+    if (const cudaError_t error = cudaGetLastError(); error != cudaSuccess) return error;
+  }
+  if (keys > 0) {
+    pairwise_topk_patch_grad_kernel<T><<<keys, kCudaBlockThreads, shared, stream>>>(
+        static_cast<const T*>(grad), static_cast<const T*>(sub), static_cast<const T*>(patches), sub_mask, selected,
+        lse, rows, keys, m, n, d, 1.0f / tau, patch_accumulator, static_cast<T*>(d_patches));
+  }
+  return cudaGetLastError();
+}
+
+template <class T>
 int forward(const void* sub, const void* patches, const bool* sub_mask, const bool* patch_mask, int64_t batch, int m,
             int n, int d, int k, float tau, void* out, cudaStream_t stream) {
   const int64_t rows = batch * m;
@@ -126,38 +225,55 @@ int backward(const void* grad_out, const void* sub, const void* patches, const b
   return cudaGetLastError();
 }
 
+// Calls f with a value of the CUDA element type of `type`.
+template <class F>
+int with_element_type(ElementType type, F&& f) {
+  switch (type) {
+    case ElementType::kFloat32: return f(float{});
+    case ElementType::kFloat16: return f(__half{});
+    case ElementType::kBFloat16: return f(__nv_bfloat16{});
+  }
+  return cudaErrorInvalidValue;
+}
+
 }  // namespace
+
+int pairwise_topk_forward_cuda(ElementType type, const void* sub, const void* patches, const bool* sub_mask,
+                               const bool* patch_mask, int64_t queries, int64_t keys, int m, int n, int d, int k,
+                               float tau, void* logits, uint8_t* selected, float* lse, void* stream) {
+  return with_element_type(type, [&](auto tag) {
+    return pairwise_forward<decltype(tag)>(sub, patches, sub_mask, patch_mask, queries, keys, m, n, d, k, tau, logits,
+                                           selected, lse, static_cast<cudaStream_t>(stream));
+  });
+}
+
+int pairwise_topk_backward_cuda(ElementType type, const void* grad, const void* sub, const void* patches,
+                                const bool* sub_mask, const uint8_t* selected, const float* lse, int64_t queries,
+                                int64_t keys, int m, int n, int d, float tau, float* patch_accumulator, void* d_sub,
+                                void* d_patches, void* stream) {
+  return with_element_type(type, [&](auto tag) {
+    return pairwise_backward<decltype(tag)>(grad, sub, patches, sub_mask, selected, lse, queries, keys, m, n, d, tau,
+                                            patch_accumulator, d_sub, d_patches, static_cast<cudaStream_t>(stream));
+  });
+}
 
 int topk_aggregate_forward_cuda(ElementType type, const void* sub, const void* patches, const bool* sub_mask,
                                 const bool* patch_mask, int64_t batch, int m, int n, int d, int k, float tau,
                                 void* out, void* stream) {
-  const auto s = static_cast<cudaStream_t>(stream);
-  switch (type) {
-    case ElementType::kFloat32: return forward<float>(sub, patches, sub_mask, patch_mask, batch, m, n, d, k, tau, out, s);
-    case ElementType::kFloat16: return forward<__half>(sub, patches, sub_mask, patch_mask, batch, m, n, d, k, tau, out, s);
-    case ElementType::kBFloat16:
-      return forward<__nv_bfloat16>(sub, patches, sub_mask, patch_mask, batch, m, n, d, k, tau, out, s);
-  }
-  return cudaErrorInvalidValue;
+  return with_element_type(type, [&](auto tag) {
+    return forward<decltype(tag)>(sub, patches, sub_mask, patch_mask, batch, m, n, d, k, tau, out,
+                                  static_cast<cudaStream_t>(stream));
+  });
 }
 
 int topk_aggregate_backward_cuda(ElementType type, const void* grad_out, const void* sub, const void* patches,
                                  const bool* sub_mask, const bool* patch_mask, int64_t batch, int m, int n, int d,
                                  int k, float tau, float* weights, float* d_scores, float* d_pooled, void* d_sub,
                                  void* d_patches, void* stream) {
-  const auto s = static_cast<cudaStream_t>(stream);
-  switch (type) {
-    case ElementType::kFloat32:
-      return backward<float>(grad_out, sub, patches, sub_mask, patch_mask, batch, m, n, d, k, tau, weights, d_scores,
-                             d_pooled, d_sub, d_patches, s);
-    case ElementType::kFloat16:
-      return backward<__half>(grad_out, sub, patches, sub_mask, patch_mask, batch, m, n, d, k, tau, weights, d_scores,
-                              d_pooled, d_sub, d_patches, s);
-    case ElementType::kBFloat16:
-      return backward<__nv_bfloat16>(grad_out, sub, patches, sub_mask, patch_mask, batch, m, n, d, k, tau, weights,
-                                     d_scores, d_pooled, d_sub, d_patches, s);
-  }
-  return cudaErrorInvalidValue;
+  return with_element_type(type, [&](auto tag) {
+    return backward<decltype(tag)>(grad_out, sub, patches, sub_mask, patch_mask, batch, m, n, d, k, tau, weights,
+                                   d_scores, d_pooled, d_sub, d_patches, static_cast<cudaStream_t>(stream));
+  });
 }
 
 }  // namespace mulclip_fast

@@ -107,9 +107,10 @@ MULCLIP_HD RowSelection select_topk(const Team& team, const float* scores, const
 }
 
 // Overwrites scores[j] with the softmax weight of patch j over the selection, softmax(s / tau); 0 off
-// the selection (and everywhere in a row without a valid patch).
+// the selection (and everywhere in a row without a valid patch). Returns the log-sum-exp of s / tau over
+// the selection (0 for an empty one), which the all-pairs backward rebuilds the weights from.
 template <class Team>
-MULCLIP_HD void softmax_weights(const Team& team, float* scores, const bool* valid, int n, RowSelection sel,
+MULCLIP_HD float softmax_weights(const Team& team, float* scores, const bool* valid, int n, RowSelection sel,
                                 float inv_tau) {
   float local_max = -INFINITY;
   for (int j = team.rank(); j < n; j += team.size())
@@ -125,6 +126,7 @@ MULCLIP_HD void softmax_weights(const Team& team, float* scores, const bool* val
   const float inv_total = total > 0.0f ? 1.0f / total : 0.0f;
   for (int j = team.rank(); j < n; j += team.size()) scores[j] *= inv_total;
   team.sync();
+  return total > 0.0f ? row_max + logf(total) : 0.0f;
 }
 
 // pooled[c] = sum_j weights[j] * patches[j][c] (fp32, patches in index order); returns ||pooled||.
@@ -221,6 +223,98 @@ MULCLIP_HD void topk_aggregate_patch_grad(const Team& team, const float* weights
       if (ds != 0.0f) acc += ds * static_cast<float>(queries[static_cast<int64_t>(i) * d + c]);
     }
     d_patch[c] = static_cast<T>(acc);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------
+// All pairs (pairwise_topk_aggregate_logits): one subcaption t against the patches x of one image.
+// ---------------------------------------------------------------------------------------------------
+
+// Bytes of one pair's bit-packed selection: bit j % 8 of byte j / 8 (the torch path's pack_bits).
+MULCLIP_HD int selection_bytes(int n) { return (n + 7) / 8; }
+
+MULCLIP_HD bool selection_bit(const uint8_t* bits, int j) { return (bits[j / 8] >> (j % 8)) & 1; }
+
+// The logit <t, normalize(sum_{j in top-k} softmax_j(s_j / tau) x_j)> of one pair (0 for an invalid
+// subcaption); writes the pair's packed selection and the log-sum-exp of its weights, which is all the
+// backward keeps. `scores` (n) and `pooled` (d) are scratch.
+template <class Team, class T>
+MULCLIP_HD float pair_logit_forward(const Team& team, const T* query, bool query_valid, const T* patches,
+                                    const bool* patch_valid, int n, int d, int k, float inv_tau, float* scores,
+                                    float* pooled, uint8_t* selected, float* lse) {
+  row_scores(team, query, patches, n, d, scores);
+  const RowSelection sel = select_topk(team, scores, patch_valid, n, k);
+  for (int byte = team.rank(); byte < selection_bytes(n); byte += team.size()) {
+    uint8_t packed = 0;
+    for (int bit = 0; bit < 8 && 8 * byte + bit < n; ++bit) {
+      const int j = 8 * byte + bit;
+      packed |= static_cast<uint8_t>(is_selected(scores[j], patch_valid[j], j, sel)) << bit;
+    }
+    selected[byte] = packed;
+  }
+  const float row_lse = softmax_weights(team, scores, patch_valid, n, sel, inv_tau);
+  const float norm = weighted_sum(team, scores, patches, n, d, pooled);
+  float local_dot = 0.0f;
+  for (int c = team.rank(); c < d; c += team.size()) local_dot += static_cast<float>(query[c]) * pooled[c];
+  const float logit = team.sum(local_dot) / fmaxf(norm, kNormalizeEps);
+  if (team.rank() == 0) *lse = row_lse;
+  return query_valid ? logit : 0.0f;
+}
+
+// The backward coefficients of one pair with upstream gradient g (0 for an invalid subcaption), from
+// its saved selection and log-sum-exp. With w the weights, a = sum w_j x_j, nu = max(||a||, eps),
+// u = a / nu, out = <t, u>, s_j = <t, x_j> and q_j = <u, x_j> (docs/method.md, "SAP"):
+//   alpha_j = g (w_j / nu + w_j (s_j - out q_j) / (tau nu)),   beta_j = -g w_j out / nu,
+//   dt = sum_j alpha_j x_j,   dx_j = alpha_j t + beta_j u.
+// Writes alpha and beta (n each) and u (d); every one is 0 where w is (off the selection).
+template <class Team, class T>
+MULCLIP_HD void pair_logit_coefficients(const Team& team, const T* query, float g, const T* patches, int n, int d,
+                                        float inv_tau, const uint8_t* selected, float lse, float* alpha, float* beta,
+                                        float* u) {
+  row_scores(team, query, patches, n, d, alpha);  // alpha holds the scores s until it is overwritten
+  for (int j = team.rank(); j < n; j += team.size())
+    beta[j] = selection_bit(selected, j) ? expf(alpha[j] * inv_tau - lse) : 0.0f;  // beta holds w for now
+  team.sync();
+  const float inv_nu = 1.0f / fmaxf(weighted_sum(team, beta, patches, n, d, u), kNormalizeEps);
+  float local_out = 0.0f;
+  for (int c = team.rank(); c < d; c += team.size()) {
+    u[c] *= inv_nu;
+    local_out += static_cast<float>(query[c]) * u[c];
+  }
+  const float out = team.sum(local_out);  // the reduction's barrier also publishes u
+  for (int j = team.rank(); j < n; j += team.size()) {
+    const float w = beta[j];
+    float q = 0.0f;
+    if (w != 0.0f) {
+      const T* patch = patches + static_cast<int64_t>(j) * d;
+      for (int c = 0; c < d; ++c) q += u[c] * static_cast<float>(patch[c]);
+    }
+    alpha[j] = g * (w * inv_nu + w * (alpha[j] - out * q) * inv_nu * inv_tau);
+    beta[j] = -g * w * out * inv_nu;
+  }
+  team.sync();
+}
+
+// d_query[c] += sum_j alpha_j x_j[c] for one pair (the subcaption's share of its gradient from one image).
+template <class Team, class T>
+MULCLIP_HD void add_query_grad(const Team& team, const float* alpha, const T* patches, int n, int d,
+                               float* d_query) {
+  for (int c = team.rank(); c < d; c += team.size()) {
+    float acc = 0.0f;
+    for (int j = 0; j < n; ++j)
+      if (alpha[j] != 0.0f) acc += alpha[j] * static_cast<float>(patches[static_cast<int64_t>(j) * d + c]);
+    d_query[c] += acc;
+  }
+}
+
+// d_patches[j][c] += alpha_j t[c] + beta_j u[c] for one pair (the image's share of its gradient from one
+// subcaption); the [n, d] accumulator belongs to the image.
+template <class Team, class T>
+MULCLIP_HD void add_patch_grad(const Team& team, const float* alpha, const float* beta, const T* query, const float* u,
+                               int n, int d, float* d_patches) {
+  for (int64_t e = team.rank(); e < static_cast<int64_t>(n) * d; e += team.size()) {
+    const int j = static_cast<int>(e / d), c = static_cast<int>(e % d);
+    if (alpha[j] != 0.0f || beta[j] != 0.0f) d_patches[e] += alpha[j] * static_cast<float>(query[c]) + beta[j] * u[c];
   }
 }
 

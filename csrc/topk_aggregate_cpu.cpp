@@ -9,6 +9,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <tuple>
 #include <vector>
 
@@ -97,6 +98,115 @@ std::tuple<at::Tensor, at::Tensor> topk_aggregate_backward_cpu(const at::Tensor&
   return {d_sub, d_patches};
 }
 
+// All pairs: logits [Bq, Bk, M], the packed selection uint8 [Bk, Bq*M, ceil(N/8)] and its log-sum-exp
+// fp32 [Bk, Bq*M] (the layout of the torch path's sap_forward, whose backward contract they share).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> pairwise_topk_forward_cpu(const at::Tensor& sub,
+                                                                         const at::Tensor& patches,
+                                                                         const at::Tensor& sub_mask,
+                                                                         const at::Tensor& patch_mask, int64_t k,
+                                                                         double tau) {
+  const PairwiseShape shape = check_pairwise_inputs(sub, patches, sub_mask, patch_mask, k, tau);
+  const at::Tensor q = sub.contiguous(), x = patches.contiguous();
+  const at::Tensor q_mask = sub_mask.contiguous(), x_mask = patch_mask.contiguous();
+  const int64_t rows = shape.queries * shape.m;
+  const int n = shape.n, d = shape.d, m = shape.m;
+  at::Tensor logits = at::empty({shape.queries, shape.keys, m}, q.options());
+  at::Tensor selected = at::empty({shape.keys, rows, selection_bytes(n)}, q.options().dtype(at::kByte));
+  at::Tensor lse = at::empty({shape.keys, rows}, q.options().dtype(at::kFloat));
+  with_element_type(q.scalar_type(), [&](auto tag) {
+    using T = decltype(tag);
+    const T* qp = q.const_data_ptr<T>();
+    const T* xp = x.const_data_ptr<T>();
+    const bool* qm = q_mask.const_data_ptr<bool>();
+    const bool* xm = x_mask.const_data_ptr<bool>();
+    T* lp = logits.mutable_data_ptr<T>();
+    uint8_t* sp = selected.mutable_data_ptr<uint8_t>();
+    float* ep = lse.mutable_data_ptr<float>();
+    at::parallel_for(0, shape.keys * rows, 1, [&](int64_t begin, int64_t end) {
+      std::vector<float> scores(n), pooled(d);
+      for (int64_t pair = begin; pair < end; ++pair) {
+        const int64_t image = pair / rows, row = pair % rows;
+        const float logit = pair_logit_forward(SerialTeam{}, qp + row * d, qm[row], xp + image * n * d, xm + image * n,
+                                               n, d, static_cast<int>(k), static_cast<float>(1.0 / tau),
+                                               scores.data(), pooled.data(), sp + pair * selection_bytes(n), ep + pair);
+        lp[((row / m) * shape.keys + image) * m + row % m] = static_cast<T>(logit);
+      }
+    });
+  });
+  return {logits, selected, lse};
+}
+
+// Gradients of the all-pairs logits from the saved selection and log-sum-exp: the subcaptions' in one
+// pass over rows (each summing its images in order), the patches' in one pass over images (each summing
+// its rows in order), both recomputing each pair's coefficients. No [Bq, Bk, M, N] tensor.
+std::tuple<at::Tensor, at::Tensor> pairwise_topk_backward_cpu(const at::Tensor& grad, const at::Tensor& sub,
+                                                              const at::Tensor& patches, const at::Tensor& sub_mask,
+                                                              const at::Tensor& patch_mask,
+                                                              const at::Tensor& selected, const at::Tensor& lse,
+                                                              double tau) {
+  const PairwiseShape shape = check_pairwise_inputs(sub, patches, sub_mask, patch_mask, 1, tau);
+  const int64_t rows = shape.queries * shape.m;
+  const int n = shape.n, d = shape.d, m = shape.m;
+  TORCH_CHECK(grad.sizes() == at::IntArrayRef({shape.queries, shape.keys, m}) &&
+                  grad.scalar_type() == sub.scalar_type(),
+              "grad must be [Bq, Bk, M] in the dtype of sub");
+  TORCH_CHECK(selected.scalar_type() == at::kByte &&
+                  selected.sizes() == at::IntArrayRef({shape.keys, rows, selection_bytes(n)}),
+              "selected must be the forward's uint8 [Bk, Bq*M, ceil(N/8)]");
+  TORCH_CHECK(lse.scalar_type() == at::kFloat && lse.sizes() == at::IntArrayRef({shape.keys, rows}),
+              "lse must be the forward's float32 [Bk, Bq*M]");
+  const at::Tensor gr = grad.contiguous(), q = sub.contiguous(), x = patches.contiguous();
+  const at::Tensor q_mask = sub_mask.contiguous(), sel = selected.contiguous(), lse_c = lse.contiguous();
+  at::Tensor d_sub = at::empty_like(q), d_patches = at::empty_like(x);
+  with_element_type(q.scalar_type(), [&](auto tag) {
+    using T = decltype(tag);
+    const T* gp = gr.const_data_ptr<T>();
+    const T* qp = q.const_data_ptr<T>();
+    const T* xp = x.const_data_ptr<T>();
+    const bool* qm = q_mask.const_data_ptr<bool>();
+    const uint8_t* bits = sel.const_data_ptr<uint8_t>();
+    const float* ep = lse_c.const_data_ptr<float>();
+    const float inv_tau = static_cast<float>(1.0 / tau);
+    // the upstream gradient of pair (image, row), 0 for an invalid subcaption
+    auto upstream = [&](int64_t image, int64_t row) {
+      return qm[row] ? static_cast<float>(gp[((row / m) * shape.keys + image) * m + row % m]) : 0.0f;
+    };
+    T* dq = d_sub.mutable_data_ptr<T>();
+    at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+      std::vector<float> alpha(n), beta(n), u(d), acc(d);
+      for (int64_t row = begin; row < end; ++row) {
+        std::fill(acc.begin(), acc.end(), 0.0f);
+        for (int64_t image = 0; image < shape.keys; ++image) {
+          const float g = upstream(image, row);
+          if (g == 0.0f) continue;
+          const int64_t pair = image * rows + row;
+          pair_logit_coefficients(SerialTeam{}, qp + row * d, g, xp + image * n * d, n, d, inv_tau,
+                                  bits + pair * selection_bytes(n), ep[pair], alpha.data(), beta.data(), u.data());
+          add_query_grad(SerialTeam{}, alpha.data(), xp + image * n * d, n, d, acc.data());
+        }
+        for (int c = 0; c < d; ++c) dq[row * d + c] = static_cast<T>(acc[c]);
+      }
+    });
+    T* dx = d_patches.mutable_data_ptr<T>();
+    at::parallel_for(0, shape.keys, 1, [&](int64_t begin, int64_t end) {
+      std::vector<float> alpha(n), beta(n), u(d), acc(static_cast<size_t>(n) * d);
+      for (int64_t image = begin; image < end; ++image) {
+        std::fill(acc.begin(), acc.end(), 0.0f);
+        for (int64_t row = 0; row < rows; ++row) {
+          const float g = upstream(image, row);
+          if (g == 0.0f) continue;
+          const int64_t pair = image * rows + row;
+          pair_logit_coefficients(SerialTeam{}, qp + row * d, g, xp + image * n * d, n, d, inv_tau,
+                                  bits + pair * selection_bytes(n), ep[pair], alpha.data(), beta.data(), u.data());
+          add_patch_grad(SerialTeam{}, alpha.data(), beta.data(), qp + row * d, u.data(), n, d, acc.data());
+        }
+        for (int64_t e = 0; e < static_cast<int64_t>(n) * d; ++e) dx[image * n * d + e] = static_cast<T>(acc[e]);
+      }
+    });
+  });
+  return {d_sub, d_patches};
+}
+
 // The selection rule alone on explicit fp32 scores [R, N] (True = selected): lets tests feed it what no
 // dot product produces here, such as -0.0 against +0.0.
 at::Tensor topk_select_cpu(const at::Tensor& scores, const at::Tensor& valid, int64_t k) {
@@ -143,6 +253,27 @@ TopkShape check_topk_inputs(const at::Tensor& sub, const at::Tensor& patches, co
                    static_cast<int>(sub.size(2))};
 }
 
+PairwiseShape check_pairwise_inputs(const at::Tensor& sub, const at::Tensor& patches, const at::Tensor& sub_mask,
+                                    const at::Tensor& patch_mask, int64_t k, double tau) {
+  TORCH_CHECK(sub.dim() == 3 && patches.dim() == 3, "sub and patches must be [Bq, M, d] and [Bk, N, d]");
+  TORCH_CHECK(sub.size(2) == patches.size(2), "sub and patches must share the width");
+  TORCH_CHECK(sub.scalar_type() == patches.scalar_type(), "sub and patches must share a dtype");
+  TORCH_CHECK(sub.device() == patches.device() && sub_mask.device() == sub.device() &&
+                  patch_mask.device() == sub.device(),
+              "all tensors must be on one device");
+  TORCH_CHECK(sub_mask.scalar_type() == at::kBool && sub_mask.sizes() == sub.sizes().slice(0, 2),
+              "sub_mask must be a bool [Bq, M] tensor");
+  TORCH_CHECK(patch_mask.scalar_type() == at::kBool && patch_mask.sizes() == patches.sizes().slice(0, 2),
+              "patch_mask must be a bool [Bk, N] tensor");
+  TORCH_CHECK(k >= 1 && k <= patches.size(1), "k must be in [1, N], got ", k);
+  TORCH_CHECK(tau > 0.0, "tau must be positive, got ", tau);
+  constexpr int64_t int_max = 2147483647;
+  TORCH_CHECK(sub.size(1) <= int_max && patches.size(1) <= int_max && sub.size(2) <= int_max,
+              "M, N and d must fit in int32");
+  return PairwiseShape{sub.size(0), patches.size(0), static_cast<int>(sub.size(1)), static_cast<int>(patches.size(1)),
+                       static_cast<int>(sub.size(2))};
+}
+
 BackwardWorkspace allocate_backward_workspace(const TopkShape& shape, const at::TensorOptions& like) {
   const at::TensorOptions fp32 = like.dtype(at::kFloat);
   return BackwardWorkspace{at::empty({shape.batch, shape.m, shape.n}, fp32),
@@ -157,11 +288,17 @@ TORCH_LIBRARY(mulclip_fast_ext, m) {
         "-> Tensor");
   m.def("topk_aggregate_backward(Tensor grad_out, Tensor sub, Tensor patches, Tensor sub_mask, Tensor patch_mask, "
         "int k, float tau) -> (Tensor, Tensor)");
+  m.def("pairwise_topk_forward(Tensor sub, Tensor patches, Tensor sub_mask, Tensor patch_mask, int k, float tau) "
+        "-> (Tensor, Tensor, Tensor)");
+  m.def("pairwise_topk_backward(Tensor grad, Tensor sub, Tensor patches, Tensor sub_mask, Tensor patch_mask, "
+        "Tensor selected, Tensor lse, float tau) -> (Tensor, Tensor)");
   m.def("topk_select(Tensor scores, Tensor valid, int k) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(mulclip_fast_ext, CPU, m) {
   m.impl("topk_aggregate_forward", &mulclip_fast::topk_aggregate_forward_cpu);
   m.impl("topk_aggregate_backward", &mulclip_fast::topk_aggregate_backward_cpu);
+  m.impl("pairwise_topk_forward", &mulclip_fast::pairwise_topk_forward_cpu);
+  m.impl("pairwise_topk_backward", &mulclip_fast::pairwise_topk_backward_cpu);
   m.impl("topk_select", &mulclip_fast::topk_select_cpu);
 }

@@ -9,6 +9,7 @@
 
 #include <tuple>
 
+#include "topk_aggregate.h"
 #include "topk_aggregate_cuda.h"
 #include "topk_aggregate_ops.h"
 
@@ -24,6 +25,13 @@ ElementType element_type(at::ScalarType dtype) {
   }
 }
 
+// Dynamic shared memory beyond the 48 KB a launch gets without opting in is refused up front.
+template <class Shape>
+void check_shared_memory(int64_t bytes, const Shape& shape) {
+  TORCH_CHECK(bytes <= 48 * 1024, "the CUDA top-k kernels hold a row of N scores and d channels in 48 KB of shared ",
+              "memory; N = ", shape.n, ", d = ", shape.d, " need ", bytes, " bytes");
+}
+
 void check_launch(int error, const char* what) {
   TORCH_CHECK(error == 0, what, " failed with CUDA error ", error);
 }
@@ -31,9 +39,7 @@ void check_launch(int error, const char* what) {
 at::Tensor topk_aggregate_forward_cuda_op(const at::Tensor& sub, const at::Tensor& patches, const at::Tensor& sub_mask,
                                           const at::Tensor& patch_mask, int64_t k, double tau) {
   const TopkShape shape = check_topk_inputs(sub, patches, sub_mask, patch_mask, k, tau);
-  TORCH_CHECK(topk_forward_shared_bytes(shape.n, shape.d) <= 48 * 1024,
-              "the CUDA top-k aggregate holds N + d fp32 values in 48 KB of shared memory; got N = ", shape.n,
-              ", d = ", shape.d);
+  check_shared_memory(topk_forward_shared_bytes(shape.n, shape.d), shape);
   const c10::cuda::CUDAGuard guard(sub.device());
   const at::Tensor q = sub.contiguous(), x = patches.contiguous();
   const at::Tensor q_mask = sub_mask.contiguous(), x_mask = patch_mask.contiguous();
@@ -70,10 +76,67 @@ std::tuple<at::Tensor, at::Tensor> topk_aggregate_backward_cuda_op(const at::Ten
   return {d_sub, d_patches};
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor> pairwise_topk_forward_cuda_op(const at::Tensor& sub,
+                                                                             const at::Tensor& patches,
+                                                                             const at::Tensor& sub_mask,
+                                                                             const at::Tensor& patch_mask, int64_t k,
+                                                                             double tau) {
+  const PairwiseShape shape = check_pairwise_inputs(sub, patches, sub_mask, patch_mask, k, tau);
+  check_shared_memory(pairwise_backward_shared_bytes(shape.n, shape.d), shape);
+  const c10::cuda::CUDAGuard guard(sub.device());
+  const at::Tensor q = sub.contiguous(), x = patches.contiguous();
+  const at::Tensor q_mask = sub_mask.contiguous(), x_mask = patch_mask.contiguous();
+  const int64_t rows = shape.queries * shape.m;
+  at::Tensor logits = at::empty({shape.queries, shape.keys, shape.m}, q.options());
+  at::Tensor selected = at::empty({shape.keys, rows, selection_bytes(shape.n)}, q.options().dtype(at::kByte));
+  at::Tensor lse = at::empty({shape.keys, rows}, q.options().dtype(at::kFloat));
+  check_launch(pairwise_topk_forward_cuda(element_type(q.scalar_type()), q.const_data_ptr(), x.const_data_ptr(),
+                                          q_mask.const_data_ptr<bool>(), x_mask.const_data_ptr<bool>(), shape.queries,
+                                          shape.keys, shape.m, shape.n, shape.d, static_cast<int>(k),
+                                          static_cast<float>(tau), logits.mutable_data_ptr(),
+                                          selected.mutable_data_ptr<uint8_t>(), lse.mutable_data_ptr<float>(),
+                                          c10::cuda::getCurrentCUDAStream().stream()),
+               "pairwise_topk_forward");
+  return {logits, selected, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor> pairwise_topk_backward_cuda_op(const at::Tensor& grad, const at::Tensor& sub,
+                                                                  const at::Tensor& patches,
+                                                                  const at::Tensor& sub_mask,
+                                                                  const at::Tensor& patch_mask,
+                                                                  const at::Tensor& selected, const at::Tensor& lse,
+                                                                  double tau) {
+  const PairwiseShape shape = check_pairwise_inputs(sub, patches, sub_mask, patch_mask, 1, tau);
+  const int64_t rows = shape.queries * shape.m;
+  TORCH_CHECK(grad.sizes() == at::IntArrayRef({shape.queries, shape.keys, shape.m}) &&
+                  grad.scalar_type() == sub.scalar_type() && grad.device() == sub.device(),
+              "grad must be [Bq, Bk, M] in the dtype and on the device of sub");
+  TORCH_CHECK(selected.scalar_type() == at::kByte &&
+                  selected.sizes() == at::IntArrayRef({shape.keys, rows, selection_bytes(shape.n)}) &&
+                  lse.scalar_type() == at::kFloat && lse.sizes() == at::IntArrayRef({shape.keys, rows}),
+              "selected and lse must be the forward's uint8 [Bk, Bq*M, ceil(N/8)] and float32 [Bk, Bq*M]");
+  const c10::cuda::CUDAGuard guard(sub.device());
+  const at::Tensor g = grad.contiguous(), q = sub.contiguous(), x = patches.contiguous();
+  const at::Tensor q_mask = sub_mask.contiguous(), sel = selected.contiguous(), lse_c = lse.contiguous();
+  at::Tensor accumulator = at::empty({shape.keys, shape.n, shape.d}, q.options().dtype(at::kFloat));
+  at::Tensor d_sub = at::empty_like(q), d_patches = at::empty_like(x);
+  check_launch(pairwise_topk_backward_cuda(element_type(q.scalar_type()), g.const_data_ptr(), q.const_data_ptr(),
+                                           x.const_data_ptr(), q_mask.const_data_ptr<bool>(),
+                                           sel.const_data_ptr<uint8_t>(), lse_c.const_data_ptr<float>(),
+                                           shape.queries, shape.keys, shape.m, shape.n, shape.d,
+                                           static_cast<float>(tau), accumulator.mutable_data_ptr<float>(),
+                                           d_sub.mutable_data_ptr(), d_patches.mutable_data_ptr(),
+                                           c10::cuda::getCurrentCUDAStream().stream()),
+               "pairwise_topk_backward");
+  return {d_sub, d_patches};
+}
+
 }  // namespace
 }  // namespace mulclip_fast
 
 TORCH_LIBRARY_IMPL(mulclip_fast_ext, CUDA, m) {
   m.impl("topk_aggregate_forward", &mulclip_fast::topk_aggregate_forward_cuda_op);
   m.impl("topk_aggregate_backward", &mulclip_fast::topk_aggregate_backward_cuda_op);
+  m.impl("pairwise_topk_forward", &mulclip_fast::pairwise_topk_forward_cuda_op);
+  m.impl("pairwise_topk_backward", &mulclip_fast::pairwise_topk_backward_cuda_op);
 }

@@ -15,6 +15,16 @@ struct TopkShape {
 TopkShape check_topk_inputs(const at::Tensor& sub, const at::Tensor& patches, const at::Tensor& sub_mask,
                             const at::Tensor& patch_mask, int64_t k, double tau);
 
+struct PairwiseShape {
+  int64_t queries, keys;
+  int m, n, d;
+};
+
+// Checks the inputs of pairwise_topk_forward/backward (sub [Bq, M, d], patches [Bk, N, d], bool masks,
+// one device and dtype, 1 <= k <= N, tau > 0) and returns their sizes.
+PairwiseShape check_pairwise_inputs(const at::Tensor& sub, const at::Tensor& patches, const at::Tensor& sub_mask,
+                                    const at::Tensor& patch_mask, int64_t k, double tau);
+
 // The fp32 per-row results the backward's two passes share: weights and score gradients [B, M, N] and
 // the gradient of the un-normalised aggregate [B, M, d] (never a [B, M, k, d] tensor).
 struct BackwardWorkspace {

@@ -43,10 +43,13 @@ def _masks(generator, batch, m, n):
     return sub_mask, patch_mask
 
 
-def _assert_matches_reference(sub, patches, sub_mask, patch_mask, k, tau, dtype):
-    """Values and input gradients of the C++ twin vs the reference on the same (rounded) inputs."""
-    got = ops.topk_patch_aggregate(sub, patches, sub_mask, patch_mask, k=k, tau=tau, backend="cpp")
-    want = R.topk_patch_aggregate(sub, patches, sub_mask, patch_mask, k, tau)
+OPS = ["topk_patch_aggregate", "pairwise_topk_aggregate_logits"]
+
+
+def _assert_matches_reference(sub, patches, sub_mask, patch_mask, k, tau, dtype, op="topk_patch_aggregate"):
+    """Values and input gradients of the C++ twin of ``op`` vs the reference on the same (rounded) inputs."""
+    got = getattr(ops, op)(sub, patches, sub_mask, patch_mask, k=k, tau=tau, backend="cpp")
+    want = getattr(R, op)(sub, patches, sub_mask, patch_mask, k, tau)
     assert got.dtype == want.dtype == sub.dtype and got.shape == want.shape
     torch.testing.assert_close(got, want, **TOLERANCE[dtype], msg=lambda m: f"values, k={k}: {m}")
     upstream = torch.randn(got.shape, generator=torch.Generator().manual_seed(k), dtype=torch.float64)
@@ -65,15 +68,26 @@ def _ks(n: int) -> list[int]:
     return list(range(1, n + 1)) if n <= 7 else [1, 2, n // 3, n - 1, n]
 
 
+@pytest.mark.parametrize("op", OPS)
 @pytest.mark.parametrize("n", [7, 196, 576, 1024])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_cpp_matches_reference_for_every_patch_count(n, dtype):
+def test_cpp_matches_reference_for_every_patch_count(op, n, dtype):
     g = torch.Generator().manual_seed(n)
     batch, m, d = 4, 5, 32
     sub, patches = _tokens(g, batch, m, d, dtype=dtype), _tokens(g, batch, n, d, dtype=dtype)
     sub_mask, patch_mask = _masks(g, batch, m, n)
     for k in _ks(n):
-        _assert_matches_reference(sub, patches, sub_mask, patch_mask, k, 0.07, dtype)
+        _assert_matches_reference(sub, patches, sub_mask, patch_mask, k, 0.07, dtype, op)
+
+
+def test_cpp_all_pairs_fully_masked_rows_and_images_give_zero_logits():
+    g = torch.Generator().manual_seed(13)
+    sub, patches = _tokens(g, 3, 4, 16), _tokens(g, 3, 9, 16)
+    sub_mask, patch_mask = _masks(g, 3, 4, 9)
+    logits = ops.pairwise_topk_aggregate_logits(sub, patches, sub_mask, patch_mask, k=3, backend="cpp")
+    assert (logits[:, 1] == 0).all() and (logits[2] == 0).all() and (logits[0, 0] != 0).all()
+    d_sub, d_patches = torch.autograd.grad(logits.sum(), (sub, patches))
+    assert (d_sub[2] == 0).all() and (d_patches[1] == 0).all() and (d_patches[0] != 0).any()
 
 
 def test_cpp_fully_masked_rows_give_zeros_and_no_gradient():
@@ -136,6 +150,7 @@ def test_cpp_selection_rule_on_random_ties_and_masks():
 
 @settings(max_examples=30, deadline=None)
 @given(
+    op=st.sampled_from(OPS),
     batch=st.integers(1, 3),
     m=st.integers(1, 5),
     n=st.integers(1, 70),
@@ -145,26 +160,29 @@ def test_cpp_selection_rule_on_random_ties_and_masks():
     transposed=st.booleans(),
     seed=st.integers(0, 2**16),
 )
-def test_cpp_matches_reference_across_shapes_and_layouts(batch, m, n, d, k_fraction, tau, transposed, seed):
-    """Property: any shape, k, temperature and memory layout (a transposed view is not contiguous)."""
+def test_cpp_matches_reference_across_shapes_and_layouts(op, batch, m, n, d, k_fraction, tau, transposed, seed):
+    """Property: any shape, k, temperature and memory layout (a transposed view is not contiguous); the
+    all-pairs op with a different number of images than captions."""
     g = torch.Generator().manual_seed(seed)
     k = max(1, min(n, round(k_fraction * n)))
+    images = batch + 1 if op == "pairwise_topk_aggregate_logits" else batch
     if transposed:
-        patches = _tokens(g, batch, d, n).detach().transpose(1, 2).requires_grad_()
+        patches = _tokens(g, images, d, n).detach().transpose(1, 2).requires_grad_()
     else:
-        patches = _tokens(g, batch, n, d)
+        patches = _tokens(g, images, n, d)
     sub = _tokens(g, batch, m, d)
     sub_mask = torch.rand(batch, m, generator=g) < 0.8
-    patch_mask = torch.rand(batch, n, generator=g) < 0.7
-    _assert_matches_reference(sub, patches, sub_mask, patch_mask, k, tau, torch.float32)
+    patch_mask = torch.rand(images, n, generator=g) < 0.7
+    _assert_matches_reference(sub, patches, sub_mask, patch_mask, k, tau, torch.float32, op)
 
 
-def test_cpp_backward_is_deterministic():
+@pytest.mark.parametrize("op", OPS)
+def test_cpp_backward_is_deterministic(op):
     g = torch.Generator().manual_seed(2)
     sub, patches = _tokens(g, 2, 6, 64), _tokens(g, 2, 300, 64)
 
     def grads():
-        out = ops.topk_patch_aggregate(sub, patches, k=20, backend="cpp")
+        out = getattr(ops, op)(sub, patches, k=20, backend="cpp")
         return torch.autograd.grad((out * out.detach().flip(-1)).sum(), (sub, patches))
 
     first, second = grads(), grads()
@@ -172,17 +190,18 @@ def test_cpp_backward_is_deterministic():
         assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("op_name", ["topk_patch_aggregate", "topk_patch_aggregate_backward"])
+@pytest.mark.parametrize(
+    "op_name", ["topk_patch_aggregate", "topk_patch_aggregate_backward", "pairwise_topk_aggregate_logits"]
+)
 def test_opcheck_cpp(op_name):
     g = torch.Generator().manual_seed(4)
-    sub, patches = _tokens(g, 2, 3, 8).detach(), _tokens(g, 2, 11, 8).detach()
+    sub, patches = _tokens(g, 3, 3, 8).detach(), _tokens(g, 3, 11, 8).detach()
     sub_mask, patch_mask = _masks(g, 3, 3, 11)
     _extension.require("cpp")
-    masks = (sub_mask[:2], patch_mask[:2])
-    if op_name == "topk_patch_aggregate":
-        args = (sub.requires_grad_(), patches.requires_grad_(), *masks, 4, 0.1, "cpp")
+    if op_name == "topk_patch_aggregate_backward":
+        args = (torch.randn(sub.shape, generator=g), sub, patches, sub_mask, patch_mask, 4, 0.1, "cpp")
     else:
-        args = (torch.randn(sub.shape, generator=g), sub, patches, *masks, 4, 0.1, "cpp")
+        args = (sub.requires_grad_(), patches.requires_grad_(), sub_mask, patch_mask, 4, 0.1, "cpp")
     torch.library.opcheck(getattr(torch.ops.mulclip_fast, op_name).default, args)
 
 
@@ -202,10 +221,10 @@ def test_extension_backends_refuse_what_they_cannot_run(monkeypatch):
     sub, patches = _tokens(g, 1, 2, 8), _tokens(g, 1, 5, 8)
     with pytest.raises(ValueError, match="float16, bfloat16 and float32"):
         ops.topk_patch_aggregate(sub.double(), patches.double(), k=2, backend="cpp")
-    with pytest.raises(ValueError, match="implements topk_patch_aggregate only"):
+    with pytest.raises(ValueError, match="implements topk_patch_aggregate and pairwise_topk_aggregate_logits only"):
         ops.token_reconstruction(sub, patches, backend="cpp")
-    with pytest.raises(ValueError, match="implements topk_patch_aggregate only"):
-        ops.pairwise_topk_aggregate_logits(sub, patches, k=2, backend="cpp")
+    with pytest.raises(ValueError, match="implements topk_patch_aggregate and pairwise_topk_aggregate_logits only"):
+        ops.pairwise_maxsim(sub, patches, backend="cpp")
     with pytest.raises(ValueError, match="runs on cuda tensors"):
         ops.topk_patch_aggregate(sub, patches, k=2, backend="cuda_ext")
     monkeypatch.setattr(_dispatch, "resolve_backend", lambda backend, device: backend)  # as if on a GPU
@@ -224,7 +243,7 @@ def test_a_failed_build_says_how_to_build(monkeypatch):
 @pytest.mark.parametrize("built", [True, False])
 def test_auto_sends_patch_sets_beyond_triton_to_the_cuda_extension_when_built(monkeypatch, built):
     """On a GPU (``resolve_backend`` says triton), N above the Triton kernel's row: ``cuda_ext`` when it is
-    built, else the torch path; within the row, Triton; the all-pairs op has no extension kernel yet."""
+    built, else the torch path; within the row, Triton; ops without an extension kernel, the torch path."""
     from mulclip_fast.kernels.limits import TOPK_MAX_PATCHES
 
     monkeypatch.setattr(_dispatch, "resolve_backend", lambda backend, device: "triton")

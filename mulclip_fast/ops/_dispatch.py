@@ -5,7 +5,7 @@ patch sets the Triton top-k kernels refuse go to the CUDA extension of ``csrc/``
 to the torch path. ``triton`` on CPU tensors is allowed only under Triton's interpreter
 (``TRITON_INTERPRET=1``), which is how the kernels' numerics are tested on machines without a GPU.
 ``cpp`` and ``cuda_ext`` are the extension's CPU twin and CUDA kernels (``_extension``), for the ops that
-have them.
+have them (the top-k aggregates).
 """
 
 from __future__ import annotations
@@ -78,7 +78,8 @@ def kernel_backend(
     if resolved in EXTENSION_DEVICES:
         if not has_extension:
             raise ValueError(
-                f"backend={backend!r} implements topk_patch_aggregate only; use 'auto' or 'torch' for this op"
+                f"backend={backend!r} implements topk_patch_aggregate and pairwise_topk_aggregate_logits only; "
+                "use 'auto' or 'torch' for this op"
             )
         if x.dtype not in KERNEL_DTYPES:
             raise ValueError(f"backend={backend!r} supports float16, bfloat16 and float32 inputs, got {x.dtype}")

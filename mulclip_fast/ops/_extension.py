@@ -1,14 +1,15 @@
 """The C++/CUDA extension of ``csrc/``, built on first use and cached (docs/kernels.md, "The C++/CUDA extension").
 
 ``backend="cpp"`` runs its CPU twin on CPU tensors and ``backend="cuda_ext"`` its CUDA kernels on CUDA
-tensors; both implement ``topk_patch_aggregate``. The first call compiles ``csrc/`` with
-``torch.utils.cpp_extension.load`` (a C++ compiler and ninja; about 20 s on two cores for the CPU part)
-into ``build/torch_extensions/`` of the source checkout, and later processes load the cached library. The
-CUDA sources join the build only where PyTorch has CUDA and nvcc is found (``CUDA_HOME``). Installing the
-package never builds anything.
+tensors; both implement ``topk_patch_aggregate`` and ``pairwise_topk_aggregate_logits``. The first call
+compiles ``csrc/`` with ``torch.utils.cpp_extension.load`` (a C++ compiler and ninja; about 20 s on two
+cores for the CPU part) into ``build/torch_extensions/`` of the source checkout, and later processes load
+the cached library. The CUDA sources join the build only where PyTorch has CUDA and nvcc is found
+(``CUDA_HOME``). Installing the package never builds anything.
 
 The launchers here have the signatures of the torch and Triton primitives (``topk_forward``,
-``topk_backward``), so ``mulclip_fast.ops.matched`` calls whichever backend the same way.
+``topk_backward``, ``sap_forward``, ``sap_backward``), so ``mulclip_fast.ops.matched`` and
+``mulclip_fast.ops.pairwise`` call whichever backend the same way.
 """
 
 from __future__ import annotations
@@ -106,3 +107,14 @@ def topk_forward(sub, patches, sub_mask, patch_mask, k, tau):
 def topk_backward(sub, patches, sub_mask, patch_mask, k, tau, grad_out):
     """``(d_sub, d_patches)`` in the input dtype, recomputing the selection (see ``_torch_matched.topk_backward``)."""
     return torch.ops.mulclip_fast_ext.topk_aggregate_backward(grad_out, sub, patches, sub_mask, patch_mask, k, tau)
+
+
+def sap_forward(sub, patches, sub_mask, patch_mask, k, tau):
+    """All-pairs SAP ``(logits [Bq, Bk, M], packed selection, lse)`` (see ``_torch_pairwise.sap_forward``)."""
+    return torch.ops.mulclip_fast_ext.pairwise_topk_forward(sub, patches, sub_mask, patch_mask, k, tau)
+
+
+def sap_backward(grad, sub, patches, sub_mask, patch_mask, tau, selected, lse):
+    """``(d_sub, d_patches)`` from the saved selection and lse (see ``_torch_pairwise.sap_backward``)."""
+    backward = torch.ops.mulclip_fast_ext.pairwise_topk_backward
+    return backward(grad, sub, patches, sub_mask, patch_mask, selected, lse, tau)
