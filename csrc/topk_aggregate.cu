@@ -27,30 +27,26 @@ struct BlockTeam {
   __device__ int size() const { return kCudaBlockThreads; }
   __device__ void sync() const { __syncthreads(); }
 
-  __device__ float sum(float x) const {
-    for (int offset = 16; offset > 0; offset >>= 1) x += __shfl_xor_sync(0xffffffffu, x, offset);
-    if (threadIdx.x % 32 == 0) float_partials[threadIdx.x / 32] = x;
+  __device__ float sum(float x) const { return reduce(x, float_partials, Add{}); }
+  __device__ float max(float x) const { return reduce(x, float_partials, Max{}); }
+  __device__ int count(int x) const { return reduce(x, int_partials, Add{}); }
+
+ private:
+  struct Add {
+    template <class V>
+    __device__ V operator()(V a, V b) const { return a + b; }
+  };
+  struct Max {
+    __device__ float operator()(float a, float b) const { return fmaxf(a, b); }
+  };
+
+  template <class V, class Combine>
+  __device__ V reduce(V x, V* partials, Combine combine) const {
+    for (int offset = 16; offset > 0; offset >>= 1) x = combine(x, __shfl_xor_sync(0xffffffffu, x, offset));
+    if (threadIdx.x % 32 == 0) partials[threadIdx.x / 32] = x;
     __syncthreads();
-    float total = 0.0f;
-    for (int w = 0; w < kWarps; ++w) total += float_partials[w];
-    __syncthreads();
-    return total;
-  }
-  __device__ float max(float x) const {
-    for (int offset = 16; offset > 0; offset >>= 1) x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, offset));
-    if (threadIdx.x % 32 == 0) float_partials[threadIdx.x / 32] = x;
-    __syncthreads();
-    float best = -INFINITY;
-    for (int w = 0; w < kWarps; ++w) best = fmaxf(best, float_partials[w]);
-    __syncthreads();
-    return best;
-  }
-  __device__ int count(int x) const {
-    for (int offset = 16; offset > 0; offset >>= 1) x += __shfl_xor_sync(0xffffffffu, x, offset);
-    if (threadIdx.x % 32 == 0) int_partials[threadIdx.x / 32] = x;
-    __syncthreads();
-    int total = 0;
-    for (int w = 0; w < kWarps; ++w) total += int_partials[w];
+    V total = partials[0];
+    for (int w = 1; w < kWarps; ++w) total = combine(total, partials[w]);
     __syncthreads();
     return total;
   }
@@ -112,29 +108,18 @@ __global__ void __launch_bounds__(kCudaBlockThreads)
   if (threadIdx.x == 0) logits[((row / m) * keys + image) * m + row % m] = static_cast<T>(logit);
 }
 
-// The upstream gradient of the pair (image, row), 0 for an invalid subcaption.
 template <class T>
-__device__ float pair_upstream(const T* grad, const bool* sub_mask, int64_t keys, int m, int64_t image, int64_t row) {
-  return sub_mask[row] ? static_cast<float>(grad[((row / m) * keys + image) * m + row % m]) : 0.0f;
-}
-
-template <class T>
-__global__ void __launch_bounds__(kCudaBlockThreads)
-    pairwise_topk_query_grad_kernel(const T* grad, const T* sub, const T* patches, const bool* sub_mask,
-                                    const uint8_t* selected, const float* lse, int64_t rows, int64_t keys, int m,
-                                    int n, int d, float inv_tau, T* d_sub) {
+__global__ void __launch_bounds__(kCudaBlockThreads) pairwise_topk_query_grad_kernel(PairwiseBackwardInputs<T> in,
+                                                                                    T* d_sub) {
   MULCLIP_BLOCK_TEAM;
   extern __shared__ float scratch[];  // alpha, beta (n each), u, accumulator (d each)
+  const int n = in.n, d = in.d;
   float *alpha = scratch, *beta = scratch + n, *u = scratch + 2 * n, *acc = scratch + 2 * n + d;
   const int64_t row = blockIdx.x;
   for (int c = threadIdx.x; c < d; c += kCudaBlockThreads) acc[c] = 0.0f;
-  for (int64_t image = 0; image < keys; ++image) {
-    const float g = pair_upstream(grad, sub_mask, keys, m, image, row);
-    if (g == 0.0f) continue;  // the same for every thread of the block
-    const int64_t pair = image * rows + row;
-    pair_logit_coefficients(team, sub + row * d, g, patches + image * n * d, n, d, inv_tau,
-                            selected + pair * selection_bytes(n), lse[pair], alpha, beta, u);
-    add_query_grad(team, alpha, patches + image * n * d, n, d, acc);
+  for (int64_t image = 0; image < in.keys; ++image) {
+    if (!pair_backward_coefficients(team, in, image, row, alpha, beta, u)) continue;
+    add_query_grad(team, alpha, in.image_patches(image), n, d, acc);
     __syncthreads();  // alpha is rewritten by the next pair
   }
   for (int c = threadIdx.x; c < d; c += kCudaBlockThreads) d_sub[row * d + c] = static_cast<T>(acc[c]);
@@ -142,23 +127,18 @@ __global__ void __launch_bounds__(kCudaBlockThreads)
 
 template <class T>
 __global__ void __launch_bounds__(kCudaBlockThreads)
-    pairwise_topk_patch_grad_kernel(const T* grad, const T* sub, const T* patches, const bool* sub_mask,
-                                    const uint8_t* selected, const float* lse, int64_t rows, int64_t keys, int m,
-                                    int n, int d, float inv_tau, float* patch_accumulator, T* d_patches) {
+    pairwise_topk_patch_grad_kernel(PairwiseBackwardInputs<T> in, float* patch_accumulator, T* d_patches) {
   MULCLIP_BLOCK_TEAM;
   extern __shared__ float scratch[];  // alpha, beta (n each), u (d)
+  const int n = in.n, d = in.d;
   float *alpha = scratch, *beta = scratch + n, *u = scratch + 2 * n;
   const int64_t image = blockIdx.x;
   const int64_t size = static_cast<int64_t>(n) * d;
   float* acc = patch_accumulator + image * size;
   for (int64_t e = threadIdx.x; e < size; e += kCudaBlockThreads) acc[e] = 0.0f;
-  for (int64_t row = 0; row < rows; ++row) {
-    const float g = pair_upstream(grad, sub_mask, keys, m, image, row);
-    if (g == 0.0f) continue;  // the same for every thread of the block
-    const int64_t pair = image * rows + row;
-    pair_logit_coefficients(team, sub + row * d, g, patches + image * n * d, n, d, inv_tau,
-                            selected + pair * selection_bytes(n), lse[pair], alpha, beta, u);
-    add_patch_grad(team, alpha, beta, sub + row * d, u, n, d, acc);
+  for (int64_t row = 0; row < in.rows; ++row) {
+    if (!pair_backward_coefficients(team, in, image, row, alpha, beta, u)) continue;
+    add_patch_grad(team, alpha, beta, in.query(row), u, n, d, acc);
     __syncthreads();  // alpha, beta and u are rewritten by the next pair
   }
   for (int64_t e = threadIdx.x; e < size; e += kCudaBlockThreads) d_patches[image * size + e] = static_cast<T>(acc[e]);
@@ -181,17 +161,17 @@ int pairwise_backward(const void* grad, const void* sub, const void* patches, co
                       const uint8_t* selected, const float* lse, int64_t queries, int64_t keys, int m, int n, int d,
                       float tau, float* patch_accumulator, void* d_sub, void* d_patches, cudaStream_t stream) {
   const int64_t rows = queries * m;
+  const PairwiseBackwardInputs<T> in{static_cast<const T*>(grad), static_cast<const T*>(sub),
+                                     static_cast<const T*>(patches), sub_mask, selected, lse, rows, keys, m, n, d,
+                                     1.0f / tau};
   const auto shared = pairwise_backward_shared_bytes(n, d);
   if (rows > 0) {
-    pairwise_topk_query_grad_kernel<T><<<rows, kCudaBlockThreads, shared, stream>>>(
-        static_cast<const T*>(grad), static_cast<const T*>(sub), static_cast<const T*>(patches), sub_mask, selected,
-        lse, rows, keys, m, n, d, 1.0f / tau, static_cast<T*>(d_sub));
+    pairwise_topk_query_grad_kernel<T><<<rows, kCudaBlockThreads, shared, stream>>>(in, static_cast<T*>(d_sub));
     if (const cudaError_t error = cudaGetLastError(); error != cudaSuccess) return error;
   }
   if (keys > 0) {
-    pairwise_topk_patch_grad_kernel<T><<<keys, kCudaBlockThreads, shared, stream>>>(
-        static_cast<const T*>(grad), static_cast<const T*>(sub), static_cast<const T*>(patches), sub_mask, selected,
-        lse, rows, keys, m, n, d, 1.0f / tau, patch_accumulator, static_cast<T*>(d_patches));
+    pairwise_topk_patch_grad_kernel<T><<<keys, kCudaBlockThreads, shared, stream>>>(in, patch_accumulator,
+                                                                                     static_cast<T*>(d_patches));
   }
   return cudaGetLastError();
 }

@@ -295,6 +295,39 @@ MULCLIP_HD void pair_logit_coefficients(const Team& team, const T* query, float 
   team.sync();
 }
 
+// What the all-pairs backward reads: the inputs, the forward's packed selection and lse, and the upstream
+// gradient [Bq, Bk, M]; pair (image, row) is row r = b*M + m of the subcaptions against image `image`.
+template <class T>
+struct PairwiseBackwardInputs {
+  const T* grad;
+  const T* sub;
+  const T* patches;
+  const bool* sub_mask;
+  const uint8_t* selected;
+  const float* lse;
+  int64_t rows, keys;
+  int m, n, d;
+  float inv_tau;
+
+  MULCLIP_HD const T* query(int64_t row) const { return sub + row * d; }
+  MULCLIP_HD const T* image_patches(int64_t image) const { return patches + image * n * d; }
+};
+
+// The coefficients of pair (image, row) into alpha, beta and u (pair_logit_coefficients); false, with
+// nothing written, when the pair's upstream gradient is 0 (an invalid subcaption, or no gradient), the
+// same answer for every thread of the team.
+template <class Team, class T>
+MULCLIP_HD bool pair_backward_coefficients(const Team& team, const PairwiseBackwardInputs<T>& in, int64_t image,
+                                           int64_t row, float* alpha, float* beta, float* u) {
+  const int64_t logit = ((row / in.m) * in.keys + image) * in.m + row % in.m;
+  const float g = in.sub_mask[row] ? static_cast<float>(in.grad[logit]) : 0.0f;
+  if (g == 0.0f) return false;
+  const int64_t pair = image * in.rows + row;
+  pair_logit_coefficients(team, in.query(row), g, in.image_patches(image), in.n, in.d, in.inv_tau,
+                          in.selected + pair * selection_bytes(in.n), in.lse[pair], alpha, beta, u);
+  return true;
+}
+
 // d_query[c] += sum_j alpha_j x_j[c] for one pair (the subcaption's share of its gradient from one image).
 template <class Team, class T>
 MULCLIP_HD void add_query_grad(const Team& team, const float* alpha, const T* patches, int n, int d,

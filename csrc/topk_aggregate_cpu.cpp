@@ -110,9 +110,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pairwise_topk_forward_cpu(const a
   const at::Tensor q_mask = sub_mask.contiguous(), x_mask = patch_mask.contiguous();
   const int64_t rows = shape.queries * shape.m;
   const int n = shape.n, d = shape.d, m = shape.m;
-  at::Tensor logits = at::empty({shape.queries, shape.keys, m}, q.options());
-  at::Tensor selected = at::empty({shape.keys, rows, selection_bytes(n)}, q.options().dtype(at::kByte));
-  at::Tensor lse = at::empty({shape.keys, rows}, q.options().dtype(at::kFloat));
+  const PairwiseOutputs outputs = allocate_pairwise_outputs(shape, q.options());
+  const at::Tensor &logits = outputs.logits, &selected = outputs.selected, &lse = outputs.lse;
   with_element_type(q.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
     const T* qp = q.const_data_ptr<T>();
@@ -160,29 +159,26 @@ std::tuple<at::Tensor, at::Tensor> pairwise_topk_backward_cpu(const at::Tensor& 
   at::Tensor d_sub = at::empty_like(q), d_patches = at::empty_like(x);
   with_element_type(q.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
-    const T* gp = gr.const_data_ptr<T>();
-    const T* qp = q.const_data_ptr<T>();
-    const T* xp = x.const_data_ptr<T>();
-    const bool* qm = q_mask.const_data_ptr<bool>();
-    const uint8_t* bits = sel.const_data_ptr<uint8_t>();
-    const float* ep = lse_c.const_data_ptr<float>();
-    const float inv_tau = static_cast<float>(1.0 / tau);
-    // the upstream gradient of pair (image, row), 0 for an invalid subcaption
-    auto upstream = [&](int64_t image, int64_t row) {
-      return qm[row] ? static_cast<float>(gp[((row / m) * shape.keys + image) * m + row % m]) : 0.0f;
-    };
+    const PairwiseBackwardInputs<T> in{gr.const_data_ptr<T>(),
+                                       q.const_data_ptr<T>(),
+                                       x.const_data_ptr<T>(),
+                                       q_mask.const_data_ptr<bool>(),
+                                       sel.const_data_ptr<uint8_t>(),
+                                       lse_c.const_data_ptr<float>(),
+                                       rows,
+                                       shape.keys,
+                                       m,
+                                       n,
+                                       d,
+                                       static_cast<float>(1.0 / tau)};
     T* dq = d_sub.mutable_data_ptr<T>();
     at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
       std::vector<float> alpha(n), beta(n), u(d), acc(d);
       for (int64_t row = begin; row < end; ++row) {
         std::fill(acc.begin(), acc.end(), 0.0f);
         for (int64_t image = 0; image < shape.keys; ++image) {
-          const float g = upstream(image, row);
-          if (g == 0.0f) continue;
-          const int64_t pair = image * rows + row;
-          pair_logit_coefficients(SerialTeam{}, qp + row * d, g, xp + image * n * d, n, d, inv_tau,
-                                  bits + pair * selection_bytes(n), ep[pair], alpha.data(), beta.data(), u.data());
-          add_query_grad(SerialTeam{}, alpha.data(), xp + image * n * d, n, d, acc.data());
+          if (!pair_backward_coefficients(SerialTeam{}, in, image, row, alpha.data(), beta.data(), u.data())) continue;
+          add_query_grad(SerialTeam{}, alpha.data(), in.image_patches(image), n, d, acc.data());
         }
         for (int c = 0; c < d; ++c) dq[row * d + c] = static_cast<T>(acc[c]);
       }
@@ -193,12 +189,8 @@ std::tuple<at::Tensor, at::Tensor> pairwise_topk_backward_cpu(const at::Tensor& 
       for (int64_t image = begin; image < end; ++image) {
         std::fill(acc.begin(), acc.end(), 0.0f);
         for (int64_t row = 0; row < rows; ++row) {
-          const float g = upstream(image, row);
-          if (g == 0.0f) continue;
-          const int64_t pair = image * rows + row;
-          pair_logit_coefficients(SerialTeam{}, qp + row * d, g, xp + image * n * d, n, d, inv_tau,
-                                  bits + pair * selection_bytes(n), ep[pair], alpha.data(), beta.data(), u.data());
-          add_patch_grad(SerialTeam{}, alpha.data(), beta.data(), qp + row * d, u.data(), n, d, acc.data());
+          if (!pair_backward_coefficients(SerialTeam{}, in, image, row, alpha.data(), beta.data(), u.data())) continue;
+          add_patch_grad(SerialTeam{}, alpha.data(), beta.data(), in.query(row), u.data(), n, d, acc.data());
         }
         for (int64_t e = 0; e < static_cast<int64_t>(n) * d; ++e) dx[image * n * d + e] = static_cast<T>(acc[e]);
       }
@@ -231,11 +223,14 @@ at::Tensor topk_select_cpu(const at::Tensor& scores, const at::Tensor& valid, in
 
 }  // namespace
 
-TopkShape check_topk_inputs(const at::Tensor& sub, const at::Tensor& patches, const at::Tensor& sub_mask,
-                            const at::Tensor& patch_mask, int64_t k, double tau) {
-  TORCH_CHECK(sub.dim() == 3 && patches.dim() == 3, "sub and patches must be [B, M, d] and [B, N, d]");
-  TORCH_CHECK(sub.size(0) == patches.size(0) && sub.size(2) == patches.size(2),
-              "sub and patches must share the batch and the width");
+namespace {
+
+// The checks both ops share: sub [*, M, d] and patches [*, N, d] of one dtype and width, bool masks of
+// their token shapes, one device, 1 <= k <= N, tau > 0, sizes that the kernels' int indices hold.
+void check_token_inputs(const at::Tensor& sub, const at::Tensor& patches, const at::Tensor& sub_mask,
+                        const at::Tensor& patch_mask, int64_t k, double tau) {
+  TORCH_CHECK(sub.dim() == 3 && patches.dim() == 3, "sub and patches must be [B, M, d] and [B', N, d]");
+  TORCH_CHECK(sub.size(2) == patches.size(2), "sub and patches must share the width");
   TORCH_CHECK(sub.scalar_type() == patches.scalar_type(), "sub and patches must share a dtype");
   TORCH_CHECK(sub.device() == patches.device() && sub_mask.device() == sub.device() &&
                   patch_mask.device() == sub.device(),
@@ -243,35 +238,36 @@ TopkShape check_topk_inputs(const at::Tensor& sub, const at::Tensor& patches, co
   TORCH_CHECK(sub_mask.scalar_type() == at::kBool && sub_mask.sizes() == sub.sizes().slice(0, 2),
               "sub_mask must be a bool [B, M] tensor");
   TORCH_CHECK(patch_mask.scalar_type() == at::kBool && patch_mask.sizes() == patches.sizes().slice(0, 2),
-              "patch_mask must be a bool [B, N] tensor");
+              "patch_mask must be a bool [B', N] tensor");
   TORCH_CHECK(k >= 1 && k <= patches.size(1), "k must be in [1, N], got ", k);
   TORCH_CHECK(tau > 0.0, "tau must be positive, got ", tau);
   constexpr int64_t int_max = 2147483647;
   TORCH_CHECK(sub.size(1) <= int_max && patches.size(1) <= int_max && sub.size(2) <= int_max,
               "M, N and d must fit in int32");
+}
+
+}  // namespace
+
+TopkShape check_topk_inputs(const at::Tensor& sub, const at::Tensor& patches, const at::Tensor& sub_mask,
+                            const at::Tensor& patch_mask, int64_t k, double tau) {
+  check_token_inputs(sub, patches, sub_mask, patch_mask, k, tau);
+  TORCH_CHECK(sub.size(0) == patches.size(0), "sub and patches must share the batch (matched pairs)");
   return TopkShape{sub.size(0), static_cast<int>(sub.size(1)), static_cast<int>(patches.size(1)),
                    static_cast<int>(sub.size(2))};
 }
 
 PairwiseShape check_pairwise_inputs(const at::Tensor& sub, const at::Tensor& patches, const at::Tensor& sub_mask,
                                     const at::Tensor& patch_mask, int64_t k, double tau) {
-  TORCH_CHECK(sub.dim() == 3 && patches.dim() == 3, "sub and patches must be [Bq, M, d] and [Bk, N, d]");
-  TORCH_CHECK(sub.size(2) == patches.size(2), "sub and patches must share the width");
-  TORCH_CHECK(sub.scalar_type() == patches.scalar_type(), "sub and patches must share a dtype");
-  TORCH_CHECK(sub.device() == patches.device() && sub_mask.device() == sub.device() &&
-                  patch_mask.device() == sub.device(),
-              "all tensors must be on one device");
-  TORCH_CHECK(sub_mask.scalar_type() == at::kBool && sub_mask.sizes() == sub.sizes().slice(0, 2),
-              "sub_mask must be a bool [Bq, M] tensor");
-  TORCH_CHECK(patch_mask.scalar_type() == at::kBool && patch_mask.sizes() == patches.sizes().slice(0, 2),
-              "patch_mask must be a bool [Bk, N] tensor");
-  TORCH_CHECK(k >= 1 && k <= patches.size(1), "k must be in [1, N], got ", k);
-  TORCH_CHECK(tau > 0.0, "tau must be positive, got ", tau);
-  constexpr int64_t int_max = 2147483647;
-  TORCH_CHECK(sub.size(1) <= int_max && patches.size(1) <= int_max && sub.size(2) <= int_max,
-              "M, N and d must fit in int32");
+  check_token_inputs(sub, patches, sub_mask, patch_mask, k, tau);
   return PairwiseShape{sub.size(0), patches.size(0), static_cast<int>(sub.size(1)), static_cast<int>(patches.size(1)),
                        static_cast<int>(sub.size(2))};
+}
+
+PairwiseOutputs allocate_pairwise_outputs(const PairwiseShape& shape, const at::TensorOptions& like) {
+  const int64_t rows = shape.queries * shape.m;
+  return PairwiseOutputs{at::empty({shape.queries, shape.keys, shape.m}, like),
+                         at::empty({shape.keys, rows, selection_bytes(shape.n)}, like.dtype(at::kByte)),
+                         at::empty({shape.keys, rows}, like.dtype(at::kFloat))};
 }
 
 BackwardWorkspace allocate_backward_workspace(const TopkShape& shape, const at::TensorOptions& like) {

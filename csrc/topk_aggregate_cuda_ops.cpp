@@ -86,10 +86,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pairwise_topk_forward_cuda_op(con
   const c10::cuda::CUDAGuard guard(sub.device());
   const at::Tensor q = sub.contiguous(), x = patches.contiguous();
   const at::Tensor q_mask = sub_mask.contiguous(), x_mask = patch_mask.contiguous();
-  const int64_t rows = shape.queries * shape.m;
-  at::Tensor logits = at::empty({shape.queries, shape.keys, shape.m}, q.options());
-  at::Tensor selected = at::empty({shape.keys, rows, selection_bytes(shape.n)}, q.options().dtype(at::kByte));
-  at::Tensor lse = at::empty({shape.keys, rows}, q.options().dtype(at::kFloat));
+  const PairwiseOutputs outputs = allocate_pairwise_outputs(shape, q.options());
+  const at::Tensor &logits = outputs.logits, &selected = outputs.selected, &lse = outputs.lse;
   check_launch(pairwise_topk_forward_cuda(element_type(q.scalar_type()), q.const_data_ptr(), x.const_data_ptr(),
                                           q_mask.const_data_ptr<bool>(), x_mask.const_data_ptr<bool>(), shape.queries,
                                           shape.keys, shape.m, shape.n, shape.d, static_cast<int>(k),

@@ -25,6 +25,14 @@ struct PairwiseShape {
 PairwiseShape check_pairwise_inputs(const at::Tensor& sub, const at::Tensor& patches, const at::Tensor& sub_mask,
                                     const at::Tensor& patch_mask, int64_t k, double tau);
 
+// The all-pairs forward's outputs: logits [Bq, Bk, M] in the input dtype, the packed selection uint8
+// [Bk, Bq*M, ceil(N/8)] and its log-sum-exp fp32 [Bk, Bq*M] (the torch path's sap_forward layout).
+struct PairwiseOutputs {
+  at::Tensor logits, selected, lse;
+};
+
+PairwiseOutputs allocate_pairwise_outputs(const PairwiseShape& shape, const at::TensorOptions& like);
+
 // The fp32 per-row results the backward's two passes share: weights and score gradients [B, M, N] and
 // the gradient of the un-normalised aggregate [B, M, d] (never a [B, M, k, d] tensor).
 struct BackwardWorkspace {

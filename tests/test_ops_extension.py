@@ -57,8 +57,11 @@ def _assert_matches_reference(sub, patches, sub_mask, patch_mask, k, tau, dtype,
     want_grads = torch.autograd.grad((want.double() * upstream).sum(), (sub, patches))
     for name, g, w in zip(("d_sub", "d_patches"), got_grads, want_grads, strict=True):
         assert g.dtype == w.dtype and torch.isfinite(g).all()
-        # gradients of half inputs are rounded once more: scale atol by their magnitude
+        # gradients of half inputs are rounded once more: scale atol by their magnitude; and the score
+        # gradients divide a cancelling difference (s - out·q in the all-pairs backward) by tau, so the
+        # rounding of any implementation grows as 1/tau below the paper's 0.07
         scale = max(1.0, w.abs().max().item()) if dtype != torch.float32 else 1.0
+        scale *= max(1.0, 0.07 / tau)
         tolerance = {"atol": TOLERANCE[dtype]["atol"] * scale, "rtol": TOLERANCE[dtype]["rtol"]}
         torch.testing.assert_close(g, w, **tolerance, msg=lambda m, name=name: f"{name}: {m}")
 
@@ -148,7 +151,7 @@ def test_cpp_selection_rule_on_random_ties_and_masks():
         torch.testing.assert_close(got, topk_selection(scores, valid, k), msg=f"k={k}")
 
 
-@settings(max_examples=30, deadline=None)
+@settings(max_examples=30, deadline=None, derandomize=True)  # the same examples on every run: no flaky CI
 @given(
     op=st.sampled_from(OPS),
     batch=st.integers(1, 3),
@@ -255,3 +258,14 @@ def test_auto_sends_patch_sets_beyond_triton_to_the_cuda_extension_when_built(mo
     )
     assert _dispatch.kernel_backend("auto", x, TOPK_MAX_PATCHES, TOPK_MAX_PATCHES, has_extension=True) == "triton"
     assert _dispatch.kernel_backend("auto", x, big, TOPK_MAX_PATCHES) == "torch"
+
+
+def test_extension_report_measures_both_ops(capsys):
+    from mulclip_fast.tools import extension_report
+
+    assert extension_report.main(["--patches", "9", "--pairs-batch", "2", "--repeats", "1"]) == 0
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()]
+    measured = [row for row in rows if row[:1] == ["matched"] or row[:2] == ["all", "pairs"]]
+    assert len(measured) == 2 and all(float(row[-1]) > 0 for row in measured)
+    with pytest.raises(ValueError, match="--repeats"):
+        extension_report.main(["--repeats", "0"])
