@@ -269,3 +269,25 @@ def test_extension_report_measures_both_ops(capsys):
     assert len(measured) == 2 and all(float(row[-1]) > 0 for row in measured)
     with pytest.raises(ValueError, match="--repeats"):
         extension_report.main(["--repeats", "0"])
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_cpp_peak_memory_is_no_more_than_the_torch_paths(op):
+    """The CPU allocator's peak (which sees the buffers the C++ op allocates inside itself) of forward +
+    backward at the paper's SAP width and patch count, B = 8: the twin holds its outputs, gradients and,
+    for the matched op, a [B, M, N] workspace, never more than the chunked torch path."""
+    from mulclip_fast.profiling import allocator_peak_memory_of
+
+    g = torch.Generator().manual_seed(12)
+    sub, patches = _tokens(g, 8, 8, 512), _tokens(g, 8, 196, 512)
+    sub_mask = torch.ones(8, 8, dtype=torch.bool)
+    sub_mask[:, -1] = False
+
+    def forward_backward(backend):
+        getattr(ops, op)(sub, patches, sub_mask, None, k=49, backend=backend).sum().backward()
+        sub.grad = patches.grad = None
+
+    _extension.require("cpp")
+    cpp, _ = allocator_peak_memory_of(forward_backward, "cpp")
+    torch_path, _ = allocator_peak_memory_of(forward_backward, "torch")
+    assert 0 < cpp <= torch_path
