@@ -53,8 +53,8 @@ def _load() -> str | None:
 
     with_cuda = cuda_buildable()
     sources = CPU_SOURCES + (CUDA_SOURCES if with_cuda else ())
-    build_directory().mkdir(parents=True, exist_ok=True)
     try:
+        build_directory().mkdir(parents=True, exist_ok=True)
         load(
             name=LIBRARY,
             sources=[str(SOURCE_DIR / name) for name in sources],
@@ -66,7 +66,7 @@ def _load() -> str | None:
             with_cuda=with_cuda,
             is_python_module=False,
         )
-    except (OSError, RuntimeError, ImportError) as error:  # no compiler or ninja, or a failed compile
+    except (OSError, RuntimeError, ImportError) as error:  # read-only checkout, no compiler or ninja, failed compile
         return f"{type(error).__name__}: {error}"
     _built = ("cpp", "cuda_ext") if with_cuda else ("cpp",)
     return None
