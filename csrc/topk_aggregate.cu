@@ -116,13 +116,7 @@ __global__ void __launch_bounds__(kCudaBlockThreads) pairwise_topk_query_grad_ke
   const int n = in.n, d = in.d;
   float *alpha = scratch, *beta = scratch + n, *u = scratch + 2 * n, *acc = scratch + 2 * n + d;
   const int64_t row = blockIdx.x;
-  for (int c = threadIdx.x; c < d; c += kCudaBlockThreads) acc[c] = 0.0f;
-  for (int64_t image = 0; image < in.keys; ++image) {
-    if (!pair_backward_coefficients(team, in, image, row, alpha, beta, u)) continue;
-    add_query_grad(team, alpha, in.image_patches(image), n, d, acc);
-    __syncthreads();  // alpha is rewritten by the next pair
-  }
-  for (int c = threadIdx.x; c < d; c += kCudaBlockThreads) d_sub[row * d + c] = static_cast<T>(acc[c]);
+  pairwise_query_grad(team, in, row, alpha, beta, u, acc, d_sub + row * d);
 }
 
 template <class T>
@@ -134,14 +128,7 @@ __global__ void __launch_bounds__(kCudaBlockThreads)
   float *alpha = scratch, *beta = scratch + n, *u = scratch + 2 * n;
   const int64_t image = blockIdx.x;
   const int64_t size = static_cast<int64_t>(n) * d;
-  float* acc = patch_accumulator + image * size;
-  for (int64_t e = threadIdx.x; e < size; e += kCudaBlockThreads) acc[e] = 0.0f;
-  for (int64_t row = 0; row < in.rows; ++row) {
-    if (!pair_backward_coefficients(team, in, image, row, alpha, beta, u)) continue;
-    add_patch_grad(team, alpha, beta, in.query(row), u, n, d, acc);
-    __syncthreads();  // alpha, beta and u are rewritten by the next pair
-  }
-  for (int64_t e = threadIdx.x; e < size; e += kCudaBlockThreads) d_patches[image * size + e] = static_cast<T>(acc[e]);
+  pairwise_patch_grad(team, in, image, alpha, beta, u, patch_accumulator + image * size, d_patches + image * size);
 }
 
 template <class T>

@@ -351,4 +351,33 @@ MULCLIP_HD void add_patch_grad(const Team& team, const float* alpha, const float
   }
 }
 
+// The gradient of one subcaption row over all images, summed in image order into acc (d floats), then
+// written to d_query. alpha, beta (n) and u (d) are scratch.
+template <class Team, class T>
+MULCLIP_HD void pairwise_query_grad(const Team& team, const PairwiseBackwardInputs<T>& in, int64_t row, float* alpha,
+                                    float* beta, float* u, float* acc, T* d_query) {
+  for (int c = team.rank(); c < in.d; c += team.size()) acc[c] = 0.0f;
+  for (int64_t image = 0; image < in.keys; ++image) {
+    if (!pair_backward_coefficients(team, in, image, row, alpha, beta, u)) continue;
+    add_query_grad(team, alpha, in.image_patches(image), in.n, in.d, acc);
+    team.sync();  // alpha is rewritten by the next pair
+  }
+  for (int c = team.rank(); c < in.d; c += team.size()) d_query[c] = static_cast<T>(acc[c]);
+}
+
+// The gradient of one image's patches over all subcaption rows, summed in row order into acc (n * d
+// floats), then written to d_patches. alpha, beta (n) and u (d) are scratch.
+template <class Team, class T>
+MULCLIP_HD void pairwise_patch_grad(const Team& team, const PairwiseBackwardInputs<T>& in, int64_t image,
+                                    float* alpha, float* beta, float* u, float* acc, T* d_patches) {
+  const int64_t size = static_cast<int64_t>(in.n) * in.d;
+  for (int64_t e = team.rank(); e < size; e += team.size()) acc[e] = 0.0f;
+  for (int64_t row = 0; row < in.rows; ++row) {
+    if (!pair_backward_coefficients(team, in, image, row, alpha, beta, u)) continue;
+    add_patch_grad(team, alpha, beta, in.query(row), u, in.n, in.d, acc);
+    team.sync();  // alpha, beta and u are rewritten by the next pair
+  }
+  for (int64_t e = team.rank(); e < size; e += team.size()) d_patches[e] = static_cast<T>(acc[e]);
+}
+
 }  // namespace mulclip_fast

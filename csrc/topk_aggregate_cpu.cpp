@@ -1,5 +1,5 @@
-// The CPU twin of the CUDA extension: the per-row code of topk_aggregate.h run by a team of one thread,
-// rows in parallel with at::parallel_for; and the registration of the extension's ops
+// The CPU twin of the CUDA extension: the per-row code of topk_aggregate.h run by a team of one thread
+// (or, for tests, of several: ThreadTeam), rows in parallel with at::parallel_for; and the registration of the extension's ops
 // (docs/kernels.md, "The C++/CUDA extension").
 //
 // The Python ops (mulclip_fast.ops) validate shapes, masks, k and tau and hand over contiguous tensors;
@@ -9,7 +9,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#include <algorithm>
+#include <barrier>
+#include <thread>
 #include <tuple>
 #include <vector>
 
@@ -18,6 +19,62 @@
 
 namespace mulclip_fast {
 namespace {
+
+// Several std::threads sharing one row, as the threads of a CUDA block do: with lanes > 1 the ops run the
+// shared code with the strided loops, barriers and reductions the kernels run, so a missing barrier or a
+// result that depends on the lane shows on a CPU (tests/test_ops_extension.py). Reductions combine the
+// lanes' partials in rank order, like the block's warps.
+class ThreadTeam {
+ public:
+  struct Shared {
+    explicit Shared(int lanes) : barrier(lanes), float_partials(lanes), int_partials(lanes) {}
+    std::barrier<> barrier;
+    std::vector<float> float_partials;
+    std::vector<int> int_partials;
+  };
+
+  ThreadTeam(int rank, int size, Shared* shared) : rank_(rank), size_(size), shared_(shared) {}
+  int rank() const { return rank_; }
+  int size() const { return size_; }
+  void sync() const { shared_->barrier.arrive_and_wait(); }
+  float sum(float x) const {
+    return reduce(x, shared_->float_partials, 0.0f, [](float a, float b) { return a + b; });
+  }
+  float max(float x) const {
+    return reduce(x, shared_->float_partials, -INFINITY, [](float a, float b) { return fmaxf(a, b); });
+  }
+  int count(int x) const { return reduce(x, shared_->int_partials, 0, [](int a, int b) { return a + b; }); }
+
+ private:
+  template <class V, class Combine>
+  V reduce(V x, std::vector<V>& partials, V init, Combine combine) const {
+    partials[rank_] = x;
+    sync();
+    V total = init;
+    for (const V partial : partials) total = combine(total, partial);
+    sync();
+    return total;
+  }
+
+  int rank_, size_;
+  Shared* shared_;
+};
+
+// Runs f(team) once per lane of a team of `lanes` (one lane: the plain serial team, no threads).
+template <class F>
+void run_team(int64_t lanes, F&& f) {
+  if (lanes == 1) {
+    f(SerialTeam{});
+    return;
+  }
+  ThreadTeam::Shared shared(static_cast<int>(lanes));
+  std::vector<std::thread> threads;
+  for (int rank = 0; rank < lanes; ++rank)
+    threads.emplace_back([&, rank] { f(ThreadTeam(rank, static_cast<int>(lanes), &shared)); });
+  for (std::thread& thread : threads) thread.join();
+}
+
+void check_lanes(int64_t lanes) { TORCH_CHECK(lanes >= 1 && lanes <= 256, "lanes must be in [1, 256], got ", lanes); }
 
 // Runs f with a value of the C++ element type of `dtype` (fp32, fp16 or bf16: the dtypes the kernels take).
 template <class F>
@@ -31,8 +88,9 @@ void with_element_type(at::ScalarType dtype, F&& f) {
 }
 
 at::Tensor topk_aggregate_forward_cpu(const at::Tensor& sub, const at::Tensor& patches, const at::Tensor& sub_mask,
-                                      const at::Tensor& patch_mask, int64_t k, double tau) {
+                                      const at::Tensor& patch_mask, int64_t k, double tau, int64_t lanes) {
   const TopkShape shape = check_topk_inputs(sub, patches, sub_mask, patch_mask, k, tau);
+  check_lanes(lanes);
   const at::Tensor q = sub.contiguous(), x = patches.contiguous();
   const at::Tensor q_mask = sub_mask.contiguous(), x_mask = patch_mask.contiguous();
   at::Tensor out = at::empty_like(q);
@@ -48,8 +106,10 @@ at::Tensor topk_aggregate_forward_cpu(const at::Tensor& sub, const at::Tensor& p
       std::vector<float> scores(n), pooled(d);
       for (int64_t row = begin; row < end; ++row) {
         const int64_t b = row / shape.m;
-        topk_aggregate_row(SerialTeam{}, qp + row * d, qm[row], xp + b * n * d, xm + b * n, n, d, static_cast<int>(k),
-                           static_cast<float>(1.0 / tau), scores.data(), pooled.data(), op + row * d);
+        run_team(lanes, [&](const auto& team) {
+          topk_aggregate_row(team, qp + row * d, qm[row], xp + b * n * d, xm + b * n, n, d, static_cast<int>(k),
+                             static_cast<float>(1.0 / tau), scores.data(), pooled.data(), op + row * d);
+        });
       }
     });
   });
@@ -58,8 +118,10 @@ at::Tensor topk_aggregate_forward_cpu(const at::Tensor& sub, const at::Tensor& p
 
 std::tuple<at::Tensor, at::Tensor> topk_aggregate_backward_cpu(const at::Tensor& grad_out, const at::Tensor& sub,
                                                                const at::Tensor& patches, const at::Tensor& sub_mask,
-                                                               const at::Tensor& patch_mask, int64_t k, double tau) {
+                                                               const at::Tensor& patch_mask, int64_t k, double tau,
+                                                               int64_t lanes) {
   const TopkShape shape = check_topk_inputs(sub, patches, sub_mask, patch_mask, k, tau);
+  check_lanes(lanes);
   TORCH_CHECK(grad_out.sizes() == sub.sizes() && grad_out.scalar_type() == sub.scalar_type(),
               "grad_out must have the shape and dtype of sub");
   const at::Tensor g = grad_out.contiguous(), q = sub.contiguous(), x = patches.contiguous();
@@ -82,16 +144,20 @@ std::tuple<at::Tensor, at::Tensor> topk_aggregate_backward_cpu(const at::Tensor&
     at::parallel_for(0, shape.batch * m, 1, [&](int64_t begin, int64_t end) {
       for (int64_t row = begin; row < end; ++row) {
         const int64_t b = row / m;
-        topk_aggregate_row_backward(SerialTeam{}, gp + row * d, qp + row * d, qm[row], xp + b * n * d, xm + b * n, n, d,
-                                    static_cast<int>(k), static_cast<float>(1.0 / tau), weights + row * n,
-                                    d_scores + row * n, d_pooled + row * d, dq + row * d);
+        run_team(lanes, [&](const auto& team) {
+          topk_aggregate_row_backward(team, gp + row * d, qp + row * d, qm[row], xp + b * n * d, xm + b * n, n, d,
+                                      static_cast<int>(k), static_cast<float>(1.0 / tau), weights + row * n,
+                                      d_scores + row * n, d_pooled + row * d, dq + row * d);
+        });
       }
     });
     at::parallel_for(0, shape.batch * n, 1, [&](int64_t begin, int64_t end) {
       for (int64_t patch = begin; patch < end; ++patch) {
         const int64_t b = patch / n;
-        topk_aggregate_patch_grad(SerialTeam{}, weights + b * m * n, d_scores + b * m * n, d_pooled + b * m * d,
-                                  qp + b * m * d, m, n, d, static_cast<int>(patch % n), dx + patch * d);
+        run_team(lanes, [&](const auto& team) {
+          topk_aggregate_patch_grad(team, weights + b * m * n, d_scores + b * m * n, d_pooled + b * m * d,
+                                    qp + b * m * d, m, n, d, static_cast<int>(patch % n), dx + patch * d);
+        });
       }
     });
   });
@@ -104,8 +170,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pairwise_topk_forward_cpu(const a
                                                                          const at::Tensor& patches,
                                                                          const at::Tensor& sub_mask,
                                                                          const at::Tensor& patch_mask, int64_t k,
-                                                                         double tau) {
+                                                                         double tau, int64_t lanes) {
   const PairwiseShape shape = check_pairwise_inputs(sub, patches, sub_mask, patch_mask, k, tau);
+  check_lanes(lanes);
   const at::Tensor q = sub.contiguous(), x = patches.contiguous();
   const at::Tensor q_mask = sub_mask.contiguous(), x_mask = patch_mask.contiguous();
   const int64_t rows = shape.queries * shape.m;
@@ -125,10 +192,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pairwise_topk_forward_cpu(const a
       std::vector<float> scores(n), pooled(d);
       for (int64_t pair = begin; pair < end; ++pair) {
         const int64_t image = pair / rows, row = pair % rows;
-        const float logit = pair_logit_forward(SerialTeam{}, qp + row * d, qm[row], xp + image * n * d, xm + image * n,
-                                               n, d, static_cast<int>(k), static_cast<float>(1.0 / tau),
-                                               scores.data(), pooled.data(), sp + pair * selection_bytes(n), ep + pair);
-        lp[((row / m) * shape.keys + image) * m + row % m] = static_cast<T>(logit);
+        run_team(lanes, [&](const auto& team) {
+          const float logit = pair_logit_forward(team, qp + row * d, qm[row], xp + image * n * d, xm + image * n, n,
+                                                 d, static_cast<int>(k), static_cast<float>(1.0 / tau), scores.data(),
+                                                 pooled.data(), sp + pair * selection_bytes(n), ep + pair);
+          if (team.rank() == 0) lp[((row / m) * shape.keys + image) * m + row % m] = static_cast<T>(logit);
+        });
       }
     });
   });
@@ -142,8 +211,9 @@ std::tuple<at::Tensor, at::Tensor> pairwise_topk_backward_cpu(const at::Tensor& 
                                                               const at::Tensor& patches, const at::Tensor& sub_mask,
                                                               const at::Tensor& patch_mask,
                                                               const at::Tensor& selected, const at::Tensor& lse,
-                                                              double tau) {
+                                                              double tau, int64_t lanes) {
   const PairwiseShape shape = check_pairwise_inputs(sub, patches, sub_mask, patch_mask, 1, tau);
+  check_lanes(lanes);
   const int64_t rows = shape.queries * shape.m;
   const int n = shape.n, d = shape.d, m = shape.m;
   TORCH_CHECK(grad.sizes() == at::IntArrayRef({shape.queries, shape.keys, m}) &&
@@ -175,24 +245,18 @@ std::tuple<at::Tensor, at::Tensor> pairwise_topk_backward_cpu(const at::Tensor& 
     at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
       std::vector<float> alpha(n), beta(n), u(d), acc(d);
       for (int64_t row = begin; row < end; ++row) {
-        std::fill(acc.begin(), acc.end(), 0.0f);
-        for (int64_t image = 0; image < shape.keys; ++image) {
-          if (!pair_backward_coefficients(SerialTeam{}, in, image, row, alpha.data(), beta.data(), u.data())) continue;
-          add_query_grad(SerialTeam{}, alpha.data(), in.image_patches(image), n, d, acc.data());
-        }
-        for (int c = 0; c < d; ++c) dq[row * d + c] = static_cast<T>(acc[c]);
+        run_team(lanes, [&](const auto& team) {
+          pairwise_query_grad(team, in, row, alpha.data(), beta.data(), u.data(), acc.data(), dq + row * d);
+        });
       }
     });
     T* dx = d_patches.mutable_data_ptr<T>();
     at::parallel_for(0, shape.keys, 1, [&](int64_t begin, int64_t end) {
       std::vector<float> alpha(n), beta(n), u(d), acc(static_cast<size_t>(n) * d);
       for (int64_t image = begin; image < end; ++image) {
-        std::fill(acc.begin(), acc.end(), 0.0f);
-        for (int64_t row = 0; row < rows; ++row) {
-          if (!pair_backward_coefficients(SerialTeam{}, in, image, row, alpha.data(), beta.data(), u.data())) continue;
-          add_patch_grad(SerialTeam{}, alpha.data(), beta.data(), in.query(row), u.data(), n, d, acc.data());
-        }
-        for (int64_t e = 0; e < static_cast<int64_t>(n) * d; ++e) dx[image * n * d + e] = static_cast<T>(acc[e]);
+        run_team(lanes, [&](const auto& team) {
+          pairwise_patch_grad(team, in, image, alpha.data(), beta.data(), u.data(), acc.data(), dx + image * n * d);
+        });
       }
     });
   });
@@ -280,14 +344,16 @@ BackwardWorkspace allocate_backward_workspace(const TopkShape& shape, const at::
 }  // namespace mulclip_fast
 
 TORCH_LIBRARY(mulclip_fast_ext, m) {
-  m.def("topk_aggregate_forward(Tensor sub, Tensor patches, Tensor sub_mask, Tensor patch_mask, int k, float tau) "
-        "-> Tensor");
+  // lanes: threads per row of the CPU twin (ThreadTeam), for tests of the team code; the CUDA kernels use
+  // their block of kCudaBlockThreads whatever it says.
+  m.def("topk_aggregate_forward(Tensor sub, Tensor patches, Tensor sub_mask, Tensor patch_mask, int k, float tau, "
+        "int lanes=1) -> Tensor");
   m.def("topk_aggregate_backward(Tensor grad_out, Tensor sub, Tensor patches, Tensor sub_mask, Tensor patch_mask, "
-        "int k, float tau) -> (Tensor, Tensor)");
-  m.def("pairwise_topk_forward(Tensor sub, Tensor patches, Tensor sub_mask, Tensor patch_mask, int k, float tau) "
-        "-> (Tensor, Tensor, Tensor)");
+        "int k, float tau, int lanes=1) -> (Tensor, Tensor)");
+  m.def("pairwise_topk_forward(Tensor sub, Tensor patches, Tensor sub_mask, Tensor patch_mask, int k, float tau, "
+        "int lanes=1) -> (Tensor, Tensor, Tensor)");
   m.def("pairwise_topk_backward(Tensor grad, Tensor sub, Tensor patches, Tensor sub_mask, Tensor patch_mask, "
-        "Tensor selected, Tensor lse, float tau) -> (Tensor, Tensor)");
+        "Tensor selected, Tensor lse, float tau, int lanes=1) -> (Tensor, Tensor)");
   m.def("topk_select(Tensor scores, Tensor valid, int k) -> Tensor");
 }
 

@@ -37,7 +37,8 @@ void check_launch(int error, const char* what) {
 }
 
 at::Tensor topk_aggregate_forward_cuda_op(const at::Tensor& sub, const at::Tensor& patches, const at::Tensor& sub_mask,
-                                          const at::Tensor& patch_mask, int64_t k, double tau) {
+                                          const at::Tensor& patch_mask, int64_t k, double tau,
+                                          int64_t /*lanes: the CPU twin's; a block has kCudaBlockThreads*/) {
   const TopkShape shape = check_topk_inputs(sub, patches, sub_mask, patch_mask, k, tau);
   check_shared_memory(topk_forward_shared_bytes(shape.n, shape.d), shape);
   const c10::cuda::CUDAGuard guard(sub.device());
@@ -56,7 +57,7 @@ std::tuple<at::Tensor, at::Tensor> topk_aggregate_backward_cuda_op(const at::Ten
                                                                    const at::Tensor& patches,
                                                                    const at::Tensor& sub_mask,
                                                                    const at::Tensor& patch_mask, int64_t k,
-                                                                   double tau) {
+                                                                   double tau, int64_t /*lanes: the CPU twin's*/) {
   const TopkShape shape = check_topk_inputs(sub, patches, sub_mask, patch_mask, k, tau);
   TORCH_CHECK(grad_out.sizes() == sub.sizes() && grad_out.scalar_type() == sub.scalar_type() &&
                   grad_out.device() == sub.device(),
@@ -80,7 +81,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pairwise_topk_forward_cuda_op(con
                                                                              const at::Tensor& patches,
                                                                              const at::Tensor& sub_mask,
                                                                              const at::Tensor& patch_mask, int64_t k,
-                                                                             double tau) {
+                                                                             double tau,
+                                                                             int64_t /*lanes: the CPU twin's*/) {
   const PairwiseShape shape = check_pairwise_inputs(sub, patches, sub_mask, patch_mask, k, tau);
   check_shared_memory(pairwise_backward_shared_bytes(shape.n, shape.d), shape);
   const c10::cuda::CUDAGuard guard(sub.device());
@@ -103,7 +105,7 @@ std::tuple<at::Tensor, at::Tensor> pairwise_topk_backward_cuda_op(const at::Tens
                                                                   const at::Tensor& sub_mask,
                                                                   const at::Tensor& patch_mask,
                                                                   const at::Tensor& selected, const at::Tensor& lse,
-                                                                  double tau) {
+                                                                  double tau, int64_t /*lanes: the CPU twin's*/) {
   const PairwiseShape shape = check_pairwise_inputs(sub, patches, sub_mask, patch_mask, 1, tau);
   const int64_t rows = shape.queries * shape.m;
   TORCH_CHECK(grad.sizes() == at::IntArrayRef({shape.queries, shape.keys, shape.m}) &&

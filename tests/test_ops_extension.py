@@ -291,3 +291,32 @@ def test_cpp_peak_memory_is_no_more_than_the_torch_paths(op):
     cpp, _ = allocator_peak_memory_of(forward_backward, "cpp")
     torch_path, _ = allocator_peak_memory_of(forward_backward, "torch")
     assert 0 < cpp <= torch_path
+
+
+@pytest.mark.parametrize("lanes", [2, 3, 8])
+def test_team_code_gives_the_same_results_with_several_lanes(lanes):
+    """The CUDA kernels run the shared code with a block of threads per row; the CPU twin runs it with
+    ``lanes`` threads per row (strided loops, barriers, reductions in rank order), so a missing barrier or
+    a lane-dependent result shows here. Selections must be identical (duplicated patches tie), values and
+    gradients equal up to the reductions' order."""
+    _extension.require("cpp")
+    ext = torch.ops.mulclip_fast_ext
+    g = torch.Generator().manual_seed(lanes)
+    sub, patches = _tokens(g, 3, 4, 20).detach(), _tokens(g, 3, 70, 20).detach()
+    patches[:, 40:50] = patches[:, 10:20]  # ties at many scores
+    sub_mask, patch_mask = _masks(g, 3, 4, 70)
+    grad = torch.randn(sub.shape, generator=g)
+    close = {"atol": 1e-6, "rtol": 1e-5}
+    for k in (1, 13, 70):
+        args = (sub, patches, sub_mask, patch_mask, k, 0.07)
+        torch.testing.assert_close(ext.topk_aggregate_forward(*args, lanes), ext.topk_aggregate_forward(*args), **close)
+        got, want = ext.topk_aggregate_backward(grad, *args, lanes), ext.topk_aggregate_backward(grad, *args)
+        torch.testing.assert_close(got, want, **close)
+        logits, selected, lse = ext.pairwise_topk_forward(*args, lanes)
+        want_logits, want_selected, want_lse = ext.pairwise_topk_forward(*args)
+        assert torch.equal(selected, want_selected)
+        torch.testing.assert_close((logits, lse), (want_logits, want_lse), **close)
+        upstream = torch.randn(logits.shape, generator=g)
+        backward = (upstream, sub, patches, sub_mask, patch_mask, selected, lse, 0.07)
+        got, want = ext.pairwise_topk_backward(*backward, lanes), ext.pairwise_topk_backward(*backward)
+        torch.testing.assert_close(got, want, **close)
