@@ -16,6 +16,13 @@ multiples of 16, so the check compiles with exactly those hints (:func:`runtime_
 width is not a multiple of 16, or that pass a view at an unaligned offset, or a size equal to 1 (which
 the runtime turns into a constant), run other variants that this check does not compile.
 
+It also compiles every ``csrc/*.cu`` of the optional CUDA extension with the machine's ``nvcc`` (``-cubin
+-arch=sm_<arch>``, all template instances its launchers dispatch to: one per dtype) and reads registers,
+stack, spills and static shared memory per kernel from ``ptxas -v``; a missing ``nvcc`` is said in the
+output and fails nothing (the extension is optional). The extension's dynamic shared memory (the forward's
+``N + d`` fp32 values) is bounded by its launcher to 48 KB, below both targets' limits. A ``--module``
+selection checks those Triton modules only.
+
 Protocol for kernel modules (see ``_aot.py``): list the module in :data:`KERNEL_MODULES`; it defines
 ``compile_specs(dtype) -> list[CompileSpec]``. Run it without ``TRITON_INTERPRET`` (the interpreter
 replaces kernels by Python functions that cannot be compiled).
@@ -27,11 +34,13 @@ import argparse
 import importlib
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 
 # Every module holding Triton kernels; each defines ``compile_specs(dtype)``.
 KERNEL_MODULES = [
@@ -173,6 +182,67 @@ def run_check(modules=None, archs=ARCHS, dtypes=DTYPES, jobs: int | None = None)
         yield from pool.map(compile_one, *zip(*tasks, strict=True))
 
 
+# The CUDA extension's sources (docs/kernels.md, "The C++/CUDA extension"); kernels/ sits beside csrc/.
+CSRC_DIR = Path(__file__).resolve().parents[1] / "csrc"
+# Template arguments of the extension's kernels, as c++filt prints them, and the dtypes they serve.
+CUDA_ELEMENT_TYPES = {"float": "fp32", "__half": "fp16", "__nv_bfloat16": "bf16"}
+_PTXAS_KERNEL = re.compile(
+    r"Function properties for (\S+)\s+(\d+) bytes stack frame, (\d+) bytes spill stores, \d+ bytes spill loads\s+"
+    r"ptxas info\s*: Used (\d+) registers([^\n]*)"
+)
+
+
+def _demangle(names: list[str]) -> list[str]:
+    """C++ names of the mangled ``names`` (unchanged where ``c++filt`` is missing)."""
+    try:
+        done = subprocess.run(["c++filt"], input="\n".join(names), capture_output=True, text=True, check=True)
+    except (OSError, subprocess.CalledProcessError):
+        return names
+    return done.stdout.splitlines()
+
+
+def compile_cuda_source(source: Path, arch: int) -> list[Result]:
+    """One :class:`Result` per kernel instance of ``source`` compiled with nvcc for ``sm_<arch>`` (one result
+    carrying the error when the compile fails); never raises."""
+    with tempfile.TemporaryDirectory() as scratch:
+        command = ["nvcc", "-std=c++17", "-O3", "-cubin", f"-arch=sm_{arch}", "-Xptxas", "-v"]
+        done = subprocess.run(
+            [*command, "-o", os.path.join(scratch, "out.cubin"), str(source)], capture_output=True, text=True
+        )
+    if done.returncode != 0:
+        message = (done.stderr.strip().splitlines() or ["nvcc failed"])[-1]
+        return [Result(source.name, "nvcc", arch, "-", error=message)]
+    found = _PTXAS_KERNEL.findall(done.stderr)
+    results = []
+    for (_, stack, spill_stores, registers, rest), name in zip(found, _demangle([f[0] for f in found]), strict=True):
+        instance = re.search(r"(\w+)(?:<(\w+)>)?\(", name)  # the kernel and its element type, if a template
+        kernel, element = (instance.group(1), instance.group(2) or "-") if instance else (name, "-")
+        shared = re.search(r"(\d+) bytes smem", rest)
+        results.append(
+            Result(
+                kernel,
+                f"csrc/{source.name}",
+                arch,
+                CUDA_ELEMENT_TYPES.get(element, element),
+                shared=int(shared.group(1)) if shared else 0,
+                registers=int(registers),
+                spill_bytes=int(stack) + int(spill_stores),
+            )
+        )
+    return sorted(results, key=lambda r: (r.kernel, r.dtype))
+
+
+def check_cuda_sources(sources=None, archs=ARCHS, dtypes=DTYPES):
+    """Yields the :class:`Result` of every kernel instance of ``sources`` (default: ``csrc/*.cu``) per target
+    whose dtype is in ``dtypes`` (kernels that are no per-dtype instance always); yields nothing when nvcc is
+    missing."""
+    if shutil.which("nvcc") is None:
+        return
+    for source in sources or sorted(CSRC_DIR.glob("*.cu")):
+        for arch in archs:
+            yield from (r for r in compile_cuda_source(source, arch) if r.dtype in dtypes or r.dtype == "-")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--arch", type=int, nargs="+", default=list(ARCHS), choices=sorted(SHARED_LIMIT))
@@ -188,6 +258,12 @@ def main(argv: list[str] | None = None) -> int:
     for result in run_check(args.module, args.arch, args.dtype, args.jobs):
         results.append(result)
         print(_row(result), flush=True)
+    if args.module is None:
+        if shutil.which("nvcc") is None:
+            print("nvcc not found: the CUDA extension (csrc/*.cu) is not compiled (it is optional)", flush=True)
+        for result in check_cuda_sources(archs=args.arch, dtypes=args.dtype):
+            results.append(result)
+            print(_row(result), flush=True)
     failed = [r for r in results if r.problems()]
     print(f"\n{len(results)} compiles, {len(failed)} failed")
     return 1 if failed else 0

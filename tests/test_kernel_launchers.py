@@ -196,7 +196,11 @@ def _tied_scene():
     return sub, patches, [0, 1, 2, 5]
 
 
-@pytest.mark.parametrize("backend", ["reference", "torch", "triton"])
+# the C++/CUDA extension runs its CPU twin on CPU tensors and its kernels on CUDA tensors
+EXTENSION_BACKEND = "cpp" if DEVICE == "cpu" else "cuda_ext"
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch", "triton", EXTENSION_BACKEND])
 def test_ties_at_the_kth_score_keep_the_lowest_indices_on_every_backend_and_pairing(backend):
     sub, patches, chosen = _tied_scene()
     scores = sub[0] @ patches[0].T

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mulclip_fast.ops import pairwise_maxsim, pairwise_reconstruction_scores, pairwise_topk_aggregate_logits
+from mulclip_fast.ops import pairwise_maxsim, pairwise_reconstruction_scores, pairwise_topk_aggregate_cosines
 from mulclip_fast.ops._dispatch import interpreter_enabled, triton_available
 
 # Empty inputs take the torch path under every backend; "triton" is checked where the interpreter runs it.
@@ -21,7 +21,7 @@ OPS = {
     "maxsim": lambda q, k, backend: pairwise_maxsim(q, k, backend=backend),
     "bidirectional maxsim": lambda q, k, backend: pairwise_maxsim(q, k, bidirectional=True, backend=backend),
     "reconstruction": lambda q, k, backend: pairwise_reconstruction_scores(q, k, backend=backend),
-    "sap": lambda q, k, backend: pairwise_topk_aggregate_logits(q, k, k=1, backend=backend),
+    "sap": lambda q, k, backend: pairwise_topk_aggregate_cosines(q, k, k=1, backend=backend),
 }
 
 

@@ -1,6 +1,7 @@
 """Public fused ops (docs/kernels.md): drop-in, memory-lean twins of ``mulclip_fast.reference``.
 
-Every op takes ``backend="auto" | "triton" | "torch" | "reference"`` (see ``_dispatch.resolve_backend``).
+Every op takes ``backend="auto" | "triton" | "torch" | "reference"`` (see ``_dispatch.resolve_backend``);
+the top-k aggregates also ``"cpp"`` and ``"cuda_ext"``, the C++/CUDA extension of ``csrc/``.
 Within matched pairs (``matched.py``): ``token_reconstruction``, ``wpr_loss``, ``topk_patch_aggregate``.
 Over all pairs of a batch (``pairwise.py``): ``pairwise_maxsim``, ``pairwise_reconstruction_scores``,
 ``pairwise_topk_aggregate_cosines`` (formerly ``pairwise_topk_aggregate_logits``, a name still accepted with a

@@ -16,7 +16,9 @@ reconstruction, its output and row log-sum-exp); backward recomputes the similar
 Backends (docs/kernels.md, "Backends"): ``triton`` launches the kernels of ``mulclip_fast.kernels`` (CUDA, or CPU
 tensors under ``TRITON_INTERPRET=1``); ``torch`` runs the primitives of ``_torch_matched`` on chunks of the batch;
 ``reference`` calls ``mulclip_fast.reference``; ``auto`` picks ``triton`` for CUDA tensors of a kernel
-dtype (fp16/bf16/fp32) and ``torch`` otherwise.
+dtype (fp16/bf16/fp32) and ``torch`` otherwise. ``topk_patch_aggregate`` also runs on the extension of
+``csrc/`` (``_extension``): ``cpp`` on CPU tensors, ``cuda_ext`` on CUDA tensors, which ``auto`` picks for
+patch sets beyond the Triton kernel's where it is built.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ from ..reference.checks import (
 )
 from ..reference.masking import accumulation_dtype
 from . import _torch_matched
-from ._dispatch import check_backend_name, kernel_backend
+from ._dispatch import EXTENSION_DEVICES, FUSED_BACKENDS, check_backend_name, kernel_backend
 
 # Bytes of temporaries one chunk of the torch backend may hold (the [c, Lq, Lk] scores and their
 # companions). The batch is split so that a chunk stays under this; 24 MiB keeps chunks of a few samples
@@ -79,11 +81,16 @@ def _check_pair(q_name, q, kv_name, kv, q_mask_name, q_mask, kv_mask_name, kv_ma
 
 
 def _primitives(backend: str) -> ModuleType:
-    """The module implementing recon/lse/topk forward and backward for ``backend``.
+    """The module implementing recon/lse/topk forward and backward for ``backend`` (the extension's
+    implements topk only).
 
     The Triton launchers are imported lazily: importing ``mulclip_fast.ops`` must not need Triton, and
     kernel modules read ``TRITON_INTERPRET`` when they are first imported.
     """
+    if backend in EXTENSION_DEVICES:
+        from . import _extension
+
+        return _extension
     if backend == "triton":
         from . import _triton_matched
 
@@ -92,9 +99,9 @@ def _primitives(backend: str) -> ModuleType:
 
 
 def _chunks(batch: int, bytes_per_sample: int, backend: str) -> list[slice]:
-    """Batch slices for ``backend``: the whole batch for Triton (tiles bound the memory), else chunks
-    whose temporaries fit :data:`CHUNK_BYTES`."""
-    size = batch if backend == "triton" else max(1, CHUNK_BYTES // max(1, bytes_per_sample))
+    """Batch slices for ``backend``: the whole batch for the fused kernels (tiles or rows bound the
+    memory), else chunks whose temporaries fit :data:`CHUNK_BYTES`."""
+    size = batch if backend in FUSED_BACKENDS else max(1, CHUNK_BYTES // max(1, bytes_per_sample))
     return [slice(start, min(start + size, batch)) for start in range(0, max(batch, 1), size)]
 
 
@@ -372,7 +379,7 @@ def _topk_patch_aggregate_op(
 ) -> torch.Tensor:
     acc = accumulation_dtype(sub)
     prims = _primitives(backend)
-    if backend == "triton":
+    if backend in FUSED_BACKENDS:
         return prims.topk_forward(sub.contiguous(), patches.contiguous(), sub_mask, patch_mask, k, tau)
     out = torch.empty_like(sub)
     per_sample = _topk_bytes_per_sample(sub.shape[1], patches.shape[1], sub.shape[2], acc.itemsize)
@@ -400,7 +407,7 @@ def _topk_patch_aggregate_backward_op(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     acc = accumulation_dtype(sub)
     prims = _primitives(backend)
-    if backend == "triton":
+    if backend in FUSED_BACKENDS:
         d_sub, d_patches = prims.topk_backward(
             sub.contiguous(), patches.contiguous(), sub_mask, patch_mask, k, tau, grad_out.contiguous()
         )
@@ -457,7 +464,7 @@ def topk_patch_aggregate(
     sub_mask, patch_mask = _check_pair("sub", sub, "patches", patches, "sub_mask", sub_mask, "patch_mask", patch_mask)
     check_topk(k, patches.shape[1])
     tau = _scalar("tau", tau)
-    concrete = kernel_backend(backend, sub, patches.shape[1], TRITON_AGGREGATE_MAX_PATCHES)
+    concrete = kernel_backend(backend, sub, patches.shape[1], TRITON_AGGREGATE_MAX_PATCHES, has_extension=True)
     return _topk_patch_aggregate_op(sub, patches, sub_mask, patch_mask, k, tau, concrete)
 
 

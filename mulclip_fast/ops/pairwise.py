@@ -36,7 +36,7 @@ from ..kernels.limits import TOPK_MAX_PATCHES
 from ..reference.checks import check_mask, check_positive, check_same_width, check_tokens, check_topk
 from ..reference.masking import accumulation_dtype
 from . import _torch_pairwise
-from ._dispatch import check_backend_name, kernel_backend
+from ._dispatch import EXTENSION_DEVICES, check_backend_name, kernel_backend
 
 # Patches per image the Triton SAP kernels take (they hold [16, N] score tiles in registers).
 TRITON_TOPK_MAX_PATCHES = TOPK_MAX_PATCHES
@@ -61,6 +61,10 @@ def _implementation(backend: str) -> ModuleType:
     Kernel modules are imported lazily: importing ``mulclip_fast.ops`` must not need Triton, and Triton
     reads ``TRITON_INTERPRET`` when a kernel module is first imported.
     """
+    if backend in EXTENSION_DEVICES:
+        from . import _extension
+
+        return _extension
     if backend == "triton":
         from . import _triton_pairwise
 
@@ -389,8 +393,9 @@ def pairwise_topk_aggregate_cosines(
     Args:
         sub: ``[Bq, M, d]``; patches: ``[Bk, N, d]``; masks ``[Bq, M]``, ``[Bk, N]`` bool or None.
         k: context patches per subcaption, ``1 <= k <= N``; tau: softmax temperature (> 0).
-        backend: ``"auto" | "triton" | "torch" | "reference"``; the Triton kernels take at most
-            :data:`TRITON_TOPK_MAX_PATCHES` patches per image (``auto`` uses the torch path above that).
+        backend: ``"auto" | "triton" | "torch" | "reference" | "cpp" | "cuda_ext"``; the Triton kernels
+            take at most :data:`TRITON_TOPK_MAX_PATCHES` patches per image (``auto`` uses the CUDA
+            extension above that where it is built, else the torch path).
 
     Returns:
         ``[Bq, Bk, M]`` in the dtype of ``sub``. Forward keeps a bit-packed top-k set
@@ -402,7 +407,9 @@ def pairwise_topk_aggregate_cosines(
     sub_mask, patch_mask = _check_sets("sub", sub, "patches", patches, "sub_mask", sub_mask, "patch_mask", patch_mask)
     check_topk(k, patches.shape[1])
     check_positive("tau", tau)
-    concrete = _backend_for(backend, sub, patches, n_patches=patches.shape[1], max_patches=TRITON_TOPK_MAX_PATCHES)
+    concrete = _backend_for(
+        backend, sub, patches, n_patches=patches.shape[1], max_patches=TRITON_TOPK_MAX_PATCHES, has_extension=True
+    )
     logits, _, _ = _topk_op(sub, patches, sub_mask, patch_mask, k, float(tau), concrete)
     return logits
 

@@ -1,0 +1,120 @@
+"""The C++/CUDA extension of ``csrc/``, built on first use and cached (docs/kernels.md, "The C++/CUDA extension").
+
+``backend="cpp"`` runs its CPU twin on CPU tensors and ``backend="cuda_ext"`` its CUDA kernels on CUDA
+tensors; both implement ``topk_patch_aggregate`` and ``pairwise_topk_aggregate_cosines``. The first call
+compiles ``csrc/`` with ``torch.utils.cpp_extension.load`` (a C++ compiler and ninja; 18–41 s measured on two
+shared cores for the CPU part) into ``build/torch_extensions/`` of the source checkout, and later processes load
+the cached library. The CUDA sources join the build only where PyTorch has CUDA and nvcc is found
+(``CUDA_HOME``). Installing the package never builds anything.
+
+The launchers here have the signatures of the torch and Triton primitives (``topk_forward``,
+``topk_backward``, ``topk_aggregate_cosines_forward``, ``topk_aggregate_cosines_backward``), so ``mulclip_fast.ops.matched`` and
+``mulclip_fast.ops.pairwise`` call whichever backend the same way.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from pathlib import Path
+
+import torch
+
+SOURCE_DIR = Path(__file__).resolve().parents[2] / "csrc"
+CPU_SOURCES = ("topk_aggregate_cpu.cpp",)
+CUDA_SOURCES = ("topk_aggregate_cuda_ops.cpp", "topk_aggregate.cu")
+LIBRARY = "mulclip_fast_ext"
+# The backends the loaded library serves ("cpp", and "cuda_ext" when built with CUDA): ``require`` returns
+# on this plain global read, which torch.compile traces without stepping into the build machinery.
+_built: tuple[str, ...] = ()
+
+
+def build_directory() -> Path:
+    """Where the library is built and cached: one folder per Python and PyTorch version (and CUDA or not)."""
+    flavour = f"cu{torch.version.cuda}" if torch.version.cuda else "cpu"
+    tag = f"py{sys.version_info.major}{sys.version_info.minor}_torch{torch.__version__.split('+')[0]}_{flavour}"
+    return SOURCE_DIR.parent / "build" / "torch_extensions" / tag
+
+
+def cuda_buildable() -> bool:
+    """Whether the CUDA part can be built here: a PyTorch with CUDA and an nvcc (``CUDA_HOME``)."""
+    from torch.utils.cpp_extension import CUDA_HOME
+
+    return torch.version.cuda is not None and CUDA_HOME is not None
+
+
+@functools.cache
+def _load() -> str | None:
+    """Builds (or loads from the cache) and registers the ops once per process; the failure, or ``None``."""
+    global _built
+    if not SOURCE_DIR.is_dir():
+        return f"the sources {SOURCE_DIR} are missing (install from a source checkout: pip install -e .)"
+    from torch.utils.cpp_extension import load
+
+    with_cuda = cuda_buildable()
+    sources = CPU_SOURCES + (CUDA_SOURCES if with_cuda else ())
+    try:
+        build_directory().mkdir(parents=True, exist_ok=True)
+        load(
+            name=LIBRARY,
+            sources=[str(SOURCE_DIR / name) for name in sources],
+            build_directory=str(build_directory()),
+            # at::parallel_for's OpenMP loop is inline in ATen's headers: without -fopenmp it runs serially
+            extra_cflags=["-O3", "-fopenmp"],
+            extra_ldflags=["-fopenmp"],
+            extra_cuda_cflags=["-O3"],
+            with_cuda=with_cuda,
+            is_python_module=False,
+        )
+    except (OSError, RuntimeError, ImportError) as error:  # read-only checkout, no compiler or ninja, failed compile
+        return f"{type(error).__name__}: {error}"
+    _built = ("cpp", "cuda_ext") if with_cuda else ("cpp",)
+    return None
+
+
+HOW_TO_BUILD = {
+    "cpp": "it builds on first use with torch.utils.cpp_extension and needs a C++ compiler (g++) and ninja "
+    "(pip install ninja)",
+    "cuda_ext": "it builds on first use with torch.utils.cpp_extension and needs a PyTorch built with CUDA, "
+    "nvcc (set CUDA_HOME to the CUDA toolkit) and ninja (pip install ninja)",
+}
+
+
+def require(backend: str) -> None:
+    """Loads the extension for ``backend`` (``cpp`` or ``cuda_ext``), or raises one ``ValueError`` saying why
+    it is not available and how to build it."""
+    if backend in _built:
+        return
+    if backend == "cuda_ext" and not cuda_buildable():
+        reason = "PyTorch has no CUDA" if torch.version.cuda is None else "nvcc was not found (CUDA_HOME unset)"
+        raise ValueError(f"backend='cuda_ext' is not built here: {reason}; {HOW_TO_BUILD['cuda_ext']}")
+    failure = _load()
+    if failure is not None:
+        raise ValueError(f"backend={backend!r} could not build csrc/: {failure}; {HOW_TO_BUILD[backend]}")
+
+
+def cuda_available() -> bool:
+    """Whether the CUDA kernels are built (building them now if they can be): what ``auto`` asks before it
+    sends a patch set the Triton kernels refuse to the extension."""
+    return "cuda_ext" in _built or (cuda_buildable() and _load() is None)
+
+
+def topk_forward(sub, patches, sub_mask, patch_mask, k, tau):
+    """The SAP aggregate ``[B, M, d]`` in the dtype of ``sub`` (see ``_torch_matched.topk_forward``)."""
+    return torch.ops.mulclip_fast_ext.topk_aggregate_forward(sub, patches, sub_mask, patch_mask, k, tau)
+
+
+def topk_backward(sub, patches, sub_mask, patch_mask, k, tau, grad_out):
+    """``(d_sub, d_patches)`` in the input dtype, recomputing the selection (see ``_torch_matched.topk_backward``)."""
+    return torch.ops.mulclip_fast_ext.topk_aggregate_backward(grad_out, sub, patches, sub_mask, patch_mask, k, tau)
+
+
+def topk_aggregate_cosines_forward(sub, patches, sub_mask, patch_mask, k, tau):
+    """All-pairs SAP ``(logits [Bq, Bk, M], packed selection, lse)`` (see ``_torch_pairwise.topk_aggregate_cosines_forward``)."""
+    return torch.ops.mulclip_fast_ext.pairwise_topk_forward(sub, patches, sub_mask, patch_mask, k, tau)
+
+
+def topk_aggregate_cosines_backward(grad, sub, patches, sub_mask, patch_mask, tau, selected, lse):
+    """``(d_sub, d_patches)`` from the saved selection and lse (see ``_torch_pairwise.topk_aggregate_cosines_backward``)."""
+    backward = torch.ops.mulclip_fast_ext.pairwise_topk_backward
+    return backward(grad, sub, patches, sub_mask, patch_mask, selected, lse, tau)
