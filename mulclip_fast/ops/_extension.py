@@ -8,8 +8,8 @@ the cached library. The CUDA sources join the build only where PyTorch has CUDA 
 (``CUDA_HOME``). Installing the package never builds anything.
 
 The launchers here have the signatures of the torch and Triton primitives (``topk_forward``,
-``topk_backward``, ``topk_aggregate_cosines_forward``, ``topk_aggregate_cosines_backward``), so ``mulclip_fast.ops.matched`` and
-``mulclip_fast.ops.pairwise`` call whichever backend the same way.
+``topk_backward``, ``topk_aggregate_cosines_forward``, ``topk_aggregate_cosines_backward``), so
+``mulclip_fast.ops.matched`` and ``mulclip_fast.ops.pairwise`` call whichever backend the same way.
 """
 
 from __future__ import annotations
@@ -110,11 +110,13 @@ def topk_backward(sub, patches, sub_mask, patch_mask, k, tau, grad_out):
 
 
 def topk_aggregate_cosines_forward(sub, patches, sub_mask, patch_mask, k, tau):
-    """All-pairs SAP ``(logits [Bq, Bk, M], packed selection, lse)`` (see ``_torch_pairwise.topk_aggregate_cosines_forward``)."""
+    """All-pairs SAP ``(cosines [Bq, Bk, M], packed selection, lse)``, as
+    ``_torch_pairwise.topk_aggregate_cosines_forward``."""
     return torch.ops.mulclip_fast_ext.pairwise_topk_forward(sub, patches, sub_mask, patch_mask, k, tau)
 
 
 def topk_aggregate_cosines_backward(grad, sub, patches, sub_mask, patch_mask, tau, selected, lse):
-    """``(d_sub, d_patches)`` from the saved selection and lse (see ``_torch_pairwise.topk_aggregate_cosines_backward``)."""
+    """``(d_sub, d_patches)`` from the saved selection and lse, as
+    ``_torch_pairwise.topk_aggregate_cosines_backward``."""
     backward = torch.ops.mulclip_fast_ext.pairwise_topk_backward
     return backward(grad, sub, patches, sub_mask, patch_mask, selected, lse, tau)
