@@ -10,6 +10,8 @@ import types
 import pytest
 import torch
 
+from mulclip_fast.data import Collator, iterate_batches, open_dataset
+from mulclip_fast.eval import embed_dataset
 from mulclip_fast.model import CLIP, attention, preset_config
 from mulclip_fast.model.attention import (
     AttentionBackendUnavailable,
@@ -18,6 +20,9 @@ from mulclip_fast.model.attention import (
     check_text_attention,
     packed_causal_attention,
 )
+from mulclip_fast.train import ConfigError, TrainConfig, Trainer, resolve_config
+from mulclip_fast.train.cli import build_parser, config_from_args
+from mulclip_fast.train.cli import main as train_main
 
 EOT, SOT = 49407, 49406
 # Tiny-sized towers; "openai" has vit-b-16's structure (learned positions only, no ALiBi, QuickGELU).
@@ -259,3 +264,61 @@ def test_xformers_refuses_alibi(monkeypatch):
     q = torch.zeros(3, 4, 8)
     with pytest.raises(AttentionBackendUnavailable, match="cannot add ALiBi"):
         packed_causal_attention(q, q, q, PackedSequences([3], "cpu"), attention.alibi_slopes(4), backend="xformers")
+
+
+def _trainer_config(**overrides):
+    return resolve_config(
+        TrainConfig(
+            model_overrides={"vision_layers": 1, "transformer_layers": 2},
+            batch_size=8,
+            steps=2,
+            fine_start=0.0,
+            fine_ramp=0.0,
+            eval_pairs=0,
+            seed=7,
+            backend="torch",
+            **overrides,
+        )
+    )
+
+
+def test_training_step_is_the_same_packed_and_padded(monkeypatch):
+    dataset = open_dataset("synthetic", "train", 64, 64, 7, twin_fraction=0.5)
+    batch = next(iterate_batches(dataset, Collator(8), batch_size=8, seed=7))[2]
+    packs = []
+    encode = CLIP.encode_packed_text
+    monkeypatch.setattr(CLIP, "encode_packed_text", lambda self, *a, **k: packs.append(1) or encode(self, *a, **k))
+    logged = {}
+    for packed_text in (True, False):
+        logged[packed_text] = Trainer(_trainer_config(packed_text=packed_text)).step(batch, progress=0.5)
+    assert len(packs) == 1  # the padded trainer never packs
+    assert set(logged[True]) == set(logged[False]) and "loss" in logged[True]
+    for term in logged[False]:  # the loss, each of its terms, lr, logit scale
+        assert logged[True][term] == pytest.approx(logged[False][term], rel=1e-5), term
+
+
+def test_packed_text_flags():
+    parse = lambda *argv: config_from_args(build_parser().parse_args(list(argv)))  # noqa: E731
+    assert parse().packed_text and parse().text_attention == "auto"
+    assert not parse("--no-packed-text").packed_text
+    assert not parse("--compile").packed_text  # compiled towers keep the padded path
+    assert parse("--text-attention", "torch").text_attention == "torch"
+
+
+def test_forcing_a_missing_text_attention_is_a_config_error(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "flash_attn", None)
+    with pytest.raises(ConfigError, match="--text-attention flash: .*flash-attn, which is not installed"):
+        resolve_config(TrainConfig(text_attention="flash"))
+    assert train_main(["--text-attention", "flash", "--steps", "1", "--out", "unused"]) == 2
+    assert "error: --text-attention flash" in capsys.readouterr().err
+
+
+def test_evaluation_embeddings_are_the_same_packed_and_padded():
+    torch.manual_seed(0)
+    model = CLIP(preset_config("tiny", vision_layers=1, transformer_layers=2))
+    dataset = open_dataset("synthetic", "test", 64, 12, 3, holdout=12)
+    packed = embed_dataset(model, dataset, batch_size=5)
+    padded = embed_dataset(model, dataset, batch_size=5, packed_text=False)
+    assert packed["probe"] is not None  # synthetic data has binding probes: three groups per pack
+    for name in ("image", "long", "short", "probe"):
+        torch.testing.assert_close(packed[name], padded[name], rtol=1e-5, atol=1e-6, msg=name)
