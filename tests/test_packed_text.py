@@ -20,6 +20,7 @@ from mulclip_fast.model.attention import (
     check_text_attention,
     packed_causal_attention,
 )
+from mulclip_fast.tools.packed_text_report import count_text_tokens
 from mulclip_fast.train import ConfigError, TrainConfig, Trainer, resolve_config
 from mulclip_fast.train.cli import build_parser, config_from_args
 from mulclip_fast.train.cli import main as train_main
@@ -322,3 +323,19 @@ def test_evaluation_embeddings_are_the_same_packed_and_padded():
     assert packed["probe"] is not None  # synthetic data has binding probes: three groups per pack
     for name in ("image", "long", "short", "probe"):
         torch.testing.assert_close(packed[name], padded[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_the_report_counts_real_tokens_packed_and_padded_widths_otherwise():
+    dataset = open_dataset("synthetic", "train", 64, 64, 7, twin_fraction=0.5)
+    batch = next(iterate_batches(dataset, Collator(8), batch_size=8, seed=7))[2]
+    real_subs = batch.sub_ids[batch.sub_mask]
+    real = sum(int((ids.argmax(dim=-1) + 1).sum()) for ids in (batch.long_ids, batch.short_ids, real_subs))
+    counts = {}
+    for packed_text in (True, False):
+        trainer = Trainer(_trainer_config(packed_text=packed_text))
+        counts[packed_text] = count_text_tokens(trainer, batch, progress=0.5)  # every term (fine_start 0)
+    assert counts[True] == real
+    # padded: every long caption at the batch's width, summaries and subcaptions at their chunk's longest
+    summaries = batch.short_ids.shape[0] * int(batch.short_ids.argmax(dim=-1).max() + 1)
+    subs = real_subs.shape[0] * int(real_subs.argmax(dim=-1).max() + 1)  # one chunk: fewer than 128
+    assert counts[False] == batch.long_ids.numel() + summaries + subs
