@@ -339,3 +339,34 @@ def test_the_report_counts_real_tokens_packed_and_padded_widths_otherwise():
     summaries = batch.short_ids.shape[0] * int(batch.short_ids.argmax(dim=-1).max() + 1)
     subs = real_subs.shape[0] * int(real_subs.argmax(dim=-1).max() + 1)  # one chunk: fewer than 128
     assert counts[False] == batch.long_ids.numel() + summaries + subs
+
+
+def gpu_backend_missing(backend: str) -> str | None:
+    """Why ``backend`` cannot run here, or None."""
+    if not torch.cuda.is_available():
+        return f"the {backend} backend needs a CUDA GPU; this machine has none"
+    load = {"flash": attention._load_flash_attn, "xformers": attention._load_xformers_fmha}[backend]
+    return None if load() is not None else f"{backend} is not installed"
+
+
+@pytest.mark.parametrize("with_alibi", [False, True], ids=["causal", "alibi"])
+@pytest.mark.parametrize("backend", ["flash", "xformers"])
+def test_gpu_backend_equals_the_torch_backend(backend, with_alibi):
+    missing = gpu_backend_missing(backend)
+    if missing:
+        pytest.skip(missing)
+    if backend == "xformers" and with_alibi:
+        pytest.skip("xformers takes no ALiBi slopes; the backend refuses ALiBi towers by design")
+    torch.manual_seed(0)
+    lengths = [1, 248, 3, 77, 76, 60, 14, 200]
+    inputs = [torch.randn(sum(lengths), 8, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3)]
+    slopes = attention.alibi_slopes(8).cuda() if with_alibi else None
+    sequences = PackedSequences(lengths, "cuda")
+    results = {}
+    for name, dtype in ((backend, torch.bfloat16), ("torch", torch.float32)):
+        q, k, v = (t.to(dtype).requires_grad_() for t in inputs)
+        out = packed_causal_attention(q, k, v, sequences, slopes, backend=name)
+        out.float().square().sum().backward()
+        results[name] = [out.float()] + [t.grad.float() for t in (q, k, v)]
+    for got, want in zip(results[backend], results["torch"], strict=True):
+        torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2 * want.abs().max().item())
