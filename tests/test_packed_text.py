@@ -119,6 +119,16 @@ def test_packed_features_and_gradients_equal_the_padded_path(config):
         assert_close_to_scale(packed_grads[name], padded_grads[name], name)
 
 
+def test_a_batch_without_any_subcaption_packs_long_captions_and_summaries_only():
+    torch.manual_seed(0)
+    model = CLIP(CONFIGS["openai"])
+    batch = {**mixed_batch(), "sub_mask": torch.zeros(4, 4, dtype=torch.bool)}
+    packed = model.features(**batch, packed_text=True)
+    padded = model.features(**batch, packed_text=False)
+    assert packed.sub_eot.shape == padded.sub_eot.shape and packed.sub_eot.abs().sum() == 0
+    torch.testing.assert_close(packed.short_eot, padded.short_eot, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("config", ["tiny-alibi", "openai"])
 def test_packed_word_tokens_equal_the_padded_tokens_where_the_text_is(config):
     torch.manual_seed(0)
