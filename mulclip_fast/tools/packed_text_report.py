@@ -8,8 +8,9 @@
    the tower itself, for the padded path (``--no-packed-text``) and the packed one (real tokens only), in
    the two phases of the default run: global terms only (long captions and summaries) and every term
    (subcaptions too).
-2. One ``Trainer.step`` of each path on the same batch, the paths interleaved: median time of ``--steps``
-   steps and the step's exact peak memory (``measure_peak_memory``: allocations made during the step, the
+2. One ``Trainer.step`` of each path on the same batch, the paths interleaved: median wall time and
+   process CPU time (all threads; with ``--threads 1`` the time least moved by other processes' load) of
+   ``--steps`` steps and the step's exact peak memory (``measure_peak_memory``: allocations made during the step, the
    parameters and optimizer state excluded), at the tiny preset (both phases) and at the ViT-B/16 shape
    with ``--vit-b-depth`` layers per tower (every term; ``--vit-b-batch 0`` skips it).
 """
@@ -94,6 +95,7 @@ def step_rows(label: str, trainers: dict[str, Trainer], batch, phases: dict[str,
     rows = []
     for phase, progress in phases.items():
         times: dict[str, list[float]] = {path: [] for path in trainers}
+        cpu_times: dict[str, list[float]] = {path: [] for path in trainers}
         peaks = {}
         for path, trainer in trainers.items():
             trainer.step(batch, progress)  # creates the optimizer state, which is not the step's own memory
@@ -102,13 +104,17 @@ def step_rows(label: str, trainers: dict[str, Trainer], batch, phases: dict[str,
         for _ in range(steps):  # interleaved, so that the machine's load falls on both paths alike
             for path, trainer in trainers.items():
                 trainer.optimizer.zero_grad(set_to_none=True)
-                start = time.perf_counter()
+                start, cpu_start = time.perf_counter(), time.process_time()
                 trainer.step(batch, progress)
                 times[path].append(time.perf_counter() - start)
+                cpu_times[path].append(time.process_time() - cpu_start)
         median = {path: statistics.median(values) for path, values in times.items()}
+        cpu = {path: statistics.median(values) for path, values in cpu_times.items()}
         rows.append(
             f"| {label} | {phase} | {median['padded'] * 1e3:.0f} ms | {median['packed'] * 1e3:.0f} ms | "
-            f"{median['packed'] / median['padded']:.2f} | {peaks['padded'] / 2**20:.1f} MiB | "
+            f"{median['packed'] / median['padded']:.2f} | "
+            f"{cpu['padded'] * 1e3:.0f} ms | {cpu['packed'] * 1e3:.0f} ms | "
+            f"{cpu['packed'] / cpu['padded']:.2f} | {peaks['padded'] / 2**20:.1f} MiB | "
             f"{peaks['packed'] / 2**20:.1f} MiB | {peaks['packed'] / peaks['padded']:.2f} |"
         )
     return rows
@@ -120,9 +126,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=5, help="timed steps per path and case (median)")
     parser.add_argument("--vit-b-batch", type=int, default=8, help="batch of the ViT-B/16-shaped step (0: skip)")
     parser.add_argument("--vit-b-depth", type=int, default=2, help="layers per tower of the ViT-B/16-shaped step")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     args = parser.parse_args(argv)
     if args.batches < 1 or args.steps < 1 or args.vit_b_batch < 0 or args.vit_b_depth < 1:
         parser.error("--batches, --steps and --vit-b-depth must be >= 1, --vit-b-batch >= 0")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, load average {os.getloadavg()}")
 
     tiny = {path: _trainer("tiny", packed, {}) for path, packed in PATHS.items()}
@@ -133,8 +142,11 @@ def main(argv: list[str] | None = None) -> int:
     print("\n".join(token_table(batches, tiny)))
 
     print(f"\nOne training step, fp32, median of {args.steps} interleaved steps; peak = the step's own, exact:\n")
-    print("| shape | phase | padded | packed | ratio | padded peak | packed peak | ratio |")
-    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print(
+        "| shape | phase | padded | packed | ratio | padded CPU | packed CPU | ratio "
+        "| padded peak | packed peak | ratio |"
+    )
+    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for row in step_rows(f"tiny, B = {DEFAULT_BATCH}", tiny, batches[0], PHASES, args.steps):
         print(row, flush=True)
     if args.vit_b_batch:
