@@ -418,9 +418,10 @@ class CLIP(nn.Module):
         token_ids = torch.cat([ids[mask] for ids, mask in zip(groups, real, strict=True)])
         starts = sequences.cu_seqlens[:-1].long()
         positions = torch.arange(sequences.total, device=lengths.device) - starts.repeat_interleave(lengths)
-        x = self.token_embedding(token_ids) + self.positional_embedding[positions].to(self.dtype)
+        # F.embedding, not indexing: its backward sums rows densely, where indexing's is an index_put
+        x = self.token_embedding(token_ids) + F.embedding(positions, self.positional_embedding).to(self.dtype)
         x = self.ln_final(self.transformer(x, packed=sequences, attention=self.text_attention))
-        eot = list((x[starts + lengths - 1] @ self.text_projection).split(counts))
+        eot = list((x.index_select(0, starts + lengths - 1) @ self.text_projection).split(counts))
         if not tokens_of_first:
             return eot, None, None
         first_real = real[0]
