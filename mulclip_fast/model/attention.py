@@ -13,8 +13,8 @@ sequence only, causally, with optional ALiBi biases, through:
 - ``torch``: everywhere else, CPU included. Sequences are sorted by length and cut into groups of similar
   length; each group is gathered into a padded ``[G, heads, L, head_dim]`` batch for
   ``F.scaled_dot_product_attention``. Padding sits after every real token and the attention is causal, so
-  no real query sees it: exact, with at most ``1 / SIMILAR_LENGTH_RATIO`` of the real tokens as padded work
-  per group, and the largest mask is one group's ``[heads, L, L]``, never ``[T, T]``. Groups rather than
+  no real query sees it: exact, each group computing at most ``1 / SIMILAR_LENGTH_RATIO`` times its real
+  tokens, and the largest mask is one group's ``[heads, L, L]``, never ``[T, T]``. Groups rather than
   one SDPA call per sequence, because a batch holds hundreds of texts and each call has a fixed cost.
 
 flash-attn and xformers are imported lazily, on first use; neither installs on CPU-only machines.
