@@ -53,8 +53,13 @@ def binding_accuracy(image: torch.Tensor, true_text: torch.Tensor, swapped_text:
 
 
 @torch.no_grad()
-def embed_dataset(model: CLIP, dataset, batch_size: int = 250, device: str | torch.device = "cpu") -> dict:
-    """L2-normalised image, long-caption, summary and probe embeddings of every readable sample."""
+def embed_dataset(
+    model: CLIP, dataset, batch_size: int = 250, device: str | torch.device = "cpu", packed_text: bool = True
+) -> dict:
+    """L2-normalised image, long-caption, summary and probe embeddings of every readable sample.
+
+    ``packed_text``: a batch's captions, summaries and probes in one packed pass of the text tower
+    (``CLIP.encode_packed_text``); False encodes each group padded, the reference."""
     collator = Collator(with_subcaptions=False)
     was_training = model.training
     model.eval()
@@ -68,10 +73,14 @@ def embed_dataset(model: CLIP, dataset, batch_size: int = 250, device: str | tor
                 continue
             batch = batch.to(device)
             parts["image"].append(F.normalize(model.encode_image(batch.images).float(), dim=-1))
-            parts["long"].append(F.normalize(model.encode_text(batch.long_ids).float(), dim=-1))
-            parts["short"].append(F.normalize(model.encode_text(batch.short_ids).float(), dim=-1))
-            if batch.probe_ids is not None:
-                parts["probe"].append(F.normalize(model.encode_text(batch.probe_ids).float(), dim=-1))
+            names = ["long", "short"] + (["probe"] if batch.probe_ids is not None else [])
+            texts = [batch.long_ids, batch.short_ids, batch.probe_ids][: len(names)]
+            if packed_text:
+                embeddings = model.encode_packed_text(texts)[0]
+            else:
+                embeddings = [model.encode_text(ids) for ids in texts]
+            for name, embedding in zip(names, embeddings, strict=True):
+                parts[name].append(F.normalize(embedding.float(), dim=-1))
     finally:
         model.train(was_training)
     if not parts["image"]:

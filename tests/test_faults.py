@@ -197,7 +197,8 @@ def test_a_kill_inside_a_save_loses_nothing(tmp_path, one_thread):
     train(small_config(straight, loss="global", steps=4))
     out = tmp_path / "run"
     cmd = [sys.executable, os.path.join(os.path.dirname(__file__), "killed_save_train.py"), "--out", str(out)]
-    cmd += SMALL + ["--steps", "4", "--batch-size", "4", "--loss", "global", "--checkpoint-every", "1", "--threads", "1"]
+    cmd += SMALL + ["--steps", "4", "--batch-size", "4", "--loss", "global", "--checkpoint-every", "1"]
+    cmd += ["--threads", "1"]
     cmd += ["--fine-start", "0", "--fine-ramp", "0.5", "--eval-pairs", "0", "--val-pairs", "4", "--val-every", "1000"]
     env = {**os.environ, "KILL_IN_SAVE_OF": "step_00000003.pt"}
     run = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)

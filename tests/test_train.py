@@ -233,6 +233,7 @@ def test_every_setting_is_set_by_its_flag():
     argv += ["--precision", "bf16", "--grad-checkpointing", "--accum-steps", "2", "--compile", "--threads", "2"]
     argv += ["--num-workers", "1", "--log-every", "5", "--checkpoint-every", "10", "--keep-checkpoints", "3"]
     argv += ["--val-every", "4", "--val-pairs", "8", "--eval-pairs", "0"]
+    argv += ["--no-packed-text", "--text-attention", "torch"]
     expected = TrainConfig(
         preset="vit-b-16",
         model_overrides={"vision_layers": 1, "text_alibi": 0},
@@ -267,6 +268,8 @@ def test_every_setting_is_set_by_its_flag():
         grad_checkpointing=True,
         accum_steps=2,
         compile="inductor",  # --compile alone; --compile BACKEND names one
+        packed_text=False,
+        text_attention="torch",
         threads=2,
         num_workers=1,
         log_every=5,

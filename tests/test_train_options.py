@@ -43,7 +43,10 @@ def _step_with_peak(trainer: Trainer, batch) -> tuple[dict, int]:
 
 def test_gradient_checkpointing_keeps_the_step_and_lowers_its_peak_memory():
     batch = _batch()
-    plain, checkpointed = _trainer(), _trainer(grad_checkpointing=True)
+    # Padded text: at this small shape the packed path's tower activations fall below the loss's own peak,
+    # so checkpointing could not lower the step's peak there (docs/training.md, "Memory and precision").
+    plain = _trainer(packed_text=False)
+    checkpointed = _trainer(grad_checkpointing=True, packed_text=False)
     logged_plain, peak_plain = _step_with_peak(plain, batch)
     logged_ckpt, peak_ckpt = _step_with_peak(checkpointed, batch)
     assert logged_ckpt["loss"] == pytest.approx(logged_plain["loss"], rel=1e-6)

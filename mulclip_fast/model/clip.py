@@ -4,7 +4,9 @@ The parameter names and shapes follow OpenAI's ``clip/model.py`` (``visual.conv1
 ``visual.transformer.resblocks.N.attn.in_proj_weight``, ``token_embedding``, ``text_projection``, …) so
 OpenAI, Long-CLIP and open_clip OpenAI-layout checkpoints load with a plain ``load_state_dict``. The two
 local-token-calibration modules (``patch_calibration``, ``word_calibration``) are the only extra keys.
-Attention goes through ``F.scaled_dot_product_attention``.
+Attention goes through ``F.scaled_dot_product_attention``, except on the packed text path
+(``CLIP.encode_packed_text``): every text of a batch in one token stream, attended per sequence by
+``attention.packed_causal_attention`` (flash-attn, xformers or SDPA on groups of similar length).
 
 The ``tiny`` preset's text tower adds ALiBi recency biases (Press et al., 2022) to its causal attention:
 no parameters, so the layout is unchanged, and the OpenAI presets compute exactly OpenAI's CLIP. Why:
@@ -17,6 +19,7 @@ cannot be bound to shapes. With the recency heads binding is learned within the 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 
 import torch
@@ -24,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..features import MulCLIPFeatures
+from .attention import PackedSequences, alibi_slopes, causal_alibi_bias, check_text_attention, packed_causal_attention
 from .calibration import LocalTokenCalibration
 
 LONG_CONTEXT = 248  # Long-CLIP's stretched text context
@@ -141,7 +145,10 @@ class SelfAttention(nn.Module):
         return qkv.view(b, n, 3, self.heads, w // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
 
     def forward(self, x: torch.Tensor, causal: bool, bias: torch.Tensor | None = None) -> torch.Tensor:
-        """``bias``: an additive ``[heads, n, n]`` attention bias that already holds the causal mask."""
+        """``bias``: an additive ``[heads, n, n]`` attention bias that already holds the causal mask, or on
+        the packed path a ``PackedAttention`` (``x`` is then a pack ``[T, width]``)."""
+        if isinstance(bias, PackedAttention):
+            return self.forward_packed(x, bias)
         b, n, w = x.shape
         q, k, v = self.project(x)
         if bias is None:
@@ -149,6 +156,25 @@ class SelfAttention(nn.Module):
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype))
         return self.out_proj(out.transpose(1, 2).reshape(b, n, w))
+
+    def forward_packed(self, x: torch.Tensor, packed: PackedAttention) -> torch.Tensor:
+        """Causal attention within each sequence of a pack ``x [T, width]``."""
+        t, w = x.shape
+        qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias).view(t, 3, self.heads, w // self.heads)
+        q, k, v = qkv.unbind(1)
+        out = packed_causal_attention(q, k, v, packed.sequences, packed.alibi_slopes, packed.backend)
+        return self.out_proj(out.reshape(t, w))
+
+
+@dataclass(frozen=True)
+class PackedAttention:
+    """What a block's attention needs on the packed path, passed where the padded path passes its bias
+    (so gradient checkpointing calls both alike): the pack's layout, the ALiBi slopes (None without
+    ALiBi) and the attention backend."""
+
+    sequences: PackedSequences
+    alibi_slopes: torch.Tensor | None
+    backend: str
 
 
 class ResidualAttentionBlock(nn.Module):
@@ -173,11 +199,7 @@ def alibi_bias(heads: int, length: int) -> torch.Tensor:
     Slopes ``m_h = 2^(-8h/heads)``, h = 1…heads (Press et al., 2022, §3): with 4 heads 1/4, 1/16, 1/64,
     1/256, from a head that sees the last few words to one that sees the whole caption nearly evenly.
     """
-    slopes = 2.0 ** (-8.0 * torch.arange(1, heads + 1, dtype=torch.float32) / heads)
-    position = torch.arange(length, dtype=torch.float32)
-    distance = position[:, None] - position[None, :]  # i - j
-    bias = -slopes[:, None, None] * distance
-    return bias.masked_fill(distance < 0, float("-inf"))
+    return causal_alibi_bias(alibi_slopes(heads), length)
 
 
 class Transformer(nn.Module):
@@ -191,10 +213,18 @@ class Transformer(nn.Module):
         self.grad_checkpointing = False
         # A buffer, not a parameter: no state-dict key, so checkpoints keep OpenAI's layout.
         self.register_buffer("alibi", alibi_bias(heads, alibi_length) if alibi_length else None, persistent=False)
+        self.register_buffer("alibi_slopes", alibi_slopes(heads) if alibi_length else None, persistent=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        n = x.shape[1]
-        bias = None if self.alibi is None else self.alibi[:, :n, :n]
+    def forward(self, x: torch.Tensor, packed: PackedSequences | None = None, attention: str = "auto") -> torch.Tensor:
+        """``x [B, n, width]``, or with ``packed`` a pack ``[T, width]`` attended per sequence through the
+        ``attention`` backend (``attention.TEXT_ATTENTION_BACKENDS``)."""
+        if packed is not None:
+            if not self.causal:
+                raise ValueError("the packed path attends causally; this transformer is not causal")
+            bias = PackedAttention(packed, self.alibi_slopes, attention)
+        else:
+            n = x.shape[1]
+            bias = None if self.alibi is None else self.alibi[:, :n, :n]
         for block in self.resblocks:
             if self.grad_checkpointing and self.training and torch.is_grad_enabled():
                 x = torch.utils.checkpoint.checkpoint(block, x, self.causal, bias, use_reentrant=False)
@@ -228,6 +258,12 @@ class VisionTransformer(nn.Module):
         return x[:, 0], x[:, 1:]
 
 
+def word_mask(ids: torch.Tensor) -> torch.Tensor:
+    """``[B, L]`` True at the words of ``ids [B, L]``: SOT, EOT (the largest id) and padding excluded."""
+    positions = torch.arange(ids.shape[1], device=ids.device)
+    return (positions > 0) & (positions < ids.argmax(dim=-1, keepdim=True))
+
+
 class CLIP(nn.Module):
     """OpenAI-layout CLIP plus the two calibration modules MulCLIP and FineLIP use."""
 
@@ -252,6 +288,7 @@ class CLIP(nn.Module):
         self.word_calibration = LocalTokenCalibration(cfg.embed_dim, n_out)
         self.frozen_positions = 0
         self._frozen_hook = None
+        self.text_attention = "auto"  # the packed text path's attention backend (set_text_attention)
         self._init_parameters()
 
     def _init_parameters(self) -> None:
@@ -296,6 +333,12 @@ class CLIP(nn.Module):
 
             self._frozen_hook = self.positional_embedding.register_hook(zero_leading_rows)
 
+    def set_text_attention(self, backend: str) -> None:
+        """The packed text path's attention backend: auto | flash | xformers | torch (``attention`` module).
+        Raises when it is unknown or not installed."""
+        check_text_attention(backend)
+        self.text_attention = backend
+
     def set_grad_checkpointing(self, enabled: bool = True) -> None:
         self.visual.transformer.grad_checkpointing = enabled
         self.transformer.grad_checkpointing = enabled
@@ -317,11 +360,14 @@ class CLIP(nn.Module):
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
         return self.encode_image_tokens(images)[0]
 
-    def _text_hidden(self, ids: torch.Tensor) -> torch.Tensor:
+    def _check_ids(self, ids: torch.Tensor, name: str = "token ids") -> None:
         if ids.dim() != 2 or ids.dtype not in (torch.int64, torch.int32):
-            raise ValueError(f"token ids must be an integer [B, L] tensor, got {ids.dtype} {tuple(ids.shape)}")
+            raise ValueError(f"{name} must be an integer [B, L] tensor, got {ids.dtype} {tuple(ids.shape)}")
         if ids.shape[1] > self.config.context_length:
-            raise ValueError(f"token ids have {ids.shape[1]} positions, the model has {self.config.context_length}")
+            raise ValueError(f"{name} have {ids.shape[1]} positions, the model has {self.config.context_length}")
+
+    def _text_hidden(self, ids: torch.Tensor) -> torch.Tensor:
+        self._check_ids(ids)
         x = self.token_embedding(ids) + self.positional_embedding[: ids.shape[1]].to(self.dtype)
         return self.ln_final(self.transformer(x))
 
@@ -329,9 +375,7 @@ class CLIP(nn.Module):
         """(``t_eot [B, d]``, ``t_loc [B, L, d]``, word mask ``[B, L]``: SOT, EOT and padding excluded)."""
         x = self._text_hidden(ids) @ self.text_projection
         eot = ids.argmax(dim=-1)  # EOT has the largest id in CLIP's vocabulary
-        positions = torch.arange(ids.shape[1], device=ids.device)
-        word_mask = (positions[None] > 0) & (positions[None] < eot[:, None])
-        return x[torch.arange(ids.shape[0], device=ids.device), eot], x, word_mask
+        return x[torch.arange(ids.shape[0], device=ids.device), eot], x, word_mask(ids)
 
     def encode_text(self, ids: torch.Tensor) -> torch.Tensor:
         """EOT embedding ``[B, d]``; only the EOT rows are projected."""
@@ -351,6 +395,41 @@ class CLIP(nn.Module):
             parts.append(self.encode_text(ids[index, : int(lengths[index].max())]))
         return torch.cat(parts)[torch.argsort(order)]
 
+    def encode_packed_text(
+        self, groups: Sequence[torch.Tensor], tokens_of_first: bool = False
+    ) -> tuple[list[torch.Tensor], torch.Tensor | None, torch.Tensor | None]:
+        """The EOT embeddings of every group of texts, from one pass of the tower over all of them packed.
+
+        ``groups``: integer ``[n_i, L_i]`` id tensors (padded after EOT, as the collator gives them; a
+        group may have no row). Each text keeps its real tokens only (up to its EOT, the largest id) and its
+        own positions from 0; the tower runs once on their concatenation, attention per text (``attention``
+        module, backend ``self.text_attention``). Equal to ``encode_text`` of each group to fp32 rounding,
+        and with ``tokens_of_first`` to ``encode_text_tokens`` of the first group.
+
+        Returns (``[eot [n_i, d] per group]``, then for ``tokens_of_first`` the first group's projected
+        tokens ``[n_0, L_0, d]`` (zeros past EOT) and word mask ``[n_0, L_0]``, else None, None).
+        """
+        for i, ids in enumerate(groups):
+            self._check_ids(ids, f"groups[{i}]")
+        real = [torch.arange(ids.shape[1], device=ids.device) <= ids.argmax(dim=-1, keepdim=True) for ids in groups]
+        counts = [ids.shape[0] for ids in groups]
+        lengths = torch.cat([mask.sum(dim=1) for mask in real])
+        sequences = PackedSequences(lengths.tolist(), lengths.device)
+        token_ids = torch.cat([ids[mask] for ids, mask in zip(groups, real, strict=True)])
+        starts = sequences.cu_seqlens[:-1].long()
+        positions = torch.arange(sequences.total, device=lengths.device) - starts.repeat_interleave(lengths)
+        # F.embedding, not indexing: its backward sums rows densely, where indexing's is an index_put
+        x = self.token_embedding(token_ids) + F.embedding(positions, self.positional_embedding).to(self.dtype)
+        x = self.ln_final(self.transformer(x, packed=sequences, attention=self.text_attention))
+        eot = list((x.index_select(0, starts + lengths - 1) @ self.text_projection).split(counts))
+        if not tokens_of_first:
+            return eot, None, None
+        first_real = real[0]
+        first_tokens = x[: int(first_real.sum())] @ self.text_projection
+        tokens = first_tokens.new_zeros(*first_real.shape, first_tokens.shape[-1])
+        tokens = tokens.masked_scatter(first_real[..., None], first_tokens)
+        return eot, tokens, word_mask(groups[0])
+
     def forward(self, images: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Plain CLIP: (image embeddings, text embeddings), unnormalised."""
         return self.encode_image(images), self.encode_text(ids)
@@ -365,6 +444,7 @@ class CLIP(nn.Module):
         sub_mask: torch.Tensor | None = None,
         need_tokens: bool = True,
         sap_raw_patches: bool = False,
+        packed_text: bool = True,
     ) -> MulCLIPFeatures:
         """Everything ``MulCLIPLoss`` consumes for one batch.
 
@@ -375,28 +455,40 @@ class CLIP(nn.Module):
             sub_ids: ``[B, M, Lsub]`` subcaption ids (77 context) with ``sub_mask [B, M]``, or None.
             need_tokens: compute the calibrated token sets (the global objective does not need them).
             sap_raw_patches: give SAP the raw projected patches ``v_loc`` instead of the calibrated ``V'``.
+            packed_text: encode every text of the batch in one packed pass (``encode_packed_text``); False
+                encodes each group padded, the reference the packed path is tested against.
         """
+        if sub_ids is not None and (sub_mask is None or sub_mask.shape != sub_ids.shape[:2]):
+            raise ValueError("sub_ids [B, M, L] needs sub_mask [B, M]")
         v_cls, v_loc = self.encode_image_tokens(images)
-        if need_tokens:
-            t_eot, t_loc, word_mask = self.encode_text_tokens(long_ids)
-            image_tokens = self.patch_calibration(v_loc)
-            text_tokens = self.word_calibration(t_loc, word_mask)
-            # A caption with no word at all (empty text) has no calibrated tokens: mask its row out.
-            has_words = word_mask.any(dim=1, keepdim=True).expand(-1, text_tokens.shape[1])
+        # Only the real subcaptions are encoded (padding slots cost nothing), then scattered back.
+        real_subs = None if sub_ids is None else sub_ids[sub_mask]
+        if packed_text:
+            groups = [g for g in (long_ids, short_ids, real_subs) if g is not None]
+            eots, t_loc, words = self.encode_packed_text(groups, tokens_of_first=need_tokens)
+            t_eot = eots.pop(0)
+            short_eot = None if short_ids is None else eots.pop(0)
+            flat_subs = None if sub_ids is None else eots.pop(0)
         else:
-            # Only EOT embeddings are needed: encode in length-sorted chunks (exact, ~25% less padding).
-            t_eot = self.encode_text_by_length(long_ids, chunk=max(8, long_ids.shape[0] // 4))
+            if need_tokens:
+                t_eot, t_loc, words = self.encode_text_tokens(long_ids)
+            else:
+                # Only EOT embeddings are needed: encode in length-sorted chunks (exact, ~25% less padding).
+                t_eot = self.encode_text_by_length(long_ids, chunk=max(8, long_ids.shape[0] // 4))
+            short_eot = None if short_ids is None else self.encode_text_by_length(short_ids)
+            flat_subs = self.encode_text_by_length(real_subs) if sub_ids is not None and sub_mask.any() else None
+        if need_tokens:
+            image_tokens = self.patch_calibration(v_loc)
+            text_tokens = self.word_calibration(t_loc, words)
+            # A caption with no word at all (empty text) has no calibrated tokens: mask its row out.
+            has_words = words.any(dim=1, keepdim=True).expand(-1, text_tokens.shape[1])
+        else:
             image_tokens, text_tokens, has_words = v_loc, v_loc[:, :0], None
-        short_eot = None if short_ids is None else self.encode_text_by_length(short_ids)
         sub_eot = None
         if sub_ids is not None:
-            if sub_mask is None or sub_mask.shape != sub_ids.shape[:2]:
-                raise ValueError("sub_ids [B, M, L] needs sub_mask [B, M]")
-            # Encode only the real subcaptions (padding slots cost nothing), then scatter them back.
-            flat = self.encode_text_by_length(sub_ids[sub_mask]) if sub_mask.any() else None
             sub_eot = torch.zeros(*sub_mask.shape, self.config.embed_dim, dtype=t_eot.dtype, device=t_eot.device)
-            if flat is not None:
-                sub_eot = sub_eot.masked_scatter(sub_mask[..., None], flat.to(sub_eot.dtype))
+            if flat_subs is not None:
+                sub_eot = sub_eot.masked_scatter(sub_mask[..., None], flat_subs.to(sub_eot.dtype))
         return MulCLIPFeatures(
             image_cls=v_cls,
             image_tokens=image_tokens,

@@ -18,6 +18,7 @@ import torch
 from ..data import parse_data_spec
 from ..losses import DEFAULT_WEIGHTS, OBJECTIVES, RENAMED_TERMS, TERMS, current_term_names
 from ..model import PRESETS, CheckpointError, check_device, preset_config
+from ..model.attention import TEXT_ATTENTION_BACKENDS, AttentionBackendUnavailable, check_text_attention
 
 
 class ConfigError(ValueError):
@@ -56,6 +57,12 @@ def _default_run_time_limit(config: TrainConfig) -> float:
 def _default_run_precision(config: TrainConfig) -> str:
     native = config.device == "cpu" and cpu_has_native_bf16()
     return "bf16" if is_default_run(config) and native else "fp32"
+
+
+# A compiled tower is specialised to its input layout, and a pack's layout changes with every batch, so
+# compiled towers keep the padded text path unless --no-packed-text says otherwise explicitly.
+def _default_packed_text(config: TrainConfig) -> bool:
+    return config.compile is None
 
 
 def parse_model_overrides(items: list[str]) -> dict[str, int]:
@@ -205,6 +212,20 @@ class TrainConfig:
         metavar="BACKEND",
         optional_value="inductor",
     )
+    packed_text: bool = setting(
+        True,
+        "encode each group of texts padded (the reference path) instead of every text of the batch in one "
+        "packed pass (the default, except with --compile)",
+        RUN,
+        unset=_default_packed_text,
+    )
+    text_attention: str = setting(
+        "auto",
+        "attention of the packed text pass: flash-attn, xformers, or PyTorch SDPA on groups of similar length "
+        "(auto: flash-attn on CUDA fp16/bf16, else xformers on CUDA without ALiBi, else torch)",
+        RUN,
+        choices=TEXT_ATTENTION_BACKENDS,
+    )
     threads: int = setting(0, "torch CPU threads (0: torch's default)", RUN)
     num_workers: int = setting(0, "data loader processes", RUN)
     log_every: int = setting(1, "steps between metrics.jsonl records", RUN)
@@ -256,6 +277,10 @@ def resolve_config(config: TrainConfig) -> TrainConfig:
         raise ConfigError(
             f"--compile backend {c.compile!r} unknown; torch.compile knows {torch._dynamo.list_backends()}"
         )
+    try:
+        check_text_attention(c.text_attention)
+    except (ValueError, AttentionBackendUnavailable) as exc:
+        raise ConfigError(f"--text-attention {c.text_attention}: {exc}") from None
     if c.accum_steps < 1 or c.batch_size % c.accum_steps:
         raise ConfigError(f"--accum-steps must be >= 1 and divide --batch-size {c.batch_size}, got {c.accum_steps}")
     if c.steps is not None and c.epochs is not None:

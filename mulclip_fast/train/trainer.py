@@ -57,6 +57,7 @@ class Trainer:
             self.init_report = load_clip_weights(self.model, path, freeze_positions=config.freeze_positions)
         self.model.to(self.device)
         self.model.set_grad_checkpointing(config.grad_checkpointing)
+        self.model.set_text_attention(config.text_attention)
         if config.compile:
             # In place (nn.Module.compile), so parameter names and checkpoints stay as they are.
             for tower in (self.model.visual.transformer, self.model.transformer):
@@ -135,6 +136,7 @@ class Trainer:
             sub_mask=batch.sub_mask if (self.needs_subcaptions and active) else None,
             need_tokens=self.needs_tokens and active,
             sap_raw_patches=self.config.sap_raw_patches,
+            packed_text=self.config.packed_text,
         )
         logit_scale = outputs.pop("logit_scale")
         return MulCLIPFeatures(**outputs), logit_scale, active

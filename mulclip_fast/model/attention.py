@@ -1,0 +1,219 @@
+"""Causal self-attention over a pack of variable-length sequences, by one of three backends.
+
+The text tower's packed path (docs/performance.md, "Packed text") concatenates every text of a batch into
+one token stream ``[T, heads, head_dim]`` described by ``cu_seqlens`` (flash-attn's convention: sequence
+``i`` is rows ``cu_seqlens[i] … cu_seqlens[i+1]``). ``packed_causal_attention`` attends within each
+sequence only, causally, with optional ALiBi biases, through:
+
+- ``flash``: flash-attn's ``flash_attn_varlen_func`` (CUDA, fp16/bf16; ALiBi through its ``alibi_slopes``);
+- ``xformers``: ``memory_efficient_attention`` with a ``BlockDiagonalCausalMask`` (CUDA). Its block-diagonal
+  masks take no per-head ALiBi slopes, and an ALiBi bias tensor would be the dense ``[T, T]`` mask this path
+  exists to avoid, so xformers serves the towers without ALiBi (the OpenAI presets) and ``auto`` never picks
+  it for the ``tiny`` preset's ALiBi tower;
+- ``torch``: everywhere else, CPU included. Sequences are sorted by length and cut into groups of similar
+  length; each group is gathered into a padded ``[G, heads, L, head_dim]`` batch for
+  ``F.scaled_dot_product_attention``. Padding sits after every real token and the attention is causal, so
+  no real query sees it: exact, each group computing at most ``1 / SIMILAR_LENGTH_RATIO`` times its real
+  tokens, and the largest mask is one group's ``[heads, L, L]``, never ``[T, T]``. Groups rather than
+  one SDPA call per sequence, because a batch holds hundreds of texts and each call has a fixed cost.
+
+flash-attn and xformers are imported lazily, on first use; neither installs on CPU-only machines.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import logging
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+TEXT_ATTENTION_BACKENDS = ("auto", "flash", "xformers", "torch")
+# A group of the torch backend holds sequences at least this fraction of its longest one's length: its
+# padded tokens are then at most 1/0.85 = 1.18x its real ones, and its attention work, quadratic in the
+# length, at most 1/0.85² = 1.38x. With 0.75 (1.78x) a default batch's long captions formed one group of
+# 18 at 173 tokens, more attention work than the padded path's length-sorted chunks of 8.
+SIMILAR_LENGTH_RATIO = 0.85
+
+_log = logging.getLogger(__name__)
+_logged_choices: set[tuple[str, str]] = set()
+
+
+class AttentionBackendUnavailable(RuntimeError):
+    """The requested attention backend is not installed, or cannot run on these tensors."""
+
+
+@functools.cache
+def _load_flash_attn():
+    """flash-attn's ``flash_attn_varlen_func``, or None when flash-attn is not installed."""
+    try:
+        return importlib.import_module("flash_attn").flash_attn_varlen_func
+    except ImportError:
+        return None
+
+
+@functools.cache
+def _load_xformers_fmha():
+    """xformers' ``fmha`` module, or None when xformers is not installed."""
+    try:
+        return importlib.import_module("xformers.ops.fmha")
+    except ImportError:
+        return None
+
+
+def check_text_attention(name: str) -> None:
+    """Raise when ``name`` is no backend, or names one that is not installed (``--text-attention``)."""
+    if name not in TEXT_ATTENTION_BACKENDS:
+        raise ValueError(f"text_attention must be one of {TEXT_ATTENTION_BACKENDS}, got {name!r}")
+    if name == "flash" and _load_flash_attn() is None:
+        raise AttentionBackendUnavailable(
+            "text_attention='flash' needs flash-attn, which is not installed (pip install flash-attn on a CUDA "
+            "machine); use 'auto' to take the best installed backend"
+        )
+    if name == "xformers" and _load_xformers_fmha() is None:
+        raise AttentionBackendUnavailable(
+            "text_attention='xformers' needs xformers, which is not installed; use 'auto' to take the best "
+            "installed backend"
+        )
+
+
+def alibi_slopes(heads: int) -> torch.Tensor:
+    """ALiBi slopes ``m_h = 2^(-8h/heads)``, h = 1…heads (Press et al., 2022, §3), fp32 ``[heads]``."""
+    return 2.0 ** (-8.0 * torch.arange(1, heads + 1, dtype=torch.float32) / heads)
+
+
+def causal_alibi_bias(slopes: torch.Tensor, length: int) -> torch.Tensor:
+    """``[heads, length, length]``: ``-m_h·(i - j)`` for ``j ≤ i`` and ``-inf`` above the diagonal."""
+    position = torch.arange(length, dtype=torch.float32, device=slopes.device)
+    distance = position[:, None] - position[None, :]  # i - j
+    bias = -slopes.float()[:, None, None] * distance
+    return bias.masked_fill(distance < 0, float("-inf"))
+
+
+class PackedSequences:
+    """The layout of a pack: ``cu_seqlens`` on the tokens' device, the lengths on the host.
+
+    The torch backend's grouping is computed once per pack, on first use, and reused by every layer.
+    """
+
+    def __init__(self, lengths: Sequence[int], device: torch.device | str):
+        if not lengths or min(lengths) < 1:
+            raise ValueError(f"a pack needs at least one sequence and every length >= 1, got {list(lengths)[:8]}")
+        self.lengths = tuple(int(n) for n in lengths)
+        self.max_length = max(self.lengths)
+        self.total = sum(self.lengths)
+        offsets = torch.tensor((0, *self.lengths)).cumsum(0)
+        self.starts = offsets[:-1].tolist()
+        self.cu_seqlens = offsets.to(device=device, dtype=torch.int32)
+        self.device = torch.device(device)
+        self._groups = None
+
+    def similar_length_groups(self) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor]:
+        """``([(rows [G, L], real [n]), …], inverse [T])`` of the torch backend.
+
+        ``rows[g, p]`` is the pack row of position ``p`` of the group's ``g``-th sequence (its last token
+        repeated past its end, harmless behind the causal mask); ``real`` lists the flat indices of
+        ``rows`` whose positions exist. Concatenating every group's real positions and selecting
+        ``inverse`` restores pack order. Indices, not boolean masks: ``index_select``'s backward is an
+        ``index_add``, where advanced indexing's is an accumulating ``index_put``, several times slower
+        on CPU.
+        """
+        if self._groups is None:
+            order = sorted(range(len(self.lengths)), key=lambda i: -self.lengths[i])
+            groups, gathered = [], []
+            first = 0
+            while first < len(order):
+                longest = self.lengths[order[first]]
+                last = first
+                while last < len(order) and self.lengths[order[last]] >= SIMILAR_LENGTH_RATIO * longest:
+                    last += 1
+                members = order[first:last]
+                position = torch.arange(longest)
+                member_lengths = torch.tensor([self.lengths[i] for i in members])
+                member_starts = torch.tensor([self.starts[i] for i in members])
+                rows = member_starts[:, None] + torch.minimum(position[None], member_lengths[:, None] - 1)
+                real = position[None] < member_lengths[:, None]
+                groups.append((rows.to(self.device), real.flatten().nonzero().flatten().to(self.device)))
+                gathered.append(rows[real])
+                first = last
+            inverse = torch.argsort(torch.cat(gathered)).to(self.device)
+            self._groups = (groups, inverse)
+        return self._groups
+
+
+def choose_text_attention(requested: str, q: torch.Tensor, with_alibi: bool) -> str:
+    """The backend that runs: ``requested`` after checking it can, or the best one for ``auto``."""
+    check_text_attention(requested)
+    half_on_cuda = q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
+    if requested == "auto":
+        if half_on_cuda and _load_flash_attn() is not None:
+            choice = "flash"
+        elif q.is_cuda and not with_alibi and _load_xformers_fmha() is not None:
+            choice = "xformers"
+        else:
+            choice = "torch"
+    else:
+        choice = requested
+        if choice == "flash" and not half_on_cuda:
+            raise AttentionBackendUnavailable(
+                f"text_attention='flash' needs CUDA fp16/bf16 tensors, got {q.device.type} {q.dtype} "
+                "(train with --precision bf16 on a GPU, or use 'auto')"
+            )
+        if choice == "xformers" and with_alibi:
+            raise AttentionBackendUnavailable(
+                "text_attention='xformers' cannot add ALiBi biases (this tower has them: the tiny preset); "
+                "use 'flash', 'torch' or 'auto', or --model text_alibi=0"
+            )
+    key = (requested, choice)
+    if key not in _logged_choices:
+        _logged_choices.add(key)
+        _log.info("packed text attention: %s (requested %s, %s %s)", choice, requested, q.device.type, q.dtype)
+    return choice
+
+
+def packed_causal_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    sequences: PackedSequences,
+    alibi_slopes: torch.Tensor | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Causal attention within each sequence of a pack: ``q, k, v [T, heads, head_dim]`` → ``[T, heads, head_dim]``.
+
+    ``alibi_slopes [heads]`` adds ``-m_h·(i - j)`` to the logit of query ``i`` and key ``j`` (positions
+    counted within the sequence). Scaled by ``head_dim^-1/2``; no dropout.
+    """
+    if q.dim() != 3 or q.shape != k.shape or q.shape != v.shape:
+        raise ValueError(f"q, k, v must be [T, heads, head_dim] of one shape, got {q.shape}, {k.shape}, {v.shape}")
+    if q.shape[0] != sequences.total:
+        raise ValueError(f"q has {q.shape[0]} tokens, the pack's sequences hold {sequences.total}")
+    choice = choose_text_attention(backend, q, alibi_slopes is not None)
+    if choice == "flash":
+        cu = sequences.cu_seqlens
+        slopes = None if alibi_slopes is None else alibi_slopes.float()
+        return _load_flash_attn()(
+            q, k, v, cu, cu, sequences.max_length, sequences.max_length, causal=True, alibi_slopes=slopes
+        )
+    if choice == "xformers":
+        fmha = _load_xformers_fmha()
+        mask = fmha.attn_bias.BlockDiagonalCausalMask.from_seqlens(list(sequences.lengths))
+        return fmha.memory_efficient_attention(q[None], k[None], v[None], attn_bias=mask)[0]
+    groups, inverse = sequences.similar_length_groups()
+    parts = []
+    heads, head_dim = q.shape[1:]
+    for rows, real in groups:
+        count, length = rows.shape
+        # [G·L, heads, head_dim] → [G, heads, L, head_dim]
+        qg, kg, vg = (
+            t.index_select(0, rows.flatten()).view(count, length, heads, head_dim).transpose(1, 2) for t in (q, k, v)
+        )
+        if alibi_slopes is None:
+            out = F.scaled_dot_product_attention(qg, kg, vg, is_causal=True)
+        else:
+            bias = causal_alibi_bias(alibi_slopes, length).to(q.dtype)
+            out = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=bias)
+        parts.append(out.transpose(1, 2).reshape(count * length, heads, head_dim).index_select(0, real))
+    return torch.cat(parts).index_select(0, inverse)
