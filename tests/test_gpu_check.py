@@ -118,7 +118,7 @@ def test_dry_run_pins_every_autotune_config(dry_run):
     assert "## Autotune configs, each pinned" in markdown
 
 
-def test_dry_run_covers_determinism_timing_training_steps_and_scale(dry_run):
+def test_dry_run_covers_determinism_timing_training_steps_scale_and_the_extension(dry_run):
     _, data, markdown, _ = dry_run
     sections = data["sections"]
     assert {r["task"].split()[0] for r in sections["determinism"]} == set(OPS)
@@ -140,7 +140,13 @@ def test_dry_run_covers_determinism_timing_training_steps_and_scale(dry_run):
         assert op in markdown
     assert {r["op"] for r in sections["scale"]} == {op for op in OPS if op.startswith("pairwise")}
     assert all(r["ok"] and "skipped" not in r and len(r["rows_checked"]) == 3 for r in sections["scale"])
-    for heading in ("## Parity", "## Determinism", "## Training step", "## Time and memory", "## Largest"):
+    # the CPU twin of the extension, built from csrc/ (skipped with its reason where no compiler is found)
+    extension = sections["extension"]
+    assert {r["task"].split()[0] for r in extension} == {"topk_patch_aggregate", "pairwise_topk_aggregate_cosines"}
+    for record in extension:
+        assert record["ok"], record
+        assert "skipped" in record or (record["backend"] == "cpp" and record["time_vs_torch"] > 0), record
+    for heading in ("## Parity", "## Determinism", "## Training step", "## Time and memory", "## Largest", "## C++"):
         assert heading in markdown
 
 

@@ -33,7 +33,7 @@ from . import configs as tuning
 from .peaks import peak_kind
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-SECTIONS = ("parity", "autotune", "determinism", "train_step", "timing", "scale", "compiled")
+SECTIONS = ("parity", "autotune", "determinism", "train_step", "timing", "scale", "extension", "compiled")
 # Each section's share of the time limit. A section may run until the sum of its share and those before it is
 # spent (so time a section leaves unused passes on); one that would overrun leaves its remaining tasks out
 # and the next section starts, so a slow section cannot starve the rest.
@@ -44,6 +44,7 @@ SHARES = {
     "train_step": 0.15,
     "timing": 0.15,
     "scale": 0.1,
+    "extension": 0.05,
     "compiled": 0.1,
 }
 
@@ -665,6 +666,61 @@ def scale_tasks(setting: Setting) -> list[Task]:
     return [_scale_task(setting, op) for op in SCALE_SHAPES[setting.mode]]
 
 
+# ----------------------------------------------------------------------------------------------------
+# the C++/CUDA extension (csrc/): the patch sets the Triton kernels refuse
+# ----------------------------------------------------------------------------------------------------
+
+# ViT-L/14 at 336 px (576 patches, k = 144) and ViT-H/14 at 448 px (1024, k = 256), beyond the Triton
+# kernels' 256; the dry run checks the CPU twin, built from the same source, at a small shape.
+EXTENSION_SHAPES = {
+    "gpu": (Sizes(16, 8, 16, 576, 768, k=144), Sizes(8, 8, 8, 1024, 1024, k=256)),
+    "dry": (Sizes(2, 3, 2, 40, 24, k=10),),
+}
+
+
+def _extension_task(setting: Setting, op: str, sizes: Sizes, dtype: torch.dtype) -> Task:
+    backend = "cpp" if setting.dry else "cuda_ext"
+
+    def run() -> dict:
+        from ..ops import _extension
+
+        try:
+            _extension.require(backend)  # builds it on first use (minutes on a GPU machine)
+        except ValueError as error:  # not buildable here: a fact to report, not a failure of the kernels
+            return {"ok": True, "skipped": str(error)}
+        case = make_case(op, sizes, dtype=dtype, device=setting.device, seed=5, a_mask_kind="prefix")
+        result = check_case(case, backend)
+        inputs = dense_inputs(case)
+        times = {
+            name: time_call(lambda name=name: evaluate(case, name, inputs), setting.device)["median_ms"]
+            for name in (backend, "torch")
+        }
+        return {
+            "ok": result.ok,
+            "op": op,
+            "backend": backend,
+            "case": result.case,
+            "max_abs_error": result.max_abs_error,
+            "problems": result.problems,
+            "forward_backward_ms": times,
+            "time_vs_torch": times[backend] / times["torch"],
+        }
+
+    name = f"{op} {backend} {sizes.label()} {_dtype_name(dtype)}"
+    estimate = {"gpu": 20.0, "dry": 2.0}[setting.mode]
+    return Task("extension", name, estimate, run, _context(op, sizes, dtype, backend=backend))
+
+
+def extension_tasks(setting: Setting) -> list[Task]:
+    dtypes = (torch.float32,) if setting.dry else (torch.float32, torch.bfloat16)
+    return [
+        _extension_task(setting, op, sizes, dtype)
+        for sizes in EXTENSION_SHAPES[setting.mode]
+        for dtype in dtypes
+        for op in TOPK_OPS
+    ]
+
+
 def build_plan(setting: Setting, sections: tuple[str, ...] = SECTIONS) -> list[Task]:
     builders = {
         "parity": parity_tasks,
@@ -673,6 +729,7 @@ def build_plan(setting: Setting, sections: tuple[str, ...] = SECTIONS) -> list[T
         "train_step": train_tasks,
         "timing": timing_tasks,
         "scale": scale_tasks,
+        "extension": extension_tasks,
         "compiled": compiled_tasks,
     }
     return [task for section in SECTIONS if section in sections for task in builders[section](setting)]

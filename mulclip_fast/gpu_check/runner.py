@@ -280,6 +280,18 @@ def render(data: dict) -> str:
             table(["case", "ok", "query sets checked"], rows, markdown=True),
             "",
         ]
+    if "extension" in sections:
+        rows = [
+            [
+                r["task"],
+                r.get("skipped") or ("yes" if r["ok"] else "NO"),
+                *(_fmt((r.get("forward_backward_ms") or {}).get(key), ".4g") for key in (r.get("backend"), "torch")),
+                _fmt(r.get("time_vs_torch"), ".2f"),
+            ]
+            for r in sections["extension"]
+        ]
+        headers = ["case", "ok", "extension ms", "torch ms", "time / torch"]
+        lines += ["## C++/CUDA extension, patch sets beyond Triton's", "", table(headers, rows, markdown=True), ""]
     if data["skipped"]:
         lines += ["## Not run", ""] + [f"- {s['section']}: {s['task']} ({s['reason']})" for s in data["skipped"]] + [""]
     return "\n".join(lines)
