@@ -1,6 +1,6 @@
 // The CUDA registration of the extension's ops: checks, workspace and the current stream of the inputs'
 // device, then the PyTorch-free launchers of topk_aggregate.cu. Built only where PyTorch has CUDA and
-// nvcc is found (mulclip_fast/ops/_extension.py); the ops themselves are defined in topk_aggregate_cpu.cpp.
+// nvcc is found (mulclip_fast/ops/extension.py); the ops themselves are defined in topk_aggregate_cpu.cpp.
 
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 from mulclip_fast import ops
 from mulclip_fast import reference as R
-from mulclip_fast.ops import _dispatch, _extension
+from mulclip_fast.ops import _dispatch, extension
 from mulclip_fast.ops._torch_matched import topk_selection
 
 TOLERANCE = {
@@ -125,7 +125,7 @@ SIGNED_ZERO_SCORES = [0.0, -0.0, 0.5, 0.0, -0.0, 0.5, -0.0, 0.0]
 def test_cpp_selection_rule_with_signed_zero_ties(masked):
     """The extension's selection on explicit scores (a dot product here never yields -0.0) is the rule of
     every backend: -0.0 ties +0.0, ties cut towards the lowest index, masked entries never chosen."""
-    _extension.require("cpp")
+    extension.require("cpp")
     scores = torch.tensor(SIGNED_ZERO_SCORES)
     assert torch.signbit(scores).sum() == 3, "-0.0 and +0.0 both present"
     valid = torch.ones(scores.numel(), dtype=torch.bool)
@@ -140,7 +140,7 @@ def test_cpp_selection_rule_with_signed_zero_ties(masked):
 
 def test_cpp_selection_rule_on_random_ties_and_masks():
     """Many rows of scores drawn from few values (ties everywhere, both zeros), random masks, every k."""
-    _extension.require("cpp")
+    extension.require("cpp")
     g = torch.Generator().manual_seed(9)
     n = 40
     scores = torch.tensor([-1.0, -0.0, 0.0, 0.25, 3.0])[torch.randint(0, 5, (64, n), generator=g)]
@@ -200,7 +200,7 @@ def test_opcheck_cpp(op_name):
     g = torch.Generator().manual_seed(4)
     sub, patches = _tokens(g, 3, 3, 8).detach(), _tokens(g, 3, 11, 8).detach()
     sub_mask, patch_mask = _masks(g, 3, 3, 11)
-    _extension.require("cpp")
+    extension.require("cpp")
     if op_name == "topk_patch_aggregate_backward":
         args = (torch.randn(sub.shape, generator=g), sub, patches, sub_mask, patch_mask, 4, 0.1, "cpp")
     else:
@@ -231,16 +231,16 @@ def test_extension_backends_refuse_what_they_cannot_run(monkeypatch):
     with pytest.raises(ValueError, match="runs on cuda tensors"):
         ops.topk_patch_aggregate(sub, patches, k=2, backend="cuda_ext")
     monkeypatch.setattr(_dispatch, "resolve_backend", lambda backend, device: backend)  # as if on a GPU
-    monkeypatch.setattr(_extension.torch.version, "cuda", None)
+    monkeypatch.setattr(extension.torch.version, "cuda", None)
     with pytest.raises(ValueError, match="cuda_ext' is not built here: PyTorch has no CUDA.*nvcc"):
         ops.topk_patch_aggregate(sub, patches, k=2, backend="cuda_ext")
 
 
 def test_a_failed_build_says_how_to_build(monkeypatch):
-    monkeypatch.setattr(_extension, "_built", ())
-    monkeypatch.setattr(_extension, "_load", lambda: "RuntimeError: Ninja is required to load C++ extensions")
+    monkeypatch.setattr(extension, "_built", ())
+    monkeypatch.setattr(extension, "_load", lambda: "RuntimeError: Ninja is required to load C++ extensions")
     with pytest.raises(ValueError, match="could not build csrc/: RuntimeError: Ninja.*C\\+\\+ compiler"):
-        _extension.require("cpp")
+        extension.require("cpp")
 
 
 @pytest.mark.parametrize("built", [True, False])
@@ -250,7 +250,7 @@ def test_auto_sends_patch_sets_beyond_triton_to_the_cuda_extension_when_built(mo
     from mulclip_fast.kernels.limits import TOPK_MAX_PATCHES
 
     monkeypatch.setattr(_dispatch, "resolve_backend", lambda backend, device: "triton")
-    monkeypatch.setattr(_extension, "cuda_available", lambda: built)
+    monkeypatch.setattr(extension, "cuda_available", lambda: built)
     x = torch.zeros(1)
     big = TOPK_MAX_PATCHES + 1
     assert _dispatch.kernel_backend("auto", x, big, TOPK_MAX_PATCHES, has_extension=True) == (
@@ -287,7 +287,7 @@ def test_cpp_peak_memory_is_no_more_than_the_torch_paths(op):
         getattr(ops, op)(sub, patches, sub_mask, None, k=49, backend=backend).sum().backward()
         sub.grad = patches.grad = None
 
-    _extension.require("cpp")
+    extension.require("cpp")
     cpp, _ = allocator_peak_memory_of(forward_backward, "cpp")
     torch_path, _ = allocator_peak_memory_of(forward_backward, "torch")
     assert 0 < cpp <= torch_path
@@ -299,7 +299,7 @@ def test_team_code_gives_the_same_results_with_several_lanes(lanes):
     ``lanes`` threads per row (strided loops, barriers, reductions in rank order), so a missing barrier or
     a lane-dependent result shows here. Selections must be identical (duplicated patches tie), values and
     gradients equal up to the reductions' order."""
-    _extension.require("cpp")
+    extension.require("cpp")
     ext = torch.ops.mulclip_fast_ext
     g = torch.Generator().manual_seed(lanes)
     sub, patches = _tokens(g, 3, 4, 20).detach(), _tokens(g, 3, 70, 20).detach()

@@ -682,10 +682,10 @@ def _extension_task(setting: Setting, op: str, sizes: Sizes, dtype: torch.dtype)
     backend = "cpp" if setting.dry else "cuda_ext"
 
     def run() -> dict:
-        from ..ops import _extension
+        from ..ops import extension
 
         try:
-            _extension.require(backend)  # builds it on first use (minutes on a GPU machine)
+            extension.require(backend)  # builds it on first use (minutes on a GPU machine)
         except ValueError as error:  # not buildable here: a fact to report, not a failure of the kernels
             return {"ok": True, "skipped": str(error)}
         case = make_case(op, sizes, dtype=dtype, device=setting.device, seed=5, a_mask_kind="prefix")

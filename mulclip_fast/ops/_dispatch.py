@@ -4,7 +4,7 @@
 patch sets the Triton top-k kernels refuse go to the CUDA extension of ``csrc/`` where it is built, else
 to the torch path. ``triton`` on CPU tensors is allowed only under Triton's interpreter
 (``TRITON_INTERPRET=1``), which is how the kernels' numerics are tested on machines without a GPU.
-``cpp`` and ``cuda_ext`` are the extension's CPU twin and CUDA kernels (``_extension``), for the ops that
+``cpp`` and ``cuda_ext`` are the extension's CPU twin and CUDA kernels (``extension``), for the ops that
 have them (the top-k aggregates).
 """
 
@@ -83,9 +83,9 @@ def kernel_backend(
             )
         if x.dtype not in KERNEL_DTYPES:
             raise ValueError(f"backend={backend!r} supports float16, bfloat16 and float32 inputs, got {x.dtype}")
-        from . import _extension
+        from . import extension
 
-        _extension.require(resolved)
+        extension.require(resolved)
         return resolved
     if resolved != "triton":
         return resolved
@@ -94,9 +94,9 @@ def kernel_backend(
     elif max_patches is not None and n_patches > max_patches:
         problem = f"backend='triton' takes at most {max_patches} patches per image, got N = {n_patches}"
         if backend == "auto" and has_extension:
-            from . import _extension
+            from . import extension
 
-            return "cuda_ext" if _extension.cuda_available() else "torch"
+            return "cuda_ext" if extension.cuda_available() else "torch"
     else:
         return "triton"
     if backend == "auto":

@@ -17,7 +17,7 @@ Backends (docs/kernels.md, "Backends"): ``triton`` launches the kernels of ``mul
 tensors under ``TRITON_INTERPRET=1``); ``torch`` runs the primitives of ``_torch_matched`` on chunks of the batch;
 ``reference`` calls ``mulclip_fast.reference``; ``auto`` picks ``triton`` for CUDA tensors of a kernel
 dtype (fp16/bf16/fp32) and ``torch`` otherwise. ``topk_patch_aggregate`` also runs on the extension of
-``csrc/`` (``_extension``): ``cpp`` on CPU tensors, ``cuda_ext`` on CUDA tensors, which ``auto`` picks for
+``csrc/`` (``extension``): ``cpp`` on CPU tensors, ``cuda_ext`` on CUDA tensors, which ``auto`` picks for
 patch sets beyond the Triton kernel's where it is built.
 """
 
@@ -88,9 +88,9 @@ def _primitives(backend: str) -> ModuleType:
     kernel modules read ``TRITON_INTERPRET`` when they are first imported.
     """
     if backend in EXTENSION_DEVICES:
-        from . import _extension
+        from . import extension
 
-        return _extension
+        return extension
     if backend == "triton":
         from . import _triton_matched
 

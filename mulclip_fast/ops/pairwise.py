@@ -62,9 +62,9 @@ def _implementation(backend: str) -> ModuleType:
     reads ``TRITON_INTERPRET`` when a kernel module is first imported.
     """
     if backend in EXTENSION_DEVICES:
-        from . import _extension
+        from . import extension
 
-        return _extension
+        return extension
     if backend == "triton":
         from . import _triton_pairwise
 
