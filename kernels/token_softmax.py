@@ -303,9 +303,9 @@ def token_softmax_forward(q, k, q_mask, k_mask, scale, out):
     with_output = out is not None
     lse = torch.empty(batch, lq, dtype=torch.float32, device=q.device)
     diag = lse if with_output else torch.empty_like(lse)
+    if with_output and not out.is_contiguous():
+        raise ValueError("token_softmax_forward writes into out as a dense [B, Lq, D] array: pass a contiguous out")
     target = out if with_output else q  # unused pointer in InfoNCE mode
-    if not target.is_contiguous():
-        raise ValueError("token_softmax_forward writes into out, which must be contiguous")
     grid = lambda meta: checked_grid(  # noqa: E731
         (batch * triton.cdiv(lq, meta["BLOCK_M"]), triton.cdiv(width, meta["BLOCK_D"]) if with_output else 1)
     )
