@@ -126,7 +126,7 @@ def _token_reconstruction_op(
     acc = accumulation_dtype(q)
     prims = _primitives(backend)
     if backend == "triton":
-        return prims.recon_forward(q.contiguous(), kv.contiguous(), q_mask, kv_mask, 1.0 / tau, q.dtype)
+        return prims.recon_forward(q, kv, q_mask, kv_mask, 1.0 / tau, q.dtype)  # the launcher makes them dense
     out = q.new_empty(q.shape)
     lse = q.new_empty(q.shape[:2], dtype=acc)
     per_sample = _recon_bytes_per_sample(q.shape[1], kv.shape[1], q.shape[2], acc.itemsize)
@@ -156,9 +156,7 @@ def _token_reconstruction_backward_op(
     acc = accumulation_dtype(q)
     prims = _primitives(backend)
     if backend == "triton":
-        dq, dkv = prims.recon_backward(
-            q.contiguous(), kv.contiguous(), q_mask, kv_mask, 1.0 / tau, grad_out.contiguous(), out, lse
-        )
+        dq, dkv = prims.recon_backward(q, kv, q_mask, kv_mask, 1.0 / tau, grad_out, out, lse)
         return dq.to(q.dtype), dkv.to(kv.dtype)
     dq, dkv = torch.empty_like(q), torch.empty_like(kv)
     per_sample = _recon_bytes_per_sample(q.shape[1], kv.shape[1], q.shape[2], acc.itemsize)
@@ -380,7 +378,7 @@ def _topk_patch_aggregate_op(
     acc = accumulation_dtype(sub)
     prims = _primitives(backend)
     if backend in FUSED_BACKENDS:
-        return prims.topk_forward(sub.contiguous(), patches.contiguous(), sub_mask, patch_mask, k, tau)
+        return prims.topk_forward(sub, patches, sub_mask, patch_mask, k, tau)  # the launchers make them dense
     out = torch.empty_like(sub)
     per_sample = _topk_bytes_per_sample(sub.shape[1], patches.shape[1], sub.shape[2], acc.itemsize)
     for part in _chunks(sub.shape[0], per_sample, backend):
@@ -408,9 +406,7 @@ def _topk_patch_aggregate_backward_op(
     acc = accumulation_dtype(sub)
     prims = _primitives(backend)
     if backend in FUSED_BACKENDS:
-        d_sub, d_patches = prims.topk_backward(
-            sub.contiguous(), patches.contiguous(), sub_mask, patch_mask, k, tau, grad_out.contiguous()
-        )
+        d_sub, d_patches = prims.topk_backward(sub, patches, sub_mask, patch_mask, k, tau, grad_out)
         return d_sub.to(sub.dtype), d_patches.to(patches.dtype)
     d_sub, d_patches = torch.empty_like(sub), torch.empty_like(patches)
     per_sample = _topk_bytes_per_sample(sub.shape[1], patches.shape[1], sub.shape[2], acc.itemsize)
