@@ -9,7 +9,7 @@ Rows ``r = b·M + m`` are subcaptions ``t_r`` of ``sub [Bq, M, d]``; ``x_cn`` th
     a     = Σ_{n∈S} w_n x_cn,   ν = max(‖a‖, 1e-12),   out[b, c, m] = ⟨t_r, a⟩ / ν = Σ_n w_n s_n / ν
 
 A program takes a ``BLOCK_R`` block of rows and one image and holds the whole ``[BLOCK_R, BLOCK_N]`` score
-tile in registers (``BLOCK_N`` = N rounded up to a power of two, at most :data:`MAX_PATCHES`: 256 for
+tile in registers (``BLOCK_N`` = N rounded up to a power of two, at most ``limits.TOPK_MAX_PATCHES``: 256 for
 ViT-B/16's 196 patches). The k-th largest score of each row is found by a bitwise radix select over the
 tile (32 compare-and-count passes; no sorted copy of the tile, and no power-of-two k as ``tl.topk``
 needs — SAP's k = ⌈N/4⌉ = 49 is not one). The aggregate is never stored: ``⟨t, a⟩ = Σ w s`` comes from the
@@ -51,14 +51,11 @@ import triton.language as tl
 
 from ._aot import autotune, autotuned_specs, dot_precision, pointer
 from ._launch import checked_grid, dense, on_device_of, upcast
-from .limits import TOPK_MAX_PATCHES as MAX_PATCHES
 from .tiles import block_and_set, similarity_tile
-from .topk_select import topk_selection
+from .topk_select import BLOCK_NS, score_row_block, topk_selection
 
 # F.normalize's epsilon, as in the reference.
 NORMALIZE_EPS = tl.constexpr(1e-12)
-# Every power-of-two patch tile a launch can use (``_block_n``): the compile check covers each.
-BLOCK_NS = tuple(1 << i for i in range(4, MAX_PATCHES.bit_length()))
 
 
 def _num_warps(block_n: int, dtype: torch.dtype) -> int:
@@ -389,16 +386,6 @@ def _sap_dpatches_kernel(
 # ----------------------------------------------------------------------------------------------------
 
 
-def _block_n(n_patch: int) -> int:
-    """The patch tile: tl.dot needs >= 16 in every dimension, byte packing a multiple of 8."""
-    if n_patch > MAX_PATCHES:
-        raise ValueError(
-            f"the Triton SAP kernels take at most {MAX_PATCHES} patches per image, got {n_patch}: "
-            "use backend='torch' (backend='auto' does)"
-        )
-    return max(16, triton.next_power_of_2(n_patch))
-
-
 def topk_aggregate_cosines_forward(sub, patches, sub_mask, patch_mask, k: int, tau: float):
     """``(logits [Bq, Bk, M], selected uint8 [Bk, Bq·M, ⌈N/8⌉], lse fp32 [Bk, Bq·M])``."""
     sub, patches, sub_mask, patch_mask = dense(sub, patches, sub_mask, patch_mask)
@@ -417,7 +404,7 @@ def topk_aggregate_cosines_forward(sub, patches, sub_mask, patch_mask, k: int, t
         _sap_forward_kernel[grid](
             sub, patches, sub_mask, patch_mask, logits, selected, lse, n_rows, n_sub, n_k, n_patch, n_bytes, dim,
             min(k, n_patch), 1.0 / tau,
-            UPCAST=upcast(sub.dtype), DOT_PRECISION=dot_precision(sub.dtype), BLOCK_N=_block_n(n_patch),
+            UPCAST=upcast(sub.dtype), DOT_PRECISION=dot_precision(sub.dtype), BLOCK_N=score_row_block(n_patch),
         )  # fmt: skip
     return logits, selected, lse
 
@@ -443,7 +430,8 @@ def topk_aggregate_cosines_backward(grad, sub, patches, sub_mask, patch_mask, ta
         return torch.zeros(sub.shape, dtype=torch.float32, device=sub.device), d_patches
     if n_rows * dim >= 2**31:  # the d_patches kernel walks the subcaption rows with int32 offsets
         raise ValueError(f"the Triton SAP backward takes fewer than 2³¹ subcaption elements, got {n_rows * dim}")
-    options = {"UPCAST": upcast(sub.dtype), "DOT_PRECISION": dot_precision(sub.dtype), "BLOCK_N": _block_n(n_patch)}
+    block_n = score_row_block(n_patch)
+    options = {"UPCAST": upcast(sub.dtype), "DOT_PRECISION": dot_precision(sub.dtype), "BLOCK_N": block_n}
     config_rows = _CONFIGS[0].kwargs["BLOCK_R"]
     splits = _image_splits(triton.cdiv(n_rows, config_rows), n_k, sub.device)
     images_per_split = triton.cdiv(n_k, splits)

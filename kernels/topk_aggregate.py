@@ -22,16 +22,12 @@ import triton.language as tl
 
 from ._aot import CompileSpec, autotune, autotuned_specs, dot_precision, dtype_class, pointer
 from ._launch import checked_grid, dense, on_device_of, upcast
-from .limits import TOPK_MAX_PATCHES
 from .tiles import block_and_set, similarity_tile
-from .topk_select import topk_selection
+from .topk_select import BLOCK_NS, score_row_block, topk_selection
 
-# The whole score row of 16 subcaptions lives in registers ([16, BLOCK_N] scores, int32 keys, probabilities
-# and, in backward, their gradients). Up to 256 patches (ViT-B/16's 196, ViT-L/14's 256) this compiles
-# without spills for sm_80/sm_90 (see compile_check); larger N falls back to the torch path.
-MAX_PATCHES = TOPK_MAX_PATCHES
-# Every power-of-two score row a launch can use (``block_patches``): the compile check covers each.
-BLOCK_NS = tuple(1 << i for i in range(4, MAX_PATCHES.bit_length()))
+# The whole score row of 16 subcaptions lives in registers ([16, BLOCK_N] scores, uint32 keys, probabilities
+# and, in backward, their gradients). Up to limits.TOPK_MAX_PATCHES (256: ViT-B/16's 196, ViT-L/14's 256)
+# this compiles without spills for sm_80/sm_90 (see compile_check); larger N takes another backend.
 SUBCAPTIONS_PER_PROGRAM = 16  # tl.dot's minimum tile
 BLOCK_M: tl.constexpr = tl.constexpr(SUBCAPTIONS_PER_PROGRAM)
 NORMALIZE_EPS: tl.constexpr = tl.constexpr(1e-12)  # F.normalize's
@@ -224,13 +220,6 @@ def _topk_aggregate_bwd_patches(
     tl.store(out, acc.to(dX.dtype.element_ty), mask=patch_in[:, None] & d_in[None, :])
 
 
-def block_patches(n_patches: int) -> int:
-    """``BLOCK_N``: the power of two ≥ N (and ≥ 16, tl.dot's minimum) that holds the score row."""
-    if n_patches > MAX_PATCHES:
-        raise ValueError(f"the Triton top-k kernel holds up to {MAX_PATCHES} patches per row, got N = {n_patches}")
-    return max(16, triton.next_power_of_2(n_patches))
-
-
 def topk_aggregate_forward(sub, patches, sub_mask, patch_mask, k, tau):
     """``[B, M, d]`` aggregates in ``sub``'s dtype (the module docstring's forward)."""
     sub, patches, sub_mask, patch_mask = dense(sub, patches, sub_mask, patch_mask)
@@ -238,7 +227,7 @@ def topk_aggregate_forward(sub, patches, sub_mask, patch_mask, k, tau):
     n = patches.shape[1]
     out = torch.empty_like(sub)
     grid = checked_grid((batch * triton.cdiv(m, SUBCAPTIONS_PER_PROGRAM),))
-    block_n = block_patches(n)
+    block_n = score_row_block(n)
     with on_device_of(sub):
         _topk_aggregate_fwd[grid](
             sub, patches, sub_mask, patch_mask, out, m, n, width, k, 1.0 / tau,
@@ -262,7 +251,7 @@ def topk_aggregate_backward(sub, patches, sub_mask, patch_mask, k, tau, grad_out
     def patches_grid(meta):
         return checked_grid((batch * triton.cdiv(n, meta["BLOCK_P"]), triton.cdiv(width, meta["BLOCK_D"])))
 
-    block_n = block_patches(n)
+    block_n = score_row_block(n)
     with on_device_of(sub):
         _topk_aggregate_bwd_rows[rows_grid](
             sub, patches, sub_mask, patch_mask, grad_out, d_sub, probs, d_scores, d_pooled, m, n, width, k,

@@ -17,6 +17,19 @@ from .limits import TOPK_MAX_PATCHES
 
 MAX_BLOCK_N = tl.constexpr(TOPK_MAX_PATCHES)
 MAX_LOG2_BLOCK_N = tl.constexpr(TOPK_MAX_PATCHES.bit_length() - 1)
+# Every power-of-two score row a launch can use (``score_row_block``): the compile check covers each.
+BLOCK_NS = tuple(1 << i for i in range(4, TOPK_MAX_PATCHES.bit_length()))
+
+
+def score_row_block(n_patches: int) -> int:
+    """``BLOCK_N`` of a launch: the power of two ≥ N that holds a whole score row (≥ 16, ``tl.dot``'s
+    minimum, which is also a multiple of 8 for the byte-packed selection)."""
+    if n_patches > TOPK_MAX_PATCHES:
+        raise ValueError(
+            f"the Triton top-k kernels hold at most {TOPK_MAX_PATCHES} patches per image, got {n_patches}: "
+            "use backend='torch' (backend='auto' does)"
+        )
+    return max(16, triton.next_power_of_2(n_patches))
 
 
 @triton.jit

@@ -323,7 +323,7 @@ def test_topk_beyond_the_kernel_row_falls_back_to_torch(monkeypatch):
     """More patches than the Triton score row holds: ``auto`` (as on a GPU, where it resolves to Triton)
     takes the torch path, ``triton`` refuses."""
     _skip_without_triton("triton")
-    from mulclip_fast.kernels.topk_aggregate import MAX_PATCHES
+    from mulclip_fast.kernels.limits import TOPK_MAX_PATCHES as MAX_PATCHES
 
     g = torch.Generator().manual_seed(11)
     sub, patches = _tokens(g, 1, 2, 16), _tokens(g, 1, MAX_PATCHES + 1, 16)
