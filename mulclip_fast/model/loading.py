@@ -1,8 +1,9 @@
 """Loading OpenAI / Long-CLIP / open_clip OpenAI-layout checkpoints into ``CLIP`` (docs/method.md, "Model").
 
 A checkpoint is a local file holding either a TorchScript archive (OpenAI's released ``ViT-B-16.pt``)
-or a plain state dict (Long-CLIP's ``longclip-B.pt``, open_clip's OpenAI-layout exports), possibly
-wrapped in ``{"state_dict": …}`` / ``{"model": …}`` and with ``module.`` prefixes from DDP. A 77-position
+or a plain state dict (Long-CLIP's ``longclip-B.pt``, open_clip's OpenAI-layout exports, this project's
+``python -m mulclip_fast.export`` files), possibly wrapped in ``{"state_dict": …}`` / ``{"model": …}`` (so a
+training checkpoint of this project loads too) and with ``module.`` prefixes from DDP. A 77-position
 text table is stretched to the model's 248 positions with Long-CLIP's rule.
 """
 
@@ -18,8 +19,8 @@ from .clip import CLIP
 
 # Keys OpenAI's checkpoints carry that are metadata, not parameters (clip/model.py build_model drops them).
 _METADATA_KEYS = ("input_resolution", "context_length", "vocab_size")
-# Extra modules of our model that a CLIP checkpoint does not have: freshly initialised on load.
-_OWN_PREFIXES = ("patch_calibration.", "word_calibration.")
+# The calibration modules of our model, which a CLIP checkpoint does not have: freshly initialised on load.
+CALIBRATION_PREFIXES = ("patch_calibration.", "word_calibration.")
 
 
 class CheckpointError(ValueError):
@@ -45,6 +46,13 @@ def read_state_dict(path: str) -> dict[str, torch.Tensor]:
     except CheckpointError:
         raise
     except Exception as exc:  # torch raises many types for unreadable files; report them uniformly
+        if "numpy" in str(exc) and "weights_only" in str(exc).lower():
+            # Training checkpoints of mulclip-fast before 2026-11-30 pickled numpy's RNG state with the weights.
+            raise CheckpointError(
+                f"{path} holds pickled numpy objects besides its weights (a training checkpoint of an older "
+                "mulclip-fast?), which are not loaded as weights for safety: write its weights with "
+                "`python -m mulclip_fast.export --checkpoint PATH --out weights.pt` and pass that file"
+            ) from None
         raise CheckpointError(f"cannot read checkpoint {path}: {type(exc).__name__}: {exc}") from None
     for wrapper in ("state_dict", "model"):
         if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
@@ -101,7 +109,7 @@ def load_clip_weights(model: CLIP, path: str, freeze_positions: int = 20) -> dic
         for key, value in state.items()
         if key in own and value.shape != own[key].shape
     ]
-    missing = [k for k in own if k not in state and not k.startswith(_OWN_PREFIXES)]
+    missing = [k for k in own if k not in state and not k.startswith(CALIBRATION_PREFIXES)]
     if mismatched or missing:
         details = "; ".join(mismatched[:3] + [f"missing {k}" for k in missing[:3]])
         raise CheckpointError(

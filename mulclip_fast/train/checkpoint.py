@@ -61,11 +61,16 @@ def save_checkpoint(state: dict, out: str, keep: int) -> str:
 
 
 def capture_rng_state() -> dict:
-    """Every random generator a step draws from, so that a resumed run draws the same numbers."""
+    """Every random generator a step draws from, so that a resumed run draws the same numbers.
+
+    Only tensors and plain Python values: a checkpoint must load with ``torch.load(weights_only=True)``,
+    which is how ``--init`` reads weights (numpy's state tuple holds an ndarray, so its key table is
+    stored as a tensor)."""
+    kind, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
     return {
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-        "numpy": np.random.get_state(),
+        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached_gaussian)],
         "python": random.getstate(),
     }
 
@@ -74,7 +79,9 @@ def restore_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if state.get("cuda") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-    np.random.set_state(state["numpy"])
+    kind, keys, pos, has_gauss, cached_gaussian = state["numpy"]  # older checkpoints: numpy's own tuple
+    keys = keys.numpy() if isinstance(keys, torch.Tensor) else keys
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached_gaussian))
     random.setstate(state["python"])
 
 
