@@ -60,7 +60,7 @@ def embed_dataset(
 
     ``packed_text``: a batch's captions, summaries and probes in one packed pass of the text tower
     (``CLIP.encode_packed_text``); False encodes each group padded, the reference."""
-    collator = Collator(with_subcaptions=False)
+    collator = Collator(with_subcaptions=False, long_context=model.config.context_length)
     was_training = model.training
     model.eval()
     parts: dict[str, list[torch.Tensor]] = {"image": [], "long": [], "short": [], "probe": []}

@@ -31,6 +31,8 @@ OBJECTIVES = {
     "mulclip": ("global_long", "global_short", "wpr", "sap"),
     "global": ("global_long", "global_short"),
     "finelip": ("global_long", "global_short", "finelip"),
+    # The paper's ablation row "CLIM instead of WPR": FineLIP's cross-modal late interaction in WPR's place.
+    "mulclip-clim": ("global_long", "global_short", "finelip", "sap"),
 }
 DEFAULT_WEIGHTS = {"global_long": 1.0, "global_short": 0.5, "wpr": 1.0, "sap": 1.0, "finelip": 1.0}
 # The terms' names before each took its method's name; scripts, checkpoints and metrics.jsonl files may hold them.
@@ -44,7 +46,8 @@ class MulCLIPLoss(nn.Module):
 
     Args:
         objective: ``"mulclip"`` (global + WPR + SAP), ``"global"`` (Long-CLIP-style global loss only)
-            or ``"finelip"`` (global + FineLIP's late-interaction hinge loss). Sets the default terms.
+            ``"finelip"`` (global + FineLIP's late-interaction hinge loss, CLIM) or ``"mulclip-clim"``
+            (global + CLIM + SAP, the paper's ablation of WPR). Sets the default terms.
         terms: explicit set of enabled terms (subset of ``TERMS``), overriding the objective's.
         weights: per-term weights, merged over ``DEFAULT_WEIGHTS`` (short caption 0.5, others 1).
             ``terms`` and ``weights`` still accept the old names ``"word"`` and ``"sub"`` (``RENAMED_TERMS``)

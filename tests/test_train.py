@@ -225,7 +225,8 @@ def test_every_setting_is_set_by_its_flag():
     """The parser is generated from TrainConfig's fields: each field has a flag with the documented spelling."""
     argv = ["--preset", "vit-b-16", "--model", "vision_layers=1", "--model", "text_alibi=0", "--data", "docci:/d"]
     argv += ["--image-root", "/img", "--init", "openai:/w.pt", "--freeze-positions", "0", "--train-size", "64"]
-    argv += ["--twin-fraction", "0.25", "--max-subcaptions", "3", "--loss", "finelip", "--no-wpr", "--no-sap"]
+    argv += ["--twin-fraction", "0.25", "--max-subcaptions", "3", "--captions", "short", "--loss", "finelip"]
+    argv += ["--no-wpr", "--no-sap"]
     argv += ["--w-wpr", "2", "--w-global-short", "0.25", "--sap-pairing", "all", "--sap-topk-ratio", "0.5"]
     argv += ["--sap-raw-patches", "--fine-start", "0.1", "--fine-ramp", "0.2", "--backend", "reference"]
     argv += ["--steps", "7", "--epochs", "2", "--time-limit", "30", "--batch-size", "16", "--lr", "0.01"]
@@ -244,6 +245,7 @@ def test_every_setting_is_set_by_its_flag():
         train_size=64,
         twin_fraction=0.25,
         max_subcaptions=3,
+        captions="short",
         loss="finelip",
         wpr=False,
         sap=False,

@@ -41,6 +41,7 @@ __all__ = [
     "LONG_CONTEXT",
     "Record",
     "SHORT_CONTEXT",
+    "SummaryCaptions",
     "SyntheticLongCaptions",
     "batch_order",
     "iterate_batches",
@@ -84,19 +85,46 @@ def open_dataset(
     image_root: str | None = None,
     holdout: int = 1000,
     twin_fraction: float = 0.0,
+    captions: str = "long",
 ) -> torch.utils.data.Dataset:
     """The ``split`` (``train`` / ``val`` / ``test``) of the dataset named by ``spec``.
 
     ``size`` is the number of synthetic samples (ignored for files); real files hold out their ``test``
     split (all of DCI and Urban1k), or their last ``holdout`` records, for ``val`` / ``test``.
-    ``twin_fraction``: synthetic binding twins (see ``SyntheticLongCaptions``).
+    ``twin_fraction``: synthetic binding twins (see ``SyntheticLongCaptions``). ``captions="short"``: each
+    caption replaced by its summary (``SummaryCaptions``).
     """
+    if captions not in ("long", "short"):
+        raise ValueError(f"captions must be 'long' or 'short', got {captions!r}")
     kind, path = parse_data_spec(spec)
     if kind == "synthetic":
-        return SyntheticLongCaptions(
+        dataset = SyntheticLongCaptions(
             size=size, seed=seed, split=split, image_size=image_size, twin_fraction=twin_fraction
         )
-    return open_real_dataset(kind, path, "train" if split == "train" else "test", image_size, image_root, holdout)
+    else:
+        split = "train" if split == "train" else "test"
+        dataset = open_real_dataset(kind, path, split, image_size, image_root, holdout)
+    return SummaryCaptions(dataset) if captions == "short" else dataset
+
+
+class SummaryCaptions(torch.utils.data.Dataset):
+    """``dataset`` with every caption (and binding probe) replaced by its summary, its first sentence: the
+    short, alt-text-like captions of CLIP-style pretraining. On the synthetic data the summary names the
+    objects and their colours but not their sizes, places or relations, which the long caption adds."""
+
+    def __init__(self, dataset: torch.utils.data.Dataset):
+        self.dataset = dataset
+        self.bad_records = getattr(dataset, "bad_records", [])
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict:
+        item = dict(self.dataset[index])
+        item["caption"] = summary_of(item["caption"])
+        if item.get("probe"):
+            item["probe"] = summary_of(item["probe"])
+        return item
 
 
 def batch_order(n: int, batch_size: int, seed: int, epoch: int, shuffle: bool = True) -> list[list[int]]:

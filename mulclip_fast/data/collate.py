@@ -66,13 +66,22 @@ class Batch:
 
 
 class Collator:
-    """Turns dataset items into a ``Batch``. Picklable, so it works in DataLoader workers."""
+    """Turns dataset items into a ``Batch``. Picklable, so it works in DataLoader workers.
 
-    def __init__(self, max_subcaptions: int = 8, with_subcaptions: bool = True):
+    ``long_context``: the text positions of the model, which long captions and probes are truncated to
+    (EOT kept): 248 for Long-CLIP's stretched table, 77 for a CLIP as pretrained on short captions.
+    Summaries and subcaptions take at most 77.
+    """
+
+    def __init__(self, max_subcaptions: int = 8, with_subcaptions: bool = True, long_context: int = LONG_CONTEXT):
         if max_subcaptions < 1:
             raise ValueError(f"max_subcaptions must be >= 1, got {max_subcaptions}")
+        if long_context < 2:
+            raise ValueError(f"long_context must be >= 2 (SOT and EOT), got {long_context}")
         self.max_subcaptions = max_subcaptions
         self.with_subcaptions = with_subcaptions
+        self.long_context = long_context
+        self.short_context = min(SHORT_CONTEXT, long_context)
         self._tokenizer = None
 
     @property
@@ -93,22 +102,22 @@ class Collator:
             return Batch(torch.zeros(0, 3, 1, 1), empty, empty, empty[:, None], no_subs, None, [], skipped)
         tok = self.tokenizer
         captions = [it["caption"] for it in items]
-        long_ids = trim_to_longest(tok.tokenize(captions, LONG_CONTEXT))
-        short_ids = trim_to_longest(tok.tokenize([summary_of(c) for c in captions], SHORT_CONTEXT))
+        long_ids = trim_to_longest(tok.tokenize(captions, self.long_context))
+        short_ids = trim_to_longest(tok.tokenize([summary_of(c) for c in captions], self.short_context))
         if self.with_subcaptions:
             subs = [subcaptions_of(c, self.max_subcaptions) for c in captions]
         else:
             subs = [[] for _ in captions]
         m = max(1, max(len(s) for s in subs))
-        flat = tok.tokenize([s for per in subs for s in per], SHORT_CONTEXT)
-        sub_ids = torch.zeros(len(items), m, SHORT_CONTEXT, dtype=torch.long)
+        flat = tok.tokenize([s for per in subs for s in per], self.short_context)
+        sub_ids = torch.zeros(len(items), m, self.short_context, dtype=torch.long)
         sub_mask = torch.zeros(len(items), m, dtype=torch.bool)
         for b, per in enumerate(subs):
             sub_mask[b, : len(per)] = True
         sub_ids[sub_mask] = flat
         probe_ids = None
         if all(it.get("probe") for it in items):
-            probe_ids = trim_to_longest(tok.tokenize([it["probe"] for it in items], LONG_CONTEXT))
+            probe_ids = trim_to_longest(tok.tokenize([it["probe"] for it in items], self.long_context))
         return Batch(
             images=torch.stack([it["image"] for it in items]),
             long_ids=long_ids,

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..data import parse_data_spec
+from ..data import SHORT_CONTEXT, parse_data_spec
 from ..losses import DEFAULT_WEIGHTS, OBJECTIVES, RENAMED_TERMS, TERMS, current_term_names
 from ..model import PRESETS, CheckpointError, check_device, preset_config
 from ..model.attention import TEXT_ATTENTION_BACKENDS, AttentionBackendUnavailable, check_text_attention
@@ -32,6 +32,7 @@ class ConfigError(ValueError):
 DEFAULT_STEPS_SCRATCH = 440
 DEFAULT_LR_SCRATCH = 5e-4
 DEFAULT_LR_FINETUNE = 1e-6
+DEFAULT_FINE_START_SCRATCH = 0.8
 DEFAULT_TIME_LIMIT_SYNTHETIC = 240.0
 
 
@@ -57,6 +58,13 @@ def _default_run_time_limit(config: TrainConfig) -> float:
 def _default_run_precision(config: TrainConfig) -> str:
     native = config.device == "cpu" and cpu_has_native_bf16()
     return "bf16" if is_default_run(config) and native else "fp32"
+
+
+# Fine-tuning a pretrained CLIP (the paper's setting) trains every term from the first step; from scratch,
+# the fine-grained terms wait until the towers have learnt the global alignment they build on
+# (docs/notes/2026-11-27-binding.md).
+def _default_fine_start(config: TrainConfig) -> float:
+    return 0.0 if config.init else DEFAULT_FINE_START_SCRATCH
 
 
 # A compiled tower is specialised to its input layout, and a pack's layout changes with every batch, so
@@ -148,6 +156,13 @@ class TrainConfig:
         0.5, "synthetic training pairs followed by their colour-swapped twin in the same batch", MODEL_AND_DATA
     )
     max_subcaptions: int = setting(8, "subcaptions per caption at most", MODEL_AND_DATA)
+    captions: str = setting(
+        "long",
+        "train on the long captions, or on their summaries only: CLIP-style pretraining on short captions "
+        "(--loss global, 77 text positions unless --model context_length=N says otherwise)",
+        MODEL_AND_DATA,
+        choices=("long", "short"),
+    )
     # objective
     loss: str = setting("mulclip", "objective", OBJECTIVE, choices=tuple(sorted(OBJECTIVES)))
     wpr: bool = setting(True, "leave out word-patch reconstruction", OBJECTIVE)
@@ -166,7 +181,13 @@ class TrainConfig:
     )
     sap_topk_ratio: float = setting(0.25, "share of patches SAP aggregates per subcaption", OBJECTIVE)
     sap_raw_patches: bool = setting(False, "SAP on raw patches, not calibrated ones", OBJECTIVE)
-    fine_start: float = setting(0.8, "fraction of training before WPR/SAP", OBJECTIVE)
+    fine_start: float = setting(
+        DEFAULT_FINE_START_SCRATCH,
+        f"fraction of training before the fine-grained terms (default: {DEFAULT_FINE_START_SCRATCH:g} from scratch, "
+        "0 with --init)",
+        OBJECTIVE,
+        unset=_default_fine_start,
+    )
     fine_ramp: float = setting(0.05, "fraction over which they ramp to full weight", OBJECTIVE)
     backend: str = setting(
         "auto",
@@ -271,6 +292,14 @@ def resolve_config(config: TrainConfig) -> TrainConfig:
             raise ConfigError(f"--init must be openai:PATH or longclip:PATH, got {c.init!r}")
         if not os.path.isfile(path):
             raise CheckpointError(f"--init checkpoint not found: {path}")
+    if c.captions not in ("long", "short"):
+        raise ConfigError(f"--captions must be long or short, got {c.captions!r}")
+    if c.captions == "short":
+        if c.loss != "global":
+            raise ConfigError(
+                f"--captions short trains CLIP's contrastive loss on summaries; --loss {c.loss} needs long captions"
+            )
+        c.model_overrides.setdefault("context_length", SHORT_CONTEXT)
     if c.precision not in ("fp32", "bf16"):
         raise ConfigError(f"--precision must be fp32 or bf16, got {c.precision!r}")
     if c.compile is not None and c.compile not in torch._dynamo.list_backends(exclude_tags=()):

@@ -217,6 +217,7 @@ def _train(config, resume, stop_at_step, given) -> dict:
         config.image_root,
         config.eval_pairs,
         twin_fraction=config.twin_fraction,
+        captions=config.captions,
     )
     total_steps = _count_steps(config, len(train_set))
     if state is not None and total_steps < state["step"]:
@@ -256,7 +257,11 @@ def _train(config, resume, stop_at_step, given) -> dict:
         log.write(f"{len(bad_records)} bad records skipped (see bad_records.json), e.g. {bad_records[0]}")
         if main_rank:
             atomic_write_text(os.path.join(out, "bad_records.json"), json.dumps(bad_records, indent=2))
-    collator = Collator(config.max_subcaptions, with_subcaptions=trainer.needs_subcaptions)
+    collator = Collator(
+        config.max_subcaptions,
+        with_subcaptions=trainer.needs_subcaptions,
+        long_context=trainer.model.config.context_length,
+    )
     skipped: dict[str, str] = dict(state.get("skipped_images", {})) if state is not None else {}
     step, interrupted, time_limited = start_step, None, False
     trained_steps = 0  # by this process: a run that never had a usable batch must not pass for a success

@@ -80,8 +80,9 @@ def write_plots(out: str) -> None:
             line = ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=key)[0] if points else None
             final = [v for v in vals if v.get("split") == "test" and v.get(key) is not None]
             if final:
-                color = line.get_color() if line else None
-                ax.scatter([final[-1]["step"]], [final[-1][key]], marker="*", s=120, color=color)
+                # Labelled here when no validation line carries the key (a run without validation).
+                color, label = (line.get_color(), None) if line else (None, key)
+                ax.scatter([final[-1]["step"]], [final[-1][key]], marker="*", s=120, color=color, label=label)
         ax.set_ylim(0, 1)
         ax.set_xlabel("step")
         ax.set_title("retrieval (lines: validation, stars: final test)")

@@ -63,6 +63,8 @@ class Trainer:
             for tower in (self.model.visual.transformer, self.model.transformer):
                 tower.compile(backend=config.compile)
         terms = [t for t in OBJECTIVES[config.loss] if (t != "wpr" or config.wpr) and (t != "sap" or config.sap)]
+        if config.captions == "short":  # the summary is the caption: one contrastive term, as CLIP's
+            terms = ["global_long"]
         self.terms = tuple(terms)
         self.loss_fn = MulCLIPLoss(
             objective=config.loss,
