@@ -45,6 +45,8 @@ LAYERS = {
     "mulclip_fast.tools": 6,
     "mulclip_fast.op_parity": 6,  # the parity harness of the layout/property tests and the GPU check
     "mulclip_fast.gpu_check": 6,
+    "mulclip_fast.export": 6,  # a run's weights as an OpenAI-layout file: reads run checkpoints, writes like train
+    "mulclip_fast.study": 6,  # the ablation study: runs train and eval
 }
 LEAVES = ("mulclip_fast.reference", "mulclip_fast.data")
 

@@ -1,0 +1,187 @@
+"""The study's results: ``results.json``, the markdown table ``results.md`` and the plot ``results.png``.
+
+Every number is a mean ± sample standard deviation over the seeds; each seed fixes the fine-tuning data,
+the calibration modules' initialisation and the test set, the same for every row, so rows of one seed are
+paired. The question of the study — does full MulCLIP beat global-only fine-tuning by more than the spread
+across seeds? — is answered per metric by the rule in ``compare``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import statistics
+from collections.abc import Callable
+
+from ..train.checkpoint import atomic_write_text
+from .plan import Row, StudySettings
+
+
+def _mean_of(*keys: str) -> Callable[[dict], float | None]:
+    def metric(result: dict) -> float | None:
+        values = [result.get(k) for k in keys]
+        return None if any(v is None for v in values) else sum(values) / len(values)
+
+    return metric
+
+
+# (key, column title, how it is read from an eval.json). Long R@1 is the paper's metric: the mean of the
+# text-to-image and image-to-text R@1.
+METRICS: tuple[tuple[str, str, Callable[[dict], float | None]], ...] = (
+    ("long_r1", "long R@1 (mean)", _mean_of("t2i_r1", "i2t_r1")),
+    ("t2i_r1", "long T2I R@1", _mean_of("t2i_r1")),
+    ("i2t_r1", "long I2T R@1", _mean_of("i2t_r1")),
+    ("long_r5", "long R@5 (mean)", _mean_of("t2i_r5", "i2t_r5")),
+    ("short_r1", "short R@1 (mean)", _mean_of("short_t2i_r1", "short_i2t_r1")),
+    ("binding_acc", "binding", _mean_of("binding_acc")),
+)
+# The metrics the study's question names: long-caption retrieval and fine-grained discrimination.
+QUESTION_METRICS = ("long_r1", "binding_acc")
+
+
+def metric_values(result: dict) -> dict[str, float]:
+    """The study's metrics of one evaluation (those it reports)."""
+    values = {key: read(result) for key, _, read in METRICS}
+    return {key: v for key, v in values.items() if v is not None}
+
+
+def summarise(per_seed: dict[str, dict]) -> dict:
+    """Mean and sample standard deviation (0 for one seed) of every metric over the seeds."""
+    values = [metric_values(result) for result in per_seed.values()]
+    keys = [k for k, _, _ in METRICS if all(k in v for v in values)]
+    mean = {k: statistics.fmean(v[k] for v in values) for k in keys}
+    std = {k: statistics.stdev([v[k] for v in values]) if len(values) > 1 else 0.0 for k in keys}
+    return {"mean": mean, "std": std}
+
+
+def compare(a: dict, b: dict, a_seeds: dict[str, dict], b_seeds: dict[str, dict]) -> dict:
+    """Row ``a`` against row ``b`` per metric: the difference of the means, the paired differences (same
+    seed) as mean ± std, and ``beats``: a's mean is above b's by more than the larger of the two rows'
+    standard deviations across seeds — a gap that the seeds' own spread does not cover."""
+    out = {}
+    for key in a["mean"]:
+        if key not in b["mean"]:
+            continue
+        paired = [
+            metric_values(a_seeds[s])[key] - metric_values(b_seeds[s])[key] for s in a_seeds if s in b_seeds
+        ]
+        spread = max(a["std"][key], b["std"][key])
+        diff = a["mean"][key] - b["mean"][key]
+        out[key] = {
+            "difference": diff,
+            "paired_mean": statistics.fmean(paired) if paired else math.nan,
+            "paired_std": statistics.stdev(paired) if len(paired) > 1 else 0.0,
+            "spread": spread,
+            "beats": diff > spread,
+        }
+    return out
+
+
+def _cell(summary: dict, key: str) -> str:
+    if key not in summary["mean"]:
+        return "—"
+    return f"{summary['mean'][key]:.3f} ± {summary['std'][key]:.3f}"
+
+
+def markdown(results: dict) -> str:
+    settings = results["settings"]
+    keys = [k for k, _, _ in METRICS if any(k in r["mean"] for r in results["rows"].values())]
+    titles = {k: t for k, t, _ in METRICS}
+    seeds = ", ".join(str(s) for s in settings["seeds"])
+    lines = [
+        "# MulCLIP ablation: fine-tuning a short-caption-pretrained CLIP on long captions",
+        "",
+        f"`python -m mulclip_fast.study` — tiny preset, synthetic data. Pretraining: {settings['pretrain_steps']} "
+        f"steps of {settings['batch_size']} on summaries (lr {settings['pretrain_lr']:g}). Fine-tuning: "
+        f"{settings['finetune_steps']} steps of {settings['batch_size']} per row (lr {settings['finetune_lr']:g}), "
+        f"seeds {seeds}; {settings['eval_pairs']} test pairs per seed. Mean ± standard deviation over the seeds. "
+        f"Wall time {results['seconds'] / 60:.1f} min.",
+        "",
+        "| objective | " + " | ".join(titles[k] for k in keys) + " |",
+        "|---|" + "---|" * len(keys),
+        "| pretrained, not fine-tuned | " + " | ".join(_cell(results["pretrained"], k) for k in keys) + " |",
+    ]
+    for row in results["rows"].values():
+        lines.append(f"| {row['label']} | " + " | ".join(_cell(row, k) for k in keys) + " |")
+    comparison = results.get("mulclip_vs_global")
+    if comparison:
+        lines += ["", "MulCLIP against global-only fine-tuning (beats: mean above by more than the larger std):", ""]
+        for key in QUESTION_METRICS:
+            if key in comparison:
+                c = comparison[key]
+                verdict = "beats" if c["beats"] else "does not beat"
+                lines.append(
+                    f"- {titles[key]}: {c['difference']:+.3f} (paired per seed {c['paired_mean']:+.3f} ± "
+                    f"{c['paired_std']:.3f}; spread {c['spread']:.3f}) — MulCLIP {verdict} global-only."
+                )
+    gradients = results.get("gradients")
+    if gradients:
+        lines += [
+            "",
+            "Gradient alignment at the fine-tuning start (shared parameters; per seed, mean of "
+            f"{next(iter(gradients.values()))['batches']} batches):",
+            "",
+            "| seed | " + " | ".join(f"cos(global, {t}) | ‖{t}‖/‖global‖" for t in ("wpr", "sap", "finelip")) + " |",
+            "|---|" + "---|---|" * 3,
+        ]
+        for seed, g in gradients.items():
+            cells = " | ".join(f"{g[t]['cosine']:+.3f} | {g[t]['norm_ratio']:.2f}" for t in ("wpr", "sap", "finelip"))
+            lines.append(f"| {seed} | {cells} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(results: dict, path: str) -> None:
+    """Grouped bars of the question's metrics and short R@1, one group per objective, error bars = std."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = [k for k in (*QUESTION_METRICS, "short_r1") if any(k in r["mean"] for r in results["rows"].values())]
+    titles = {k: t for k, t, _ in METRICS}
+    groups = [("pretrained", results["pretrained"])] + [(r["label"], r) for r in results["rows"].values()]
+    fig, ax = plt.subplots(figsize=(max(7, 1.3 * len(groups)), 4.5))
+    width = 0.8 / max(1, len(keys))
+    for i, key in enumerate(keys):
+        xs = [g + (i - (len(keys) - 1) / 2) * width for g in range(len(groups))]
+        means = [summary["mean"].get(key, math.nan) for _, summary in groups]
+        stds = [summary["std"].get(key, 0.0) for _, summary in groups]
+        ax.bar(xs, means, width, yerr=stds, capsize=3, label=titles[key])
+    ax.set_xticks(range(len(groups)))
+    ax.set_xticklabels([label for label, _ in groups], rotation=25, ha="right", fontsize=8)
+    ax.set_ylim(0, 1)
+    ax.set_title("fine-tuning a short-caption-pretrained tiny CLIP (mean ± std over seeds)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def write_results(
+    out: str,
+    settings: StudySettings,
+    rows: tuple[Row, ...],
+    evals: dict[str, dict[str, dict]],
+    baseline: dict[str, dict],
+    gradients: dict,
+    seconds: float,
+) -> dict:
+    """Assemble, write and return ``results.json``; also ``results.md`` and ``results.png``."""
+    results = {
+        "settings": settings.to_dict(),
+        "seconds": seconds,
+        "pretrained": {**summarise(baseline), "seeds": baseline},
+        "rows": {
+            row.key: {"label": row.label, "settings": row.settings, **summarise(evals[row.key]), "seeds": evals[row.key]}
+            for row in rows
+        },
+        "gradients": gradients,
+    }
+    if "mulclip" in evals and "global" in evals:
+        r = results["rows"]
+        results["mulclip_vs_global"] = compare(r["mulclip"], r["global"], evals["mulclip"], evals["global"])
+    atomic_write_text(os.path.join(out, "results.json"), json.dumps(results, indent=2))
+    atomic_write_text(os.path.join(out, "results.md"), markdown(results))
+    plot(results, os.path.join(out, "results.png"))
+    return results

@@ -1,0 +1,204 @@
+"""Running the study: pretraining once, then every row × seed, resumable at any point.
+
+Layout of the study directory::
+
+    study.json                 the settings (a resumed study must be given the same)
+    pretrain/                  the short-caption pretraining run (a normal run directory)
+    pretrained.pt              its CLIP weights, OpenAI layout (``python -m mulclip_fast.export``)
+    pretrained_eval.json       the pretrained model evaluated on each seed's test set
+    gradients.json             gradient alignment of the fine-grained terms at the fine-tuning start
+    runs/ROW/seedN/            one fine-tuning run directory per row and seed (its checkpoint deleted once done)
+    logs/                      what each run printed
+    results.json, results.md, results.png
+
+A run counts as done when its ``summary.json`` exists (``train`` writes it last); an interrupted run resumes
+from its newest checkpoint, one that never checkpointed starts over.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import sys
+import time
+
+from ..data import open_dataset
+from ..eval import evaluate
+from ..export import export_clip_weights
+from ..model import CLIP, load_clip_weights, preset_config
+from ..run_checkpoints import list_checkpoints
+from ..train import TrainConfig, train
+from ..train.checkpoint import atomic_write_text
+from .gradients import gradient_alignment
+from .plan import ROWS, Row, StudySettings
+from .report import write_results
+
+
+class StudyError(ValueError):
+    """A study directory that does not fit the requested study; the message says why."""
+
+
+def pretrain_config(settings: StudySettings, out: str) -> TrainConfig:
+    """CLIP-style pretraining: the global loss on the summaries alone, 77 text positions, independent pairs
+    (no binding twins: alt-text scraped from the web has none)."""
+    return TrainConfig(
+        captions="short",
+        loss="global",
+        twin_fraction=0.0,
+        steps=settings.pretrain_steps,
+        lr=settings.pretrain_lr,
+        batch_size=settings.batch_size,
+        seed=settings.pretrain_seed,
+        eval_pairs=settings.eval_pairs,
+        val_every=settings.pretrain_steps,  # no validation pass mid-run: the final evaluation is the result
+        val_pairs=min(64, settings.eval_pairs),
+        checkpoint_every=max(1, settings.pretrain_steps // 4),
+        keep_checkpoints=1,
+        precision="fp32",
+        model_overrides=dict(settings.model_overrides),
+        out=out,
+    )
+
+
+def finetune_config(row: Row, seed: int, settings: StudySettings, pretrained: str, out: str) -> TrainConfig:
+    """One row's fine-tuning from the pretrained weights: every term at full weight from the first step."""
+    return TrainConfig(
+        init=f"openai:{pretrained}",
+        steps=settings.finetune_steps,
+        lr=settings.finetune_lr,
+        batch_size=settings.batch_size,
+        seed=seed,
+        fine_start=0.0,
+        fine_ramp=0.0,
+        eval_pairs=settings.eval_pairs,
+        val_every=settings.finetune_steps,
+        val_pairs=min(64, settings.eval_pairs),
+        checkpoint_every=0,  # a row is short: a signal still checkpoints it, a kill redoes it
+        keep_checkpoints=1,
+        precision="fp32",
+        model_overrides=dict(settings.model_overrides),
+        out=out,
+        **row.settings,
+    )
+
+
+def _run(config: TrainConfig, log_path: str, keep_checkpoint: bool = True) -> dict:
+    """``train(config)`` with its output in ``log_path``; resumes a run that has a checkpoint, restarts one
+    that has none, and returns the finished run's summary. ``keep_checkpoint=False`` deletes the finished
+    run's checkpoint (about 100 MB for the tiny preset with its optimizer state): the study needs its
+    evaluation, and 21 of them would fill gigabytes."""
+    summary_path = os.path.join(config.out, "summary.json")
+    if os.path.exists(summary_path):
+        with open(summary_path) as handle:
+            return json.load(handle)
+    folder = os.path.join(config.out, "checkpoints")
+    resume = os.path.isdir(folder) and bool(list_checkpoints(folder))
+    overwrite = os.path.isdir(config.out) and not resume
+    with open(log_path, "a") as log, contextlib.redirect_stdout(log):
+        summary = train(config, resume=resume, overwrite=overwrite, given=set())
+    if summary.get("interrupted") is not None:
+        raise KeyboardInterrupt(f"{config.out} was interrupted; run the study again to resume it")
+    if not keep_checkpoint:
+        shutil.rmtree(folder)
+    return summary
+
+
+def _check_settings(out: str, settings: StudySettings) -> None:
+    path = os.path.join(out, "study.json")
+    if os.path.exists(path):
+        with open(path) as handle:
+            stored = json.load(handle)
+        if stored != json.loads(json.dumps(settings.to_dict())):  # as stored: tuples become lists
+            raise StudyError(
+                f"{out} holds a study with other settings ({stored}); give another --out to run this one"
+            )
+    else:
+        atomic_write_text(path, json.dumps(settings.to_dict(), indent=2))
+
+
+def _evaluate_pretrained(out: str, pretrained: str, settings: StudySettings) -> dict:
+    """The pretrained model's evaluation on each seed's test set: where every row starts."""
+    path = os.path.join(out, "pretrained_eval.json")
+    if os.path.exists(path):
+        with open(path) as handle:
+            return json.load(handle)
+    config = preset_config("tiny", **settings.model_overrides)
+    model = CLIP(config)
+    load_clip_weights(model, pretrained)
+    result = {}
+    for seed in settings.seeds:
+        test = open_dataset("synthetic", "test", config.image_resolution, settings.eval_pairs, seed)
+        result[str(seed)] = evaluate(model, test)
+    atomic_write_text(path, json.dumps(result, indent=2))
+    return result
+
+
+def _gradients(out: str, pretrained: str, settings: StudySettings) -> dict:
+    path = os.path.join(out, "gradients.json")
+    if os.path.exists(path):
+        with open(path) as handle:
+            return json.load(handle)
+    mulclip = next(row for row in ROWS if row.key == "mulclip")
+    result = {}
+    for seed in settings.seeds:
+        config = finetune_config(mulclip, seed, settings, pretrained, out="unused")
+        result[str(seed)] = gradient_alignment(config)
+    atomic_write_text(path, json.dumps(result, indent=2))
+    return result
+
+
+def run_study(out: str, settings: StudySettings, rows: tuple[Row, ...] = ROWS) -> dict:
+    """Run (or resume) the study in ``out``; returns the results written to ``results.json``."""
+    os.makedirs(os.path.join(out, "logs"), exist_ok=True)
+    _check_settings(out, settings)
+    stages = [("pretrain", None, None)] + [(row.key, row, seed) for row in rows for seed in settings.seeds]
+    bar = _Progress(len(stages) + 2)
+    started = time.perf_counter()
+    pretrained = os.path.join(out, "pretrained.pt")
+    bar.start("pretraining on short captions")
+    _run(pretrain_config(settings, os.path.join(out, "pretrain")), os.path.join(out, "logs", "pretrain.log"))
+    if not os.path.exists(pretrained):
+        export_clip_weights(os.path.join(out, "pretrain"), pretrained)
+    bar.start("evaluating the pretrained model")
+    baseline = _evaluate_pretrained(out, pretrained, settings)
+    bar.start("gradient alignment at the fine-tuning start")
+    gradients = _gradients(out, pretrained, settings)
+    evals: dict[str, dict[str, dict]] = {}
+    for key, row, seed in stages[1:]:
+        bar.start(f"{row.label}, seed {seed}")
+        run_dir = os.path.join(out, "runs", key, f"seed{seed}")
+        summary = _run(
+            finetune_config(row, seed, settings, pretrained, run_dir),
+            os.path.join(out, "logs", f"{key}-seed{seed}.log"),
+            keep_checkpoint=False,
+        )
+        evals.setdefault(key, {})[str(seed)] = summary["eval"]
+    bar.close()
+    return write_results(out, settings, rows, evals, baseline, gradients, time.perf_counter() - started)
+
+
+class _Progress:
+    """A tqdm bar over the study's stages on a terminal, one line per stage elsewhere (logs, CI)."""
+
+    def __init__(self, total: int):
+        self.total, self.done, self.bar = total, 0, None
+        if sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, unit="stage", dynamic_ncols=True)
+
+    def start(self, what: str) -> None:
+        if self.bar is not None:
+            if self.done:
+                self.bar.update(1)
+            self.bar.set_description(what)
+        else:
+            print(f"[{self.done + 1}/{self.total}] {what}", file=sys.stderr, flush=True)
+        self.done += 1
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.close()

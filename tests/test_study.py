@@ -1,0 +1,90 @@
+"""``python -m mulclip_fast.study``: the --quick study end to end, its resume, and the rules of its table."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+import pytest
+
+from mulclip_fast.export import export_clip_weights
+from mulclip_fast.study import QUICK, ROWS, StudyError, run_study
+from mulclip_fast.study import __main__ as study_cli
+from mulclip_fast.study import runner
+from mulclip_fast.study.gradients import gradient_alignment
+from mulclip_fast.study.report import compare, summarise
+
+
+@pytest.mark.slow
+def test_quick_study_runs_every_row_and_seed_and_resumes_without_redoing_them(tmp_path, monkeypatch, capsys):
+    out = str(tmp_path / "study")
+    assert study_cli.main(["--quick", "--out", out]) == 0
+    printed = capsys.readouterr().out
+    results = json.load(open(os.path.join(out, "results.json")))
+    assert list(results["rows"]) == [row.key for row in ROWS]
+    for row in results["rows"].values():
+        assert sorted(row["seeds"]) == ["1", "2"]
+        assert row["label"] in printed
+        for key, value in row["mean"].items():
+            values = [s[k] for s in row["seeds"].values() for k in _keys(key)]
+            assert min(values) - 1e-9 <= value <= max(values) + 1e-9 or key.endswith("_r1")
+    assert set(results["pretrained"]["seeds"]) == {"1", "2"}
+    assert set(results["mulclip_vs_global"]) >= {"long_r1", "binding_acc"}
+    assert set(results["gradients"]["1"]) >= {"wpr", "sap", "finelip"}
+    for name in ("results.md", "results.png", "pretrained.pt"):
+        assert os.path.getsize(os.path.join(out, name)) > 0
+    # Finished rows keep their evaluation, not their 100 MB checkpoints.
+    assert not os.path.exists(os.path.join(out, "runs", "mulclip", "seed1", "checkpoints"))
+
+    # Run again: nothing retrains; drop one row's summary and only that row runs again.
+    trained = []
+    real_train = runner.train
+    monkeypatch.setattr(runner, "train", lambda config, **kw: trained.append(config.out) or real_train(config, **kw))
+    assert study_cli.main(["--quick", "--out", out]) == 0
+    assert trained == []
+    os.remove(os.path.join(out, "runs", "finelip", "seed2", "summary.json"))
+    assert study_cli.main(["--quick", "--out", out]) == 0
+    assert trained == [os.path.join(out, "runs", "finelip", "seed2")]
+    again = json.load(open(os.path.join(out, "results.json")))
+    assert again["rows"]["finelip"]["mean"] == results["rows"]["finelip"]["mean"]  # a function of the seed
+
+    # Other settings in the same directory are refused, not mixed in.
+    with pytest.raises(StudyError, match="other settings"):
+        run_study(out, dataclasses.replace(QUICK, finetune_steps=3))
+    assert study_cli.main(["--quick", "--out", out, "--rows", "nope"]) == 2
+
+
+def _keys(metric):
+    return {"long_r1": ("t2i_r1", "i2t_r1"), "long_r5": ("t2i_r5", "i2t_r5"), "short_r1": ("short_t2i_r1", "short_i2t_r1")}.get(
+        metric, (metric,)
+    )
+
+
+def test_compare_beats_only_above_the_larger_spread():
+    def row(values):
+        seeds = {str(i): {"t2i_r1": v, "i2t_r1": v} for i, v in enumerate(values)}
+        return summarise(seeds), seeds
+
+    (a, a_seeds), (b, b_seeds) = row([0.60, 0.62, 0.64]), row([0.50, 0.52, 0.54])
+    result = compare(a, b, a_seeds, b_seeds)["long_r1"]
+    assert result["difference"] == pytest.approx(0.10) and result["spread"] == pytest.approx(0.02)
+    assert result["beats"] and result["paired_mean"] == pytest.approx(0.10) and result["paired_std"] == pytest.approx(0)
+    (c, c_seeds) = row([0.40, 0.60, 0.80])  # same mean gap would be covered by its own spread
+    assert not compare(c, b, c_seeds, b_seeds)["long_r1"]["beats"]
+
+
+def test_gradient_alignment_scales_with_the_term_weight(tmp_path):
+    settings = dataclasses.replace(QUICK, pretrain_steps=1)
+    runner._run(runner.pretrain_config(settings, str(tmp_path / "pre")), str(tmp_path / "pre.log"))
+    weights = str(tmp_path / "w.pt")
+    export_clip_weights(str(tmp_path / "pre"), weights)
+    mulclip = next(row for row in ROWS if row.key == "mulclip")
+    config = runner.finetune_config(mulclip, 1, settings, weights, str(tmp_path / "unused"))
+    base = gradient_alignment(config, batches=1)
+    doubled = gradient_alignment(dataclasses.replace(config, weights={"wpr": 2.0, "sap": 0.0}), batches=1)
+    assert -1 <= base["wpr"]["cosine"] <= 1 and base["wpr"]["norm_ratio"] > 0
+    assert doubled["wpr"]["norm_ratio"] == pytest.approx(2 * base["wpr"]["norm_ratio"], rel=1e-4)
+    assert doubled["wpr"]["cosine"] == pytest.approx(base["wpr"]["cosine"], abs=1e-5)
+    assert doubled["sap"]["norm_ratio"] == 0 and doubled["sap"]["cosine"] == 0
+    assert doubled["global_norm"] == pytest.approx(base["global_norm"], rel=1e-5)
