@@ -11,6 +11,9 @@ Works on any object laid out like ``transformers.CLIPModel`` (``vision_model``, 
 Feature extraction follows docs/method.md, "Features": every token goes through the same final LayerNorm and projection
 as the pooled CLS / EOT embedding, so ``cls`` and ``eot`` equal ``get_image_features`` /
 ``get_text_features`` exactly.
+
+``mulclip_features`` runs every text of the batch through the text tower in one packed pass by default
+(``packed_text=False``: each group padded); docs/integrations.md, "Packed text".
 """
 
 from __future__ import annotations
