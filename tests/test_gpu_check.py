@@ -146,8 +146,90 @@ def test_dry_run_covers_determinism_timing_training_steps_scale_and_the_extensio
     for record in extension:
         assert record["ok"], record
         assert "skipped" in record or (record["backend"] == "cpp" and record["time_vs_torch"] > 0), record
-    for heading in ("## Parity", "## Determinism", "## Training step", "## Time and memory", "## Largest", "## C++"):
+    # packed text attention: the torch backend against itself in fp32 here; flash-attn and xformers need CUDA
+    text = sections["text_attention"]
+    assert {(r["backend"], r["preset"], r["dtype"]) for r in text} == {
+        (b, p, d) for b in ("torch", "flash", "xformers") for p in ("tiny", "vit-b-16") for d in ("bfloat16", "float16")
+    }
+    for record in text:
+        assert record["ok"], record
+        if record["backend"] == "torch":
+            assert "skipped" not in record and record["forward_backward_ms"]["torch"] > 0
+        else:
+            assert "needs a CUDA device" in record["skipped"], record
+    headings = ("## Parity", "## Determinism", "## Training step", "## Time and memory", "## Packed text", "## Largest")
+    for heading in (*headings, "## C++"):
         assert heading in markdown
+
+
+# ----------------------------------------------------------------------------------------------------
+# text_attention (in-process, that section only)
+# ----------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def keep_threads():
+    """The dry run sets one torch thread for the process; give the next tests back their count."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_text_pack_is_a_mulclip_batch_with_the_longest_texts():
+    lengths = plan_module.text_pack_lengths(64)
+    long, short, subs = lengths[:64], lengths[64:128], lengths[128:]
+    assert max(long) == 248 and min(long) >= 64 and max(short) == 77 and min(short) >= 8
+    assert 64 <= len(subs) <= 8 * 64 and all(5 <= n <= 40 for n in subs)
+    assert plan_module.text_pack_lengths(64) == lengths  # the same pack every run
+
+
+def test_text_attention_fits_its_share_of_the_default_time_limit():
+    """On a GPU the section's estimate (flash-attn on both towers, xformers on the tower without ALiBi) must
+    fit the share of the default limit the plan gives it, so that a default run reaches every backend."""
+    setting = plan_module.Setting(device=torch.device("cuda"), dry=False, compile_backend="inductor")
+    tasks = plan_module.text_attention_tasks(setting)
+    share = plan_module.section_deadlines(plan_module.SECTIONS, runner.DEFAULT_TIME_LIMIT_S)
+    order = list(plan_module.SECTIONS)
+    before = order[order.index("text_attention") - 1]
+    assert 0 < sum(t.estimate_s for t in tasks) <= share["text_attention"] - share[before]
+    # xformers takes no ALiBi slopes: those cases are recorded skips, planned at no cost
+    assert [t.estimate_s for t in tasks if t.name.startswith("xformers tiny")] == [0.0, 0.0]
+
+
+def test_text_attention_dry_run_checks_the_torch_backend_and_records_why_the_others_skip(tmp_path, keep_threads):
+    code = runner.main(["--dry-run", "--out", str(tmp_path), "--sections", "text_attention"])
+    data, markdown = _reports(tmp_path)
+    assert code == gpu_check.EXIT_OK, data["failures"]
+    records = data["sections"]["text_attention"]
+    ran = [r for r in records if "skipped" not in r]
+    assert {r["backend"] for r in ran} == ({"torch", "flash", "xformers"} if torch.cuda.is_available() else {"torch"})
+    for record in ran:
+        assert record["longest"] == 248 and record["tokens"] > 2 * (248 + 77)
+        for output in ("value", "grad q", "grad k", "grad v"):
+            error = record["errors"][record["backend"]][output]
+            assert 0 < error["max_rel_error"] <= record["rtol_of_max"] and error["max_abs_error"] > 0
+    assert all(r["skipped"] for r in records if r not in ran)
+    assert "## Packed text attention" in markdown
+
+
+def test_text_attention_fails_a_backend_whose_half_precision_results_are_off(tmp_path, monkeypatch, keep_threads):
+    """A backend 1 % off in 16 bits (2.6 bf16 unit roundoffs, 20 fp16 ones) fails in fp16, whose bound is 8
+    of its unit roundoffs, and passes in bf16: the check measures, and the bound is per dtype."""
+    from mulclip_fast.model import attention
+
+    exact = attention.packed_causal_attention
+
+    def one_percent_off(q, k, v, *args, **kwargs):
+        out = exact(q, k, v, *args, **kwargs)
+        return out if q.dtype == torch.float32 else out * 1.01
+
+    monkeypatch.setattr(attention, "packed_causal_attention", one_percent_off)
+    code = runner.main(["--dry-run", "--out", str(tmp_path), "--sections", "text_attention"])
+    data, _ = _reports(tmp_path)
+    assert code == gpu_check.EXIT_FAILED
+    failed = {r["task"] for r in data["sections"]["text_attention"] if not r["ok"]}
+    assert failed == {"torch tiny float16 B=2", "torch vit-b-16 float16 B=2"}
+    assert any("torch value: max error" in f for f in data["failures"])
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a machine without CUDA")

@@ -2,7 +2,8 @@
 
 The HF tests build a tiny randomly initialised ``transformers.CLIPModel`` from a config (no download).
 The open_clip tests run where open_clip imports; it needs torchvision, which a CPU-only environment
-must not install (it resolves a CUDA build), so there they are skipped with that reason.
+must not install (it resolves a CUDA build), so there they are skipped with that reason; the packed text
+pass of the open_clip adapter also runs on a stand-in with open_clip's text-tower layout, everywhere.
 """
 
 from __future__ import annotations
@@ -235,6 +236,111 @@ def test_hf_bad_input_names_the_argument(hf_batch, make_bad, message):
 def test_hf_adapter_rejects_a_model_that_is_not_a_clip_model():
     with pytest.raises(ValueError, match="CLIPModel"):
         hf.stretch_text_positions(torch.nn.Linear(2, 2))
+
+
+# -- Hugging Face: the packed text pass against the padded one ---------------------------------------
+
+
+def text_features_and_grads(model, batch, packed_text: bool, sub_mask=None) -> tuple[MulCLIPFeatures, dict]:
+    """Features of the batch and the gradients of a loss that reads every text output the loss terms read."""
+    model.zero_grad()
+    features = hf.mulclip_features(
+        model,
+        batch["pixels"],
+        batch["long_ids"],
+        short_ids=batch["short_ids"],
+        sub_ids=batch["sub_ids"],
+        sub_mask=batch["sub_mask"] if sub_mask is None else sub_mask,
+        packed_text=packed_text,
+    )
+    g = torch.Generator().manual_seed(7)
+    words = features.text_tokens * features.text_token_mask[..., None]  # past EOT the paths differ by design
+    loss = sum(
+        (t * torch.randn(t.shape, generator=g)).sum()
+        for t in (features.text_eot, words, features.short_eot, features.sub_eot)
+    )
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.text_model.named_parameters() if p.grad is not None}
+    grads["text_projection"] = model.text_projection.weight.grad.clone()
+    return features, grads
+
+
+def assert_grads_close(actual: dict, expected: dict) -> None:
+    """Each gradient within 1e-5 of its own largest entry, floored at 1e-3 of the largest of all: the key
+    biases' gradients are zero in exact arithmetic (softmax ignores a shift shared by every key), so
+    theirs are rounding noise of the other terms (~1e-6 here, measured on both paths)."""
+    floor = 1e-3 * max(float(g.abs().max()) for g in expected.values())
+    for name, grad in expected.items():
+        err = float((actual[name] - grad).abs().max()) / max(float(grad.abs().max()), floor)
+        assert err < 1e-5, (name, err)
+
+
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "grad-checkpointing"])
+def test_hf_packed_text_equals_the_padded_path_values_and_gradients(hf_batch, checkpointing):
+    """One packed pass over captions (up to 202 tokens), summaries and the real subcaptions, against each
+    group padded: EOT embeddings, word tokens and every text-tower gradient to fp32 rounding."""
+    model = hf.stretch_text_positions(tiny_hf_clip()).train()
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    assert hf._packed_tower(model, "auto").checkpointing == checkpointing  # the packed pass honours the setting
+    packed, packed_grads = text_features_and_grads(model, hf_batch, packed_text=True)
+    padded, padded_grads = text_features_and_grads(model, hf_batch, packed_text=False)
+    for name in ("text_eot", "short_eot", "sub_eot"):
+        torch.testing.assert_close(getattr(packed, name), getattr(padded, name), rtol=1e-5, atol=1e-5, msg=name)
+    assert torch.equal(packed.text_token_mask, padded.text_token_mask)
+    assert packed.text_tokens.shape == padded.text_tokens.shape == (4, 202, 16)
+    mask = packed.text_token_mask
+    torch.testing.assert_close(packed.text_tokens[mask], padded.text_tokens[mask], rtol=1e-5, atol=1e-5)
+    eot = torch.tensor([120, 7, 201, 60])
+    past_eot = torch.arange(202) > eot[:, None]
+    assert not packed.text_tokens[past_eot].any()  # the packed path computes no padding
+    assert packed_grads.keys() == padded_grads.keys() and len(packed_grads) > 10
+    assert_grads_close(packed_grads, padded_grads)
+    assert padded_grads["embeddings.position_embedding.weight"][20:202].abs().sum(dim=1).gt(0).all()
+
+
+def test_hf_packed_text_without_real_subcaptions_gives_zero_slots(hf_batch):
+    model = hf.stretch_text_positions(tiny_hf_clip())
+    none = torch.zeros_like(hf_batch["sub_mask"])
+    with torch.no_grad():
+        packed = hf.mulclip_features(
+            model, hf_batch["pixels"], hf_batch["long_ids"], sub_ids=hf_batch["sub_ids"], sub_mask=none
+        )
+        expected = model.get_text_features(input_ids=hf_batch["long_ids"]).pooler_output
+    assert torch.equal(packed.sub_eot, torch.zeros(4, 3, 16))
+    torch.testing.assert_close(packed.text_eot, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_hf_packed_text_takes_a_right_padded_attention_mask(hf_batch):
+    model = hf.stretch_text_positions(tiny_hf_clip())
+    ids = hf_batch["long_ids"]
+    right = (torch.arange(248) <= torch.tensor([120, 7, 201, 60])[:, None]).long()
+    with torch.no_grad():
+        packed = hf.mulclip_features(model, hf_batch["pixels"], ids, attention_mask=right)
+        padded = hf.mulclip_features(model, hf_batch["pixels"], ids, attention_mask=right, packed_text=False)
+    torch.testing.assert_close(packed.text_eot, padded.text_eot, rtol=1e-5, atol=1e-5)
+    assert torch.equal(packed.text_token_mask, padded.text_token_mask)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(packed_text="yes"), "packed_text must be True or False"),
+        (dict(text_attention="sdpa"), "text_attention must be one of"),
+        (dict(attention_mask=torch.ones(4, 248, dtype=torch.long).index_fill(1, torch.tensor([3]), 0)), "right pad"),
+        (dict(attention_mask=torch.ones(4, 7)), "attention_mask must be a tensor of shape"),
+    ],
+)
+def test_hf_packed_text_bad_input_names_the_argument(hf_batch, kwargs, message):
+    model = hf.stretch_text_positions(tiny_hf_clip())
+    with pytest.raises(ValueError, match=message):
+        hf.mulclip_features(model, hf_batch["pixels"], hf_batch["long_ids"], **kwargs)
+
+
+def test_hf_packed_text_longer_than_the_table_is_a_clear_error(hf_batch):
+    model = tiny_hf_clip()  # 77 positions: not stretched
+    with pytest.raises(ValueError, match="input_ids has a text of 202 positions.*stretch_text_positions"):
+        hf.mulclip_features(model, hf_batch["pixels"], hf_batch["long_ids"])
 
 
 # -- the loss: same values and gradients as the reference -----------------------------------------
@@ -595,3 +701,146 @@ def test_open_clip_stretch_features_and_loss(open_clip_model, hf_batch):
     loss.backward()
     assert model.positional_embedding.grad[:20].abs().max() == 0
     assert model.positional_embedding.grad[20:202].abs().sum(dim=1).gt(0).all()
+
+
+def test_open_clip_packed_text_equals_the_padded_path(open_clip_model, hf_batch):
+    """open_clip's own blocks composed on the pack: same EOT embeddings, word tokens and gradients as each
+    group padded (the stand-in test below runs the same code where open_clip cannot be installed)."""
+    _, model = open_clip_model
+    oc.stretch_text_positions(model)
+    assert_packed_equals_padded(open_clip_packed_and_padded(model.train(), hf_batch))
+
+
+class OpenClipLayoutBlock(torch.nn.Module):
+    """A stand-in with open_clip's ``ResidualAttentionBlock`` layout (batch-first ``nn.MultiheadAttention``,
+    pre-LN, LayerScale slots), so that the open_clip adapter's packed blocks run where open_clip cannot."""
+
+    def __init__(self, width: int, heads: int):
+        super().__init__()
+        self.ln_1 = torch.nn.LayerNorm(width)
+        self.attn = torch.nn.MultiheadAttention(width, heads, batch_first=True)
+        self.ls_1 = torch.nn.Identity()
+        self.ln_2 = torch.nn.LayerNorm(width)
+        self.mlp = torch.nn.Sequential(
+            torch.nn.Linear(width, 2 * width), torch.nn.GELU(), torch.nn.Linear(2 * width, width)
+        )
+        # a LayerScale-like gain, so that the packed block must apply ls_2 where the block does
+        self.ls_2 = LayerScaleStandIn(width)
+
+    def forward(self, x, attn_mask=None):
+        h = self.ln_1(x)
+        x = x + self.ls_1(self.attn(h, h, h, need_weights=False, attn_mask=attn_mask)[0])
+        return x + self.ls_2(self.mlp(self.ln_2(x)))
+
+
+class LayerScaleStandIn(torch.nn.Module):
+    def __init__(self, width: int):
+        super().__init__()
+        self.gamma = torch.nn.Parameter(torch.linspace(0.5, 1.5, width))
+
+    def forward(self, x):
+        return x * self.gamma
+
+
+class OpenClipLayoutTransformer(torch.nn.Module):
+    def __init__(self, width: int, heads: int, layers: int):
+        super().__init__()
+        self.resblocks = torch.nn.ModuleList(OpenClipLayoutBlock(width, heads) for _ in range(layers))
+        self.grad_checkpointing = False
+
+    def get_cast_dtype(self):
+        return self.resblocks[0].mlp[0].weight.dtype
+
+    def forward(self, x, attn_mask=None):
+        for block in self.resblocks:
+            x = block(x, attn_mask=attn_mask)
+        return x
+
+
+class OpenClipLayoutVisual(torch.nn.Module):
+    """Just enough of open_clip's ``VisionTransformer`` for ``encode_image_tokens``: class token and patches."""
+
+    def __init__(self, width: int, embed_dim: int):
+        super().__init__()
+        self.conv1 = torch.nn.Conv2d(3, width, kernel_size=8, stride=8)
+        self.class_embedding = torch.nn.Parameter(torch.randn(width) * 0.1)
+        self.transformer = torch.nn.Identity()
+        self.ln_post = torch.nn.LayerNorm(width)
+        self.proj = torch.nn.Parameter(torch.randn(width, embed_dim) * width**-0.5)
+
+    def _embeds(self, image):
+        x = self.conv1(image).flatten(2).transpose(1, 2)
+        return torch.cat([self.class_embedding.expand(x.shape[0], 1, -1), x], dim=1)
+
+
+class OpenClipLayoutCLIP(torch.nn.Module):
+    def __init__(self, width: int = 32, heads: int = 2, layers: int = 2, embed_dim: int = 16):
+        super().__init__()
+        self.visual = OpenClipLayoutVisual(width, embed_dim)
+        self.token_embedding = torch.nn.Embedding(VOCAB, width)
+        self.positional_embedding = torch.nn.Parameter(torch.randn(77, width) * 0.01)
+        self.transformer = OpenClipLayoutTransformer(width, heads, layers)
+        self.ln_final = torch.nn.LayerNorm(width)
+        self.text_projection = torch.nn.Parameter(torch.randn(width, embed_dim) * width**-0.5)
+        self.register_buffer("attn_mask", torch.full((77, 77), float("-inf")).triu_(1), persistent=False)
+        self.context_length = 77
+
+
+def open_clip_packed_and_padded(model, batch):
+    outputs = []
+    for packed_text in (True, False):
+        model.zero_grad()
+        features = oc.mulclip_features(
+            model,
+            batch["pixels"],
+            batch["long_ids"],
+            short_text=batch["short_ids"],
+            sub_text=batch["sub_ids"],
+            sub_mask=batch["sub_mask"],
+            packed_text=packed_text,
+        )
+        g = torch.Generator().manual_seed(7)
+        words = features.text_tokens * features.text_token_mask[..., None]  # past EOT the paths differ by design
+        loss = sum(
+            (t * torch.randn(t.shape, generator=g)).sum()
+            for t in (features.text_eot, words, features.short_eot, features.sub_eot)
+        )
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None and "visual" not in n}
+        outputs.append((features, grads))
+    return outputs
+
+
+def assert_packed_equals_padded(outputs) -> None:
+    (packed, packed_grads), (padded, padded_grads) = outputs
+    for name in ("text_eot", "short_eot", "sub_eot"):
+        torch.testing.assert_close(getattr(packed, name), getattr(padded, name), rtol=1e-5, atol=1e-5, msg=name)
+    mask = packed.text_token_mask
+    assert torch.equal(mask, padded.text_token_mask)
+    torch.testing.assert_close(packed.text_tokens[mask], padded.text_tokens[mask], rtol=1e-5, atol=1e-5)
+    assert packed_grads.keys() == padded_grads.keys() and len(packed_grads) > 10
+    assert_grads_close(packed_grads, padded_grads)
+
+
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "grad-checkpointing"])
+def test_open_clip_layout_packed_text_equals_the_padded_path(hf_batch, checkpointing):
+    """The open_clip adapter's packed blocks (in_proj split into q, k, v, ls_1 and ls_2) on a stand-in with
+    open_clip's text-tower layout: same EOT embeddings, word tokens and gradients as each group padded."""
+    torch.manual_seed(3)
+    model = oc.stretch_text_positions(OpenClipLayoutCLIP()).train()
+    model.transformer.grad_checkpointing = checkpointing
+    assert oc._packed_tower(model, "auto").checkpointing == checkpointing
+    assert_packed_equals_padded(open_clip_packed_and_padded(model, hf_batch))
+
+
+def test_open_clip_packed_text_refuses_blocks_it_cannot_compose(hf_batch):
+    model = oc.stretch_text_positions(OpenClipLayoutCLIP())
+    with pytest.raises(ValueError, match="text_attention must be one of"):
+        oc.mulclip_features(model, hf_batch["pixels"], hf_batch["long_ids"], text_attention="sdpa")
+    model.transformer.resblocks[1].attn = torch.nn.Identity()  # e.g. CustomResidualAttentionBlock's Attention
+    with pytest.raises(ValueError, match="text block 1 .*packed_text=False"):
+        oc.mulclip_features(model, hf_batch["pixels"], hf_batch["long_ids"])
+    model.train()
+    model.transformer.resblocks[1].attn = torch.nn.MultiheadAttention(32, 2, dropout=0.1, batch_first=True)
+    with pytest.raises(ValueError, match="attention dropout 0.1 in training"):
+        oc.mulclip_features(model, hf_batch["pixels"], hf_batch["long_ids"])

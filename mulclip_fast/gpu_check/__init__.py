@@ -30,6 +30,11 @@ report lists what was left out; run those with ``--sections`` (e.g. ``--sections
   (``torch.cuda.max_memory_allocated``) and NVML telemetry sampled while timing, with the fraction of the
   GPU's peak FLOP/s and bandwidth from each op's cost model (peaks from the device's SM count, its clocks
   read through NVML, and its architecture: ``peaks.py``);
+- **text_attention**: the packed text path's attention backends (flash-attn, xformers; imported lazily, a
+  recorded skip with the reason when absent) against its torch backend on a MulCLIP batch's pack, for the
+  ``tiny`` tower (ALiBi) and a ``vit-b-16`` tower, bf16 and fp16: output and q/k/v gradients against the torch
+  backend in fp32 on the same rounded inputs (max error at most 8 unit roundoffs of the largest value), and
+  forward + backward time against the torch backend in the same dtype; the dry run checks the torch backend;
 - **scale**: the all-pairs ops at FineLIP's gathered batch (B = 4096, 197 tokens, d = 512, bf16), where
   offset products pass 2^31: three rows of scores and their query gradients against the reference on those
   rows (skipped, and said so, when the GPU lacks the memory);

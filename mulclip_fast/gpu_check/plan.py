@@ -9,6 +9,8 @@ Sections, most important first (a time limit cuts the tail):
 ``train_step``   one training step of the ``tiny`` preset (three objectives) and of ``vit-b-16``, fused path
                  vs reference: loss terms and parameter gradients, then step time and peak memory;
 ``timing``       forward + backward time and peak memory at the paper shape: triton, torch, reference;
+``text_attention`` the packed text tower's attention backends (flash-attn, xformers) against its torch
+                 backend on a MulCLIP batch's pack, values and gradients in bf16 and fp16, and their time;
 ``scale``        the all-pairs ops at FineLIP's gathered batch (B = 4096, 197 tokens, d = 512, bf16), where
                  offset products pass 2^31: value rows and their query gradients against the reference on
                  those rows (a row of the scores, and its query's gradient, depend on that query alone);
@@ -33,7 +35,17 @@ from . import configs as tuning
 from .peaks import peak_kind
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-SECTIONS = ("parity", "autotune", "determinism", "train_step", "timing", "scale", "extension", "compiled")
+SECTIONS = (
+    "parity",
+    "autotune",
+    "determinism",
+    "train_step",
+    "timing",
+    "text_attention",
+    "scale",
+    "extension",
+    "compiled",
+)
 # Each section's share of the time limit. A section may run until the sum of its share and those before it is
 # spent (so time a section leaves unused passes on); one that would overrun leaves its remaining tasks out
 # and the next section starts, so a slow section cannot starve the rest.
@@ -43,6 +55,7 @@ SHARES = {
     "determinism": 0.05,
     "train_step": 0.15,
     "timing": 0.15,
+    "text_attention": 0.05,
     "scale": 0.1,
     "extension": 0.05,
     "compiled": 0.1,
@@ -703,7 +716,7 @@ def _extension_task(setting: Setting, op: str, sizes: Sizes, dtype: torch.dtype)
             "max_abs_error": result.max_abs_error,
             "problems": result.problems,
             "forward_backward_ms": times,
-            "time_vs_torch": times[backend] / times["torch"],
+            "time_vs_torch": times[backend] / times["torch"] if backend != "torch" else None,
         }
 
     name = f"{op} {backend} {sizes.label()} {_dtype_name(dtype)}"
@@ -721,6 +734,135 @@ def extension_tasks(setting: Setting) -> list[Task]:
     ]
 
 
+# ----------------------------------------------------------------------------------------------------
+# text attention: the packed text path's backends (docs/performance.md, "Packed text")
+# ----------------------------------------------------------------------------------------------------
+
+# Each tower's attention: (heads, head_dim, ALiBi) from its preset. The tiny tower adds ALiBi biases (flash-attn
+# takes its slopes, xformers cannot); vit-b-16's 512-wide tower has learned positions only.
+TEXT_TOWERS = ("tiny", "vit-b-16")
+TEXT_BATCH = {"gpu": 64, "dry": 2}  # samples per pack: the paper's batch, and the dry run's stand-in
+TEXT_DTYPES = (torch.bfloat16, torch.float16)
+# The backends checked: flash-attn and xformers where they can run (CUDA, installed); elsewhere a recorded
+# skip with the reason. The dry run also checks the torch backend itself, so that its code runs on a CPU.
+TEXT_CANDIDATES = {"gpu": ("flash", "xformers"), "dry": ("torch", "flash", "xformers")}
+# A backend in a 16-bit dtype against the torch backend in fp32 on the same rounded q, k, v (the exact answer
+# to those inputs); for the output and each input gradient, max |error| <= TEXT_ATTENTION_RTOL · max |fp32|.
+# 8 unit roundoffs (bf16 u = 2^-8, fp16 u = 2^-11): a fused kernel rounds at most four times in a chain, each
+# at most u of the largest magnitude it feeds (the probabilities before P·V, the output, the probabilities
+# again before dS = P∘(dP - D), the gradients), which is 4u; 8u leaves a factor 2. The torch backend in the
+# same dtype is held to the same bound and reported beside it, as the error that is the dtype's alone: on the
+# CPU, at the GPU run's pack (18,583 tokens), it measured up to 2.5u (grad k, both dtypes, vit-b-16's heads).
+TEXT_ATTENTION_RTOL = {torch.bfloat16: 8 * 2.0**-8, torch.float16: 8 * 2.0**-11}
+
+
+def text_pack_lengths(batch: int, seed: int = 0) -> list[int]:
+    """Token counts of a MulCLIP batch's texts, as the packed path takes them (SOT to EOT).
+
+    Per sample a long caption of 64…248 tokens, a summary of 8…77 and 1…8 subcaptions of 5…40 (uniform).
+    The first sample has the extremes: a caption truncated at the 248-token context, a 77-token summary and
+    8 subcaptions, so that the longest sequence a backend must handle is in every pack.
+    """
+    g = torch.Generator().manual_seed(seed)
+
+    def draw(low: int, high: int, n: int) -> list[int]:
+        return torch.randint(low, high + 1, (n,), generator=g).tolist()
+
+    long, short, subs = draw(64, 248, batch), draw(8, 77, batch), draw(1, 8, batch)
+    long[0], short[0], subs[0] = 248, 77, 8
+    return long + short + [n for count in subs for n in draw(5, 40, count)]
+
+
+def _text_backend_missing(backend: str, device: torch.device, dtype: torch.dtype, alibi: bool) -> str | None:
+    """Why ``backend`` cannot run this case here (the attention module's own checks, which import flash-attn
+    and xformers lazily), or None."""
+    from ..model.attention import AttentionBackendUnavailable, choose_text_attention
+
+    if backend != "torch" and device.type != "cuda":
+        return f"{backend} needs a CUDA device; this run is on {device.type}"
+    try:
+        choose_text_attention(backend, torch.empty(0, device=device, dtype=dtype), alibi)
+    except AttentionBackendUnavailable as error:
+        return str(error)
+    return None
+
+
+def _text_attention_task(setting: Setting, preset: str, dtype: torch.dtype, backend: str) -> Task:
+    from ..model import preset_config
+
+    config = preset_config(preset)
+    heads, head_dim = config.transformer_heads, config.transformer_width // config.transformer_heads
+    alibi = config.text_alibi
+    batch = TEXT_BATCH[setting.mode]
+    tolerance = TEXT_ATTENTION_RTOL[dtype]
+
+    def run() -> dict:
+        from ..model.attention import PackedSequences, alibi_slopes, packed_causal_attention
+
+        record = {"backend": backend, "preset": preset, "dtype": _dtype_name(dtype), "heads": heads}
+        missing = _text_backend_missing(backend, setting.device, dtype, alibi)
+        if missing:
+            return {"ok": True, **record, "skipped": missing}
+        lengths = text_pack_lengths(batch)
+        sequences = PackedSequences(lengths, setting.device)
+        g = torch.Generator().manual_seed(17)
+        # q, k, v and the upstream gradient, rounded to the dtype once: every path sees the same numbers
+        q, k, v, upstream = (
+            torch.randn(sequences.total, heads, head_dim, generator=g).to(dtype).to(setting.device) for _ in range(4)
+        )
+        slopes = alibi_slopes(heads).to(setting.device) if alibi else None
+
+        def forward_backward(name: str, as_dtype: torch.dtype) -> list[torch.Tensor]:
+            inputs = [t.to(as_dtype).requires_grad_() for t in (q, k, v)]
+            out = packed_causal_attention(*inputs, sequences, slopes, backend=name)
+            return [out.detach(), *torch.autograd.grad(out, inputs, upstream.to(as_dtype))]
+
+        exact = forward_backward("torch", torch.float32)
+        errors, problems, times = {}, [], {}
+        for name in dict.fromkeys(("torch", backend)):  # the torch backend in this dtype, then the candidate
+            got = forward_backward(name, dtype)
+            errors[name] = {}
+            for output, x, want in zip(("value", "grad q", "grad k", "grad v"), got, exact, strict=True):
+                abs_error = float((x.float() - want).abs().max())
+                rel_error = abs_error / max(float(want.abs().max()), 1e-30)
+                errors[name][output] = {"max_abs_error": abs_error, "max_rel_error": rel_error}
+                if not rel_error <= tolerance:
+                    problems.append(
+                        f"{name} {output}: max error {rel_error:.3g} of the largest fp32 magnitude (> {tolerance:.3g})"
+                    )
+            if not setting.dry:
+                _synchronize(setting.device)
+            times[name] = time_call(lambda name=name: forward_backward(name, dtype), setting.device)["median_ms"]
+        return {
+            "ok": not problems,
+            **record,
+            "tokens": sequences.total,
+            "sequences": len(lengths),
+            "longest": sequences.max_length,
+            "alibi": alibi,
+            "rtol_of_max": tolerance,
+            "errors": errors,
+            "forward_backward_ms": times,
+            "time_vs_torch": times[backend] / times["torch"] if backend != "torch" else None,
+            "problems": problems,
+        }
+
+    known_skip = (backend == "xformers" and alibi) or (backend != "torch" and setting.device.type != "cuda")
+    estimate = 0.0 if known_skip else {"gpu": 2.0, "dry": 0.5}[setting.mode]
+    name = f"{backend} {preset} {_dtype_name(dtype)} B={batch}"
+    context = {"op": f"packed text attention ({backend})", "shape": f"{preset} B={batch}", "dtype": _dtype_name(dtype)}
+    return Task("text_attention", name, estimate, run, context)
+
+
+def text_attention_tasks(setting: Setting) -> list[Task]:
+    return [
+        _text_attention_task(setting, preset, dtype, backend)
+        for backend in TEXT_CANDIDATES[setting.mode]
+        for preset in TEXT_TOWERS
+        for dtype in TEXT_DTYPES
+    ]
+
+
 def build_plan(setting: Setting, sections: tuple[str, ...] = SECTIONS) -> list[Task]:
     builders = {
         "parity": parity_tasks,
@@ -728,6 +870,7 @@ def build_plan(setting: Setting, sections: tuple[str, ...] = SECTIONS) -> list[T
         "determinism": determinism_tasks,
         "train_step": train_tasks,
         "timing": timing_tasks,
+        "text_attention": text_attention_tasks,
         "scale": scale_tasks,
         "extension": extension_tasks,
         "compiled": compiled_tasks,

@@ -269,6 +269,40 @@ def render(data: dict) -> str:
             table(headers, rows, markdown=True),
             "",
         ]
+    if "text_attention" in sections:
+        rows = []
+        for r in sections["text_attention"]:
+            errors = r.get("errors") or {}
+            times = r.get("forward_backward_ms") or {}
+            rows.append(
+                [
+                    r["task"],
+                    r.get("skipped") or ("yes" if r["ok"] else "NO"),
+                    *(
+                        ", ".join(f"{k} {_fmt(v['max_rel_error'])}" for k, v in (errors.get(name) or {}).items()) or "—"
+                        for name in (r["backend"], "torch")
+                    ),
+                    _fmt(r.get("rtol_of_max")),
+                    *(_fmt(times.get(name), ".4g") for name in (r["backend"], "torch")),
+                    _fmt(r.get("time_vs_torch"), ".2f"),
+                ]
+            )
+        headers = [
+            "case",
+            "ok",
+            "max error ÷ largest fp32 value",
+            "torch, same dtype",
+            "bound",
+            "fwd+bwd ms",
+            "torch ms",
+            "time / torch",
+        ]
+        lines += [
+            "## Packed text attention, each backend vs the torch backend",
+            "",
+            table(headers, rows, markdown=True),
+            "",
+        ]
     if "scale" in sections:
         rows = [
             [r["task"], r.get("skipped") or ("yes" if r["ok"] else "NO"), str(r.get("rows_checked", "—"))]

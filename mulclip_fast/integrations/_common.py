@@ -6,13 +6,16 @@ a model object the caller already built, so ``import mulclip_fast.integrations``
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
+import torch.utils.checkpoint
 from torch import nn
 
 from ..features import MulCLIPFeatures
 from ..model import LocalTokenCalibration
+from ..model.attention import PackedSequences, check_text_attention, packed_causal_attention
 from ..reference import stretch_positional_embedding
 
 LONG_CONTEXT = 248  # Long-CLIP's context: 4·77 − 3·20 positions (docs/method.md, "Positional stretching")
@@ -131,11 +134,103 @@ def encode_subcaptions(encode_eot, sub_ids: torch.Tensor, sub_mask: torch.Tensor
     captions' ``[B, d]`` EOT embeddings) gives width, dtype and device when no slot is valid, which the SAP
     loss treats as contributing nothing.
     """
-    out = like.new_zeros(*sub_mask.shape, like.shape[-1])
     flat_ids = sub_ids[sub_mask]  # [n_valid, L]
     if flat_ids.shape[0] == 0:
+        return like.new_zeros(*sub_mask.shape, like.shape[-1])
+    return scatter_subcaptions(encode_eot(flat_ids), sub_mask, like)
+
+
+def check_packed_text(packed_text: bool, text_attention: str) -> None:
+    """Validate the adapters' ``packed_text`` and ``text_attention`` arguments."""
+    if not isinstance(packed_text, bool):
+        raise ValueError(f"packed_text must be True or False, got {packed_text!r}")
+    check_text_attention(text_attention)
+
+
+def packed_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, sequences: PackedSequences, backend: str
+) -> torch.Tensor:
+    """Causal attention within each text of a pack, ``q, k, v [T, width]`` (projected, unscaled) →
+    ``[T, width]``, scaled by ``head_dim^-1/2`` as CLIP's towers are, through ``packed_causal_attention``."""
+    t, width = q.shape
+    q, k, v = (x.reshape(t, heads, width // heads) for x in (q, k, v))
+    return packed_causal_attention(q, k, v, sequences, None, backend).reshape(t, width)
+
+
+@dataclass
+class PackedTextTower:
+    """How an adapter runs its model's text tower on a pack ``[T, width]`` (docs/integrations.md, "Packed text").
+
+    Attributes:
+        embed: ``(token_ids [T], positions [T]) -> [T, width]``, the model's token plus positional embedding.
+        layers: each ``(x [T, width], sequences) -> [T, width]``, one block of the model with its own modules,
+            attending through ``packed_attention``.
+        final_norm: the tower's final LayerNorm.
+        project: the text projection into the joint space.
+        max_positions: rows of the positional table.
+        checkpointing: recompute each layer in backward (the model's gradient checkpointing setting).
+    """
+
+    embed: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    layers: Sequence[Callable[[torch.Tensor, PackedSequences], torch.Tensor]]
+    final_norm: Callable[[torch.Tensor], torch.Tensor]
+    project: Callable[[torch.Tensor], torch.Tensor]
+    max_positions: int
+    checkpointing: bool
+
+
+def encode_packed_groups(
+    tower: PackedTextTower, groups: Sequence[torch.Tensor], eot_indices: Sequence[torch.Tensor], names: Sequence[str]
+) -> tuple[list[torch.Tensor], TextTokenFeatures]:
+    """EOT embeddings of every group of texts, and the first group's token features, from one packed pass.
+
+    Each text keeps its tokens up to its EOT (``eot_indices``, by the model's pooling rule) with positions
+    from 0; the texts of all groups are concatenated into one stream and every layer attends within each
+    text only, causally. The tower is causal with learned absolute positions, so each text's outputs equal
+    the padded path's to fp32 rounding; padding is never computed.
+
+    Returns:
+        ``[eot [n_i, d] per group]`` and the first group's ``TextTokenFeatures``: tokens ``[n_0, L_0, d]``
+        with ``L_0`` its longest text (EOT included), zeros past each EOT, and the words-only mask.
+    """
+    real = []
+    for ids, eot, name in zip(groups, eot_indices, names, strict=True):
+        longest = int(eot.max()) + 1 if eot.numel() else 0
+        if longest > tower.max_positions:
+            raise ValueError(
+                f"{name} has a text of {longest} positions but the model has {tower.max_positions}; "
+                "call stretch_text_positions(model) first for long captions"
+            )
+        real.append(torch.arange(ids.shape[1], device=ids.device) <= eot[:, None].to(ids.device))
+    counts = [ids.shape[0] for ids in groups]
+    lengths = torch.cat([eot.to(groups[0].device) + 1 for eot in eot_indices])
+    sequences = PackedSequences(lengths.tolist(), lengths.device)
+    token_ids = torch.cat([ids[mask] for ids, mask in zip(groups, real, strict=True)])
+    starts = sequences.cu_seqlens[:-1].long()
+    positions = torch.arange(sequences.total, device=lengths.device) - starts.repeat_interleave(lengths)
+    x = tower.embed(token_ids, positions)
+    for layer in tower.layers:
+        if tower.checkpointing and torch.is_grad_enabled():
+            x = torch.utils.checkpoint.checkpoint(layer, x, sequences, use_reentrant=False)
+        else:
+            x = layer(x, sequences)
+    x = tower.final_norm(x)
+    eot = list(tower.project(x.index_select(0, starts + lengths - 1)).split(counts))
+    first_real, first_eot = real[0], eot_indices[0].to(groups[0].device)
+    length = int(first_eot.max()) + 1
+    first_real = first_real[:, :length]
+    first_tokens = tower.project(x[: int(first_real.sum())])
+    tokens = first_tokens.new_zeros(*first_real.shape, first_tokens.shape[-1])
+    tokens = tokens.masked_scatter(first_real[..., None], first_tokens)
+    return eot, TextTokenFeatures(eot=eot[0], tokens=tokens, mask=word_token_mask(first_eot, length))
+
+
+def scatter_subcaptions(flat: torch.Tensor, sub_mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``[B, M, d]``: the valid subcaptions' EOT embeddings ``flat [n_valid, d]`` in their slots, zeros elsewhere."""
+    out = like.new_zeros(*sub_mask.shape, like.shape[-1])
+    if flat.shape[0] == 0:
         return out
-    return out.index_put(sub_mask.nonzero(as_tuple=True), encode_eot(flat_ids).to(out.dtype))
+    return out.index_put(sub_mask.nonzero(as_tuple=True), flat.to(out.dtype))
 
 
 def token_calibrations(

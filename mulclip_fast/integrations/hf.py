@@ -11,6 +11,9 @@ Works on any object laid out like ``transformers.CLIPModel`` (``vision_model``, 
 Feature extraction follows docs/method.md, "Features": every token goes through the same final LayerNorm and projection
 as the pooled CLS / EOT embedding, so ``cls`` and ``eot`` equal ``get_image_features`` /
 ``get_text_features`` exactly.
+
+``mulclip_features`` runs every text of the batch through the text tower in one packed pass by default
+(``packed_text=False``: each group padded); docs/integrations.md, "Packed text".
 """
 
 from __future__ import annotations
@@ -23,11 +26,16 @@ from ._common import (
     KEPT_POSITIONS,
     LONG_CONTEXT,
     ImageTokenFeatures,
+    PackedTextTower,
     TextTokenFeatures,
+    check_packed_text,
     check_token_ids,
+    encode_packed_groups,
     encode_subcaptions,
     first_eos_index,
     freeze_leading_rows,
+    packed_attention,
+    scatter_subcaptions,
     stretched_table,
     subcaption_layout,
     word_token_mask,
@@ -151,6 +159,50 @@ def encode_text_tokens(
     return TextTokenFeatures(eot=tokens[rows, eot.to(tokens.device)], tokens=tokens, mask=mask)
 
 
+def _packed_tower(model: nn.Module, backend: str) -> PackedTextTower:
+    """``CLIPTextModel``'s own modules on a pack. Its ``CLIPEncoderLayer`` takes a padded ``[B, L, width]``
+    batch and a dense mask (a block-diagonal ``[T, T]`` one is what packing avoids), so each layer is
+    composed here from its submodules in its own order: pre-LN attention and MLP, each added to the residual."""
+    text = model.text_model
+    layers = text.encoder.layers
+    for i, layer in enumerate(layers):
+        attn = layer.self_attn
+        if abs(attn.scale - attn.head_dim**-0.5) > 1e-12 * attn.scale:
+            raise ValueError(
+                f"text layer {i} scales attention by {attn.scale}, not head_dim^-1/2; use packed_text=False"
+            )
+        if attn.training and attn.dropout > 0:
+            raise ValueError(
+                f"text layer {i} has attention dropout {attn.dropout} in training; the packed path has none "
+                "(use packed_text=False)"
+            )
+    embeddings = text.embeddings
+
+    def embed(token_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        return embeddings.token_embedding(token_ids) + embeddings.position_embedding(positions)
+
+    def packed_layer(layer):
+        def forward(x: torch.Tensor, sequences) -> torch.Tensor:
+            attn = layer.self_attn
+            h = layer.layer_norm1(x)
+            x = x + attn.out_proj(
+                packed_attention(attn.q_proj(h), attn.k_proj(h), attn.v_proj(h), attn.num_heads, sequences, backend)
+            )
+            return x + layer.mlp(layer.layer_norm2(x))
+
+        return forward
+
+    checkpointing = text.training and any(getattr(m, "gradient_checkpointing", False) for m in (text.encoder, *layers))
+    return PackedTextTower(
+        embed=embed,
+        layers=[packed_layer(layer) for layer in layers],
+        final_norm=text.final_layer_norm,
+        project=model.text_projection,
+        max_positions=embeddings.position_embedding.weight.shape[0],
+        checkpointing=checkpointing,
+    )
+
+
 def mulclip_features(
     model: nn.Module,
     pixel_values: torch.Tensor,
@@ -159,34 +211,66 @@ def mulclip_features(
     short_ids: torch.Tensor | None = None,
     sub_ids: torch.Tensor | None = None,
     sub_mask: torch.Tensor | None = None,
+    packed_text: bool = True,
+    text_attention: str = "auto",
 ) -> MulCLIPFeatures:
     """Everything ``MulCLIPLoss`` needs for one batch, from raw (uncalibrated) tokens.
 
     Args:
         pixel_values: ``[B, 3, H, W]``.
         input_ids: ``[B, L]`` long captions (up to 248 tokens after ``stretch_text_positions``).
-        attention_mask: optional ``[B, L]`` for ``input_ids``.
+        attention_mask: optional ``[B, L]`` for ``input_ids`` (right padding: 1 up to each EOT).
         short_ids: optional ``[B, L_s]`` summary captions (77-token context).
         sub_ids: optional ``[B, M, L_s]`` subcaptions; ``sub_mask [B, M]`` marks the real ones (None: all).
+        packed_text: run every long caption, summary and real subcaption through the text tower in one
+            packed pass, each text's real tokens only (docs/integrations.md, "Packed text"); False encodes
+            each group padded, the reference the packed path is tested against. Equal to fp32 rounding,
+            except the long captions' tokens past EOT: zeros when packed (the word mask excludes them).
+        text_attention: the packed pass's attention backend, ``auto | flash | xformers | torch``
+            (``mulclip_fast.model.attention``).
 
     Returns:
         ``MulCLIPFeatures`` with raw patch and word tokens; pass it through ``calibrate`` for MulCLIP's
         calibrated ``V'`` / ``T'``.
     """
+    check_packed_text(packed_text, text_attention)
     image = encode_image_tokens(model, pixel_values)
-    text = encode_text_tokens(model, input_ids, attention_mask)
-    if image.cls.shape[0] != text.eot.shape[0]:
+    check_token_ids("input_ids", input_ids)
+    if image.cls.shape[0] != input_ids.shape[0]:
         raise ValueError(
             f"pixel_values and input_ids must have the same batch size, got {image.cls.shape[0]} and "
-            f"{text.eot.shape[0]}"
+            f"{input_ids.shape[0]}"
         )
-    short_eot = None if short_ids is None else encode_text_tokens(model, short_ids).eot
-    sub_eot = None
     if sub_ids is not None:
-        sub_mask = subcaption_layout(sub_ids, sub_mask, text.eot.shape[0])
-        sub_eot = encode_subcaptions(lambda ids: encode_text_tokens(model, ids).eot, sub_ids, sub_mask, text.eot)
+        sub_mask = subcaption_layout(sub_ids, sub_mask, input_ids.shape[0])
     elif sub_mask is not None:
         raise ValueError("sub_mask was given without sub_ids")
+    if short_ids is not None:
+        check_token_ids("short_ids", short_ids)
+    if packed_text:
+        groups = {"input_ids": input_ids}
+        if short_ids is not None:
+            groups["short_ids"] = short_ids
+        if sub_ids is not None and bool(sub_mask.any()):
+            groups["sub_ids"] = sub_ids[sub_mask]
+        eot_indices = [eot_index(model, ids) for ids in groups.values()]
+        if attention_mask is not None:
+            _check_right_padded(attention_mask, input_ids, eot_indices[0])
+        eots, text = encode_packed_groups(
+            _packed_tower(model, text_attention), list(groups.values()), eot_indices, list(groups)
+        )
+        eots = dict(zip(groups, eots, strict=True))
+        short_eot = eots.get("short_ids")
+        sub_eot = None
+        if sub_ids is not None:
+            flat = eots.get("sub_ids", text.eot[:0])
+            sub_eot = scatter_subcaptions(flat, sub_mask, text.eot)
+    else:
+        text = encode_text_tokens(model, input_ids, attention_mask)
+        short_eot = None if short_ids is None else encode_text_tokens(model, short_ids).eot
+        sub_eot = None
+        if sub_ids is not None:
+            sub_eot = encode_subcaptions(lambda ids: encode_text_tokens(model, ids).eot, sub_ids, sub_mask, text.eot)
     return MulCLIPFeatures(
         image_cls=image.cls,
         image_tokens=image.tokens,
@@ -197,3 +281,18 @@ def mulclip_features(
         sub_mask=sub_mask,
         text_token_mask=text.mask,
     )
+
+
+def _check_right_padded(attention_mask: torch.Tensor, input_ids: torch.Tensor, eot: torch.Tensor) -> None:
+    """The packed pass keeps each caption's positions 0 … EOT: ``attention_mask`` must mark them all real."""
+    if not isinstance(attention_mask, torch.Tensor) or attention_mask.shape != input_ids.shape:
+        raise ValueError(
+            f"attention_mask must be a tensor of shape {tuple(input_ids.shape)}, "
+            f"got {getattr(attention_mask, 'shape', None)!r}"
+        )
+    upto_eot = torch.arange(input_ids.shape[1], device=input_ids.device) <= eot[:, None]
+    if not bool(attention_mask.to(input_ids.device).bool()[upto_eot].all()):
+        raise ValueError(
+            "attention_mask marks padding at or before a caption's EOT (left padding?); the packed pass needs "
+            "right padding: tokenise with padding_side='right', or pass packed_text=False"
+        )

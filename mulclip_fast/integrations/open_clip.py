@@ -8,11 +8,15 @@ attributes of the model you built, so this module imports without open_clip (whi
     from mulclip_fast.integrations import open_clip as oc
     oc.stretch_text_positions(model)                      # 77 -> 248 positions, Long-CLIP's rule
     feats = oc.mulclip_features(model, images, long_ids, short_ids=short_ids, sub_ids=sub_ids, sub_mask=m)
+
+``mulclip_features`` runs every text of the batch through the text tower in one packed pass by default
+(``packed_text=False``: each group padded); docs/integrations.md, "Packed text".
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..features import MulCLIPFeatures
@@ -20,11 +24,16 @@ from ._common import (
     KEPT_POSITIONS,
     LONG_CONTEXT,
     ImageTokenFeatures,
+    PackedTextTower,
     TextTokenFeatures,
+    check_packed_text,
     check_token_ids,
+    encode_packed_groups,
     encode_subcaptions,
     first_eos_index,
     freeze_leading_rows,
+    packed_attention,
+    scatter_subcaptions,
     stretched_table,
     subcaption_layout,
     word_token_mask,
@@ -170,6 +179,54 @@ def encode_text_tokens(model: nn.Module, text: torch.Tensor, trim: bool = True) 
     return TextTokenFeatures(eot=tokens[rows, eot], tokens=tokens, mask=word_token_mask(eot, length))
 
 
+def _packed_tower(model: nn.Module, backend: str) -> PackedTextTower:
+    """The text tower's own modules on a pack. open_clip's ``ResidualAttentionBlock`` attends through
+    ``nn.MultiheadAttention`` with a dense mask (a block-diagonal ``[T, T]`` one is what packing avoids), so
+    each block is composed here from its submodules in its own order: ``x + ls_1(attn(ln_1(x)))``, then
+    ``x + ls_2(mlp(ln_2(x)))``, the attention computed from the module's own ``in_proj`` and ``out_proj``."""
+    blocks = model.transformer.resblocks
+    for i, block in enumerate(blocks):
+        attn = getattr(block, "attn", None)
+        if not isinstance(attn, nn.MultiheadAttention) or any(
+            not hasattr(block, a) for a in ("ln_1", "ls_1", "ln_2", "mlp", "ls_2")
+        ):
+            raise ValueError(
+                f"text block {i} is not open_clip's ResidualAttentionBlock with nn.MultiheadAttention (a "
+                "CustomResidualAttentionBlock?); the packed pass cannot run it: use packed_text=False"
+            )
+        if not attn._qkv_same_embed_dim or attn.bias_k is not None or attn.add_zero_attn:
+            raise ValueError(f"text block {i}'s attention has extra key/value terms; use packed_text=False")
+        if attn.training and attn.dropout > 0:
+            raise ValueError(
+                f"text block {i} has attention dropout {attn.dropout} in training; the packed path has none "
+                "(use packed_text=False)"
+            )
+    cast_dtype = model.transformer.get_cast_dtype()
+
+    def embed(token_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        # F.embedding, not indexing: its backward sums rows densely, where indexing's is an index_put
+        table = model.positional_embedding
+        return model.token_embedding(token_ids).to(cast_dtype) + F.embedding(positions, table).to(cast_dtype)
+
+    def packed_block(block):
+        def forward(x: torch.Tensor, sequences) -> torch.Tensor:
+            attn = block.attn
+            q, k, v = F.linear(block.ln_1(x), attn.in_proj_weight, attn.in_proj_bias).chunk(3, dim=-1)
+            x = x + block.ls_1(attn.out_proj(packed_attention(q, k, v, attn.num_heads, sequences, backend)))
+            return x + block.ls_2(block.mlp(block.ln_2(x)))
+
+        return forward
+
+    return PackedTextTower(
+        embed=embed,
+        layers=[packed_block(block) for block in blocks],
+        final_norm=model.ln_final,
+        project=lambda x: _project_text(model, x),
+        max_positions=model.positional_embedding.shape[0],
+        checkpointing=model.training and model.transformer.grad_checkpointing,
+    )
+
+
 def mulclip_features(
     model: nn.Module,
     image: torch.Tensor,
@@ -177,6 +234,8 @@ def mulclip_features(
     short_text: torch.Tensor | None = None,
     sub_text: torch.Tensor | None = None,
     sub_mask: torch.Tensor | None = None,
+    packed_text: bool = True,
+    text_attention: str = "auto",
 ) -> MulCLIPFeatures:
     """Everything ``MulCLIPLoss`` needs for one batch, from raw (uncalibrated) tokens.
 
@@ -184,21 +243,48 @@ def mulclip_features(
         image: ``[B, 3, H, W]``; text: ``[B, L]`` long captions (248 tokens after stretching).
         short_text: optional ``[B, L_s]`` summary captions.
         sub_text: optional ``[B, M, L_s]`` subcaptions; ``sub_mask [B, M]`` marks the real ones (None: all).
+        packed_text: run every long caption, summary and real subcaption through the text tower in one
+            packed pass, each text's real tokens only (docs/integrations.md, "Packed text"); False encodes
+            each group padded, the reference the packed path is tested against. Equal to fp32 rounding,
+            except the long captions' tokens past EOT: zeros when packed (the word mask excludes them).
+        text_attention: the packed pass's attention backend, ``auto | flash | xformers | torch``
+            (``mulclip_fast.model.attention``).
 
     Returns:
         ``MulCLIPFeatures`` with raw tokens; pass it through ``calibrate`` for MulCLIP's ``V'`` / ``T'``.
     """
+    check_packed_text(packed_text, text_attention)
     img = encode_image_tokens(model, image)
-    txt = encode_text_tokens(model, text)
-    if img.cls.shape[0] != txt.eot.shape[0]:
-        raise ValueError(f"image and text must have the same batch size, got {img.cls.shape[0]} and {txt.eot.shape[0]}")
-    short_eot = None if short_text is None else encode_text_tokens(model, short_text).eot
-    sub_eot = None
+    _check_text_tower(model)
+    check_token_ids("text", text)
+    if img.cls.shape[0] != text.shape[0]:
+        raise ValueError(f"image and text must have the same batch size, got {img.cls.shape[0]} and {text.shape[0]}")
     if sub_text is not None:
-        sub_mask = subcaption_layout(sub_text, sub_mask, txt.eot.shape[0], name="sub_text")
-        sub_eot = encode_subcaptions(lambda ids: encode_text_tokens(model, ids).eot, sub_text, sub_mask, txt.eot)
+        sub_mask = subcaption_layout(sub_text, sub_mask, text.shape[0], name="sub_text")
     elif sub_mask is not None:
         raise ValueError("sub_mask was given without sub_text")
+    if short_text is not None:
+        check_token_ids("short_text", short_text)
+    if packed_text:
+        groups = {"text": text}
+        if short_text is not None:
+            groups["short_text"] = short_text
+        if sub_text is not None and bool(sub_mask.any()):
+            groups["sub_text"] = sub_text[sub_mask]
+        eot_indices = [eot_index(model, ids) for ids in groups.values()]
+        tower = _packed_tower(model, text_attention)
+        eots, txt = encode_packed_groups(tower, list(groups.values()), eot_indices, list(groups))
+        eots = dict(zip(groups, eots, strict=True))
+        short_eot = eots.get("short_text")
+        sub_eot = (
+            None if sub_text is None else scatter_subcaptions(eots.get("sub_text", txt.eot[:0]), sub_mask, txt.eot)
+        )
+    else:
+        txt = encode_text_tokens(model, text)
+        short_eot = None if short_text is None else encode_text_tokens(model, short_text).eot
+        sub_eot = None
+        if sub_text is not None:
+            sub_eot = encode_subcaptions(lambda ids: encode_text_tokens(model, ids).eot, sub_text, sub_mask, txt.eot)
     return MulCLIPFeatures(
         image_cls=img.cls,
         image_tokens=img.tokens,
