@@ -130,18 +130,17 @@ def coco(tmp_path):
 def test_coco_captions_file_groups_captions_by_image_and_reports_bad_records(coco):
     records, problems = read_coco(str(coco))
     folder = coco.parent.parent / "val2017"
-    assert [r.image_path for r in records] == [str(folder / f"00000{i}.png") for i in (1, 2, 3, 9)]
+    assert [r.image_path for r in records] == [str(folder / f"00000{i}.png") for i in (1, 2, 3, 4, 9)]
     assert records[0].captions == ("A red bus on a street.", "A double-decker bus.", "A bus parked near a “stop” sign.")
     assert records[1].captions == ("Two dogs play in the snow.",)
     assert {r.split for r in records} == {None}
-    assert len(problems) == 7
+    assert len(problems) == 6  # and 000004.png is missing: reported when the split is opened
     text = "\n".join(problems)
     assert f"{coco}: images[5]: KeyError: 'file_name'" in text
     assert f"{coco}: images[6]: ValueError: id 1 is used by an earlier image" in text
     assert f"{coco}: annotations[6]: KeyError: 'image_id 7 is not among the usable images'" in text
     assert f"{coco}: annotations[7]: KeyError: 'caption'" in text
     assert f"{coco}: annotations[8]: TypeError: the caption must be a non-empty string" in text
-    assert f"{coco}: image id 4: image not found: {folder / '000004.png'}" in text
     assert f"{coco}: image id 5 (000005.png): no caption" in text
 
 
@@ -156,7 +155,7 @@ def test_coco_image_folder_beside_the_file_or_image_root(coco, tmp_path):
     records, _ = read_coco(str(flat))
     assert records[0].image_path == str(beside / "val2017" / "000001.png")
     records, _ = read_coco(str(coco), image_root=str(beside / "val2017"))
-    assert len(records) == 4 and records[0].image_path == str(beside / "val2017" / "000001.png")
+    assert len(records) == 5 and records[0].image_path == str(beside / "val2017" / "000001.png")
 
 
 def test_coco_through_the_data_spec_and_the_eval_cli(coco, tmp_path, capsys):
@@ -164,6 +163,7 @@ def test_coco_through_the_data_spec_and_the_eval_cli(coco, tmp_path, capsys):
     for split in ("val", "test"):  # a captions file has no split: every image, either way
         dataset = open_dataset(f"coco:{coco}", split, image_size=32, size=0)
         assert isinstance(dataset, MultiCaptionFiles) and len(dataset) == 4 and len(dataset.bad_records) == 7
+        assert dataset.bad_records[-1] == f"{coco}: image not found: {coco.parent.parent / 'val2017' / '000004.png'}"
     item = dataset[0]
     assert item["image"].shape == (3, 32, 32) and len(item["captions"]) == 3
     assert dataset[3]["image"] is None and "000009.png" in dataset[3]["key"]
@@ -243,20 +243,25 @@ def karpathy_coco(tmp_path):
 def test_karpathy_coco_splits_and_bad_records(karpathy_coco):
     records, problems = read_coco(str(karpathy_coco))
     root = karpathy_coco.parent
-    assert [r.split for r in records] == ["test", "test", "val", "restval", "train"]
+    assert [r.split for r in records] == ["test", "test", "val", "restval", "train", "test"]
     assert records[0].image_path == str(root / "val2014" / "COCO_val2014_1.jpg")
     assert records[0].captions == ("A cat on a sofa.", "A sleeping cat.")
     assert records[1].captions == ("A plane in the sky.",)
     text = "\n".join(problems)
-    assert len(problems) == 5
+    assert len(problems) == 4
     assert f"{karpathy_coco}: images[1].sentences[1]: KeyError: 'raw'" in text
-    assert f"{karpathy_coco}: images[5]: image not found: {root / 'val2014' / 'COCO_val2014_6.jpg'}" in text
     assert f"{karpathy_coco}: images[6]: no usable caption" in text
     assert f"{karpathy_coco}: images[7]: KeyError: 'sentences'" in text
     assert f"{karpathy_coco}: images[8]: TypeError: expected a JSON object, got str" in text
     test = open_dataset(f"coco:{karpathy_coco}", "test", 32, 0)
     val = open_dataset(f"coco:{karpathy_coco}", "val", 32, 0)
     assert [len(test), len(val)] == [2, 1] and val[0]["captions"] == ["A boat.", "A small boat."]
+    missing = f"{karpathy_coco}: image not found: {root / 'val2014' / 'COCO_val2014_6.jpg'}"
+    assert test.bad_records == [*problems, missing] and val.bad_records == problems
+    # only the evaluated split's images need to be there (the file lists every split's)
+    for name in ("COCO_train2014_4.jpg", "COCO_train2014_5.jpg"):
+        (root / "train2014" / name).unlink()
+    assert len(open_dataset(f"coco:{karpathy_coco}", "test", 32, 0).bad_records) == 5
 
 
 def test_karpathy_split_without_images_is_an_error(tmp_path):
@@ -265,6 +270,9 @@ def test_karpathy_split_without_images_is_an_error(tmp_path):
     file = root / "dataset_coco.json"
     file.write_text(json.dumps({"images": [_karpathy_image("a.jpg", "train", ["A thing."])]}))
     with pytest.raises(DataError, match=r"1 images but none in the 'test' split \(splits: \['train'\]\)"):
+        open_dataset(f"coco:{file}", "test", 32, 0)
+    file.write_text(json.dumps({"images": [_karpathy_image("b.jpg", "test", ["Another thing."])]}))
+    with pytest.raises(DataError, match=f"none of the 1 test images of {file} exists, e.g. {root / 'b.jpg'}"):
         open_dataset(f"coco:{file}", "test", 32, 0)
 
 
@@ -287,13 +295,11 @@ def flickr30k(tmp_path):
 def test_flickr30k_reads_karpathy_split_and_its_image_folder(flickr30k, tmp_path):
     records, problems = read_flickr30k(str(flickr30k))
     folder = flickr30k.parent / "flickr30k-images"
-    assert [r.image_path for r in records] == [
-        str(folder / n) for n in ("1000092795.jpg", "10002456.jpg", "1000268201.jpg")
-    ]
-    assert len(records[0].captions) == 5
-    assert problems == [f"{flickr30k}: images[3]: image not found: {folder / 'gone.jpg'}"]
+    names = ("1000092795.jpg", "10002456.jpg", "1000268201.jpg", "gone.jpg")
+    assert [r.image_path for r in records] == [str(folder / name) for name in names]
+    assert len(records[0].captions) == 5 and problems == []
     test = open_dataset(f"flickr30k:{flickr30k}", "test", 32, 0)
-    assert len(test) == 2 and test.bad_records == problems
+    assert len(test) == 2 and test.bad_records == [f"{flickr30k}: image not found: {folder / 'gone.jpg'}"]
     with pytest.raises(DataError, match="flickr30k is a short-caption evaluation set"):
         open_dataset(f"flickr30k:{flickr30k}", "train", 32, 0)
     folder.rename(tmp_path / "photos")

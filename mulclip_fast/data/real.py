@@ -256,7 +256,8 @@ def _caption_text(value) -> str:
 def _read_karpathy(path: str, obj: dict, image_root: str) -> tuple[list[ImageCaptions], list[str]]:
     """Karpathy's split files: ``images[i]`` has ``filename``, ``split``, ``sentences: [{raw}]`` and, for
     COCO, ``filepath`` (the image is ``image_root/filepath/filename``). A bad sentence is reported and
-    skipped; an image with no usable sentence, or whose file is missing, is reported and skipped."""
+    skipped; an image with no usable sentence is reported and skipped. Image files are not checked here:
+    the file lists every split, and a user may hold only the images of the split evaluated."""
     records, problems = [], []
     for index, entry in enumerate(obj["images"]):
         where = f"{path}: images[{index}]"
@@ -281,11 +282,7 @@ def _read_karpathy(path: str, obj: dict, image_root: str) -> tuple[list[ImageCap
         if not captions:
             problems.append(f"{where}: no usable caption")
             continue
-        image_path = os.path.join(image_root, filepath, filename)
-        if not os.path.isfile(image_path):
-            problems.append(f"{where}: image not found: {image_path}")
-            continue
-        records.append(ImageCaptions(image_path, tuple(captions), split))
+        records.append(ImageCaptions(os.path.join(image_root, filepath, filename), tuple(captions), split))
     return records, problems
 
 
@@ -332,13 +329,10 @@ def _read_coco_captions(path: str, obj: dict, image_root: str) -> tuple[list[Ima
         captions[image_id].append(caption)
     records = []
     for image_id, file_name in files.items():
-        image_path = _resolve(image_root, file_name)
-        if not captions[image_id]:
-            problems.append(f"{path}: image id {image_id} ({file_name}): no caption")
-        elif not os.path.isfile(image_path):
-            problems.append(f"{path}: image id {image_id}: image not found: {image_path}")
+        if captions[image_id]:
+            records.append(ImageCaptions(_resolve(image_root, file_name), tuple(captions[image_id])))
         else:
-            records.append(ImageCaptions(image_path, tuple(captions[image_id])))
+            problems.append(f"{path}: image id {image_id} ({file_name}): no caption")
     return records, problems
 
 
@@ -432,7 +426,7 @@ def open_short_caption_dataset(
 ) -> MultiCaptionFiles:
     """The ``split`` (``val`` / ``test``) images of a COCO / Flickr30k source: Karpathy's split of that
     name, or every image of a file without splits (COCO's captions files). These are evaluation sets:
-    ``train`` is refused."""
+    ``train`` is refused. An image of the split whose file is missing is reported and skipped."""
     if kind not in SHORT_CAPTION_READERS:
         raise DataError(f"unknown short-caption set {kind!r}; known: {', '.join(SHORT_CAPTION_READERS)}")
     if split not in ("val", "test"):
@@ -453,6 +447,14 @@ def open_short_caption_dataset(
             raise DataError(f"{path} has {len(records)} images but none in the {split!r} split (splits: {found})")
     else:
         chosen = records
+    present = [os.path.isfile(r.image_path) for r in chosen]
+    problems += [f"{path}: image not found: {r.image_path}" for r, ok in zip(chosen, present, strict=True) if not ok]
+    if not any(present):
+        raise DataError(
+            f"none of the {len(chosen)} {split} images of {path} exists, e.g. {chosen[0].image_path}; "
+            "check the image root (--image-root)"
+        )
+    chosen = [r for r, ok in zip(chosen, present, strict=True) if ok]
     dataset = MultiCaptionFiles(chosen, image_size, source=f"{kind}:{path}")
     dataset.bad_records = problems
     _check_first_images(dataset, path)
