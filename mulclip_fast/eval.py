@@ -4,7 +4,8 @@ Recall@K is computed on long captions (and on summaries, under ``short_*`` keys)
 images for each caption, image→text the captions for each image. A tie with the correct item counts
 against it, so a model that scores everything equally gets recall 0, not 1. Binding accuracy is the
 fraction of images whose true caption scores strictly higher than the same caption with two objects'
-colours swapped (synthetic data only).
+colours swapped (synthetic data only). Short-caption sets (COCO, Flickr30k: about five captions per image)
+get ``multi_caption_recall`` instead: an image is found when any of its captions is.
 
     python -m mulclip_fast.eval --checkpoint runs/default --data synthetic --pairs 1000
 """
@@ -19,7 +20,7 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from .data import Collator, DataError, open_dataset
+from .data import SHORT_CAPTION_SETS, CLIPTokenizer, Collator, DataError, open_dataset, parse_data_spec, trim_to_longest
 from .model import CLIP, CheckpointError, check_device, load_clip_weights, preset_config
 from .run_checkpoints import load_latest_training_checkpoint, load_training_checkpoint
 
@@ -39,6 +40,46 @@ def recall_at_k(similarity: torch.Tensor, ks=RECALL_KS) -> dict[str, float]:
         correct = sim.diagonal()[:, None]
         # rank = how many other candidates score at least as high as the true one (ties count against it)
         rank = (sim >= correct).sum(dim=1) - 1
+        for k in ks:
+            out[f"{name}_r{k}"] = float((rank < k).float().mean())
+    return out
+
+
+def multi_caption_recall(similarity: torch.Tensor, caption_image: torch.Tensor, ks=RECALL_KS) -> dict[str, float]:
+    """Recall@K both ways for ``[n_captions, n_images]`` similarities where caption ``c`` belongs to image
+    ``caption_image[c]`` and every image has at least one caption (COCO / Flickr30k, about five each).
+
+    Text→image: each caption ranks all images. Image→text: an image is a hit at K when any of its captions
+    is in its top K, i.e. when fewer than K captions of other images score at least as high as its best
+    caption (ties count against it, as in ``recall_at_k``, which this equals for one caption per image)."""
+    if similarity.dim() != 2 or 0 in similarity.shape:
+        raise ValueError(f"similarity must be a non-empty [n_captions, n_images] matrix, got {tuple(similarity.shape)}")
+    if not torch.isfinite(similarity).all():
+        raise ValueError("similarity contains NaN or Inf")
+    n_captions, n_images = similarity.shape
+    if caption_image.shape != (n_captions,) or caption_image.dtype not in (torch.int32, torch.int64):
+        raise ValueError(
+            f"caption_image must be an integer tensor of shape ({n_captions},) (one image index per caption), "
+            f"got {caption_image.dtype} {tuple(caption_image.shape)}"
+        )
+    caption_image = caption_image.long()
+    low, high = int(caption_image.min()), int(caption_image.max())
+    if low < 0 or high >= n_images:
+        raise ValueError(f"caption_image must hold image indices in [0, {n_images}), got {low}..{high}")
+    has_caption = torch.zeros(n_images, dtype=torch.bool, device=caption_image.device)
+    has_caption.index_fill_(0, caption_image, True)
+    if not has_caption.all():
+        missing = int((~has_caption).nonzero()[0])
+        raise ValueError(f"every image needs a caption; image {missing} has none in caption_image")
+    true_score = similarity.gather(1, caption_image[:, None]).squeeze(1)
+    t2i_rank = (similarity >= true_score[:, None]).sum(dim=1) - 1
+    # each image's best caption score; the image's own captions that reach it are not counted against it
+    best_own = torch.full((n_images,), float("-inf"), dtype=similarity.dtype, device=similarity.device)
+    best_own = best_own.scatter_reduce(0, caption_image, true_score, reduce="amax")
+    own_at_best = torch.bincount(caption_image[true_score >= best_own[caption_image]], minlength=n_images)
+    i2t_rank = (similarity >= best_own[None, :]).sum(dim=0) - own_at_best
+    out = {}
+    for name, rank in (("t2i", t2i_rank), ("i2t", i2t_rank)):
         for k in ks:
             out[f"{name}_r{k}"] = float((rank < k).float().mean())
     return out
@@ -106,6 +147,52 @@ def evaluate(model: CLIP, dataset, batch_size: int = 250, device: str | torch.de
     return result
 
 
+@torch.no_grad()
+def evaluate_multi_caption(model: CLIP, dataset, batch_size: int = 250, device: str | torch.device = "cpu") -> dict:
+    """The eval.json dictionary of a short-caption set (items with ``image`` and ``captions``, such as
+    ``MultiCaptionFiles``): ``multi_caption_recall`` both ways, ``n_images``, ``n_captions`` and
+    ``n_skipped`` (unreadable images; their captions are left out too). Captions are tokenised to the
+    model's context (truncation keeps EOT) and encoded padded to the batch's longest."""
+    tokenizer = CLIPTokenizer()
+    was_training = model.training
+    model.eval()
+    images, texts, caption_image, skipped, n_images = [], [], [], [], 0
+    try:
+        for start in range(0, len(dataset), batch_size):
+            items = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
+            skipped += [(item["key"], item["error"]) for item in items if item["image"] is None]
+            items = [item for item in items if item["image"] is not None]
+            if not items:
+                continue
+            for offset, item in enumerate(items):
+                caption_image += [n_images + offset] * len(item["captions"])
+            n_images += len(items)
+            pixels = torch.stack([item["image"] for item in items]).to(device)
+            images.append(F.normalize(model.encode_image(pixels).float(), dim=-1).cpu())
+            captions = [caption for item in items for caption in item["captions"]]
+            for first in range(0, len(captions), batch_size):
+                ids = tokenizer.tokenize(captions[first : first + batch_size], model.config.context_length)
+                embedding = model.encode_text(trim_to_longest(ids).to(device))
+                texts.append(F.normalize(embedding.float(), dim=-1).cpu())
+    finally:
+        model.train(was_training)
+    if not images:
+        raise DataError(f"no readable image to evaluate ({len(skipped)} skipped, e.g. {skipped[:1]})")
+    image, text = torch.cat(images), torch.cat(texts)
+    result: dict[str, float | int] = dict(multi_caption_recall(text @ image.T, torch.tensor(caption_image)))
+    result.update(n_images=int(image.shape[0]), n_captions=int(text.shape[0]), n_skipped=len(skipped))
+    return result
+
+
+def format_multi_caption_table(result: dict) -> str:
+    """A small text table of ``evaluate_multi_caption``'s recall."""
+    lines = ["          R@1     R@5     R@10"]
+    for direction in ("t2i", "i2t"):
+        lines.append(f"   {direction}  " + "  ".join(f"{result[f'{direction}_r{k}']:6.3f}" for k in RECALL_KS))
+    lines.append(f"images {result['n_images']}, captions {result['n_captions']}, skipped {result['n_skipped']}")
+    return "\n".join(lines)
+
+
 def format_table(result: dict) -> str:
     """A small text table of the recall and binding numbers."""
     lines = ["              R@1     R@5     R@10"]
@@ -150,7 +237,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--checkpoint", required=True, help="run directory, training checkpoint or CLIP .pt file")
     parser.add_argument(
-        "--data", default="synthetic", help="synthetic | docci:PATH | sharegpt4v:PATH | dci:PATH | urban1k:PATH"
+        "--data",
+        default="synthetic",
+        help="synthetic | docci:PATH | sharegpt4v:PATH | dci:PATH | urban1k:PATH | coco:FILE.json | "
+        "flickr30k:dataset_flickr30k.json (COCO and Flickr30k: short captions, about five per image; "
+        "--split picks Karpathy's val or test images, --pairs caps the images)",
     )
     parser.add_argument("--image-root", default=None, help="folder the dataset's image paths are relative to")
     parser.add_argument("--preset", default=None, help="architecture of a plain CLIP checkpoint")
@@ -199,11 +290,15 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{len(bad_records)} bad records skipped, e.g. {bad_records[:3]}", file=sys.stderr)
         if len(dataset) > args.pairs:  # real files: the first --pairs held-out records
             dataset = torch.utils.data.Subset(dataset, range(args.pairs))
-        result = evaluate(model, dataset, args.batch_size, args.device)
+        short_captions = parse_data_spec(args.data)[0] in SHORT_CAPTION_SETS
+        if short_captions:
+            result = evaluate_multi_caption(model, dataset, args.batch_size, args.device)
+        else:
+            result = evaluate(model, dataset, args.batch_size, args.device)
     except (DataError, CheckpointError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print(format_table(result))
+    print(format_multi_caption_table(result) if short_captions else format_table(result))
     if args.out:
         try:
             with open(args.out, "w") as handle:

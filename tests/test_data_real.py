@@ -202,5 +202,5 @@ def test_eval_cli_reads_urban1k_and_train_cli_refuses_it(urban1k, tmp_path, caps
     capsys.readouterr()
     assert train_main(["--data", f"urban1k:{urban1k}", "--out", str(tmp_path / "run")]) == 2
     assert "urban1k is an evaluation set" in capsys.readouterr().err
-    assert train_main(["--data", "coco:/x", "--out", str(tmp_path / "run")]) == 2
-    assert "dci:PATH, urban1k:PATH" in capsys.readouterr().err
+    assert train_main(["--data", "laion:/x", "--out", str(tmp_path / "run")]) == 2
+    assert "dci:PATH, urban1k:PATH, coco:PATH, flickr30k:PATH" in capsys.readouterr().err

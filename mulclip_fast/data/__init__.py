@@ -9,12 +9,18 @@ import torch
 from .collate import Batch, Collator
 from .real import (
     READERS,
+    SHORT_CAPTION_READERS,
     DataError,
     ImageCaptionFiles,
+    ImageCaptions,
+    MultiCaptionFiles,
     Record,
     open_real_dataset,
+    open_short_caption_dataset,
+    read_coco,
     read_dci,
     read_docci,
+    read_flickr30k,
     read_sharegpt4v,
     read_urban1k,
 )
@@ -29,7 +35,8 @@ from .text import (
     trim_to_longest,
 )
 
-DATA_KINDS = ("synthetic", *READERS)  # synthetic, docci, sharegpt4v, dci, urban1k
+SHORT_CAPTION_SETS = tuple(SHORT_CAPTION_READERS)  # coco, flickr30k: evaluation only
+DATA_KINDS = ("synthetic", *READERS, *SHORT_CAPTION_SETS)  # synthetic, docci, sharegpt4v, dci, urban1k, coco, flickr30k
 
 __all__ = [
     "Batch",
@@ -38,8 +45,11 @@ __all__ = [
     "DATA_KINDS",
     "DataError",
     "ImageCaptionFiles",
+    "ImageCaptions",
     "LONG_CONTEXT",
+    "MultiCaptionFiles",
     "Record",
+    "SHORT_CAPTION_SETS",
     "SHORT_CONTEXT",
     "SummaryCaptions",
     "SyntheticLongCaptions",
@@ -47,8 +57,10 @@ __all__ = [
     "iterate_batches",
     "open_dataset",
     "parse_data_spec",
+    "read_coco",
     "read_dci",
     "read_docci",
+    "read_flickr30k",
     "read_sharegpt4v",
     "read_urban1k",
     "split_sentences",
@@ -60,7 +72,8 @@ __all__ = [
 
 def parse_data_spec(spec: str) -> tuple[str, str | None]:
     """``"synthetic"`` → (``"synthetic"``, None); ``"docci:PATH"`` → (``"docci"``, PATH); likewise
-    ``sharegpt4v:``, ``dci:`` and ``urban1k:``."""
+    ``sharegpt4v:``, ``dci:``, ``urban1k:`` and the short-caption evaluation sets ``coco:`` and
+    ``flickr30k:``."""
     kind, _, path = spec.partition(":")
     if kind not in DATA_KINDS:
         forms = ", ".join(f"{k}:PATH" for k in DATA_KINDS[1:])
@@ -90,9 +103,10 @@ def open_dataset(
     """The ``split`` (``train`` / ``val`` / ``test``) of the dataset named by ``spec``.
 
     ``size`` is the number of synthetic samples (ignored for files); real files hold out their ``test``
-    split (all of DCI and Urban1k), or their last ``holdout`` records, for ``val`` / ``test``.
-    ``twin_fraction``: synthetic binding twins (see ``SyntheticLongCaptions``). ``captions="short"``: each
-    caption replaced by its summary (``SummaryCaptions``).
+    split (all of DCI and Urban1k), or their last ``holdout`` records, for ``val`` / ``test``. COCO and
+    Flickr30k give a ``MultiCaptionFiles`` (one item per image, with all its captions) for ``val`` /
+    ``test`` and refuse ``train``. ``twin_fraction``: synthetic binding twins (see ``SyntheticLongCaptions``).
+    ``captions="short"``: each long caption replaced by its summary (``SummaryCaptions``).
     """
     if captions not in ("long", "short"):
         raise ValueError(f"captions must be 'long' or 'short', got {captions!r}")
@@ -101,6 +115,8 @@ def open_dataset(
         dataset = SyntheticLongCaptions(
             size=size, seed=seed, split=split, image_size=image_size, twin_fraction=twin_fraction
         )
+    elif kind in SHORT_CAPTION_SETS:  # short captions already, evaluation only
+        return open_short_caption_dataset(kind, path, split, image_size, image_root)
     else:
         split = "train" if split == "train" else "test"
         dataset = open_real_dataset(kind, path, split, image_size, image_root, holdout)

@@ -9,6 +9,15 @@
 * Urban1k (Long-CLIP's benchmark): a folder with ``image/N.jpg`` and ``caption/N.txt``, paired by file
   stem. Evaluation set: every record is a ``test`` record.
 
+Short-caption evaluation sets (about five captions per image; docs/training.md, "Short-caption sets"),
+read into ``ImageCaptions`` (one image, all its captions):
+
+* COCO: ``captions_val2017.json`` style (``images`` with ``id`` and ``file_name``, ``annotations`` with
+  ``image_id`` and ``caption``), or Karpathy's ``dataset_coco.json`` (``images`` with ``filepath``,
+  ``filename``, ``split`` and ``sentences: [{raw}]``).
+* Flickr30k: Karpathy's ``dataset_flickr30k.json`` (the same layout, no ``filepath``) and
+  ``flickr30k-images/``.
+
 Bad records are reported by line / index / path and skipped; a source with no usable record is an error.
 Unreadable or corrupt images are skipped when read and counted with their path (see ``collate``).
 """
@@ -216,6 +225,142 @@ READERS = {"docci": read_docci, "sharegpt4v": read_sharegpt4v, "dci": read_dci, 
 EVALUATION_SETS = ("dci", "urban1k")
 
 
+@dataclass(frozen=True)
+class ImageCaptions:
+    """One image of a short-caption set and all its captions (COCO and Flickr30k have about five)."""
+
+    image_path: str
+    captions: tuple[str, ...]
+    split: str | None = None
+
+
+def _load_json_object(path: str, label: str) -> dict:
+    if not os.path.isfile(path):
+        raise DataError(f"{label} file not found: {path}")
+    try:
+        with open(path, encoding="utf-8") as handle:
+            obj = json.load(handle)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise DataError(f"{path} is not valid JSON: {exc}") from None
+    if not isinstance(obj, dict) or not isinstance(obj.get("images"), list):
+        raise DataError(f"{path} must hold a JSON object with an 'images' list ({label} layout)")
+    return obj
+
+
+def _caption_text(value) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise TypeError("the caption must be a non-empty string")
+    return value.strip()
+
+
+def _read_karpathy(path: str, obj: dict, image_root: str) -> tuple[list[ImageCaptions], list[str]]:
+    """Karpathy's split files: ``images[i]`` has ``filename``, ``split``, ``sentences: [{raw}]`` and, for
+    COCO, ``filepath`` (the image is ``image_root/filepath/filename``). A bad sentence is reported and
+    skipped; an image with no usable sentence is reported and skipped. Image files are not checked here:
+    the file lists every split, and a user may hold only the images of the split evaluated."""
+    records, problems = [], []
+    for index, entry in enumerate(obj["images"]):
+        where = f"{path}: images[{index}]"
+        try:
+            if not isinstance(entry, dict):
+                raise TypeError(f"expected a JSON object, got {type(entry).__name__}")
+            filename, split, sentences = entry["filename"], entry["split"], entry["sentences"]
+            filepath = entry.get("filepath", "")
+            if not all(isinstance(v, str) for v in (filename, split, filepath)) or not filename:
+                raise TypeError("filename, split and filepath must be strings, filename non-empty")
+            if not isinstance(sentences, list):
+                raise TypeError(f"sentences must be a list, got {type(sentences).__name__}")
+        except (KeyError, TypeError) as exc:
+            problems.append(f"{where}: {type(exc).__name__}: {exc}")
+            continue
+        captions = []
+        for number, sentence in enumerate(sentences):
+            try:
+                captions.append(_caption_text(sentence["raw"]))
+            except (KeyError, TypeError) as exc:
+                problems.append(f"{where}.sentences[{number}]: {type(exc).__name__}: {exc}")
+        if not captions:
+            problems.append(f"{where}: no usable caption")
+            continue
+        records.append(ImageCaptions(os.path.join(image_root, filepath, filename), tuple(captions), split))
+    return records, problems
+
+
+def _coco_image_root(path: str) -> str:
+    """``captions_val2017.json``'s images: ``val2017/`` beside the file or beside its folder (COCO's own
+    ``annotations/`` layout); the file's folder for a file not named ``captions_*.json``."""
+    base = os.path.dirname(os.path.abspath(path))
+    name = os.path.splitext(os.path.basename(path))[0]
+    if not name.startswith("captions_"):
+        return base
+    candidates = [os.path.join(folder, name[len("captions_") :]) for folder in (base, os.path.dirname(base))]
+    for candidate in candidates:
+        if os.path.isdir(candidate):
+            return candidate
+    raise DataError(f"COCO image folder not found: looked for {' and '.join(candidates)}; pass --image-root")
+
+
+def _read_coco_captions(path: str, obj: dict, image_root: str) -> tuple[list[ImageCaptions], list[str]]:
+    """COCO's own captions files: an image's captions are the annotations with its ``image_id``, in file
+    order. The file has no split: every image is an evaluation image."""
+    if not isinstance(obj["annotations"], list):
+        raise DataError(f"{path}: 'annotations' must be a list, got {type(obj['annotations']).__name__}")
+    problems, files, captions = [], {}, {}
+    for index, entry in enumerate(obj["images"]):
+        try:
+            image_id, file_name = entry["id"], entry["file_name"]
+            if not isinstance(image_id, int) or not isinstance(file_name, str) or not file_name:
+                raise TypeError("id must be an integer and file_name a non-empty string")
+            if image_id in files:
+                raise ValueError(f"id {image_id} is used by an earlier image")
+        except (KeyError, TypeError, ValueError) as exc:
+            problems.append(f"{path}: images[{index}]: {type(exc).__name__}: {exc}")
+            continue
+        files[image_id], captions[image_id] = file_name, []
+    for index, entry in enumerate(obj["annotations"]):
+        try:
+            image_id = entry["image_id"]
+            caption = _caption_text(entry["caption"])
+            if image_id not in files:
+                raise KeyError(f"image_id {image_id!r} is not among the usable images")
+        except (KeyError, TypeError) as exc:
+            problems.append(f"{path}: annotations[{index}]: {type(exc).__name__}: {exc}")
+            continue
+        captions[image_id].append(caption)
+    records = []
+    for image_id, file_name in files.items():
+        if captions[image_id]:
+            records.append(ImageCaptions(_resolve(image_root, file_name), tuple(captions[image_id])))
+        else:
+            problems.append(f"{path}: image id {image_id} ({file_name}): no caption")
+    return records, problems
+
+
+def read_coco(path: str, image_root: str | None = None) -> tuple[list[ImageCaptions], list[str]]:
+    """Images and captions of a COCO captions file (``captions_val2017.json`` style, recognised by its
+    ``annotations`` list) or of Karpathy's ``dataset_coco.json``. Image folder: ``image_root``, else for
+    the captions file ``val2017/`` (the part after ``captions_``) beside the file or beside its folder, for
+    Karpathy's file the file's folder (``filepath/filename`` below it)."""
+    obj = _load_json_object(path, "COCO")
+    if "annotations" in obj:
+        return _read_coco_captions(path, obj, image_root or _coco_image_root(path))
+    return _read_karpathy(path, obj, image_root or os.path.dirname(os.path.abspath(path)))
+
+
+def read_flickr30k(path: str, image_root: str | None = None) -> tuple[list[ImageCaptions], list[str]]:
+    """Images and captions of Karpathy's ``dataset_flickr30k.json``; images in ``flickr30k-images/``
+    beside it, or in ``image_root``."""
+    obj = _load_json_object(path, "Flickr30k")
+    if image_root is None:
+        image_root = os.path.join(os.path.dirname(os.path.abspath(path)), "flickr30k-images")
+        if not os.path.isdir(image_root):
+            raise DataError(f"Flickr30k image folder not found: {image_root}; pass --image-root")
+    return _read_karpathy(path, obj, image_root)
+
+
+SHORT_CAPTION_READERS = {"coco": read_coco, "flickr30k": read_flickr30k}
+
+
 def split_records(records: list[Record], split: str, holdout: int) -> list[Record]:
     """Training or evaluation records: the file's own split field when it has one (DOCCI's
     ``train``/``test``), otherwise the last ``holdout`` records are held out for evaluation."""
@@ -246,6 +391,76 @@ class ImageCaptionFiles(torch.utils.data.Dataset):
         return item
 
 
+class MultiCaptionFiles(torch.utils.data.Dataset):
+    """The images of a short-caption set; item ``i`` is image ``i`` with all its captions. An unreadable
+    image gives ``image`` None and ``error`` set, and its captions drop out of the evaluation."""
+
+    def __init__(self, records: list[ImageCaptions], image_size: int, source: str):
+        self.records, self.image_size, self.source = records, image_size, source
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> dict:
+        record = self.records[index]
+        item = {"captions": list(record.captions), "key": record.image_path, "image": None, "error": None}
+        try:
+            item["image"] = load_image(record.image_path, self.image_size)
+        except (OSError, ValueError, SyntaxError) as exc:  # PIL raises these for missing / corrupt files
+            item["error"] = f"{type(exc).__name__}: {exc}"
+        return item
+
+
+def _check_first_images(dataset, path: str) -> None:
+    """Fail fast when the images are not where the records say (a wrong image root is the usual cause)."""
+    probe = [dataset[i] for i in range(min(16, len(dataset)))]
+    if all(item["image"] is None for item in probe):
+        raise DataError(
+            f"none of the first {len(probe)} images of {path} can be read, e.g. {probe[0]['key']}: "
+            f"{probe[0]['error']}; check the image root (--image-root)"
+        )
+
+
+def open_short_caption_dataset(
+    kind: str, path: str, split: str, image_size: int, image_root: str | None = None
+) -> MultiCaptionFiles:
+    """The ``split`` (``val`` / ``test``) images of a COCO / Flickr30k source: Karpathy's split of that
+    name, or every image of a file without splits (COCO's captions files). These are evaluation sets:
+    ``train`` is refused. An image of the split whose file is missing is reported and skipped."""
+    if kind not in SHORT_CAPTION_READERS:
+        raise DataError(f"unknown short-caption set {kind!r}; known: {', '.join(SHORT_CAPTION_READERS)}")
+    if split not in ("val", "test"):
+        raise DataError(
+            f"{kind} is a short-caption evaluation set (about five captions per image), not training data for "
+            f"MulCLIP's long-caption objective: use it with python -m mulclip_fast.eval (split {split!r} given)"
+        )
+    if image_root is not None and not os.path.isdir(image_root):
+        raise DataError(f"image root is not a directory: {image_root}")
+    records, problems = SHORT_CAPTION_READERS[kind](path, image_root)
+    if not records:
+        shown = "; ".join(problems[:3]) or "no records found"
+        raise DataError(f"{path} has no usable {kind} image ({len(problems)} bad: {shown})")
+    if any(r.split is not None for r in records):
+        chosen = [r for r in records if r.split == split]
+        if not chosen:
+            found = sorted({r.split for r in records})
+            raise DataError(f"{path} has {len(records)} images but none in the {split!r} split (splits: {found})")
+    else:
+        chosen = records
+    present = [os.path.isfile(r.image_path) for r in chosen]
+    problems += [f"{path}: image not found: {r.image_path}" for r, ok in zip(chosen, present, strict=True) if not ok]
+    if not any(present):
+        raise DataError(
+            f"none of the {len(chosen)} {split} images of {path} exists, e.g. {chosen[0].image_path}; "
+            "check the image root (--image-root)"
+        )
+    chosen = [r for r, ok in zip(chosen, present, strict=True) if ok]
+    dataset = MultiCaptionFiles(chosen, image_size, source=f"{kind}:{path}")
+    dataset.bad_records = problems
+    _check_first_images(dataset, path)
+    return dataset
+
+
 def open_real_dataset(
     kind: str, path: str, split: str, image_size: int, image_root: str | None = None, holdout: int = 1000
 ) -> ImageCaptionFiles:
@@ -268,11 +483,5 @@ def open_real_dataset(
         raise DataError(f"{path} has {len(records)} records but none for the {split!r} split{hint}")
     dataset = ImageCaptionFiles(chosen, image_size, source=f"{kind}:{path}")
     dataset.bad_records = problems
-    # Fail fast when the images are not where the records say (a wrong image root is the usual cause).
-    probe = [dataset[i] for i in range(min(16, len(dataset)))]
-    if all(item["image"] is None for item in probe):
-        raise DataError(
-            f"none of the first {len(probe)} images of {path} can be read, e.g. {probe[0]['key']}: "
-            f"{probe[0]['error']}; check the image root (--image-root)"
-        )
+    _check_first_images(dataset, path)
     return dataset

@@ -1,13 +1,16 @@
 """CLIP tokenisation and caption splitting (docs/method.md, "Features").
 
 Long captions use Long-CLIP's 248-token context; summaries and subcaptions use OpenAI's 77. Truncation
-always keeps the end-of-text token, because the text tower pools at EOT.
+always keeps the end-of-text token, because the text tower pools at EOT. Text is cleaned as OpenAI's
+tokenizer cleans it before BPE (``clean_text``), so that ids are those the pretrained towers saw.
 """
 
 from __future__ import annotations
 
+import html
 import re
 
+import ftfy
 import torch
 
 LONG_CONTEXT = 248
@@ -38,8 +41,22 @@ def subcaptions_of(text: str, max_subcaptions: int = 8) -> list[str]:
     return split_sentences(text)[:max_subcaptions]
 
 
+_WHITESPACE = re.compile(r"\s+")
+
+
+def clean_text(text: str) -> str:
+    """OpenAI CLIP's text clean-up before BPE (``basic_clean``, ``whitespace_clean``, lower case):
+    ``ftfy.fix_text`` (mojibake, curly quotes, ligatures, full-width forms, control characters), HTML
+    entities unescaped twice (``&amp;amp;`` → ``&``), white space runs collapsed to one space, stripped,
+    lower-cased."""
+    if not isinstance(text, str):
+        raise ValueError(f"text must be a string, got {type(text).__name__}")
+    text = html.unescape(html.unescape(ftfy.fix_text(text))).strip()
+    return _WHITESPACE.sub(" ", text).strip().lower()
+
+
 class CLIPTokenizer:
-    """OpenAI CLIP's BPE through ``instant-clip-tokenizer``.
+    """OpenAI CLIP's tokenizer: ``clean_text``, then the BPE of ``instant-clip-tokenizer``.
 
     ``tokenize(texts, context_length)`` gives an int64 ``[N, context_length]`` tensor with SOT first, EOT
     last (kept even when the text is truncated) and zero padding.
@@ -65,12 +82,12 @@ class CLIPTokenizer:
             raise ValueError(f"context_length must be >= 2 (SOT and EOT), got {context_length}")
         if not texts:
             return torch.zeros(0, context_length, dtype=torch.long)
-        ids = self._tokenizer.tokenize_batch(list(texts), context_length=context_length)
+        ids = self._tokenizer.tokenize_batch([clean_text(t) for t in texts], context_length=context_length)
         return torch.from_numpy(ids.astype("int64"))
 
     def count_tokens(self, text: str) -> int:
         """Number of tokens of ``text`` including SOT and EOT, without truncation."""
-        return len(self._tokenizer.encode(text)) + 2
+        return len(self._tokenizer.encode(clean_text(text))) + 2
 
 
 def trim_to_longest(ids: torch.Tensor) -> torch.Tensor:
