@@ -71,10 +71,15 @@ def strict_win_rate(image: torch.Tensor, true_text: torch.Tensor, negative_text:
 
 
 def hard_negative_accuracy(
-    encoder, dataset: SyntheticLongCaptions, image: torch.Tensor, caption: torch.Tensor, probe: torch.Tensor
+    encoder,
+    dataset: SyntheticLongCaptions,
+    image: torch.Tensor,
+    caption: torch.Tensor,
+    probe: torch.Tensor,
+    kinds=HARD_NEGATIVE_KINDS,
 ) -> dict:
-    """``hardneg_<kind>`` for every kind of ``HARD_NEGATIVE_KINDS`` and their mean ``hardneg_mean``: the
-    share of images whose true caption scores strictly above that kind's negative.
+    """``hardneg_<kind>`` for each of ``kinds`` (of ``HARD_NEGATIVE_KINDS``) and their mean ``hardneg_mean``:
+    the share of images whose true caption scores strictly above that kind's negative.
 
     ``image``, ``caption`` and ``probe`` (the binding negatives, already embedded by the caller): normalised
     embeddings of the first ``len(image)`` samples of ``dataset``, in order."""
@@ -84,12 +89,17 @@ def hard_negative_accuracy(
             f"image, caption and probe must be [n, d] embeddings of the first n <= {len(dataset)} samples, "
             f"got {tuple(image.shape)}, {tuple(caption.shape)}, {tuple(probe.shape)}"
         )
-    kinds = [kind for kind in HARD_NEGATIVE_KINDS if kind != "binding"]
+    if not kinds or not set(kinds) <= set(HARD_NEGATIVE_KINDS):
+        raise ValueError(f"kinds must be some of {HARD_NEGATIVE_KINDS}, got {kinds!r}")
+    encoded = [kind for kind in kinds if kind != "binding"]
     negatives = [hard_negatives(dataset, i) for i in range(n)]
-    embedded = encoder.texts([neg[kind] for kind in kinds for neg in negatives]).reshape(len(kinds), n, -1)
-    out = {f"hardneg_{kind}": strict_win_rate(image, caption, embedded[k]) for k, kind in enumerate(kinds)}
-    out["hardneg_binding"] = strict_win_rate(image, caption, probe)
-    out["hardneg_mean"] = float(np.mean([out[f"hardneg_{kind}"] for kind in HARD_NEGATIVE_KINDS]))
+    texts = [neg[kind] for kind in encoded for neg in negatives]
+    embedded = encoder.texts(texts).reshape(len(encoded), n, -1) if encoded else None
+    out = {f"hardneg_{kind}": strict_win_rate(image, caption, embedded[k]) for k, kind in enumerate(encoded)}
+    if "binding" in kinds:
+        out["hardneg_binding"] = strict_win_rate(image, caption, probe)
+    out = {f"hardneg_{kind}": out[f"hardneg_{kind}"] for kind in kinds}
+    out["hardneg_mean"] = float(np.mean(list(out.values())))
     out["hardneg_pairs"] = n
     return out
 

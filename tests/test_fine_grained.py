@@ -148,6 +148,10 @@ def test_equal_scores_count_against_the_true_caption():
     assert result["hardneg_mean"] == 0.0
     grounding = grounding_recall(Blind(), data, image)
     assert grounding["grounding_r1"] == 0.0
+    subset = hard_negative_accuracy(Blind(), data, image, image, image, kinds=("shape", "binding"))
+    assert set(subset) == {"hardneg_shape", "hardneg_binding", "hardneg_mean", "hardneg_pairs"}
+    with pytest.raises(ValueError, match="kinds must be"):
+        hard_negative_accuracy(Blind(), data, image, image, image, kinds=("texture",))
     with pytest.raises(ValueError, match="first n"):
         hard_negative_accuracy(Blind(), data, torch.ones(11, 4), torch.ones(11, 4), torch.ones(11, 4))
 
