@@ -204,6 +204,8 @@ def test_compositional_split_always_shows_one_and_is_deterministic():
     assert all(any((o.colour, o.shape) == ("red", "ring") for o in custom.scene(i)) for i in range(50))
     with pytest.raises(ValueError, match="held_out_combinations"):
         SyntheticLongCaptions(5, split="compositional", held_out_combinations=())
+    with pytest.raises(ValueError, match="twin_fraction"):
+        SyntheticLongCaptions(5, split="compositional", twin_fraction=0.5)
     with pytest.raises(ValueError, match="held_out_combinations"):
         SyntheticLongCaptions(5, held_out_combinations=[("red", "hexagon")])
     with pytest.raises(ValueError, match="every shape of 'red'"):

@@ -179,6 +179,8 @@ class SyntheticLongCaptions(torch.utils.data.Dataset):
         self.held_out_combinations = _check_held_out(held_out_combinations)
         if split == "compositional" and not self.held_out_combinations:
             raise ValueError("the compositional split needs held_out_combinations; got none")
+        if split == "compositional" and twin_fraction:
+            raise ValueError("the compositional split has no twin_fraction (a twin may lose its held-out combination)")
         coords = np.arange(image_size, dtype=np.float32) + 0.5
         self._yy, self._xx = np.meshgrid(coords, coords, indexing="ij")
 
