@@ -296,3 +296,29 @@ def test_format_table_prints_the_fine_grained_numbers():
     assert "hard negatives (10 pairs): mean 0.500 (colour 0.500" in text and "relation 0.500" in text
     assert "compositional retrieval: t2i R@1 0.125" in text and "grounding R@1 0.250, R@5 0.500" in text
     assert "zero-shot synthetic shapes: accuracy 0.750" in text and "top-5 n/a" in text and "1 unreadable" in text
+
+
+def test_a_perfect_model_wins_the_compositional_hard_negatives():
+    comp = compositional_split(SyntheticLongCaptions(10, seed=7, split="test"), 30)
+    encoder = FactEncoder()
+    image = encoder.images(_registered(encoder, comp))
+    caption = encoder.texts([comp[i]["caption"] for i in range(len(comp))])
+    probe = encoder.texts([comp[i]["probe"] for i in range(len(comp))])
+    assert hard_negative_accuracy(encoder, comp, image, caption, probe)["hardneg_mean"] == 1.0
+
+
+def test_evaluate_reports_the_fine_grained_keys_on_the_synthetic_test_split():
+    from mulclip_fast.eval import evaluate
+    from mulclip_fast.model import CLIP, preset_config
+
+    torch.manual_seed(0)
+    model = CLIP(preset_config("tiny", vision_layers=1, transformer_layers=1))
+    result = evaluate(model, SyntheticLongCaptions(12, seed=8, split="test"), batch_size=64)
+    keys = {f"hardneg_{kind}" for kind in HARD_NEGATIVE_KINDS} | {"hardneg_mean", "grounding_r1", "grounding_r5"}
+    keys |= {f"compositional_{d}_r{k}" for d in ("t2i", "i2t") for k in (1, 5)} | {"zeroshot_synthetic_acc"}
+    keys |= {f"compositional_hardneg_{kind}" for kind in ("colour", "shape", "binding", "mean")}
+    assert keys <= set(result) and all(0.0 <= result[k] <= 1.0 for k in keys)
+    assert result["hardneg_pairs"] == 12 and result["compositional_hardneg_pairs"] == 100
+    assert result["hardneg_binding"] == result["binding_acc"]  # the same probes, all 12 pairs
+    val = evaluate(model, SyntheticLongCaptions(12, seed=8, split="val"), batch_size=64)
+    assert "hardneg_mean" not in val  # the periodic validation stays cheap
