@@ -26,7 +26,6 @@ from .model import CLIP
 
 # CLIP's prompt ensembling: the class embedding is the normalised mean of the templates' embeddings.
 ZEROSHOT_TEMPLATES = ("a photo of a {}.", "a picture of a {}.", "an image of a {}.", "a drawing of a {}.")
-COMPOSITIONAL_PAIRS = 200  # scenes of the compositional split evaluated next to a synthetic split
 ZEROSHOT_SYNTHETIC_IMAGES = 120  # single-object images, 20 per shape
 
 
