@@ -210,6 +210,12 @@ def test_compositional_split_always_shows_one_and_is_deterministic():
         SyntheticLongCaptions(5, held_out_combinations=[("red", "hexagon")])
     with pytest.raises(ValueError, match="every shape of 'red'"):
         SyntheticLongCaptions(5, held_out_combinations=[("red", s) for s in SHAPES])
+    # One shape left per colour, different for most colours: most scenes have no allowed colour swap.
+    only = dict(zip(("red", "green", "blue", "yellow", "purple", "cyan"), SHAPES, strict=True))
+    only |= {"orange": "circle", "white": "square"}
+    strict = SyntheticLongCaptions(5, held_out_combinations=[(c, s) for c in only for s in SHAPES if s != only[c]])
+    with pytest.raises(ValueError, match="no colour swap"):
+        [strict.scene(i) for i in range(5)]
 
 
 def test_zeroshot_synthetic_perfect_and_blind():
@@ -322,3 +328,28 @@ def test_evaluate_reports_the_fine_grained_keys_on_the_synthetic_test_split():
     assert result["hardneg_binding"] == result["binding_acc"]  # the same probes, all 12 pairs
     val = evaluate(model, SyntheticLongCaptions(12, seed=8, split="val"), batch_size=64)
     assert "hardneg_mean" not in val  # the periodic validation stays cheap
+
+
+@pytest.mark.slow
+def test_eval_cli_zero_shot_on_an_image_folder(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    run = tmp_path / "run"
+    train = [sys.executable, "-m", "mulclip_fast.train", "--steps", "2", "--batch-size", "4", "--out", str(run)]
+    train += ["--model", "vision_layers=1", "--model", "transformer_layers=1", "--eval-pairs", "0", "--loss", "global"]
+    subprocess.run(train, check=True, capture_output=True, timeout=240)
+    folder = tmp_path / "classes"
+    for name, rgb in {"red_square": (255, 0, 0), "blue_circle": (0, 0, 255)}.items():
+        (folder / name).mkdir(parents=True)
+        _png(folder / name / "a.png", rgb)
+    (folder / "blue_circle" / "bad.png").write_bytes(b"")
+    out = tmp_path / "eval.json"
+    cmd = [sys.executable, "-m", "mulclip_fast.eval", "--checkpoint", str(run), "--pairs", "20", "--out", str(out)]
+    done = subprocess.run([*cmd, "--zeroshot", f"imagefolder:{folder}"], capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(out.read_text())
+    assert result["zeroshot_images"] == 2 and result["zeroshot_classes"] == 2 and result["zeroshot_skipped"] == 1
+    assert 0.0 <= result["zeroshot_top1"] <= 1.0 and result["zeroshot_top5"] is None
+    assert "zero-shot image folder: top-1" in done.stdout and "hard negatives (20 pairs)" in done.stdout
