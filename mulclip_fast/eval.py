@@ -4,10 +4,14 @@ Recall@K is computed on long captions (and on summaries, under ``short_*`` keys)
 images for each caption, image→text the captions for each image. A tie with the correct item counts
 against it, so a model that scores everything equally gets recall 0, not 1. Binding accuracy is the
 fraction of images whose true caption scores strictly higher than the same caption with two objects'
-colours swapped (synthetic data only). Short-caption sets (COCO, Flickr30k: about five captions per image)
+colours swapped (synthetic data only). On the synthetic test split, ``evaluate`` adds the fine-grained
+metrics of ``mulclip_fast.fine_grained`` (hard negatives per kind of change, subcaption grounding, the
+compositional split, zero-shot shape classification); ``--zeroshot imagefolder:PATH`` adds zero-shot
+classification of an image folder. Short-caption sets (COCO, Flickr30k: about five captions per image)
 get ``multi_caption_recall`` instead: an image is found when any of its captions is.
 
     python -m mulclip_fast.eval --checkpoint runs/default --data synthetic --pairs 1000
+    python -m mulclip_fast.eval --checkpoint runs/default --zeroshot imagefolder:/data/imagenette/val
 """
 
 from __future__ import annotations
@@ -20,7 +24,25 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from .data import SHORT_CAPTION_SETS, CLIPTokenizer, Collator, DataError, open_dataset, parse_data_spec, trim_to_longest
+from .data import (
+    SHORT_CAPTION_SETS,
+    CLIPTokenizer,
+    Collator,
+    DataError,
+    SyntheticLongCaptions,
+    open_dataset,
+    parse_data_spec,
+    trim_to_longest,
+)
+from .data.hard_negatives import HARD_NEGATIVE_KINDS
+from .fine_grained import (
+    ClipEncoder,
+    compositional_split,
+    grounding_recall,
+    hard_negative_accuracy,
+    zeroshot_image_folder,
+    zeroshot_synthetic,
+)
 from .model import CLIP, CheckpointError, check_device, load_clip_weights, preset_config
 from .run_checkpoints import load_latest_training_checkpoint, load_training_checkpoint
 
@@ -135,7 +157,8 @@ def embed_dataset(
 
 def evaluate(model: CLIP, dataset, batch_size: int = 250, device: str | torch.device = "cpu") -> dict:
     """The eval.json dictionary: recall both ways on long captions (and ``short_*`` on summaries),
-    binding accuracy (NaN → null when the data has no probes), ``n_pairs`` and ``n_skipped``."""
+    binding accuracy (NaN → null when the data has no probes), ``n_pairs`` and ``n_skipped``; on the
+    synthetic test split also ``fine_grained_metrics``."""
     emb = embed_dataset(model, dataset, batch_size, device)
     result: dict[str, float | int | None] = dict(recall_at_k(emb["long"] @ emb["image"].T))
     result["binding_acc"] = (
@@ -144,6 +167,34 @@ def evaluate(model: CLIP, dataset, batch_size: int = 250, device: str | torch.de
     result.update({f"short_{k}": v for k, v in recall_at_k(emb["short"] @ emb["image"].T).items()})
     result["n_pairs"] = int(emb["image"].shape[0])
     result["n_skipped"] = len(emb["skipped"])
+    if isinstance(dataset, SyntheticLongCaptions) and dataset.split == "test":
+        result.update(fine_grained_metrics(model, dataset, emb, batch_size, device))
+    return result
+
+
+HARDNEG_PAIRS = 100  # test pairs whose hard negatives are scored (5 × 100 more captions to encode)
+COMPOSITIONAL_PAIRS = 100  # scenes of the compositional split
+# The hard negatives that change a colour–shape combination; the others are left out to keep the eval cheap.
+COMPOSITIONAL_KINDS = ("colour", "shape", "binding")
+
+
+def fine_grained_metrics(
+    model: CLIP, dataset: SyntheticLongCaptions, emb: dict, batch_size: int = 250, device: str | torch.device = "cpu"
+) -> dict:
+    """The synthetic test split's fine-grained numbers (docs/training.md, "Evaluation"): ``hardneg_*`` on its
+    first ``HARDNEG_PAIRS`` pairs, ``grounding_r1/r5``, ``zeroshot_synthetic_acc`` and, on
+    ``COMPOSITIONAL_PAIRS`` scenes of the compositional split, ``compositional_*`` (R@1/R@5 both ways and
+    the ``COMPOSITIONAL_KINDS`` hard negatives). ``emb``: ``embed_dataset(model, dataset)``."""
+    encoder = ClipEncoder(model, device, batch_size)
+    n = min(HARDNEG_PAIRS, emb["image"].shape[0])
+    result = hard_negative_accuracy(encoder, dataset, emb["image"][:n], emb["long"][:n], emb["probe"][:n])
+    result.update(grounding_recall(encoder, dataset, emb["image"]))
+    result.update(zeroshot_synthetic(encoder, dataset))
+    split = compositional_split(dataset, COMPOSITIONAL_PAIRS)
+    comp = embed_dataset(model, split, batch_size, device)
+    result.update({f"compositional_{k}": v for k, v in recall_at_k(comp["long"] @ comp["image"].T, (1, 5)).items()})
+    hard = hard_negative_accuracy(encoder, split, comp["image"], comp["long"], comp["probe"], COMPOSITIONAL_KINDS)
+    result.update({f"compositional_{k}": v for k, v in hard.items()})
     return result
 
 
@@ -204,7 +255,41 @@ def format_table(result: dict) -> str:
     binding = result.get("binding_acc")
     lines.append(f"binding accuracy {binding:.3f}" if binding is not None else "binding accuracy: n/a (no probes)")
     lines.append(f"pairs {result['n_pairs']}, skipped {result.get('n_skipped', 0)}")
+    lines += format_fine_grained(result)
     return "\n".join(lines)
+
+
+def format_fine_grained(result: dict) -> list[str]:
+    """Table lines of the fine-grained and zero-shot numbers present in ``result``."""
+    lines = []
+    for prefix, label in (("", "hard negatives"), ("compositional_", "compositional hard negatives")):
+        if f"{prefix}hardneg_mean" in result:
+            kinds = ", ".join(
+                f"{kind} {result[f'{prefix}hardneg_{kind}']:.3f}"
+                for kind in HARD_NEGATIVE_KINDS
+                if f"{prefix}hardneg_{kind}" in result
+            )
+            pairs = result[f"{prefix}hardneg_pairs"]
+            lines.append(f"{label} ({pairs} pairs): mean {result[f'{prefix}hardneg_mean']:.3f} ({kinds})")
+    if "compositional_t2i_r1" in result:
+        recall = ", ".join(f"{d} R@{k} {result[f'compositional_{d}_r{k}']:.3f}" for d in ("t2i", "i2t") for k in (1, 5))
+        lines.append(f"compositional retrieval: {recall}")
+    if "grounding_r1" in result:
+        lines.append(
+            f"grounding R@1 {result['grounding_r1']:.3f}, R@5 {result['grounding_r5']:.3f} "
+            f"({result['grounding_queries']} object sentences)"
+        )
+    if "zeroshot_synthetic_acc" in result:
+        lines.append(f"zero-shot synthetic shapes: accuracy {result['zeroshot_synthetic_acc']:.3f}")
+    if "zeroshot_top1" in result:
+        top5 = result["zeroshot_top5"]
+        lines.append(
+            f"zero-shot image folder: top-1 {result['zeroshot_top1']:.3f}, "
+            + (f"top-5 {top5:.3f}" if top5 is not None else "top-5 n/a (5 classes or fewer)")
+            + f" ({result['zeroshot_images']} images, {result['zeroshot_classes']} classes, "
+            f"{result['zeroshot_skipped']} unreadable)"
+        )
+    return lines
 
 
 def load_model_for_eval(checkpoint: str, preset: str | None, device: str) -> tuple[CLIP, dict]:
@@ -251,6 +336,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, default=250)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", default=None, help="write the JSON here (default: print only)")
+    parser.add_argument(
+        "--zeroshot", default=None, help="imagefolder:PATH: also zero-shot classify PATH/CLASS_NAME/*.png|jpg|…"
+    )
     return parser
 
 
@@ -266,6 +354,16 @@ def check_output_file(path: str) -> None:
         raise ValueError(f"--out {path} is not writable")
 
 
+def zeroshot_path(spec: str) -> str:
+    """The folder of ``--zeroshot imagefolder:PATH``."""
+    kind, _, path = spec.partition(":")
+    if kind != "imagefolder" or not path:
+        raise DataError(f"--zeroshot must be imagefolder:PATH, got {spec!r}")
+    if not os.path.isdir(path):
+        raise DataError(f"--zeroshot imagefolder:{path}: not a directory")
+    return path
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -274,6 +372,7 @@ def main(argv: list[str] | None = None) -> int:
         check_device(args.device)
         if args.out:
             check_output_file(args.out)
+        zeroshot_folder = zeroshot_path(args.zeroshot) if args.zeroshot else None
         model, config = load_model_for_eval(args.checkpoint, args.preset, args.device)
         seed = args.seed if args.seed is not None else int(config.get("seed", 0))
         dataset = open_dataset(
@@ -295,6 +394,9 @@ def main(argv: list[str] | None = None) -> int:
             result = evaluate_multi_caption(model, dataset, args.batch_size, args.device)
         else:
             result = evaluate(model, dataset, args.batch_size, args.device)
+        if zeroshot_folder:
+            encoder = ClipEncoder(model, args.device, args.batch_size)
+            result.update(zeroshot_image_folder(encoder, zeroshot_folder, model.config.image_resolution))
     except (DataError, CheckpointError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

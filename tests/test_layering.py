@@ -38,6 +38,7 @@ LAYERS = {
     "mulclip_fast.integrations": 4,  # adapters of other trainers' models: a peer of our model
     "mulclip_fast.train": 5,
     "mulclip_fast.eval": 5,
+    "mulclip_fast.fine_grained": 5,  # the fine-grained and zero-shot metrics that eval reports
     "mulclip_fast.run_checkpoints": 5,  # the training checkpoint format that train writes and eval reads
     # tools: measure and report on the library; nothing in the library imports them
     "mulclip_fast.profiling": 6,

@@ -13,6 +13,10 @@ Binding twins (``twin_fraction``, used for training): a share of the odd indices
 the index before them, rendered on its own. Read in index order, a batch then contains scenes whose
 captions have the same bag of words, so the contrastive loss itself rewards binding — otherwise a batch
 of independent scenes can nearly always be told apart by which colours and shapes occur at all.
+
+Held-out combinations (``held_out_combinations``, default ``HELD_OUT_COMBINATIONS``): colour–shape pairs
+the train split never shows, in its scenes, probes or twins (an object drawn with one gets another shape of
+its colour, drawn from a stream of its own). The ``compositional`` split shows at least one in every scene.
 """
 
 from __future__ import annotations
@@ -49,7 +53,21 @@ CELLS = (
 )
 NUMBERS = {3: "three", 4: "four", 5: "five", 6: "six"}
 # Separate streams per split: a training index never produces a validation or test image.
-SPLITS = {"train": 0, "val": 1, "test": 2}
+SPLITS = {"train": 0, "val": 1, "test": 2, "compositional": 3}
+# Colour–shape combinations the train split never shows (``held_out_combinations``), one per colour, each
+# shape held out once or twice, so every colour and every shape still occurs in training. The
+# ``compositional`` split puts at least one of them in every scene: it tests whether a model composes
+# a colour and a shape it has only seen apart (docs/training.md, "Evaluation").
+HELD_OUT_COMBINATIONS = (
+    ("red", "circle"),
+    ("green", "square"),
+    ("blue", "triangle"),
+    ("yellow", "diamond"),
+    ("purple", "cross"),
+    ("cyan", "ring"),
+    ("orange", "square"),
+    ("white", "triangle"),
+)
 
 
 @dataclass(frozen=True)
@@ -70,17 +88,26 @@ def _relation(a: SceneObject, b: SceneObject) -> str:
     return f"The {a.colour} {a.shape} is {where} the {b.colour} {b.shape}."
 
 
-def describe(objects: list[SceneObject]) -> str:
-    """The long caption of a scene: summary, one sentence per object, relations around the cycle of objects."""
+def object_sentence(obj: SceneObject) -> str:
+    return f"In {CELLS[obj.cell]} there is a {obj.size} {obj.colour} {obj.shape}."
+
+
+def caption_sentences(objects: list[SceneObject]) -> list[str]:
+    """The sentences of ``describe(objects)``: the summary, one per object, then the relations."""
     listing = [f"a {o.colour} {o.shape}" for o in objects]
     shapes = f"{', '.join(listing[:-1])} and {listing[-1]}"
     summary = f"An image of {NUMBERS[len(objects)]} shapes: {shapes}."
     sentences = [summary]
-    sentences += [f"In {CELLS[o.cell]} there is a {o.size} {o.colour} {o.shape}." for o in objects]
+    sentences += [object_sentence(o) for o in objects]
     # A cycle of relations mentions every object exactly twice, so the attribute-swapped probe has the
     # very same bag of words as the true caption.
     sentences += [_relation(a, b) for a, b in zip(objects, objects[1:] + objects[:1], strict=True)]
-    return " ".join(sentences)
+    return sentences
+
+
+def describe(objects: list[SceneObject]) -> str:
+    """The long caption of a scene: summary, one sentence per object, relations around the cycle of objects."""
+    return " ".join(caption_sentences(objects))
 
 
 def _shape_mask(shape: str, dx: np.ndarray, dy: np.ndarray, r: float) -> np.ndarray:
@@ -101,11 +128,28 @@ def _shape_mask(shape: str, dx: np.ndarray, dy: np.ndarray, r: float) -> np.ndar
     raise ValueError(f"unknown shape {shape!r}")
 
 
+def _check_held_out(combinations) -> frozenset[tuple[str, str]]:
+    """``held_out_combinations`` as a set of (colour, shape) pairs, every colour keeping at least one shape."""
+    try:
+        pairs = frozenset((colour, shape) for colour, shape in combinations)
+    except (TypeError, ValueError):
+        raise ValueError(f"held_out_combinations must be (colour, shape) pairs, got {combinations!r}") from None
+    for colour, shape in pairs:
+        if colour not in COLOURS or shape not in SHAPES:
+            raise ValueError(f"held_out_combinations: unknown colour or shape in {(colour, shape)!r}")
+    for colour in COLOURS:
+        if all((colour, shape) in pairs for shape in SHAPES):
+            raise ValueError(f"held_out_combinations hold out every shape of {colour!r}; keep at least one")
+    return pairs
+
+
 class SyntheticLongCaptions(torch.utils.data.Dataset):
     """``size`` procedurally generated image–long-caption pairs of one split.
 
     Items are dicts: ``image`` (float ``[3, R, R]``, CLIP-normalised), ``caption``, ``probe`` (the
-    attribute-swapped caption) and ``key`` (a name for logs).
+    attribute-swapped caption) and ``key`` (a name for logs). ``split`` is ``train``, ``val``, ``test`` or
+    ``compositional``; ``held_out_combinations`` (``()`` for none) are kept out of ``train`` and put into
+    every ``compositional`` scene.
     """
 
     def __init__(
@@ -117,6 +161,7 @@ class SyntheticLongCaptions(torch.utils.data.Dataset):
         min_objects: int = 3,
         max_objects: int = 6,
         twin_fraction: float = 0.0,
+        held_out_combinations=HELD_OUT_COMBINATIONS,
     ):
         if split not in SPLITS:
             raise ValueError(f"split must be one of {sorted(SPLITS)}, got {split!r}")
@@ -131,6 +176,11 @@ class SyntheticLongCaptions(torch.utils.data.Dataset):
         self.size, self.seed, self.split = size, seed, split
         self.image_size, self.min_objects, self.max_objects = image_size, min_objects, max_objects
         self.twin_fraction = twin_fraction
+        self.held_out_combinations = _check_held_out(held_out_combinations)
+        if split == "compositional" and not self.held_out_combinations:
+            raise ValueError("the compositional split needs held_out_combinations; got none")
+        if split == "compositional" and twin_fraction:
+            raise ValueError("the compositional split has no twin_fraction (a twin may lose its held-out combination)")
         coords = np.arange(image_size, dtype=np.float32) + 0.5
         self._yy, self._xx = np.meshgrid(coords, coords, indexing="ij")
 
@@ -158,10 +208,69 @@ class SyntheticLongCaptions(torch.utils.data.Dataset):
         colours = rng.choice(len(COLOURS), size=n, replace=False)
         cells = rng.choice(9, size=n, replace=False)
         names = list(COLOURS)
-        return [
+        objects = [
             SceneObject(SHAPES[int(rng.integers(len(SHAPES)))], names[int(c)], SIZES[int(rng.integers(2))], int(cell))
             for c, cell in zip(colours, cells, strict=True)
         ]
+        if self.split == "train" and self.held_out_combinations:
+            return self._without_held_out(objects, index)
+        if self.split == "compositional":
+            return self._with_held_out(objects, index)
+        return objects
+
+    def _held_out(self, colour: str, shape: str) -> bool:
+        return (colour, shape) in self.held_out_combinations
+
+    def _swappable_pairs(self, objects: list[SceneObject]) -> list[tuple[int, int]]:
+        """The pairs of objects whose colour swap creates no held-out combination."""
+        return [
+            (i, j)
+            for i in range(len(objects))
+            for j in range(i + 1, len(objects))
+            if not self._held_out(objects[j].colour, objects[i].shape)
+            and not self._held_out(objects[i].colour, objects[j].shape)
+        ]
+
+    def _without_held_out(self, objects: list[SceneObject], index: int) -> list[SceneObject]:
+        """A train scene with every held-out combination's shape redrawn among its colour's other shapes
+        (a scene without one is left as drawn), redrawn again until some colour swap (the binding probe
+        and twin) creates none either. Deterministic: the redraws have their own stream of the index."""
+        rng = np.random.default_rng([self.seed, SPLITS[self.split], index, 3])
+        for _ in range(100):
+            objects = [
+                SceneObject(self._allowed_shape(o.colour, rng), o.colour, o.size, o.cell)
+                if self._held_out(o.colour, o.shape)
+                else o
+                for o in objects
+            ]
+            if self._swappable_pairs(objects):
+                return objects
+            objects = [SceneObject(SHAPES[int(rng.integers(len(SHAPES)))], o.colour, o.size, o.cell) for o in objects]
+        raise ValueError(
+            f"held_out_combinations leave train sample {index} no colour swap without a held-out combination "
+            "in 100 draws; hold out fewer combinations"
+        )
+
+    def _allowed_shape(self, colour: str, rng: np.random.Generator) -> str:
+        allowed = [s for s in SHAPES if not self._held_out(colour, s)]
+        return allowed[int(rng.integers(len(allowed)))]
+
+    def _with_held_out(self, objects: list[SceneObject], index: int) -> list[SceneObject]:
+        """A compositional scene: as drawn if it holds a held-out combination, else one object becomes one
+        (colour and shape; its size and cell stay), with a colour no other object has."""
+        if any(self._held_out(o.colour, o.shape) for o in objects):
+            return objects
+        rng = np.random.default_rng([self.seed, SPLITS[self.split], index, 3])
+        choices = [
+            (k, combo)
+            for k in range(len(objects))
+            for combo in self.held_out_combinations
+            if combo[0] not in {o.colour for m, o in enumerate(objects) if m != k}
+        ]
+        k, (colour, shape) = choices[int(rng.integers(len(choices)))]
+        changed = list(objects)
+        changed[k] = SceneObject(shape, colour, objects[k].size, objects[k].cell)
+        return changed
 
     def render(self, objects: list[SceneObject], rng: np.random.Generator) -> np.ndarray:
         """An ``[R, R, 3]`` float image in [0, 1]."""
@@ -184,13 +293,24 @@ class SyntheticLongCaptions(torch.utils.data.Dataset):
 
         A twin's probe swaps back the same two objects, i.e. it is its partner's caption."""
         if self.is_twin(index):
-            index = index - 1
-        rng = np.random.default_rng([self.seed, SPLITS[self.split], index, 1])
-        i, j = (int(k) for k in rng.choice(len(objects), size=2, replace=False))
+            i, j = self._probe_pair(self.scene(index - 1), index - 1)
+        else:
+            i, j = self._probe_pair(objects, index)
         swapped = list(objects)
         swapped[i] = SceneObject(objects[i].shape, objects[j].colour, objects[i].size, objects[i].cell)
         swapped[j] = SceneObject(objects[j].shape, objects[i].colour, objects[j].size, objects[j].cell)
         return swapped
+
+    def _probe_pair(self, objects: list[SceneObject], index: int) -> tuple[int, int]:
+        """The two objects the probe of (non-twin) sample ``index`` swaps. In the train split, when that
+        swap would create a held-out combination, a pair whose swap does not (train scenes have one)."""
+        rng = np.random.default_rng([self.seed, SPLITS[self.split], index, 1])
+        i, j = sorted(int(k) for k in rng.choice(len(objects), size=2, replace=False))
+        if self.split == "train" and self.held_out_combinations:
+            pairs = self._swappable_pairs(objects)
+            if (i, j) not in pairs:
+                i, j = pairs[int(rng.integers(len(pairs)))]
+        return i, j
 
     def image(self, objects: list[SceneObject], index: int) -> torch.Tensor:
         """``objects`` rendered with sample ``index``'s pixel noise and jitter, CLIP-normalised ``[3, R, R]``.
