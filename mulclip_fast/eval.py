@@ -155,10 +155,17 @@ def embed_dataset(
     return out
 
 
-def evaluate(model: CLIP, dataset, batch_size: int = 250, device: str | torch.device = "cpu") -> dict:
+def evaluate(
+    model: CLIP,
+    dataset,
+    batch_size: int = 250,
+    device: str | torch.device = "cpu",
+    hardneg_pairs: int | None = None,
+) -> dict:
     """The eval.json dictionary: recall both ways on long captions (and ``short_*`` on summaries),
     binding accuracy (NaN → null when the data has no probes), ``n_pairs`` and ``n_skipped``; on the
-    synthetic test split also ``fine_grained_metrics``."""
+    synthetic test split also ``fine_grained_metrics`` (hard negatives on the first ``hardneg_pairs``
+    pairs, ``HARDNEG_PAIRS`` by default)."""
     emb = embed_dataset(model, dataset, batch_size, device)
     result: dict[str, float | int | None] = dict(recall_at_k(emb["long"] @ emb["image"].T))
     result["binding_acc"] = (
@@ -168,7 +175,7 @@ def evaluate(model: CLIP, dataset, batch_size: int = 250, device: str | torch.de
     result["n_pairs"] = int(emb["image"].shape[0])
     result["n_skipped"] = len(emb["skipped"])
     if isinstance(dataset, SyntheticLongCaptions) and dataset.split == "test":
-        result.update(fine_grained_metrics(model, dataset, emb, batch_size, device))
+        result.update(fine_grained_metrics(model, dataset, emb, batch_size, device, hardneg_pairs or HARDNEG_PAIRS))
     return result
 
 
@@ -179,14 +186,19 @@ COMPOSITIONAL_KINDS = ("colour", "shape", "binding")
 
 
 def fine_grained_metrics(
-    model: CLIP, dataset: SyntheticLongCaptions, emb: dict, batch_size: int = 250, device: str | torch.device = "cpu"
+    model: CLIP,
+    dataset: SyntheticLongCaptions,
+    emb: dict,
+    batch_size: int = 250,
+    device: str | torch.device = "cpu",
+    hardneg_pairs: int = HARDNEG_PAIRS,
 ) -> dict:
     """The synthetic test split's fine-grained numbers (docs/training.md, "Evaluation"): ``hardneg_*`` on its
-    first ``HARDNEG_PAIRS`` pairs, ``grounding_r1/r5``, ``zeroshot_synthetic_acc`` and, on
+    first ``hardneg_pairs`` pairs, ``grounding_r1/r5``, ``zeroshot_synthetic_acc`` and, on
     ``COMPOSITIONAL_PAIRS`` scenes of the compositional split, ``compositional_*`` (R@1/R@5 both ways and
     the ``COMPOSITIONAL_KINDS`` hard negatives). ``emb``: ``embed_dataset(model, dataset)``."""
     encoder = ClipEncoder(model, device, batch_size)
-    n = min(HARDNEG_PAIRS, emb["image"].shape[0])
+    n = min(hardneg_pairs, emb["image"].shape[0])
     result = hard_negative_accuracy(encoder, dataset, emb["image"][:n], emb["long"][:n], emb["probe"][:n])
     result.update(grounding_recall(encoder, dataset, emb["image"]))
     result.update(zeroshot_synthetic(encoder, dataset))

@@ -21,7 +21,6 @@ from .data import CLIPTokenizer, DataError, SyntheticLongCaptions, trim_to_longe
 from .data.hard_negatives import HARD_NEGATIVE_KINDS, hard_negatives
 from .data.images import load_image
 from .data.synthetic import CELLS, COLOURS, SHAPES, SIZES, SPLITS, SceneObject, object_sentence
-from .data.text import LONG_CONTEXT
 from .model import CLIP
 
 # CLIP's prompt ensembling: the class embedding is the normalised mean of the templates' embeddings.
@@ -30,7 +29,8 @@ ZEROSHOT_SYNTHETIC_IMAGES = 120  # single-object images, 20 per shape
 
 
 class ClipEncoder:
-    """L2-normalised ``CLIP`` embeddings in batches, in eval mode without gradients (texts up to 248 tokens)."""
+    """L2-normalised ``CLIP`` embeddings in batches, in eval mode without gradients (texts truncated to the
+    model's context, EOT kept: 248 positions, or 77 for a model as pretrained on short captions)."""
 
     def __init__(self, model: CLIP, device: str | torch.device = "cpu", batch_size: int = 250):
         if batch_size < 1:
@@ -56,7 +56,7 @@ class ClipEncoder:
 
     def texts(self, texts: list[str]) -> torch.Tensor:
         def encode(chunk):
-            ids = trim_to_longest(self.tokenizer.tokenize(list(chunk), LONG_CONTEXT))
+            ids = trim_to_longest(self.tokenizer.tokenize(list(chunk), self.model.config.context_length))
             return self.model.encode_text(ids.to(self.device))
 
         return self._encode(texts, encode)

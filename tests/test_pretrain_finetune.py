@@ -14,7 +14,7 @@ from mulclip_fast.data import LONG_CONTEXT, SHORT_CONTEXT, Collator, SummaryCapt
 from mulclip_fast.export import main as export_main
 from mulclip_fast.model import CLIP, CheckpointError, load_clip_weights, preset_config
 from mulclip_fast.model.loading import CALIBRATION_PREFIXES
-from mulclip_fast.train import ConfigError, Trainer, TrainConfig, build_parser, config_from_args, resolve_config, train
+from mulclip_fast.train import ConfigError, TrainConfig, Trainer, build_parser, config_from_args, resolve_config, train
 
 SMALL_OVERRIDES = {"vision_layers": 1, "transformer_layers": 1}
 

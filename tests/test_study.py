@@ -9,9 +9,8 @@ import os
 import pytest
 
 from mulclip_fast.export import export_clip_weights
-from mulclip_fast.study import QUICK, ROWS, StudyError, run_study
+from mulclip_fast.study import QUICK, ROWS, StudyError, run_study, runner
 from mulclip_fast.study import __main__ as study_cli
-from mulclip_fast.study import runner
 from mulclip_fast.study.gradients import gradient_alignment
 from mulclip_fast.study.report import compare, summarise
 
@@ -43,7 +42,7 @@ def test_quick_study_runs_every_row_and_seed_and_resumes_without_redoing_them(tm
     monkeypatch.setattr(runner, "train", lambda config, **kw: trained.append(config.out) or real_train(config, **kw))
     assert study_cli.main(["--quick", "--out", out]) == 0
     assert trained == []
-    os.remove(os.path.join(out, "runs", "finelip", "seed2", "summary.json"))
+    os.remove(os.path.join(out, "runs", "finelip", "seed2", "study_eval.json"))
     assert study_cli.main(["--quick", "--out", out]) == 0
     assert trained == [os.path.join(out, "runs", "finelip", "seed2")]
     again = json.load(open(os.path.join(out, "results.json")))
@@ -56,9 +55,11 @@ def test_quick_study_runs_every_row_and_seed_and_resumes_without_redoing_them(tm
 
 
 def _keys(metric):
-    return {"long_r1": ("t2i_r1", "i2t_r1"), "long_r5": ("t2i_r5", "i2t_r5"), "short_r1": ("short_t2i_r1", "short_i2t_r1")}.get(
-        metric, (metric,)
-    )
+    return {
+        "long_r1": ("t2i_r1", "i2t_r1"),
+        "long_r5": ("t2i_r5", "i2t_r5"),
+        "short_r1": ("short_t2i_r1", "short_i2t_r1"),
+    }.get(metric, (metric,))
 
 
 def test_compare_beats_only_above_the_larger_spread():

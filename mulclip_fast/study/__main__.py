@@ -22,7 +22,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--out", default="runs/study", help="study directory (default: runs/study)")
     parser.add_argument("--quick", action="store_true", help="toy sizes: the whole pipeline in about a minute")
-    parser.add_argument("--rows", default=",".join(ROW_KEYS), help=f"rows to run, comma-separated ({', '.join(ROW_KEYS)})")
+    parser.add_argument(
+        "--rows", default=",".join(ROW_KEYS), help=f"rows to run, comma-separated ({', '.join(ROW_KEYS)})"
+    )
     parser.add_argument("--seeds", default=None, help="fine-tuning seeds, comma-separated (default: 1,2,3)")
     return parser
 

@@ -17,7 +17,7 @@ import torch
 from ..data import Collator, open_dataset
 from ..losses import MulCLIPLoss
 from ..model.loading import CALIBRATION_PREFIXES
-from ..train import Trainer, TrainConfig, resolve_config
+from ..train import TrainConfig, Trainer, resolve_config
 
 # The global terms, as one gradient: the alignment the fine-grained terms must not undo.
 GLOBAL = ("global_long", "global_short")
@@ -35,7 +35,9 @@ def shared_parameters(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parame
 
 def _flat_gradient(loss: torch.Tensor, params: list[torch.nn.Parameter]) -> torch.Tensor:
     grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
-    return torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1) for g, p in zip(grads, params)])
+    return torch.cat(
+        [(torch.zeros_like(p) if g is None else g).reshape(-1) for g, p in zip(grads, params, strict=True)]
+    )
 
 
 def gradient_alignment(config: TrainConfig, batches: int = 4) -> dict:

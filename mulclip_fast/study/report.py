@@ -63,9 +63,7 @@ def compare(a: dict, b: dict, a_seeds: dict[str, dict], b_seeds: dict[str, dict]
     for key in a["mean"]:
         if key not in b["mean"]:
             continue
-        paired = [
-            metric_values(a_seeds[s])[key] - metric_values(b_seeds[s])[key] for s in a_seeds if s in b_seeds
-        ]
+        paired = [metric_values(a_seeds[s])[key] - metric_values(b_seeds[s])[key] for s in a_seeds if s in b_seeds]
         spread = max(a["std"][key], b["std"][key])
         diff = a["mean"][key] - b["mean"][key]
         out[key] = {
@@ -173,7 +171,12 @@ def write_results(
         "seconds": seconds,
         "pretrained": {**summarise(baseline), "seeds": baseline},
         "rows": {
-            row.key: {"label": row.label, "settings": row.settings, **summarise(evals[row.key]), "seeds": evals[row.key]}
+            row.key: {
+                "label": row.label,
+                "settings": row.settings,
+                **summarise(evals[row.key]),
+                "seeds": evals[row.key],
+            }
             for row in rows
         },
         "gradients": gradients,

@@ -7,12 +7,14 @@ Layout of the study directory::
     pretrained.pt              its CLIP weights, OpenAI layout (``python -m mulclip_fast.export``)
     pretrained_eval.json       the pretrained model evaluated on each seed's test set
     gradients.json             gradient alignment of the fine-grained terms at the fine-tuning start
-    runs/ROW/seedN/            one fine-tuning run directory per row and seed (its checkpoint deleted once done)
+    runs/ROW/seedN/            one fine-tuning run directory per row and seed: its logs, ``study_eval.json``
+                               (its checkpoint is deleted once evaluated)
     logs/                      what each run printed
     results.json, results.md, results.png
 
-A run counts as done when its ``summary.json`` exists (``train`` writes it last); an interrupted run resumes
-from its newest checkpoint, one that never checkpointed starts over.
+A fine-tuning run counts as done when its ``study_eval.json`` exists (written after training, before its
+checkpoint is deleted); an interrupted run resumes from its newest checkpoint, one that never checkpointed
+starts over.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from ..data import open_dataset
 from ..eval import evaluate
 from ..export import export_clip_weights
 from ..model import CLIP, load_clip_weights, preset_config
-from ..run_checkpoints import list_checkpoints
+from ..run_checkpoints import list_checkpoints, load_latest_training_checkpoint
 from ..train import TrainConfig, train
 from ..train.checkpoint import atomic_write_text
 from .gradients import gradient_alignment
@@ -72,7 +74,7 @@ def finetune_config(row: Row, seed: int, settings: StudySettings, pretrained: st
         seed=seed,
         fine_start=0.0,
         fine_ramp=0.0,
-        eval_pairs=settings.eval_pairs,
+        eval_pairs=0,  # evaluated by the study itself (``evaluate_study_model``): hard negatives on every pair
         val_every=settings.finetune_steps,
         val_pairs=min(64, settings.eval_pairs),
         checkpoint_every=0,  # a row is short: a signal still checkpoints it, a kill redoes it
@@ -84,25 +86,44 @@ def finetune_config(row: Row, seed: int, settings: StudySettings, pretrained: st
     )
 
 
-def _run(config: TrainConfig, log_path: str, keep_checkpoint: bool = True) -> dict:
-    """``train(config)`` with its output in ``log_path``; resumes a run that has a checkpoint, restarts one
-    that has none, and returns the finished run's summary. ``keep_checkpoint=False`` deletes the finished
-    run's checkpoint (about 100 MB for the tiny preset with its optimizer state): the study needs its
-    evaluation, and 21 of them would fill gigabytes."""
-    summary_path = os.path.join(config.out, "summary.json")
-    if os.path.exists(summary_path):
-        with open(summary_path) as handle:
-            return json.load(handle)
+def evaluate_study_model(model: CLIP, seed: int, settings: StudySettings) -> dict:
+    """Every metric of ``eval.evaluate`` on seed ``seed``'s synthetic test split, with the hard negatives
+    scored on all ``eval_pairs`` pairs (the trainer's evaluation scores 100): the study compares rows
+    by them, and 100 pairs leave a standard error of up to 0.05."""
+    test = open_dataset("synthetic", "test", model.config.image_resolution, settings.eval_pairs, seed)
+    return evaluate(model, test, hardneg_pairs=settings.eval_pairs)
+
+
+def _run(config: TrainConfig, log_path: str) -> None:
+    """``train(config)`` with its output in ``log_path``: does nothing for a finished run (its
+    ``summary.json`` and checkpoint written), resumes one that has a checkpoint, restarts one that has none."""
     folder = os.path.join(config.out, "checkpoints")
     resume = os.path.isdir(folder) and bool(list_checkpoints(folder))
+    if resume and os.path.exists(os.path.join(config.out, "summary.json")):
+        return
     overwrite = os.path.isdir(config.out) and not resume
     with open(log_path, "a") as log, contextlib.redirect_stdout(log):
         summary = train(config, resume=resume, overwrite=overwrite, given=set())
     if summary.get("interrupted") is not None:
         raise KeyboardInterrupt(f"{config.out} was interrupted; run the study again to resume it")
-    if not keep_checkpoint:
-        shutil.rmtree(folder)
-    return summary
+
+
+def _finetune(config: TrainConfig, seed: int, settings: StudySettings, log_path: str) -> dict:
+    """One row × seed: trained, evaluated (``study_eval.json``), then its checkpoint deleted (about 100 MB
+    for the tiny preset with its optimizer state; the study needs the evaluation, and 21 checkpoints would
+    fill gigabytes). A finished row returns its stored evaluation."""
+    result_path = os.path.join(config.out, "study_eval.json")
+    if os.path.exists(result_path):
+        with open(result_path) as handle:
+            return json.load(handle)
+    _run(config, log_path)
+    _, state, _ = load_latest_training_checkpoint(config.out)
+    model = CLIP(preset_config(state["config"]["preset"], **state["config"]["model_overrides"]))
+    model.load_state_dict(state["model"])
+    result = evaluate_study_model(model, seed, settings)
+    atomic_write_text(result_path, json.dumps(result, indent=2))
+    shutil.rmtree(os.path.join(config.out, "checkpoints"))
+    return result
 
 
 def _check_settings(out: str, settings: StudySettings) -> None:
@@ -111,9 +132,7 @@ def _check_settings(out: str, settings: StudySettings) -> None:
         with open(path) as handle:
             stored = json.load(handle)
         if stored != json.loads(json.dumps(settings.to_dict())):  # as stored: tuples become lists
-            raise StudyError(
-                f"{out} holds a study with other settings ({stored}); give another --out to run this one"
-            )
+            raise StudyError(f"{out} holds a study with other settings ({stored}); give another --out to run this one")
     else:
         atomic_write_text(path, json.dumps(settings.to_dict(), indent=2))
 
@@ -124,13 +143,9 @@ def _evaluate_pretrained(out: str, pretrained: str, settings: StudySettings) -> 
     if os.path.exists(path):
         with open(path) as handle:
             return json.load(handle)
-    config = preset_config("tiny", **settings.model_overrides)
-    model = CLIP(config)
+    model = CLIP(preset_config("tiny", **settings.model_overrides))
     load_clip_weights(model, pretrained)
-    result = {}
-    for seed in settings.seeds:
-        test = open_dataset("synthetic", "test", config.image_resolution, settings.eval_pairs, seed)
-        result[str(seed)] = evaluate(model, test)
+    result = {str(seed): evaluate_study_model(model, seed, settings) for seed in settings.seeds}
     atomic_write_text(path, json.dumps(result, indent=2))
     return result
 
@@ -169,12 +184,9 @@ def run_study(out: str, settings: StudySettings, rows: tuple[Row, ...] = ROWS) -
     for key, row, seed in stages[1:]:
         bar.start(f"{row.label}, seed {seed}")
         run_dir = os.path.join(out, "runs", key, f"seed{seed}")
-        summary = _run(
-            finetune_config(row, seed, settings, pretrained, run_dir),
-            os.path.join(out, "logs", f"{key}-seed{seed}.log"),
-            keep_checkpoint=False,
-        )
-        evals.setdefault(key, {})[str(seed)] = summary["eval"]
+        config = finetune_config(row, seed, settings, pretrained, run_dir)
+        log_path = os.path.join(out, "logs", f"{key}-seed{seed}.log")
+        evals.setdefault(key, {})[str(seed)] = _finetune(config, seed, settings, log_path)
     bar.close()
     return write_results(out, settings, rows, evals, baseline, gradients, time.perf_counter() - started)
 
