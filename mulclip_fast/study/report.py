@@ -34,10 +34,43 @@ METRICS: tuple[tuple[str, str, Callable[[dict], float | None]], ...] = (
     ("i2t_r1", "long I2T R@1", _mean_of("i2t_r1")),
     ("long_r5", "long R@5 (mean)", _mean_of("t2i_r5", "i2t_r5")),
     ("short_r1", "short R@1 (mean)", _mean_of("short_t2i_r1", "short_i2t_r1")),
-    ("binding_acc", "binding", _mean_of("binding_acc")),
+    ("hardneg_mean", "hard negatives (mean of 6 kinds)", _mean_of("hardneg_mean")),
+    *(
+        (f"hardneg_{kind}", f"hard neg.: {kind}", _mean_of(f"hardneg_{kind}"))
+        for kind in ("colour", "shape", "size", "position", "relation", "binding")
+    ),
+    ("grounding_r5", "grounding R@5", _mean_of("grounding_r5")),
+    ("compositional_r1", "compositional R@1 (mean)", _mean_of("compositional_t2i_r1", "compositional_i2t_r1")),
+    ("compositional_hardneg_mean", "compositional hard neg.", _mean_of("compositional_hardneg_mean")),
+    ("zeroshot_synthetic_acc", "zero-shot shapes", _mean_of("zeroshot_synthetic_acc")),
 )
-# The metrics the study's question names: long-caption retrieval and fine-grained discrimination.
-QUESTION_METRICS = ("long_r1", "binding_acc")
+# The metrics the study's question names: long-caption retrieval and fine-grained discrimination (the hard
+# negatives that change one detail; binding is one of their kinds).
+QUESTION_METRICS = ("long_r1", "hardneg_mean", "hardneg_binding")
+# The markdown's tables: retrieval and transfer; discrimination of one changed detail.
+TABLES = (
+    (
+        "Retrieval",
+        (
+            "long_r1",
+            "t2i_r1",
+            "i2t_r1",
+            "long_r5",
+            "short_r1",
+            "compositional_r1",
+            "grounding_r5",
+            "zeroshot_synthetic_acc",
+        ),
+    ),
+    (
+        "Fine-grained discrimination (true long caption vs. one detail changed; chance 0.5)",
+        (
+            "hardneg_mean",
+            *(f"hardneg_{k}" for k in ("colour", "shape", "size", "position", "relation", "binding")),
+            "compositional_hardneg_mean",
+        ),
+    ),
+)
 
 
 def metric_values(result: dict) -> dict[str, float]:
@@ -84,7 +117,6 @@ def _cell(summary: dict, key: str) -> str:
 
 def markdown(results: dict) -> str:
     settings = results["settings"]
-    keys = [k for k, _, _ in METRICS if any(k in r["mean"] for r in results["rows"].values())]
     titles = {k: t for k, t, _ in METRICS}
     seeds = ", ".join(str(s) for s in settings["seeds"])
     lines = [
@@ -95,16 +127,28 @@ def markdown(results: dict) -> str:
         f"{settings['finetune_steps']} steps of {settings['batch_size']} per row (lr {settings['finetune_lr']:g}), "
         f"seeds {seeds}; {settings['eval_pairs']} test pairs per seed. Mean ± standard deviation over the seeds. "
         f"Wall time {results['seconds'] / 60:.1f} min.",
-        "",
-        "| objective | " + " | ".join(titles[k] for k in keys) + " |",
-        "|---|" + "---|" * len(keys),
-        "| pretrained, not fine-tuned | " + " | ".join(_cell(results["pretrained"], k) for k in keys) + " |",
     ]
-    for row in results["rows"].values():
-        lines.append(f"| {row['label']} | " + " | ".join(_cell(row, k) for k in keys) + " |")
+    for heading, table_keys in TABLES:
+        keys = [k for k in table_keys if any(k in r["mean"] for r in results["rows"].values())]
+        lines += [
+            "",
+            f"## {heading}",
+            "",
+            "| objective | " + " | ".join(titles[k] for k in keys) + " |",
+            "|---|" + "---|" * len(keys),
+            "| pretrained, not fine-tuned | " + " | ".join(_cell(results["pretrained"], k) for k in keys) + " |",
+        ]
+        for row in results["rows"].values():
+            lines.append(f"| {row['label']} | " + " | ".join(_cell(row, k) for k in keys) + " |")
     comparison = results.get("mulclip_vs_global")
     if comparison:
-        lines += ["", "MulCLIP against global-only fine-tuning (beats: mean above by more than the larger std):", ""]
+        lines += [
+            "",
+            "## MulCLIP against global-only fine-tuning",
+            "",
+            "Beats: mean above by more than the larger std.",
+            "",
+        ]
         for key in QUESTION_METRICS:
             if key in comparison:
                 c = comparison[key]
@@ -117,8 +161,9 @@ def markdown(results: dict) -> str:
     if gradients:
         lines += [
             "",
-            "Gradient alignment at the fine-tuning start (shared parameters; per seed, mean of "
-            f"{next(iter(gradients.values()))['batches']} batches):",
+            "## Gradient alignment at the fine-tuning start",
+            "",
+            f"Shared parameters; per seed, mean of {next(iter(gradients.values()))['batches']} batches):",
             "",
             "| seed | " + " | ".join(f"cos(global, {t}) | ‖{t}‖/‖global‖" for t in ("wpr", "sap", "finelip")) + " |",
             "|---|" + "---|---|" * 3,

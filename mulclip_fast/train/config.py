@@ -26,38 +26,13 @@ class ConfigError(ValueError):
 
 
 # ---------------------------------------------------------------------------------------------- defaults
-# The no-argument run: tiny model from scratch on synthetic data, sized to finish within ~4 minutes of
-# training on a 2-core CPU (docs/training.md, "The default run"). Tuned values; see
-# docs/notes/2026-11-27-binding.md.
+# The no-argument run: tiny model from scratch on synthetic data, a fixed number of fp32 steps, so that its
+# result is a function of its seed and not of the machine's speed (docs/training.md, "The default run").
+# Tuned values; see docs/notes/2026-11-27-binding.md.
 DEFAULT_STEPS_SCRATCH = 440
 DEFAULT_LR_SCRATCH = 5e-4
 DEFAULT_LR_FINETUNE = 1e-6
 DEFAULT_FINE_START_SCRATCH = 0.8
-DEFAULT_TIME_LIMIT_SYNTHETIC = 240.0
-
-
-def cpu_has_native_bf16() -> bool:
-    """Whether this CPU multiplies bf16 in hardware (AVX512-BF16 or AMX); elsewhere bf16 autocast is slower."""
-    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")  # torch.cpu's own capability checks
-    return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
-
-
-def is_default_run(config: TrainConfig) -> bool:
-    """Whether the command line asked for the no-argument run: synthetic data, no length, from scratch."""
-    return config.data == "synthetic" and config.steps is None and config.epochs is None and not config.init
-
-
-# The no-argument run promises to finish in a few minutes even on a busy machine, and autocasts to bf16
-# where the CPU computes it natively: 1.2× the steps in the same time, which the from-scratch learning
-# curve turns into much better retrieval and binding (docs/training.md, "The default run"). Explicit flags
-# override both.
-def _default_run_time_limit(config: TrainConfig) -> float:
-    return DEFAULT_TIME_LIMIT_SYNTHETIC if is_default_run(config) else 0.0
-
-
-def _default_run_precision(config: TrainConfig) -> str:
-    native = config.device == "cpu" and cpu_has_native_bf16()
-    return "bf16" if is_default_run(config) and native else "fp32"
 
 
 # Fine-tuning a pretrained CLIP (the paper's setting) trains every term from the first step; from scratch,
@@ -200,9 +175,9 @@ class TrainConfig:
     epochs: int | None = setting(None, "passes over the training set, instead of --steps", OPTIMISATION)
     time_limit: float = setting(
         0.0,
-        f"seconds of training at most (0: none; default: {DEFAULT_TIME_LIMIT_SYNTHETIC:.0f} for the no-argument run)",
+        "seconds of training at most (0: none); the schedule then follows whichever runs out first, so the "
+        "result depends on the machine's speed",
         OPTIMISATION,
-        unset=_default_run_time_limit,
     )
     batch_size: int = setting(32, "pairs per optimisation step (over all processes)", OPTIMISATION)
     lr: float | None = setting(
@@ -217,11 +192,7 @@ class TrainConfig:
     out: str = setting("runs/default", "run directory", RUN)
     device: str = setting("cpu", "torch device (cuda: the local rank's GPU under torchrun)", RUN)
     precision: str = setting(
-        "fp32",
-        "bf16: autocast the step (default: fp32; the no-argument run uses bf16 on CPUs with native bf16)",
-        RUN,
-        choices=("fp32", "bf16"),
-        unset=_default_run_precision,
+        "fp32", "bf16: autocast the step (faster on GPUs and on CPUs with native bf16)", RUN, choices=("fp32", "bf16")
     )
     grad_checkpointing: bool = setting(False, "recompute the towers' blocks in backward (less memory)", RUN)
     accum_steps: int = setting(1, "micro-batches per step; contrast within each", RUN)
