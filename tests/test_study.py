@@ -89,3 +89,15 @@ def test_gradient_alignment_scales_with_the_term_weight(tmp_path):
     assert doubled["wpr"]["cosine"] == pytest.approx(base["wpr"]["cosine"], abs=1e-5)
     assert doubled["sap"]["norm_ratio"] == 0 and doubled["sap"]["cosine"] == 0
     assert doubled["global_norm"] == pytest.approx(base["global_norm"], rel=1e-5)
+
+
+def test_a_row_overrides_the_fine_tuning_defaults():
+    from mulclip_fast.study.plan import ALL_ROWS, FULL
+
+    rows = {row.key: row for row in ALL_ROWS}
+    base = runner.finetune_config(rows["mulclip"], 2, FULL, "w.pt", "out")
+    assert (base.steps, base.val_every, base.fine_start, base.lr, base.seed) == (100, 100, 0.0, 1e-4, 2)
+    longer = runner.finetune_config(rows["mulclip-300-steps"], 2, FULL, "w.pt", "out")
+    assert (longer.steps, longer.val_every, longer.loss) == (300, 300, "mulclip")
+    light = runner.finetune_config(rows["mulclip-lambda-0.1"], 2, FULL, "w.pt", "out")
+    assert light.weights == {"wpr": 0.1, "sap": 0.1} and light.init == "openai:w.pt"

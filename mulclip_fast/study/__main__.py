@@ -9,7 +9,7 @@ import sys
 from ..data import DataError
 from ..model import CheckpointError
 from ..train import ConfigError
-from .plan import FULL, QUICK, ROW_KEYS, ROWS
+from .plan import ALL_ROWS, FULL, QUICK, ROW_KEYS, ROWS
 from .report import QUESTION_METRICS
 from .runner import StudyError, run_study
 
@@ -23,7 +23,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", default="runs/study", help="study directory (default: runs/study)")
     parser.add_argument("--quick", action="store_true", help="toy sizes: the whole pipeline in about a minute")
     parser.add_argument(
-        "--rows", default=",".join(ROW_KEYS), help=f"rows to run, comma-separated ({', '.join(ROW_KEYS)})"
+        "--rows",
+        default=",".join(row.key for row in ROWS),
+        help=f"rows to run, comma-separated (default: the ablation's; all: {', '.join(ROW_KEYS)})",
     )
     parser.add_argument("--seeds", default=None, help="fine-tuning seeds, comma-separated (default: 1,2,3)")
     return parser
@@ -45,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
             if len(set(seeds)) != len(seeds) or not seeds:
                 raise StudyError(f"--seeds must be distinct, got {args.seeds!r}")
             settings = dataclasses.replace(settings, seeds=seeds)
-        rows = tuple(row for row in ROWS if row.key in keys)
+        rows = tuple(row for row in ALL_ROWS if row.key in keys)
         results = run_study(args.out, settings, rows)
     except (StudyError, ConfigError, CheckpointError, DataError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -34,7 +34,7 @@ from ..run_checkpoints import list_checkpoints, load_latest_training_checkpoint
 from ..train import TrainConfig, train
 from ..train.checkpoint import atomic_write_text
 from .gradients import gradient_alignment
-from .plan import ROWS, Row, StudySettings
+from .plan import ALL_ROWS, ROWS, Row, StudySettings
 from .report import write_results
 
 
@@ -65,8 +65,9 @@ def pretrain_config(settings: StudySettings, out: str) -> TrainConfig:
 
 
 def finetune_config(row: Row, seed: int, settings: StudySettings, pretrained: str, out: str) -> TrainConfig:
-    """One row's fine-tuning from the pretrained weights: every term at full weight from the first step."""
-    return TrainConfig(
+    """One row's fine-tuning from the pretrained weights: every term at full weight from the first step,
+    unless the row's settings say otherwise (they override these)."""
+    settings_of_run = dict(
         init=f"openai:{pretrained}",
         steps=settings.finetune_steps,
         lr=settings.finetune_lr,
@@ -75,15 +76,16 @@ def finetune_config(row: Row, seed: int, settings: StudySettings, pretrained: st
         fine_start=0.0,
         fine_ramp=0.0,
         eval_pairs=0,  # evaluated by the study itself (``evaluate_study_model``): hard negatives on every pair
-        val_every=settings.finetune_steps,
         val_pairs=min(64, settings.eval_pairs),
         checkpoint_every=0,  # a row is short: a signal still checkpoints it, a kill redoes it
         keep_checkpoints=1,
         precision="fp32",
         model_overrides=dict(settings.model_overrides),
         out=out,
-        **row.settings,
     )
+    settings_of_run.update(row.settings)
+    settings_of_run["val_every"] = settings_of_run["steps"]  # no validation pass mid-run
+    return TrainConfig(**settings_of_run)
 
 
 def evaluate_study_model(model: CLIP, seed: int, settings: StudySettings) -> dict:
@@ -188,7 +190,17 @@ def run_study(out: str, settings: StudySettings, rows: tuple[Row, ...] = ROWS) -
         log_path = os.path.join(out, "logs", f"{key}-seed{seed}.log")
         evals.setdefault(key, {})[str(seed)] = _finetune(config, seed, settings, log_path)
     bar.close()
-    return write_results(out, settings, rows, evals, baseline, gradients, time.perf_counter() - started)
+    # Rows that an earlier invocation finished in this directory (e.g. ``--rows`` of the knob variants) stay
+    # in the table: results.json describes the whole directory, in the plan's order.
+    for row in ALL_ROWS:
+        paths = [os.path.join(out, "runs", row.key, f"seed{seed}", "study_eval.json") for seed in settings.seeds]
+        if row.key not in evals and all(os.path.exists(p) for p in paths):
+            evals[row.key] = {}
+            for seed, path in zip(settings.seeds, paths, strict=True):
+                with open(path) as handle:
+                    evals[row.key][str(seed)] = json.load(handle)
+    done = tuple(row for row in ALL_ROWS if row.key in evals)
+    return write_results(out, settings, done, evals, baseline, gradients, time.perf_counter() - started)
 
 
 class _Progress:
