@@ -225,6 +225,30 @@ def encode_packed_groups(
     return eot, TextTokenFeatures(eot=eot[0], tokens=tokens, mask=word_token_mask(first_eot, length))
 
 
+def encode_packed_caption_groups(
+    tower: PackedTextTower,
+    eot_of: Callable[[torch.Tensor], torch.Tensor],
+    names: tuple[str, str, str],
+    long_ids: torch.Tensor,
+    short_ids: torch.Tensor | None,
+    sub_ids: torch.Tensor | None,
+    sub_mask: torch.Tensor | None,
+) -> tuple[TextTokenFeatures, torch.Tensor | None, torch.Tensor | None]:
+    """The long captions' token features, the summaries' and the subcaptions' EOT embeddings (``[B, M, d]``
+    in their slots), from one packed pass over every text (``encode_packed_groups``). ``eot_of``: the
+    model's EOT index of each row; ``names``: the adapter's argument names of the three, for errors."""
+    groups = {names[0]: long_ids}
+    if short_ids is not None:
+        groups[names[1]] = short_ids
+    if sub_ids is not None and bool(sub_mask.any()):
+        groups[names[2]] = sub_ids[sub_mask]
+    eot_indices = [eot_of(ids) for ids in groups.values()]
+    eots, text = encode_packed_groups(tower, list(groups.values()), eot_indices, list(groups))
+    eots = dict(zip(groups, eots, strict=True))
+    sub_eot = None if sub_ids is None else scatter_subcaptions(eots.get(names[2], text.eot[:0]), sub_mask, text.eot)
+    return text, eots.get(names[1]), sub_eot
+
+
 def scatter_subcaptions(flat: torch.Tensor, sub_mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """``[B, M, d]``: the valid subcaptions' EOT embeddings ``flat [n_valid, d]`` in their slots, zeros elsewhere."""
     out = like.new_zeros(*sub_mask.shape, like.shape[-1])

@@ -30,12 +30,11 @@ from ._common import (
     TextTokenFeatures,
     check_packed_text,
     check_token_ids,
-    encode_packed_groups,
+    encode_packed_caption_groups,
     encode_subcaptions,
     first_eos_index,
     freeze_leading_rows,
     packed_attention,
-    scatter_subcaptions,
     stretched_table,
     subcaption_layout,
     word_token_mask,
@@ -248,23 +247,17 @@ def mulclip_features(
     if short_ids is not None:
         check_token_ids("short_ids", short_ids)
     if packed_text:
-        groups = {"input_ids": input_ids}
-        if short_ids is not None:
-            groups["short_ids"] = short_ids
-        if sub_ids is not None and bool(sub_mask.any()):
-            groups["sub_ids"] = sub_ids[sub_mask]
-        eot_indices = [eot_index(model, ids) for ids in groups.values()]
         if attention_mask is not None:
-            _check_right_padded(attention_mask, input_ids, eot_indices[0])
-        eots, text = encode_packed_groups(
-            _packed_tower(model, text_attention), list(groups.values()), eot_indices, list(groups)
+            _check_right_padded(attention_mask, input_ids, eot_index(model, input_ids))
+        text, short_eot, sub_eot = encode_packed_caption_groups(
+            _packed_tower(model, text_attention),
+            lambda ids: eot_index(model, ids),
+            ("input_ids", "short_ids", "sub_ids"),
+            input_ids,
+            short_ids,
+            sub_ids,
+            sub_mask,
         )
-        eots = dict(zip(groups, eots, strict=True))
-        short_eot = eots.get("short_ids")
-        sub_eot = None
-        if sub_ids is not None:
-            flat = eots.get("sub_ids", text.eot[:0])
-            sub_eot = scatter_subcaptions(flat, sub_mask, text.eot)
     else:
         text = encode_text_tokens(model, input_ids, attention_mask)
         short_eot = None if short_ids is None else encode_text_tokens(model, short_ids).eot

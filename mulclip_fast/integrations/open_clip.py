@@ -28,12 +28,11 @@ from ._common import (
     TextTokenFeatures,
     check_packed_text,
     check_token_ids,
-    encode_packed_groups,
+    encode_packed_caption_groups,
     encode_subcaptions,
     first_eos_index,
     freeze_leading_rows,
     packed_attention,
-    scatter_subcaptions,
     stretched_table,
     subcaption_layout,
     word_token_mask,
@@ -266,18 +265,14 @@ def mulclip_features(
     if short_text is not None:
         check_token_ids("short_text", short_text)
     if packed_text:
-        groups = {"text": text}
-        if short_text is not None:
-            groups["short_text"] = short_text
-        if sub_text is not None and bool(sub_mask.any()):
-            groups["sub_text"] = sub_text[sub_mask]
-        eot_indices = [eot_index(model, ids) for ids in groups.values()]
-        tower = _packed_tower(model, text_attention)
-        eots, txt = encode_packed_groups(tower, list(groups.values()), eot_indices, list(groups))
-        eots = dict(zip(groups, eots, strict=True))
-        short_eot = eots.get("short_text")
-        sub_eot = (
-            None if sub_text is None else scatter_subcaptions(eots.get("sub_text", txt.eot[:0]), sub_mask, txt.eot)
+        txt, short_eot, sub_eot = encode_packed_caption_groups(
+            _packed_tower(model, text_attention),
+            lambda ids: eot_index(model, ids),
+            ("text", "short_text", "sub_text"),
+            text,
+            short_text,
+            sub_text,
+            sub_mask,
         )
     else:
         txt = encode_text_tokens(model, text)
