@@ -163,7 +163,8 @@ def markdown(results: dict) -> str:
             "",
             "## Gradient alignment at the fine-tuning start",
             "",
-            f"Shared parameters; per seed, mean of {next(iter(gradients.values()))['batches']} batches):",
+            f"Shared parameters (towers and projections); per seed, the mean over "
+            f"{next(iter(gradients.values()))['batches']} training batches.",
             "",
             "| seed | " + " | ".join(f"cos(global, {t}) | ‖{t}‖/‖global‖" for t in ("wpr", "sap", "finelip")) + " |",
             "|---|" + "---|---|" * 3,
