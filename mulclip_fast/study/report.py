@@ -126,7 +126,8 @@ def markdown(results: dict) -> str:
         f"steps of {settings['batch_size']} on summaries (lr {settings['pretrain_lr']:g}). Fine-tuning: "
         f"{settings['finetune_steps']} steps of {settings['batch_size']} per row (lr {settings['finetune_lr']:g}), "
         f"seeds {seeds}; {settings['eval_pairs']} test pairs per seed. Mean ± standard deviation over the seeds. "
-        f"Wall time {results['seconds'] / 60:.1f} min.",
+        f"This invocation took {results['invocation_seconds'] / 60:.1f} min (rows finished by earlier "
+        "invocations of the same directory are read, not rerun).",
     ]
     for heading, table_keys in TABLES:
         keys = [k for k in table_keys if any(k in r["mean"] for r in results["rows"].values())]
@@ -211,10 +212,11 @@ def write_results(
     gradients: dict,
     seconds: float,
 ) -> dict:
-    """Assemble, write and return ``results.json``; also ``results.md`` and ``results.png``."""
+    """Assemble, write and return ``results.json``; also ``results.md`` and ``results.png``. ``seconds``: the
+    wall time of this invocation, which may have run only some of the rows (a resumed study)."""
     results = {
         "settings": settings.to_dict(),
-        "seconds": seconds,
+        "invocation_seconds": seconds,
         "pretrained": {**summarise(baseline), "seeds": baseline},
         "rows": {
             row.key: {
