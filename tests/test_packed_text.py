@@ -316,11 +316,11 @@ def test_packed_text_flags():
     assert parse("--text-attention", "torch").text_attention == "torch"
 
 
-def test_forcing_a_missing_text_attention_is_a_config_error(monkeypatch, capsys):
+def test_forcing_a_missing_text_attention_is_a_config_error(monkeypatch, capsys, tmp_path):
     monkeypatch.setitem(sys.modules, "flash_attn", None)
     with pytest.raises(ConfigError, match="--text-attention flash: .*flash-attn, which is not installed"):
         resolve_config(TrainConfig(text_attention="flash"))
-    assert train_main(["--text-attention", "flash", "--steps", "1", "--out", "unused"]) == 2
+    assert train_main(["--text-attention", "flash", "--steps", "1", "--out", str(tmp_path / "run")]) == 2
     assert "error: --text-attention flash" in capsys.readouterr().err
 
 
