@@ -321,6 +321,7 @@ def test_forcing_a_missing_text_attention_is_a_config_error(monkeypatch, capsys,
     with pytest.raises(ConfigError, match="--text-attention flash: .*flash-attn, which is not installed"):
         resolve_config(TrainConfig(text_attention="flash"))
     assert train_main(["--text-attention", "flash", "--steps", "1", "--out", str(tmp_path / "run")]) == 2
+    assert not (tmp_path / "run").exists()  # refused before the run directory is created
     assert "error: --text-attention flash" in capsys.readouterr().err
 
 

@@ -175,6 +175,8 @@ def train(
     ``stop_at_step`` ends the run after that many steps as if interrupted (checkpoint written): tests
     use it to check that resuming is exact.
     """
+    if not resume:  # a bad setting is an error before the run directory is claimed (and created)
+        resolve_config(config)
     # Under torchrun every rank runs this function; rank 0 alone writes the run directory.
     lock = claim_run_directory(config.out, resume, overwrite) if is_main_process() else None
     try:
