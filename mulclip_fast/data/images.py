@@ -35,3 +35,15 @@ def load_image(path: str, size: int) -> torch.Tensor:
         img = img.crop((left, top, left + size, top + size))
         pixels = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1)
     return (pixels - CLIP_MEAN[:, None, None]) / CLIP_STD[:, None, None]
+
+
+# What PIL raises for a missing, truncated, corrupt or oversized file (``load_image``): a record to skip.
+UNREADABLE_IMAGE_ERRORS = (OSError, ValueError, SyntaxError)
+
+
+def try_load_image(path: str, size: int) -> tuple[torch.Tensor | None, str | None]:
+    """``load_image``, or ``(None, reason)`` for a file that cannot be read, for the caller to skip and count."""
+    try:
+        return load_image(path, size), None
+    except UNREADABLE_IMAGE_ERRORS as exc:
+        return None, f"{type(exc).__name__}: {exc}"

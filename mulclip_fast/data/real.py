@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .images import load_image
+from .images import try_load_image
 
 
 class DataError(ValueError):
@@ -383,12 +383,8 @@ class ImageCaptionFiles(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> dict:
         record = self.records[index]
-        item = {"caption": record.caption, "probe": None, "key": record.image_path, "image": None, "error": None}
-        try:
-            item["image"] = load_image(record.image_path, self.image_size)
-        except (OSError, ValueError, SyntaxError) as exc:  # PIL raises these for missing / corrupt files
-            item["error"] = f"{type(exc).__name__}: {exc}"
-        return item
+        image, error = try_load_image(record.image_path, self.image_size)
+        return {"caption": record.caption, "probe": None, "key": record.image_path, "image": image, "error": error}
 
 
 class MultiCaptionFiles(torch.utils.data.Dataset):
@@ -403,12 +399,8 @@ class MultiCaptionFiles(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> dict:
         record = self.records[index]
-        item = {"captions": list(record.captions), "key": record.image_path, "image": None, "error": None}
-        try:
-            item["image"] = load_image(record.image_path, self.image_size)
-        except (OSError, ValueError, SyntaxError) as exc:  # PIL raises these for missing / corrupt files
-            item["error"] = f"{type(exc).__name__}: {exc}"
-        return item
+        image, error = try_load_image(record.image_path, self.image_size)
+        return {"captions": list(record.captions), "key": record.image_path, "image": image, "error": error}
 
 
 def _check_first_images(dataset, path: str) -> None:
