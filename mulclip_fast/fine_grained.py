@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from .data import CLIPTokenizer, DataError, SyntheticLongCaptions, trim_to_longest
 from .data.hard_negatives import HARD_NEGATIVE_KINDS, hard_negatives
-from .data.images import load_image
+from .data.images import try_load_image
 from .data.synthetic import CELLS, COLOURS, SHAPES, SIZES, SPLITS, SceneObject, object_sentence
 from .model import CLIP
 
@@ -190,7 +190,7 @@ def read_image_folder(
     path: str, image_size: int
 ) -> tuple[list[str], torch.Tensor, torch.Tensor, list[tuple[str, str]]]:
     """An ``ImageFolder`` directory: class names (subfolder names, sorted, ``_`` → space), the readable
-    images (``load_image``), their labels, and ``(path, reason)`` of every file that could not be read.
+    images (``try_load_image``), their labels, and ``(path, reason)`` of every file that could not be read.
     Raises ``DataError`` for a missing path, no class subfolder, or no readable image."""
     if not os.path.isdir(path):
         raise DataError(f"--zeroshot imagefolder:{path}: not a directory")
@@ -202,11 +202,11 @@ def read_image_folder(
         for entry in sorted(os.scandir(os.path.join(path, folder)), key=lambda e: e.name):
             if entry.name.startswith(".") or not entry.is_file():
                 continue
-            try:
-                images.append(load_image(entry.path, image_size))
-            except (OSError, ValueError) as exc:
-                skipped.append((entry.path, str(exc)))
+            image, error = try_load_image(entry.path, image_size)
+            if image is None:
+                skipped.append((entry.path, error))
                 continue
+            images.append(image)
             labels.append(label)
     if not images:
         raise DataError(f"--zeroshot imagefolder:{path}: no readable image ({len(skipped)} unreadable files)")
