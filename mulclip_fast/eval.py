@@ -26,13 +26,11 @@ import torch.nn.functional as F
 
 from .data import (
     SHORT_CAPTION_SETS,
-    CLIPTokenizer,
     Collator,
     DataError,
     SyntheticLongCaptions,
     open_dataset,
     parse_data_spec,
-    trim_to_longest,
 )
 from .data.hard_negatives import HARD_NEGATIVE_KINDS
 from .fine_grained import (
@@ -155,17 +153,20 @@ def embed_dataset(
     return out
 
 
+HARDNEG_PAIRS = 100  # test pairs whose hard negatives are scored (5 × 100 more captions to encode)
+
+
 def evaluate(
     model: CLIP,
     dataset,
     batch_size: int = 250,
     device: str | torch.device = "cpu",
-    hardneg_pairs: int | None = None,
+    hardneg_pairs: int = HARDNEG_PAIRS,
 ) -> dict:
     """The eval.json dictionary: recall both ways on long captions (and ``short_*`` on summaries),
     binding accuracy (NaN → null when the data has no probes), ``n_pairs`` and ``n_skipped``; on the
     synthetic test split also ``fine_grained_metrics`` (hard negatives on the first ``hardneg_pairs``
-    pairs, ``HARDNEG_PAIRS`` by default)."""
+    pairs)."""
     emb = embed_dataset(model, dataset, batch_size, device)
     result: dict[str, float | int | None] = dict(recall_at_k(emb["long"] @ emb["image"].T))
     result["binding_acc"] = (
@@ -175,11 +176,10 @@ def evaluate(
     result["n_pairs"] = int(emb["image"].shape[0])
     result["n_skipped"] = len(emb["skipped"])
     if isinstance(dataset, SyntheticLongCaptions) and dataset.split == "test":
-        result.update(fine_grained_metrics(model, dataset, emb, batch_size, device, hardneg_pairs or HARDNEG_PAIRS))
+        result.update(fine_grained_metrics(model, dataset, emb, batch_size, device, hardneg_pairs))
     return result
 
 
-HARDNEG_PAIRS = 100  # test pairs whose hard negatives are scored (5 × 100 more captions to encode)
 COMPOSITIONAL_PAIRS = 100  # scenes of the compositional split
 # The hard negatives that change a colour–shape combination; the others are left out to keep the eval cheap.
 COMPOSITIONAL_KINDS = ("colour", "shape", "binding")
@@ -210,35 +210,24 @@ def fine_grained_metrics(
     return result
 
 
-@torch.no_grad()
 def evaluate_multi_caption(model: CLIP, dataset, batch_size: int = 250, device: str | torch.device = "cpu") -> dict:
     """The eval.json dictionary of a short-caption set (items with ``image`` and ``captions``, such as
     ``MultiCaptionFiles``): ``multi_caption_recall`` both ways, ``n_images``, ``n_captions`` and
     ``n_skipped`` (unreadable images; their captions are left out too). Captions are tokenised to the
-    model's context (truncation keeps EOT) and encoded padded to the batch's longest."""
-    tokenizer = CLIPTokenizer()
-    was_training = model.training
-    model.eval()
+    model's context (truncation keeps EOT) and encoded padded to the batch's longest (``ClipEncoder``)."""
+    encoder = ClipEncoder(model, device, batch_size)
     images, texts, caption_image, skipped, n_images = [], [], [], [], 0
-    try:
-        for start in range(0, len(dataset), batch_size):
-            items = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
-            skipped += [(item["key"], item["error"]) for item in items if item["image"] is None]
-            items = [item for item in items if item["image"] is not None]
-            if not items:
-                continue
-            for offset, item in enumerate(items):
-                caption_image += [n_images + offset] * len(item["captions"])
-            n_images += len(items)
-            pixels = torch.stack([item["image"] for item in items]).to(device)
-            images.append(F.normalize(model.encode_image(pixels).float(), dim=-1).cpu())
-            captions = [caption for item in items for caption in item["captions"]]
-            for first in range(0, len(captions), batch_size):
-                ids = tokenizer.tokenize(captions[first : first + batch_size], model.config.context_length)
-                embedding = model.encode_text(trim_to_longest(ids).to(device))
-                texts.append(F.normalize(embedding.float(), dim=-1).cpu())
-    finally:
-        model.train(was_training)
+    for start in range(0, len(dataset), batch_size):
+        items = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
+        skipped += [(item["key"], item["error"]) for item in items if item["image"] is None]
+        items = [item for item in items if item["image"] is not None]
+        if not items:
+            continue
+        for offset, item in enumerate(items):
+            caption_image += [n_images + offset] * len(item["captions"])
+        n_images += len(items)
+        images.append(encoder.images(torch.stack([item["image"] for item in items])))
+        texts.append(encoder.texts([caption for item in items for caption in item["captions"]]))
     if not images:
         raise DataError(f"no readable image to evaluate ({len(skipped)} skipped, e.g. {skipped[:1]})")
     image, text = torch.cat(images), torch.cat(texts)
