@@ -10,11 +10,9 @@ a few training batches, each term at the weight the run gives it.
 
 from __future__ import annotations
 
-import dataclasses
-
 import torch
 
-from ..data import Collator, open_dataset
+from ..data import Collator, iterate_batches, open_dataset
 from ..losses import MulCLIPLoss
 from ..model.loading import CALIBRATION_PREFIXES
 from ..train import TrainConfig, Trainer, resolve_config
@@ -44,7 +42,7 @@ def gradient_alignment(config: TrainConfig, batches: int = 4) -> dict:
     """Cosine and norm ratio of each fine-grained term's gradient against the global terms', averaged over
     ``batches`` training batches of ``config`` (an ``--init`` fine-tuning config; its loss must compute token
     features, e.g. ``mulclip``). Returns ``{term: {"cosine": c, "norm_ratio": r}, "global_norm": g}``."""
-    config = resolve_config(dataclasses.replace(config, out="unused"))
+    config = resolve_config(config)
     trainer = Trainer(config)
     if not trainer.needs_tokens or not trainer.needs_subcaptions:
         raise ValueError("gradient_alignment needs a config whose loss computes tokens and subcaptions (mulclip)")
@@ -58,12 +56,13 @@ def gradient_alignment(config: TrainConfig, batches: int = 4) -> dict:
     image_size = trainer.model.config.image_resolution
     dataset = open_dataset(config.data, "train", image_size, config.train_size, config.seed, config.image_root)
     collator = Collator(config.max_subcaptions, long_context=trainer.model.config.context_length)
+    # The run's first batches, in the trainer's order (generated samples are not shuffled).
+    stream = iterate_batches(dataset, collator, config.batch_size, config.seed, shuffle=config.data != "synthetic")
     params = [p for _, p in shared_parameters(trainer.model)]
     sums: dict[str, dict[str, float]] = {t: {"cosine": 0.0, "norm_ratio": 0.0} for t in MEASURED_TERMS}
     global_norm = 0.0
-    for b in range(batches):
-        rows = range(b * config.batch_size, (b + 1) * config.batch_size)
-        batch = collator([dataset[i] for i in rows]).to(trainer.device)
+    for _ in range(batches):
+        batch = next(stream)[2].to(trainer.device)
         features, logit_scale, _ = trainer.compute_features(batch, fine_scale=1.0)
         terms = loss_fn(features, logit_scale)
         g_global = _flat_gradient(sum(loss_fn.weights[t] * terms[t] for t in GLOBAL), params)

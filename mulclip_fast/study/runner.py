@@ -27,10 +27,10 @@ import sys
 import time
 
 from ..data import open_dataset
-from ..eval import evaluate
+from ..eval import evaluate, load_model_for_eval
 from ..export import export_clip_weights
 from ..model import CLIP, load_clip_weights, preset_config
-from ..run_checkpoints import list_checkpoints, load_latest_training_checkpoint
+from ..run_checkpoints import list_checkpoints
 from ..train import TrainConfig, train
 from ..train.checkpoint import atomic_write_text
 from .gradients import gradient_alignment
@@ -119,9 +119,7 @@ def _finetune(config: TrainConfig, seed: int, settings: StudySettings, log_path:
         with open(result_path) as handle:
             return json.load(handle)
     _run(config, log_path)
-    _, state, _ = load_latest_training_checkpoint(config.out)
-    model = CLIP(preset_config(state["config"]["preset"], **state["config"]["model_overrides"]))
-    model.load_state_dict(state["model"])
+    model, _ = load_model_for_eval(config.out, preset=None, device="cpu")
     result = evaluate_study_model(model, seed, settings)
     atomic_write_text(result_path, json.dumps(result, indent=2))
     shutil.rmtree(os.path.join(config.out, "checkpoints"))
@@ -170,8 +168,7 @@ def run_study(out: str, settings: StudySettings, rows: tuple[Row, ...] = ROWS) -
     """Run (or resume) the study in ``out``; returns the results written to ``results.json``."""
     os.makedirs(os.path.join(out, "logs"), exist_ok=True)
     _check_settings(out, settings)
-    stages = [("pretrain", None, None)] + [(row.key, row, seed) for row in rows for seed in settings.seeds]
-    bar = _Progress(len(stages) + 2)
+    bar = _Progress(3 + len(rows) * len(settings.seeds))  # pretraining, its evaluation, gradients, the runs
     started = time.perf_counter()
     pretrained = os.path.join(out, "pretrained.pt")
     bar.start("pretraining on short captions")
@@ -183,12 +180,13 @@ def run_study(out: str, settings: StudySettings, rows: tuple[Row, ...] = ROWS) -
     bar.start("gradient alignment at the fine-tuning start")
     gradients = _gradients(out, pretrained, settings)
     evals: dict[str, dict[str, dict]] = {}
-    for key, row, seed in stages[1:]:
-        bar.start(f"{row.label}, seed {seed}")
-        run_dir = os.path.join(out, "runs", key, f"seed{seed}")
-        config = finetune_config(row, seed, settings, pretrained, run_dir)
-        log_path = os.path.join(out, "logs", f"{key}-seed{seed}.log")
-        evals.setdefault(key, {})[str(seed)] = _finetune(config, seed, settings, log_path)
+    for row in rows:
+        for seed in settings.seeds:
+            bar.start(f"{row.label}, seed {seed}")
+            run_dir = os.path.join(out, "runs", row.key, f"seed{seed}")
+            config = finetune_config(row, seed, settings, pretrained, run_dir)
+            log_path = os.path.join(out, "logs", f"{row.key}-seed{seed}.log")
+            evals.setdefault(row.key, {})[str(seed)] = _finetune(config, seed, settings, log_path)
     bar.close()
     # Rows that an earlier invocation finished in this directory (e.g. ``--rows`` of the knob variants) stay
     # in the table: results.json describes the whole directory, in the plan's order.
