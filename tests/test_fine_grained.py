@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -200,6 +203,24 @@ def test_compositional_split_always_shows_one_and_is_deterministic():
         again[i]["caption"] == comp[i]["caption"] and torch.equal(again[i]["image"], comp[i]["image"])
         for i in (0, 7, 299)
     )
+    # The same in another Python process, whatever its string-hash salt (a set of held-out pairs once made the
+    # scenes depend on it).
+    script = (
+        "from mulclip_fast.data.synthetic import SyntheticLongCaptions as S;"
+        "d = S(300, seed=5, split='compositional');"
+        "print([d.scene(i) for i in range(300)])"
+    )
+    scenes = {
+        subprocess.run(
+            [sys.executable, "-c", script],
+            env={**os.environ, "PYTHONHASHSEED": salt},
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        for salt in ("1", "2", "3")
+    }
+    assert len(scenes) == 1
     custom = SyntheticLongCaptions(50, seed=5, split="compositional", held_out_combinations=[("red", "ring")])
     assert all(any((o.colour, o.shape) == ("red", "ring") for o in custom.scene(i)) for i in range(50))
     with pytest.raises(ValueError, match="held_out_combinations"):

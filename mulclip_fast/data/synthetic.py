@@ -128,8 +128,12 @@ def _shape_mask(shape: str, dx: np.ndarray, dy: np.ndarray, r: float) -> np.ndar
     raise ValueError(f"unknown shape {shape!r}")
 
 
-def _check_held_out(combinations) -> frozenset[tuple[str, str]]:
-    """``held_out_combinations`` as a set of (colour, shape) pairs, every colour keeping at least one shape."""
+def _check_held_out(combinations) -> tuple[tuple[str, str], ...]:
+    """``held_out_combinations`` as distinct (colour, shape) pairs, every colour keeping at least one shape.
+
+    A tuple in the order of ``COLOURS`` and ``SHAPES``, never a set: the compositional split iterates over it,
+    and a set of strings iterates in an order that changes from one Python process to the next (string
+    hashing is salted per process), which gave each process different compositional scenes."""
     try:
         pairs = frozenset((colour, shape) for colour, shape in combinations)
     except (TypeError, ValueError):
@@ -140,7 +144,8 @@ def _check_held_out(combinations) -> frozenset[tuple[str, str]]:
     for colour in COLOURS:
         if all((colour, shape) in pairs for shape in SHAPES):
             raise ValueError(f"held_out_combinations hold out every shape of {colour!r}; keep at least one")
-    return pairs
+    colours, shapes = list(COLOURS), list(SHAPES)
+    return tuple(sorted(pairs, key=lambda pair: (colours.index(pair[0]), shapes.index(pair[1]))))
 
 
 class SyntheticLongCaptions(torch.utils.data.Dataset):
