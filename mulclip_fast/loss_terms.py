@@ -33,10 +33,15 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 
 from . import ops
 from .distributed import BatchSharding
-from .reference.masking import accumulation_dtype
+from .reference.masking import accumulation_dtype, masked_mean
+
+# How WPR compares each calibrated token with its reconstruction from the other modality (docs/method.md,
+# "WPR"): the within-sample contrast (the default), or the cosine of each token with its own reconstruction.
+WPR_FORMS = ("contrast", "cosine")
 
 
 def row_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, column_mask: torch.Tensor | None = None):
@@ -149,18 +154,38 @@ def wpr_term(
     tau_contrast: float,
     backend: str,
     sharding: BatchSharding,
+    form: str = "contrast",
 ) -> torch.Tensor:
     """Word–patch reconstruction ``L_wpr``: within each sample, so computed on this rank's samples only.
 
     ``L_wpr = Σ_b [L_recon(V'_b, Ṽ_b) + L_recon(T'_b, T̃_b)] / #{samples with both token sets}``
     (``mulclip_fast.ops.wpr_loss`` gives each sample's bracket, 0 for a sample missing a token set).
+    ``form="cosine"`` puts ``mean_j (1 − ⟨x_j, x̃_j⟩)`` in place of each ``L_recon`` (reference
+    ``wpr_cosine_loss``), on the fused reconstructions of ``mulclip_fast.ops.token_reconstruction``.
     """
-    per_sample = ops.wpr_loss(
-        image_tokens, text_tokens, image_mask, text_mask, tau_attn, tau_contrast, reduction="none", backend=backend
-    )
+    if form == "contrast":
+        per_sample = ops.wpr_loss(
+            image_tokens, text_tokens, image_mask, text_mask, tau_attn, tau_contrast, reduction="none", backend=backend
+        )
+    elif form == "cosine":
+        per_sample = _wpr_cosine_per_sample(image_tokens, text_tokens, image_mask, text_mask, tau_attn, backend)
+    else:
+        raise ValueError(f"WPR form must be one of {WPR_FORMS}, got {form!r}")
     has_both = image_mask.any(dim=1) & text_mask.any(dim=1)
     share = per_sample.sum() / sharding.global_sum(has_both.sum()).clamp(min=1)
     return sharding.rank_value(share, rows_gathered=False)
+
+
+def _wpr_cosine_per_sample(v, t, v_mask, t_mask, tau_attn, backend):
+    """``[B]``: ``mean_j (1 − ⟨v_j, ṽ_j⟩) + mean_k (1 − ⟨t_k, t̃_k⟩)``, 0 for a sample missing a token set."""
+    acc = accumulation_dtype(v)
+    sides = ((v, t, v_mask, t_mask), (t, v, t_mask, v_mask))
+    per_sample = 0
+    for x, other, x_mask, other_mask in sides:
+        rebuilt = ops.token_reconstruction(x, other, x_mask, other_mask, tau_attn, backend=backend)
+        cosine = (x.to(acc) * F.normalize(rebuilt.to(acc), dim=-1)).sum(-1)
+        per_sample = per_sample + masked_mean(1 - cosine, x_mask)
+    return per_sample * (v_mask.any(dim=1) & t_mask.any(dim=1))
 
 
 def sap_term(

@@ -55,6 +55,8 @@ class MulCLIPLoss(nn.Module):
         sap_pairing: ``"matched"`` (the paper's) or ``"all"`` (every subcaption against every image).
         sap_topk_ratio: ρ, the fraction of visual tokens kept as context patches, ``k = ⌈ρ·N⌉``.
         tau_attn, tau_contrast, tau_sap: τa, τr and τs (all 0.07 by default).
+        wpr_form: ``"contrast"`` (the within-sample InfoNCE of docs/method.md, "WPR") or ``"cosine"`` (each
+            token aligned with its own reconstruction, no contrast; ``tau_contrast`` unused).
         finelip_margin, finelip_hardest_negative: FineLIP's hinge settings.
         backend: ``"reference"`` runs the naive spec; ``"auto" | "torch" | "triton"`` run the fused ops
             of ``mulclip_fast.ops``.
@@ -75,6 +77,7 @@ class MulCLIPLoss(nn.Module):
         tau_attn: float = 0.07,
         tau_contrast: float = 0.07,
         tau_sap: float = 0.07,
+        wpr_form: str = "contrast",
         finelip_margin: float = 0.2,
         finelip_hardest_negative: bool = False,
         backend: str = "reference",
@@ -92,6 +95,8 @@ class MulCLIPLoss(nn.Module):
         for name, tau in (("tau_attn", tau_attn), ("tau_contrast", tau_contrast), ("tau_sap", tau_sap)):
             if not tau > 0:
                 raise ValueError(f"{name} must be > 0, got {tau}")
+        if wpr_form not in loss_terms.WPR_FORMS:
+            raise ValueError(f"wpr_form must be one of {loss_terms.WPR_FORMS}, got {wpr_form!r}")
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         self.objective = objective
@@ -100,6 +105,7 @@ class MulCLIPLoss(nn.Module):
         self.sap_pairing = sap_pairing
         self.sap_topk_ratio = sap_topk_ratio
         self.tau_attn, self.tau_contrast, self.tau_sap = tau_attn, tau_contrast, tau_sap
+        self.wpr_form = wpr_form
         self.finelip_margin = finelip_margin
         self.finelip_hardest_negative = finelip_hardest_negative
         self.backend = backend
@@ -154,6 +160,7 @@ class MulCLIPLoss(nn.Module):
                 self.tau_contrast,
                 self.backend,
                 sharding,
+                self.wpr_form,
             )
         if "sap" in terms:
             tokens, token_mask = (
@@ -246,7 +253,8 @@ def _checked_and_normalized(f: MulCLIPFeatures, terms: tuple[str, ...]) -> MulCL
         checked[field] = F.normalize(x, dim=-1)
         if field in MASK_OF:
             checked[MASK_OF[field]] = check_mask(MASK_OF[field], getattr(f, MASK_OF[field]), x, field)
-    return MulCLIPFeatures(**{"image_tokens": None, "text_eot": None, "text_tokens": None, **checked})
+    unread = {"image_cls": None, "image_tokens": None, "text_eot": None, "text_tokens": None}
+    return MulCLIPFeatures(**{**unread, **checked})
 
 
 class DistributedMulCLIPLoss:

@@ -85,6 +85,22 @@ def wpr_loss(v, t, v_mask, t_mask, tau_attn, tau_contrast):
     return torch.stack(losses)
 
 
+def wpr_cosine_loss(v, t, v_mask, t_mask, tau_attn):
+    """Per-sample mean_j (1 − ⟨v_j, ṽ_j⟩) + mean_k (1 − ⟨t_k, t̃_k⟩) [B] (0 without valid tokens on a side)."""
+    v_rec = reconstruct(v, t, v_mask, t_mask, tau_attn)
+    t_rec = reconstruct(t, v, t_mask, v_mask, tau_attn)
+    losses = []
+    for b in range(v.shape[0]):
+        vi, ti = valid(v_mask[b]), valid(t_mask[b])
+        if not vi or not ti:
+            losses.append(torch.zeros((), dtype=torch.float64))
+            continue
+        v_side = sum(1 - v[b, j] @ normalize(v_rec[b, j]) for j in vi) / len(vi)
+        t_side = sum(1 - t[b, k] @ normalize(t_rec[b, k]) for k in ti) / len(ti)
+        losses.append(v_side + t_side)
+    return torch.stack(losses)
+
+
 def topk_aggregate_one(query, patches, patch_idx, k, tau):
     """normalize(Σ_{j∈top-k} softmax(s_j/τ) x_j) for one query against one image's valid patches."""
     scores = {j: query @ patches[j] for j in patch_idx}

@@ -92,7 +92,6 @@ def test_eval_cli_on_a_training_checkpoint(tmp_path):
     assert bad.returncode == 2 and "error:" in bad.stderr and "Traceback" not in bad.stderr
 
 
-
 def _imported_modules(module) -> set[str]:
     """Absolute names of every module that ``module``'s source imports, at the top or inside functions."""
     package = module.__name__.rpartition(".")[0]

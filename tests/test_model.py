@@ -81,6 +81,27 @@ def test_features_shapes_masks_and_calibration():
     assert torch.isfinite(losses["loss"]) and model.word_calibration.alpha.grad is not None
 
 
+def test_features_without_calibration_are_the_raw_tokens():
+    """``calibrate=False`` (``--no-calibration``, the "LC off" ablation): WPR and SAP read the projected patches
+    and the caption's word tokens, masked to its words, and the calibration modules take no part."""
+    model = small_model()
+    images = torch.randn(3, 3, 64, 64)
+    long_ids = token_ids([30, 12, 2], 30)
+    sub_ids = torch.stack([token_ids([9, 5], 9) for _ in range(3)])
+    sub_mask = torch.tensor([[True, True], [True, False], [False, True]])
+    raw = model.features(images, long_ids, token_ids([8, 5, 6], 8), sub_ids, sub_mask, calibrate=False)
+    _, v_loc = model.encode_image_tokens(images)
+    _, t_loc, words = model.encode_text_tokens(long_ids)
+    torch.testing.assert_close(raw.image_tokens, v_loc)
+    torch.testing.assert_close(raw.text_tokens[words], t_loc[words], atol=1e-5, rtol=1e-5)
+    assert torch.equal(raw.text_token_mask, words) and raw.sap_tokens is None
+    losses = MulCLIPLoss(backend="reference")(raw, model.logit_scale.exp())
+    losses["loss"].backward()
+    assert torch.isfinite(losses["loss"]) and losses["wpr"] > 0 and losses["sap"] > 0
+    assert model.patch_calibration.alpha.grad is None and model.word_calibration.alpha.grad is None
+    assert model.visual.proj.grad is not None
+
+
 def test_subcaptions_match_single_encodings_and_trimming_is_exact():
     model = small_model().eval()
     ids = token_ids([5, 17, 9, 3], 77)

@@ -72,6 +72,19 @@ def test_wpr_loss_matches_naive():
     torch.testing.assert_close(R.wpr_loss(v, t, v_mask, t_mask, 0.1, 0.05), expected.mean())
 
 
+def test_wpr_cosine_loss_matches_naive_and_is_zero_for_a_perfect_reconstruction():
+    v, t = unit(4, 6, 8, seed=0), unit(4, 5, 8, seed=1)
+    v_mask, t_mask = random_mask(4, 6, seed=2), random_mask(4, 5, seed=3)
+    expected = naive.wpr_cosine_loss(v, t, v_mask, t_mask, 0.1)
+    torch.testing.assert_close(R.wpr_cosine_loss(v, t, v_mask, t_mask, 0.1, reduction="none"), expected)
+    torch.testing.assert_close(R.wpr_cosine_loss(v, t, v_mask, t_mask, 0.1), expected[expected != 0].mean())
+    # Patches and words that are the same few orthogonal tokens rebuild each other exactly (at a sharp τa):
+    # the loss is 0. Opposite tokens rebuild each other as their negatives: 2 per side.
+    same = torch.eye(3, 8, dtype=torch.float64)[None].repeat(2, 1, 1)
+    assert R.wpr_cosine_loss(same, same, tau_attn=1e-3).item() == pytest.approx(0, abs=1e-9)
+    assert R.wpr_cosine_loss(same[:, :1], -same[:, :1]).item() == pytest.approx(4)
+
+
 def test_topk_patch_aggregate_matches_naive():
     sub, patches = unit(3, 4, 6, seed=0), unit(3, 11, 6, seed=1)
     sub_mask, patch_mask = random_mask(3, 4, seed=2), random_mask(3, 11, seed=3)

@@ -13,6 +13,7 @@ from mulclip_fast.study import QUICK, ROWS, StudyError, run_study, runner
 from mulclip_fast.study import __main__ as study_cli
 from mulclip_fast.study.gradients import gradient_alignment
 from mulclip_fast.study.report import METRICS, compare, metric_values, summarise
+from mulclip_fast.train import resolve_config
 
 
 @pytest.mark.slow
@@ -31,7 +32,8 @@ def test_quick_study_runs_every_row_and_seed_and_resumes_without_redoing_them(tm
             assert value == pytest.approx(sum(v[key] for v in per_seed) / len(per_seed))
     assert set(results["pretrained"]["seeds"]) == {"1", "2"}
     assert set(results["mulclip_vs_global"]) >= {"long_r1", "hardneg_mean", "hardneg_binding"}
-    assert set(results["gradients"]["1"]) >= {"wpr", "sap", "finelip"}
+    assert list(results["gradients"]) == ["mulclip"]  # the ablation's one row with Row.gradients
+    assert set(results["gradients"]["mulclip"]["1"]) >= {"wpr", "sap", "finelip"}
     for name in ("results.md", "results.png", "pretrained.pt"):
         assert os.path.getsize(os.path.join(out, name)) > 0
     # Finished rows keep their evaluation, not their 100 MB checkpoints.
@@ -48,6 +50,17 @@ def test_quick_study_runs_every_row_and_seed_and_resumes_without_redoing_them(tm
     assert trained == [os.path.join(out, "runs", "finelip", "seed2")]
     again = json.load(open(os.path.join(out, "results.json")))
     assert again["rows"]["finelip"]["mean"] == results["rows"]["finelip"]["mean"]  # a function of the seed
+
+    # Variant rows join the same directory: measured (their gradients too), tabled after the ablation's rows.
+    assert study_cli.main(["--quick", "--out", out, "--rows", "mulclip-wpr-cosine,mulclip-no-lc"]) == 0
+    assert trained[1:] == [
+        os.path.join(out, "runs", k, f"seed{s}") for k in ("mulclip-no-lc", "mulclip-wpr-cosine") for s in (1, 2)
+    ]
+    variants = json.load(open(os.path.join(out, "results.json")))
+    assert list(variants["rows"]) == [row.key for row in ROWS] + ["mulclip-no-lc", "mulclip-wpr-cosine"]
+    assert list(variants["gradients"]) == ["mulclip", "mulclip-no-lc", "mulclip-wpr-cosine"]
+    assert variants["gradients"]["mulclip"] == results["gradients"]["mulclip"]  # read, not measured again
+    assert "| MulCLIP, WPR in cosine form | 2 |" in open(os.path.join(out, "results.md")).read()
 
     # Other settings in the same directory are refused, not mixed in.
     with pytest.raises(StudyError, match="other settings"):
@@ -84,7 +97,7 @@ def test_gradient_alignment_scales_with_the_term_weight(tmp_path):
     assert doubled["global_norm"] == pytest.approx(base["global_norm"], rel=1e-5)
 
 
-def test_a_row_overrides_the_fine_tuning_defaults():
+def test_a_row_overrides_the_fine_tuning_defaults(tmp_path):
     from mulclip_fast.study.plan import ALL_ROWS, FULL
 
     rows = {row.key: row for row in ALL_ROWS}
@@ -94,3 +107,15 @@ def test_a_row_overrides_the_fine_tuning_defaults():
     assert (longer.steps, longer.val_every, longer.loss) == (300, 300, "mulclip")
     light = runner.finetune_config(rows["mulclip-lambda-0.1"], 2, FULL, "w.pt", "out")
     assert light.weights == {"wpr": 0.1, "sap": 0.1} and light.init == "openai:w.pt"
+    # Every row is a valid run: its settings resolve (a misspelt field or a bad value fails here, not after
+    # the pretraining of a 45-minute study).
+    weights = tmp_path / "w.pt"
+    weights.write_bytes(b"")  # resolve_config checks that --init names a file, not what it holds
+    for row in ALL_ROWS:
+        resolved = resolve_config(runner.finetune_config(row, 1, FULL, str(weights), str(tmp_path / "out")))
+        assert resolved.init == f"openai:{weights}" and resolved.seed == 1, row.key
+    knobs = {key: runner.finetune_config(rows[key], 1, FULL, "w.pt", "out") for key in rows}
+    assert knobs["mulclip-lr-3e-4"].lr == 3e-4 and knobs["global-lr-3e-4"].loss == "global"
+    assert (knobs["mulclip-tau-0.2"].tau_attn, knobs["mulclip-tau-0.2"].tau_sap) == (0.2, 0.2)
+    assert not knobs["mulclip-no-lc"].calibration and knobs["mulclip-late-start"].fine_start == 0.5
+    assert knobs["mulclip-wpr-cosine"].wpr_form == "cosine"

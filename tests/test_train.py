@@ -230,6 +230,17 @@ def test_every_setting_is_set_by_its_flag():
     argv += ["--no-wpr", "--no-sap"]
     argv += ["--w-wpr", "2", "--w-global-short", "0.25", "--sap-pairing", "all", "--sap-topk-ratio", "0.5"]
     argv += ["--sap-raw-patches", "--fine-start", "0.1", "--fine-ramp", "0.2", "--backend", "reference"]
+    argv += [
+        "--no-calibration",
+        "--wpr-form",
+        "cosine",
+        "--tau-attn",
+        "0.1",
+        "--tau-contrast",
+        "0.2",
+        "--tau-sap",
+        "0.3",
+    ]
     argv += ["--steps", "7", "--epochs", "2", "--time-limit", "30", "--batch-size", "16", "--lr", "0.01"]
     argv += ["--weight-decay", "0", "--warmup", "0.1", "--seed", "3", "--out", "/runs/x", "--device", "cuda"]
     argv += ["--precision", "bf16", "--grad-checkpointing", "--accum-steps", "2", "--compile", "--threads", "2"]
@@ -254,6 +265,11 @@ def test_every_setting_is_set_by_its_flag():
         sap_pairing="all",
         sap_topk_ratio=0.5,
         sap_raw_patches=True,
+        calibration=False,
+        wpr_form="cosine",
+        tau_attn=0.1,
+        tau_contrast=0.2,
+        tau_sap=0.3,
         fine_start=0.1,
         fine_ramp=0.2,
         backend="reference",
@@ -288,6 +304,7 @@ def test_every_setting_is_set_by_its_flag():
     assert config_from_args(build_parser().parse_args(["--compile", "aot_eager"])).compile == "aot_eager"
     # Left out, every flag keeps the field's default (time limit and precision follow the no-argument run).
     assert config_from_args(build_parser().parse_args(["--steps", "5"])) == TrainConfig(steps=5)
+
 
 @pytest.mark.slow
 def test_sigterm_saves_a_checkpoint_and_the_run_resumes(tmp_path):

@@ -90,6 +90,18 @@ def test_bf16_autocast_step_is_close_to_fp32():
         assert bf16[term] == pytest.approx(fp32[term], rel=5e-2), term
 
 
+def test_temperatures_reach_the_loss():
+    """``--tau-attn/--tau-contrast`` change WPR and ``--tau-sap`` changes SAP, and only them: the first step's
+    values against the same step at the default temperatures (same seed, same batch)."""
+    batch = _batch()
+    default = _trainer().step(batch, progress=0.5)
+    wpr_only = _trainer(tau_attn=0.2, tau_contrast=0.2).step(batch, progress=0.5)
+    sap_only = _trainer(tau_sap=0.2).step(batch, progress=0.5)
+    assert wpr_only["wpr"] != pytest.approx(default["wpr"]) and wpr_only["sap"] == pytest.approx(default["sap"])
+    assert sap_only["sap"] != pytest.approx(default["sap"]) and sap_only["wpr"] == pytest.approx(default["wpr"])
+    assert wpr_only["global_long"] == default["global_long"]
+
+
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
@@ -97,6 +109,9 @@ def test_bf16_autocast_step_is_close_to_fp32():
         ({"accum_steps": 3}, "--accum-steps"),
         ({"accum_steps": 0}, "--accum"),
         ({"compile": "tensorrt-x"}, "--compile backend"),
+        ({"tau_attn": 0.0}, "--tau-attn"),
+        ({"tau_contrast": -1.0}, "--tau-contrast"),
+        ({"tau_sap": 0.0}, "--tau-sap"),
     ],
 )
 def test_bad_option_values_are_rejected(overrides, message):

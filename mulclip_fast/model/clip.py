@@ -445,6 +445,7 @@ class CLIP(nn.Module):
         need_tokens: bool = True,
         sap_raw_patches: bool = False,
         packed_text: bool = True,
+        calibrate: bool = True,
     ) -> MulCLIPFeatures:
         """Everything ``MulCLIPLoss`` consumes for one batch.
 
@@ -455,6 +456,8 @@ class CLIP(nn.Module):
             sub_ids: ``[B, M, Lsub]`` subcaption ids (77 context) with ``sub_mask [B, M]``, or None.
             need_tokens: compute the calibrated token sets (the global objective does not need them).
             sap_raw_patches: give SAP the raw projected patches ``v_loc`` instead of the calibrated ``V'``.
+            calibrate: False leaves out local token calibration: the token sets are the raw patches ``v_loc``
+                and the caption's word tokens ``t_loc`` (masked to its words), the "LC off" ablation.
             packed_text: encode every text of the batch in one packed pass (``encode_packed_text``); False
                 encodes each group padded, the reference the packed path is tested against.
         """
@@ -477,7 +480,9 @@ class CLIP(nn.Module):
                 t_eot = self.encode_text_by_length(long_ids, chunk=max(8, long_ids.shape[0] // 4))
             short_eot = None if short_ids is None else self.encode_text_by_length(short_ids)
             flat_subs = self.encode_text_by_length(real_subs) if sub_ids is not None and sub_mask.any() else None
-        if need_tokens:
+        if need_tokens and not calibrate:
+            image_tokens, text_tokens, has_words = v_loc, t_loc, words
+        elif need_tokens:
             image_tokens = self.patch_calibration(v_loc)
             text_tokens = self.word_calibration(t_loc, words)
             # A caption with no word at all (empty text) has no calibrated tokens: mask its row out.
@@ -499,7 +504,7 @@ class CLIP(nn.Module):
             sub_mask=sub_mask,
             image_token_mask=None,
             text_token_mask=has_words,
-            sap_tokens=v_loc if (need_tokens and sap_raw_patches) else None,
+            sap_tokens=v_loc if (need_tokens and sap_raw_patches and calibrate) else None,
         )
 
     def num_parameters(self, non_embedding: bool = True) -> int:

@@ -12,7 +12,7 @@ from .contrastive import clip_contrastive_loss, finelip_hinge_loss, slotwise_con
 from .pairwise import pairwise_maxsim, pairwise_reconstruction_scores, pairwise_topk_aggregate_cosines
 from .positional import stretch_positional_embedding
 from .sap import sap_loss
-from .tokens import token_reconstruction, topk_patch_aggregate, wpr_loss
+from .tokens import token_reconstruction, topk_patch_aggregate, wpr_cosine_loss, wpr_loss
 
 __all__ = [
     "clip_contrastive_loss",
@@ -25,5 +25,6 @@ __all__ = [
     "stretch_positional_embedding",
     "token_reconstruction",
     "topk_patch_aggregate",
+    "wpr_cosine_loss",
     "wpr_loss",
 ]

@@ -114,6 +114,44 @@ def wpr_loss(
     return per_sample.sum() / has_both.sum().clamp(min=1)
 
 
+def wpr_cosine_loss(
+    v_tokens: torch.Tensor,
+    t_tokens: torch.Tensor,
+    v_mask: torch.Tensor | None = None,
+    t_mask: torch.Tensor | None = None,
+    tau_attn: float = 0.07,
+    reduction: str = "mean",
+) -> torch.Tensor:
+    """Word–patch reconstruction, the cosine reading (``--wpr-form cosine``): each calibrated token aligned
+    with its own reconstruction from the other modality, without the within-sample contrast.
+
+    Per sample, with ``Ṽ``, ``T̃`` the reconstructions of :func:`wpr_loss`::
+
+        loss[b] = mean_j (1 − ⟨v_j, ṽ_j⟩) + mean_k (1 − ⟨t_k, t̃_k⟩)
+
+    Same arguments, masks and reduction as :func:`wpr_loss` (no contrast temperature); each mean runs over
+    the valid tokens, and the loss lies in ``[0, 4]``.
+    """
+    check_tokens("v_tokens", v_tokens)
+    check_tokens("t_tokens", t_tokens)
+    check_same_width("v_tokens", v_tokens, "t_tokens", t_tokens)
+    check_same_batch("v_tokens", v_tokens, "t_tokens", t_tokens)
+    v_mask = check_mask("v_mask", v_mask, v_tokens, "v_tokens")
+    t_mask = check_mask("t_mask", t_mask, t_tokens, "t_tokens")
+    check_positive("tau_attn", tau_attn)
+    check_reduction(reduction)
+    acc = accumulation_dtype(v_tokens)
+    v, t = v_tokens.to(acc), t_tokens.to(acc)
+    v_rec = F.normalize(_reconstruct(v, t, v_mask, t_mask, tau_attn), dim=-1)
+    t_rec = F.normalize(_reconstruct(t, v, t_mask, v_mask, tau_attn), dim=-1)
+    per_sample = masked_mean(1 - (v * v_rec).sum(-1), v_mask) + masked_mean(1 - (t * t_rec).sum(-1), t_mask)
+    has_both = v_mask.any(dim=1) & t_mask.any(dim=1)
+    per_sample = per_sample * has_both
+    if reduction == "none":
+        return per_sample
+    return per_sample.sum() / has_both.sum().clamp(min=1)
+
+
 def _check_sap_inputs(sub, patches, sub_mask, patch_mask, k, tau, same_batch):
     check_tokens("sub", sub)
     check_tokens("patches", patches)

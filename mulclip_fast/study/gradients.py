@@ -51,6 +51,10 @@ def gradient_alignment(config: TrainConfig, batches: int = 4) -> dict:
         weights=config.weights,
         sap_pairing=config.sap_pairing,
         sap_topk_ratio=config.sap_topk_ratio,
+        tau_attn=config.tau_attn,
+        tau_contrast=config.tau_contrast,
+        tau_sap=config.tau_sap,
+        wpr_form=config.wpr_form,
         backend=config.backend,
     )
     image_size = trainer.model.config.image_resolution

@@ -14,6 +14,9 @@ class Row:
     key: str
     label: str
     settings: dict
+    # Measure the gradient alignment of this row's fine-grained terms at the fine-tuning start (rows whose
+    # terms differ in form, not only in weight or schedule; needs WPR and SAP on).
+    gradients: bool = False
 
 
 # The paper's ablation (MulCLIP, Table "ablation": global only; + LC + WPR; + SAP; full; CLIM instead of WPR),
@@ -23,15 +26,17 @@ ROWS = (
     Row("global", "global only", {"loss": "global"}),
     Row("global-lc-wpr", "global + LC + WPR", {"loss": "mulclip", "sap": False}),
     Row("global-sap", "global + SAP", {"loss": "mulclip", "wpr": False, "sap_raw_patches": True}),
-    Row("mulclip", "MulCLIP (global + LC + WPR + SAP)", {"loss": "mulclip"}),
+    Row("mulclip", "MulCLIP (global + LC + WPR + SAP)", {"loss": "mulclip"}, gradients=True),
     Row("mulclip-clim", "MulCLIP, CLIM instead of WPR", {"loss": "mulclip-clim"}),
     Row("finelip", "FineLIP (global + LC + CLIM)", {"loss": "finelip"}),
     Row("mulclip-sap-all", "MulCLIP, SAP over all pairs", {"loss": "mulclip", "sap_pairing": "all"}),
 )
 # Variants run on request (``--rows``) to ask why MulCLIP does not pay: the fine-grained weight λ (the
-# fine-grained gradients are as large as the global one and nearly orthogonal to it at the start), and
-# three times the fine-tuning steps for global-only and MulCLIP (at 100 steps no row learns any detail
-# beyond colour).
+# fine-grained gradients are as large as the global one and nearly orthogonal to it at the start), three
+# times the fine-tuning steps for global-only and MulCLIP (at 100 steps no row learns any detail beyond
+# colour), and the paper's other knobs: the learning rate (for global-only too, so that each rate has its
+# paired baseline), the temperatures τa, τr, τs, the share ρ of context patches, LC off, the
+# fine-grained terms starting halfway through fine-tuning; and WPR's cosine form.
 KNOB_ROWS = (
     Row(
         "mulclip-lambda-0.1",
@@ -40,6 +45,26 @@ KNOB_ROWS = (
     ),
     Row("global-300-steps", "global only, 300 steps", {"loss": "global", "steps": 300}),
     Row("mulclip-300-steps", "MulCLIP, 300 steps", {"loss": "mulclip", "steps": 300}),
+    Row("global-lr-3e-5", "global only, lr 3e-5", {"loss": "global", "lr": 3e-5}),
+    Row("mulclip-lr-3e-5", "MulCLIP, lr 3e-5", {"loss": "mulclip", "lr": 3e-5}),
+    Row("global-lr-3e-4", "global only, lr 3e-4", {"loss": "global", "lr": 3e-4}),
+    Row("mulclip-lr-3e-4", "MulCLIP, lr 3e-4", {"loss": "mulclip", "lr": 3e-4}),
+    Row(
+        "mulclip-tau-0.2",
+        "MulCLIP, τa = τr = τs = 0.2",
+        {"loss": "mulclip", "tau_attn": 0.2, "tau_contrast": 0.2, "tau_sap": 0.2},
+        gradients=True,
+    ),
+    Row("mulclip-rho-0.5", "MulCLIP, ρ = 0.5", {"loss": "mulclip", "sap_topk_ratio": 0.5}, gradients=True),
+    Row("mulclip-no-lc", "MulCLIP without LC (raw tokens)", {"loss": "mulclip", "calibration": False}, gradients=True),
+    Row("mulclip-late-start", "MulCLIP, terms from halfway", {"loss": "mulclip", "fine_start": 0.5}),
+    # The other reading of WPR (docs/method.md, "WPR"): each token aligned with its own reconstruction.
+    Row(
+        "global-lc-wpr-cosine",
+        "global + LC + WPR, cosine form",
+        {"loss": "mulclip", "sap": False, "wpr_form": "cosine"},
+    ),
+    Row("mulclip-wpr-cosine", "MulCLIP, WPR in cosine form", {"loss": "mulclip", "wpr_form": "cosine"}, gradients=True),
 )
 ALL_ROWS = ROWS + KNOB_ROWS
 ROW_KEYS = tuple(row.key for row in ALL_ROWS)

@@ -15,7 +15,9 @@ import statistics
 from collections.abc import Callable
 
 from ..train.checkpoint import atomic_write_text
-from .plan import Row, StudySettings
+from .plan import ROWS, Row, StudySettings
+
+ABLATION_KEYS = frozenset(row.key for row in ROWS)
 
 
 def _mean_of(*keys: str) -> Callable[[dict], float | None]:
@@ -160,19 +162,25 @@ def markdown(results: dict) -> str:
                 )
     gradients = results.get("gradients")
     if gradients:
+        labels = {key: row["label"] for key, row in results["rows"].items()}
+        batches = next(iter(next(iter(gradients.values())).values()))["batches"]
         lines += [
             "",
             "## Gradient alignment at the fine-tuning start",
             "",
-            f"Shared parameters (towers and projections); per seed, the mean over "
-            f"{next(iter(gradients.values()))['batches']} training batches.",
+            f"Shared parameters (towers and projections); per seed, the mean over {batches} training batches.",
             "",
-            "| seed | " + " | ".join(f"cos(global, {t}) | ‖{t}‖/‖global‖" for t in ("wpr", "sap", "finelip")) + " |",
-            "|---|" + "---|---|" * 3,
+            "| objective | seed | "
+            + " | ".join(f"cos(global, {t}) | ‖{t}‖/‖global‖" for t in ("wpr", "sap", "finelip"))
+            + " |",
+            "|---|---|" + "---|---|" * 3,
         ]
-        for seed, g in gradients.items():
-            cells = " | ".join(f"{g[t]['cosine']:+.3f} | {g[t]['norm_ratio']:.2f}" for t in ("wpr", "sap", "finelip"))
-            lines.append(f"| {seed} | {cells} |")
+        for key, per_seed in gradients.items():
+            for seed, g in per_seed.items():
+                cells = " | ".join(
+                    f"{g[t]['cosine']:+.3f} | {g[t]['norm_ratio']:.2f}" for t in ("wpr", "sap", "finelip")
+                )
+                lines.append(f"| {labels.get(key, key)} | {seed} | {cells} |")
     return "\n".join(lines) + "\n"
 
 
@@ -185,7 +193,9 @@ def plot(results: dict, path: str) -> None:
 
     keys = [k for k in (*QUESTION_METRICS, "short_r1") if any(k in r["mean"] for r in results["rows"].values())]
     titles = {k: t for k, t, _ in METRICS}
-    groups = [("pretrained", results["pretrained"])] + [(r["label"], r) for r in results["rows"].values()]
+    # The ablation's rows answer the question; the variants are in the tables (all rows if only variants ran).
+    ablation = [r for key, r in results["rows"].items() if key in ABLATION_KEYS] or list(results["rows"].values())
+    groups = [("pretrained", results["pretrained"])] + [(r["label"], r) for r in ablation]
     fig, ax = plt.subplots(figsize=(max(7, 1.3 * len(groups)), 4.5))
     width = 0.8 / max(1, len(keys))
     for i, key in enumerate(keys):

@@ -6,7 +6,7 @@ Layout of the study directory::
     pretrain/                  the short-caption pretraining run (a normal run directory)
     pretrained.pt              its CLIP weights, OpenAI layout (``python -m mulclip_fast.export``)
     pretrained_eval.json       the pretrained model evaluated on each seed's test set
-    gradients.json             gradient alignment of the fine-grained terms at the fine-tuning start
+    gradients.json             gradient alignment of the fine-grained terms at the fine-tuning start, per row
     runs/ROW/seedN/            one fine-tuning run directory per row and seed: its logs, ``study_eval.json``
                                (its checkpoint is deleted once evaluated)
     logs/                      what each run printed
@@ -107,7 +107,7 @@ def _run(config: TrainConfig, log_path: str) -> None:
     with open(log_path, "a") as log, contextlib.redirect_stdout(log):
         summary = train(config, resume=resume, overwrite=overwrite, given=set())
     if summary.get("interrupted") is not None:
-        raise KeyboardInterrupt(f"{config.out} was interrupted; run the study again to resume it")
+        raise KeyboardInterrupt(f"{config.out} was interrupted")
 
 
 def _finetune(config: TrainConfig, seed: int, settings: StudySettings, log_path: str) -> dict:
@@ -150,17 +150,22 @@ def _evaluate_pretrained(out: str, pretrained: str, settings: StudySettings) -> 
     return result
 
 
-def _gradients(out: str, pretrained: str, settings: StudySettings) -> dict:
+def _gradients(out: str, pretrained: str, settings: StudySettings, rows: tuple[Row, ...]) -> dict:
+    """``{row: {seed: gradient_alignment}}`` for the rows that ask for it (``Row.gradients``), read from
+    ``gradients.json`` where an earlier invocation measured them."""
     path = os.path.join(out, "gradients.json")
+    result = {}
     if os.path.exists(path):
         with open(path) as handle:
-            return json.load(handle)
-    mulclip = next(row for row in ROWS if row.key == "mulclip")
-    result = {}
-    for seed in settings.seeds:
-        config = finetune_config(mulclip, seed, settings, pretrained, out="unused")
-        result[str(seed)] = gradient_alignment(config)
-    atomic_write_text(path, json.dumps(result, indent=2))
+            result = json.load(handle)
+    missing = [row for row in rows if row.gradients and row.key not in result]
+    for row in missing:
+        result[row.key] = {
+            str(seed): gradient_alignment(finetune_config(row, seed, settings, pretrained, out="unused"))
+            for seed in settings.seeds
+        }
+    if missing:
+        atomic_write_text(path, json.dumps(result, indent=2))
     return result
 
 
@@ -178,7 +183,7 @@ def run_study(out: str, settings: StudySettings, rows: tuple[Row, ...] = ROWS) -
     bar.start("evaluating the pretrained model")
     baseline = _evaluate_pretrained(out, pretrained, settings)
     bar.start("gradient alignment at the fine-tuning start")
-    gradients = _gradients(out, pretrained, settings)
+    gradients = _gradients(out, pretrained, settings, rows)
     evals: dict[str, dict[str, dict]] = {}
     for row in rows:
         for seed in settings.seeds:

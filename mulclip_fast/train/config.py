@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..data import SHORT_CONTEXT, parse_data_spec
+from ..loss_terms import WPR_FORMS
 from ..losses import DEFAULT_WEIGHTS, OBJECTIVES, RENAMED_TERMS, TERMS, current_term_names
 from ..model import PRESETS, CheckpointError, check_device, preset_config
 from ..model.attention import TEXT_ATTENTION_BACKENDS, AttentionBackendUnavailable, check_text_attention
@@ -156,6 +157,18 @@ class TrainConfig:
     )
     sap_topk_ratio: float = setting(0.25, "share of patches SAP aggregates per subcaption", OBJECTIVE)
     sap_raw_patches: bool = setting(False, "SAP on raw patches, not calibrated ones", OBJECTIVE)
+    calibration: bool = setting(
+        True, "leave out local token calibration (LC): WPR, SAP and CLIM read the raw patch and word tokens", OBJECTIVE
+    )
+    wpr_form: str = setting(
+        "contrast",
+        "WPR compares each calibrated token with its reconstruction by a within-sample contrast, or by their cosine",
+        OBJECTIVE,
+        choices=WPR_FORMS,
+    )
+    tau_attn: float = setting(0.07, "WPR's attention temperature τa", OBJECTIVE, metavar="TAU")
+    tau_contrast: float = setting(0.07, "WPR's within-sample contrast temperature τr", OBJECTIVE, metavar="TAU")
+    tau_sap: float = setting(0.07, "SAP's aggregation temperature τs", OBJECTIVE, metavar="TAU")
     fine_start: float = setting(
         DEFAULT_FINE_START_SCRATCH,
         f"fraction of training before the fine-grained terms (default: {DEFAULT_FINE_START_SCRATCH:g} from scratch, "
@@ -303,6 +316,9 @@ def resolve_config(config: TrainConfig) -> TrainConfig:
         "time_limit": c.time_limit >= 0,
         "max_subcaptions": c.max_subcaptions >= 1,
         "sap_topk_ratio": 0 < c.sap_topk_ratio <= 1,
+        "tau_attn": c.tau_attn > 0,
+        "tau_contrast": c.tau_contrast > 0,
+        "tau_sap": c.tau_sap > 0,
         "freeze_positions": 0 <= c.freeze_positions <= 248,
         "keep_checkpoints": c.keep_checkpoints >= 1,
         "log_every": c.log_every >= 1,

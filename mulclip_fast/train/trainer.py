@@ -72,6 +72,10 @@ class Trainer:
             weights=config.weights,
             sap_pairing=config.sap_pairing,
             sap_topk_ratio=config.sap_topk_ratio,
+            tau_attn=config.tau_attn,
+            tau_contrast=config.tau_contrast,
+            tau_sap=config.tau_sap,
+            wpr_form=config.wpr_form,
             backend=config.backend,
         )
         # Before the fine-grained ramp starts, steps compute the global terms only (see compute_features).
@@ -138,6 +142,7 @@ class Trainer:
             sub_mask=batch.sub_mask if (self.needs_subcaptions and active) else None,
             need_tokens=self.needs_tokens and active,
             sap_raw_patches=self.config.sap_raw_patches,
+            calibrate=self.config.calibration,
             packed_text=self.config.packed_text,
         )
         logit_scale = outputs.pop("logit_scale")
