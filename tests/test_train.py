@@ -214,11 +214,11 @@ def test_default_command_settings():
 
     config = parse()
     assert config.preset == "tiny" and config.data == "synthetic" and config.loss == "mulclip"
-    assert config.backend == "auto" and config.steps is None  # 440, resolved later
+    assert config.backend == "auto" and config.steps is None  # 400, resolved later
     assert (config.fine_start, config.fine_ramp) == (0.8, 0.05)
     # A result that is a function of the seed, not of the machine: no clock in the schedule, fp32 on every CPU.
     assert config.time_limit == 0 and config.precision == "fp32"
-    assert resolve_config(config).steps == 440
+    assert resolve_config(config).steps == 400
     assert parse("--precision", "bf16", "--time-limit", "30").precision == "bf16"
 
 

@@ -20,6 +20,8 @@ from ..run_checkpoints import CHECKPOINT_FORMAT, CHECKPOINT_VERSION
 from .checkpoint import capture_rng_state, restore_rng_state, seed_everything
 from .config import TrainConfig
 
+FUSED_ADAMW_DEVICES = ("cpu", "cuda")  # where torch.optim.AdamW(fused=True) runs
+
 
 class FeatureForward(torch.nn.Module):
     """The towers' training pass as one ``forward``, so that DistributedDataParallel can wrap it.
@@ -96,8 +98,15 @@ class Trainer:
                 device_ids=[self.device.index] if self.device.type == "cuda" else None,
                 find_unused_parameters=True,
             )
+        # The fused AdamW updates every parameter in one kernel: on the tiny model's 8M parameters (6.3M of
+        # them the token table) the per-tensor loop took a fifth of a CPU step.
         self.optimizer = torch.optim.AdamW(
-            self._param_groups(), lr=config.lr, betas=(0.9, 0.98), eps=1e-6, weight_decay=config.weight_decay
+            self._param_groups(),
+            lr=config.lr,
+            betas=(0.9, 0.98),
+            eps=1e-6,
+            weight_decay=config.weight_decay,
+            fused=self.device.type in FUSED_ADAMW_DEVICES,
         )
 
     def _param_groups(self) -> list[dict]:
