@@ -67,8 +67,8 @@ def in_sample_infonce(x, x_rec, idx, tau):
     return sum(terms) / len(terms)
 
 
-def wpr_loss(v, t, v_mask, t_mask, tau_attn, tau_contrast):
-    """Returns the per-sample losses [B] (0 for a sample without valid tokens on a side)."""
+def _per_sample_wpr(v, t, v_mask, t_mask, tau_attn, side_loss):
+    """side_loss(tokens, rebuilt, valid) summed over both sides, per sample [B] (0 without tokens on a side)."""
     v_rec = reconstruct(v, t, v_mask, t_mask, tau_attn)
     t_rec = reconstruct(t, v, t_mask, v_mask, tau_attn)
     losses = []
@@ -79,26 +79,22 @@ def wpr_loss(v, t, v_mask, t_mask, tau_attn, tau_contrast):
             continue
         v_hat = torch.stack([normalize(r) for r in v_rec[b]])
         t_hat = torch.stack([normalize(r) for r in t_rec[b]])
-        losses.append(
-            in_sample_infonce(v[b], v_hat, vi, tau_contrast) + in_sample_infonce(t[b], t_hat, ti, tau_contrast)
-        )
+        losses.append(side_loss(v[b], v_hat, vi) + side_loss(t[b], t_hat, ti))
     return torch.stack(losses)
+
+
+def wpr_loss(v, t, v_mask, t_mask, tau_attn, tau_contrast):
+    """Returns the per-sample losses [B] (0 for a sample without valid tokens on a side)."""
+    return _per_sample_wpr(
+        v, t, v_mask, t_mask, tau_attn, lambda x, x_hat, idx: in_sample_infonce(x, x_hat, idx, tau_contrast)
+    )
 
 
 def wpr_cosine_loss(v, t, v_mask, t_mask, tau_attn):
     """Per-sample mean_j (1 − ⟨v_j, ṽ_j⟩) + mean_k (1 − ⟨t_k, t̃_k⟩) [B] (0 without valid tokens on a side)."""
-    v_rec = reconstruct(v, t, v_mask, t_mask, tau_attn)
-    t_rec = reconstruct(t, v, t_mask, v_mask, tau_attn)
-    losses = []
-    for b in range(v.shape[0]):
-        vi, ti = valid(v_mask[b]), valid(t_mask[b])
-        if not vi or not ti:
-            losses.append(torch.zeros((), dtype=torch.float64))
-            continue
-        v_side = sum(1 - v[b, j] @ normalize(v_rec[b, j]) for j in vi) / len(vi)
-        t_side = sum(1 - t[b, k] @ normalize(t_rec[b, k]) for k in ti) / len(ti)
-        losses.append(v_side + t_side)
-    return torch.stack(losses)
+    return _per_sample_wpr(
+        v, t, v_mask, t_mask, tau_attn, lambda x, x_hat, idx: sum(1 - x[j] @ x_hat[j] for j in idx) / len(idx)
+    )
 
 
 def topk_aggregate_one(query, patches, patch_idx, k, tau):

@@ -93,25 +93,12 @@ def wpr_loss(
     Returns:
         Scalar (or ``[B]``) in float32 (float64 for float64 inputs).
     """
-    check_tokens("v_tokens", v_tokens)
-    check_tokens("t_tokens", t_tokens)
-    check_same_width("v_tokens", v_tokens, "t_tokens", t_tokens)
-    check_same_batch("v_tokens", v_tokens, "t_tokens", t_tokens)
-    v_mask = check_mask("v_mask", v_mask, v_tokens, "v_tokens")
-    t_mask = check_mask("t_mask", t_mask, t_tokens, "t_tokens")
-    check_positive("tau_attn", tau_attn)
     check_positive("tau_contrast", tau_contrast)
-    check_reduction(reduction)
-    acc = accumulation_dtype(v_tokens)
-    v, t = v_tokens.to(acc), t_tokens.to(acc)
-    v_rec = F.normalize(_reconstruct(v, t, v_mask, t_mask, tau_attn), dim=-1)
-    t_rec = F.normalize(_reconstruct(t, v, t_mask, v_mask, tau_attn), dim=-1)
+    v, t, v_rec, t_rec, v_mask, t_mask = _checked_reconstructions(
+        v_tokens, t_tokens, v_mask, t_mask, tau_attn, reduction
+    )
     per_sample = _in_sample_infonce(v, v_rec, v_mask, tau_contrast) + _in_sample_infonce(t, t_rec, t_mask, tau_contrast)
-    has_both = v_mask.any(dim=1) & t_mask.any(dim=1)
-    per_sample = per_sample * has_both
-    if reduction == "none":
-        return per_sample
-    return per_sample.sum() / has_both.sum().clamp(min=1)
+    return _reduce_samples(per_sample, v_mask, t_mask, reduction)
 
 
 def wpr_cosine_loss(
@@ -132,6 +119,15 @@ def wpr_cosine_loss(
     Same arguments, masks and reduction as :func:`wpr_loss` (no contrast temperature); each mean runs over
     the valid tokens, and the loss lies in ``[0, 4]``.
     """
+    v, t, v_rec, t_rec, v_mask, t_mask = _checked_reconstructions(
+        v_tokens, t_tokens, v_mask, t_mask, tau_attn, reduction
+    )
+    per_sample = masked_mean(1 - (v * v_rec).sum(-1), v_mask) + masked_mean(1 - (t * t_rec).sum(-1), t_mask)
+    return _reduce_samples(per_sample, v_mask, t_mask, reduction)
+
+
+def _checked_reconstructions(v_tokens, t_tokens, v_mask, t_mask, tau_attn, reduction):
+    """WPR's inputs checked, in the accumulation dtype, with ``Ṽ``, ``T̃`` (normalised) and explicit masks."""
     check_tokens("v_tokens", v_tokens)
     check_tokens("t_tokens", t_tokens)
     check_same_width("v_tokens", v_tokens, "t_tokens", t_tokens)
@@ -144,7 +140,11 @@ def wpr_cosine_loss(
     v, t = v_tokens.to(acc), t_tokens.to(acc)
     v_rec = F.normalize(_reconstruct(v, t, v_mask, t_mask, tau_attn), dim=-1)
     t_rec = F.normalize(_reconstruct(t, v, t_mask, v_mask, tau_attn), dim=-1)
-    per_sample = masked_mean(1 - (v * v_rec).sum(-1), v_mask) + masked_mean(1 - (t * t_rec).sum(-1), t_mask)
+    return v, t, v_rec, t_rec, v_mask, t_mask
+
+
+def _reduce_samples(per_sample, v_mask, t_mask, reduction):
+    """0 for a sample without valid tokens on a side; ``"mean"`` over the samples that have both."""
     has_both = v_mask.any(dim=1) & t_mask.any(dim=1)
     per_sample = per_sample * has_both
     if reduction == "none":
