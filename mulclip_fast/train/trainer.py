@@ -99,7 +99,7 @@ class Trainer:
                 find_unused_parameters=True,
             )
         # The fused AdamW updates every parameter in one kernel: on the tiny model's 8M parameters (6.3M of
-        # them the token table) the per-tensor loop took a fifth of a CPU step.
+        # them the token table) it saves about 0.05 s of a 0.5 s CPU step over the per-tensor loop.
         self.optimizer = torch.optim.AdamW(
             self._param_groups(),
             lr=config.lr,
