@@ -13,9 +13,9 @@ from __future__ import annotations
 import torch
 
 from ..data import Collator, iterate_batches, open_dataset
-from ..losses import MulCLIPLoss
 from ..model.loading import CALIBRATION_PREFIXES
 from ..train import TrainConfig, Trainer, resolve_config
+from ..train.trainer import configured_loss
 
 # The global terms, as one gradient: the alignment the fine-grained terms must not undo.
 GLOBAL = ("global_long", "global_short")
@@ -46,17 +46,7 @@ def gradient_alignment(config: TrainConfig, batches: int = 4) -> dict:
     trainer = Trainer(config)
     if not trainer.needs_tokens or not trainer.needs_subcaptions:
         raise ValueError("gradient_alignment needs a config whose loss computes tokens and subcaptions (mulclip)")
-    loss_fn = MulCLIPLoss(
-        terms=(*GLOBAL, *MEASURED_TERMS),
-        weights=config.weights,
-        sap_pairing=config.sap_pairing,
-        sap_topk_ratio=config.sap_topk_ratio,
-        tau_attn=config.tau_attn,
-        tau_contrast=config.tau_contrast,
-        tau_sap=config.tau_sap,
-        wpr_form=config.wpr_form,
-        backend=config.backend,
-    )
+    loss_fn = configured_loss(config, (*GLOBAL, *MEASURED_TERMS))
     image_size = trainer.model.config.image_resolution
     dataset = open_dataset(config.data, "train", image_size, config.train_size, config.seed, config.image_root)
     collator = Collator(config.max_subcaptions, long_context=trainer.model.config.context_length)

@@ -42,6 +42,23 @@ class FeatureForward(torch.nn.Module):
         return outputs
 
 
+def configured_loss(config: TrainConfig, terms: tuple[str, ...]) -> MulCLIPLoss:
+    """``MulCLIPLoss`` computing ``terms`` with the run's weights, SAP settings, temperatures, WPR form and
+    backend: the one place the objective flags of ``TrainConfig`` reach the loss."""
+    return MulCLIPLoss(
+        objective=config.loss,
+        terms=terms,
+        weights=config.weights,
+        sap_pairing=config.sap_pairing,
+        sap_topk_ratio=config.sap_topk_ratio,
+        tau_attn=config.tau_attn,
+        tau_contrast=config.tau_contrast,
+        tau_sap=config.tau_sap,
+        wpr_form=config.wpr_form,
+        backend=config.backend,
+    )
+
+
 class Trainer:
     """Model, loss and optimizer of one run, and ``step`` — one optimisation step on one batch."""
 
@@ -68,18 +85,7 @@ class Trainer:
         if config.captions == "short":  # the summary is the caption: one contrastive term, as CLIP's
             terms = ["global_long"]
         self.terms = tuple(terms)
-        self.loss_fn = MulCLIPLoss(
-            objective=config.loss,
-            terms=self.terms,
-            weights=config.weights,
-            sap_pairing=config.sap_pairing,
-            sap_topk_ratio=config.sap_topk_ratio,
-            tau_attn=config.tau_attn,
-            tau_contrast=config.tau_contrast,
-            tau_sap=config.tau_sap,
-            wpr_form=config.wpr_form,
-            backend=config.backend,
-        )
+        self.loss_fn = configured_loss(config, self.terms)
         # Before the fine-grained ramp starts, steps compute the global terms only (see compute_features).
         self.global_loss_fn = MulCLIPLoss(
             objective="global",
