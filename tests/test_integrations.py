@@ -8,6 +8,7 @@ pass of the open_clip adapter also runs on a stand-in with open_clip's text-towe
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import subprocess
@@ -380,10 +381,11 @@ def skip_without_ops(backend: str, settings: dict) -> None:
     [
         dict(objective="mulclip"),
         dict(objective="mulclip", sap_pairing="all", weights={"wpr": 0.5, "sap": 2.0}),
+        dict(objective="mulclip", wpr_form="cosine", tau_attn=0.2),
         dict(objective="finelip"),
         dict(objective="finelip", finelip_hardest_negative=True),
     ],
-    ids=["mulclip-matched", "mulclip-all-pairs", "finelip", "finelip-hardest"],
+    ids=["mulclip-matched", "mulclip-all-pairs", "mulclip-wpr-cosine", "finelip", "finelip-hardest"],
 )
 def test_clip_loss_matches_reference_loss_and_gradients_on_hf_features(hf_batch, settings, backend):
     skip_without_ops(backend, settings)
@@ -445,6 +447,19 @@ def test_clip_loss_without_token_features_is_open_clips_clip_loss():
         torch.testing.assert_close(loss_fn(image, text, scale, logit_bias), expected)
         assert loss_fn(image, text, scale, logit_bias, output_dict=True).keys() == {"contrastive_loss"}
         torch.testing.assert_close(loss_fn(image, text, scale, logit_bias), expected)  # cached labels
+
+
+def test_clip_loss_takes_every_option_of_mulclip_loss_with_the_same_default():
+    """The adapter forwards MulCLIPLoss's options one by one: an option added there must be added here."""
+    loss_options = inspect.signature(MulCLIPLoss).parameters
+    adapter_options = inspect.signature(MulCLIPClipLoss).parameters
+    missing = sorted(set(loss_options) - set(adapter_options))
+    assert not missing, f"MulCLIPClipLoss lacks MulCLIPLoss's options {missing}"
+    # the backend defaults differ on purpose (docstring): the adapter exists to bring in the fused ops
+    differing = {n for n in loss_options if n != "backend" and adapter_options[n].default != loss_options[n].default}
+    assert not differing, differing
+    built = MulCLIPClipLoss(wpr_form="cosine", tau_sap=0.3).loss
+    assert (built.wpr_form, built.tau_sap) == ("cosine", 0.3)
 
 
 @pytest.mark.parametrize(

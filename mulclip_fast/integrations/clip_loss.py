@@ -52,7 +52,7 @@ class MulCLIPClipLoss(nn.Module):
     """open_clip ``ClipLoss`` calling convention, MulCLIP terms.
 
     Args:
-        objective, terms, weights, sap_pairing, sap_topk_ratio, tau_attn, tau_contrast, tau_sap,
+        objective, terms, weights, sap_pairing, sap_topk_ratio, tau_attn, tau_contrast, tau_sap, wpr_form,
             finelip_margin, finelip_hardest_negative: as in ``mulclip_fast.losses.MulCLIPLoss``.
         backend: ``"auto"`` (default, unlike ``MulCLIPLoss``: this loss exists to bring the fused ops into
             other trainers) runs Triton on CUDA and the memory-lean torch path on CPU; ``"reference"``
@@ -72,6 +72,7 @@ class MulCLIPClipLoss(nn.Module):
         tau_attn: float = 0.07,
         tau_contrast: float = 0.07,
         tau_sap: float = 0.07,
+        wpr_form: str = "contrast",
         finelip_margin: float = 0.2,
         finelip_hardest_negative: bool = False,
         backend: str = "auto",
@@ -91,6 +92,7 @@ class MulCLIPClipLoss(nn.Module):
             tau_attn=tau_attn,
             tau_contrast=tau_contrast,
             tau_sap=tau_sap,
+            wpr_form=wpr_form,
             finelip_margin=finelip_margin,
             finelip_hardest_negative=finelip_hardest_negative,
             backend=backend,
