@@ -3,3 +3,11 @@
 Kernel modules read ``TRITON_INTERPRET`` when they are imported: on machines without CUDA the test
 suite's root ``conftest.py`` sets it first, so the same kernels run in Triton's interpreter.
 """
+
+import os
+
+
+def interpreter_enabled() -> bool:
+    """Whether ``TRITON_INTERPRET`` asks for Triton's interpreter (importable without Triton: the ops'
+    backend choice consults it too)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")

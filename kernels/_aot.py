@@ -23,17 +23,14 @@ interpreter runs only the first config.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 
 import torch
 import triton
 
+from . import interpreter_enabled
+
 TRITON_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
-
-
-def interpreter_enabled() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def autotune_configs(configs: list[triton.Config]) -> list[triton.Config]:

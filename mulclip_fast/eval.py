@@ -38,6 +38,7 @@ from .fine_grained import (
     compositional_split,
     grounding_recall,
     hard_negative_accuracy,
+    strict_win_rate,
     zeroshot_image_folder,
     zeroshot_synthetic,
 )
@@ -105,12 +106,10 @@ def multi_caption_recall(similarity: torch.Tensor, caption_image: torch.Tensor, 
     return out
 
 
-def binding_accuracy(image: torch.Tensor, true_text: torch.Tensor, swapped_text: torch.Tensor) -> float:
-    """Fraction of rows where ``⟨image, true⟩ > ⟨image, swapped⟩`` (embeddings L2-normalised here)."""
-    if not image.shape == true_text.shape == swapped_text.shape or image.dim() != 2:
-        raise ValueError("image, true_text and swapped_text must be [N, d] tensors of the same shape")
-    image, true_text, swapped_text = (F.normalize(x.float(), dim=-1) for x in (image, true_text, swapped_text))
-    return float(((image * true_text).sum(-1) > (image * swapped_text).sum(-1)).float().mean())
+def binding_accuracy(image: torch.Tensor, true_text: torch.Tensor, negative_text: torch.Tensor) -> float:
+    """Fraction of rows where ``⟨image, true⟩ > ⟨image, negative⟩`` (the negative: the caption with its
+    attributes swapped): ``strict_win_rate`` on embeddings L2-normalised here."""
+    return strict_win_rate(*(F.normalize(x.float(), dim=-1) for x in (image, true_text, negative_text)))
 
 
 @torch.no_grad()

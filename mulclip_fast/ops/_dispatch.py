@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import functools
 import importlib.util
-import os
 
 import torch
+
+from ..kernels import interpreter_enabled
 
 BACKENDS = ("auto", "triton", "torch", "reference", "cpp", "cuda_ext")
 # The extension's backends and the device type of the tensors each runs on.
@@ -29,10 +30,6 @@ KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 @functools.cache
 def triton_available() -> bool:
     return importlib.util.find_spec("triton") is not None
-
-
-def interpreter_enabled() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
