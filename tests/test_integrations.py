@@ -848,6 +848,23 @@ def test_open_clip_layout_packed_text_equals_the_padded_path(hf_batch, checkpoin
     assert_packed_equals_padded(open_clip_packed_and_padded(model, hf_batch))
 
 
+@pytest.mark.parametrize(
+    "make_bad, message",
+    [
+        (lambda b: dict(text=b["long_ids"].float()), "text must hold integer token ids"),
+        (lambda b: dict(text=b["long_ids"][:3]), "image and text must have the same batch size, got 4 and 3"),
+        (lambda b: dict(text=b["long_ids"], sub_mask=b["sub_mask"]), "sub_mask was given without sub_text"),
+        (lambda b: dict(text=b["long_ids"], sub_text=b["sub_ids"][:2]), "sub_text must have the batch size 4"),
+        (lambda b: dict(text=b["long_ids"], short_text=b["short_ids"][0]), r"short_text must be .* \[B, L\]"),
+    ],
+)
+@pytest.mark.parametrize("packed_text", [True, False], ids=["packed", "padded"])
+def test_open_clip_bad_input_names_the_argument(hf_batch, make_bad, message, packed_text):
+    model = oc.stretch_text_positions(OpenClipLayoutCLIP())
+    with pytest.raises(ValueError, match=message):
+        oc.mulclip_features(model, hf_batch["pixels"], packed_text=packed_text, **make_bad(hf_batch))
+
+
 def test_open_clip_packed_text_refuses_blocks_it_cannot_compose(hf_batch):
     model = oc.stretch_text_positions(OpenClipLayoutCLIP())
     with pytest.raises(ValueError, match="text_attention must be one of"):

@@ -140,6 +140,69 @@ def encode_subcaptions(encode_eot, sub_ids: torch.Tensor, sub_mask: torch.Tensor
     return scatter_subcaptions(encode_eot(flat_ids), sub_mask, like)
 
 
+def check_caption_batch(
+    names: tuple[str, str, str, str],
+    batch: int,
+    long_ids: torch.Tensor,
+    short_ids: torch.Tensor | None,
+    sub_ids: torch.Tensor | None,
+    sub_mask: torch.Tensor | None,
+) -> torch.Tensor | None:
+    """Validate an adapter's captions against its ``batch`` images; returns ``sub_mask`` (all True when
+    ``sub_ids`` comes without one). ``names``: the adapter's argument names of the images, the long
+    captions, the summaries and the subcaptions, for errors."""
+    image_name, long_name, short_name, sub_name = names
+    check_token_ids(long_name, long_ids)
+    if long_ids.shape[0] != batch:
+        raise ValueError(
+            f"{image_name} and {long_name} must have the same batch size, got {batch} and {long_ids.shape[0]}"
+        )
+    if sub_ids is not None:
+        sub_mask = subcaption_layout(sub_ids, sub_mask, batch, name=sub_name)
+    elif sub_mask is not None:
+        raise ValueError(f"sub_mask was given without {sub_name}")
+    if short_ids is not None:
+        check_token_ids(short_name, short_ids)
+    return sub_mask
+
+
+def encode_padded_caption_groups(
+    encode_long: Callable[[torch.Tensor], TextTokenFeatures],
+    encode_eot: Callable[[torch.Tensor], torch.Tensor],
+    long_ids: torch.Tensor,
+    short_ids: torch.Tensor | None,
+    sub_ids: torch.Tensor | None,
+    sub_mask: torch.Tensor | None,
+) -> tuple[TextTokenFeatures, torch.Tensor | None, torch.Tensor | None]:
+    """What ``encode_packed_caption_groups`` returns, each group through the text tower in its own padded
+    pass: the reference the packed pass is tested against. ``encode_long``: the long captions' token
+    features; ``encode_eot``: the EOT embeddings of a batch of summaries or subcaptions."""
+    text = encode_long(long_ids)
+    short_eot = None if short_ids is None else encode_eot(short_ids)
+    sub_eot = None if sub_ids is None else encode_subcaptions(encode_eot, sub_ids, sub_mask, text.eot)
+    return text, short_eot, sub_eot
+
+
+def assemble_features(
+    image: ImageTokenFeatures,
+    text: TextTokenFeatures,
+    short_eot: torch.Tensor | None,
+    sub_eot: torch.Tensor | None,
+    sub_mask: torch.Tensor | None,
+) -> MulCLIPFeatures:
+    """The towers' outputs as the ``MulCLIPFeatures`` of one batch (raw, uncalibrated tokens)."""
+    return MulCLIPFeatures(
+        image_cls=image.cls,
+        image_tokens=image.tokens,
+        text_eot=text.eot,
+        text_tokens=text.tokens,
+        short_eot=short_eot,
+        sub_eot=sub_eot,
+        sub_mask=sub_mask,
+        text_token_mask=text.mask,
+    )
+
+
 def check_packed_text(packed_text: bool, text_attention: str) -> None:
     """Validate the adapters' ``packed_text`` and ``text_attention`` arguments."""
     if not isinstance(packed_text, bool):

@@ -28,15 +28,16 @@ from ._common import (
     ImageTokenFeatures,
     PackedTextTower,
     TextTokenFeatures,
+    assemble_features,
+    check_caption_batch,
     check_packed_text,
     check_token_ids,
     encode_packed_caption_groups,
-    encode_subcaptions,
+    encode_padded_caption_groups,
     first_eos_index,
     freeze_leading_rows,
     packed_attention,
     stretched_table,
-    subcaption_layout,
     word_token_mask,
 )
 
@@ -234,46 +235,22 @@ def mulclip_features(
     """
     check_packed_text(packed_text, text_attention)
     image = encode_image_tokens(model, pixel_values)
-    check_token_ids("input_ids", input_ids)
-    if image.cls.shape[0] != input_ids.shape[0]:
-        raise ValueError(
-            f"pixel_values and input_ids must have the same batch size, got {image.cls.shape[0]} and "
-            f"{input_ids.shape[0]}"
-        )
-    if sub_ids is not None:
-        sub_mask = subcaption_layout(sub_ids, sub_mask, input_ids.shape[0])
-    elif sub_mask is not None:
-        raise ValueError("sub_mask was given without sub_ids")
-    if short_ids is not None:
-        check_token_ids("short_ids", short_ids)
+    names = ("pixel_values", "input_ids", "short_ids", "sub_ids")
+    sub_mask = check_caption_batch(names, image.cls.shape[0], input_ids, short_ids, sub_ids, sub_mask)
+    captions = (input_ids, short_ids, sub_ids, sub_mask)
     if packed_text:
         if attention_mask is not None:
             _check_right_padded(attention_mask, input_ids, eot_index(model, input_ids))
         text, short_eot, sub_eot = encode_packed_caption_groups(
-            _packed_tower(model, text_attention),
-            lambda ids: eot_index(model, ids),
-            ("input_ids", "short_ids", "sub_ids"),
-            input_ids,
-            short_ids,
-            sub_ids,
-            sub_mask,
+            _packed_tower(model, text_attention), lambda ids: eot_index(model, ids), names[1:], *captions
         )
     else:
-        text = encode_text_tokens(model, input_ids, attention_mask)
-        short_eot = None if short_ids is None else encode_text_tokens(model, short_ids).eot
-        sub_eot = None
-        if sub_ids is not None:
-            sub_eot = encode_subcaptions(lambda ids: encode_text_tokens(model, ids).eot, sub_ids, sub_mask, text.eot)
-    return MulCLIPFeatures(
-        image_cls=image.cls,
-        image_tokens=image.tokens,
-        text_eot=text.eot,
-        text_tokens=text.tokens,
-        short_eot=short_eot,
-        sub_eot=sub_eot,
-        sub_mask=sub_mask,
-        text_token_mask=text.mask,
-    )
+        text, short_eot, sub_eot = encode_padded_caption_groups(
+            lambda ids: encode_text_tokens(model, ids, attention_mask),
+            lambda ids: encode_text_tokens(model, ids).eot,
+            *captions,
+        )
+    return assemble_features(image, text, short_eot, sub_eot, sub_mask)
 
 
 def _check_right_padded(attention_mask: torch.Tensor, input_ids: torch.Tensor, eot: torch.Tensor) -> None:

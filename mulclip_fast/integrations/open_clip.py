@@ -26,15 +26,16 @@ from ._common import (
     ImageTokenFeatures,
     PackedTextTower,
     TextTokenFeatures,
+    assemble_features,
+    check_caption_batch,
     check_packed_text,
     check_token_ids,
     encode_packed_caption_groups,
-    encode_subcaptions,
+    encode_padded_caption_groups,
     first_eos_index,
     freeze_leading_rows,
     packed_attention,
     stretched_table,
-    subcaption_layout,
     word_token_mask,
 )
 
@@ -253,40 +254,17 @@ def mulclip_features(
         ``MulCLIPFeatures`` with raw tokens; pass it through ``calibrate`` for MulCLIP's ``V'`` / ``T'``.
     """
     check_packed_text(packed_text, text_attention)
-    img = encode_image_tokens(model, image)
+    image_features = encode_image_tokens(model, image)
     _check_text_tower(model)
-    check_token_ids("text", text)
-    if img.cls.shape[0] != text.shape[0]:
-        raise ValueError(f"image and text must have the same batch size, got {img.cls.shape[0]} and {text.shape[0]}")
-    if sub_text is not None:
-        sub_mask = subcaption_layout(sub_text, sub_mask, text.shape[0], name="sub_text")
-    elif sub_mask is not None:
-        raise ValueError("sub_mask was given without sub_text")
-    if short_text is not None:
-        check_token_ids("short_text", short_text)
+    names = ("image", "text", "short_text", "sub_text")
+    sub_mask = check_caption_batch(names, image_features.cls.shape[0], text, short_text, sub_text, sub_mask)
+    captions = (text, short_text, sub_text, sub_mask)
     if packed_text:
-        txt, short_eot, sub_eot = encode_packed_caption_groups(
-            _packed_tower(model, text_attention),
-            lambda ids: eot_index(model, ids),
-            ("text", "short_text", "sub_text"),
-            text,
-            short_text,
-            sub_text,
-            sub_mask,
+        text_features, short_eot, sub_eot = encode_packed_caption_groups(
+            _packed_tower(model, text_attention), lambda ids: eot_index(model, ids), names[1:], *captions
         )
     else:
-        txt = encode_text_tokens(model, text)
-        short_eot = None if short_text is None else encode_text_tokens(model, short_text).eot
-        sub_eot = None
-        if sub_text is not None:
-            sub_eot = encode_subcaptions(lambda ids: encode_text_tokens(model, ids).eot, sub_text, sub_mask, txt.eot)
-    return MulCLIPFeatures(
-        image_cls=img.cls,
-        image_tokens=img.tokens,
-        text_eot=txt.eot,
-        text_tokens=txt.tokens,
-        short_eot=short_eot,
-        sub_eot=sub_eot,
-        sub_mask=sub_mask,
-        text_token_mask=txt.mask,
-    )
+        text_features, short_eot, sub_eot = encode_padded_caption_groups(
+            lambda ids: encode_text_tokens(model, ids), lambda ids: encode_text_tokens(model, ids).eot, *captions
+        )
+    return assemble_features(image_features, text_features, short_eot, sub_eot, sub_mask)
