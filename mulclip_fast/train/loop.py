@@ -176,7 +176,7 @@ def train(
     use it to check that resuming is exact.
     """
     if not resume:  # a bad setting is an error before the run directory is claimed (and created)
-        resolve_config(config)
+        config = resolve_config(config)
     # Under torchrun every rank runs this function; rank 0 alone writes the run directory.
     lock = claim_run_directory(config.out, resume, overwrite) if is_main_process() else None
     try:
@@ -196,8 +196,7 @@ def _train(config, resume, stop_at_step, given) -> dict:
         if given is None:
             default = TrainConfig()
             given = {f.name for f in dataclasses.fields(config) if getattr(config, f.name) != getattr(default, f.name)}
-        config = resumed_config(TrainConfig(**state["config"]), config, given)
-    config = resolve_config(config)
+        config = resolve_config(resumed_config(TrainConfig(**state["config"]), config, given))
     if config.threads:
         torch.set_num_threads(config.threads)
     context = init_distributed(config.device)
