@@ -342,7 +342,7 @@ def draw_plots(payload: dict, directory: Path, stem: str) -> list[Path]:
         axes[0].invert_yaxis()
         fig.tight_layout()
         path = directory / f"{stem}-ops-{mode.replace('+', '_')}.png"
-        fig.savefig(path, dpi=110)
+        fig.savefig(path, dpi=110, bbox_inches="tight")  # no label cut at the edge
         plt.close(fig)
         written.append(path)
     rows = train_rows(payload["results"])
@@ -357,12 +357,13 @@ def draw_plots(payload: dict, directory: Path, stem: str) -> list[Path]:
             ax.barh([y - 0.2 for y in ys], [(r[ref_key] or 0) * scale for r in rows], height=0.4, label="reference")
             ax.barh([y + 0.2 for y in ys], [(r[key] or 0) * scale for r in rows], height=0.4, label="fast")
             ax.set_title(f"training step ({unit})")
-            ax.legend()
-        axes[0].set_yticks(range(len(rows)), [r["case"] for r in rows], fontsize=7)
+        axes[0].legend(loc="best")  # one legend, where it covers the fewest bars
+        # the case names are long: their batch and token counts on a second line
+        axes[0].set_yticks(range(len(rows)), [r["case"].replace(" B=", "\nB=", 1) for r in rows], fontsize=7)
         axes[0].invert_yaxis()
         fig.tight_layout()
         path = directory / f"{stem}-train-step.png"
-        fig.savefig(path, dpi=110)
+        fig.savefig(path, dpi=110, bbox_inches="tight")  # no label cut at the edge
         plt.close(fig)
         written.append(path)
     return written
