@@ -246,6 +246,25 @@ def test_without_cuda_it_says_so_and_exits_with_its_own_code(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a machine without CUDA")
+def test_the_prepared_device_command_runs_gpu_check_into_out_and_keeps_a_log(tmp_path):
+    """``.ci/gpu-check`` (the offline GPU machine's command): here the package is already installed, so it
+    installs nothing, runs gpu_check with its report directory in $OUT and passes the exit code on."""
+    out = tmp_path / "out"
+    completed = subprocess.run(
+        ["bash", str(REPO / ".ci" / "gpu-check"), "--time-limit", "30"],
+        cwd=tmp_path,
+        env={**os.environ, "OUT": str(out), "PYTHON": sys.executable},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert completed.returncode == gpu_check.EXIT_NO_CUDA, completed.stderr
+    log = (out / "gpu-check.log").read_text()
+    assert log == completed.stdout and log.startswith("gpu_check: no CUDA device"), log  # no install output
+    assert sorted(p.name for p in out.iterdir()) == ["gpu-check.log"]
+
+
 # ----------------------------------------------------------------------------------------------------
 # The runner on fake plans (in-process)
 # ----------------------------------------------------------------------------------------------------
