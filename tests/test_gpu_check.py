@@ -140,13 +140,17 @@ def test_dry_run_covers_determinism_timing_training_steps_scale_and_the_extensio
         assert op in markdown
     assert {r["op"] for r in sections["scale"]} == {op for op in OPS if op.startswith("pairwise")}
     assert all(r["ok"] and "skipped" not in r and len(r["rows_checked"]) == 3 for r in sections["scale"])
-    # the CPU twin of the extension, built from csrc/ (skipped with its reason where no compiler is found)
+    # the CPU twin of the extension, built from csrc/ (skipped with its reason where no compiler is found); a dry
+    # run on a CUDA machine runs the tiny shapes on the GPU, through the extension's CUDA kernels
+    on_cuda = data["machine"]["device"] == "cuda"
     extension = sections["extension"]
     assert {r["task"].split()[0] for r in extension} == {"topk_patch_aggregate", "pairwise_topk_aggregate_cosines"}
     for record in extension:
         assert record["ok"], record
-        assert "skipped" in record or (record["backend"] == "cpp" and record["time_vs_torch"] > 0), record
+        backend = "cuda_ext" if on_cuda else "cpp"
+        assert "skipped" in record or (record["backend"] == backend and record["time_vs_torch"] > 0), record
     # packed text attention: the torch backend against itself in fp32 here; flash-attn and xformers need CUDA
+    # (on a CUDA machine they run where installed, else they are recorded skips)
     text = sections["text_attention"]
     assert {(r["backend"], r["preset"], r["dtype"]) for r in text} == {
         (b, p, d) for b in ("torch", "flash", "xformers") for p in ("tiny", "vit-b-16") for d in ("bfloat16", "float16")
@@ -155,6 +159,8 @@ def test_dry_run_covers_determinism_timing_training_steps_scale_and_the_extensio
         assert record["ok"], record
         if record["backend"] == "torch":
             assert "skipped" not in record and record["forward_backward_ms"]["torch"] > 0
+        elif on_cuda:
+            assert "skipped" in record or record["forward_backward_ms"][record["backend"]] > 0, record
         else:
             assert "needs a CUDA device" in record["skipped"], record
     headings = ("## Parity", "## Determinism", "## Training step", "## Time and memory", "## Packed text", "## Largest")
@@ -197,12 +203,17 @@ def test_text_attention_fits_its_share_of_the_default_time_limit():
 
 
 def test_text_attention_dry_run_checks_the_torch_backend_and_records_why_the_others_skip(tmp_path, keep_threads):
+    from mulclip_fast.model import attention
+
     code = runner.main(["--dry-run", "--out", str(tmp_path), "--sections", "text_attention"])
     data, markdown = _reports(tmp_path)
     assert code == gpu_check.EXIT_OK, data["failures"]
     records = data["sections"]["text_attention"]
     ran = [r for r in records if "skipped" not in r]
-    assert {r["backend"] for r in ran} == ({"torch", "flash", "xformers"} if torch.cuda.is_available() else {"torch"})
+    # flash-attn and xformers run where there is CUDA and they are installed (each is optional)
+    installed = {"flash": attention._load_flash_attn(), "xformers": attention._load_xformers_fmha()}
+    runnable = {name for name, module in installed.items() if module is not None and torch.cuda.is_available()}
+    assert {r["backend"] for r in ran} == {"torch", *runnable}
     for record in ran:
         assert record["longest"] == 248 and record["tokens"] > 2 * (248 + 77)
         for output in ("value", "grad q", "grad k", "grad v"):
@@ -384,3 +395,41 @@ def test_peaks_follow_from_the_sm_count_the_clocks_and_the_architecture(monkeypa
     monkeypatch.setattr(peaks, "nvml_telemetry", lambda index: {"available": False, "reason": "NVML could not start"})
     unknown = peaks.device_peaks(0)
     assert unknown["flops_per_s"] is None and unknown["bytes_per_s"] is None and unknown["reason"]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Paths only a CUDA machine takes, checked without one (the plan is built, nothing touches a GPU)
+# ----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("device", "dry"), [("cpu", True), ("cuda", True), ("cuda", False)])
+def test_the_extension_section_asks_for_the_backend_of_its_tensors_device(device, dry):
+    """``--dry-run`` on a CUDA machine runs its tiny shapes on the GPU: the extension's backend must be the one
+    that takes CUDA tensors (``cpp`` refuses them, and the refusal would be a crash that ends the run)."""
+    from mulclip_fast.ops._dispatch import resolve_backend
+
+    setting = plan_module.Setting(device=torch.device(device), dry=dry, compile_backend="aot_eager")
+    tasks = plan_module.extension_tasks(setting)
+    assert tasks
+    for task in tasks:
+        assert resolve_backend(task.context["backend"], setting.device) == task.context["backend"]
+
+
+def test_the_scale_section_hands_cached_blocks_back_before_it_reads_free_memory(monkeypatch):
+    """cudaMemGetInfo counts the caching allocator's blocks as used: read after earlier sections (two ViT-B/16
+    trainers, the paper-shape timings) without ``empty_cache``, an H200 that fits the 4096-batch case is skipped."""
+    import gc
+
+    calls = []
+    monkeypatch.setattr(gc, "collect", lambda: calls.append("collect"))
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: calls.append("empty_cache"))
+
+    def mem_get_info(device=None):
+        calls.append("mem_get_info")
+        return 2**30, 2**37  # 1 GiB free: the case does not fit, so the task returns before any CUDA tensor
+
+    monkeypatch.setattr(torch.cuda, "mem_get_info", mem_get_info)
+    setting = plan_module.Setting(device=torch.device("cuda"), dry=False, compile_backend="inductor")
+    record = plan_module._scale_task(setting, "pairwise_maxsim").run()
+    assert record["ok"] and "GiB free" in record["skipped"]
+    assert calls == ["collect", "empty_cache", "mem_get_info"]
