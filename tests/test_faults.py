@@ -155,6 +155,33 @@ def test_flags_given_with_resume_apply_where_safe_and_are_refused_otherwise(tmp_
     assert json.loads((out / "config.json").read_text())["steps"] == 5
 
 
+def _sharegpt4v(tmp_path, n: int):
+    """A ShareGPT4V file of ``n`` records. It has no split of its own: a run holds out its last --eval-pairs."""
+    (tmp_path / "coco").mkdir()
+    entries = []
+    for i in range(n):
+        Image.new("RGB", (64, 64), (20 * i, 90, 200 - 15 * i)).save(tmp_path / "coco" / f"{i}.png")
+        turns = [{"from": "human", "value": "<image>"}, {"from": "gpt", "value": f"Picture {i}. It is plain."}]
+        entries.append({"id": str(i), "image": f"coco/{i}.png", "conversations": turns})
+    data = tmp_path / "share.json"
+    data.write_text(json.dumps(entries))
+    return data
+
+
+def test_eval_pairs_that_would_move_the_held_out_records_are_refused_on_resume(tmp_path, capsys):
+    data = _sharegpt4v(tmp_path, 12)
+    settings = dict(data=f"sharegpt4v:{data}", steps=4, loss="global", eval_pairs=4)
+    train(small_config(tmp_path / "straight", **settings))
+    out = tmp_path / "run"
+    train(small_config(out, checkpoint_every=2, **settings), stop_at_step=2)
+    # The last 4 records are the run's test set: --eval-pairs 2 would train on two of them from here on.
+    assert main(["--resume", "--out", str(out), "--eval-pairs", "2"]) == 2
+    assert "--eval-pairs 2 (the run has 4)" in _error(capsys)
+    assert main(["--resume", "--out", str(out)]) == 0
+    a, b = read_jsonl(tmp_path / "straight" / "metrics.jsonl"), read_jsonl(out / "metrics.jsonl")
+    assert [m["loss"] for m in a] == [m["loss"] for m in b]
+
+
 # ------------------------------------------------------------------------------------ saves clean up after themselves
 
 

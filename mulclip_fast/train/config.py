@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..data import SHORT_CONTEXT, parse_data_spec
+from ..data import HELD_OUT_BY_COUNT, SHORT_CONTEXT, parse_data_spec
 from ..loss_terms import WPR_FORMS
 from ..losses import DEFAULT_WEIGHTS, OBJECTIVES, RENAMED_TERMS, TERMS, current_term_names
 from ..model import PRESETS, CheckpointError, check_device, preset_config
@@ -372,12 +372,18 @@ RESUMABLE_CHANGES = frozenset(
 )
 
 
+def _holds_out_by_count(config: TrainConfig) -> bool:
+    """Whether the run's --eval-pairs also splits its data (ShareGPT4V: the last records are its test set), so
+    that changing it would train on test records or leave training records out."""
+    return config.data.partition(":")[0] in HELD_OUT_BY_COUNT
+
+
 def resumed_config(stored: TrainConfig, requested: TrainConfig, given: set[str]) -> TrainConfig:
     """The settings of a resumed run: the ``stored`` run's, where it runs (``out``, ``device``) from
     ``requested``, and the ``given`` settings of ``requested`` that may change (``RESUMABLE_CHANGES``).
 
     Raises ``ConfigError`` naming every given flag that contradicts the stored run in a setting that may
-    not change; a given setting equal to the stored one is fine.
+    not change (``eval_pairs`` too, where it splits the data); a given setting equal to the stored one is fine.
     """
     changes, refused = {"out": requested.out, "device": requested.device}, []
     for name in sorted(given):
@@ -386,7 +392,7 @@ def resumed_config(stored: TrainConfig, requested: TrainConfig, given: set[str])
             value = {**before, **value}
         if value == before:
             continue
-        if name in RESUMABLE_CHANGES:
+        if name in RESUMABLE_CHANGES and not (name == "eval_pairs" and _holds_out_by_count(stored)):
             changes[name] = value
         else:
             refused.append(f"{flag_name(_FIELDS[name])} {value} (the run has {before})")
