@@ -182,6 +182,21 @@ def test_eval_pairs_that_would_move_the_held_out_records_are_refused_on_resume(t
     assert [m["loss"] for m in a] == [m["loss"] for m in b]
 
 
+def test_eval_of_a_run_scores_only_the_records_it_held_out(tmp_path, capsys):
+    data = _sharegpt4v(tmp_path, 12)
+    run = tmp_path / "run"
+    train(small_config(run, data=f"sharegpt4v:{data}", steps=1, loss="global", eval_pairs=3))
+    out = tmp_path / "eval.json"
+    # The run trained on the first 9 records; more --pairs than it held out must not score those.
+    argv = ["--checkpoint", str(run), "--data", f"sharegpt4v:{data}", "--out", str(out)]
+    assert eval_cli.main([*argv, "--pairs", "6"]) == 0
+    assert json.loads(out.read_text())["n_pairs"] == 3
+    everything = tmp_path / "everything"
+    train(small_config(everything, data=f"sharegpt4v:{data}", steps=1, loss="global", eval_pairs=0))
+    assert eval_cli.main(["--checkpoint", str(everything), "--data", f"sharegpt4v:{data}"]) == 2
+    assert "none is held out" in _error(capsys)
+
+
 # ------------------------------------------------------------------------------------ saves clean up after themselves
 
 
