@@ -383,6 +383,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.pairs < 1 or args.batch_size < 1:
             raise DataError("--pairs and --batch-size must be >= 1")
+        if args.seed is not None and args.seed < 0:
+            raise DataError(f"--seed must be >= 0, got {args.seed}")
         check_device(args.device)
         if args.out:
             check_output_file(args.out)

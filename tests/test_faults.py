@@ -333,3 +333,22 @@ def test_bad_device_and_threads_are_errors_in_train_and_eval(tmp_path, capsys, a
     if argv[0] == "--device":
         assert eval_cli.main(["--checkpoint", str(tmp_path), *argv]) == 2
         assert message in _error(capsys)
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--seed", "-1"], "invalid value for --seed (-1)"),
+        (["--checkpoint-every", "-2"], "invalid value for --checkpoint-every (-2)"),
+        (["--val-every", "-1"], "invalid value for --val-every (-1)"),
+    ],
+)
+def test_a_negative_seed_or_interval_is_an_error_before_any_work(tmp_path, capsys, argv, message):
+    out = tmp_path / "run"
+    short = ["--steps", "1", "--batch-size", "4", "--eval-pairs", "0", "--loss", "global", *SMALL]
+    assert main([*argv, *short, "--out", str(out)]) == 2
+    assert message in _error(capsys)
+    assert not out.exists()
+    if argv[0] == "--seed":
+        assert eval_cli.main(["--checkpoint", str(tmp_path), *argv]) == 2
+        assert "--seed must be >= 0" in _error(capsys)

@@ -322,7 +322,10 @@ def resolve_config(config: TrainConfig) -> TrainConfig:
         "tau_sap": c.tau_sap > 0,
         "freeze_positions": 0 <= c.freeze_positions <= 248,
         "keep_checkpoints": c.keep_checkpoints >= 1,
+        "seed": c.seed >= 0,  # the synthetic data and the data order are seeded by non-negative integers
         "log_every": c.log_every >= 1,
+        "checkpoint_every": c.checkpoint_every >= 0,
+        "val_every": c.val_every >= 0,
         "eval_pairs": c.eval_pairs >= 0,
         "val_pairs": c.val_pairs >= 1,
         "num_workers": c.num_workers >= 0,
