@@ -142,6 +142,18 @@ def test_resume_keeps_the_images_skipped_before_the_checkpoint(tmp_path):
     assert json.loads((tmp_path / "resumed" / "skipped.json").read_text()) == straight
 
 
+def test_a_step_whose_batch_is_unreadable_keeps_its_checkpoint_and_stop(tmp_path):
+    # Three of the four images of step 1's batch are unreadable: that step trains nothing, but it still ends
+    # at a checkpoint boundary (every 2 steps) and is where --stop-at-step (the path a signal takes) stops.
+    order = batch_order(12, 4, seed=0, epoch=0)
+    data, _ = _docci_with_unreadable_images(tmp_path, 12, set(order[1][:3]))
+    settings = dict(data=f"docci:{data}", loss="global", val_pairs=1, checkpoint_every=2, keep_checkpoints=5)
+    train(small_config(tmp_path / "straight", steps=3, **settings))
+    assert sorted(os.listdir(tmp_path / "straight" / "checkpoints")) == ["step_00000002.pt", "step_00000003.pt"]
+    stopped = train(small_config(tmp_path / "stopped", steps=3, **settings), stop_at_step=2)
+    assert (stopped["interrupted"], stopped["steps"]) == ("stop_at_step", 2)
+
+
 def test_flags_given_with_resume_apply_where_safe_and_are_refused_otherwise(tmp_path, capsys):
     out = tmp_path / "run"
     train(small_config(out, loss="global", steps=4), stop_at_step=2)

@@ -295,24 +295,24 @@ def _train(config, resume, stop_at_step, given) -> dict:
                     if path not in skipped:
                         skipped[path] = reason
                         log.write(f"skipped unreadable image {path}: {reason}")
-                if len(batch) < max(2, context.world_size * config.accum_steps):
-                    step += 1  # too few readable samples to contrast or split; the position is still consumed
-                    continue
-                logged = trainer.step(batch, progress)
-                trained_steps += 1
-                step_time = time.perf_counter() - t0
-                if step % config.log_every == 0 or step == total_steps - 1:
-                    log.metrics(
-                        {
-                            "step": step,
-                            "epoch": epoch,
-                            **logged,
-                            "samples_per_s": len(batch) / step_time,
-                            "step_time_s": step_time,
-                            "memory_mb": _peak_memory_mb(trainer.device),
-                            "elapsed_s": elapsed_before + time.perf_counter() - loop_start,
-                        }
-                    )
+                # With too few readable samples to contrast or split, the step trains nothing; its position is
+                # still consumed, and its validation, checkpoint and stop check come as for any other step.
+                if len(batch) >= max(2, context.world_size * config.accum_steps):
+                    logged = trainer.step(batch, progress)
+                    trained_steps += 1
+                    step_time = time.perf_counter() - t0
+                    if step % config.log_every == 0 or step == total_steps - 1:
+                        log.metrics(
+                            {
+                                "step": step,
+                                "epoch": epoch,
+                                **logged,
+                                "samples_per_s": len(batch) / step_time,
+                                "step_time_s": step_time,
+                                "memory_mb": _peak_memory_mb(trainer.device),
+                                "elapsed_s": elapsed_before + time.perf_counter() - loop_start,
+                            }
+                        )
                 step += 1
                 if main_rank and val_set is not None and (step % val_every == 0) and step < total_steps:
                     log.val({"step": step, **evaluate(trainer.model, val_set, device=trainer.device)})
