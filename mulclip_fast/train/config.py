@@ -262,8 +262,11 @@ def flag_name(config_field: dataclasses.Field) -> str:
 _FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 
 
-def resolve_config(config: TrainConfig) -> TrainConfig:
-    """Fill the defaults that depend on other settings and validate everything; raises ConfigError."""
+def resolve_config(config: TrainConfig, resuming: bool = False) -> TrainConfig:
+    """Fill the defaults that depend on other settings and validate everything; raises ConfigError.
+
+    ``resuming``: the settings of a run continued from its checkpoint, which holds its weights, so its
+    ``--init`` file need not exist any more."""
     weights = current_term_names(config.weights)  # a script's old names still work, with a warning
     c = dataclasses.replace(config, weights=weights, model_overrides=dict(config.model_overrides))
     if c.preset not in PRESETS:
@@ -275,7 +278,7 @@ def resolve_config(config: TrainConfig) -> TrainConfig:
         kind, _, path = c.init.partition(":")
         if kind not in ("openai", "longclip") or not path:
             raise ConfigError(f"--init must be openai:PATH or longclip:PATH, got {c.init!r}")
-        if not os.path.isfile(path):
+        if not resuming and not os.path.isfile(path):
             raise CheckpointError(f"--init checkpoint not found: {path}")
     if c.captions not in ("long", "short"):
         raise ConfigError(f"--captions must be long or short, got {c.captions!r}")

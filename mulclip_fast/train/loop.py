@@ -196,7 +196,7 @@ def _train(config, resume, stop_at_step, given) -> dict:
         if given is None:
             default = TrainConfig()
             given = {f.name for f in dataclasses.fields(config) if getattr(config, f.name) != getattr(default, f.name)}
-        config = resolve_config(resumed_config(TrainConfig(**state["config"]), config, given))
+        config = resolve_config(resumed_config(TrainConfig(**state["config"]), config, given), resuming=True)
     if config.threads:
         torch.set_num_threads(config.threads)
     context = init_distributed(config.device)
@@ -223,7 +223,7 @@ def _train(config, resume, stop_at_step, given) -> dict:
     total_steps = _count_steps(config, len(train_set))
     if state is not None and total_steps < state["step"]:
         raise ConfigError(f"the run has done {state['step']} steps; --steps / --epochs give only {total_steps}")
-    trainer = Trainer(config, context)
+    trainer = Trainer(config, context, load_init=state is None)
     start_step, elapsed_before = 0, 0.0
     if state is not None:
         start_step, elapsed_before = trainer.load_state_dict(state)
