@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from .data import (
+    HELD_OUT_BY_COUNT,
     SHORT_CAPTION_SETS,
     Collator,
     DataError,
@@ -364,11 +365,26 @@ def zeroshot_path(spec: str) -> str:
     return path
 
 
+def held_out_records(config: dict, spec: str, pairs: int) -> int:
+    """How many records at the end of ``spec``'s file are held out for evaluation: for the file a run trained
+    on, when the file has no split of its own (ShareGPT4V), the run's ``eval_pairs`` (it trained on the rest),
+    whatever ``pairs`` asks; otherwise ``pairs``."""
+    kind, _, path = spec.partition(":")
+    run_kind, _, run_path = config.get("data", "").partition(":")
+    if kind not in HELD_OUT_BY_COUNT or (kind, os.path.realpath(path)) != (run_kind, os.path.realpath(run_path)):
+        return pairs
+    if not config.get("eval_pairs"):
+        raise DataError(f"the run trained on every record of {path} (--eval-pairs 0): none is held out to evaluate")
+    return config["eval_pairs"]
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.pairs < 1 or args.batch_size < 1:
             raise DataError("--pairs and --batch-size must be >= 1")
+        if args.seed is not None and args.seed < 0:
+            raise DataError(f"--seed must be >= 0, got {args.seed}")
         check_device(args.device)
         if args.out:
             check_output_file(args.out)
@@ -382,7 +398,7 @@ def main(argv: list[str] | None = None) -> int:
             size=args.pairs,
             seed=seed,
             image_root=args.image_root,
-            holdout=args.pairs,
+            holdout=held_out_records(config, args.data, args.pairs),
         )
         bad_records = getattr(dataset, "bad_records", [])
         if bad_records:

@@ -142,6 +142,18 @@ def test_resume_keeps_the_images_skipped_before_the_checkpoint(tmp_path):
     assert json.loads((tmp_path / "resumed" / "skipped.json").read_text()) == straight
 
 
+def test_a_step_whose_batch_is_unreadable_keeps_its_checkpoint_and_stop(tmp_path):
+    # Three of the four images of step 1's batch are unreadable: that step trains nothing, but it still ends
+    # at a checkpoint boundary (every 2 steps) and is where --stop-at-step (the path a signal takes) stops.
+    order = batch_order(12, 4, seed=0, epoch=0)
+    data, _ = _docci_with_unreadable_images(tmp_path, 12, set(order[1][:3]))
+    settings = dict(data=f"docci:{data}", loss="global", val_pairs=1, checkpoint_every=2, keep_checkpoints=5)
+    train(small_config(tmp_path / "straight", steps=3, **settings))
+    assert sorted(os.listdir(tmp_path / "straight" / "checkpoints")) == ["step_00000002.pt", "step_00000003.pt"]
+    stopped = train(small_config(tmp_path / "stopped", steps=3, **settings), stop_at_step=2)
+    assert (stopped["interrupted"], stopped["steps"]) == ("stop_at_step", 2)
+
+
 def test_flags_given_with_resume_apply_where_safe_and_are_refused_otherwise(tmp_path, capsys):
     out = tmp_path / "run"
     train(small_config(out, loss="global", steps=4), stop_at_step=2)
@@ -153,6 +165,48 @@ def test_flags_given_with_resume_apply_where_safe_and_are_refused_otherwise(tmp_
     assert main(["--resume", "--out", str(out), "--steps", "5"]) == 0
     assert [m["step"] for m in read_jsonl(out / "metrics.jsonl")] == [0, 1, 2, 3, 4]
     assert json.loads((out / "config.json").read_text())["steps"] == 5
+
+
+def _sharegpt4v(tmp_path, n: int):
+    """A ShareGPT4V file of ``n`` records. It has no split of its own: a run holds out its last --eval-pairs."""
+    (tmp_path / "coco").mkdir()
+    entries = []
+    for i in range(n):
+        Image.new("RGB", (64, 64), (20 * i, 90, 200 - 15 * i)).save(tmp_path / "coco" / f"{i}.png")
+        turns = [{"from": "human", "value": "<image>"}, {"from": "gpt", "value": f"Picture {i}. It is plain."}]
+        entries.append({"id": str(i), "image": f"coco/{i}.png", "conversations": turns})
+    data = tmp_path / "share.json"
+    data.write_text(json.dumps(entries))
+    return data
+
+
+def test_eval_pairs_that_would_move_the_held_out_records_are_refused_on_resume(tmp_path, capsys):
+    data = _sharegpt4v(tmp_path, 12)
+    settings = dict(data=f"sharegpt4v:{data}", steps=4, loss="global", eval_pairs=4)
+    train(small_config(tmp_path / "straight", **settings))
+    out = tmp_path / "run"
+    train(small_config(out, checkpoint_every=2, **settings), stop_at_step=2)
+    # The last 4 records are the run's test set: --eval-pairs 2 would train on two of them from here on.
+    assert main(["--resume", "--out", str(out), "--eval-pairs", "2"]) == 2
+    assert "--eval-pairs 2 (the run has 4)" in _error(capsys)
+    assert main(["--resume", "--out", str(out)]) == 0
+    a, b = read_jsonl(tmp_path / "straight" / "metrics.jsonl"), read_jsonl(out / "metrics.jsonl")
+    assert [m["loss"] for m in a] == [m["loss"] for m in b]
+
+
+def test_eval_of_a_run_scores_only_the_records_it_held_out(tmp_path, capsys):
+    data = _sharegpt4v(tmp_path, 12)
+    run = tmp_path / "run"
+    train(small_config(run, data=f"sharegpt4v:{data}", steps=1, loss="global", eval_pairs=3))
+    out = tmp_path / "eval.json"
+    # The run trained on the first 9 records; more --pairs than it held out must not score those.
+    argv = ["--checkpoint", str(run), "--data", f"sharegpt4v:{data}", "--out", str(out)]
+    assert eval_cli.main([*argv, "--pairs", "6"]) == 0
+    assert json.loads(out.read_text())["n_pairs"] == 3
+    everything = tmp_path / "everything"
+    train(small_config(everything, data=f"sharegpt4v:{data}", steps=1, loss="global", eval_pairs=0))
+    assert eval_cli.main(["--checkpoint", str(everything), "--data", f"sharegpt4v:{data}"]) == 2
+    assert "none is held out" in _error(capsys)
 
 
 # ------------------------------------------------------------------------------------ saves clean up after themselves
@@ -291,3 +345,22 @@ def test_bad_device_and_threads_are_errors_in_train_and_eval(tmp_path, capsys, a
     if argv[0] == "--device":
         assert eval_cli.main(["--checkpoint", str(tmp_path), *argv]) == 2
         assert message in _error(capsys)
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--seed", "-1"], "invalid value for --seed (-1)"),
+        (["--checkpoint-every", "-2"], "invalid value for --checkpoint-every (-2)"),
+        (["--val-every", "-1"], "invalid value for --val-every (-1)"),
+    ],
+)
+def test_a_negative_seed_or_interval_is_an_error_before_any_work(tmp_path, capsys, argv, message):
+    out = tmp_path / "run"
+    short = ["--steps", "1", "--batch-size", "4", "--eval-pairs", "0", "--loss", "global", *SMALL]
+    assert main([*argv, *short, "--out", str(out)]) == 2
+    assert message in _error(capsys)
+    assert not out.exists()
+    if argv[0] == "--seed":
+        assert eval_cli.main(["--checkpoint", str(tmp_path), *argv]) == 2
+        assert "--seed must be >= 0" in _error(capsys)

@@ -150,6 +150,26 @@ def test_init_from_openai_checkpoint_keeps_first_positions(tmp_path):
     assert not torch.equal(trained[20:60], start[20:60])
 
 
+def test_a_fine_tuning_run_resumes_without_its_init_checkpoint(tmp_path):
+    """A checkpoint holds every weight: resuming needs no --init file, and the leading positions stay frozen."""
+    torch.manual_seed(7)
+    source = CLIP(preset_config("tiny", **SMALL_OVERRIDES))
+    path = tmp_path / "openai.pt"
+    torch.save({k: v for k, v in source.state_dict().items() if "calibration" not in k}, path)
+    settings = dict(steps=4, init=f"openai:{path}", lr=1e-3, loss="global")
+    straight = train(small_config(tmp_path / "straight", **settings))
+    train(small_config(tmp_path / "resumed", **settings), stop_at_step=2)
+    path.unlink()  # moved since, or the run goes on on another machine
+    resumed = train(TrainConfig(out=str(tmp_path / "resumed")), resume=True)
+    a = read_jsonl(tmp_path / "straight" / "metrics.jsonl")
+    b = read_jsonl(tmp_path / "resumed" / "metrics.jsonl")
+    assert [m["loss"] for m in a] == [m["loss"] for m in b]
+    final_a = load_training_checkpoint(straight["checkpoint"])["model"]
+    final_b = load_training_checkpoint(resumed["checkpoint"])["model"]
+    assert all(torch.equal(final_a[k], final_b[k]) for k in final_a)
+    assert torch.equal(final_b["positional_embedding"][:20], source.positional_embedding[:20])
+
+
 def test_corrupt_and_missing_images_are_skipped_and_counted(tmp_path):
     images = tmp_path / "images"
     images.mkdir()

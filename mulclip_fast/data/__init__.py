@@ -8,6 +8,7 @@ import torch
 
 from .collate import Batch, Collator
 from .real import (
+    HELD_OUT_BY_COUNT,
     READERS,
     SHORT_CAPTION_READERS,
     DataError,
@@ -44,6 +45,7 @@ __all__ = [
     "Collator",
     "DATA_KINDS",
     "DataError",
+    "HELD_OUT_BY_COUNT",
     "ImageCaptionFiles",
     "ImageCaptions",
     "LONG_CONTEXT",

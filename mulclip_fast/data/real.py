@@ -223,6 +223,9 @@ def read_urban1k(path: str, image_root: str | None = None) -> tuple[list[Record]
 
 READERS = {"docci": read_docci, "sharegpt4v": read_sharegpt4v, "dci": read_dci, "urban1k": read_urban1k}
 EVALUATION_SETS = ("dci", "urban1k")
+# Sources without a split of their own: a run holds out their last ``holdout`` records (its --eval-pairs) and
+# trains on the rest, so that number decides what is trained on as much as what is evaluated.
+HELD_OUT_BY_COUNT = ("sharegpt4v",)
 
 
 @dataclass(frozen=True)

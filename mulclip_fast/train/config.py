@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..data import SHORT_CONTEXT, parse_data_spec
+from ..data import HELD_OUT_BY_COUNT, SHORT_CONTEXT, parse_data_spec
 from ..loss_terms import WPR_FORMS
 from ..losses import DEFAULT_WEIGHTS, OBJECTIVES, RENAMED_TERMS, TERMS, current_term_names
 from ..model import PRESETS, CheckpointError, check_device, preset_config
@@ -262,8 +262,11 @@ def flag_name(config_field: dataclasses.Field) -> str:
 _FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 
 
-def resolve_config(config: TrainConfig) -> TrainConfig:
-    """Fill the defaults that depend on other settings and validate everything; raises ConfigError."""
+def resolve_config(config: TrainConfig, resuming: bool = False) -> TrainConfig:
+    """Fill the defaults that depend on other settings and validate everything; raises ConfigError.
+
+    ``resuming``: the settings of a run continued from its checkpoint, which holds its weights, so its
+    ``--init`` file need not exist any more."""
     weights = current_term_names(config.weights)  # a script's old names still work, with a warning
     c = dataclasses.replace(config, weights=weights, model_overrides=dict(config.model_overrides))
     if c.preset not in PRESETS:
@@ -275,7 +278,7 @@ def resolve_config(config: TrainConfig) -> TrainConfig:
         kind, _, path = c.init.partition(":")
         if kind not in ("openai", "longclip") or not path:
             raise ConfigError(f"--init must be openai:PATH or longclip:PATH, got {c.init!r}")
-        if not os.path.isfile(path):
+        if not resuming and not os.path.isfile(path):
             raise CheckpointError(f"--init checkpoint not found: {path}")
     if c.captions not in ("long", "short"):
         raise ConfigError(f"--captions must be long or short, got {c.captions!r}")
@@ -322,7 +325,10 @@ def resolve_config(config: TrainConfig) -> TrainConfig:
         "tau_sap": c.tau_sap > 0,
         "freeze_positions": 0 <= c.freeze_positions <= 248,
         "keep_checkpoints": c.keep_checkpoints >= 1,
+        "seed": c.seed >= 0,  # the synthetic data and the data order are seeded by non-negative integers
         "log_every": c.log_every >= 1,
+        "checkpoint_every": c.checkpoint_every >= 0,
+        "val_every": c.val_every >= 0,
         "eval_pairs": c.eval_pairs >= 0,
         "val_pairs": c.val_pairs >= 1,
         "num_workers": c.num_workers >= 0,
@@ -372,12 +378,18 @@ RESUMABLE_CHANGES = frozenset(
 )
 
 
+def _holds_out_by_count(config: TrainConfig) -> bool:
+    """Whether the run's --eval-pairs also splits its data (ShareGPT4V: the last records are its test set), so
+    that changing it would train on test records or leave training records out."""
+    return config.data.partition(":")[0] in HELD_OUT_BY_COUNT
+
+
 def resumed_config(stored: TrainConfig, requested: TrainConfig, given: set[str]) -> TrainConfig:
     """The settings of a resumed run: the ``stored`` run's, where it runs (``out``, ``device``) from
     ``requested``, and the ``given`` settings of ``requested`` that may change (``RESUMABLE_CHANGES``).
 
     Raises ``ConfigError`` naming every given flag that contradicts the stored run in a setting that may
-    not change; a given setting equal to the stored one is fine.
+    not change (``eval_pairs`` too, where it splits the data); a given setting equal to the stored one is fine.
     """
     changes, refused = {"out": requested.out, "device": requested.device}, []
     for name in sorted(given):
@@ -386,7 +398,7 @@ def resumed_config(stored: TrainConfig, requested: TrainConfig, given: set[str])
             value = {**before, **value}
         if value == before:
             continue
-        if name in RESUMABLE_CHANGES:
+        if name in RESUMABLE_CHANGES and not (name == "eval_pairs" and _holds_out_by_count(stored)):
             changes[name] = value
         else:
             refused.append(f"{flag_name(_FIELDS[name])} {value} (the run has {before})")

@@ -196,7 +196,7 @@ def _train(config, resume, stop_at_step, given) -> dict:
         if given is None:
             default = TrainConfig()
             given = {f.name for f in dataclasses.fields(config) if getattr(config, f.name) != getattr(default, f.name)}
-        config = resolve_config(resumed_config(TrainConfig(**state["config"]), config, given))
+        config = resolve_config(resumed_config(TrainConfig(**state["config"]), config, given), resuming=True)
     if config.threads:
         torch.set_num_threads(config.threads)
     context = init_distributed(config.device)
@@ -223,7 +223,7 @@ def _train(config, resume, stop_at_step, given) -> dict:
     total_steps = _count_steps(config, len(train_set))
     if state is not None and total_steps < state["step"]:
         raise ConfigError(f"the run has done {state['step']} steps; --steps / --epochs give only {total_steps}")
-    trainer = Trainer(config, context)
+    trainer = Trainer(config, context, load_init=state is None)
     start_step, elapsed_before = 0, 0.0
     if state is not None:
         start_step, elapsed_before = trainer.load_state_dict(state)
@@ -295,24 +295,24 @@ def _train(config, resume, stop_at_step, given) -> dict:
                     if path not in skipped:
                         skipped[path] = reason
                         log.write(f"skipped unreadable image {path}: {reason}")
-                if len(batch) < max(2, context.world_size * config.accum_steps):
-                    step += 1  # too few readable samples to contrast or split; the position is still consumed
-                    continue
-                logged = trainer.step(batch, progress)
-                trained_steps += 1
-                step_time = time.perf_counter() - t0
-                if step % config.log_every == 0 or step == total_steps - 1:
-                    log.metrics(
-                        {
-                            "step": step,
-                            "epoch": epoch,
-                            **logged,
-                            "samples_per_s": len(batch) / step_time,
-                            "step_time_s": step_time,
-                            "memory_mb": _peak_memory_mb(trainer.device),
-                            "elapsed_s": elapsed_before + time.perf_counter() - loop_start,
-                        }
-                    )
+                # With too few readable samples to contrast or split, the step trains nothing; its position is
+                # still consumed, and its validation, checkpoint and stop check come as for any other step.
+                if len(batch) >= max(2, context.world_size * config.accum_steps):
+                    logged = trainer.step(batch, progress)
+                    trained_steps += 1
+                    step_time = time.perf_counter() - t0
+                    if step % config.log_every == 0 or step == total_steps - 1:
+                        log.metrics(
+                            {
+                                "step": step,
+                                "epoch": epoch,
+                                **logged,
+                                "samples_per_s": len(batch) / step_time,
+                                "step_time_s": step_time,
+                                "memory_mb": _peak_memory_mb(trainer.device),
+                                "elapsed_s": elapsed_before + time.perf_counter() - loop_start,
+                            }
+                        )
                 step += 1
                 if main_rank and val_set is not None and (step % val_every == 0) and step < total_steps:
                     log.val({"step": step, **evaluate(trainer.model, val_set, device=trainer.device)})

@@ -62,7 +62,9 @@ def configured_loss(config: TrainConfig, terms: tuple[str, ...]) -> MulCLIPLoss:
 class Trainer:
     """Model, loss and optimizer of one run, and ``step`` — one optimisation step on one batch."""
 
-    def __init__(self, config: TrainConfig, context: DistributedContext | None = None):
+    def __init__(self, config: TrainConfig, context: DistributedContext | None = None, load_init: bool = True):
+        """``load_init=False``: a resumed run, whose checkpoint replaces the weights ``--init`` would load
+        (the file need not exist any more); its leading text positions stay frozen all the same."""
         self.config = config
         # Data parallelism: every rank takes its slice of each global batch and DistributedDataParallel
         # averages the gradients, so a step equals the one-process step on the global batch.
@@ -71,9 +73,11 @@ class Trainer:
         seed_everything(config.seed)
         self.model = CLIP(preset_config(config.preset, **config.model_overrides))
         self.init_report = None  # what loading --init did, for the run log
-        if config.init:
+        if config.init and load_init:
             _, path = config.init.split(":", 1)
             self.init_report = load_clip_weights(self.model, path, freeze_positions=config.freeze_positions)
+        elif config.init:
+            self.model.freeze_leading_positions(config.freeze_positions)
         self.model.to(self.device)
         self.model.set_grad_checkpointing(config.grad_checkpointing)
         self.model.set_text_attention(config.text_attention)
