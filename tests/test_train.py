@@ -326,6 +326,26 @@ def test_every_setting_is_set_by_its_flag():
     assert config_from_args(build_parser().parse_args(["--steps", "5"])) == TrainConfig(steps=5)
 
 
+def test_one_ctrl_c_and_two_are_told_apart(monkeypatch, capsys):
+    """A second signal during the loop stops without its checkpoint; one Ctrl-C outside the loop (setup, the
+    final evaluation) stops at once too, and must not be reported as a second signal."""
+    import mulclip_fast.train.cli as cli
+    from mulclip_fast.train.loop import SecondSignal, StopRequest
+
+    stop = StopRequest()
+    stop._handle(signal.SIGINT, None)  # the first signal only asks the loop to stop after its step
+    with pytest.raises(SecondSignal):
+        stop._handle(signal.SIGINT, None)
+    for raised, message in ((SecondSignal, "interrupted twice"), (KeyboardInterrupt, "during setup or the final")):
+
+        def interrupted(*args, raised=raised, **kwargs):
+            raise raised
+
+        monkeypatch.setattr(cli, "train", interrupted)
+        assert main(["--steps", "1", "--out", "unused"]) == 130
+        assert message in capsys.readouterr().err
+
+
 @pytest.mark.slow
 def test_sigterm_saves_a_checkpoint_and_the_run_resumes(tmp_path):
     out = tmp_path / "run"

@@ -16,7 +16,7 @@ import typing
 from ..data import DataError
 from ..model import CheckpointError
 from .config import RUN, ConfigError, Flag, TrainConfig, flag_name, flag_of
-from .loop import train
+from .loop import SecondSignal, train
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -155,8 +155,15 @@ def main(argv: list[str] | None = None) -> int:
     except FloatingPointError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
+    except SecondSignal:
         print("interrupted twice: stopped without a final checkpoint", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:  # Ctrl-C outside the training steps, where nothing waits for a checkpoint
+        print(
+            "interrupted during setup or the final evaluation: stopped at once; --resume continues from the "
+            "newest checkpoint, if the run wrote one",
+            file=sys.stderr,
+        )
         return 130
     interrupted = summary["interrupted"]
     if isinstance(interrupted, int):

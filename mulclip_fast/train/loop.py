@@ -31,6 +31,10 @@ from .run_dir import claim_run_directory
 from .trainer import Trainer
 
 
+class SecondSignal(KeyboardInterrupt):
+    """A second SIGINT / SIGTERM while the loop was finishing its step for the first: the run stops at once."""
+
+
 class StopRequest:
     """SIGINT / SIGTERM set a flag; the loop saves a checkpoint after the current step and exits."""
 
@@ -46,7 +50,7 @@ class StopRequest:
 
     def _handle(self, signum, frame):
         if self.signal is not None:  # a second signal: stop now
-            raise KeyboardInterrupt
+            raise SecondSignal
         self.signal = signum
 
     def __exit__(self, *exc):
