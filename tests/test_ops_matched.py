@@ -149,6 +149,23 @@ def test_topk_ties_choose_exactly_k_patches(backend):
     torch.testing.assert_close(both[0, 0], patches[0, 0], atol=1e-6, rtol=1e-5)
 
 
+EMPTY_SHAPES = {"empty batch": ((0, 3, 16), (0, 4, 16)), "empty query sets": ((2, 0, 16), (2, 4, 16))}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape", EMPTY_SHAPES)
+@pytest.mark.parametrize("name", ["token_reconstruction", "wpr_loss", "topk_patch_aggregate"])
+def test_empty_batches_and_token_sets_give_the_reference_result(name, shape, backend):
+    """A batch of no samples (a trainer's empty last batch, a rank's empty shard) or samples without query
+    tokens: the reference's empty or zero result, forward and backward, on every backend."""
+    _skip_without_triton(backend)
+    g = torch.Generator().manual_seed(9)
+    a_shape, b_shape = EMPTY_SHAPES[shape]
+    args = (_tokens(g, *a_shape), _tokens(g, *b_shape))
+    kwargs = {"k": 1} if name == "topk_patch_aggregate" else {}
+    _check_against_reference(name, args, kwargs, backend, torch.float32)
+
+
 def test_backends_auto_and_reference():
     g = torch.Generator().manual_seed(6)
     q, kv = _tokens(g, 2, 5, 8), _tokens(g, 2, 6, 8)

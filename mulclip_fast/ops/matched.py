@@ -100,8 +100,9 @@ def _primitives(backend: str) -> ModuleType:
 
 def _chunks(batch: int, bytes_per_sample: int, backend: str) -> list[slice]:
     """Batch slices for ``backend``: the whole batch for the fused kernels (tiles or rows bound the
-    memory), else chunks whose temporaries fit :data:`CHUNK_BYTES`."""
-    size = batch if backend in FUSED_BACKENDS else max(1, CHUNK_BYTES // max(1, bytes_per_sample))
+    memory), else chunks whose temporaries fit :data:`CHUNK_BYTES`. An empty batch is one empty chunk."""
+    # max(batch, 1): a zero step would make range() raise on an empty batch under the fused backends
+    size = max(batch, 1) if backend in FUSED_BACKENDS else max(1, CHUNK_BYTES // max(1, bytes_per_sample))
     return [slice(start, min(start + size, batch)) for start in range(0, max(batch, 1), size)]
 
 
