@@ -9,8 +9,11 @@ Public ops (same signatures as their ``mulclip_fast.reference`` twins, plus ``ba
 
 Each op is a ``torch.library.custom_op`` (namespace ``mulclip_fast``) with a fake implementation and a
 registered autograd formula whose backward is a second custom op, so ``torch.compile(fullgraph=True)``
-traces through it and ``torch.library.opcheck`` holds. Forward saves only the inputs (and, for the
-reconstruction, its output and row log-sum-exp); backward recomputes the similarities. Nothing of size
+traces through it and ``torch.library.opcheck`` holds. Every output and gradient is dense row-major
+(``new_empty``, not ``empty_like``), whatever the inputs' layout: the kernels write dense tensors, and a fake
+must declare the strides the op returns, which ``torch.compile`` asserts (tokens stored ``[L, B, d]``, as CLIP's
+``permute(1, 0, 2)`` leaves them, would keep theirs under ``empty_like``). Forward saves only the inputs (and,
+for the reconstruction, its output and row log-sum-exp); backward recomputes the similarities. Nothing of size
 ``[B, Lq, Lk]`` (WPR) or ``[B, M, k, d]`` (SAP) outlives one batch chunk (torch) or one tile (Triton).
 
 Backends (docs/kernels.md, "Backends"): ``triton`` launches the kernels of ``mulclip_fast.kernels`` (CUDA, or CPU
@@ -159,7 +162,7 @@ def _token_reconstruction_backward_op(
     if backend == "triton":
         dq, dkv = prims.recon_backward(q, kv, q_mask, kv_mask, 1.0 / tau, grad_out, out, lse)
         return dq.to(q.dtype), dkv.to(kv.dtype)
-    dq, dkv = torch.empty_like(q), torch.empty_like(kv)
+    dq, dkv = q.new_empty(q.shape), kv.new_empty(kv.shape)
     per_sample = _recon_bytes_per_sample(q.shape[1], kv.shape[1], q.shape[2], acc.itemsize)
     for part in _chunks(q.shape[0], per_sample, backend):
         qc, kvc, gc, oc = _acc(q[part], kv[part], grad_out[part], out[part], dtype=acc)
@@ -169,7 +172,7 @@ def _token_reconstruction_backward_op(
 
 @_token_reconstruction_backward_op.register_fake
 def _(grad_out, q, kv, q_mask, kv_mask, out, lse, tau, backend):
-    return torch.empty_like(q), torch.empty_like(kv)
+    return q.new_empty(q.shape), kv.new_empty(kv.shape)
 
 
 def _token_reconstruction_setup(ctx, inputs, output):
@@ -299,7 +302,7 @@ def _wpr_loss_backward_op(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     acc = accumulation_dtype(v)
     prims = _primitives(backend)
-    dv, dt = torch.empty_like(v), torch.empty_like(t)
+    dv, dt = v.new_empty(v.shape), t.new_empty(t.shape)
     bytes_per_sample = _wpr_bytes_per_sample(v.shape[1], t.shape[1], v.shape[2], acc.itemsize)
     for part in _chunks(v.shape[0], bytes_per_sample, backend):
         vc, tc, gc = _acc(v[part], t[part], grad[part], dtype=acc)
@@ -309,7 +312,7 @@ def _wpr_loss_backward_op(
 
 @_wpr_loss_backward_op.register_fake
 def _(grad, v, t, v_mask, t_mask, tau_attn, tau_contrast, backend):
-    return torch.empty_like(v), torch.empty_like(t)
+    return v.new_empty(v.shape), t.new_empty(t.shape)
 
 
 def _wpr_setup(ctx, inputs, output):
@@ -380,7 +383,7 @@ def _topk_patch_aggregate_op(
     prims = _primitives(backend)
     if backend in FUSED_BACKENDS:
         return prims.topk_forward(sub, patches, sub_mask, patch_mask, k, tau)  # the launchers make them dense
-    out = torch.empty_like(sub)
+    out = sub.new_empty(sub.shape)
     per_sample = _topk_bytes_per_sample(sub.shape[1], patches.shape[1], sub.shape[2], acc.itemsize)
     for part in _chunks(sub.shape[0], per_sample, backend):
         sc, pc = _acc(sub[part], patches[part], dtype=acc)
@@ -390,7 +393,7 @@ def _topk_patch_aggregate_op(
 
 @_topk_patch_aggregate_op.register_fake
 def _(sub, patches, sub_mask, patch_mask, k, tau, backend):
-    return torch.empty_like(sub)
+    return sub.new_empty(sub.shape)
 
 
 @torch.library.custom_op("mulclip_fast::topk_patch_aggregate_backward", mutates_args=())
@@ -409,7 +412,7 @@ def _topk_patch_aggregate_backward_op(
     if backend in FUSED_BACKENDS:
         d_sub, d_patches = prims.topk_backward(sub, patches, sub_mask, patch_mask, k, tau, grad_out)
         return d_sub.to(sub.dtype), d_patches.to(patches.dtype)
-    d_sub, d_patches = torch.empty_like(sub), torch.empty_like(patches)
+    d_sub, d_patches = sub.new_empty(sub.shape), patches.new_empty(patches.shape)
     per_sample = _topk_bytes_per_sample(sub.shape[1], patches.shape[1], sub.shape[2], acc.itemsize)
     for part in _chunks(sub.shape[0], per_sample, backend):
         sc, pc, gc = _acc(sub[part], patches[part], grad_out[part], dtype=acc)
@@ -419,7 +422,7 @@ def _topk_patch_aggregate_backward_op(
 
 @_topk_patch_aggregate_backward_op.register_fake
 def _(grad_out, sub, patches, sub_mask, patch_mask, k, tau, backend):
-    return torch.empty_like(sub), torch.empty_like(patches)
+    return sub.new_empty(sub.shape), patches.new_empty(patches.shape)
 
 
 def _topk_setup(ctx, inputs, output):

@@ -14,7 +14,9 @@ recomputes similarities tile by tile (Triton) or chunk by chunk (torch).
 
 Each op is a ``torch.library.custom_op`` (namespace ``mulclip_fast``) with a fake implementation and an
 autograd formula whose backward is a second custom op, so ``torch.compile(fullgraph=True)`` traces through
-it and ``torch.library.opcheck`` holds. Backends (docs/kernels.md, "Backends"): ``triton`` launches the kernels in
+it and ``torch.library.opcheck`` holds; outputs and gradients are dense row-major whatever the inputs' layout,
+fakes included (``new_empty``: ``empty_like`` would keep a permuted input's strides, which the ops, reading
+contiguous copies, do not return). Backends (docs/kernels.md, "Backends"): ``triton`` launches the kernels in
 ``mulclip_fast.kernels.pairwise_*`` (CUDA, or CPU tensors under ``TRITON_INTERPRET=1``), ``torch`` runs the
 chunked bodies of ``_torch_pairwise``, ``reference`` calls ``mulclip_fast.reference``, ``auto`` picks
 ``triton`` for CUDA tensors of a kernel dtype (fp16/bf16/fp32) and ``torch`` otherwise. Both kernel
@@ -145,7 +147,7 @@ def _maxsim_backward_op(
 
 @_maxsim_backward_op.register_fake
 def _(grad, q, k, q_mask, k_mask, val_qk, idx_qk, val_kq, idx_kq, bidirectional, negative_slope, backend):
-    return torch.empty_like(q), torch.empty_like(k)
+    return q.new_empty(q.shape), k.new_empty(k.shape)
 
 
 def _maxsim_setup(ctx, inputs, output):
@@ -249,7 +251,7 @@ def _reconstruction_backward_op(
 
 @_reconstruction_backward_op.register_fake
 def _(grad, q, k, q_mask, k_mask, r, lse, tau, backend):
-    return torch.empty_like(q), torch.empty_like(k)
+    return q.new_empty(q.shape), k.new_empty(k.shape)
 
 
 def _reconstruction_setup(ctx, inputs, output):
@@ -350,7 +352,7 @@ def _topk_backward_op(
 
 @_topk_backward_op.register_fake
 def _(grad, sub, patches, sub_mask, patch_mask, selected, lse, tau, backend):
-    return torch.empty_like(sub), torch.empty_like(patches)
+    return sub.new_empty(sub.shape), patches.new_empty(patches.shape)
 
 
 def _topk_setup(ctx, inputs, output):
