@@ -328,6 +328,28 @@ def test_bad_input_raises_value_error(case, backend):
         BAD_CALLS[case](*_good(), backend)
 
 
+@pytest.mark.parametrize("backend", ["auto", "torch", "triton"])
+def test_a_temperature_that_requires_grad_is_refused_not_silently_detached(backend):
+    """The reference differentiates through a tensor temperature; the fused ops hold temperatures as constants,
+    so a learnable one is refused, naming it, instead of its gradient being silently lost."""
+    _skip_without_triton(backend)
+    v, t, s = _good()
+    tau = torch.tensor(0.1, requires_grad=True)
+    R.wpr_loss(v, t, tau_attn=tau).backward()
+    assert tau.grad is not None  # the spec learns it
+    with pytest.raises(ValueError, match="tau_attn .*requires grad"):
+        ops.wpr_loss(v, t, tau_attn=tau, backend=backend)
+    with pytest.raises(ValueError, match="tau_contrast .*requires grad"):
+        ops.wpr_loss(v, t, tau_contrast=tau, backend=backend)
+    with pytest.raises(ValueError, match="tau .*requires grad"):
+        ops.token_reconstruction(v, t, tau=tau, backend=backend)
+    with pytest.raises(ValueError, match="tau .*requires grad"):
+        ops.topk_patch_aggregate(s, v, k=2, tau=tau, backend=backend)
+    # a tensor without gradient is a constant, as a float is
+    constant = ops.wpr_loss(v, t, tau_attn=tau.detach(), backend=backend)
+    torch.testing.assert_close(constant, ops.wpr_loss(v, t, tau_attn=0.1, backend=backend))
+
+
 def test_bad_backend_raises_value_error():
     v, t, s = _good()
     with pytest.raises(ValueError, match="backend"):

@@ -34,7 +34,6 @@ from .. import reference
 from ..kernels.limits import TOPK_MAX_PATCHES
 from ..reference.checks import (
     check_mask,
-    check_positive,
     check_reduction,
     check_same_batch,
     check_same_width,
@@ -43,7 +42,7 @@ from ..reference.checks import (
 )
 from ..reference.masking import accumulation_dtype
 from . import _torch_matched
-from ._dispatch import EXTENSION_DEVICES, FUSED_BACKENDS, check_backend_name, kernel_backend
+from ._dispatch import EXTENSION_DEVICES, FUSED_BACKENDS, check_backend_name, constant_temperature, kernel_backend
 
 # Bytes of temporaries one chunk of the torch backend may hold (the [c, Lq, Lk] scores and their
 # companions). The batch is split so that a chunk stays under this; 24 MiB keeps chunks of a few samples
@@ -59,12 +58,6 @@ TRITON_AGGREGATE_MAX_PATCHES = TOPK_MAX_PATCHES
 # ----------------------------------------------------------------------------------------------------
 # Validation and backend choice
 # ----------------------------------------------------------------------------------------------------
-
-
-def _scalar(name: str, value) -> float:
-    """A positive temperature as a Python float (a tensor temperature is a constant here, not learned)."""
-    check_positive(name, value)
-    return float(value)
 
 
 def _check_pair(q_name, q, kv_name, kv, q_mask_name, q_mask, kv_mask_name, kv_mask):
@@ -210,7 +203,7 @@ def token_reconstruction(
     if backend == "reference":
         return reference.token_reconstruction(q, kv, q_mask, kv_mask, tau)
     q_mask, kv_mask = _check_pair("q", q, "kv", kv, "q_mask", q_mask, "kv_mask", kv_mask)
-    tau = _scalar("tau", tau)
+    tau = constant_temperature("tau", tau)
     out, _ = _token_reconstruction_op(q, kv, q_mask, kv_mask, tau, kernel_backend(backend, q))
     return out
 
@@ -349,7 +342,10 @@ def wpr_loss(
     if backend == "reference":
         return reference.wpr_loss(v_tokens, t_tokens, v_mask, t_mask, tau_attn, tau_contrast, reduction)
     v_mask, t_mask = _check_pair("v_tokens", v_tokens, "t_tokens", t_tokens, "v_mask", v_mask, "t_mask", t_mask)
-    tau_attn, tau_contrast = _scalar("tau_attn", tau_attn), _scalar("tau_contrast", tau_contrast)
+    tau_attn, tau_contrast = (
+        constant_temperature("tau_attn", tau_attn),
+        constant_temperature("tau_contrast", tau_contrast),
+    )
     check_reduction(reduction)
     per_sample = _wpr_loss_op(
         v_tokens, t_tokens, v_mask, t_mask, tau_attn, tau_contrast, kernel_backend(backend, v_tokens)
@@ -463,7 +459,7 @@ def topk_patch_aggregate(
         return reference.topk_patch_aggregate(sub, patches, sub_mask, patch_mask, k, tau)
     sub_mask, patch_mask = _check_pair("sub", sub, "patches", patches, "sub_mask", sub_mask, "patch_mask", patch_mask)
     check_topk(k, patches.shape[1])
-    tau = _scalar("tau", tau)
+    tau = constant_temperature("tau", tau)
     concrete = kernel_backend(backend, sub, patches.shape[1], TRITON_AGGREGATE_MAX_PATCHES, has_extension=True)
     return _topk_patch_aggregate_op(sub, patches, sub_mask, patch_mask, k, tau, concrete)
 

@@ -35,10 +35,10 @@ import torch
 
 from .. import reference
 from ..kernels.limits import TOPK_MAX_PATCHES
-from ..reference.checks import check_mask, check_positive, check_same_width, check_tokens, check_topk
+from ..reference.checks import check_mask, check_same_width, check_tokens, check_topk
 from ..reference.masking import accumulation_dtype
 from . import _torch_pairwise
-from ._dispatch import EXTENSION_DEVICES, check_backend_name, kernel_backend
+from ._dispatch import EXTENSION_DEVICES, check_backend_name, constant_temperature, kernel_backend
 
 # Patches per image the Triton SAP kernels take (they hold [16, N] score tiles in registers).
 TRITON_TOPK_MAX_PATCHES = TOPK_MAX_PATCHES
@@ -295,8 +295,8 @@ def pairwise_reconstruction_scores(
     if backend == "reference":
         return reference.pairwise_reconstruction_scores(q, k, q_mask, k_mask, tau)
     q_mask, k_mask = _check_sets("q", q, "k", k, "q_mask", q_mask, "k_mask", k_mask)
-    check_positive("tau", tau)
-    scores, _, _ = _reconstruction_op(q, k, q_mask, k_mask, float(tau), _backend_for(backend, q, k))
+    tau = constant_temperature("tau", tau)
+    scores, _, _ = _reconstruction_op(q, k, q_mask, k_mask, tau, _backend_for(backend, q, k))
     return scores
 
 
@@ -408,11 +408,11 @@ def pairwise_topk_aggregate_cosines(
         return reference.pairwise_topk_aggregate_cosines(sub, patches, sub_mask, patch_mask, k, tau)
     sub_mask, patch_mask = _check_sets("sub", sub, "patches", patches, "sub_mask", sub_mask, "patch_mask", patch_mask)
     check_topk(k, patches.shape[1])
-    check_positive("tau", tau)
+    tau = constant_temperature("tau", tau)
     concrete = _backend_for(
         backend, sub, patches, n_patches=patches.shape[1], max_patches=TRITON_TOPK_MAX_PATCHES, has_extension=True
     )
-    logits, _, _ = _topk_op(sub, patches, sub_mask, patch_mask, k, float(tau), concrete)
+    logits, _, _ = _topk_op(sub, patches, sub_mask, patch_mask, k, tau, concrete)
     return logits
 
 
