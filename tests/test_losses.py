@@ -127,7 +127,14 @@ def test_gradients_flow_to_every_feature():
         ({"terms": ("global_long", "words")}, "unknown loss terms"),
         ({"sap_pairing": "some"}, "sap_pairing must be"),
         ({"sap_topk_ratio": 0.0}, "sap_topk_ratio must be"),
-        ({"tau_sap": 0.0}, "tau_sap must be > 0"),
+        ({"tau_sap": 0.0}, "tau_sap must be"),
+        ({"tau_attn": "0.07"}, "tau_attn must be"),  # e.g. read from a config file unparsed
+        ({"tau_contrast": float("inf")}, "tau_contrast must be"),
+        ({"sap_topk_ratio": "0.25"}, "sap_topk_ratio must be"),
+        ({"finelip_margin": -0.2}, "finelip_margin must be"),  # reference.finelip_hinge_loss refuses it too
+        ({"finelip_margin": float("nan")}, "finelip_margin must be"),
+        ({"weights": {"wpr": float("nan")}}, r"weights\['wpr'\] must be"),
+        ({"weights": {"sap": "1"}}, r"weights\['sap'\] must be"),
         ({"wpr_form": "l2"}, "wpr_form must be one of"),
         ({"backend": "cuda"}, "backend must be one of"),
     ],
