@@ -83,6 +83,27 @@ def test_cosine_wpr_form_matches_its_reference_in_value_and_gradient(backend):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("backend", ["reference", "torch"])
+def test_an_empty_batch_gives_the_reference_terms(backend):
+    """B = 0 (a filtered batch with nothing left): every term is the reference's 0, not 0 / 0."""
+    f = features()
+    for field in ("image_cls", "image_tokens", "text_eot", "text_tokens", "short_eot", "sub_eot"):
+        setattr(f, field, getattr(f, field)[:0].requires_grad_())
+    f.sub_mask, f.text_token_mask = f.sub_mask[:0], f.text_token_mask[:0]
+    out = MulCLIPLoss("mulclip", backend=backend)(f, SCALE)
+    k = math.ceil(0.25 * P)
+    expected = {
+        "global_long": R.clip_contrastive_loss(n(f.image_cls), n(f.text_eot), SCALE),
+        "global_short": R.clip_contrastive_loss(n(f.image_cls), n(f.short_eot), SCALE),
+        "wpr": R.wpr_loss(n(f.image_tokens), n(f.text_tokens), None, f.text_token_mask),
+        "sap": R.sap_loss(n(f.sub_eot), n(f.image_tokens), f.sub_mask, None, k, 0.07, SCALE),
+    }
+    for name, value in expected.items():
+        torch.testing.assert_close(out[name], value, msg=name)
+    out["loss"].backward()
+    assert f.image_cls.grad is not None and f.image_cls.grad.shape == (0, D)
+
+
 def test_objectives_and_ablation_switches_select_terms():
     f = features()
     assert set(MulCLIPLoss("global")(f, SCALE)) == {"global_long", "global_short", "loss"}
