@@ -289,4 +289,5 @@ def finelip_term(
 def _with_leading_token(pooled: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor):
     """``[pooled, tokens…]`` (CLS or EOT in front, as FineLIP's token sets) and its mask, the front valid."""
     token_set = torch.cat([pooled[:, None], tokens], dim=1)
-    return token_set, torch.cat([torch.ones_like(mask[:, :1]), mask], dim=1)
+    # new_ones, not ones_like(mask[:, :1]): a set without tokens (mask [n, 0]) still has its valid front token
+    return token_set, torch.cat([mask.new_ones(mask.shape[0], 1), mask], dim=1)

@@ -123,6 +123,17 @@ def test_finelip_term_uses_late_interaction_over_tokens_with_cls_and_eot(hardest
     torch.testing.assert_close(out["finelip"], R.finelip_hinge_loss(scores, 0.2, hardest_negative))
 
 
+@pytest.mark.parametrize("backend", ["reference", "torch"])
+def test_finelip_term_on_captions_without_word_tokens_scores_the_eot_alone(backend):
+    """A batch whose captions have no words (``text_tokens [B, 0, d]``): FineLIP's text sets are the EOT alone."""
+    f = features(3)
+    f.text_tokens, f.text_token_mask = f.text_tokens[:, :0], f.text_token_mask[:, :0]
+    out = MulCLIPLoss("finelip", backend=backend)(f, SCALE)
+    v = torch.cat([n(f.image_cls)[:, None], n(f.image_tokens)], 1)
+    scores = R.pairwise_maxsim(n(f.text_eot)[:, None], v, None, None, bidirectional=True, negative_slope=0.1)
+    torch.testing.assert_close(out["finelip"], R.finelip_hinge_loss(scores, 0.2))
+
+
 def test_fine_grained_scale_ramps_only_the_fine_grained_terms():
     f = features()
     loss = MulCLIPLoss("mulclip", weights={"wpr": 2.0})
