@@ -90,6 +90,8 @@ class MulCLIPLoss(nn.Module):
         enabled = OBJECTIVES[objective] if terms is None else current_term_names(terms)
         weights = current_term_names(weights or {})
         _check_term_names((*enabled, *weights))
+        if not enabled:  # the total would be sum([]), the int 0: no tensor, no backward
+            raise ValueError(f"terms must name at least one loss term of {TERMS}, got {tuple(enabled)}")
         if sap_pairing not in ("matched", "all"):
             raise ValueError(f"sap_pairing must be 'matched' or 'all', got {sap_pairing!r}")
         if not (_is_finite_number(sap_topk_ratio) and 0 < sap_topk_ratio <= 1):
