@@ -66,6 +66,8 @@ def contrastive_share(
     (column ``offset + i`` is each row's positive)::
 
         share = ½ [Σ_i CE(s·a_i B_colᵀ + bias, offset+i) + Σ_i CE(s·b_i A_colᵀ + bias, offset+i)] / N
+
+    With no columns (an empty batch) the share is 0, as ``reference.clip_contrastive_loss`` gives, not 0 / 0.
     """
     acc = accumulation_dtype(a_rows)
     targets = torch.arange(offset, offset + a_rows.shape[0], device=a_rows.device)
@@ -74,7 +76,7 @@ def contrastive_share(
     if logit_bias is not None:
         a_to_b, b_to_a = a_to_b + logit_bias, b_to_a + logit_bias
     row_losses = row_cross_entropy(a_to_b, targets) + row_cross_entropy(b_to_a, targets)
-    return 0.5 * row_losses.sum() / a_columns.shape[0]
+    return 0.5 * row_losses.sum() / max(a_columns.shape[0], 1)
 
 
 def slotwise_contrastive_share(
@@ -287,4 +289,5 @@ def finelip_term(
 def _with_leading_token(pooled: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor):
     """``[pooled, tokens…]`` (CLS or EOT in front, as FineLIP's token sets) and its mask, the front valid."""
     token_set = torch.cat([pooled[:, None], tokens], dim=1)
-    return token_set, torch.cat([torch.ones_like(mask[:, :1]), mask], dim=1)
+    # new_ones, not ones_like(mask[:, :1]): a set without tokens (mask [n, 0]) still has its valid front token
+    return token_set, torch.cat([mask.new_ones(mask.shape[0], 1), mask], dim=1)

@@ -13,6 +13,8 @@ written once, in ``mulclip_fast.loss_terms``, on a rank's rows against the gathe
 
 from __future__ import annotations
 
+import math
+import numbers
 import warnings
 from collections.abc import Mapping
 
@@ -88,13 +90,20 @@ class MulCLIPLoss(nn.Module):
         enabled = OBJECTIVES[objective] if terms is None else current_term_names(terms)
         weights = current_term_names(weights or {})
         _check_term_names((*enabled, *weights))
+        if not enabled:  # the total would be sum([]), the int 0: no tensor, no backward
+            raise ValueError(f"terms must name at least one loss term of {TERMS}, got {tuple(enabled)}")
         if sap_pairing not in ("matched", "all"):
             raise ValueError(f"sap_pairing must be 'matched' or 'all', got {sap_pairing!r}")
-        if not 0 < sap_topk_ratio <= 1:
-            raise ValueError(f"sap_topk_ratio must be in (0, 1], got {sap_topk_ratio}")
+        if not (_is_finite_number(sap_topk_ratio) and 0 < sap_topk_ratio <= 1):
+            raise ValueError(f"sap_topk_ratio must be in (0, 1], got {sap_topk_ratio!r}")
         for name, tau in (("tau_attn", tau_attn), ("tau_contrast", tau_contrast), ("tau_sap", tau_sap)):
-            if not tau > 0:
-                raise ValueError(f"{name} must be > 0, got {tau}")
+            check_positive(name, tau)
+        # the spec refuses a negative margin (reference.finelip_hinge_loss); NaN would make the loss NaN
+        if not (_is_finite_number(finelip_margin) and finelip_margin >= 0):
+            raise ValueError(f"finelip_margin must be a finite number >= 0, got {finelip_margin!r}")
+        for name, weight in weights.items():
+            if not _is_finite_number(weight):
+                raise ValueError(f"weights[{name!r}] must be a finite number, got {weight!r}")
         if wpr_form not in loss_terms.WPR_FORMS:
             raise ValueError(f"wpr_form must be one of {loss_terms.WPR_FORMS}, got {wpr_form!r}")
         if backend not in BACKENDS:
@@ -209,6 +218,11 @@ def current_term_names(names, warn: bool = True):
     if len(set(current)) < len(current):
         raise ValueError(f"loss terms {list(names)} name a term twice, under its old and its current name")
     return dict(zip(current, names.values(), strict=True)) if isinstance(names, Mapping) else current
+
+
+def _is_finite_number(value) -> bool:
+    """A finite real number (an int, a float, a NumPy scalar), not a bool or a string read from a config file."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _check_term_names(names) -> None:

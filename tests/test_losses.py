@@ -83,6 +83,27 @@ def test_cosine_wpr_form_matches_its_reference_in_value_and_gradient(backend):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("backend", ["reference", "torch"])
+def test_an_empty_batch_gives_the_reference_terms(backend):
+    """B = 0 (a filtered batch with nothing left): every term is the reference's 0, not 0 / 0."""
+    f = features()
+    for field in ("image_cls", "image_tokens", "text_eot", "text_tokens", "short_eot", "sub_eot"):
+        setattr(f, field, getattr(f, field)[:0].requires_grad_())
+    f.sub_mask, f.text_token_mask = f.sub_mask[:0], f.text_token_mask[:0]
+    out = MulCLIPLoss("mulclip", backend=backend)(f, SCALE)
+    k = math.ceil(0.25 * P)
+    expected = {
+        "global_long": R.clip_contrastive_loss(n(f.image_cls), n(f.text_eot), SCALE),
+        "global_short": R.clip_contrastive_loss(n(f.image_cls), n(f.short_eot), SCALE),
+        "wpr": R.wpr_loss(n(f.image_tokens), n(f.text_tokens), None, f.text_token_mask),
+        "sap": R.sap_loss(n(f.sub_eot), n(f.image_tokens), f.sub_mask, None, k, 0.07, SCALE),
+    }
+    for name, value in expected.items():
+        torch.testing.assert_close(out[name], value, msg=name)
+    out["loss"].backward()
+    assert f.image_cls.grad is not None and f.image_cls.grad.shape == (0, D)
+
+
 def test_objectives_and_ablation_switches_select_terms():
     f = features()
     assert set(MulCLIPLoss("global")(f, SCALE)) == {"global_long", "global_short", "loss"}
@@ -100,6 +121,17 @@ def test_finelip_term_uses_late_interaction_over_tokens_with_cls_and_eot(hardest
     t_mask = torch.cat([torch.ones(B, 1, dtype=torch.bool), f.text_token_mask], 1)
     scores = R.pairwise_maxsim(t, v, t_mask, None, bidirectional=True, negative_slope=0.1)
     torch.testing.assert_close(out["finelip"], R.finelip_hinge_loss(scores, 0.2, hardest_negative))
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch"])
+def test_finelip_term_on_captions_without_word_tokens_scores_the_eot_alone(backend):
+    """A batch whose captions have no words (``text_tokens [B, 0, d]``): FineLIP's text sets are the EOT alone."""
+    f = features(3)
+    f.text_tokens, f.text_token_mask = f.text_tokens[:, :0], f.text_token_mask[:, :0]
+    out = MulCLIPLoss("finelip", backend=backend)(f, SCALE)
+    v = torch.cat([n(f.image_cls)[:, None], n(f.image_tokens)], 1)
+    scores = R.pairwise_maxsim(n(f.text_eot)[:, None], v, None, None, bidirectional=True, negative_slope=0.1)
+    torch.testing.assert_close(out["finelip"], R.finelip_hinge_loss(scores, 0.2))
 
 
 def test_fine_grained_scale_ramps_only_the_fine_grained_terms():
@@ -125,9 +157,17 @@ def test_gradients_flow_to_every_feature():
     [
         ({"objective": "clip"}, "objective must be one of"),
         ({"terms": ("global_long", "words")}, "unknown loss terms"),
+        ({"terms": ()}, "terms must name at least one"),  # its "loss" was the int 0, which has no backward
         ({"sap_pairing": "some"}, "sap_pairing must be"),
         ({"sap_topk_ratio": 0.0}, "sap_topk_ratio must be"),
-        ({"tau_sap": 0.0}, "tau_sap must be > 0"),
+        ({"tau_sap": 0.0}, "tau_sap must be"),
+        ({"tau_attn": "0.07"}, "tau_attn must be"),  # e.g. read from a config file unparsed
+        ({"tau_contrast": float("inf")}, "tau_contrast must be"),
+        ({"sap_topk_ratio": "0.25"}, "sap_topk_ratio must be"),
+        ({"finelip_margin": -0.2}, "finelip_margin must be"),  # reference.finelip_hinge_loss refuses it too
+        ({"finelip_margin": float("nan")}, "finelip_margin must be"),
+        ({"weights": {"wpr": float("nan")}}, r"weights\['wpr'\] must be"),
+        ({"weights": {"sap": "1"}}, r"weights\['sap'\] must be"),
         ({"wpr_form": "l2"}, "wpr_form must be one of"),
         ({"backend": "cuda"}, "backend must be one of"),
     ],

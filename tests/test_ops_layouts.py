@@ -123,3 +123,44 @@ def test_uint8_masks_are_refused_with_the_argument_named(op: str, backend: str):
         masks[position] = masks[position].to(torch.uint8)
         with pytest.raises(ValueError, match=rf"{name} must have dtype torch\.bool"):
             getattr(ops, op)(case.a, case.b, *masks, **case.options, backend=backend)
+
+
+def _lnd_tokens(batch: int, length: int, width: int = 16) -> torch.Tensor:
+    """``[B, L, d]`` tokens stored as ``[L, B, d]``: CLIP's ``permute(1, 0, 2)`` of its transformer output, dense
+    but not contiguous, so ``torch.empty_like`` keeps its strides."""
+    generator = torch.Generator().manual_seed(0)
+    x = torch.nn.functional.normalize(torch.randn(length, batch, width, generator=generator), dim=-1)
+    return x.to(DEVICE).transpose(0, 1)
+
+
+def _custom_op_cases(backend: str):
+    """(op name, token and mask arguments, forward options, the forward outputs its backward reads, backward
+    options) per custom op."""
+    a, b = _lnd_tokens(2, 5), _lnd_tokens(2, 4)
+    a_mask = torch.ones(2, 5, dtype=torch.bool, device=DEVICE)
+    b_mask = torch.ones(2, 4, dtype=torch.bool, device=DEVICE)
+    none = slice(0)
+    return [
+        ("token_reconstruction", (a, b, a_mask, b_mask), (0.2, backend), slice(0, 2), (0.2, backend)),
+        ("wpr_loss", (a, b, a_mask, b_mask), (0.2, 0.3, backend), none, (0.2, 0.3, backend)),
+        ("topk_patch_aggregate", (b, a, b_mask, a_mask), (2, 0.2, backend), none, (2, 0.2, backend)),
+        ("pairwise_maxsim", (a, b, a_mask, b_mask), (True, 0.1, backend), slice(1, 5), (True, 0.1, backend)),
+        ("pairwise_reconstruction_scores", (a, b, a_mask, b_mask), (0.2, backend), slice(1, 3), (0.2, backend)),
+        ("pairwise_topk_aggregate_cosines", (b, a, b_mask, a_mask), (2, 0.2, backend), slice(1, 3), (0.2, backend)),
+    ]
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_custom_ops_declare_the_strides_they_return_for_permuted_tokens(backend):
+    """Each forward and backward custom op returns, for tokens laid out ``[L, B, d]``, the strides its fake
+    declares: ``torch.compile`` asserts them (Inductor raised in ``pairwise_maxsim_backward`` on such tokens)."""
+    _skip_without_triton(backend)
+    checks = ("test_schema", "test_faketensor")
+    for name, inputs, options, saved, backward_options in _custom_op_cases(backend):
+        forward = getattr(torch.ops.mulclip_fast, name).default
+        backward = getattr(torch.ops.mulclip_fast, f"{name}_backward").default
+        torch.library.opcheck(forward, (*inputs, *options), test_utils=checks)
+        outputs = forward(*inputs, *options)
+        outputs = (outputs,) if isinstance(outputs, torch.Tensor) else outputs
+        grad = torch.randn_like(outputs[0])
+        torch.library.opcheck(backward, (grad, *inputs, *outputs[saved], *backward_options), test_utils=checks)

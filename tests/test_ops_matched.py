@@ -149,6 +149,23 @@ def test_topk_ties_choose_exactly_k_patches(backend):
     torch.testing.assert_close(both[0, 0], patches[0, 0], atol=1e-6, rtol=1e-5)
 
 
+EMPTY_SHAPES = {"empty batch": ((0, 3, 16), (0, 4, 16)), "empty query sets": ((2, 0, 16), (2, 4, 16))}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape", EMPTY_SHAPES)
+@pytest.mark.parametrize("name", ["token_reconstruction", "wpr_loss", "topk_patch_aggregate"])
+def test_empty_batches_and_token_sets_give_the_reference_result(name, shape, backend):
+    """A batch of no samples (a trainer's empty last batch, a rank's empty shard) or samples without query
+    tokens: the reference's empty or zero result, forward and backward, on every backend."""
+    _skip_without_triton(backend)
+    g = torch.Generator().manual_seed(9)
+    a_shape, b_shape = EMPTY_SHAPES[shape]
+    args = (_tokens(g, *a_shape), _tokens(g, *b_shape))
+    kwargs = {"k": 1} if name == "topk_patch_aggregate" else {}
+    _check_against_reference(name, args, kwargs, backend, torch.float32)
+
+
 def test_backends_auto_and_reference():
     g = torch.Generator().manual_seed(6)
     q, kv = _tokens(g, 2, 5, 8), _tokens(g, 2, 6, 8)
@@ -309,6 +326,28 @@ def test_bad_input_raises_value_error(case, backend):
     _skip_without_triton(backend)
     with pytest.raises(ValueError):
         BAD_CALLS[case](*_good(), backend)
+
+
+@pytest.mark.parametrize("backend", ["auto", "torch", "triton"])
+def test_a_temperature_that_requires_grad_is_refused_not_silently_detached(backend):
+    """The reference differentiates through a tensor temperature; the fused ops hold temperatures as constants,
+    so a learnable one is refused, naming it, instead of its gradient being silently lost."""
+    _skip_without_triton(backend)
+    v, t, s = _good()
+    tau = torch.tensor(0.1, requires_grad=True)
+    R.wpr_loss(v, t, tau_attn=tau).backward()
+    assert tau.grad is not None  # the spec learns it
+    with pytest.raises(ValueError, match="tau_attn .*requires grad"):
+        ops.wpr_loss(v, t, tau_attn=tau, backend=backend)
+    with pytest.raises(ValueError, match="tau_contrast .*requires grad"):
+        ops.wpr_loss(v, t, tau_contrast=tau, backend=backend)
+    with pytest.raises(ValueError, match="tau .*requires grad"):
+        ops.token_reconstruction(v, t, tau=tau, backend=backend)
+    with pytest.raises(ValueError, match="tau .*requires grad"):
+        ops.topk_patch_aggregate(s, v, k=2, tau=tau, backend=backend)
+    # a tensor without gradient is a constant, as a float is
+    constant = ops.wpr_loss(v, t, tau_attn=tau.detach(), backend=backend)
+    torch.testing.assert_close(constant, ops.wpr_loss(v, t, tau_attn=0.1, backend=backend))
 
 
 def test_bad_backend_raises_value_error():

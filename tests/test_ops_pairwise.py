@@ -357,6 +357,19 @@ def test_bad_input_raises_value_error(case):
         call()
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_a_temperature_that_requires_grad_is_refused_not_silently_detached(backend):
+    """As the matched ops: the reference learns a tensor temperature, the fused ops would drop its gradient."""
+    q, k, q_mask, k_mask = _pair_case(torch.float32, n_q=2, n_k=2, len_q=3, len_k=4, dim=16)
+    tau = torch.tensor(0.2, requires_grad=True)
+    R.pairwise_reconstruction_scores(q, k, q_mask, k_mask, tau=tau).sum().backward()
+    assert tau.grad is not None  # the spec learns it
+    with pytest.raises(ValueError, match="tau .*requires grad"):
+        P.pairwise_reconstruction_scores(q, k, q_mask, k_mask, tau=tau, backend=backend)
+    with pytest.raises(ValueError, match="tau .*requires grad"):
+        P.pairwise_topk_aggregate_cosines(q, k, q_mask, k_mask, k=2, tau=tau, backend=backend)
+
+
 # ----------------------------------------------------------------------------------------------------
 # Memory: nothing quadratic survives
 # ----------------------------------------------------------------------------------------------------

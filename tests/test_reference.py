@@ -376,6 +376,8 @@ def test_gradcheck_every_differentiable_function():
         (lambda: R.sap_loss(unit(2, 4, 5), unit(2, 3, 5), None, None, 2, TAU, 1.0, "some"), "pairing must be"),
         (lambda: R.wpr_loss(unit(2, 4, 5) * torch.nan, unit(2, 3, 5)), "v_tokens contains NaN"),
         (lambda: R.finelip_hinge_loss(torch.ones(2, 3)), "scores must be a square"),
+        (lambda: R.finelip_hinge_loss(torch.ones(2, 2), margin=-0.2), "margin must be"),
+        (lambda: R.finelip_hinge_loss(torch.ones(2, 2), margin=float("nan")), "margin must be"),
         (lambda: R.stretch_positional_embedding(torch.ones(77, 4), target=250), "target must be"),
     ],
 )

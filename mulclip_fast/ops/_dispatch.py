@@ -16,6 +16,7 @@ import importlib.util
 import torch
 
 from ..kernels import interpreter_enabled
+from ..reference.checks import check_positive
 
 BACKENDS = ("auto", "triton", "torch", "reference", "cpp", "cuda_ext")
 # The extension's backends and the device type of the tensors each runs on.
@@ -53,6 +54,21 @@ def resolve_backend(backend: str, device: torch.device) -> str:
                 "before importing mulclip_fast to run the kernels in Triton's interpreter, or use backend='torch'"
             )
     return backend
+
+
+def constant_temperature(name: str, value) -> float:
+    """A positive temperature as the Python float the fused ops take: they hold temperatures as constants.
+
+    A tensor temperature is accepted as the constant it holds, but not one that requires grad: the reference
+    differentiates through it, and passing its value on would lose that gradient silently.
+    """
+    if isinstance(value, torch.Tensor) and value.requires_grad:
+        raise ValueError(
+            f"{name} is a tensor that requires grad: the fused ops take temperatures as constants and would not "
+            "learn it; pass a float (or a detached tensor), or use backend='reference' to learn it"
+        )
+    check_positive(name, value)
+    return float(value)
 
 
 def check_backend_name(backend: str) -> None:

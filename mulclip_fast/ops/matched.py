@@ -9,8 +9,11 @@ Public ops (same signatures as their ``mulclip_fast.reference`` twins, plus ``ba
 
 Each op is a ``torch.library.custom_op`` (namespace ``mulclip_fast``) with a fake implementation and a
 registered autograd formula whose backward is a second custom op, so ``torch.compile(fullgraph=True)``
-traces through it and ``torch.library.opcheck`` holds. Forward saves only the inputs (and, for the
-reconstruction, its output and row log-sum-exp); backward recomputes the similarities. Nothing of size
+traces through it and ``torch.library.opcheck`` holds. Every output and gradient is dense row-major
+(``new_empty``, not ``empty_like``), whatever the inputs' layout: the kernels write dense tensors, and a fake
+must declare the strides the op returns, which ``torch.compile`` asserts (tokens stored ``[L, B, d]``, as CLIP's
+``permute(1, 0, 2)`` leaves them, would keep theirs under ``empty_like``). Forward saves only the inputs (and,
+for the reconstruction, its output and row log-sum-exp); backward recomputes the similarities. Nothing of size
 ``[B, Lq, Lk]`` (WPR) or ``[B, M, k, d]`` (SAP) outlives one batch chunk (torch) or one tile (Triton).
 
 Backends (docs/kernels.md, "Backends"): ``triton`` launches the kernels of ``mulclip_fast.kernels`` (CUDA, or CPU
@@ -31,7 +34,6 @@ from .. import reference
 from ..kernels.limits import TOPK_MAX_PATCHES
 from ..reference.checks import (
     check_mask,
-    check_positive,
     check_reduction,
     check_same_batch,
     check_same_width,
@@ -40,7 +42,7 @@ from ..reference.checks import (
 )
 from ..reference.masking import accumulation_dtype
 from . import _torch_matched
-from ._dispatch import EXTENSION_DEVICES, FUSED_BACKENDS, check_backend_name, kernel_backend
+from ._dispatch import EXTENSION_DEVICES, FUSED_BACKENDS, check_backend_name, constant_temperature, kernel_backend
 
 # Bytes of temporaries one chunk of the torch backend may hold (the [c, Lq, Lk] scores and their
 # companions). The batch is split so that a chunk stays under this; 24 MiB keeps chunks of a few samples
@@ -56,12 +58,6 @@ TRITON_AGGREGATE_MAX_PATCHES = TOPK_MAX_PATCHES
 # ----------------------------------------------------------------------------------------------------
 # Validation and backend choice
 # ----------------------------------------------------------------------------------------------------
-
-
-def _scalar(name: str, value) -> float:
-    """A positive temperature as a Python float (a tensor temperature is a constant here, not learned)."""
-    check_positive(name, value)
-    return float(value)
 
 
 def _check_pair(q_name, q, kv_name, kv, q_mask_name, q_mask, kv_mask_name, kv_mask):
@@ -100,8 +96,9 @@ def _primitives(backend: str) -> ModuleType:
 
 def _chunks(batch: int, bytes_per_sample: int, backend: str) -> list[slice]:
     """Batch slices for ``backend``: the whole batch for the fused kernels (tiles or rows bound the
-    memory), else chunks whose temporaries fit :data:`CHUNK_BYTES`."""
-    size = batch if backend in FUSED_BACKENDS else max(1, CHUNK_BYTES // max(1, bytes_per_sample))
+    memory), else chunks whose temporaries fit :data:`CHUNK_BYTES`. An empty batch is one empty chunk."""
+    # max(batch, 1): a zero step would make range() raise on an empty batch under the fused backends
+    size = max(batch, 1) if backend in FUSED_BACKENDS else max(1, CHUNK_BYTES // max(1, bytes_per_sample))
     return [slice(start, min(start + size, batch)) for start in range(0, max(batch, 1), size)]
 
 
@@ -158,7 +155,7 @@ def _token_reconstruction_backward_op(
     if backend == "triton":
         dq, dkv = prims.recon_backward(q, kv, q_mask, kv_mask, 1.0 / tau, grad_out, out, lse)
         return dq.to(q.dtype), dkv.to(kv.dtype)
-    dq, dkv = torch.empty_like(q), torch.empty_like(kv)
+    dq, dkv = q.new_empty(q.shape), kv.new_empty(kv.shape)
     per_sample = _recon_bytes_per_sample(q.shape[1], kv.shape[1], q.shape[2], acc.itemsize)
     for part in _chunks(q.shape[0], per_sample, backend):
         qc, kvc, gc, oc = _acc(q[part], kv[part], grad_out[part], out[part], dtype=acc)
@@ -168,7 +165,7 @@ def _token_reconstruction_backward_op(
 
 @_token_reconstruction_backward_op.register_fake
 def _(grad_out, q, kv, q_mask, kv_mask, out, lse, tau, backend):
-    return torch.empty_like(q), torch.empty_like(kv)
+    return q.new_empty(q.shape), kv.new_empty(kv.shape)
 
 
 def _token_reconstruction_setup(ctx, inputs, output):
@@ -206,7 +203,7 @@ def token_reconstruction(
     if backend == "reference":
         return reference.token_reconstruction(q, kv, q_mask, kv_mask, tau)
     q_mask, kv_mask = _check_pair("q", q, "kv", kv, "q_mask", q_mask, "kv_mask", kv_mask)
-    tau = _scalar("tau", tau)
+    tau = constant_temperature("tau", tau)
     out, _ = _token_reconstruction_op(q, kv, q_mask, kv_mask, tau, kernel_backend(backend, q))
     return out
 
@@ -298,7 +295,7 @@ def _wpr_loss_backward_op(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     acc = accumulation_dtype(v)
     prims = _primitives(backend)
-    dv, dt = torch.empty_like(v), torch.empty_like(t)
+    dv, dt = v.new_empty(v.shape), t.new_empty(t.shape)
     bytes_per_sample = _wpr_bytes_per_sample(v.shape[1], t.shape[1], v.shape[2], acc.itemsize)
     for part in _chunks(v.shape[0], bytes_per_sample, backend):
         vc, tc, gc = _acc(v[part], t[part], grad[part], dtype=acc)
@@ -308,7 +305,7 @@ def _wpr_loss_backward_op(
 
 @_wpr_loss_backward_op.register_fake
 def _(grad, v, t, v_mask, t_mask, tau_attn, tau_contrast, backend):
-    return torch.empty_like(v), torch.empty_like(t)
+    return v.new_empty(v.shape), t.new_empty(t.shape)
 
 
 def _wpr_setup(ctx, inputs, output):
@@ -345,7 +342,10 @@ def wpr_loss(
     if backend == "reference":
         return reference.wpr_loss(v_tokens, t_tokens, v_mask, t_mask, tau_attn, tau_contrast, reduction)
     v_mask, t_mask = _check_pair("v_tokens", v_tokens, "t_tokens", t_tokens, "v_mask", v_mask, "t_mask", t_mask)
-    tau_attn, tau_contrast = _scalar("tau_attn", tau_attn), _scalar("tau_contrast", tau_contrast)
+    tau_attn, tau_contrast = (
+        constant_temperature("tau_attn", tau_attn),
+        constant_temperature("tau_contrast", tau_contrast),
+    )
     check_reduction(reduction)
     per_sample = _wpr_loss_op(
         v_tokens, t_tokens, v_mask, t_mask, tau_attn, tau_contrast, kernel_backend(backend, v_tokens)
@@ -379,7 +379,7 @@ def _topk_patch_aggregate_op(
     prims = _primitives(backend)
     if backend in FUSED_BACKENDS:
         return prims.topk_forward(sub, patches, sub_mask, patch_mask, k, tau)  # the launchers make them dense
-    out = torch.empty_like(sub)
+    out = sub.new_empty(sub.shape)
     per_sample = _topk_bytes_per_sample(sub.shape[1], patches.shape[1], sub.shape[2], acc.itemsize)
     for part in _chunks(sub.shape[0], per_sample, backend):
         sc, pc = _acc(sub[part], patches[part], dtype=acc)
@@ -389,7 +389,7 @@ def _topk_patch_aggregate_op(
 
 @_topk_patch_aggregate_op.register_fake
 def _(sub, patches, sub_mask, patch_mask, k, tau, backend):
-    return torch.empty_like(sub)
+    return sub.new_empty(sub.shape)
 
 
 @torch.library.custom_op("mulclip_fast::topk_patch_aggregate_backward", mutates_args=())
@@ -408,7 +408,7 @@ def _topk_patch_aggregate_backward_op(
     if backend in FUSED_BACKENDS:
         d_sub, d_patches = prims.topk_backward(sub, patches, sub_mask, patch_mask, k, tau, grad_out)
         return d_sub.to(sub.dtype), d_patches.to(patches.dtype)
-    d_sub, d_patches = torch.empty_like(sub), torch.empty_like(patches)
+    d_sub, d_patches = sub.new_empty(sub.shape), patches.new_empty(patches.shape)
     per_sample = _topk_bytes_per_sample(sub.shape[1], patches.shape[1], sub.shape[2], acc.itemsize)
     for part in _chunks(sub.shape[0], per_sample, backend):
         sc, pc, gc = _acc(sub[part], patches[part], grad_out[part], dtype=acc)
@@ -418,7 +418,7 @@ def _topk_patch_aggregate_backward_op(
 
 @_topk_patch_aggregate_backward_op.register_fake
 def _(grad_out, sub, patches, sub_mask, patch_mask, k, tau, backend):
-    return torch.empty_like(sub), torch.empty_like(patches)
+    return sub.new_empty(sub.shape), patches.new_empty(patches.shape)
 
 
 def _topk_setup(ctx, inputs, output):
@@ -459,7 +459,7 @@ def topk_patch_aggregate(
         return reference.topk_patch_aggregate(sub, patches, sub_mask, patch_mask, k, tau)
     sub_mask, patch_mask = _check_pair("sub", sub, "patches", patches, "sub_mask", sub_mask, "patch_mask", patch_mask)
     check_topk(k, patches.shape[1])
-    tau = _scalar("tau", tau)
+    tau = constant_temperature("tau", tau)
     concrete = kernel_backend(backend, sub, patches.shape[1], TRITON_AGGREGATE_MAX_PATCHES, has_extension=True)
     return _topk_patch_aggregate_op(sub, patches, sub_mask, patch_mask, k, tau, concrete)
 

@@ -14,7 +14,9 @@ recomputes similarities tile by tile (Triton) or chunk by chunk (torch).
 
 Each op is a ``torch.library.custom_op`` (namespace ``mulclip_fast``) with a fake implementation and an
 autograd formula whose backward is a second custom op, so ``torch.compile(fullgraph=True)`` traces through
-it and ``torch.library.opcheck`` holds. Backends (docs/kernels.md, "Backends"): ``triton`` launches the kernels in
+it and ``torch.library.opcheck`` holds; outputs and gradients are dense row-major whatever the inputs' layout,
+fakes included (``new_empty``: ``empty_like`` would keep a permuted input's strides, which the ops, reading
+contiguous copies, do not return). Backends (docs/kernels.md, "Backends"): ``triton`` launches the kernels in
 ``mulclip_fast.kernels.pairwise_*`` (CUDA, or CPU tensors under ``TRITON_INTERPRET=1``), ``torch`` runs the
 chunked bodies of ``_torch_pairwise``, ``reference`` calls ``mulclip_fast.reference``, ``auto`` picks
 ``triton`` for CUDA tensors of a kernel dtype (fp16/bf16/fp32) and ``torch`` otherwise. Both kernel
@@ -33,10 +35,10 @@ import torch
 
 from .. import reference
 from ..kernels.limits import TOPK_MAX_PATCHES
-from ..reference.checks import check_mask, check_positive, check_same_width, check_tokens, check_topk
+from ..reference.checks import check_mask, check_same_width, check_tokens, check_topk
 from ..reference.masking import accumulation_dtype
 from . import _torch_pairwise
-from ._dispatch import EXTENSION_DEVICES, check_backend_name, kernel_backend
+from ._dispatch import EXTENSION_DEVICES, check_backend_name, constant_temperature, kernel_backend
 
 # Patches per image the Triton SAP kernels take (they hold [16, N] score tiles in registers).
 TRITON_TOPK_MAX_PATCHES = TOPK_MAX_PATCHES
@@ -145,7 +147,7 @@ def _maxsim_backward_op(
 
 @_maxsim_backward_op.register_fake
 def _(grad, q, k, q_mask, k_mask, val_qk, idx_qk, val_kq, idx_kq, bidirectional, negative_slope, backend):
-    return torch.empty_like(q), torch.empty_like(k)
+    return q.new_empty(q.shape), k.new_empty(k.shape)
 
 
 def _maxsim_setup(ctx, inputs, output):
@@ -249,7 +251,7 @@ def _reconstruction_backward_op(
 
 @_reconstruction_backward_op.register_fake
 def _(grad, q, k, q_mask, k_mask, r, lse, tau, backend):
-    return torch.empty_like(q), torch.empty_like(k)
+    return q.new_empty(q.shape), k.new_empty(k.shape)
 
 
 def _reconstruction_setup(ctx, inputs, output):
@@ -293,8 +295,8 @@ def pairwise_reconstruction_scores(
     if backend == "reference":
         return reference.pairwise_reconstruction_scores(q, k, q_mask, k_mask, tau)
     q_mask, k_mask = _check_sets("q", q, "k", k, "q_mask", q_mask, "k_mask", k_mask)
-    check_positive("tau", tau)
-    scores, _, _ = _reconstruction_op(q, k, q_mask, k_mask, float(tau), _backend_for(backend, q, k))
+    tau = constant_temperature("tau", tau)
+    scores, _, _ = _reconstruction_op(q, k, q_mask, k_mask, tau, _backend_for(backend, q, k))
     return scores
 
 
@@ -350,7 +352,7 @@ def _topk_backward_op(
 
 @_topk_backward_op.register_fake
 def _(grad, sub, patches, sub_mask, patch_mask, selected, lse, tau, backend):
-    return torch.empty_like(sub), torch.empty_like(patches)
+    return sub.new_empty(sub.shape), patches.new_empty(patches.shape)
 
 
 def _topk_setup(ctx, inputs, output):
@@ -406,11 +408,11 @@ def pairwise_topk_aggregate_cosines(
         return reference.pairwise_topk_aggregate_cosines(sub, patches, sub_mask, patch_mask, k, tau)
     sub_mask, patch_mask = _check_sets("sub", sub, "patches", patches, "sub_mask", sub_mask, "patch_mask", patch_mask)
     check_topk(k, patches.shape[1])
-    check_positive("tau", tau)
+    tau = constant_temperature("tau", tau)
     concrete = _backend_for(
         backend, sub, patches, n_patches=patches.shape[1], max_patches=TRITON_TOPK_MAX_PATCHES, has_extension=True
     )
-    logits, _, _ = _topk_op(sub, patches, sub_mask, patch_mask, k, float(tau), concrete)
+    logits, _, _ = _topk_op(sub, patches, sub_mask, patch_mask, k, tau, concrete)
     return logits
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -82,8 +84,8 @@ def finelip_hinge_loss(scores: torch.Tensor, margin: float = 0.2, hardest_negati
     """
     if not isinstance(scores, torch.Tensor) or scores.dim() != 2 or scores.shape[0] != scores.shape[1]:
         raise ValueError(f"scores must be a square [B, B] tensor, got {getattr(scores, 'shape', scores)!r}")
-    if margin < 0:
-        raise ValueError(f"margin must be >= 0, got {margin}")
+    if not (math.isfinite(margin) and margin >= 0):  # NaN fails the comparison: a NaN loss otherwise
+        raise ValueError(f"margin must be a finite number >= 0, got {margin!r}")
     acc = torch.float64 if scores.dtype == torch.float64 else torch.float32
     s = scores.to(acc)
     positives = s.diagonal()
