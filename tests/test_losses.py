@@ -41,16 +41,21 @@ def n(x):
     return F.normalize(x, dim=-1)
 
 
-def test_mulclip_total_is_the_weighted_sum_of_reference_terms():
-    f = features()
-    out = MulCLIPLoss("mulclip")(f, SCALE)
+def reference_terms(f: MulCLIPFeatures) -> dict[str, torch.Tensor]:
+    """The default MulCLIP terms of ``f``, each from its reference function (matched SAP, k = ⌈0.25·P⌉)."""
     k = math.ceil(0.25 * P)
-    expected = {
+    return {
         "global_long": R.clip_contrastive_loss(n(f.image_cls), n(f.text_eot), SCALE),
         "global_short": R.clip_contrastive_loss(n(f.image_cls), n(f.short_eot), SCALE),
         "wpr": R.wpr_loss(n(f.image_tokens), n(f.text_tokens), None, f.text_token_mask),
         "sap": R.sap_loss(n(f.sub_eot), n(f.image_tokens), f.sub_mask, None, k, 0.07, SCALE),
     }
+
+
+def test_mulclip_total_is_the_weighted_sum_of_reference_terms():
+    f = features()
+    out = MulCLIPLoss("mulclip")(f, SCALE)
+    expected = reference_terms(f)
     for name, value in expected.items():
         torch.testing.assert_close(out[name], value, msg=name)
     total = expected["global_long"] + 0.5 * expected["global_short"] + expected["wpr"] + expected["sap"]
@@ -91,13 +96,7 @@ def test_an_empty_batch_gives_the_reference_terms(backend):
         setattr(f, field, getattr(f, field)[:0].requires_grad_())
     f.sub_mask, f.text_token_mask = f.sub_mask[:0], f.text_token_mask[:0]
     out = MulCLIPLoss("mulclip", backend=backend)(f, SCALE)
-    k = math.ceil(0.25 * P)
-    expected = {
-        "global_long": R.clip_contrastive_loss(n(f.image_cls), n(f.text_eot), SCALE),
-        "global_short": R.clip_contrastive_loss(n(f.image_cls), n(f.short_eot), SCALE),
-        "wpr": R.wpr_loss(n(f.image_tokens), n(f.text_tokens), None, f.text_token_mask),
-        "sap": R.sap_loss(n(f.sub_eot), n(f.image_tokens), f.sub_mask, None, k, 0.07, SCALE),
-    }
+    expected = reference_terms(f)
     for name, value in expected.items():
         torch.testing.assert_close(out[name], value, msg=name)
     out["loss"].backward()
