@@ -108,6 +108,8 @@ def slotwise_contrastive_share(
 def hinge_costs(scores: torch.Tensor, offset: int, margin: float, hardest_negative: bool) -> torch.Tensor:
     """``Σ_i Σ_{c ≠ offset+i} max(0, margin + S[i, c] − S[i, offset+i])`` over the anchor rows ``i``
     (with ``hardest_negative``, only the largest cost of each anchor: VSE++'s max violation)."""
+    if scores.numel() == 0:  # no anchors (an empty batch): amax has nothing to reduce
+        return scores.sum()
     anchors = torch.arange(scores.shape[0], device=scores.device)
     positives = scores[anchors, offset + anchors]
     negative = torch.ones_like(scores, dtype=torch.bool)
@@ -126,7 +128,7 @@ def finelip_hinge_share(
     """
     costs = hinge_costs(t2i_scores, offset, margin, hardest_negative)
     costs = costs + hinge_costs(i2t_scores, offset, margin, hardest_negative)
-    return costs / t2i_scores.shape[1]
+    return costs / max(t2i_scores.shape[1], 1)  # an empty batch: 0, as reference.finelip_hinge_loss gives
 
 
 def contrastive_terms(

@@ -250,6 +250,8 @@ def _checked_and_normalized(f: MulCLIPFeatures, terms: tuple[str, ...]) -> MulCL
     read = {field for name in terms for field in TERM_INPUTS[name]}
     if "sap" in terms:
         read.add("image_tokens" if f.sap_tokens is None else "sap_tokens")
+        if f.sap_tokens is None and f.sap_token_mask is not None:  # SAP would read image_tokens and drop it
+            raise ValueError("features.sap_token_mask was given without features.sap_tokens")
     for name in terms:
         missing = [x for x in TERM_INPUTS[name] if getattr(f, x) is None]
         if name == "sap" and f.sap_tokens is None and f.image_tokens is None:

@@ -103,6 +103,31 @@ def test_an_empty_batch_gives_the_reference_terms(backend):
     assert f.image_cls.grad is not None and f.image_cls.grad.shape == (0, D)
 
 
+@pytest.mark.parametrize("backend", ["reference", "torch"])
+@pytest.mark.parametrize("hardest_negative", [False, True], ids=["all-negatives", "hardest"])
+def test_an_empty_batch_gives_a_zero_finelip_term(backend, hardest_negative):
+    """FineLIP's hinge on B = 0 is 0 like every other term (it was 0 / 0, or amax over nothing)."""
+    f = features()
+    for field in ("image_cls", "image_tokens", "text_eot", "text_tokens", "short_eot"):
+        setattr(f, field, getattr(f, field)[:0].requires_grad_())
+    f.sub_eot, f.sub_mask, f.text_token_mask = None, None, f.text_token_mask[:0]
+    out = MulCLIPLoss("finelip", finelip_hardest_negative=hardest_negative, backend=backend)(f, SCALE)
+    assert float(out["finelip"]) == 0.0 and float(out["loss"]) == 0.0
+    out["loss"].backward()
+    assert f.image_tokens.grad is not None and f.image_tokens.grad.shape == f.image_tokens.shape
+    scores = torch.zeros(0, 0, requires_grad=True)
+    assert float(R.finelip_hinge_loss(scores, hardest_negative=hardest_negative)) == 0.0
+
+
+def test_a_sap_token_mask_without_sap_tokens_is_refused():
+    """SAP reads image_tokens with image_token_mask when sap_tokens is None: a sap_token_mask alone would
+    be dropped without a word."""
+    f = features()
+    f.sap_token_mask = torch.ones(B, P, dtype=torch.bool)
+    with pytest.raises(ValueError, match="sap_token_mask was given without features.sap_tokens"):
+        MulCLIPLoss("mulclip")(f, SCALE)
+
+
 def test_objectives_and_ablation_switches_select_terms():
     f = features()
     assert set(MulCLIPLoss("global")(f, SCALE)) == {"global_long", "global_short", "loss"}

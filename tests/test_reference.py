@@ -370,6 +370,10 @@ def test_gradcheck_every_differentiable_function():
         (lambda: R.topk_patch_aggregate(unit(2, 4, 5), unit(2, 3, 5), k=2, tau=0), "tau must be a positive"),
         (lambda: R.topk_patch_aggregate(unit(2, 4, 5), unit(2, 3, 5), k=2.0), "k must be an int"),
         (lambda: R.pairwise_maxsim(unit(2, 4, 5), unit(2, 3, 5).int()), "k must be float16"),
+        # the same options the fused max-sim refuses (one check serves both)
+        (lambda: R.pairwise_maxsim(unit(2, 4, 5), unit(2, 3, 5), negative_slope=float("inf")), "negative_slope"),
+        (lambda: R.pairwise_maxsim(unit(2, 4, 5), unit(2, 3, 5), bidirectional=1), "bidirectional must be a bool"),
+        (lambda: R.token_reconstruction(unit(2, 4, 5), unit(2, 3, 5), tau=True), "tau must be a positive"),
         (lambda: R.pairwise_reconstruction_scores(unit(2, 4, 5), unit(2, 3, 5), tau=0), "tau must be a positive"),
         (lambda: R.clip_contrastive_loss(unit(2, 5), unit(2, 5), 0.0), "logit_scale must be a positive"),
         (lambda: R.clip_contrastive_loss(unit(2, 5), unit(2, 5), 1.0, torch.ones(3, dtype=torch.bool)), "mask must be"),

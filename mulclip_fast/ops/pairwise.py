@@ -27,7 +27,6 @@ Their FLOP and byte counts per call are in ``mulclip_fast.ops.costs``.
 
 from __future__ import annotations
 
-import math
 import warnings
 from types import ModuleType
 
@@ -35,7 +34,7 @@ import torch
 
 from .. import reference
 from ..kernels.limits import TOPK_MAX_PATCHES
-from ..reference.checks import check_mask, check_same_width, check_tokens, check_topk
+from ..reference.checks import check_mask, check_maxsim_options, check_same_width, check_tokens, check_topk
 from ..reference.masking import accumulation_dtype
 from . import _torch_pairwise
 from ._dispatch import EXTENSION_DEVICES, check_backend_name, constant_temperature, kernel_backend
@@ -197,14 +196,7 @@ def pairwise_maxsim(
     if backend == "reference":
         return reference.pairwise_maxsim(q, k, q_mask, k_mask, bidirectional, negative_slope)
     q_mask, k_mask = _check_sets("q", q, "k", k, "q_mask", q_mask, "k_mask", k_mask)
-    if not isinstance(bidirectional, bool):
-        raise ValueError(f"bidirectional must be a bool, got {type(bidirectional).__name__}")
-    if negative_slope is not None:
-        if isinstance(negative_slope, bool) or not isinstance(negative_slope, (int, float)):
-            raise ValueError(f"negative_slope must be None or a float >= 0, got {negative_slope!r}")
-        if not (math.isfinite(negative_slope) and negative_slope >= 0):
-            raise ValueError(f"negative_slope must be None or >= 0, got {negative_slope!r}")
-        negative_slope = float(negative_slope)
+    negative_slope = check_maxsim_options(bidirectional, negative_slope)
     scores, *_ = _maxsim_op(q, k, q_mask, k_mask, bidirectional, negative_slope, _backend_for(backend, q, k))
     return scores
 

@@ -91,6 +91,8 @@ def check_mask(name: str, mask: torch.Tensor | None, like: torch.Tensor, like_na
 
 
 def check_positive(name: str, value: float) -> None:
+    if isinstance(value, bool):  # True would pass as 1: a flag given where a number belongs
+        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
     if isinstance(value, torch.Tensor):
         if value.numel() != 1:
             raise ValueError(f"{name} must be a positive scalar, got a tensor of shape {tuple(value.shape)}")
@@ -99,6 +101,19 @@ def check_positive(name: str, value: float) -> None:
         value = float(value.detach())
     if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
         raise ValueError(f"{name} must be a positive finite number, got {value!r}")
+
+
+def check_maxsim_options(bidirectional: bool, negative_slope: float | None) -> float | None:
+    """Validate max-sim's options; returns ``negative_slope`` as a float (or None: no LeakyReLU)."""
+    if not isinstance(bidirectional, bool):
+        raise ValueError(f"bidirectional must be a bool, got {type(bidirectional).__name__}")
+    if negative_slope is None:
+        return None
+    if isinstance(negative_slope, bool) or not isinstance(negative_slope, (int, float)):
+        raise ValueError(f"negative_slope must be None or a float >= 0, got {negative_slope!r}")
+    if not (math.isfinite(negative_slope) and negative_slope >= 0):
+        raise ValueError(f"negative_slope must be None or a finite float >= 0, got {negative_slope!r}")
+    return float(negative_slope)
 
 
 def check_topk(k: int, n_tokens: int, name: str = "k") -> None:

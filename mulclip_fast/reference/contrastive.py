@@ -88,6 +88,8 @@ def finelip_hinge_loss(scores: torch.Tensor, margin: float = 0.2, hardest_negati
         raise ValueError(f"margin must be a finite number >= 0, got {margin!r}")
     acc = torch.float64 if scores.dtype == torch.float64 else torch.float32
     s = scores.to(acc)
+    if s.shape[0] == 0:  # an empty batch: 0 as every loss term gives (docs/method.md), not 0 / 0
+        return s.sum()
     positives = s.diagonal()
     off_diagonal = ~torch.eye(s.shape[0], dtype=torch.bool, device=s.device)
     cost_t2i = (margin + s - positives[:, None]).clamp(min=0) * off_diagonal

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .checks import check_mask, check_positive, check_same_width, check_tokens
+from .checks import check_mask, check_maxsim_options, check_positive, check_same_width, check_tokens
 from .masking import accumulation_dtype, masked_mean, masked_softmax
 from .tokens import _check_sap_inputs, topk_softmax_aggregate
 
@@ -52,8 +52,7 @@ def pairwise_maxsim(
         ``[Bq, Bk]`` in the dtype of ``q``.
     """
     q_mask, k_mask = _check_pair_inputs(q, k, q_mask, k_mask)
-    if negative_slope is not None and not negative_slope >= 0:
-        raise ValueError(f"negative_slope must be None or >= 0, got {negative_slope!r}")
+    negative_slope = check_maxsim_options(bidirectional, negative_slope)
     acc = accumulation_dtype(q)
     sim = torch.einsum("bid,cjd->bcij", q.to(acc), k.to(acc))  # [Bq, Bk, Lq, Lk]
     if negative_slope is not None:
