@@ -175,7 +175,7 @@ OPS = [
         ops.pairwise_topk_aggregate_cosines,
         _pairwise_topk_inputs,
         lambda s: (s["Bq"], s["Bk"], s["M"]),
-        lambda s: costs.pairwise_topk_aggregate_cost(s["Bq"], s["M"], s["Bk"], s["N"], s["d"], ITEMSIZE),
+        lambda s: costs.pairwise_topk_aggregate_cost(s["Bq"], s["M"], s["Bk"], s["N"], s["k"], s["d"], ITEMSIZE),
         [
             ("quick", {"Bq": 32, "Bk": 32, "M": 8, "N": 39, "k": _sap_k(39), "d": 512}),
             ("quick", {"Bq": 16, "Bk": 16, "M": 8, "N": 196, "k": _sap_k(196), "d": 512}),

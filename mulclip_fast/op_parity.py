@@ -125,7 +125,9 @@ OPS: dict[str, OpSpec] = {
             ("sub", "patches", "sub_mask", "patch_mask"),
             False,
             _topk,
-            lambda s, item: costs.pairwise_topk_aggregate_cost(s.batch_a, s.len_a, s.batch_b, s.len_b, s.width, item),
+            lambda s, item: costs.pairwise_topk_aggregate_cost(
+                s.batch_a, s.len_a, s.batch_b, s.len_b, _topk(s)["k"], s.width, item
+            ),
         ),
     )
 }

@@ -467,11 +467,13 @@ def test_peak_memory_at_paper_shape(op_name):
 
 
 def test_cost_model_counts_the_similarity_gemms():
+    gemm = 2 * 64 * 64 * 248 * 196 * 512
     cost = costs.pairwise_maxsim_cost(64, 248, 64, 196, 512, bidirectional=True)
-    assert cost.flops_forward == 2 * (2 * 64 * 64 * 248 * 196 * 512)
+    assert cost.flops_forward == gemm  # both directions take their maxima of the same similarities
+    assert cost.flops_backward == 2 * gemm
     recon = costs.pairwise_reconstruction_cost(64, 248, 64, 196, 512)
-    assert recon.flops_backward > 4 * 2 * 64 * 64 * 248 * 196 * 512
-    sap = costs.pairwise_topk_aggregate_cost(64, 8, 64, 196, 512)
-    assert sap.flops == 12 * 2 * 64 * 8 * 64 * 196 * 512
+    assert 2 * gemm < recon.flops_backward < 2.1 * gemm  # dq and dk, not the recomputed similarities
+    sap = costs.pairwise_topk_aggregate_cost(64, 8, 64, 196, 49, 512)
+    assert sap.flops == 2 * 64 * 8 * 64 * (196 + 49 + 1 + 4 * 49 + 2) * 512
     assert sap.bytes_forward > (64 * 8 + 64 * 196) * 512 * 4
     assert math.isclose(cost.flops, cost.flops_forward + cost.flops_backward)

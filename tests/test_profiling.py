@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 from mulclip_fast import reference
+from mulclip_fast.ops import costs
 from mulclip_fast.ops.costs import token_reconstruction_cost
 from mulclip_fast.profiling import (
     allocator_peak_memory_of,
@@ -66,3 +69,74 @@ def test_reconstruction_cost_counts_both_products():
     assert cost.flops_forward == 2 * (2 * 2 * 3 * 5 * 7)
     assert cost.flops_backward == 2 * cost.flops_forward
     assert cost.bytes_forward == 2 * (3 + 5) * 7 * 4 + 2 * 3 * 7 * 4
+
+
+def _reference_gemm_flops(fn, *inputs) -> tuple[int, int]:
+    """Matrix-product FLOPs (2·m·n·k each) of ``fn(*inputs)`` forward, and of its backward."""
+    inputs = [x.clone().requires_grad_() for x in inputs]
+    with FlopCounterMode(display=False) as forward:
+        out = fn(*inputs)
+    with FlopCounterMode(display=False) as backward:
+        out.sum().backward()
+    return forward.get_total_flops(), backward.get_total_flops()
+
+
+# (cost, reference call, the reference's FLOPs that the counter does not see, backward compared): the
+# top-k ops' weighted sum of k patches is an elementwise product and sum in the reference, and their
+# backward counts only the k selected patches where the reference's autograd runs dense products.
+_Q, _K, _LQ, _LK, _D, _TOPK = 3, 4, 24, 32, 128, 4
+COST_CASES = {
+    "token_reconstruction": (
+        costs.token_reconstruction_cost(_Q, _LQ, _LK, _D),
+        lambda q, k: reference.token_reconstruction(q, k[:_Q]),
+        0,
+        True,
+    ),
+    "wpr_loss": (costs.wpr_loss_cost(_Q, _LQ, _LK, _D), lambda q, k: reference.wpr_loss(q, k[:_Q]), 0, True),
+    "topk_patch_aggregate": (
+        costs.topk_patch_aggregate_cost(_Q, _LQ, _LK, _TOPK, _D),
+        lambda q, k: reference.topk_patch_aggregate(q, k[:_Q], k=_TOPK),
+        2 * _Q * _LQ * _TOPK * _D,
+        False,
+    ),
+    "pairwise_maxsim": (
+        costs.pairwise_maxsim_cost(_Q, _LQ, _K, _LK, _D),
+        lambda q, k: reference.pairwise_maxsim(q, k),
+        0,
+        True,
+    ),
+    "pairwise_maxsim bidirectional": (
+        costs.pairwise_maxsim_cost(_Q, _LQ, _K, _LK, _D, bidirectional=True),
+        lambda q, k: reference.pairwise_maxsim(q, k, bidirectional=True),
+        0,
+        True,
+    ),
+    "pairwise_reconstruction_scores": (
+        costs.pairwise_reconstruction_cost(_Q, _LQ, _K, _LK, _D),
+        lambda q, k: reference.pairwise_reconstruction_scores(q, k),
+        0,
+        True,
+    ),
+    "pairwise_topk_aggregate_cosines": (
+        costs.pairwise_topk_aggregate_cost(_Q, _LQ, _K, _LK, _TOPK, _D),
+        lambda q, k: reference.pairwise_topk_aggregate_cosines(q, k, k=_TOPK),
+        2 * _Q * _K * _LQ * _TOPK * _D,
+        False,
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(COST_CASES))
+def test_cost_models_count_the_reference_products(name):
+    """FLOPs count the products of the op's definition, not what an implementation recomputes (``OpCost``):
+    every backend's % of peak is measured against the same work. The reference materialises each product
+    once, so its matrix products, counted by torch's FLOP counter, are the measure (up to the softmax's
+    few flops per similarity, under 5 % here)."""
+    cost, call, uncounted, compare_backward = COST_CASES[name]
+    generator = torch.Generator().manual_seed(0)
+    q = torch.randn(_Q, _LQ, _D, generator=generator)
+    k = torch.randn(_K, _LK, _D, generator=generator)
+    forward, backward = _reference_gemm_flops(call, q, k)
+    assert cost.flops_forward == pytest.approx(forward + uncounted, rel=0.05)
+    if compare_backward:
+        assert cost.flops_backward == pytest.approx(backward, rel=0.05)

@@ -61,23 +61,24 @@ def topk_patch_aggregate_cost(batch: int, n_sub: int, n_patches: int, k: int, d:
     return _io_cost(forward, 8 * batch * n_sub * k * d, io, batch * n_sub * d * itemsize)
 
 
-# The all-pairs ops: bytes here also count the saved statistics that the Triton path reads back in backward.
+# The all-pairs ops: bytes here also count the saved statistics that the Triton path reads back in backward;
+# FLOPs, as everywhere, count each product of the definition once (the fused paths recompute some).
 
 
 def pairwise_maxsim_cost(
     n_q: int, len_q: int, n_k: int, len_k: int, d: int, bidirectional: bool = False, itemsize: int = 4
 ) -> OpCost:
-    """Per direction, forward is one similarity GEMM ``2·Bq·Bk·Lq·Lk·d``; backward gathers the arg-max
-    rows for the queries (``2·Bq·Bk·Lq·d``) and scatters into the keys with a one-hot GEMM
-    (``2·Bq·Bk·Lq·Lk·d``). Bidirectional runs both directions."""
-    directions = 2 if bidirectional else 1
+    """Forward is one similarity GEMM ``2·Bq·Bk·Lq·Lk·d``, whose maxima are taken along the keys (and,
+    ``bidirectional``, along the queries too: the same similarities, which the Triton path computes once
+    per direction). Backward: ``dq = W k`` and ``dk = Wᵀ q`` with ``W`` the one-hot weights of the maxima
+    of both directions (``2 × 2·Bq·Bk·Lq·Lk·d``)."""
     pairs = n_q * n_k
     gemm = 2 * pairs * len_q * len_k * d
     inputs = (n_q * len_q + n_k * len_k) * d * itemsize
     stats = pairs * (len_q + (len_k if bidirectional else 0)) * 8  # fp32 max + int32 index
     return OpCost(
-        flops_forward=directions * gemm,
-        flops_backward=directions * gemm + 2 * pairs * d * (len_q + (len_k if bidirectional else 0)),
+        flops_forward=gemm,
+        flops_backward=2 * gemm,
         bytes_forward=inputs + stats + pairs * itemsize,
         bytes_backward=2 * inputs + stats + pairs * itemsize,
     )
@@ -85,7 +86,8 @@ def pairwise_maxsim_cost(
 
 def pairwise_reconstruction_cost(n_q: int, len_q: int, n_k: int, len_k: int, d: int, itemsize: int = 4) -> OpCost:
     """Forward: one similarity GEMM (``2·Bq·Bk·Lq·Lk·d``) plus a few flops per similarity for the online
-    softmax. Backward: the dq and dk kernels each recompute the similarities and apply one GEMM."""
+    softmax. Backward: ``dq = dS k`` and ``dk = dSᵀ q`` (``2 × 2·Bq·Bk·Lq·Lk·d``; the similarities that
+    the fused kernels recompute are not counted)."""
     pairs = n_q * n_k
     gemm = 2 * pairs * len_q * len_k * d
     elementwise = 6 * pairs * len_q * len_k
@@ -93,24 +95,27 @@ def pairwise_reconstruction_cost(n_q: int, len_q: int, n_k: int, len_k: int, d: 
     stats = pairs * len_q * 8  # fp32 r + lse
     return OpCost(
         flops_forward=gemm + elementwise,
-        flops_backward=4 * gemm + 2 * elementwise,
+        flops_backward=2 * gemm + 2 * elementwise,
         bytes_forward=inputs + stats + pairs * itemsize,
         bytes_backward=2 * inputs + stats + pairs * itemsize,
     )
 
 
-def pairwise_topk_aggregate_cost(n_q: int, n_sub: int, n_k: int, n_patch: int, d: int, itemsize: int = 4) -> OpCost:
-    """Forward: scores ``s = t Xᵀ`` and the aggregate ``a = w X`` as dense GEMMs over all N patches
-    (``2 × 2·Bq·Bk·M·N·d``), plus an on-chip radix select of each N-row (32 compare-and-count passes, not
-    counted). Backward: the d_sub kernel recomputes s, a and ``Xa`` and applies ``αX`` (4 GEMMs); the
-    d_patches kernel recomputes s, a and ``Xa``, then per d slice a again, ``αᵀt`` and ``βᵀu`` (6 GEMMs)."""
+def pairwise_topk_aggregate_cost(
+    n_q: int, n_sub: int, n_k: int, n_patch: int, k: int, d: int, itemsize: int = 4
+) -> OpCost:
+    """As :func:`topk_patch_aggregate_cost` for every (caption, image) pair, plus the cosine of each
+    subcaption with its aggregate. Forward: scores ``s = t Xᵀ`` against all N patches (``2·Bq·Bk·M·N·d``),
+    the weighted sum of the top k (``2·Bq·Bk·M·k·d``) and the cosines (``2·Bq·Bk·M·d``); the top-k
+    selection is not counted. Backward: through the k selected patches only, from both the scores and the
+    sum (``4 × 2·Bq·Bk·M·k·d``), and through the cosines (``2 × 2·Bq·Bk·M·d``). The similarities and
+    aggregates that the fused kernels recompute are not counted."""
     rows_pairs = n_q * n_sub * n_k
-    gemm = 2 * rows_pairs * n_patch * d
     inputs = (n_q * n_sub + n_k * n_patch) * d * itemsize
     stats = rows_pairs * ((n_patch + 7) // 8 + 4)  # packed selection + fp32 lse
     return OpCost(
-        flops_forward=2 * gemm,
-        flops_backward=10 * gemm,
+        flops_forward=2 * rows_pairs * (n_patch + k + 1) * d,
+        flops_backward=2 * rows_pairs * (4 * k + 2) * d,
         bytes_forward=inputs + stats + rows_pairs * itemsize,
         bytes_backward=2 * inputs + stats + rows_pairs * itemsize,
     )
