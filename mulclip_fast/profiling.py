@@ -50,23 +50,43 @@ class PeakMemoryTracker(TorchDispatchMode):
         self.live = 0
         self.peak = 0
         self._seen: dict[int, weakref.ref] = {}
+        self._bytes: dict[int, int] = {}  # bytes counted for each tracked storage
 
-    def _release(self, key: int, nbytes: int) -> None:
+    def _release(self, key: int) -> None:
         self._seen.pop(key, None)
-        self.live -= nbytes
+        self.live -= self._bytes.pop(key, 0)
 
     def _track(self, tensor: torch.Tensor) -> None:
         storage = tensor.untyped_storage()
         key = id(storage)
         if key in self._seen and self._seen[key]() is storage:
             return
-        nbytes = storage.nbytes()
-        self._seen[key] = weakref.ref(storage, lambda _ref, key=key, nbytes=nbytes: self._release(key, nbytes))
+        self._seen[key] = weakref.ref(storage, lambda _ref, key=key: self._release(key))
+        self._bytes[key] = storage.nbytes()
+        self._add(self._bytes[key])
+
+    def _add(self, nbytes: int) -> None:
         self.live += nbytes
         self.peak = max(self.peak, self.live)
 
+    def _grow(self, tensor: torch.Tensor, before: int) -> None:
+        """An op grew ``tensor``'s existing storage from ``before`` bytes (``out=`` into an empty tensor,
+        ``resize_``): it allocated the new buffer while the old one was still held, then freed the old."""
+        storage = tensor.untyped_storage()
+        if storage.nbytes() <= before:
+            return
+        key = id(storage)
+        if key in self._seen and self._seen[key]() is storage:
+            self._add(storage.nbytes())
+            self.live -= self._bytes[key]
+            self._bytes[key] = storage.nbytes()
+        else:  # allocated before the block: only the new buffer counts
+            self._track(tensor)
+
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        arguments = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+        sizes = {_storage_id(t): _storage_nbytes(t) for t in arguments}
         python_impl = _custom_op_implementation(func)
         if python_impl is not None:
             # A mode is switched off while it handles an op, so the temporaries that a Python custom op
@@ -77,12 +97,16 @@ class PeakMemoryTracker(TorchDispatchMode):
         else:
             out = func(*args, **kwargs)
         # Views, in-place and ``out=`` ops return a storage that already exists: an argument's. It is
-        # either tracked already or was allocated before the block (an input), which must not count.
-        existing = {_storage_id(t) for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
+        # either tracked already or was allocated before the block (an input), which must not count,
+        # unless the op grew it (``out=`` into an empty tensor, ``resize_``): its new buffer is new memory.
         for leaf in tree_leaves(out):
             if isinstance(leaf, torch.Tensor) and leaf.device.type != "meta":
                 key = _storage_id(leaf)
-                if key is not None and key not in existing:
+                if key is None:
+                    continue
+                if key in sizes:
+                    self._grow(leaf, sizes[key])
+                else:
                     self._track(leaf)
         return out
 
@@ -104,6 +128,13 @@ def _storage_id(tensor: torch.Tensor) -> int | None:
     try:
         return tensor.untyped_storage()._cdata
     except (RuntimeError, NotImplementedError):  # sparse and other storage-less layouts
+        return None
+
+
+def _storage_nbytes(tensor: torch.Tensor) -> int | None:
+    try:
+        return tensor.untyped_storage().nbytes()
+    except (RuntimeError, NotImplementedError):
         return None
 
 

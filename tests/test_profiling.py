@@ -25,6 +25,32 @@ def test_views_and_in_place_ops_of_inputs_allocate_nothing():
     assert peak_memory_of(lambda: x.t().contiguous())[0] == 100 * 100 * 4
 
 
+def test_storage_that_an_op_grows_counts():
+    """``out=`` into an empty tensor and ``resize_`` allocate inside the op, into a storage that already
+    exists: the tracker counts the new buffer, as the CPU allocator does, and releases it with the storage."""
+    a, b = torch.randn(100, 100), torch.randn(100, 100)
+
+    def mm_into_empty():
+        out = torch.empty(0)
+        torch.mm(a, b, out=out)
+        return out
+
+    def resized():
+        x = torch.empty(10)
+        return x.resize_(1000)
+
+    grown_input = torch.empty(0)
+    assert peak_memory_of(mm_into_empty)[0] == allocator_peak_memory_of(mm_into_empty)[0] == 100 * 100 * 4
+    assert peak_memory_of(resized)[0] == allocator_peak_memory_of(resized)[0] == (10 + 1000) * 4  # new beside old
+    assert peak_memory_of(lambda: grown_input.resize_(50))[0] == 50 * 4
+
+    def freed_after_growth():
+        resized()
+        return a * 2  # the resized storage is gone: the peak is the larger of the two, not their sum
+
+    assert peak_memory_of(freed_after_growth)[0] == 100 * 100 * 4
+
+
 def test_temporaries_count_at_their_peak_only():
     x = torch.randn(1000)
 
