@@ -352,6 +352,9 @@ class CLIP(nn.Module):
         """(``v_cls [B, d]``, ``v_loc [B, P, d]``)."""
         if images.dim() != 4 or images.shape[1] != 3:
             raise ValueError(f"images must be [B, 3, H, W], got {tuple(images.shape)}")
+        if not images.is_floating_point():
+            # uint8 pixels would be computed as floats 0..255, silently far from the preprocessed range.
+            raise ValueError(f"images must be a floating-point tensor of preprocessed pixels, got {images.dtype}")
         res = self.config.image_resolution
         if images.shape[-2:] != (res, res):
             raise ValueError(f"images must be {res}x{res} for this model, got {tuple(images.shape[-2:])}")
@@ -360,11 +363,11 @@ class CLIP(nn.Module):
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
         return self.encode_image_tokens(images)[0]
 
-    def _check_ids(self, ids: torch.Tensor, name: str = "token ids") -> None:
-        if ids.dim() != 2 or ids.dtype not in (torch.int64, torch.int32):
-            raise ValueError(f"{name} must be an integer [B, L] tensor, got {ids.dtype} {tuple(ids.shape)}")
-        if ids.shape[1] > self.config.context_length:
-            raise ValueError(f"{name} have {ids.shape[1]} positions, the model has {self.config.context_length}")
+    def _check_ids(self, ids: torch.Tensor, name: str = "token ids", form: str = "[B, L]") -> None:
+        if ids.dim() != form.count(",") + 1 or ids.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"{name} must be an integer {form} tensor, got {ids.dtype} {tuple(ids.shape)}")
+        if ids.shape[-1] > self.config.context_length:
+            raise ValueError(f"{name} have {ids.shape[-1]} positions, the model has {self.config.context_length}")
 
     def _text_hidden(self, ids: torch.Tensor) -> torch.Tensor:
         self._check_ids(ids)
@@ -461,8 +464,17 @@ class CLIP(nn.Module):
             packed_text: encode every text of the batch in one packed pass (``encode_packed_text``); False
                 encodes each group padded, the reference the packed path is tested against.
         """
-        if sub_ids is not None and (sub_mask is None or sub_mask.shape != sub_ids.shape[:2]):
-            raise ValueError("sub_ids [B, M, L] needs sub_mask [B, M]")
+        # Checked here under the caller's names: past this point they are the packed path's groups[i].
+        self._check_ids(long_ids, "long_ids")
+        if short_ids is not None:
+            self._check_ids(short_ids, "short_ids")
+        if sub_ids is not None:
+            self._check_ids(sub_ids, "sub_ids", "[B, M, L]")
+            if sub_mask is None or sub_mask.dtype != torch.bool or sub_mask.shape != sub_ids.shape[:2]:
+                raise ValueError(
+                    f"sub_ids {tuple(sub_ids.shape)} needs a bool sub_mask {tuple(sub_ids.shape[:2])}, got "
+                    f"{None if sub_mask is None else (sub_mask.dtype, tuple(sub_mask.shape))}"
+                )
         v_cls, v_loc = self.encode_image_tokens(images)
         # Only the real subcaptions are encoded (padding slots cost nothing), then scattered back.
         real_subs = None if sub_ids is None else sub_ids[sub_mask]
