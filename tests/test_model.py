@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import copy
+import io
+
 import pytest
 import torch
 
@@ -221,6 +224,37 @@ def test_loading_openai_checkpoint_stretches_and_freezes_positions(tmp_path):
     torch.testing.assert_close(model.positional_embedding, stretch_positional_embedding(state["positional_embedding"]))
     # Frozen rows get no gradient; the others do.
     model.encode_text(token_ids([100], 100)).sum().backward()
+    grad = model.positional_embedding.grad
+    assert (grad[:20] == 0).all() and (grad[20:100].abs().sum(-1) > 0).all()
+
+
+def _pickled(model: CLIP) -> CLIP:
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=False)
+
+
+def _assigned(model: CLIP) -> CLIP:
+    model.load_state_dict({k: v.clone() for k, v in model.state_dict().items()}, assign=True)
+    return model
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+@pytest.mark.parametrize("transform", [copy.deepcopy, _pickled, _assigned], ids=["deepcopy", "pickle", "assign"])
+def test_frozen_positions_stay_frozen_in_a_copy_of_the_model(transform, packed):
+    """A model whose leading positions are frozen keeps them frozen through what replaces its parameter
+    objects (a deep copy, a pickle round trip, ``load_state_dict(assign=True)``), as ``frozen_positions``
+    says; a gradient hook on the parameter was lost in each, or made the model unpicklable."""
+    model = small_model()
+    model.freeze_leading_positions(20)
+    model = transform(model)
+    assert model.frozen_positions == 20
+    ids = token_ids([100, 30], 100)
+    if packed:
+        model.encode_packed_text([ids])[0][0].sum().backward()
+    else:
+        model.encode_text(ids).sum().backward()
     grad = model.positional_embedding.grad
     assert (grad[:20] == 0).all() and (grad[20:100].abs().sum(-1) > 0).all()
 

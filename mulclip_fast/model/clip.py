@@ -287,7 +287,6 @@ class CLIP(nn.Module):
         self.patch_calibration = LocalTokenCalibration(cfg.embed_dim, n_out)
         self.word_calibration = LocalTokenCalibration(cfg.embed_dim, n_out)
         self.frozen_positions = 0
-        self._frozen_hook = None
         self.text_attention = "auto"  # the packed text path's attention backend (set_text_attention)
         self._init_parameters()
 
@@ -312,26 +311,23 @@ class CLIP(nn.Module):
 
     # ------------------------------------------------------------------ positional freezing
     def freeze_leading_positions(self, n: int) -> None:
-        """Keep the first ``n`` text positions fixed (Long-CLIP): their gradient is zeroed.
+        """Keep the first ``n`` text positions fixed (Long-CLIP): their gradient is zero.
 
         With a zero gradient from the first step Adam's moments stay zero, so the rows never move as
         long as the optimizer puts ``positional_embedding`` in a group without weight decay (the
-        trainer does).
+        trainer does). The text passes read the table through ``text_positions``, which detaches the
+        rows: a gradient hook on the parameter would be lost with the parameter object (a deep copy,
+        ``load_state_dict(assign=True)``) and would make the model unpicklable.
         """
         if not 0 <= n <= self.config.context_length:
             raise ValueError(f"frozen positions must be in [0, {self.config.context_length}], got {n}")
-        if self._frozen_hook is not None:
-            self._frozen_hook.remove()
-            self._frozen_hook = None
         self.frozen_positions = n
-        if n:
 
-            def zero_leading_rows(grad: torch.Tensor) -> torch.Tensor:
-                grad = grad.clone()
-                grad[:n] = 0
-                return grad
-
-            self._frozen_hook = self.positional_embedding.register_hook(zero_leading_rows)
+    def text_positions(self) -> torch.Tensor:
+        """The text positional table as the text passes use it: the frozen leading rows detached."""
+        n = self.frozen_positions
+        table = self.positional_embedding
+        return torch.cat([table[:n].detach(), table[n:]]) if n else table
 
     def set_text_attention(self, backend: str) -> None:
         """The packed text path's attention backend: auto | flash | xformers | torch (``attention`` module).
@@ -371,7 +367,7 @@ class CLIP(nn.Module):
 
     def _text_hidden(self, ids: torch.Tensor) -> torch.Tensor:
         self._check_ids(ids)
-        x = self.token_embedding(ids) + self.positional_embedding[: ids.shape[1]].to(self.dtype)
+        x = self.token_embedding(ids) + self.text_positions()[: ids.shape[1]].to(self.dtype)
         return self.ln_final(self.transformer(x))
 
     def encode_text_tokens(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -422,7 +418,7 @@ class CLIP(nn.Module):
         starts = sequences.cu_seqlens[:-1].long()
         positions = torch.arange(sequences.total, device=lengths.device) - starts.repeat_interleave(lengths)
         # F.embedding, not indexing: its backward sums rows densely, where indexing's is an index_put
-        x = self.token_embedding(token_ids) + F.embedding(positions, self.positional_embedding).to(self.dtype)
+        x = self.token_embedding(token_ids) + F.embedding(positions, self.text_positions()).to(self.dtype)
         x = self.ln_final(self.transformer(x, packed=sequences, attention=self.text_attention))
         eot = list((x.index_select(0, starts + lengths - 1) @ self.text_projection).split(counts))
         if not tokens_of_first:
