@@ -507,6 +507,29 @@ def test_token_calibrations_start_with_more_distinct_tokens_than_the_default_ini
     assert results["token_calibrations"] < results["default"] - 0.1, results
 
 
+@pytest.mark.parametrize("backend", ["reference", "torch"])
+def test_calibrate_leaves_a_caption_without_words_out_of_wpr(hf_batch, backend):
+    """An empty caption (SOT, EOT) has no word to calibrate: its T' is zeros, and WPR must leave the sample
+    out of its mean (docs/method.md, "Edge cases"), as ``CLIP.features`` does, not score it as a sample."""
+    model = hf.stretch_text_positions(tiny_hf_clip())
+    long_ids = caption_ids([1, 7, 9, 5], 77, torch.Generator().manual_seed(0))  # row 0: SOT, EOT
+    with torch.no_grad():
+        features = hf.mulclip_features(model, hf_batch["pixels"], long_ids)
+        torch.manual_seed(2)
+        calibrated = calibrate(features, *token_calibrations(16, 3))
+    assert calibrated.text_token_mask is not None and not calibrated.text_token_mask[0].any()
+    assert calibrated.text_token_mask[1:].all()
+    wpr = MulCLIPLoss(terms=("wpr",), backend=backend)
+    rest = MulCLIPFeatures(
+        image_cls=calibrated.image_cls[1:],
+        image_tokens=calibrated.image_tokens[1:],
+        text_eot=calibrated.text_eot[1:],
+        text_tokens=calibrated.text_tokens[1:],
+    )
+    logit_scale = torch.tensor(10.0)
+    torch.testing.assert_close(wpr(calibrated, logit_scale)["wpr"], wpr(rest, logit_scale)["wpr"])
+
+
 def test_a_few_steps_of_the_mulclip_loss_reduce_it_on_a_tiny_hf_clip(hf_batch):
     model = hf.stretch_text_positions(tiny_hf_clip()).train()
     torch.manual_seed(4)

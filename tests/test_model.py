@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import copy
+import io
+
 import pytest
 import torch
 
@@ -169,6 +172,36 @@ def test_bad_inputs_are_reported():
         model.features(torch.randn(1, 3, 64, 64), token_ids([5], 5), sub_ids=token_ids([5], 5)[None])
 
 
+def _features_batch():
+    images = torch.randn(2, 3, 64, 64)
+    sub_ids = torch.stack([token_ids([4, 6], 9)] * 2)
+    return dict(images=images, long_ids=token_ids([7, 12], 12), short_ids=token_ids([5, 3], 5), sub_ids=sub_ids)
+
+
+@pytest.mark.parametrize("packed_text", [True, False], ids=["packed", "padded"])
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        (lambda b: {"long_ids": b["long_ids"][0]}, "long_ids must be an integer"),
+        (lambda b: {"short_ids": b["short_ids"][0]}, "short_ids must be an integer"),
+        (lambda b: {"short_ids": b["short_ids"].float()}, "short_ids must be an integer"),
+        (lambda b: {"sub_ids": b["sub_ids"].float()}, "sub_ids must be an integer"),
+        (lambda b: {"sub_mask": torch.ones(2, 2, dtype=torch.long)}, "sub_mask"),
+        (lambda b: {"sub_mask": torch.ones(2, 2, dtype=torch.uint8)}, "sub_mask"),
+        (lambda b: {"images": (b["images"] * 64 + 128).clamp(0, 255).to(torch.uint8)}, "floating-point"),
+    ],
+    ids=["1d-long", "1d-short", "float-short", "float-sub", "int-sub-mask", "uint8-sub-mask", "uint8-images"],
+)
+def test_bad_feature_inputs_name_the_argument(bad, message, packed_text):
+    """Wrong ranks and dtypes of ``features``' arguments: a ValueError naming the argument, not an error
+    about an internal name (``groups[2]``), an IndexError, or uint8 pixels computed as floats 0..255."""
+    model = small_model()
+    batch = _features_batch()
+    inputs = {**batch, "sub_mask": torch.ones(2, 2, dtype=torch.bool)}
+    with pytest.raises(ValueError, match=message):
+        model.features(**{**inputs, **bad(batch)}, packed_text=packed_text)
+
+
 def _openai_state(model: CLIP, context: int = 77) -> dict:
     """model's weights as an OpenAI CLIP file would hold them: 77 positions, metadata keys, no LC."""
     state = {k: v.clone() for k, v in model.state_dict().items() if "calibration" not in k}
@@ -191,6 +224,37 @@ def test_loading_openai_checkpoint_stretches_and_freezes_positions(tmp_path):
     torch.testing.assert_close(model.positional_embedding, stretch_positional_embedding(state["positional_embedding"]))
     # Frozen rows get no gradient; the others do.
     model.encode_text(token_ids([100], 100)).sum().backward()
+    grad = model.positional_embedding.grad
+    assert (grad[:20] == 0).all() and (grad[20:100].abs().sum(-1) > 0).all()
+
+
+def _pickled(model: CLIP) -> CLIP:
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=False)
+
+
+def _assigned(model: CLIP) -> CLIP:
+    model.load_state_dict({k: v.clone() for k, v in model.state_dict().items()}, assign=True)
+    return model
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+@pytest.mark.parametrize("transform", [copy.deepcopy, _pickled, _assigned], ids=["deepcopy", "pickle", "assign"])
+def test_frozen_positions_stay_frozen_in_a_copy_of_the_model(transform, packed):
+    """A model whose leading positions are frozen keeps them frozen through what replaces its parameter
+    objects (a deep copy, a pickle round trip, ``load_state_dict(assign=True)``), as ``frozen_positions``
+    says; a gradient hook on the parameter was lost in each, or made the model unpicklable."""
+    model = small_model()
+    model.freeze_leading_positions(20)
+    model = transform(model)
+    assert model.frozen_positions == 20
+    ids = token_ids([100, 30], 100)
+    if packed:
+        model.encode_packed_text([ids])[0][0].sum().backward()
+    else:
+        model.encode_text(ids).sum().backward()
     grad = model.positional_embedding.grad
     assert (grad[:20] == 0).all() and (grad[20:100].abs().sum(-1) > 0).all()
 

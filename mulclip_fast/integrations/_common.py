@@ -354,7 +354,9 @@ def calibrate(
     """Replace the raw tokens of ``features`` by their locally calibrated ``V'`` and ``T'`` (docs/method.md, LC).
 
     MulCLIP computes WPR and SAP on calibrated tokens; ``sap_on_raw_patches`` keeps the raw patches for
-    SAP (the paper's ablation flag). Calibrated tokens are all valid, so their masks become None.
+    SAP (the paper's ablation flag). The calibrated tokens of a sample are all valid, or all invalid when it
+    had no valid token (an empty caption: its ``T'`` is zeros), so that WPR leaves the sample out of its mean
+    as ``CLIP.features`` does.
     """
     v_cal = image_calibration(features.image_tokens, features.image_token_mask)
     t_cal = text_calibration(features.text_tokens, features.text_token_mask)
@@ -366,9 +368,16 @@ def calibrate(
         short_eot=features.short_eot,
         sub_eot=features.sub_eot,
         sub_mask=features.sub_mask,
+        image_token_mask=_calibrated_mask(features.image_token_mask, v_cal),
+        text_token_mask=_calibrated_mask(features.text_token_mask, t_cal),
         sap_tokens=features.image_tokens if sap_on_raw_patches else None,
         sap_token_mask=features.image_token_mask if sap_on_raw_patches else None,
     )
+
+
+def _calibrated_mask(mask: torch.Tensor | None, calibrated: torch.Tensor) -> torch.Tensor | None:
+    """``[B, N']`` mask of calibrated tokens: False on the rows of samples without any valid input token."""
+    return None if mask is None else mask.any(dim=1, keepdim=True).expand(-1, calibrated.shape[1])
 
 
 def as_clip_loss_inputs(features: MulCLIPFeatures) -> dict[str, torch.Tensor | None]:

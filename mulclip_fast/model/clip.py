@@ -287,7 +287,6 @@ class CLIP(nn.Module):
         self.patch_calibration = LocalTokenCalibration(cfg.embed_dim, n_out)
         self.word_calibration = LocalTokenCalibration(cfg.embed_dim, n_out)
         self.frozen_positions = 0
-        self._frozen_hook = None
         self.text_attention = "auto"  # the packed text path's attention backend (set_text_attention)
         self._init_parameters()
 
@@ -312,26 +311,23 @@ class CLIP(nn.Module):
 
     # ------------------------------------------------------------------ positional freezing
     def freeze_leading_positions(self, n: int) -> None:
-        """Keep the first ``n`` text positions fixed (Long-CLIP): their gradient is zeroed.
+        """Keep the first ``n`` text positions fixed (Long-CLIP): their gradient is zero.
 
         With a zero gradient from the first step Adam's moments stay zero, so the rows never move as
         long as the optimizer puts ``positional_embedding`` in a group without weight decay (the
-        trainer does).
+        trainer does). The text passes read the table through ``text_positions``, which detaches the
+        rows: a gradient hook on the parameter would be lost with the parameter object (a deep copy,
+        ``load_state_dict(assign=True)``) and would make the model unpicklable.
         """
         if not 0 <= n <= self.config.context_length:
             raise ValueError(f"frozen positions must be in [0, {self.config.context_length}], got {n}")
-        if self._frozen_hook is not None:
-            self._frozen_hook.remove()
-            self._frozen_hook = None
         self.frozen_positions = n
-        if n:
 
-            def zero_leading_rows(grad: torch.Tensor) -> torch.Tensor:
-                grad = grad.clone()
-                grad[:n] = 0
-                return grad
-
-            self._frozen_hook = self.positional_embedding.register_hook(zero_leading_rows)
+    def text_positions(self) -> torch.Tensor:
+        """The text positional table as the text passes use it: the frozen leading rows detached."""
+        n = self.frozen_positions
+        table = self.positional_embedding
+        return torch.cat([table[:n].detach(), table[n:]]) if n else table
 
     def set_text_attention(self, backend: str) -> None:
         """The packed text path's attention backend: auto | flash | xformers | torch (``attention`` module).
@@ -352,6 +348,9 @@ class CLIP(nn.Module):
         """(``v_cls [B, d]``, ``v_loc [B, P, d]``)."""
         if images.dim() != 4 or images.shape[1] != 3:
             raise ValueError(f"images must be [B, 3, H, W], got {tuple(images.shape)}")
+        if not images.is_floating_point():
+            # uint8 pixels would be computed as floats 0..255, silently far from the preprocessed range.
+            raise ValueError(f"images must be a floating-point tensor of preprocessed pixels, got {images.dtype}")
         res = self.config.image_resolution
         if images.shape[-2:] != (res, res):
             raise ValueError(f"images must be {res}x{res} for this model, got {tuple(images.shape[-2:])}")
@@ -360,15 +359,15 @@ class CLIP(nn.Module):
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
         return self.encode_image_tokens(images)[0]
 
-    def _check_ids(self, ids: torch.Tensor, name: str = "token ids") -> None:
-        if ids.dim() != 2 or ids.dtype not in (torch.int64, torch.int32):
-            raise ValueError(f"{name} must be an integer [B, L] tensor, got {ids.dtype} {tuple(ids.shape)}")
-        if ids.shape[1] > self.config.context_length:
-            raise ValueError(f"{name} have {ids.shape[1]} positions, the model has {self.config.context_length}")
+    def _check_ids(self, ids: torch.Tensor, name: str = "token ids", form: str = "[B, L]") -> None:
+        if ids.dim() != form.count(",") + 1 or ids.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"{name} must be an integer {form} tensor, got {ids.dtype} {tuple(ids.shape)}")
+        if ids.shape[-1] > self.config.context_length:
+            raise ValueError(f"{name} have {ids.shape[-1]} positions, the model has {self.config.context_length}")
 
     def _text_hidden(self, ids: torch.Tensor) -> torch.Tensor:
         self._check_ids(ids)
-        x = self.token_embedding(ids) + self.positional_embedding[: ids.shape[1]].to(self.dtype)
+        x = self.token_embedding(ids) + self.text_positions()[: ids.shape[1]].to(self.dtype)
         return self.ln_final(self.transformer(x))
 
     def encode_text_tokens(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -419,7 +418,7 @@ class CLIP(nn.Module):
         starts = sequences.cu_seqlens[:-1].long()
         positions = torch.arange(sequences.total, device=lengths.device) - starts.repeat_interleave(lengths)
         # F.embedding, not indexing: its backward sums rows densely, where indexing's is an index_put
-        x = self.token_embedding(token_ids) + F.embedding(positions, self.positional_embedding).to(self.dtype)
+        x = self.token_embedding(token_ids) + F.embedding(positions, self.text_positions()).to(self.dtype)
         x = self.ln_final(self.transformer(x, packed=sequences, attention=self.text_attention))
         eot = list((x.index_select(0, starts + lengths - 1) @ self.text_projection).split(counts))
         if not tokens_of_first:
@@ -461,8 +460,17 @@ class CLIP(nn.Module):
             packed_text: encode every text of the batch in one packed pass (``encode_packed_text``); False
                 encodes each group padded, the reference the packed path is tested against.
         """
-        if sub_ids is not None and (sub_mask is None or sub_mask.shape != sub_ids.shape[:2]):
-            raise ValueError("sub_ids [B, M, L] needs sub_mask [B, M]")
+        # Checked here under the caller's names: past this point they are the packed path's groups[i].
+        self._check_ids(long_ids, "long_ids")
+        if short_ids is not None:
+            self._check_ids(short_ids, "short_ids")
+        if sub_ids is not None:
+            self._check_ids(sub_ids, "sub_ids", "[B, M, L]")
+            if sub_mask is None or sub_mask.dtype != torch.bool or sub_mask.shape != sub_ids.shape[:2]:
+                raise ValueError(
+                    f"sub_ids {tuple(sub_ids.shape)} needs a bool sub_mask {tuple(sub_ids.shape[:2])}, got "
+                    f"{None if sub_mask is None else (sub_mask.dtype, tuple(sub_mask.shape))}"
+                )
         v_cls, v_loc = self.encode_image_tokens(images)
         # Only the real subcaptions are encoded (padding slots cost nothing), then scattered back.
         real_subs = None if sub_ids is None else sub_ids[sub_mask]
