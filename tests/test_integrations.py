@@ -234,6 +234,23 @@ def test_hf_bad_input_names_the_argument(hf_batch, make_bad, message):
         hf.mulclip_features(model, hf_batch["pixels"], **make_bad(hf_batch))
 
 
+def test_stretching_a_copy_again_puts_its_frozen_positions_back():
+    """The freeze is a gradient hook, which a deep copy does not carry (docs/integrations.md): stretching
+    the copy again keeps its 248-row table and freezes the first 20 rows again."""
+    import copy
+
+    model = hf.stretch_text_positions(tiny_hf_clip())
+    twin = copy.deepcopy(model)
+    table = twin.text_model.embeddings.position_embedding.weight
+    table.sum().backward()
+    assert not bool((table.grad[:20] == 0).all())  # the copy lost the freeze
+    hf.stretch_text_positions(twin)
+    assert twin.text_model.embeddings.position_embedding.weight is table  # the stretched table is kept
+    table.grad = None
+    (table * torch.randn_like(table)).sum().backward()
+    assert bool((table.grad[:20] == 0).all()) and bool((table.grad[20:] != 0).any())
+
+
 def test_hf_adapter_rejects_a_model_that_is_not_a_clip_model():
     with pytest.raises(ValueError, match="CLIPModel"):
         hf.stretch_text_positions(torch.nn.Linear(2, 2))
