@@ -238,8 +238,10 @@ def test_stretching_a_copy_again_puts_its_frozen_positions_back():
     """The freeze is a gradient hook, which a deep copy does not carry (docs/integrations.md): stretching
     the copy again keeps its 248-row table and freezes the first 20 rows again."""
     import copy
+    import io
 
     model = hf.stretch_text_positions(tiny_hf_clip())
+    torch.save(model, io.BytesIO())  # the freeze's bookkeeping does not travel with the model: it pickles
     twin = copy.deepcopy(model)
     table = twin.text_model.embeddings.position_embedding.weight
     table.sum().backward()
@@ -249,6 +251,11 @@ def test_stretching_a_copy_again_puts_its_frozen_positions_back():
     table.grad = None
     (table * torch.randn_like(table)).sum().backward()
     assert bool((table.grad[:20] == 0).all()) and bool((table.grad[20:] != 0).any())
+    # stretching again replaces the freeze rather than stacking one more, and can drop it
+    hf.stretch_text_positions(twin, train_kept_positions=True)
+    table.grad = None
+    table.sum().backward()
+    assert bool((table.grad[:20] != 0).all())
 
 
 def test_hf_adapter_rejects_a_model_that_is_not_a_clip_model():

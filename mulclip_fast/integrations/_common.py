@@ -6,6 +6,7 @@ a model object the caller already built, so ``import mulclip_fast.integrations``
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -95,13 +96,19 @@ def stretched_table(old: torch.Tensor, target: int, keep: int) -> torch.Tensor:
 
 
 def freeze_leading_rows(table: nn.Parameter, keep: int) -> torch.utils.hooks.RemovableHandle | None:
-    """Zero the gradient of the first ``keep`` rows of a positional table (Long-CLIP keeps them as trained).
+    """Zero the gradient of the first ``keep`` rows of a positional table (Long-CLIP keeps them as trained),
+    in place of any freeze this function put on ``table`` before (``keep`` 0: none).
 
     A gradient hook leaves the parameter and its ``state_dict`` key as the library defines them, so a
-    stretched model still saves and reloads with the library's own code. Decoupled weight decay (AdamW)
-    still shrinks those rows: put the table in a no-decay parameter group (open_clip's
-    ``no_weight_decay()`` already lists ``positional_embedding``).
+    stretched model still saves and reloads with the library's own code (a copy of the parameter does not
+    carry the hook: freeze the copy again). Decoupled weight decay (AdamW) still shrinks those rows: put
+    the table in a no-decay parameter group (open_clip's ``no_weight_decay()`` already lists
+    ``positional_embedding``).
     """
+    key = id(table)
+    previous = _FROZEN_ROWS.pop(key, None)
+    if previous is not None and previous[0]() is table:  # not stacked, and dropped when asked
+        previous[1].remove()
     if keep <= 0:
         return None
     frozen = torch.arange(table.shape[0], device=table.device) < keep
@@ -109,7 +116,14 @@ def freeze_leading_rows(table: nn.Parameter, keep: int) -> torch.utils.hooks.Rem
     def zero_frozen_rows(grad: torch.Tensor) -> torch.Tensor:
         return grad.masked_fill(frozen[:, None].to(grad.device), 0)
 
-    return table.register_hook(zero_frozen_rows)
+    handle = table.register_hook(zero_frozen_rows)
+    _FROZEN_ROWS[key] = (weakref.ref(table, lambda _ref: _FROZEN_ROWS.pop(key, None)), handle)
+    return handle
+
+
+# Each frozen table's hook, by the table's id, beside the table rather than on it: an attribute holding the
+# handle would be pickled with the parameter (``torch.save(model)``), and the hook it refers to cannot be.
+_FROZEN_ROWS: dict[int, tuple[weakref.ref, torch.utils.hooks.RemovableHandle]] = {}
 
 
 def subcaption_layout(

@@ -89,8 +89,7 @@ def stretch_text_positions(
         embeddings.position_ids = torch.arange(target, device=old.device).expand((1, -1))
         for config in {id(c): c for c in (model.config.text_config, model.text_model.config)}.values():
             config.max_position_embeddings = target
-    if not train_kept_positions:
-        freeze_leading_rows(embeddings.position_embedding.weight, keep)
+    freeze_leading_rows(embeddings.position_embedding.weight, 0 if train_kept_positions else keep)
     return model
 
 

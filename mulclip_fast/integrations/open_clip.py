@@ -108,8 +108,7 @@ def stretch_text_positions(
         model.positional_embedding = nn.Parameter(stretched_table(old, target, keep), requires_grad=old.requires_grad)
         model.attn_mask = _causal_mask(target, model.attn_mask)
         model.context_length = target
-    if not train_kept_positions:
-        freeze_leading_rows(model.positional_embedding, keep)
+    freeze_leading_rows(model.positional_embedding, 0 if train_kept_positions else keep)
     return model
 
 
