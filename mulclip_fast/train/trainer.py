@@ -91,11 +91,7 @@ class Trainer:
         self.terms = tuple(terms)
         self.loss_fn = configured_loss(config, self.terms)
         # Before the fine-grained ramp starts, steps compute the global terms only (see compute_features).
-        self.global_loss_fn = MulCLIPLoss(
-            objective="global",
-            terms=tuple(t for t in self.terms if t not in FINE_GRAINED_TERMS),
-            weights=config.weights,
-        )
+        self.global_loss_fn = configured_loss(config, tuple(t for t in self.terms if t not in FINE_GRAINED_TERMS))
         self.needs_tokens = any(t in FINE_GRAINED_TERMS for t in self.terms)
         self.needs_subcaptions = "sap" in self.terms
         self.forward_module = FeatureForward(self.model)
