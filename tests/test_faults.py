@@ -19,7 +19,9 @@ from PIL import Image
 
 from mulclip_fast import eval as eval_cli
 from mulclip_fast.data import batch_order, open_dataset, read_docci
+from mulclip_fast.model import check_device
 from mulclip_fast.train import TrainConfig, main, train
+from mulclip_fast.train.config import ConfigError, resumed_config
 from mulclip_fast.train.run_dir import LOCK_FILE, claim_run_directory
 
 from .test_train import SMALL, read_jsonl, small_config
@@ -165,6 +167,34 @@ def test_flags_given_with_resume_apply_where_safe_and_are_refused_otherwise(tmp_
     assert main(["--resume", "--out", str(out), "--steps", "5"]) == 0
     assert [m["step"] for m in read_jsonl(out / "metrics.jsonl")] == [0, 1, 2, 3, 4]
     assert json.loads((out / "config.json").read_text())["steps"] == 5
+
+
+def test_a_resumed_run_stays_on_its_device_unless_device_moves_it(tmp_path, capsys):
+    out = tmp_path / "run"
+    train(small_config(out, loss="global", steps=4), stop_at_step=2)
+    # Make the checkpoint one of a run that ran on a GPU; this machine has none. Before, a resume without
+    # --device went on on the CPU (the flag's default) without a word.
+    latest = max((out / "checkpoints").glob("step_*.pt"))
+    state = torch.load(latest, weights_only=False)
+    state["config"]["device"] = "cuda"
+    torch.save(state, latest)
+    assert main(["--resume", "--out", str(out)]) == 2
+    err = _error(capsys)
+    assert "the run ran on cuda, which this machine does not have" in err and "--device cpu" in err
+    assert main(["--resume", "--out", str(out), "--device", "cpu"]) == 0
+    assert json.loads((out / "config.json").read_text())["device"] == "cpu"
+
+
+def test_resumed_config_keeps_the_stored_device_and_checks_the_gpu_index(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    stored = TrainConfig(device="cuda:0")
+    assert resumed_config(stored, TrainConfig(), given=set()).device == "cuda:0"
+    assert resumed_config(stored, TrainConfig(device="cpu"), given={"device"}).device == "cpu"
+    with pytest.raises(ConfigError, match="the run ran on cuda:1, which this machine does not have"):
+        resumed_config(TrainConfig(device="cuda:1"), TrainConfig(), given=set())
+    with pytest.raises(ValueError, match="--device cuda:1 requested but this machine has 1 CUDA device"):
+        check_device("cuda:1")
 
 
 def _sharegpt4v(tmp_path, n: int):

@@ -132,4 +132,7 @@ def check_device(device: str) -> torch.device:
     accelerator = getattr(torch, parsed.type, None)  # torch.cuda, torch.mps, torch.xpu: each says if it is there
     if parsed.type != "cpu" and not (hasattr(accelerator, "is_available") and accelerator.is_available()):
         raise ValueError(f"--device {device} requested but {parsed.type.upper()} is not available")
+    count = getattr(accelerator, "device_count", None)
+    if parsed.index is not None and count is not None and parsed.index >= count():
+        raise ValueError(f"--device {device} requested but this machine has {count()} {parsed.type.upper()} device(s)")
     return parsed

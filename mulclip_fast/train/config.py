@@ -385,13 +385,23 @@ def _holds_out_by_count(config: TrainConfig) -> bool:
 
 
 def resumed_config(stored: TrainConfig, requested: TrainConfig, given: set[str]) -> TrainConfig:
-    """The settings of a resumed run: the ``stored`` run's, where it runs (``out``, ``device``) from
-    ``requested``, and the ``given`` settings of ``requested`` that may change (``RESUMABLE_CHANGES``).
+    """The settings of a resumed run: the ``stored`` run's, its directory (``out``) from ``requested``, and
+    the ``given`` settings of ``requested`` that may change (``RESUMABLE_CHANGES``). Without ``device`` in
+    ``given`` the run stays on the device it ran on: a CUDA run resumed after a crash must not go on on the CPU.
 
     Raises ``ConfigError`` naming every given flag that contradicts the stored run in a setting that may
-    not change (``eval_pairs`` too, where it splits the data); a given setting equal to the stored one is fine.
+    not change (``eval_pairs`` too, where it splits the data); a given setting equal to the stored one is fine;
+    and when the run's device is not on this machine and no ``device`` is given.
     """
-    changes, refused = {"out": requested.out, "device": requested.device}, []
+    if "device" not in given:
+        try:
+            check_device(stored.device)
+        except ValueError:
+            raise ConfigError(
+                f"the run ran on {stored.device}, which this machine does not have; a resumed run stays on its "
+                "device unless --device moves it (e.g. --device cpu)"
+            ) from None
+    changes, refused = {"out": requested.out}, []
     for name in sorted(given):
         before, value = getattr(stored, name), getattr(requested, name)
         if isinstance(before, dict):  # keyed flags (--w-*, --model) give only the keys on the command line
