@@ -227,6 +227,59 @@ def test_asking_for_a_backend_that_is_not_installed_is_a_clear_error(backend, pa
     assert model.text_attention == "auto"
 
 
+def _broken_flash_attn(monkeypatch):
+    """flash-attn 1.x: the package imports but has no ``flash_attn_varlen_func``."""
+    monkeypatch.setitem(sys.modules, "flash_attn", types.ModuleType("flash_attn"))
+
+
+def _import_raising(package, error):
+    """An installed ``package`` whose import raises ``error`` (built for another PyTorch or CUDA)."""
+
+    def install(monkeypatch):
+        real_import = attention.importlib.import_module
+
+        def import_module(name, *args, **kwargs):
+            if name == package or name.startswith(package + "."):
+                raise error
+            return real_import(name, *args, **kwargs)
+
+        monkeypatch.setattr(attention.importlib, "import_module", import_module)
+
+    return install
+
+
+BROKEN_INSTALLS = {
+    "flash-without-varlen": ("flash", _broken_flash_attn, "has no flash_attn_varlen_func"),
+    "flash-oserror": ("flash", _import_raising("flash_attn", OSError("libcudart.so.11.0: cannot open")), "OSError"),
+    "xformers-runtimeerror": (
+        "xformers",
+        _import_raising("xformers", RuntimeError("operator torchvision::nms does not exist")),
+        "RuntimeError",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", BROKEN_INSTALLS)
+def test_a_broken_install_is_refused_with_its_reason_and_skipped_by_auto(case, monkeypatch, caplog):
+    """A package that is installed but fails to import is neither a crash nor reported as missing: asking
+    for it is an error with the reason (a config error at start-up), and ``auto`` takes the next backend
+    and logs why."""
+    backend, install, reason = BROKEN_INSTALLS[case]
+    install(monkeypatch)
+    with pytest.raises(AttentionBackendUnavailable, match=f"installed but not usable.*{reason}"):
+        check_text_attention(backend)
+    with pytest.raises(ConfigError, match=f"--text-attention {backend}: .*installed but not usable"):
+        resolve_config(TrainConfig(text_attention=backend))
+    # a bf16 CUDA tensor as choose_text_attention sees it (this machine may have no GPU)
+    cuda_bf16 = types.SimpleNamespace(is_cuda=True, dtype=torch.bfloat16, device=torch.device("cuda"))
+    monkeypatch.setitem(sys.modules, "xformers.ops.fmha" if backend == "flash" else "flash_attn", None)
+    attention._load_flash_attn.cache_clear()
+    attention._load_xformers_fmha.cache_clear()
+    with caplog.at_level(logging.WARNING, logger=attention.__name__):
+        assert attention.choose_text_attention("auto", cuda_bf16, with_alibi=False) == "torch"
+    assert any("installed but not usable" in r.getMessage() and reason in r.getMessage() for r in caplog.records)
+
+
 def test_an_unknown_backend_is_named_in_the_error():
     with pytest.raises(ValueError, match="text_attention must be one of .* got 'sdpa'"):
         check_text_attention("sdpa")

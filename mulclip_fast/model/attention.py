@@ -17,7 +17,9 @@ sequence only, causally, with optional ALiBi biases, through:
   tokens, and the largest mask is one group's ``[heads, L, L]``, never ``[T, T]``. Groups rather than
   one SDPA call per sequence, because a batch holds hundreds of texts and each call has a fixed cost.
 
-flash-attn and xformers are imported lazily, on first use; neither installs on CPU-only machines.
+flash-attn and xformers are imported lazily, on first use; neither installs on CPU-only machines. A package
+that is installed but fails to import (built for another PyTorch or CUDA) counts as unusable: ``auto`` logs
+why and takes the next backend, and asking for it is an error with the reason.
 """
 
 from __future__ import annotations
@@ -45,38 +47,70 @@ class AttentionBackendUnavailable(RuntimeError):
     """The requested attention backend is not installed, or cannot run on these tensors."""
 
 
+# Why an installed package is not usable, by package name: a broken install is reported as broken,
+# not as missing, both when it is asked for and (logged once) when ``auto`` passes over it.
+_import_failures: dict[str, str] = {}
+
+
+def _import_optional(module: str, package: str):
+    """``module`` of ``package``, or None when the package is not installed or fails to import.
+
+    Every exception counts, not only ImportError: a package built for another PyTorch or CUDA can raise
+    OSError, RuntimeError or anything else on import, and the text path must then take another backend
+    (``auto``) or refuse with the reason (an explicit request) instead of crashing.
+    """
+    _import_failures.pop(package, None)
+    try:
+        return importlib.import_module(module)
+    except ModuleNotFoundError as error:
+        if error.name is not None and (module == error.name or module.startswith(error.name + ".")):
+            return None  # not installed
+        _import_failed(package, f"{type(error).__name__}: {error}")  # installed; a module it needs is not
+    except Exception as error:
+        _import_failed(package, f"{type(error).__name__}: {error}")
+    return None
+
+
+def _import_failed(package: str, reason: str) -> None:
+    _import_failures[package] = reason
+    _log.warning("%s is installed but not usable (%s); the packed text attention will not use it", package, reason)
+
+
 @functools.cache
 def _load_flash_attn():
-    """flash-attn's ``flash_attn_varlen_func``, or None when flash-attn is not installed."""
-    try:
-        return importlib.import_module("flash_attn").flash_attn_varlen_func
-    except ImportError:
+    """flash-attn's ``flash_attn_varlen_func``, or None when flash-attn is not installed or not usable."""
+    module = _import_optional("flash_attn", "flash-attn")
+    if module is None:
         return None
+    varlen = getattr(module, "flash_attn_varlen_func", None)
+    if varlen is None:  # flash-attn 1.x names it flash_attn_unpadded_func, with another signature
+        _import_failed("flash-attn", "it has no flash_attn_varlen_func (flash-attn 2 or later has)")
+    return varlen
 
 
 @functools.cache
 def _load_xformers_fmha():
-    """xformers' ``fmha`` module, or None when xformers is not installed."""
-    try:
-        return importlib.import_module("xformers.ops.fmha")
-    except ImportError:
-        return None
+    """xformers' ``fmha`` module, or None when xformers is not installed or not usable."""
+    return _import_optional("xformers.ops.fmha", "xformers")
+
+
+def _unavailable(name: str, package: str, how_to_install: str) -> AttentionBackendUnavailable:
+    failure = _import_failures.get(package)
+    state = f"installed but not usable ({failure})" if failure else f"not installed ({how_to_install})"
+    return AttentionBackendUnavailable(
+        f"text_attention={name!r} needs {package}, which is {state}; use 'auto' to take the best usable backend"
+    )
 
 
 def check_text_attention(name: str) -> None:
-    """Raise when ``name`` is no backend, or names one that is not installed (``--text-attention``)."""
+    """Raise when ``name`` is no backend, or names one that is not installed or not usable
+    (``--text-attention``)."""
     if name not in TEXT_ATTENTION_BACKENDS:
         raise ValueError(f"text_attention must be one of {TEXT_ATTENTION_BACKENDS}, got {name!r}")
     if name == "flash" and _load_flash_attn() is None:
-        raise AttentionBackendUnavailable(
-            "text_attention='flash' needs flash-attn, which is not installed (pip install flash-attn on a CUDA "
-            "machine); use 'auto' to take the best installed backend"
-        )
+        raise _unavailable(name, "flash-attn", "pip install flash-attn on a CUDA machine")
     if name == "xformers" and _load_xformers_fmha() is None:
-        raise AttentionBackendUnavailable(
-            "text_attention='xformers' needs xformers, which is not installed; use 'auto' to take the best "
-            "installed backend"
-        )
+        raise _unavailable(name, "xformers", "pip install xformers on a CUDA machine")
 
 
 def alibi_slopes(heads: int) -> torch.Tensor:
