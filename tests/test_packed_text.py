@@ -280,6 +280,39 @@ def test_a_broken_install_is_refused_with_its_reason_and_skipped_by_auto(case, m
     assert any("installed but not usable" in r.getMessage() and reason in r.getMessage() for r in caplog.records)
 
 
+def _flash_attn_without_alibi(monkeypatch):
+    """A flash-attn 2 from before ALiBi: its varlen function has no ``alibi_slopes`` parameter. It computes the
+    pack's causal attention per sequence, so that the CPU can check what it is handed."""
+
+    def flash_attn_varlen_func(
+        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0, softmax_scale=None, causal=False
+    ):
+        assert causal and torch.equal(cu_seqlens_q, cu_seqlens_k)
+        return attention_per_sequence(q, k, v, cu_seqlens_q.diff().tolist(), None)
+
+    fake = types.ModuleType("flash_attn")
+    fake.flash_attn_varlen_func = flash_attn_varlen_func
+    monkeypatch.setitem(sys.modules, "flash_attn", fake)
+    monkeypatch.setitem(sys.modules, "xformers.ops.fmha", None)
+
+
+def test_a_flash_attn_without_alibi_serves_towers_without_alibi_only(monkeypatch):
+    """flash-attn versions without ``alibi_slopes`` run the towers without ALiBi (the keyword is not passed
+    to them); ``auto`` passes over them for an ALiBi tower, and asking for them there is a clear error."""
+    _flash_attn_without_alibi(monkeypatch)
+    cuda_bf16 = types.SimpleNamespace(is_cuda=True, dtype=torch.bfloat16, device=torch.device("cuda"))
+    assert attention.choose_text_attention("auto", cuda_bf16, with_alibi=False) == "flash"
+    assert attention.choose_text_attention("auto", cuda_bf16, with_alibi=True) == "torch"
+    with pytest.raises(AttentionBackendUnavailable, match="flash-attn.*takes no alibi_slopes"):
+        attention.choose_text_attention("flash", cuda_bf16, with_alibi=True)
+    # the call itself, on CPU tensors standing in for CUDA ones
+    monkeypatch.setattr(attention, "choose_text_attention", lambda *args: "flash")
+    lengths = [5, 1, 9]
+    q, k, v = (torch.randn(15, 2, 8) for _ in range(3))
+    out = packed_causal_attention(q, k, v, PackedSequences(lengths, "cpu"), backend="flash")
+    torch.testing.assert_close(out, attention_per_sequence(q, k, v, lengths, None))
+
+
 def test_an_unknown_backend_is_named_in_the_error():
     with pytest.raises(ValueError, match="text_attention must be one of .* got 'sdpa'"):
         check_text_attention("sdpa")

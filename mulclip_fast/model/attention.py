@@ -5,7 +5,8 @@ one token stream ``[T, heads, head_dim]`` described by ``cu_seqlens`` (flash-att
 ``i`` is rows ``cu_seqlens[i] … cu_seqlens[i+1]``). ``packed_causal_attention`` attends within each
 sequence only, causally, with optional ALiBi biases, through:
 
-- ``flash``: flash-attn's ``flash_attn_varlen_func`` (CUDA, fp16/bf16; ALiBi through its ``alibi_slopes``);
+- ``flash``: flash-attn's ``flash_attn_varlen_func`` (CUDA, fp16/bf16; ALiBi through its ``alibi_slopes``,
+  so ``auto`` passes over a flash-attn from before that parameter for an ALiBi tower);
 - ``xformers``: ``memory_efficient_attention`` with a ``BlockDiagonalCausalMask`` (CUDA). Its block-diagonal
   masks take no per-head ALiBi slopes, and an ALiBi bias tensor would be the dense ``[T, T]`` mask this path
   exists to avoid, so xformers serves the towers without ALiBi (the OpenAI presets) and ``auto`` never picks
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import inspect
 import logging
 from collections.abc import Sequence
 
@@ -86,6 +88,16 @@ def _load_flash_attn():
     if varlen is None:  # flash-attn 1.x names it flash_attn_unpadded_func, with another signature
         _import_failed("flash-attn", "it has no flash_attn_varlen_func (flash-attn 2 or later has)")
     return varlen
+
+
+def _flash_attn_takes_alibi() -> bool:
+    """Whether the installed flash-attn adds ALiBi biases: its varlen function takes ``alibi_slopes`` (versions
+    from before ALiBi have no such parameter and raise TypeError if it is passed)."""
+    varlen = _load_flash_attn()
+    try:
+        return varlen is not None and "alibi_slopes" in inspect.signature(varlen).parameters
+    except (TypeError, ValueError):  # no signature to inspect (a compiled function): assume the current API
+        return True
 
 
 @functools.cache
@@ -182,7 +194,7 @@ def choose_text_attention(requested: str, q: torch.Tensor, with_alibi: bool) -> 
     check_text_attention(requested)
     half_on_cuda = q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
     if requested == "auto":
-        if half_on_cuda and _load_flash_attn() is not None:
+        if half_on_cuda and _load_flash_attn() is not None and (not with_alibi or _flash_attn_takes_alibi()):
             choice = "flash"
         elif q.is_cuda and not with_alibi and _load_xformers_fmha() is not None:
             choice = "xformers"
@@ -194,6 +206,11 @@ def choose_text_attention(requested: str, q: torch.Tensor, with_alibi: bool) -> 
             raise AttentionBackendUnavailable(
                 f"text_attention='flash' needs CUDA fp16/bf16 tensors, got {q.device.type} {q.dtype} "
                 "(train with --precision bf16 on a GPU, or use 'auto')"
+            )
+        if choice == "flash" and with_alibi and not _flash_attn_takes_alibi():
+            raise AttentionBackendUnavailable(
+                "text_attention='flash' cannot add this tower's ALiBi biases: the installed flash-attn takes no "
+                "alibi_slopes (upgrade flash-attn), or use 'torch' or 'auto'"
             )
         if choice == "xformers" and with_alibi:
             raise AttentionBackendUnavailable(
@@ -227,10 +244,9 @@ def packed_causal_attention(
     choice = choose_text_attention(backend, q, alibi_slopes is not None)
     if choice == "flash":
         cu = sequences.cu_seqlens
-        slopes = None if alibi_slopes is None else alibi_slopes.float()
-        return _load_flash_attn()(
-            q, k, v, cu, cu, sequences.max_length, sequences.max_length, causal=True, alibi_slopes=slopes
-        )
+        # alibi_slopes only when there are slopes: flash-attn versions from before ALiBi refuse the keyword
+        alibi = {} if alibi_slopes is None else {"alibi_slopes": alibi_slopes.float()}
+        return _load_flash_attn()(q, k, v, cu, cu, sequences.max_length, sequences.max_length, causal=True, **alibi)
     if choice == "xformers":
         fmha = _load_xformers_fmha()
         mask = fmha.attn_bias.BlockDiagonalCausalMask.from_seqlens(list(sequences.lengths))
