@@ -9,6 +9,8 @@ first test of the session builds the extension (18–41 s on two shared cores; c
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -258,6 +260,26 @@ def test_auto_sends_patch_sets_beyond_triton_to_the_cuda_extension_when_built(mo
     )
     assert _dispatch.kernel_backend("auto", x, TOPK_MAX_PATCHES, TOPK_MAX_PATCHES, has_extension=True) == "triton"
     assert _dispatch.kernel_backend("auto", x, big, TOPK_MAX_PATCHES) == "torch"
+
+
+def test_auto_says_why_it_keeps_the_torch_path_when_the_cuda_extension_fails_to_build(monkeypatch, caplog):
+    """A GPU machine with nvcc whose build of csrc/ fails (an nvcc that does not match PyTorch's CUDA, say):
+    ``auto`` takes the torch path for patch sets beyond Triton, and logs the build's failure once instead of
+    hiding it."""
+    from mulclip_fast.kernels.limits import TOPK_MAX_PATCHES
+
+    failure = "RuntimeError: Error building extension 'mulclip_fast_ext'"
+    extension._report_failed_cuda_build.cache_clear()
+    monkeypatch.setattr(_dispatch, "resolve_backend", lambda backend, device: "triton")
+    monkeypatch.setattr(extension, "_built", ())
+    monkeypatch.setattr(extension, "cuda_buildable", lambda: True)
+    monkeypatch.setattr(extension, "_load", lambda: failure)
+    args = (torch.zeros(1), TOPK_MAX_PATCHES + 1, TOPK_MAX_PATCHES)
+    with caplog.at_level(logging.WARNING, logger=extension.__name__):
+        for _ in range(2):
+            assert _dispatch.kernel_backend("auto", *args, has_extension=True) == "torch"
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and failure in warnings[0] and "torch path" in warnings[0]
 
 
 def test_extension_report_measures_both_ops(capsys):

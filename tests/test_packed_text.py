@@ -227,6 +227,92 @@ def test_asking_for_a_backend_that_is_not_installed_is_a_clear_error(backend, pa
     assert model.text_attention == "auto"
 
 
+def _broken_flash_attn(monkeypatch):
+    """flash-attn 1.x: the package imports but has no ``flash_attn_varlen_func``."""
+    monkeypatch.setitem(sys.modules, "flash_attn", types.ModuleType("flash_attn"))
+
+
+def _import_raising(package, error):
+    """An installed ``package`` whose import raises ``error`` (built for another PyTorch or CUDA)."""
+
+    def install(monkeypatch):
+        real_import = attention.importlib.import_module
+
+        def import_module(name, *args, **kwargs):
+            if name == package or name.startswith(package + "."):
+                raise error
+            return real_import(name, *args, **kwargs)
+
+        monkeypatch.setattr(attention.importlib, "import_module", import_module)
+
+    return install
+
+
+BROKEN_INSTALLS = {
+    "flash-without-varlen": ("flash", _broken_flash_attn, "has no flash_attn_varlen_func"),
+    "flash-oserror": ("flash", _import_raising("flash_attn", OSError("libcudart.so.11.0: cannot open")), "OSError"),
+    "xformers-runtimeerror": (
+        "xformers",
+        _import_raising("xformers", RuntimeError("operator torchvision::nms does not exist")),
+        "RuntimeError",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", BROKEN_INSTALLS)
+def test_a_broken_install_is_refused_with_its_reason_and_skipped_by_auto(case, monkeypatch, caplog):
+    """A package that is installed but fails to import is neither a crash nor reported as missing: asking
+    for it is an error with the reason (a config error at start-up), and ``auto`` takes the next backend
+    and logs why."""
+    backend, install, reason = BROKEN_INSTALLS[case]
+    install(monkeypatch)
+    with pytest.raises(AttentionBackendUnavailable, match=f"installed but not usable.*{reason}"):
+        check_text_attention(backend)
+    with pytest.raises(ConfigError, match=f"--text-attention {backend}: .*installed but not usable"):
+        resolve_config(TrainConfig(text_attention=backend))
+    # a bf16 CUDA tensor as choose_text_attention sees it (this machine may have no GPU)
+    cuda_bf16 = types.SimpleNamespace(is_cuda=True, dtype=torch.bfloat16, device=torch.device("cuda"))
+    monkeypatch.setitem(sys.modules, "xformers.ops.fmha" if backend == "flash" else "flash_attn", None)
+    attention._load_flash_attn.cache_clear()
+    attention._load_xformers_fmha.cache_clear()
+    with caplog.at_level(logging.WARNING, logger=attention.__name__):
+        assert attention.choose_text_attention("auto", cuda_bf16, with_alibi=False) == "torch"
+    assert any("installed but not usable" in r.getMessage() and reason in r.getMessage() for r in caplog.records)
+
+
+def _flash_attn_without_alibi(monkeypatch):
+    """A flash-attn 2 from before ALiBi: its varlen function has no ``alibi_slopes`` parameter. It computes the
+    pack's causal attention per sequence, so that the CPU can check what it is handed."""
+
+    def flash_attn_varlen_func(
+        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0, softmax_scale=None, causal=False
+    ):
+        assert causal and torch.equal(cu_seqlens_q, cu_seqlens_k)
+        return attention_per_sequence(q, k, v, cu_seqlens_q.diff().tolist(), None)
+
+    fake = types.ModuleType("flash_attn")
+    fake.flash_attn_varlen_func = flash_attn_varlen_func
+    monkeypatch.setitem(sys.modules, "flash_attn", fake)
+    monkeypatch.setitem(sys.modules, "xformers.ops.fmha", None)
+
+
+def test_a_flash_attn_without_alibi_serves_towers_without_alibi_only(monkeypatch):
+    """flash-attn versions without ``alibi_slopes`` run the towers without ALiBi (the keyword is not passed
+    to them); ``auto`` passes over them for an ALiBi tower, and asking for them there is a clear error."""
+    _flash_attn_without_alibi(monkeypatch)
+    cuda_bf16 = types.SimpleNamespace(is_cuda=True, dtype=torch.bfloat16, device=torch.device("cuda"))
+    assert attention.choose_text_attention("auto", cuda_bf16, with_alibi=False) == "flash"
+    assert attention.choose_text_attention("auto", cuda_bf16, with_alibi=True) == "torch"
+    with pytest.raises(AttentionBackendUnavailable, match="flash-attn.*takes no alibi_slopes"):
+        attention.choose_text_attention("flash", cuda_bf16, with_alibi=True)
+    # the call itself, on CPU tensors standing in for CUDA ones
+    monkeypatch.setattr(attention, "choose_text_attention", lambda *args: "flash")
+    lengths = [5, 1, 9]
+    q, k, v = (torch.randn(15, 2, 8) for _ in range(3))
+    out = packed_causal_attention(q, k, v, PackedSequences(lengths, "cpu"), backend="flash")
+    torch.testing.assert_close(out, attention_per_sequence(q, k, v, lengths, None))
+
+
 def test_an_unknown_backend_is_named_in_the_error():
     with pytest.raises(ValueError, match="text_attention must be one of .* got 'sdpa'"):
         check_text_attention("sdpa")

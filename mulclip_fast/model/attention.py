@@ -5,7 +5,8 @@ one token stream ``[T, heads, head_dim]`` described by ``cu_seqlens`` (flash-att
 ``i`` is rows ``cu_seqlens[i] … cu_seqlens[i+1]``). ``packed_causal_attention`` attends within each
 sequence only, causally, with optional ALiBi biases, through:
 
-- ``flash``: flash-attn's ``flash_attn_varlen_func`` (CUDA, fp16/bf16; ALiBi through its ``alibi_slopes``);
+- ``flash``: flash-attn's ``flash_attn_varlen_func`` (CUDA, fp16/bf16; ALiBi through its ``alibi_slopes``,
+  so ``auto`` passes over a flash-attn from before that parameter for an ALiBi tower);
 - ``xformers``: ``memory_efficient_attention`` with a ``BlockDiagonalCausalMask`` (CUDA). Its block-diagonal
   masks take no per-head ALiBi slopes, and an ALiBi bias tensor would be the dense ``[T, T]`` mask this path
   exists to avoid, so xformers serves the towers without ALiBi (the OpenAI presets) and ``auto`` never picks
@@ -17,13 +18,16 @@ sequence only, causally, with optional ALiBi biases, through:
   tokens, and the largest mask is one group's ``[heads, L, L]``, never ``[T, T]``. Groups rather than
   one SDPA call per sequence, because a batch holds hundreds of texts and each call has a fixed cost.
 
-flash-attn and xformers are imported lazily, on first use; neither installs on CPU-only machines.
+flash-attn and xformers are imported lazily, on first use; neither installs on CPU-only machines. A package
+that is installed but fails to import (built for another PyTorch or CUDA) counts as unusable: ``auto`` logs
+why and takes the next backend, and asking for it is an error with the reason.
 """
 
 from __future__ import annotations
 
 import functools
 import importlib
+import inspect
 import logging
 from collections.abc import Sequence
 
@@ -45,38 +49,80 @@ class AttentionBackendUnavailable(RuntimeError):
     """The requested attention backend is not installed, or cannot run on these tensors."""
 
 
+# Why an installed package is not usable, by package name: a broken install is reported as broken,
+# not as missing, both when it is asked for and (logged once) when ``auto`` passes over it.
+_import_failures: dict[str, str] = {}
+
+
+def _import_optional(module: str, package: str):
+    """``module`` of ``package``, or None when the package is not installed or fails to import.
+
+    Every exception counts, not only ImportError: a package built for another PyTorch or CUDA can raise
+    OSError, RuntimeError or anything else on import, and the text path must then take another backend
+    (``auto``) or refuse with the reason (an explicit request) instead of crashing.
+    """
+    _import_failures.pop(package, None)
+    try:
+        return importlib.import_module(module)
+    except ModuleNotFoundError as error:
+        if error.name is not None and (module == error.name or module.startswith(error.name + ".")):
+            return None  # not installed
+        _import_failed(package, f"{type(error).__name__}: {error}")  # installed; a module it needs is not
+    except Exception as error:
+        _import_failed(package, f"{type(error).__name__}: {error}")
+    return None
+
+
+def _import_failed(package: str, reason: str) -> None:
+    _import_failures[package] = reason
+    _log.warning("%s is installed but not usable (%s); the packed text attention will not use it", package, reason)
+
+
 @functools.cache
 def _load_flash_attn():
-    """flash-attn's ``flash_attn_varlen_func``, or None when flash-attn is not installed."""
-    try:
-        return importlib.import_module("flash_attn").flash_attn_varlen_func
-    except ImportError:
+    """flash-attn's ``flash_attn_varlen_func``, or None when flash-attn is not installed or not usable."""
+    module = _import_optional("flash_attn", "flash-attn")
+    if module is None:
         return None
+    varlen = getattr(module, "flash_attn_varlen_func", None)
+    if varlen is None:  # flash-attn 1.x names it flash_attn_unpadded_func, with another signature
+        _import_failed("flash-attn", "it has no flash_attn_varlen_func (flash-attn 2 or later has)")
+    return varlen
+
+
+def _flash_attn_takes_alibi() -> bool:
+    """Whether the installed flash-attn adds ALiBi biases: its varlen function takes ``alibi_slopes`` (versions
+    from before ALiBi have no such parameter and raise TypeError if it is passed)."""
+    varlen = _load_flash_attn()
+    try:
+        return varlen is not None and "alibi_slopes" in inspect.signature(varlen).parameters
+    except (TypeError, ValueError):  # no signature to inspect (a compiled function): assume the current API
+        return True
 
 
 @functools.cache
 def _load_xformers_fmha():
-    """xformers' ``fmha`` module, or None when xformers is not installed."""
-    try:
-        return importlib.import_module("xformers.ops.fmha")
-    except ImportError:
-        return None
+    """xformers' ``fmha`` module, or None when xformers is not installed or not usable."""
+    return _import_optional("xformers.ops.fmha", "xformers")
+
+
+def _unavailable(name: str, package: str, how_to_install: str) -> AttentionBackendUnavailable:
+    failure = _import_failures.get(package)
+    state = f"installed but not usable ({failure})" if failure else f"not installed ({how_to_install})"
+    return AttentionBackendUnavailable(
+        f"text_attention={name!r} needs {package}, which is {state}; use 'auto' to take the best usable backend"
+    )
 
 
 def check_text_attention(name: str) -> None:
-    """Raise when ``name`` is no backend, or names one that is not installed (``--text-attention``)."""
+    """Raise when ``name`` is no backend, or names one that is not installed or not usable
+    (``--text-attention``)."""
     if name not in TEXT_ATTENTION_BACKENDS:
         raise ValueError(f"text_attention must be one of {TEXT_ATTENTION_BACKENDS}, got {name!r}")
     if name == "flash" and _load_flash_attn() is None:
-        raise AttentionBackendUnavailable(
-            "text_attention='flash' needs flash-attn, which is not installed (pip install flash-attn on a CUDA "
-            "machine); use 'auto' to take the best installed backend"
-        )
+        raise _unavailable(name, "flash-attn", "pip install flash-attn on a CUDA machine")
     if name == "xformers" and _load_xformers_fmha() is None:
-        raise AttentionBackendUnavailable(
-            "text_attention='xformers' needs xformers, which is not installed; use 'auto' to take the best "
-            "installed backend"
-        )
+        raise _unavailable(name, "xformers", "pip install xformers on a CUDA machine")
 
 
 def alibi_slopes(heads: int) -> torch.Tensor:
@@ -148,7 +194,7 @@ def choose_text_attention(requested: str, q: torch.Tensor, with_alibi: bool) -> 
     check_text_attention(requested)
     half_on_cuda = q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
     if requested == "auto":
-        if half_on_cuda and _load_flash_attn() is not None:
+        if half_on_cuda and _load_flash_attn() is not None and (not with_alibi or _flash_attn_takes_alibi()):
             choice = "flash"
         elif q.is_cuda and not with_alibi and _load_xformers_fmha() is not None:
             choice = "xformers"
@@ -160,6 +206,11 @@ def choose_text_attention(requested: str, q: torch.Tensor, with_alibi: bool) -> 
             raise AttentionBackendUnavailable(
                 f"text_attention='flash' needs CUDA fp16/bf16 tensors, got {q.device.type} {q.dtype} "
                 "(train with --precision bf16 on a GPU, or use 'auto')"
+            )
+        if choice == "flash" and with_alibi and not _flash_attn_takes_alibi():
+            raise AttentionBackendUnavailable(
+                "text_attention='flash' cannot add this tower's ALiBi biases: the installed flash-attn takes no "
+                "alibi_slopes (upgrade flash-attn), or use 'torch' or 'auto'"
             )
         if choice == "xformers" and with_alibi:
             raise AttentionBackendUnavailable(
@@ -193,10 +244,9 @@ def packed_causal_attention(
     choice = choose_text_attention(backend, q, alibi_slopes is not None)
     if choice == "flash":
         cu = sequences.cu_seqlens
-        slopes = None if alibi_slopes is None else alibi_slopes.float()
-        return _load_flash_attn()(
-            q, k, v, cu, cu, sequences.max_length, sequences.max_length, causal=True, alibi_slopes=slopes
-        )
+        # alibi_slopes only when there are slopes: flash-attn versions from before ALiBi refuse the keyword
+        alibi = {} if alibi_slopes is None else {"alibi_slopes": alibi_slopes.float()}
+        return _load_flash_attn()(q, k, v, cu, cu, sequences.max_length, sequences.max_length, causal=True, **alibi)
     if choice == "xformers":
         fmha = _load_xformers_fmha()
         mask = fmha.attn_bias.BlockDiagonalCausalMask.from_seqlens(list(sequences.lengths))

@@ -15,6 +15,7 @@ The launchers here have the signatures of the torch and Triton primitives (``top
 from __future__ import annotations
 
 import functools
+import logging
 import sys
 from pathlib import Path
 
@@ -24,6 +25,7 @@ SOURCE_DIR = Path(__file__).resolve().parents[2] / "csrc"
 CPU_SOURCES = ("topk_aggregate_cpu.cpp",)
 CUDA_SOURCES = ("topk_aggregate_cuda_ops.cpp", "topk_aggregate.cu")
 LIBRARY = "mulclip_fast_ext"
+_log = logging.getLogger(__name__)
 # The backends the loaded library serves ("cpp", and "cuda_ext" when built with CUDA): ``require`` returns
 # on this plain global read, which torch.compile traces without stepping into the build machinery.
 _built: tuple[str, ...] = ()
@@ -96,7 +98,26 @@ def require(backend: str) -> None:
 def cuda_available() -> bool:
     """Whether the CUDA kernels are built (building them now if they can be): what ``auto`` asks before it
     sends a patch set the Triton kernels refuse to the extension."""
-    return "cuda_ext" in _built or (cuda_buildable() and _load() is None)
+    if "cuda_ext" in _built:
+        return True
+    if not cuda_buildable():
+        return False
+    failure = _load()
+    if failure is not None:
+        _report_failed_cuda_build(failure)
+    return failure is None
+
+
+@functools.cache
+def _report_failed_cuda_build(failure: str) -> None:
+    """Logs, once per failure, why ``auto`` keeps the torch path where nvcc is found: without it a failed
+    build (minutes of compiling in every process) would pass unnoticed."""
+    _log.warning(
+        "the CUDA extension of csrc/ could not be built (%s); backend='auto' takes the torch path for patch sets "
+        "beyond the Triton kernels. %s",
+        failure,
+        HOW_TO_BUILD["cuda_ext"],
+    )
 
 
 def topk_forward(sub, patches, sub_mask, patch_mask, k, tau):
