@@ -122,6 +122,9 @@ def embed_dataset(
     ``packed_text``: a batch's captions, summaries and probes in one packed pass of the text tower
     (``CLIP.encode_packed_text``); False encodes each group padded, the reference."""
     collator = Collator(with_subcaptions=False, long_context=model.config.context_length)
+    # Evaluation runs in fp32, where flash-attn cannot: a model set to it (a run trained with --precision bf16
+    # --text-attention flash) evaluates with auto's choice, as `eval` of its checkpoint does.
+    evaluation_attention = "auto" if model.text_attention == "flash" else None
     was_training = model.training
     model.eval()
     parts: dict[str, list[torch.Tensor]] = {"image": [], "long": [], "short": [], "probe": []}
@@ -137,7 +140,7 @@ def embed_dataset(
             names = ["long", "short"] + (["probe"] if batch.probe_ids is not None else [])
             texts = [batch.long_ids, batch.short_ids, batch.probe_ids][: len(names)]
             if packed_text:
-                embeddings = model.encode_packed_text(texts)[0]
+                embeddings = model.encode_packed_text(texts, attention=evaluation_attention)[0]
             else:
                 embeddings = [model.encode_text(ids) for ids in texts]
             for name, embedding in zip(names, embeddings, strict=True):

@@ -411,6 +411,26 @@ def test_forcing_a_missing_text_attention_is_a_config_error(monkeypatch, capsys,
     assert "error: --text-attention flash" in capsys.readouterr().err
 
 
+def test_flash_needs_bf16_training_and_a_flash_run_evaluates_in_fp32_with_auto(monkeypatch, capsys, tmp_path):
+    """flash-attn computes in fp16/bf16 only: an fp32 run could never use it, and evaluation (fp32, so that it
+    gives what `eval` of the checkpoint gives) takes auto's choice instead of failing at the first validation."""
+    fake = types.ModuleType("flash_attn")
+    fake.flash_attn_varlen_func = lambda *args, **kwargs: pytest.fail("flash-attn must not run on fp32 tensors")
+    monkeypatch.setitem(sys.modules, "flash_attn", fake)
+    with pytest.raises(ConfigError, match="--text-attention flash needs --precision bf16"):
+        resolve_config(TrainConfig(text_attention="flash"))
+    assert resolve_config(TrainConfig(text_attention="flash", precision="bf16")).text_attention == "flash"
+    torch.manual_seed(0)
+    model = CLIP(preset_config("tiny", vision_layers=1, transformer_layers=2))
+    dataset = open_dataset("synthetic", "test", 64, 6, 3, holdout=6)
+    expected = embed_dataset(model, dataset, batch_size=3)
+    model.set_text_attention("flash")
+    embedded = embed_dataset(model, dataset, batch_size=3)
+    for name in ("long", "short", "probe"):
+        torch.testing.assert_close(embedded[name], expected[name], rtol=0, atol=0, msg=name)
+    assert model.text_attention == "flash"
+
+
 def test_evaluation_embeddings_are_the_same_packed_and_padded():
     torch.manual_seed(0)
     model = CLIP(preset_config("tiny", vision_layers=1, transformer_layers=2))

@@ -395,15 +395,15 @@ class CLIP(nn.Module):
         return torch.cat(parts)[torch.argsort(order)]
 
     def encode_packed_text(
-        self, groups: Sequence[torch.Tensor], tokens_of_first: bool = False
+        self, groups: Sequence[torch.Tensor], tokens_of_first: bool = False, attention: str | None = None
     ) -> tuple[list[torch.Tensor], torch.Tensor | None, torch.Tensor | None]:
         """The EOT embeddings of every group of texts, from one pass of the tower over all of them packed.
 
         ``groups``: integer ``[n_i, L_i]`` id tensors (padded after EOT, as the collator gives them; a
         group may have no row). Each text keeps its real tokens only (up to its EOT, the largest id) and its
         own positions from 0; the tower runs once on their concatenation, attention per text (``attention``
-        module, backend ``self.text_attention``). Equal to ``encode_text`` of each group to fp32 rounding,
-        and with ``tokens_of_first`` to ``encode_text_tokens`` of the first group.
+        module, backend ``attention``, by default ``self.text_attention``). Equal to ``encode_text`` of each
+        group to fp32 rounding, and with ``tokens_of_first`` to ``encode_text_tokens`` of the first group.
 
         Returns (``[eot [n_i, d] per group]``, then for ``tokens_of_first`` the first group's projected
         tokens ``[n_0, L_0, d]`` (zeros past EOT) and word mask ``[n_0, L_0]``, else None, None).
@@ -419,7 +419,10 @@ class CLIP(nn.Module):
         positions = torch.arange(sequences.total, device=lengths.device) - starts.repeat_interleave(lengths)
         # F.embedding, not indexing: its backward sums rows densely, where indexing's is an index_put
         x = self.token_embedding(token_ids) + F.embedding(positions, self.text_positions()).to(self.dtype)
-        x = self.ln_final(self.transformer(x, packed=sequences, attention=self.text_attention))
+        if attention is not None:
+            check_text_attention(attention)
+        backend = self.text_attention if attention is None else attention
+        x = self.ln_final(self.transformer(x, packed=sequences, attention=backend))
         eot = list((x.index_select(0, starts + lengths - 1) @ self.text_projection).split(counts))
         if not tokens_of_first:
             return eot, None, None

@@ -298,6 +298,8 @@ def resolve_config(config: TrainConfig, resuming: bool = False) -> TrainConfig:
         check_text_attention(c.text_attention)
     except (ValueError, AttentionBackendUnavailable) as exc:
         raise ConfigError(f"--text-attention {c.text_attention}: {exc}") from None
+    if c.text_attention == "flash" and c.precision != "bf16":
+        raise ConfigError("--text-attention flash needs --precision bf16: flash-attn computes in fp16/bf16 only")
     if c.accum_steps < 1 or c.batch_size % c.accum_steps:
         raise ConfigError(f"--accum-steps must be >= 1 and divide --batch-size {c.batch_size}, got {c.accum_steps}")
     if c.steps is not None and c.epochs is not None:
