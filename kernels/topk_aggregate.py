@@ -31,6 +31,11 @@ from .topk_select import BLOCK_NS, score_row_block, topk_selection
 SUBCAPTIONS_PER_PROGRAM = 16  # tl.dot's minimum tile
 BLOCK_M: tl.constexpr = tl.constexpr(SUBCAPTIONS_PER_PROGRAM)
 NORMALIZE_EPS: tl.constexpr = tl.constexpr(1e-12)  # F.normalize's
+# The chunk width of the score row's dot, the same in forward and backward whatever their launch BLOCK_D:
+# the backward re-selects the top k from recomputed scores, and chunking the dot differently would sum in
+# another order, so a near-tie at the k-th score could fall the other way and the gradient would belong to
+# another selection than the forward's output.
+SCORE_BLOCK_D: tl.constexpr = tl.constexpr(16)
 
 # Launch settings of the row kernels, fixed rather than autotuned: the register budget, not speed, decides
 # (a [BLOCK_N, BLOCK_D] patch tile and its addresses sit next to the score row). Each is the spill-free
@@ -77,13 +82,15 @@ def _topk_probabilities(s, valid, cols, k, scale, BLOCK_N: tl.constexpr):
 @triton.jit
 def _row_probabilities(
     Subb, Xb, XMask, rows, row_in, N, D, k, scale,
-    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):  # fmt: skip
     """Scores of ``BLOCK_M`` subcaptions against all patches of the sample, then top-k probabilities."""
     cols = tl.arange(0, BLOCK_N)
     col_in = cols < N
     valid = (tl.load(XMask + cols, mask=col_in, other=0) != 0) & col_in
-    s = similarity_tile(Subb, rows, row_in, Xb, cols, col_in, D, UPCAST, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_D)
+    s = similarity_tile(
+        Subb, rows, row_in, Xb, cols, col_in, D, UPCAST, DOT_PRECISION, BLOCK_M, BLOCK_N, SCORE_BLOCK_D
+    )  # fmt: skip
     return _topk_probabilities(s, valid, cols, k, scale, BLOCK_N), cols, col_in
 
 
@@ -110,8 +117,7 @@ def _topk_aggregate_fwd(
     Subb = Sub + pid_b * M * D
     Xb = X + pid_b * N * D
     p, cols, col_in = _row_probabilities(
-        Subb, Xb, XMask + pid_b * N, rows, row_in, N, D, k, scale,
-        BLOCK_N, BLOCK_D, UPCAST, DOT_PRECISION,
+        Subb, Xb, XMask + pid_b * N, rows, row_in, N, D, k, scale, BLOCK_N, UPCAST, DOT_PRECISION
     )  # fmt: skip
     sum_sq = tl.zeros([BLOCK_M], dtype=tl.float32)
     for d0 in range(0, D, BLOCK_D):
@@ -143,8 +149,7 @@ def _topk_aggregate_bwd_rows(
     Subb = Sub + pid_b * M * D
     Xb = X + pid_b * N * D
     p, cols, col_in = _row_probabilities(
-        Subb, Xb, XMask + pid_b * N, rows, row_in, N, D, k, scale,
-        BLOCK_N, BLOCK_D, UPCAST, DOT_PRECISION,
+        Subb, Xb, XMask + pid_b * N, rows, row_in, N, D, k, scale, BLOCK_N, UPCAST, DOT_PRECISION
     )  # fmt: skip
     sub_valid = tl.load(SubMask + pid_b * M + rows, mask=row_in, other=0) != 0
     grad_rows = row_in & sub_valid
