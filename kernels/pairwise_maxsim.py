@@ -123,11 +123,10 @@ def _maxsim_gather_kernel(
     n_k,
     len_k,
     dim,
-    UPCAST: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    """``dq[r] = Σ_c w[c, r] · k[c, idx[c, r]]`` for one (row block, d block)."""
+    """``dq[r] = Σ_c w[c, r] · k[c, idx[c, r]]`` for one (row block, d block), accumulated in fp32."""
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     dd = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     row_ok = rows < n_rows
@@ -225,7 +224,7 @@ def one_way_backward(q, k, weight, idx):
         return checked_grid((n_k, triton.cdiv(len_k, meta["BLOCK_J"]), triton.cdiv(dim, meta["BLOCK_D"])))
 
     with on_device_of(q):
-        _maxsim_gather_kernel[gather_grid](k, weight, idx, dq, n_rows, n_k, len_k, dim, UPCAST=upcast(k.dtype))
+        _maxsim_gather_kernel[gather_grid](k, weight, idx, dq, n_rows, n_k, len_k, dim)
         _maxsim_scatter_kernel[scatter_grid](
             q, weight, idx, dk, n_rows, len_k, dim, DOT_PRECISION=dot_precision(q.dtype)
         )
@@ -250,7 +249,7 @@ def compile_specs(dtype: torch.dtype):
         _maxsim_gather_kernel,
         "pairwise_maxsim_bwd_dq",
         args={**sizes, "K": ptr, "Weight": "*fp32", "Idx": "*i32", "DQ": "*fp32", "n_k": "i32"},
-        constexprs={"UPCAST": False},
+        constexprs={},
         dtype=dtype,
     )
     specs += autotuned_specs(
