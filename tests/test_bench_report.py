@@ -10,6 +10,7 @@ import types
 import pytest
 import torch
 
+from benchmarks import test_bench_train_step as _train_step_benchmark
 from benchmarks.harness import largest_batch_within
 from mulclip_fast import bench_report
 from mulclip_fast.profiling import NvmlSampler, machine_facts, nvml_telemetry
@@ -199,6 +200,17 @@ def test_largest_batch_search_needs_few_large_steps():
     # Never more than max_growth times the largest batch that fitted, even if a model predicts more.
     _, calls = _largest(10**9, lambda b: b, limit=64, max_growth=4)
     assert calls == [4, 8, 32, 64]  # doubling until two measurements make a model
+
+
+def test_a_training_step_measures_the_same_peak_every_time():
+    """A step's peak is counted from where the previous step left memory. If the previous step's gradients
+    are still held, an allocator that sees them freed (CUDA's; the CPU allocator's events once they were
+    allocated while it was watching, as in consecutive probes of a batch search) subtracts them from this
+    step's peak: the second measure of the same step came out lower by the gradients' bytes."""
+    trainer = _train_step_benchmark._trainer("tiny", "mulclip", "fast")
+    first = _train_step_benchmark._step_peak(trainer, 2)
+    assert all(p.grad is None for p in trainer.model.parameters())  # the step released its gradients
+    assert _train_step_benchmark._step_peak(trainer, 2) == first
 
 
 def test_largest_batch_search_edges():
