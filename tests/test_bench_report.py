@@ -161,6 +161,28 @@ def test_markdown_largest_batch_tables(results_dir, capsys):
     assert "| finelip | vit-b-16 (depth 1) | 8 | 700.0 | 490.0 | 0.700 |" in out
 
 
+def test_a_search_stopped_at_its_limit_is_marked_as_a_bound(capsys):
+    """A search that reached its batch limit found a lower bound, not the largest batch: the batch and the
+    ratio it enters say so, on either path (the reference's was printed as if it were the answer)."""
+
+    def searched(backend, batch, capped):
+        return {
+            **_step("train_step_max_batch[finelip]", backend, 1.0, 1, max_batch=batch),
+            "preset": "tiny",
+            "memory_budget_bytes": 2**31,
+            "max_batch_capped": capped,
+        }
+
+    for (ref_capped, fast_capped), cells in {
+        (False, True): "| 1024 | >=4096 | >=4.00 |",
+        (True, False): "| >=4096 | 1024 | <=0.25 |",
+        (True, True): "| >=4096 | >=4096 | — |",
+    }.items():
+        ref_batch, fast_batch = (4096 if ref_capped else 1024), (4096 if fast_capped else 1024)
+        results = [searched("reference", ref_batch, ref_capped), searched("fast", fast_batch, fast_capped)]
+        assert cells in bench_report.render({"machine": MACHINE, "results": results}, markdown=True)
+
+
 def _largest(budget, peak_of, **kwargs):
     calls = []
 
