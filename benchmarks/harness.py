@@ -3,9 +3,9 @@
 Every benchmark goes through :func:`measure_case`, which
 
 1. warms the callable up (``torch.compile`` compiles here, kernels autotune here);
-2. measures its peak memory above what exists before the call: the exact dispatch tracker on CPU
-   (the CPU allocator's profiler events for compiled code, which bypasses the dispatcher), the CUDA
-   allocator's ``max_memory_allocated`` on GPU;
+2. measures its peak memory above what exists before the call: the CPU allocator's profiler events
+   on CPU (exact requested sizes; a dispatch mode would change what autograd allocates, see
+   ``mulclip_fast.profiling``), the CUDA allocator's ``max_memory_allocated`` on GPU;
 3. times it with pytest-benchmark's ``pedantic`` (rounds sized to a per-case time budget), sampling NVML
    power, clocks and utilisation on a GPU while it runs;
 4. stores everything (time statistics, peak bytes, FLOP and byte counts, achieved FLOP/s against this
@@ -136,7 +136,6 @@ def measure_case(
     mode: str,
     shape: dict,
     fn,
-    compiled: bool = False,
     flops: int | None = None,
     nbytes: int | None = None,
     extra: dict | None = None,
@@ -158,7 +157,7 @@ def measure_case(
         fn()  # warm-up: compilation, autotuning, lazy initialisation, optimizer state
     if known_peak is None:
         start = time.perf_counter()
-        peak_bytes, memory_method = measure_peak_memory(fn, DEVICE, compiled=compiled)
+        peak_bytes, memory_method = measure_peak_memory(fn, DEVICE)
         # The measured call doubles as the timing estimate: the tracker's overhead only makes it longer,
         # which errs towards fewer rounds, never towards a budget overrun.
         seconds_per_call = time.perf_counter() - start

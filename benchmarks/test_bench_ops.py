@@ -278,7 +278,6 @@ def test_op(benchmark, machine, results, spec: OpSpec, shape: dict, backend: str
             mode=mode,
             shape=shape,
             fn=run,
-            compiled=backend == "compile",
             flops=flops,
             nbytes=nbytes,
         )

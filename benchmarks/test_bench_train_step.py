@@ -14,8 +14,8 @@ preset, and for the all-pairs objectives at a ViT-B/16 shape (``ALL_PAIRS_PRESET
 all-pairs SAP over the 196 raw patches holds ``[B, B, M, N, d]`` tensors that outgrow the towers.
 
 Peak memory is the step's own: allocations made during the step (activations, gradients, temporaries),
-above the parameters and the optimizer state that exist before it; gradients are released before the
-measure so CPU and CUDA count the same thing.
+above the parameters and the optimizer state that exist before it; each step releases its gradients at
+its end, so that every measure starts from the same memory on CPU and CUDA.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ EQUAL_BATCH_OBJECTIVES = ("mulclip", "finelip", "mulclip-sap-all")
 # table; on CPU its depth is cut from 12 to 2 layers per tower so that a step takes seconds, not minutes.
 VIT_B_CPU_DEPTH = 2
 PRESET_BATCH = {"tiny": 32 if DEVICE.type == "cpu" else 128, "vit-b-16": 8 if DEVICE.type == "cpu" else 64}
-# Fixed budgets for the step's own peak memory (exact tracker on CPU, CUDA allocator on GPU): the largest
+# Fixed budgets for the step's own peak memory (CPU or CUDA allocator, exact bytes): the largest
 # batch that stays under one is searched to within 1/8 (benchmarks.harness.largest_batch_within). Each
 # probe is a full step, so the CPU budgets keep each search to about a minute.
 # The paper's matched objective, tiny preset: its step's peak is the towers' activations.
@@ -92,9 +92,13 @@ def _batch(trainer: Trainer, size: int):
 
 def _step_fn(trainer: Trainer, batch):
     def step():
-        # Gradients of the previous step are released first, so the measured peak holds this step's.
+        logged = trainer.step(batch, progress=0.5)
+        # Release this step's gradients, so that every call starts from the parameters and the optimizer
+        # state alone. Held into the next call, they would be freed inside its measure, and an allocator
+        # that sees that free (CUDA's; the CPU allocator's once it watched them being allocated, as in
+        # consecutive probes of a batch search) would take their bytes off the next step's peak.
         trainer.optimizer.zero_grad(set_to_none=True)
-        return trainer.step(batch, progress=0.5)
+        return logged
 
     return step
 

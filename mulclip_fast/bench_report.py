@@ -158,6 +158,7 @@ def max_batch_rows(results: list[dict]) -> list[dict]:
                 "budget_bytes": budget,
                 "ref_batch": ref["max_batch"],
                 "batch": fast["max_batch"],
+                "ref_capped": ref.get("max_batch_capped", False),
                 "capped": fast.get("max_batch_capped", False),
                 "batch_ratio": _ratio(fast["max_batch"], ref["max_batch"]),
                 "ref_peak_bytes": ref.get("max_batch_peak_bytes"),
@@ -228,6 +229,15 @@ def machine_line(machine: dict) -> str:
     return "; ".join(parts)
 
 
+def _batch_ratio_cell(row: dict) -> str:
+    """fast / reference batch; a search that stopped at its limit found a lower bound of its batch, so the
+    ratio is a bound too (none when both stopped there)."""
+    if row["ref_capped"] and row["capped"]:
+        return "—"
+    bound = ">=" if row["capped"] else "<=" if row["ref_capped"] else ""
+    return bound + _fmt(row["batch_ratio"], ".2f")
+
+
 def render(payload: dict, markdown: bool = False) -> str:
     machine, results = payload["machine"], payload["results"]
     gpu = machine.get("device") == "cuda"
@@ -284,9 +294,9 @@ def render(payload: dict, markdown: bool = False) -> str:
                 r["objective"],
                 r["preset"],
                 str(r["budget_bytes"] >> 20),
-                str(r["ref_batch"]),
+                (">=" if r["ref_capped"] else "") + str(r["ref_batch"]),
                 (">=" if r["capped"] else "") + str(r["batch"]),
-                _fmt(r["batch_ratio"], ".2f"),
+                _batch_ratio_cell(r),
                 _fmt(r["ref_peak_bytes"] and r["ref_peak_bytes"] / MiB, ".1f"),
                 _fmt(r["peak_bytes"] and r["peak_bytes"] / MiB, ".1f"),
                 f"{_fmt(r['ref_over'], 'd')} / {_fmt(r['over'], 'd')}",

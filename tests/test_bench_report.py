@@ -10,6 +10,7 @@ import types
 import pytest
 import torch
 
+from benchmarks import test_bench_train_step as _train_step_benchmark
 from benchmarks.harness import largest_batch_within
 from mulclip_fast import bench_report
 from mulclip_fast.profiling import NvmlSampler, machine_facts, nvml_telemetry
@@ -160,6 +161,28 @@ def test_markdown_largest_batch_tables(results_dir, capsys):
     assert "| finelip | vit-b-16 (depth 1) | 8 | 700.0 | 490.0 | 0.700 |" in out
 
 
+def test_a_search_stopped_at_its_limit_is_marked_as_a_bound(capsys):
+    """A search that reached its batch limit found a lower bound, not the largest batch: the batch and the
+    ratio it enters say so, on either path (the reference's was printed as if it were the answer)."""
+
+    def searched(backend, batch, capped):
+        return {
+            **_step("train_step_max_batch[finelip]", backend, 1.0, 1, max_batch=batch),
+            "preset": "tiny",
+            "memory_budget_bytes": 2**31,
+            "max_batch_capped": capped,
+        }
+
+    for (ref_capped, fast_capped), cells in {
+        (False, True): "| 1024 | >=4096 | >=4.00 |",
+        (True, False): "| >=4096 | 1024 | <=0.25 |",
+        (True, True): "| >=4096 | >=4096 | — |",
+    }.items():
+        ref_batch, fast_batch = (4096 if ref_capped else 1024), (4096 if fast_capped else 1024)
+        results = [searched("reference", ref_batch, ref_capped), searched("fast", fast_batch, fast_capped)]
+        assert cells in bench_report.render({"machine": MACHINE, "results": results}, markdown=True)
+
+
 def _largest(budget, peak_of, **kwargs):
     calls = []
 
@@ -199,6 +222,17 @@ def test_largest_batch_search_needs_few_large_steps():
     # Never more than max_growth times the largest batch that fitted, even if a model predicts more.
     _, calls = _largest(10**9, lambda b: b, limit=64, max_growth=4)
     assert calls == [4, 8, 32, 64]  # doubling until two measurements make a model
+
+
+def test_a_training_step_measures_the_same_peak_every_time():
+    """A step's peak is counted from where the previous step left memory. If the previous step's gradients
+    are still held, an allocator that sees them freed (CUDA's; the CPU allocator's events once they were
+    allocated while it was watching, as in consecutive probes of a batch search) subtracts them from this
+    step's peak: the second measure of the same step came out lower by the gradients' bytes."""
+    trainer = _train_step_benchmark._trainer("tiny", "mulclip", "fast")
+    first = _train_step_benchmark._step_peak(trainer, 2)
+    assert all(p.grad is None for p in trainer.model.parameters())  # the step released its gradients
+    assert _train_step_benchmark._step_peak(trainer, 2) == first
 
 
 def test_largest_batch_search_edges():
