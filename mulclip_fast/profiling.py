@@ -187,13 +187,12 @@ def cuda_peak_memory_of(fn, *args, **kwargs) -> tuple[int, object]:
     return torch.cuda.max_memory_allocated() - before, result
 
 
-def measure_peak_memory(fn, device: torch.device | str, compiled: bool = False) -> tuple[int, str]:
+def measure_peak_memory(fn, device: torch.device | str) -> tuple[int, str]:
     """Peak bytes allocated by ``fn()`` above what already exists, and the method that measured them.
 
     CUDA: the allocator's statistics. CPU: the CPU allocator's profiler events, for eager and compiled
     code alike (the dispatch tracker would measure autograd's out-of-place formulas and miss the buffers
-    that kernels allocate inside themselves; see the module's docstring). ``compiled`` no longer changes
-    the method; callers that say whether their code is compiled may keep doing so.
+    that kernels allocate inside themselves; see the module's docstring).
     """
     if torch.device(device).type == "cuda":
         return cuda_peak_memory_of(fn)[0], "cuda-max-memory-allocated"

@@ -449,7 +449,7 @@ def _timing_task(setting: Setting, op: str, dtype: torch.dtype, backend: str) ->
             _synchronize(setting.device)
         with NvmlSampler(setting.device.index or 0) as sampler:
             timing = time_call(fn, setting.device)
-        peak, method = measure_peak_memory(fn, setting.device, compiled=backend == "compiled-reference")
+        peak, method = measure_peak_memory(fn, setting.device)
         record = {
             "ok": not problems,
             "op": op,
