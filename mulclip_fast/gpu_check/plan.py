@@ -562,8 +562,10 @@ def _train_task(setting: Setting, preset: str, objective: str, gpu_batch: int, d
         for path, trainer in trainers.items() if not setting.dry else ():
 
             def step(trainer=trainer):
-                trainer.optimizer.zero_grad(set_to_none=True)
                 out = trainer.step(batch, progress=0.5)
+                # Released at the end, not the start: freed inside the measure, the previous step's gradients
+                # would come off this step's peak (max_memory_allocated above a baseline that held them).
+                trainer.optimizer.zero_grad(set_to_none=True)
                 _synchronize(setting.device)
                 return out
 
