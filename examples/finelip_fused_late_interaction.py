@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from mulclip_fast import ops
-from mulclip_fast.profiling import PeakMemoryTracker
+from mulclip_fast.profiling import measure_peak_memory
 from mulclip_fast.reference import finelip_hinge_loss
 
 
@@ -68,17 +68,8 @@ def loss_and_grads(score_fn, text, image, text_mask, image_mask):
 
 
 def peak_bytes(score_fn, batch, device) -> int:
-    """Peak memory of one forward + backward beyond the inputs."""
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        loss_and_grads(score_fn, *batch)
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated() - base
-    with PeakMemoryTracker() as mem:  # exact and deterministic on CPU
-        loss_and_grads(score_fn, *batch)
-    return mem.peak
+    """Peak memory of one forward + backward beyond the inputs (the CUDA or CPU allocator's count)."""
+    return measure_peak_memory(lambda: loss_and_grads(score_fn, *batch), device)[0]
 
 
 def seconds(score_fn, batch, device, repeats: int) -> float:

@@ -47,8 +47,8 @@ from ._dispatch import EXTENSION_DEVICES, FUSED_BACKENDS, check_backend_name, co
 # Bytes of temporaries one chunk of the torch backend may hold (the [c, Lq, Lk] scores and their
 # companions). The batch is split so that a chunk stays under this; 24 MiB keeps chunks of a few samples
 # at paper shapes, far below the reference's whole-batch tensors, with
-# per-chunk overhead negligible. At 64 MiB the SAP chunk alone would take the fused peak past a tenth
-# of the reference's.
+# per-chunk overhead negligible: SAP's fused peak at the paper shape is then 1.46x its floor (the input
+# gradients and the output, 26.5 MiB; docs/performance.md).
 CHUNK_BYTES = 24 * 2**20
 # Patches per score row the Triton top-k aggregate holds in registers; more go to the torch path under
 # backend='auto' and are refused under 'triton'.

@@ -3,8 +3,10 @@
     python -m mulclip_fast.tools.memory_report [--batch 64 --words 248 --patches 196 --subcaptions 8 --k 49 --width 512]
 
 Prints, for ``wpr_loss`` and ``topk_patch_aggregate``, the peak bytes of forward + backward above the
-inputs (``PeakMemoryTracker``: every storage allocated inside the measurement, gradients included) for
-the reference and the memory-lean ``torch`` backend, and their ratio. Defaults are the issue's shape:
+inputs (the CPU allocator's count, ``profiling.allocator_peak_memory_of``: every buffer allocated inside
+the measurement, gradients included) for the reference and the memory-lean ``torch`` backend, and their
+ratio. Not ``PeakMemoryTracker``: under a dispatch mode autograd takes its out-of-place backward formulas,
+which would count the reference's gather gradient twice. Defaults are the issue's shape:
 B = 64, 248 word tokens, 196 patches, M = 8 subcaptions, k = 49, d = 512, float32.
 """
 
@@ -17,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from ..ops import matched
-from ..profiling import PeakMemoryTracker
+from ..profiling import allocator_peak_memory_of
 
 PAPER_SHAPE = {"batch": 64, "words": 248, "patches": 196, "subcaptions": 8, "k": 49, "width": 512}
 
@@ -50,10 +52,12 @@ def _inputs(batch, words, patches, subcaptions, width, dtype, seed):
 
 def _peak(fn, *args) -> int:
     """Peak bytes of ``fn(*args)`` and the backward of its (summed) result."""
-    with PeakMemoryTracker() as memory:
+
+    def forward_backward():
         out = fn(*args)
         (out if out.dim() == 0 else out.sum()).backward()
-    return memory.peak
+
+    return allocator_peak_memory_of(forward_backward)[0]
 
 
 def measure(batch, words, patches, subcaptions, k, width, dtype=torch.float32, seed=0) -> list[MemoryFigure]:
@@ -67,7 +71,12 @@ def measure(batch, words, patches, subcaptions, k, width, dtype=torch.float32, s
             lambda backend: matched.topk_patch_aggregate(sub, v, sub_mask, None, k, backend=backend),
         ),
     ):
-        figures.append(MemoryFigure(name, _peak(call, "reference"), _peak(call, "torch")))
+        peaks = []
+        for backend in ("reference", "torch"):
+            for leaf in (v, t, sub):  # each measure allocates its gradients afresh
+                leaf.grad = None
+            peaks.append(_peak(call, backend))
+        figures.append(MemoryFigure(name, *peaks))
     return figures
 
 
