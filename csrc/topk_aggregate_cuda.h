@@ -11,6 +11,9 @@ enum class ElementType { kFloat32, kFloat16, kBFloat16 };
 
 // Threads per block of every kernel; each block handles one row (forward, backward) or one patch.
 constexpr int kCudaBlockThreads = 256;
+// Static shared memory of every kernel: the block reductions' per-warp float and int partials
+// (MULCLIP_BLOCK_TEAM in topk_aggregate.cu). It counts against the same 48 KB as the dynamic part.
+constexpr int64_t kStaticSharedBytes = (kCudaBlockThreads / 32) * (sizeof(float) + sizeof(int));
 
 // Dynamic shared memory of the forward kernel: the row's n scores and d pooled channels, fp32.
 inline int64_t topk_forward_shared_bytes(int n, int d) { return 4 * (static_cast<int64_t>(n) + d); }

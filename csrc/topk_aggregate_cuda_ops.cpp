@@ -25,9 +25,11 @@ ElementType element_type(at::ScalarType dtype) {
   }
 }
 
-// Dynamic shared memory beyond the 48 KB a launch gets without opting in is refused up front.
+// Shared memory beyond the 48 KB a launch gets without opting in (static and dynamic together) is refused
+// up front, with this message rather than the launch's bare CUDA error.
 template <class Shape>
-void check_shared_memory(int64_t bytes, const Shape& shape) {
+void check_shared_memory(int64_t dynamic_bytes, const Shape& shape) {
+  const int64_t bytes = dynamic_bytes + kStaticSharedBytes;
   TORCH_CHECK(bytes <= 48 * 1024, "the CUDA top-k kernels hold a row of N scores and d channels in 48 KB of shared ",
               "memory; N = ", shape.n, ", d = ", shape.d, " need ", bytes, " bytes");
 }
@@ -113,8 +115,10 @@ std::tuple<at::Tensor, at::Tensor> pairwise_topk_backward_cuda_op(const at::Tens
               "grad must be [Bq, Bk, M] in the dtype and on the device of sub");
   TORCH_CHECK(selected.scalar_type() == at::kByte &&
                   selected.sizes() == at::IntArrayRef({shape.keys, rows, selection_bytes(shape.n)}) &&
-                  lse.scalar_type() == at::kFloat && lse.sizes() == at::IntArrayRef({shape.keys, rows}),
-              "selected and lse must be the forward's uint8 [Bk, Bq*M, ceil(N/8)] and float32 [Bk, Bq*M]");
+                  lse.scalar_type() == at::kFloat && lse.sizes() == at::IntArrayRef({shape.keys, rows}) &&
+                  selected.device() == sub.device() && lse.device() == sub.device(),
+              "selected and lse must be the forward's uint8 [Bk, Bq*M, ceil(N/8)] and float32 [Bk, Bq*M], on the "
+              "device of sub");
   const c10::cuda::CUDAGuard guard(sub.device());
   const at::Tensor g = grad.contiguous(), q = sub.contiguous(), x = patches.contiguous();
   const at::Tensor q_mask = sub_mask.contiguous(), sel = selected.contiguous(), lse_c = lse.contiguous();

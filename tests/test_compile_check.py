@@ -118,6 +118,10 @@ def test_every_cuda_extension_kernel_compiles_without_spills_for_sm80_and_sm90()
     for kernel in kernels:
         instances = {(r.arch, r.dtype) for r in results if r.kernel == kernel}
         assert instances == {(arch, dtype) for arch in compile_check.ARCHS for dtype in compile_check.DTYPES}
+    # The launch check in topk_aggregate_cuda_ops.cpp adds kStaticSharedBytes (csrc/topk_aggregate_cuda.h:
+    # 256 threads / 32 · (4 + 4) bytes of reduction partials) to the dynamic bytes: no kernel may use more
+    # (ptxas drops the partials a kernel does not use, so some use less).
+    assert max(r.shared for r in results) == (256 // 32) * (4 + 4)
 
 
 BAD_CUDA_SOURCE = """
