@@ -28,10 +28,12 @@ def load_image(path: str, size: int) -> torch.Tensor:
         w, h = img.size
         if min(w, h) < 1:
             raise ValueError(f"empty image ({w}x{h})")
-        scale = size / min(w, h)
-        new_w, new_h = max(size, round(w * scale)), max(size, round(h * scale))
+        # OpenAI CLIP's transform is torchvision's Resize(size) then CenterCrop(size): the long side is
+        # truncated, int(size * long / short), and the crop offsets are rounded, not floored. Rounding the
+        # other way rescales or shifts the image by a pixel against what the pretrained towers saw.
+        new_w, new_h = (size, int(size * h / w)) if w <= h else (int(size * w / h), size)
         img = img.resize((new_w, new_h), Image.Resampling.BICUBIC)
-        left, top = (new_w - size) // 2, (new_h - size) // 2
+        left, top = int(round((new_w - size) / 2.0)), int(round((new_h - size) / 2.0))
         img = img.crop((left, top, left + size, top + size))
         pixels = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1)
     return (pixels - CLIP_MEAN[:, None, None]) / CLIP_STD[:, None, None]
