@@ -187,6 +187,18 @@ def test_image_preprocessing_is_openai_clips_resize_and_centre_crop(tmp_path, wi
     assert torch.equal(load_image(str(tmp_path / "photo.png"), size), expected)
 
 
+def test_a_16_bit_greyscale_image_keeps_its_levels(tmp_path):
+    """PIL's convert("RGB") clips a 16-bit level at 255, which turns nearly all of a 16-bit PNG white;
+    its levels are scaled to 8 bits instead (level · 257 → level)."""
+    from mulclip_fast.data.images import load_image
+
+    levels = np.tile(np.arange(256, dtype=np.uint16), (40, 1))  # 40 x 256, every 8-bit level
+    Image.fromarray(levels * 257).save(tmp_path / "deep.png")
+    Image.fromarray(levels.astype(np.uint8)).save(tmp_path / "plain.png")
+    assert Image.open(tmp_path / "deep.png").mode.startswith("I")
+    assert torch.equal(load_image(str(tmp_path / "deep.png"), 32), load_image(str(tmp_path / "plain.png"), 32))
+
+
 # ------------------------------------------------------------------------------------------ real formats
 def _write_image(path, colour=(200, 30, 30), size=(40, 30)):
     Image.new("RGB", size, colour).save(path)

@@ -24,6 +24,11 @@ def load_image(path: str, size: int) -> torch.Tensor:
         raise ValueError(str(exc)) from None
     with img:
         img.load()  # decode now, so a truncated file fails here and not later
+        if img.mode.startswith("I;16") or img.mode == "I":
+            # 16-bit greyscale (PNG, TIFF; mode I in Pillow < 10): convert("RGB") clips each level at 255,
+            # which makes nearly the whole image white, so scale 0-65535 to 0-255 first.
+            levels = np.clip(np.asarray(img, dtype=np.float64), 0, 65535)
+            img = Image.fromarray(np.round(levels / 257).astype(np.uint8))
         img = img.convert("RGB")
         w, h = img.size
         if min(w, h) < 1:
