@@ -158,6 +158,47 @@ def test_collation_shapes_masks_and_trimming():
     assert batch.probe_ids is not None and batch.probe_ids.shape[0] == 6
 
 
+# ---------------------------------------------------------------------------------- image preprocessing
+def _normalised(img):
+    from mulclip_fast.data.images import CLIP_MEAN, CLIP_STD
+
+    pixels = torch.from_numpy(np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0).permute(2, 0, 1)
+    return (pixels - CLIP_MEAN[:, None, None]) / CLIP_STD[:, None, None]
+
+
+@pytest.mark.parametrize(
+    ("width", "height", "size", "resized", "box"),
+    [
+        # torchvision's Resize(100), as in OpenAI CLIP's transform: long side int(100 * 335 / 200) = 167 (not
+        # 168); CenterCrop(100): left int(round(67 / 2)) = 34.
+        (335, 200, 100, (167, 100), (34, 0, 134, 100)),
+        # Already the size along the short side: CenterCrop's left offset is round(3 / 2) = 2, not 1.
+        (227, 224, 224, (227, 224), (2, 0, 226, 224)),
+        # Portrait: the same rules along the height.
+        (200, 335, 100, (100, 167), (0, 34, 100, 134)),
+    ],
+)
+def test_image_preprocessing_is_openai_clips_resize_and_centre_crop(tmp_path, width, height, size, resized, box):
+    from mulclip_fast.data.images import load_image
+
+    pixels = (np.random.default_rng(0).random((height, width, 3)) * 255).astype(np.uint8)
+    Image.fromarray(pixels).save(tmp_path / "photo.png")  # lossless: the reference starts from the same pixels
+    expected = _normalised(Image.fromarray(pixels).resize(resized, Image.Resampling.BICUBIC).crop(box))
+    assert torch.equal(load_image(str(tmp_path / "photo.png"), size), expected)
+
+
+def test_a_16_bit_greyscale_image_keeps_its_levels(tmp_path):
+    """PIL's convert("RGB") clips a 16-bit level at 255, which turns nearly all of a 16-bit PNG white;
+    its levels are scaled to 8 bits instead (level · 257 → level)."""
+    from mulclip_fast.data.images import load_image
+
+    levels = np.tile(np.arange(256, dtype=np.uint16), (40, 1))  # 40 x 256, every 8-bit level
+    Image.fromarray(levels * 257).save(tmp_path / "deep.png")
+    Image.fromarray(levels.astype(np.uint8)).save(tmp_path / "plain.png")
+    assert Image.open(tmp_path / "deep.png").mode.startswith("I")
+    assert torch.equal(load_image(str(tmp_path / "deep.png"), 32), load_image(str(tmp_path / "plain.png"), 32))
+
+
 # ------------------------------------------------------------------------------------------ real formats
 def _write_image(path, colour=(200, 30, 30), size=(40, 30)):
     Image.new("RGB", size, colour).save(path)

@@ -21,7 +21,7 @@ from mulclip_fast import eval as eval_cli
 from mulclip_fast.data import batch_order, open_dataset, read_docci
 from mulclip_fast.model import check_device
 from mulclip_fast.train import TrainConfig, main, train
-from mulclip_fast.train.config import ConfigError, resumed_config
+from mulclip_fast.train.config import ConfigError, resolve_config, resumed_config
 from mulclip_fast.train.run_dir import LOCK_FILE, claim_run_directory
 
 from .test_train import SMALL, read_jsonl, small_config
@@ -222,6 +222,20 @@ def test_eval_pairs_that_would_move_the_held_out_records_are_refused_on_resume(t
     assert main(["--resume", "--out", str(out)]) == 0
     a, b = read_jsonl(tmp_path / "straight" / "metrics.jsonl"), read_jsonl(out / "metrics.jsonl")
     assert [m["loss"] for m in a] == [m["loss"] for m in b]
+
+
+def test_a_run_on_a_relative_data_path_still_holds_out_its_records_in_eval(tmp_path, monkeypatch):
+    """The run stores its data path absolute: evaluated under another spelling of the same file (or from
+    another directory), a ShareGPT4V file still holds out the run's --eval-pairs, not --pairs, which
+    would score records the run trained on."""
+    data = _sharegpt4v(tmp_path, 12)
+    monkeypatch.chdir(tmp_path)
+    config = resolve_config(TrainConfig(data="sharegpt4v:share.json", eval_pairs=3)).to_dict()
+    assert config["data"] == f"sharegpt4v:{data}"
+    assert eval_cli.held_out_records(config, f"sharegpt4v:{data}", 6) == 3
+    # Resuming with the run's own relative spelling is not a change of --data.
+    stored = resolve_config(TrainConfig(data="sharegpt4v:share.json"))
+    assert resumed_config(stored, TrainConfig(data="sharegpt4v:share.json"), {"data"}).data == stored.data
 
 
 def test_eval_of_a_run_scores_only_the_records_it_held_out(tmp_path, capsys):

@@ -24,14 +24,21 @@ def load_image(path: str, size: int) -> torch.Tensor:
         raise ValueError(str(exc)) from None
     with img:
         img.load()  # decode now, so a truncated file fails here and not later
+        if img.mode.startswith("I;16") or img.mode == "I":
+            # 16-bit greyscale (PNG, TIFF; mode I in Pillow < 10): convert("RGB") clips each level at 255,
+            # which makes nearly the whole image white, so scale 0-65535 to 0-255 first.
+            levels = np.clip(np.asarray(img, dtype=np.float64), 0, 65535)
+            img = Image.fromarray(np.round(levels / 257).astype(np.uint8))
         img = img.convert("RGB")
         w, h = img.size
         if min(w, h) < 1:
             raise ValueError(f"empty image ({w}x{h})")
-        scale = size / min(w, h)
-        new_w, new_h = max(size, round(w * scale)), max(size, round(h * scale))
+        # OpenAI CLIP's transform is torchvision's Resize(size) then CenterCrop(size): the long side is
+        # truncated, int(size * long / short), and the crop offsets are rounded, not floored. Rounding the
+        # other way rescales or shifts the image by a pixel against what the pretrained towers saw.
+        new_w, new_h = (size, int(size * h / w)) if w <= h else (int(size * w / h), size)
         img = img.resize((new_w, new_h), Image.Resampling.BICUBIC)
-        left, top = (new_w - size) // 2, (new_h - size) // 2
+        left, top = int(round((new_w - size) / 2.0)), int(round((new_h - size) / 2.0))
         img = img.crop((left, top, left + size, top + size))
         pixels = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1)
     return (pixels - CLIP_MEAN[:, None, None]) / CLIP_STD[:, None, None]

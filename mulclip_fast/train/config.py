@@ -274,6 +274,7 @@ def resolve_config(config: TrainConfig, resuming: bool = False) -> TrainConfig:
     if c.loss not in OBJECTIVES:
         raise ConfigError(f"unknown --loss {c.loss!r}; choose one of {sorted(OBJECTIVES)}")
     parse_data_spec(c.data)  # raises DataError with the reason
+    c = dataclasses.replace(c, data=absolute_data_spec(c.data))  # found again by eval and --resume
     if c.init is not None:
         kind, _, path = c.init.partition(":")
         if kind not in ("openai", "longclip") or not path:
@@ -380,6 +381,15 @@ RESUMABLE_CHANGES = frozenset(
 )
 
 
+def absolute_data_spec(spec: str) -> str:
+    """``--data kind:PATH`` with PATH made absolute. A run stores its data so: ``eval`` recognises the run's
+    own ShareGPT4V file, whose last ``--eval-pairs`` records it held out, by its path, and a relative path
+    would not match another spelling of it (or name another file from another directory), so more
+    ``--pairs`` than the run held out would score records it trained on."""
+    kind, _, path = spec.partition(":")
+    return f"{kind}:{os.path.abspath(path)}" if path else spec
+
+
 def _holds_out_by_count(config: TrainConfig) -> bool:
     """Whether the run's --eval-pairs also splits its data (ShareGPT4V: the last records are its test set), so
     that changing it would train on test records or leave training records out."""
@@ -408,6 +418,8 @@ def resumed_config(stored: TrainConfig, requested: TrainConfig, given: set[str])
         before, value = getattr(stored, name), getattr(requested, name)
         if isinstance(before, dict):  # keyed flags (--w-*, --model) give only the keys on the command line
             value = {**before, **value}
+        if name == "data":  # stored absolute (``absolute_data_spec``); the run's own spelling is no change
+            before, value = absolute_data_spec(before), absolute_data_spec(value)
         if value == before:
             continue
         if name in RESUMABLE_CHANGES and not (name == "eval_pairs" and _holds_out_by_count(stored)):
