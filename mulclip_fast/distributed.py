@@ -98,9 +98,13 @@ def agree(value, context: DistributedContext):
 
 
 def shutdown_distributed(context: DistributedContext) -> None:
-    """Wait for every rank, then leave the process group (no-op without one)."""
+    """Leave the process group (no-op without one), without waiting for the other ranks.
+
+    Training ends with work rank 0 does alone (the final checkpoint, evaluation and plots), after the
+    last collective. A barrier here would keep the other ranks waiting for it under the group's timeout,
+    and an evaluation longer than that failed them, whereupon torchrun stopped rank 0 in the middle of
+    it. torchrun waits for every rank to exit, so a rank that leaves first ends nothing."""
     if context.enabled and dist.is_initialized():
-        dist.barrier()
         dist.destroy_process_group()
 
 

@@ -106,6 +106,21 @@ def test_torchrun_two_processes_write_one_run_directory(tmp_path):
     assert done.stdout.count("run directory:") == 1  # only rank 0 prints the summary table
 
 
+@pytest.mark.slow
+def test_a_final_evaluation_longer_than_the_collective_timeout_ends_the_run_normally(tmp_path):
+    """Rank 0 alone evaluates at the end; the other ranks must not wait for it in a collective, whose timeout
+    (300 s in a real run) would fail them, and torchrun would then stop rank 0 in the middle of its evaluation."""
+    script = os.path.join(os.path.dirname(__file__), "slow_final_eval_train.py")
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port", str(_free_port())]
+    cmd += [script, "--steps", "2", "--batch-size", "8", "--out", str(out), "--eval-pairs", "8"]
+    cmd += ["--model", "vision_layers=1", "--model", "transformer_layers=1", "--val-every", "100"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "COLLECTIVE_TIMEOUT_S": "10", "EVAL_SLEEP_S": "15"}
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads((out / "eval.json").read_text())["n_pairs"] == 8
+
+
 def test_a_short_batch_splits_into_equal_parts():
     """Skipped images can leave a batch short of a multiple of the ranks: every rank still gets as many rows."""
     batch = next(iterate_batches(open_dataset("synthetic", "train", 64, 16, 0), Collator(), batch_size=7, seed=0))[2]

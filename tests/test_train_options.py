@@ -20,8 +20,7 @@ def _trainer(**overrides) -> Trainer:
             fine_ramp=0.0,
             eval_pairs=0,
             seed=7,
-            backend="torch",
-            **overrides,
+            **{"backend": "torch", **overrides},
         )
     )
     return Trainer(config)
@@ -88,6 +87,30 @@ def test_bf16_autocast_step_is_close_to_fp32():
     bf16 = _trainer(precision="bf16").step(batch, progress=0.5)
     for term in ("loss", "global_long", "wpr", "sap"):
         assert bf16[term] == pytest.approx(fp32[term], rel=5e-2), term
+
+
+@pytest.mark.parametrize("backend", ["torch", "reference"])
+def test_bf16_autocast_leaves_the_loss_in_fp32(backend):
+    """Autocast covers the towers only: the loss of a bf16 step is the fp32 loss of the step's bf16 features.
+    Under autocast every matmul of the loss ran in bf16, so the contrastive logits (up to 100) kept about
+    three significant digits and the terms came out bf16-rounded, whatever the loss's fp32 accumulation."""
+    batch = _batch()
+    trainer = _trainer(precision="bf16", backend=backend)
+    seen = []
+    compute_features = trainer.compute_features
+
+    def record(part, fine_scale):
+        seen.append(compute_features(part, fine_scale))
+        return seen[-1]
+
+    trainer.compute_features = record
+    logged = trainer.step(batch, progress=0.5)
+    ((features, logit_scale, _),) = seen
+    assert features.image_cls.dtype == torch.bfloat16  # the towers did run in bf16
+    with torch.no_grad():
+        expected = trainer.loss_fn(features, logit_scale, fine_grained_scale=1.0)
+    for term in ("loss", "global_long", "global_short", "wpr", "sap"):
+        assert logged[term] == pytest.approx(expected[term].item(), rel=1e-6), term
 
 
 def test_temperatures_reach_the_loss():

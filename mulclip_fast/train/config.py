@@ -206,7 +206,10 @@ class TrainConfig:
     out: str = setting("runs/default", "run directory", RUN)
     device: str = setting("cpu", "torch device (cuda: the local rank's GPU under torchrun)", RUN)
     precision: str = setting(
-        "fp32", "bf16: autocast the step (faster on GPUs and on CPUs with native bf16)", RUN, choices=("fp32", "bf16")
+        "fp32",
+        "bf16: autocast the towers, the loss stays fp32 (faster on GPUs and on CPUs with native bf16)",
+        RUN,
+        choices=("fp32", "bf16"),
     )
     grad_checkpointing: bool = setting(False, "recompute the towers' blocks in backward (less memory)", RUN)
     accum_steps: int = setting(1, "micro-batches per step; contrast within each", RUN)

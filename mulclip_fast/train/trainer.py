@@ -187,8 +187,10 @@ class Trainer:
             with sync:
                 with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.config.precision == "bf16"):
                     features, logit_scale, active = self.compute_features(part, fine_scale)
-                    loss_fn = DistributedMulCLIPLoss(self.loss_fn if active else self.global_loss_fn, self.context)
-                    terms = loss_fn(features, logit_scale, fine_grained_scale=fine_scale)
+                # The loss runs outside autocast, which would cast each of its matmuls to bf16 whatever
+                # dtype the loss accumulates in: contrastive logits up to 100 would keep three digits.
+                loss_fn = DistributedMulCLIPLoss(self.loss_fn if active else self.global_loss_fn, self.context)
+                terms = loss_fn(features, logit_scale, fine_grained_scale=fine_scale)
                 (terms["loss"] / accum).backward()
             for name, value in terms.items():
                 terms_sum[name] = terms_sum.get(name, 0.0) + value.detach().float() / accum
