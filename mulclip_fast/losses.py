@@ -151,6 +151,14 @@ class MulCLIPLoss(nn.Module):
         ``logit_bias`` is added to the global InfoNCE logits (open_clip's ``ClipLoss`` option).
         """
         _check_term_names(terms)
+        # A trainer's autocast region (--precision bf16) would cast the terms' fp32 matmuls back to bf16:
+        # logits of up to s = 100 rounded to steps of 0.5, and bf16 losses. The terms accumulate in fp32
+        # whatever their inputs' float dtype (docs/method.md, "Op conventions": Dtypes).
+        cls = features.image_cls
+        with torch.autocast(cls.device.type if isinstance(cls, torch.Tensor) else "cpu", enabled=False):
+            return self._compute_terms(features, logit_scale, terms, sharding, logit_bias)
+
+    def _compute_terms(self, features, logit_scale, terms, sharding, logit_bias) -> dict[str, torch.Tensor]:
         f = _checked_and_normalized(features, terms)
         check_positive("logit_scale", logit_scale)
         sharding.check_process_group()
