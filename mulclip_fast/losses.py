@@ -13,6 +13,7 @@ written once, in ``mulclip_fast.loss_terms``, on a rank's rows against the gathe
 
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
 import warnings
@@ -154,8 +155,14 @@ class MulCLIPLoss(nn.Module):
         # A trainer's autocast region (--precision bf16) would cast the terms' fp32 matmuls back to bf16:
         # logits of up to s = 100 rounded to steps of 0.5, and bf16 losses. The terms accumulate in fp32
         # whatever their inputs' float dtype (docs/method.md, "Op conventions": Dtypes).
-        cls = features.image_cls
-        with torch.autocast(cls.device.type if isinstance(cls, torch.Tensor) else "cpu", enabled=False):
+        device_type = features.image_cls.device.type if isinstance(features.image_cls, torch.Tensor) else "cpu"
+        # a device without autocast (e.g. "meta", for shape and memory estimates) has nothing to switch off
+        no_autocast = (
+            torch.autocast(device_type, enabled=False)
+            if torch.amp.is_autocast_available(device_type)
+            else contextlib.nullcontext()
+        )
+        with no_autocast:
             return self._compute_terms(features, logit_scale, terms, sharding, logit_bias)
 
     def _compute_terms(self, features, logit_scale, terms, sharding, logit_bias) -> dict[str, torch.Tensor]:

@@ -184,6 +184,15 @@ def test_terms_are_accumulated_in_fp32_under_bf16_autocast(backend):
         torch.testing.assert_close(out[name], value, atol=1e-6, rtol=1e-6, msg=name)
 
 
+def test_global_terms_run_on_meta_tensors_where_autocast_does_not_exist():
+    """Switching autocast off must not refuse a device without autocast (shape and memory estimates)."""
+    f = features()
+    for field in ("image_cls", "text_eot", "short_eot"):
+        setattr(f, field, getattr(f, field).to("meta"))
+    out = MulCLIPLoss("global", backend="torch")(f, SCALE)
+    assert out["loss"].device.type == "meta" and out["loss"].shape == ()
+
+
 def test_gradients_flow_to_every_feature():
     f = features()
     for name in ("image_cls", "image_tokens", "text_eot", "text_tokens", "short_eot", "sub_eot"):
