@@ -20,7 +20,9 @@ Semantics (the same everywhere):
   backward sums, over ranks, the gradients sent to each rank's features, so the averaged gradient is the
   gradient of the global loss: N processes give the loss and gradients of one process on the global batch.
   Without ``local_loss`` every rank scores every row (open_clip's default) and returns the global loss
-  itself; the same argument holds.
+  itself; the same argument holds. Without ``gather_with_grad`` as well (open_clip's default gather) each
+  rank back-propagates that loss through its own features only, so the averaged gradient is ``∇L / W``:
+  open_clip's scaling, the same for every term, WPR included (its per-sample values are gathered then).
 - The hardest-negative FineLIP hinge is exact under data parallelism too (each anchor's hardest negative is
   taken over all gathered columns), so it is supported everywhere.
 
@@ -160,7 +162,8 @@ def wpr_term(
     sharding: BatchSharding,
     form: str = "contrast",
 ) -> torch.Tensor:
-    """Word–patch reconstruction ``L_wpr``: within each sample, so computed on this rank's samples only.
+    """Word–patch reconstruction ``L_wpr``: within each sample, so computed on this rank's samples (and
+    gathered, as one value per sample, when every rank scores every row).
 
     ``L_wpr = Σ_b [L_recon(V'_b, Ṽ_b) + L_recon(T'_b, T̃_b)] / #{samples with both token sets}``
     (``mulclip_fast.ops.wpr_loss`` gives each sample's bracket, 0 for a sample missing a token set).
@@ -176,8 +179,14 @@ def wpr_term(
     else:
         raise ValueError(f"WPR form must be one of {WPR_FORMS}, got {form!r}")
     has_both = image_mask.any(dim=1) & text_mask.any(dim=1)
+    if sharding.rows_are_gathered:
+        # Every rank scores every row, as the batch-level terms do: without gather_with_grad a rank then
+        # back-propagates the whole loss through its own samples only, ∂L/∂x_r, so that DDP's average is
+        # ∇L / W for WPR as for the others. Scoring only its own samples (W · share) it would be ∇L_wpr,
+        # W times the weight of WPR against the global terms of one process.
+        per_sample = sharding.columns(per_sample)
     share = per_sample.sum() / sharding.global_sum(has_both.sum()).clamp(min=1)
-    return sharding.rank_value(share, rows_gathered=False)
+    return sharding.rank_value(share, sharding.rows_are_gathered)
 
 
 def _wpr_cosine_per_sample(v, t, v_mask, t_mask, tau_attn, backend):

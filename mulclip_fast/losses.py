@@ -13,6 +13,7 @@ written once, in ``mulclip_fast.loss_terms``, on a rank's rows against the gathe
 
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
 import warnings
@@ -151,6 +152,20 @@ class MulCLIPLoss(nn.Module):
         ``logit_bias`` is added to the global InfoNCE logits (open_clip's ``ClipLoss`` option).
         """
         _check_term_names(terms)
+        # A trainer's autocast region (--precision bf16) would cast the terms' fp32 matmuls back to bf16:
+        # logits of up to s = 100 rounded to steps of 0.5, and bf16 losses. The terms accumulate in fp32
+        # whatever their inputs' float dtype (docs/method.md, "Op conventions": Dtypes).
+        device_type = features.image_cls.device.type if isinstance(features.image_cls, torch.Tensor) else "cpu"
+        # a device without autocast (e.g. "meta", for shape and memory estimates) has nothing to switch off
+        no_autocast = (
+            torch.autocast(device_type, enabled=False)
+            if torch.amp.is_autocast_available(device_type)
+            else contextlib.nullcontext()
+        )
+        with no_autocast:
+            return self._compute_terms(features, logit_scale, terms, sharding, logit_bias)
+
+    def _compute_terms(self, features, logit_scale, terms, sharding, logit_bias) -> dict[str, torch.Tensor]:
         f = _checked_and_normalized(features, terms)
         check_positive("logit_scale", logit_scale)
         sharding.check_process_group()

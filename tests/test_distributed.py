@@ -36,6 +36,8 @@ RUNS = {name: (name, None) for name in CONFIGS} | {
     "adapter/mulclip_all_pairs/every_row": ("mulclip_all_pairs", {"local_loss": False}),
     "adapter/mulclip_all_pairs/local_loss": ("mulclip_all_pairs", {"local_loss": True}),
     "adapter/finelip_hardest_negative/local_loss": ("finelip_hardest_negative", {"local_loss": True}),
+    # open_clip's defaults: every row on every rank, the other ranks' features gathered without gradient
+    "adapter/mulclip/every_row/gather_without_grad": ("mulclip", {"local_loss": False, "gather_with_grad": False}),
 }
 
 
@@ -89,7 +91,7 @@ def _rank_main(rank: int, world: int, port: int, out_dir: str) -> None:
                 out = loss(local, SCALE, fine_grained_scale=0.5)
             else:
                 loss = MulCLIPClipLoss(
-                    **CONFIGS[config], **adapter_options, gather_with_grad=True, rank=rank, world_size=world
+                    **CONFIGS[config], **({"gather_with_grad": True} | adapter_options), rank=rank, world_size=world
                 )
                 out = loss(**as_clip_loss_inputs(local), logit_scale=SCALE, output_dict=True, fine_grained_scale=0.5)
                 out["loss"] = sum(out.values())
@@ -133,9 +135,13 @@ def test_two_processes_match_one_process_on_the_global_batch(tmp_path):
         for term, value in expected.items():
             torch.testing.assert_close(per_rank[0][name]["values"][term], value.detach(), msg=f"{name}/{term}")
             torch.testing.assert_close(per_rank[1][name]["values"][term], value.detach(), msg=f"{name}/{term}")
+        # Without gather_with_grad (and every row on every rank) each rank back-propagates the global loss
+        # through its own features alone, ∂L/∂x_r: DDP's average is ∇L / W, open_clip's scaling, the same
+        # for every term so that their weights keep their meaning.
+        scale = 1 / world if adapter_options is not None and not adapter_options.get("gather_with_grad", True) else 1
         for field in FEATURE_NAMES:
             parts = [per_rank[r][name]["grads"][field] for r in range(world)]
-            full = _grad(getattr(f, field))
+            full = scale * _grad(getattr(f, field))
             if field == "sub_eot":  # rank 1 held one slot fewer: compare the slots both ranks hold
                 torch.testing.assert_close(parts[0][:, M - 1 :], full[: GLOBAL_B // world, M - 1 :])
                 parts, full = [p[:, : M - 1] for p in parts], full[:, : M - 1]

@@ -166,6 +166,33 @@ def test_fine_grained_scale_ramps_only_the_fine_grained_terms():
     torch.testing.assert_close(out["loss"], expected)
 
 
+@pytest.mark.parametrize("backend", ["reference", "torch"])
+def test_terms_are_accumulated_in_fp32_under_bf16_autocast(backend):
+    """``--precision bf16`` runs the loss inside the step's autocast region. The loss must still compute in
+    fp32 as docs/method.md ("Dtypes") says: autocast once turned its fp32 matmuls back into bf16, rounding
+    logits of up to s = 100 to steps of 0.5 and returning bf16 losses."""
+    f = features(4)
+    for field in ("image_cls", "image_tokens", "text_eot", "text_tokens", "short_eot", "sub_eot"):
+        setattr(f, field, getattr(f, field).to(torch.bfloat16))  # the towers' outputs under autocast
+    loss = MulCLIPLoss("mulclip", terms=("global_long", "global_short", "wpr", "sap", "finelip"), backend=backend)
+    scale = torch.tensor(100.0)
+    expected = loss(f, scale)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = loss(f, scale)
+    for name, value in expected.items():
+        assert out[name].dtype == torch.float32, name
+        torch.testing.assert_close(out[name], value, atol=1e-6, rtol=1e-6, msg=name)
+
+
+def test_global_terms_run_on_meta_tensors_where_autocast_does_not_exist():
+    """Switching autocast off must not refuse a device without autocast (shape and memory estimates)."""
+    f = features()
+    for field in ("image_cls", "text_eot", "short_eot"):
+        setattr(f, field, getattr(f, field).to("meta"))
+    out = MulCLIPLoss("global", backend="torch")(f, SCALE)
+    assert out["loss"].device.type == "meta" and out["loss"].shape == ()
+
+
 def test_gradients_flow_to_every_feature():
     f = features()
     for name in ("image_cls", "image_tokens", "text_eot", "text_tokens", "short_eot", "sub_eot"):
