@@ -187,8 +187,8 @@ class Trainer:
             with sync:
                 with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.config.precision == "bf16"):
                     features, logit_scale, active = self.compute_features(part, fine_scale)
-                # The loss runs outside autocast, which would cast each of its matmuls to bf16 whatever
-                # dtype the loss accumulates in: contrastive logits up to 100 would keep three digits.
+                # Autocast covers the towers only; the loss accumulates in fp32 (MulCLIPLoss also switches
+                # autocast off itself, for trainers that call it inside their autocast region).
                 loss_fn = DistributedMulCLIPLoss(self.loss_fn if active else self.global_loss_fn, self.context)
                 terms = loss_fn(features, logit_scale, fine_grained_scale=fine_scale)
                 (terms["loss"] / accum).backward()
