@@ -97,13 +97,25 @@ def agree(value, context: DistributedContext):
     return type(value)(t.item()) if not isinstance(value, bool) else bool(t.item())
 
 
-def shutdown_distributed(context: DistributedContext) -> None:
-    """Leave the process group (no-op without one), without waiting for the other ranks.
+def finish_collectives(context: DistributedContext) -> None:
+    """Wait until every rank has passed its last collective (no-op without a process group).
 
-    Training ends with work rank 0 does alone (the final checkpoint, evaluation and plots), after the
-    last collective. A barrier here would keep the other ranks waiting for it under the group's timeout,
-    and an evaluation longer than that failed them, whereupon torchrun stopped rank 0 in the middle of
-    it. torchrun waits for every rank to exit, so a rank that leaves first ends nothing."""
+    Called when the collectives are over and before any rank leaves the group or starts work of its own:
+    a rank that tears its connections down while a message of the last collective is still in flight can
+    abort (gloo: ``terminate called without an active exception``), and rank 0's own work afterwards (the
+    final checkpoint, evaluation and plots) then runs outside the group's timeout."""
+    if context.enabled and dist.is_initialized():
+        dist.barrier()
+
+
+def shutdown_distributed(context: DistributedContext) -> None:
+    """Leave the process group (no-op without one), without waiting for the other ranks: call
+    ``finish_collectives`` first.
+
+    Training ends with work rank 0 does alone, after the last collective. A barrier here would keep the
+    other ranks waiting for it under the group's timeout, and an evaluation longer than that failed them,
+    whereupon torchrun stopped rank 0 in the middle of it. torchrun waits for every rank to exit, so a rank
+    that leaves first ends nothing."""
     if context.enabled and dist.is_initialized():
         dist.destroy_process_group()
 
@@ -261,6 +273,7 @@ __all__ = [
     "all_reduce_max",
     "all_reduce_mean",
     "all_reduce_sum",
+    "finish_collectives",
     "init_distributed",
     "launched_by_torchrun",
     "pad_to",

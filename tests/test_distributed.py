@@ -103,6 +103,9 @@ def _rank_main(rank: int, world: int, port: int, out_dir: str) -> None:
                 "grads": {f: _grad(getattr(local, f)) / world for f in FEATURE_NAMES},
             }
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+        # Teardown with the last all-reduce's messages still in flight aborted rank 0 once in CI (gloo:
+        # "terminate called without an active exception"): every rank passes the barrier first.
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 

@@ -19,7 +19,7 @@ import time
 import torch
 
 from ..data import Collator, DataError, iterate_batches, open_dataset
-from ..distributed import agree, init_distributed, is_main_process, shutdown_distributed
+from ..distributed import agree, finish_collectives, init_distributed, is_main_process, shutdown_distributed
 from ..eval import evaluate
 from ..losses import TERMS
 from ..model import preset_config
@@ -329,6 +329,7 @@ def _train(config, resume, stop_at_step, given) -> dict:
     finally:
         log.close()
     train_seconds = elapsed_before + time.perf_counter() - loop_start
+    finish_collectives(context)  # before any rank leaves, and before rank 0's work of its own below
     if not main_rank:
         shutdown_distributed(context)
         return {"steps": step, "total_steps": total_steps, "interrupted": interrupted, "rank": context.rank}
