@@ -158,7 +158,7 @@ def measure_case(
     if known_peak is None:
         start = time.perf_counter()
         peak_bytes, memory_method = measure_peak_memory(fn, DEVICE)
-        # The measured call doubles as the timing estimate: the tracker's overhead only makes it longer,
+        # The measured call doubles as the timing estimate: the profiler's overhead only makes it longer,
         # which errs towards fewer rounds, never towards a budget overrun.
         seconds_per_call = time.perf_counter() - start
     else:
