@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import signal
 import subprocess
@@ -226,6 +227,16 @@ def test_unknown_choice_values_exit_nonzero(capsys):
             build_parser().parse_args(argv)
         assert info.value.code == 2
         assert "invalid choice" in capsys.readouterr().err
+
+
+def test_the_first_warm_up_step_trains(tmp_path):
+    # Two warm-up steps of ten: the k-th trains at (k + 1) / 2 of the rate (open_clip's rule), then the
+    # cosine decay starts from the full rate. Until 2026-12-01 the first step trained at 0, so a one-step
+    # run changed nothing.
+    train(small_config(tmp_path / "run", steps=10, warmup=0.2, lr=1e-3))
+    rates = [m["lr"] for m in read_jsonl(tmp_path / "run" / "metrics.jsonl")]
+    cosine = [0.5e-3 * (1 + math.cos(math.pi * k / 8)) for k in range(8)]
+    assert rates == pytest.approx([0.5e-3, 1e-3] + cosine)
 
 
 def test_default_command_settings():

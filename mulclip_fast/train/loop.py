@@ -302,7 +302,7 @@ def _train(config, resume, stop_at_step, given) -> dict:
                 # With too few readable samples to contrast or split, the step trains nothing; its position is
                 # still consumed, and its validation, checkpoint and stop check come as for any other step.
                 if len(batch) >= max(2, context.world_size * config.accum_steps):
-                    logged = trainer.step(batch, progress)
+                    logged = trainer.step(batch, progress, 1 / total_steps)
                     trained_steps += 1
                     step_time = time.perf_counter() - t0
                     if step % config.log_every == 0 or step == total_steps - 1:

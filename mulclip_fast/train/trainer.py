@@ -126,11 +126,15 @@ class Trainer:
             (no_decay if plain else decay).append(param)
         return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
 
-    def learning_rate(self, progress: float) -> float:
-        """Linear warm-up over the first ``warmup`` fraction of training, then cosine decay to 0."""
+    def learning_rate(self, progress: float, step_fraction: float = 0.0) -> float:
+        """Linear warm-up over the first ``warmup`` fraction of training, then cosine decay to 0.
+
+        ``progress`` is the fraction of training done before this step, ``step_fraction`` the fraction
+        one step is. The warm-up is taken at the step's end, as open_clip's ``(step + 1) / warmup_steps``:
+        the first of n warm-up steps trains at 1/n of the rate, not at 0 (a one-step run trains)."""
         warmup = self.config.warmup
         if progress < warmup:
-            return self.config.lr * (progress / warmup)
+            return self.config.lr * min(1.0, (progress + step_fraction) / warmup)
         return self.config.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, (progress - warmup) / max(1e-8, 1 - warmup))))
 
     def fine_grained_scale(self, progress: float) -> float:
@@ -163,9 +167,10 @@ class Trainer:
         logit_scale = outputs.pop("logit_scale")
         return MulCLIPFeatures(**outputs), logit_scale, active
 
-    def step(self, batch: Batch, progress: float) -> dict[str, float]:
-        """One optimisation step; returns the logged values (each loss term unweighted, total, lr)."""
-        lr = self.learning_rate(progress)
+    def step(self, batch: Batch, progress: float, step_fraction: float = 0.0) -> dict[str, float]:
+        """One optimisation step at ``progress`` (the fraction of training done before it; a step is
+        ``step_fraction`` of training); returns the logged values (each loss term unweighted, total, lr)."""
+        lr = self.learning_rate(progress, step_fraction)
         fine_scale = self.fine_grained_scale(progress)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
