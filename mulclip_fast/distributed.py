@@ -11,7 +11,7 @@ process is world size 1 of the same view: rows are the columns, offset 0, no col
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 
 import torch
@@ -19,11 +19,19 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 
+# How long the other ranks wait for rank 0's work of its own in the middle of a run (a validation, a
+# checkpoint): much longer than a collective may take, since a large model's checkpoint on a slow disk can
+# take minutes. A rank 0 that dies still ends the wait at once (its connections close).
+MAIN_RANK_WORK_TIMEOUT_S = 3600.0
+
+
 @dataclass(frozen=True)
 class DistributedContext:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    # A gloo group with MAIN_RANK_WORK_TIMEOUT_S, for wait_for_main_rank (None without a process group).
+    waiting_group: object = field(default=None, compare=False, repr=False)
 
     @property
     def is_main(self) -> bool:
@@ -58,7 +66,9 @@ def init_distributed(device: str, timeout_s: float = 300.0) -> DistributedContex
         torch.cuda.set_device(local_rank)
     if not dist.is_initialized():
         dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s))
-    return DistributedContext(dist.get_rank(), dist.get_world_size(), local_rank)
+    # gloo whatever the main backend: the wait is on the host, and NCCL's watchdog sees no collective in it.
+    waiting_group = dist.new_group(backend="gloo", timeout=timedelta(seconds=MAIN_RANK_WORK_TIMEOUT_S))
+    return DistributedContext(dist.get_rank(), dist.get_world_size(), local_rank, waiting_group)
 
 
 class _AllGatherWithGrad(torch.autograd.Function):
@@ -95,6 +105,17 @@ def agree(value, context: DistributedContext):
     t = torch.tensor([float(value)], dtype=torch.float64, device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return type(value)(t.item()) if not isinstance(value, bool) else bool(t.item())
+
+
+def wait_for_main_rank(context: DistributedContext) -> None:
+    """Hold every rank until rank 0 has finished work of its own in the middle of training (no-op without a
+    process group); every rank calls it at the same step.
+
+    Without it the other ranks would go on to the next collective and wait for rank 0 there, under the
+    group's timeout (300 s): a validation or checkpoint longer than that failed the job. Here they wait
+    in a group whose timeout is MAIN_RANK_WORK_TIMEOUT_S."""
+    if context.enabled and context.waiting_group is not None:
+        dist.barrier(group=context.waiting_group)
 
 
 def finish_collectives(context: DistributedContext) -> None:
@@ -274,6 +295,7 @@ __all__ = [
     "all_reduce_mean",
     "all_reduce_sum",
     "finish_collectives",
+    "wait_for_main_rank",
     "init_distributed",
     "launched_by_torchrun",
     "pad_to",

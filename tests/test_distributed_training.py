@@ -17,6 +17,7 @@ import torch.multiprocessing as mp
 from mulclip_fast.data import Collator, iterate_batches, open_dataset
 from mulclip_fast.distributed import DistributedContext
 from mulclip_fast.train import TrainConfig, Trainer, resolve_config
+from mulclip_fast.train.report import read_jsonl
 
 # Each case runs in 1 process and in 2. "accumulated" also checks that DDP's no_sync micro-batches add up,
 # "checkpointed" that recomputation in backward works under DDP.
@@ -107,17 +108,19 @@ def test_torchrun_two_processes_write_one_run_directory(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_final_evaluation_longer_than_the_collective_timeout_ends_the_run_normally(tmp_path):
-    """Rank 0 alone evaluates at the end; the other ranks must not wait for it in a collective, whose timeout
-    (300 s in a real run) would fail them, and torchrun would then stop rank 0 in the middle of its evaluation."""
+def test_validations_longer_than_the_collective_timeout_end_the_run_normally(tmp_path):
+    """Rank 0 alone validates during the run and evaluates at the end; the other ranks must not wait for it in
+    a collective, whose timeout (300 s in a real run) would fail them, and torchrun would then stop rank 0 in
+    the middle of its evaluation. Mid-run they wait in a group of a much longer timeout; at the end they leave."""
     script = os.path.join(os.path.dirname(__file__), "slow_final_eval_train.py")
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port", str(_free_port())]
     cmd += [script, "--steps", "2", "--batch-size", "8", "--out", str(out), "--eval-pairs", "8"]
-    cmd += ["--model", "vision_layers=1", "--model", "transformer_layers=1", "--val-every", "100"]
+    cmd += ["--model", "vision_layers=1", "--model", "transformer_layers=1", "--val-every", "1", "--val-pairs", "8"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "COLLECTIVE_TIMEOUT_S": "10", "EVAL_SLEEP_S": "15"}
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
+    assert [record["step"] for record in read_jsonl(out / "val.jsonl")] == [1, 2]  # mid-run, and the final one
     assert json.loads((out / "eval.json").read_text())["n_pairs"] == 8
 
 

@@ -19,7 +19,14 @@ import time
 import torch
 
 from ..data import Collator, DataError, iterate_batches, open_dataset
-from ..distributed import agree, finish_collectives, init_distributed, is_main_process, shutdown_distributed
+from ..distributed import (
+    agree,
+    finish_collectives,
+    init_distributed,
+    is_main_process,
+    shutdown_distributed,
+    wait_for_main_rank,
+)
 from ..eval import evaluate
 from ..losses import TERMS
 from ..model import preset_config
@@ -318,11 +325,15 @@ def _train(config, resume, stop_at_step, given) -> dict:
                             }
                         )
                 step += 1
-                if main_rank and val_set is not None and (step % val_every == 0) and step < total_steps:
+                validate = val_set is not None and step % val_every == 0 and step < total_steps
+                save = bool(config.checkpoint_every) and step % config.checkpoint_every == 0
+                if main_rank and validate:
                     log.val({"step": step, **evaluate(trainer.model, val_set, device=trainer.device)})
-                if main_rank and config.checkpoint_every and step % config.checkpoint_every == 0:
+                if main_rank and save:
                     elapsed = elapsed_before + time.perf_counter() - loop_start
                     _checkpoint(trainer, step, elapsed, skipped, out, config.keep_checkpoints)
+                if validate or save:  # rank 0 worked alone: the others wait for it outside the collectives
+                    wait_for_main_rank(context)
                 if agree(stop.signal is not None, context) or step == stop_at_step:
                     interrupted = stop.signal or "stop_at_step"
                     break
