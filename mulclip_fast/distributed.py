@@ -18,7 +18,6 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-
 # How long the other ranks wait for rank 0's work of its own in the middle of a run (a validation, a
 # checkpoint): much longer than a collective may take, since a large model's checkpoint on a slow disk can
 # take minutes. A rank 0 that dies still ends the wait at once (its connections close).
@@ -94,17 +93,20 @@ class _AllGatherWithGrad(torch.autograd.Function):
 
 
 def agree(value, context: DistributedContext):
-    """The largest of every rank's ``value`` (a number or a flag), so that all ranks take one decision.
+    """The largest of every rank's ``value`` (a number, a flag, or a tuple of numbers, taken element by
+    element in one collective), so that all ranks take one decision.
 
     Used for stopping: a time limit measured on each rank's clock, or a signal that reached some ranks
     first, must end the loop at the same step everywhere, or the next collective would hang.
     """
     if not context.enabled:
         return value
+    values = value if isinstance(value, tuple) else (value,)
     device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
-    t = torch.tensor([float(value)], dtype=torch.float64, device=device)
+    t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return type(value)(t.item()) if not isinstance(value, bool) else bool(t.item())
+    agreed = tuple(type(v)(x) for v, x in zip(values, t.tolist(), strict=True))
+    return agreed if isinstance(value, tuple) else agreed[0]
 
 
 def wait_for_main_rank(context: DistributedContext) -> None:

@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from mulclip_fast.distributed import DistributedContext, all_reduce_mean
+from mulclip_fast.distributed import DistributedContext, agree, all_reduce_mean
 from mulclip_fast.integrations import MulCLIPClipLoss, as_clip_loss_inputs
 from mulclip_fast.integrations.clip_loss import OUTPUT_KEYS
 from mulclip_fast.loss_terms import slotwise_contrastive_share
@@ -102,6 +102,9 @@ def _rank_main(rank: int, world: int, port: int, out_dir: str) -> None:
                 # average is the rank's own gradient divided by the world size.
                 "grads": {f: _grad(getattr(local, f)) / world for f in FEATURE_NAMES},
             }
+        # The training loop's stop decisions: the largest value over ranks, element by element for a tuple.
+        context = DistributedContext(rank, world)
+        results["agree"] = (agree((1.5 * rank, 10 - rank, rank == 1), context), agree(rank == 0, context))
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
         # Teardown with the last all-reduce's messages still in flight aborted rank 0 once in CI (gloo:
         # "terminate called without an active exception"): every rank passes the barrier first.
@@ -121,6 +124,8 @@ def test_two_processes_match_one_process_on_the_global_batch(tmp_path):
     world = 2
     mp.spawn(_rank_main, args=(world, _free_port(), str(tmp_path)), nprocs=world, join=True)
     per_rank = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
+    assert [r["agree"] for r in per_rank] == [((1.5, 10, True), True)] * world
+    assert [type(v) for v in per_rank[0]["agree"][0]] == [float, int, bool]
     for name, (config, adapter_options) in RUNS.items():
         f = global_features()
         for field in FEATURE_NAMES:

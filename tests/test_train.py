@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -19,9 +20,11 @@ from mulclip_fast.eval import load_model_for_eval
 from mulclip_fast.model import CLIP, CheckpointError, preset_config
 from mulclip_fast.train import (
     TrainConfig,
+    Trainer,
     build_parser,
     config_from_args,
     load_training_checkpoint,
+    loop,
     main,
     resolve_config,
     train,
@@ -374,3 +377,21 @@ def test_sigterm_saves_a_checkpoint_and_the_run_resumes(tmp_path):
     (checkpoint,) = os.listdir(out / "checkpoints")
     step = load_training_checkpoint(str(out / "checkpoints" / checkpoint))["step"]
     assert step >= 2 and [m["step"] for m in read_jsonl(metrics)] == list(range(step))
+
+
+def test_a_time_limit_starts_no_step_that_would_end_past_it(tmp_path, monkeypatch):
+    # A fake clock on which every step takes 10 s (the first 30 s: compilation and warm-up are not a pace).
+    # Under a 65 s limit steps end at 30, 40, 50 and 60 s; a fifth would end at 70 s and does not start.
+    # Until 2026-12-01 a step started whenever the limit had not yet passed, and the run ended at 70 s.
+    clock = {"now": 0.0}
+    monkeypatch.setattr(loop, "time", SimpleNamespace(perf_counter=lambda: clock["now"]))
+    step = Trainer.step
+
+    def timed_step(self, *args, **kwargs):
+        clock["now"] += 30.0 if clock["now"] == 0 else 10.0
+        return step(self, *args, **kwargs)
+
+    monkeypatch.setattr(Trainer, "step", timed_step)
+    summary = train(small_config(tmp_path / "run", steps=20, time_limit=65))
+    assert summary["steps"] == 4 and clock["now"] == 60.0
+    assert [m["step"] for m in read_jsonl(tmp_path / "run" / "metrics.jsonl")] == [0, 1, 2, 3]

@@ -189,8 +189,8 @@ class TrainConfig:
     epochs: int | None = setting(None, "passes over the training set, instead of --steps", OPTIMISATION)
     time_limit: float = setting(
         0.0,
-        "seconds of training at most (0: none); the schedule then follows whichever runs out first, so the "
-        "result depends on the machine's speed",
+        "seconds of training at most (0: none): no step starts that would end past it at the last step's "
+        "pace; the schedule then follows whichever runs out first, so the result depends on the machine's speed",
         OPTIMISATION,
     )
     batch_size: int = setting(32, "pairs per optimisation step (over all processes)", OPTIMISATION)

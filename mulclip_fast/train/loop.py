@@ -277,6 +277,7 @@ def _train(config, resume, stop_at_step, given) -> dict:
     skipped: dict[str, str] = dict(state.get("skipped_images", {})) if state is not None else {}
     step, interrupted, time_limited = start_step, None, False
     trained_steps = 0  # by this process: a run that never had a usable batch must not pass for a success
+    last_step_s = 0.0  # how long the last step took (batch included), to tell whether the next one fits
     loop_start = time.perf_counter()
     try:
         with StopRequest() as stop:
@@ -293,8 +294,11 @@ def _train(config, resume, stop_at_step, given) -> dict:
                 elapsed = elapsed_before + time.perf_counter() - loop_start
                 progress = step / total_steps
                 if config.time_limit:
-                    elapsed = agree(elapsed, context)  # every rank must stop at the same step
-                    if elapsed >= config.time_limit:
+                    # Every rank must stop at the same step. A step that would end past the limit if it took
+                    # as long as the last one is not started (the first, which compiles and warms up, is not
+                    # taken as a measure), so a run overshoots only by what that estimate misses.
+                    elapsed, next_step_s = agree((elapsed, last_step_s), context)
+                    if elapsed + next_step_s > config.time_limit:
                         time_limited = True
                         log.write(f"time limit of {config.time_limit:.0f} s reached at step {step}")
                         break
@@ -312,6 +316,8 @@ def _train(config, resume, stop_at_step, given) -> dict:
                     logged = trainer.step(batch, progress, 1 / total_steps)
                     trained_steps += 1
                     step_time = time.perf_counter() - t0
+                    if trained_steps > 1:
+                        last_step_s = step_time
                     if step % config.log_every == 0 or step == total_steps - 1:
                         log.metrics(
                             {
