@@ -228,6 +228,30 @@ def test_loading_openai_checkpoint_stretches_and_freezes_positions(tmp_path):
     assert (grad[:20] == 0).all() and (grad[20:100].abs().sum(-1) > 0).all()
 
 
+def test_loading_longclip_checkpoint_uses_its_trained_positions(tmp_path):
+    """Long-CLIP's checkpoints hold the stretched table (frozen) in ``positional_embedding`` and the trained
+    one in ``positional_embedding_res``; its text tower adds rows 0..19 of the first and 20.. of the second.
+    Ignoring the second loaded the un-fine-tuned positions for every token past the 20th."""
+    source = small_model(seed=1)
+    state = {k: v.clone() for k, v in source.state_dict().items() if "calibration" not in k}
+    frozen, trained = state["positional_embedding"], torch.randn_like(state["positional_embedding"])
+    state["positional_embedding_res"] = trained
+    path = tmp_path / "longclip.pt"
+    torch.save(state, path)
+    model = small_model(seed=2)
+    report = load_clip_weights(model, str(path))
+    assert report["ignored_keys"] == [] and report["stretched_77_to"] is None
+    ids = token_ids([100, 30], 100)
+    # Long-CLIP's encode_text: x + positional_embedding * mask1 + positional_embedding_res * mask2
+    mask1 = (torch.arange(248) < 20).float()[:, None]
+    source.positional_embedding.data = frozen * mask1 + trained * (1 - mask1)
+    torch.testing.assert_close(model.encode_text(ids), source.encode_text(ids))
+    state["positional_embedding_res"] = trained[:77]
+    torch.save(state, path)
+    with pytest.raises(CheckpointError, match="positional_embedding_res"):
+        load_clip_weights(model, str(path))
+
+
 def _pickled(model: CLIP) -> CLIP:
     buffer = io.BytesIO()
     torch.save(model, buffer)

@@ -4,7 +4,8 @@ A checkpoint is a local file holding either a TorchScript archive (OpenAI's rele
 or a plain state dict (Long-CLIP's ``longclip-B.pt``, open_clip's OpenAI-layout exports, this project's
 ``python -m mulclip_fast.export`` files), possibly wrapped in ``{"state_dict": …}`` / ``{"model": …}`` (so a
 training checkpoint of this project loads too) and with ``module.`` prefixes from DDP. A 77-position
-text table is stretched to the model's 248 positions with Long-CLIP's rule.
+text table is stretched to the model's 248 positions with Long-CLIP's rule. Long-CLIP's own checkpoints
+hold two 248-position tables; they are merged into the one table Long-CLIP's text tower adds.
 """
 
 from __future__ import annotations
@@ -19,6 +20,11 @@ from .clip import CLIP
 
 # Keys OpenAI's checkpoints carry that are metadata, not parameters (clip/model.py build_model drops them).
 _METADATA_KEYS = ("input_resolution", "context_length", "vocab_size")
+# Long-CLIP's checkpoints keep the stretched table, frozen, in ``positional_embedding`` and train a copy,
+# ``positional_embedding_res``; its text tower adds rows 0..19 of the first and rows 20.. of the second
+# (``mask1``, ``mask2`` in Long-CLIP's model/model_longclip.py, ``encode_text``).
+LONGCLIP_RESIDUAL_KEY = "positional_embedding_res"
+LONGCLIP_KEPT_POSITIONS = 20
 # The calibration modules of our model, which a CLIP checkpoint does not have: freshly initialised on load.
 CALIBRATION_PREFIXES = ("patch_calibration.", "word_calibration.")
 
@@ -84,8 +90,9 @@ def describe_clip_state_dict(state: dict[str, torch.Tensor]) -> str:
 def load_clip_weights(model: CLIP, path: str, freeze_positions: int = 20) -> dict[str, object]:
     """Load an OpenAI-layout CLIP checkpoint into ``model``; returns what was done (for the run log).
 
-    A 77-position text table is stretched to the model's context; the first ``freeze_positions`` text
-    positions are then kept frozen (Long-CLIP, FineLIP). Any shape that does not match the model is an
+    A 77-position text table is stretched to the model's context, and Long-CLIP's two tables are merged
+    into the one its text tower computes with; the first ``freeze_positions`` text positions are then kept
+    frozen (Long-CLIP, FineLIP). Any shape that does not match the model is an
     error naming the key, both shapes and the architecture the checkpoint was saved from.
     """
     state = read_state_dict(path)
@@ -95,6 +102,15 @@ def load_clip_weights(model: CLIP, path: str, freeze_positions: int = 20) -> dic
             "ResNet CLIPs and Hugging Face layouts are not supported"
         )
     own = model.state_dict()
+    residual = state.pop(LONGCLIP_RESIDUAL_KEY, None)
+    if residual is not None:
+        table = state.get("positional_embedding")
+        if table is None or residual.shape != table.shape:
+            raise CheckpointError(
+                f"{path}: {LONGCLIP_RESIDUAL_KEY} {tuple(residual.shape)} must have the shape of positional_embedding "
+                f"{None if table is None else tuple(table.shape)} (a Long-CLIP checkpoint holds two [248, width] tables)"
+            )
+        state["positional_embedding"] = torch.cat([table[:LONGCLIP_KEPT_POSITIONS], residual[LONGCLIP_KEPT_POSITIONS:]])
     stretched = False
     table = state.get("positional_embedding")
     target = own["positional_embedding"].shape[0]
