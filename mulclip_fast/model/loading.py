@@ -6,6 +6,11 @@ or a plain state dict (Long-CLIP's ``longclip-B.pt``, open_clip's OpenAI-layout 
 training checkpoint of this project loads too) and with ``module.`` prefixes from DDP. A 77-position
 text table is stretched to the model's 248 positions with Long-CLIP's rule. Long-CLIP's own checkpoints
 hold two 248-position tables; they are merged into the one table Long-CLIP's text tower adds.
+
+The towers use OpenAI's QuickGELU, so open_clip checkpoints compute what they were trained with only when
+trained with it (OpenAI's weights, the ``-quickgelu`` configs). One trained with ``nn.GELU`` (open_clip's
+plain ``ViT-B-16`` and ``ViT-L-14`` configs, e.g. its LAION-2B weights) has the same keys and shapes and
+loads without error, but its features are not the ones it was trained to give.
 """
 
 from __future__ import annotations
