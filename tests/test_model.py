@@ -162,6 +162,28 @@ def test_text_alibi_only_in_the_tiny_preset_and_adds_no_state():
         preset_config("tiny", text_alibi=2)
 
 
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ({"vision_heads": 5}, "vision_width 128 must be a multiple of vision_heads 5"),
+        ({"transformer_heads": 0}, "transformer_heads must be >= 1"),
+        ({"vision_patch_size": 0}, "vision_patch_size must be >= 1"),
+        ({"vision_patch_size": 128}, "vision_patch_size 128 must be <= image_resolution 64"),
+        ({"embed_dim": 0}, "embed_dim must be >= 1"),
+        ({"vision_layers": -1}, "vision_layers must be >= 0"),
+        ({"calibrated_tokens": -2}, "calibrated_tokens must be >= 0"),
+        ({"context_length": 1}, "context_length must be >= 2"),
+        ({"vocab_size": 1000}, "vocab_size must be >= 49408"),
+    ],
+)
+def test_bad_architecture_fields_name_the_field(override, message):
+    """``--model FIELD=N`` values that cannot make a working model: a ValueError naming the field when the
+    config is made (the trainer reports it as a bad --model override), not a ZeroDivisionError when the
+    model is built, an IndexError at the first EOT id, or a tower that silently has no layer."""
+    with pytest.raises(ValueError, match=message):
+        preset_config("tiny", **override)
+
+
 def test_bad_inputs_are_reported():
     model = small_model()
     with pytest.raises(ValueError, match="must be 64x64"):
