@@ -113,7 +113,7 @@ def load_clip_weights(model: CLIP, path: str, freeze_positions: int = 20) -> dic
         if table is None or residual.shape != table.shape:
             raise CheckpointError(
                 f"{path}: {LONGCLIP_RESIDUAL_KEY} {tuple(residual.shape)} must have the shape of positional_embedding "
-                f"{None if table is None else tuple(table.shape)} (a Long-CLIP checkpoint holds two [248, width] tables)"
+                f"{None if table is None else tuple(table.shape)} (Long-CLIP checkpoints hold two [248, width] tables)"
             )
         state["positional_embedding"] = torch.cat([table[:LONGCLIP_KEPT_POSITIONS], residual[LONGCLIP_KEPT_POSITIONS:]])
     stretched = False
