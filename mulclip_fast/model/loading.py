@@ -92,15 +92,19 @@ def describe_clip_state_dict(state: dict[str, torch.Tensor]) -> str:
         return "not a CLIP vision-transformer state dict"
 
 
-def load_clip_weights(model: CLIP, path: str, freeze_positions: int = 20) -> dict[str, object]:
+def load_clip_weights(
+    model: CLIP, path: str, freeze_positions: int = 20, state: dict[str, torch.Tensor] | None = None
+) -> dict[str, object]:
     """Load an OpenAI-layout CLIP checkpoint into ``model``; returns what was done (for the run log).
 
     A 77-position text table is stretched to the model's context, and Long-CLIP's two tables are merged
     into the one its text tower computes with; the first ``freeze_positions`` text positions are then kept
     frozen (Long-CLIP, FineLIP). Any shape that does not match the model is an
-    error naming the key, both shapes and the architecture the checkpoint was saved from.
+    error naming the key, both shapes and the architecture the checkpoint was saved from. ``state``: the
+    file's ``read_state_dict``, when the caller has read it already (it is changed in place).
     """
-    state = read_state_dict(path)
+    if state is None:
+        state = read_state_dict(path)
     if "visual.conv1.weight" not in state or "token_embedding.weight" not in state:
         raise CheckpointError(
             f"{path} is not an OpenAI-layout CLIP checkpoint (no visual.conv1.weight / token_embedding.weight); "
