@@ -43,7 +43,7 @@ from .fine_grained import (
     zeroshot_image_folder,
     zeroshot_synthetic,
 )
-from .model import CLIP, CheckpointError, check_device, load_clip_weights, preset_config
+from .model import CLIP, CheckpointError, check_device, load_clip_weights, preset_config, read_state_dict
 from .run_checkpoints import load_latest_training_checkpoint, load_training_checkpoint
 
 RECALL_KS = (1, 5, 10)
@@ -297,7 +297,8 @@ def format_fine_grained(result: dict) -> list[str]:
 
 
 def load_model_for_eval(checkpoint: str, preset: str | None, device: str) -> tuple[CLIP, dict]:
-    """A model from a run directory, a training checkpoint, or an OpenAI-layout CLIP file (needs preset).
+    """A model from a run directory, a training checkpoint, or an OpenAI-layout CLIP file (needs preset;
+    the model gets the file's number of text positions).
 
     Returns the model and the training config stored with it (empty for a plain CLIP file).
     """
@@ -315,9 +316,16 @@ def load_model_for_eval(checkpoint: str, preset: str | None, device: str) -> tup
         return model.to(device), config
     if preset is None:
         raise CheckpointError(f"{path} is a plain CLIP checkpoint: give its --preset (e.g. vit-b-16)")
-    model = CLIP(preset_config(preset))
-    load_clip_weights(model, path)
-    return model.to(device), {"preset": preset}
+    weights = read_state_dict(path)
+    # Evaluated with its own text positions (77 for OpenAI's CLIP, captions truncated to them keeping EOT),
+    # not stretched to 248 as --init stretches a starting point for fine-tuning: stretched and not
+    # fine-tuned, it would be another model than the checkpoint's, and an export of a 77-position run
+    # would score otherwise than the run it came from.
+    table, config = weights.get("positional_embedding"), preset_config(preset)
+    overrides = {} if table is None or table.shape[0] == config.context_length else {"context_length": table.shape[0]}
+    model = CLIP(preset_config(preset, **overrides))
+    load_clip_weights(model, path, state=weights)
+    return model.to(device), {"preset": preset, "model_overrides": overrides}
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -3,11 +3,13 @@
     python -m mulclip_fast.export --checkpoint runs/pretrain --out pretrained.pt
     python -m mulclip_fast.train --init openai:pretrained.pt ...
 
-The file is a plain state dict with OpenAI's key names — what Long-CLIP ships — so ``--init`` reads it the
-way it reads a released checkpoint: a 77-position text table is stretched to 248 (Long-CLIP's rule) and the
-first ``--freeze-positions`` stay frozen. The calibration modules (FineLIP's token calibration) are left out:
-a released CLIP has none, so fine-tuning starts them fresh from its own seed, from an export exactly as from
-OpenAI's weights.
+The file is a plain state dict with OpenAI's key names and one text positional table, as OpenAI's CLIP
+holds, so ``--init`` reads it the way it reads a released checkpoint: a 77-position text table is stretched
+to 248 (Long-CLIP's rule) and the first ``--freeze-positions`` stay frozen. (Long-CLIP's own loader also
+requires a second table, ``positional_embedding_res``; for a 248-position export a copy of
+``positional_embedding`` under that key gives it the same model.) The calibration modules (FineLIP's token
+calibration) are left out: a released CLIP has none, so fine-tuning starts them fresh from its own seed,
+from an export exactly as from OpenAI's weights.
 """
 
 from __future__ import annotations

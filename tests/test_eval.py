@@ -13,7 +13,8 @@ import pytest
 import torch
 
 import mulclip_fast.eval
-from mulclip_fast.eval import binding_accuracy, format_table, recall_at_k
+from mulclip_fast.eval import binding_accuracy, format_table, load_model_for_eval, recall_at_k
+from mulclip_fast.model import CLIP, preset_config
 
 
 def test_recall_on_identity_and_reversed_rankings():
@@ -90,6 +91,26 @@ def test_eval_cli_on_a_training_checkpoint(tmp_path):
         timeout=120,
     )
     assert bad.returncode == 2 and "error:" in bad.stderr and "Traceback" not in bad.stderr
+
+
+@pytest.mark.parametrize("context", [77, 248])
+def test_a_plain_clip_checkpoint_is_evaluated_with_its_own_text_positions(tmp_path, context):
+    """OpenAI's CLIP (77 positions) is evaluated as it is, captions truncated to 77 keeping EOT, not
+    stretched to 248 as ``--init`` prepares a starting point: stretched and not fine-tuned it is another
+    model, and an export of a 77-position run scored otherwise than the run itself."""
+    torch.manual_seed(0)
+    source = CLIP(preset_config("tiny", context_length=context)).eval()
+    path = tmp_path / "clip.pt"
+    torch.save({k: v for k, v in source.state_dict().items() if "calibration" not in k}, path)
+    model, config = load_model_for_eval(str(path), "tiny", "cpu")
+    assert model.config.context_length == context
+    assert config["model_overrides"] == ({} if context == 248 else {"context_length": 77})
+    ids = torch.zeros(2, context, dtype=torch.long)
+    ids[:, 0], ids[:, 1:-1], ids[:, -1] = 49406, 320, 49407
+    ids[1, 5:] = 0
+    ids[1, 4] = 49407
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval().encode_text(ids), source.encode_text(ids))
 
 
 def _imported_modules(module) -> set[str]:

@@ -162,6 +162,28 @@ def test_text_alibi_only_in_the_tiny_preset_and_adds_no_state():
         preset_config("tiny", text_alibi=2)
 
 
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ({"vision_heads": 5}, "vision_width 128 must be a multiple of vision_heads 5"),
+        ({"transformer_heads": 0}, "transformer_heads must be >= 1"),
+        ({"vision_patch_size": 0}, "vision_patch_size must be >= 1"),
+        ({"vision_patch_size": 128}, "vision_patch_size 128 must be <= image_resolution 64"),
+        ({"embed_dim": 0}, "embed_dim must be >= 1"),
+        ({"vision_layers": -1}, "vision_layers must be >= 0"),
+        ({"calibrated_tokens": -2}, "calibrated_tokens must be >= 0"),
+        ({"context_length": 1}, "context_length must be >= 2"),
+        ({"vocab_size": 1000}, "vocab_size must be >= 49408"),
+    ],
+)
+def test_bad_architecture_fields_name_the_field(override, message):
+    """``--model FIELD=N`` values that cannot make a working model: a ValueError naming the field when the
+    config is made (the trainer reports it as a bad --model override), not a ZeroDivisionError when the
+    model is built, an IndexError at the first EOT id, or a tower that silently has no layer."""
+    with pytest.raises(ValueError, match=message):
+        preset_config("tiny", **override)
+
+
 def test_bad_inputs_are_reported():
     model = small_model()
     with pytest.raises(ValueError, match="must be 64x64"):
@@ -226,6 +248,30 @@ def test_loading_openai_checkpoint_stretches_and_freezes_positions(tmp_path):
     model.encode_text(token_ids([100], 100)).sum().backward()
     grad = model.positional_embedding.grad
     assert (grad[:20] == 0).all() and (grad[20:100].abs().sum(-1) > 0).all()
+
+
+def test_loading_longclip_checkpoint_uses_its_trained_positions(tmp_path):
+    """Long-CLIP's checkpoints hold the stretched table (frozen) in ``positional_embedding`` and the trained
+    one in ``positional_embedding_res``; its text tower adds rows 0..19 of the first and 20.. of the second.
+    Ignoring the second loaded the un-fine-tuned positions for every token past the 20th."""
+    source = small_model(seed=1)
+    state = {k: v.clone() for k, v in source.state_dict().items() if "calibration" not in k}
+    frozen, trained = state["positional_embedding"], torch.randn_like(state["positional_embedding"])
+    state["positional_embedding_res"] = trained
+    path = tmp_path / "longclip.pt"
+    torch.save(state, path)
+    model = small_model(seed=2)
+    report = load_clip_weights(model, str(path))
+    assert report["ignored_keys"] == [] and report["stretched_77_to"] is None
+    ids = token_ids([100, 30], 100)
+    # Long-CLIP's encode_text: x + positional_embedding * mask1 + positional_embedding_res * mask2
+    mask1 = (torch.arange(248) < 20).float()[:, None]
+    source.positional_embedding.data = frozen * mask1 + trained * (1 - mask1)
+    torch.testing.assert_close(model.encode_text(ids), source.encode_text(ids))
+    state["positional_embedding_res"] = trained[:77]
+    torch.save(state, path)
+    with pytest.raises(CheckpointError, match="positional_embedding_res"):
+        load_clip_weights(model, str(path))
 
 
 def _pickled(model: CLIP) -> CLIP:

@@ -56,9 +56,26 @@ class CLIPConfig:
     text_alibi: bool = False  # ALiBi recency biases in the text tower's attention (see the module docstring)
 
     def __post_init__(self):
-        if self.text_alibi not in (0, 1):  # also reached from ``--model text_alibi=N``
+        # Also reached from ``--model FIELD=N``: a bad value is an error naming the field here, not a
+        # ZeroDivisionError when the model is built, an IndexError at the first EOT id, or a tower that
+        # silently has no layer (``range(-1)``).
+        if self.text_alibi not in (0, 1):
             raise ValueError(f"text_alibi must be 0 or 1 (false or true), got {self.text_alibi!r}")
         object.__setattr__(self, "text_alibi", bool(self.text_alibi))
+        minimum = {"vision_layers": 0, "transformer_layers": 0, "calibrated_tokens": 0, "context_length": 2}
+        for name, value in asdict(self).items():
+            if name != "text_alibi" and value < minimum.get(name, 1):
+                raise ValueError(f"{name} must be >= {minimum.get(name, 1)}, got {value}")
+        for tower in ("vision", "transformer"):
+            width, heads = getattr(self, f"{tower}_width"), getattr(self, f"{tower}_heads")
+            if width % heads:
+                raise ValueError(f"{tower}_width {width} must be a multiple of {tower}_heads {heads}")
+        if self.vision_patch_size > self.image_resolution:
+            raise ValueError(
+                f"vision_patch_size {self.vision_patch_size} must be <= image_resolution {self.image_resolution}"
+            )
+        if self.vocab_size < VOCAB_SIZE:
+            raise ValueError(f"vocab_size must be >= {VOCAB_SIZE}: CLIP's tokenizer gives ids up to {VOCAB_SIZE - 1}")
 
     @property
     def num_patches(self) -> int:

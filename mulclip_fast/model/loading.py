@@ -4,7 +4,13 @@ A checkpoint is a local file holding either a TorchScript archive (OpenAI's rele
 or a plain state dict (Long-CLIP's ``longclip-B.pt``, open_clip's OpenAI-layout exports, this project's
 ``python -m mulclip_fast.export`` files), possibly wrapped in ``{"state_dict": …}`` / ``{"model": …}`` (so a
 training checkpoint of this project loads too) and with ``module.`` prefixes from DDP. A 77-position
-text table is stretched to the model's 248 positions with Long-CLIP's rule.
+text table is stretched to the model's 248 positions with Long-CLIP's rule. Long-CLIP's own checkpoints
+hold two 248-position tables; they are merged into the one table Long-CLIP's text tower adds.
+
+The towers use OpenAI's QuickGELU, so open_clip checkpoints compute what they were trained with only when
+trained with it (OpenAI's weights, the ``-quickgelu`` configs). One trained with ``nn.GELU`` (open_clip's
+plain ``ViT-B-16`` and ``ViT-L-14`` configs, e.g. its LAION-2B weights) has the same keys and shapes and
+loads without error, but its features are not the ones it was trained to give.
 """
 
 from __future__ import annotations
@@ -19,6 +25,11 @@ from .clip import CLIP
 
 # Keys OpenAI's checkpoints carry that are metadata, not parameters (clip/model.py build_model drops them).
 _METADATA_KEYS = ("input_resolution", "context_length", "vocab_size")
+# Long-CLIP's checkpoints keep the stretched table, frozen, in ``positional_embedding`` and train a copy,
+# ``positional_embedding_res``; its text tower adds rows 0..19 of the first and rows 20.. of the second
+# (``mask1``, ``mask2`` in Long-CLIP's model/model_longclip.py, ``encode_text``).
+LONGCLIP_RESIDUAL_KEY = "positional_embedding_res"
+LONGCLIP_KEPT_POSITIONS = 20
 # The calibration modules of our model, which a CLIP checkpoint does not have: freshly initialised on load.
 CALIBRATION_PREFIXES = ("patch_calibration.", "word_calibration.")
 
@@ -81,20 +92,34 @@ def describe_clip_state_dict(state: dict[str, torch.Tensor]) -> str:
         return "not a CLIP vision-transformer state dict"
 
 
-def load_clip_weights(model: CLIP, path: str, freeze_positions: int = 20) -> dict[str, object]:
+def load_clip_weights(
+    model: CLIP, path: str, freeze_positions: int = 20, state: dict[str, torch.Tensor] | None = None
+) -> dict[str, object]:
     """Load an OpenAI-layout CLIP checkpoint into ``model``; returns what was done (for the run log).
 
-    A 77-position text table is stretched to the model's context; the first ``freeze_positions`` text
-    positions are then kept frozen (Long-CLIP, FineLIP). Any shape that does not match the model is an
-    error naming the key, both shapes and the architecture the checkpoint was saved from.
+    A 77-position text table is stretched to the model's context, and Long-CLIP's two tables are merged
+    into the one its text tower computes with; the first ``freeze_positions`` text positions are then kept
+    frozen (Long-CLIP, FineLIP). Any shape that does not match the model is an
+    error naming the key, both shapes and the architecture the checkpoint was saved from. ``state``: the
+    file's ``read_state_dict``, when the caller has read it already (it is changed in place).
     """
-    state = read_state_dict(path)
+    if state is None:
+        state = read_state_dict(path)
     if "visual.conv1.weight" not in state or "token_embedding.weight" not in state:
         raise CheckpointError(
             f"{path} is not an OpenAI-layout CLIP checkpoint (no visual.conv1.weight / token_embedding.weight); "
             "ResNet CLIPs and Hugging Face layouts are not supported"
         )
     own = model.state_dict()
+    residual = state.pop(LONGCLIP_RESIDUAL_KEY, None)
+    if residual is not None:
+        table = state.get("positional_embedding")
+        if table is None or residual.shape != table.shape:
+            raise CheckpointError(
+                f"{path}: {LONGCLIP_RESIDUAL_KEY} {tuple(residual.shape)} must have the shape of positional_embedding "
+                f"{None if table is None else tuple(table.shape)} (Long-CLIP checkpoints hold two [248, width] tables)"
+            )
+        state["positional_embedding"] = torch.cat([table[:LONGCLIP_KEPT_POSITIONS], residual[LONGCLIP_KEPT_POSITIONS:]])
     stretched = False
     table = state.get("positional_embedding")
     target = own["positional_embedding"].shape[0]
