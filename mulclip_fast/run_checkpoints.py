@@ -66,7 +66,9 @@ def load_training_checkpoint(path: str) -> dict | None:
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        # weights_only: a checkpoint is tensors and plain values (train/checkpoint.py), and eval or export
+        # of a file from elsewhere must not run the code a pickle can carry.
+        state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # zip, pickle and torch errors alike mean "not a readable checkpoint"
         if "TorchScript" in str(exc) or "constants.pkl" in str(exc):
             return None

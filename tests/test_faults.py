@@ -19,7 +19,8 @@ from PIL import Image
 
 from mulclip_fast import eval as eval_cli
 from mulclip_fast.data import batch_order, open_dataset, read_docci
-from mulclip_fast.model import check_device
+from mulclip_fast.model import CheckpointError, check_device
+from mulclip_fast.run_checkpoints import CHECKPOINT_FORMAT, load_training_checkpoint
 from mulclip_fast.train import TrainConfig, main, train
 from mulclip_fast.train.config import ConfigError, resolve_config, resumed_config
 from mulclip_fast.train.run_dir import LOCK_FILE, claim_run_directory
@@ -408,3 +409,23 @@ def test_a_negative_seed_or_interval_is_an_error_before_any_work(tmp_path, capsy
     if argv[0] == "--seed":
         assert eval_cli.main(["--checkpoint", str(tmp_path), *argv]) == 2
         assert "--seed must be >= 0" in _error(capsys)
+
+
+class _OpensAFile:
+    """A pickle payload: unpickling it calls ``open(marker, "w")``, as a hostile file could call anything."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_a_checkpoint_file_from_elsewhere_cannot_run_code(tmp_path):
+    # eval and export read any file they are given as a training checkpoint first; until 2026-12-01 with
+    # torch.load(weights_only=False), which runs whatever a pickle calls.
+    path, marker = tmp_path / "downloaded.pt", tmp_path / "marker"
+    torch.save({"format": CHECKPOINT_FORMAT, "payload": _OpensAFile(marker)}, path)
+    with pytest.raises(CheckpointError, match="cannot read checkpoint"):
+        load_training_checkpoint(str(path))
+    assert not marker.exists()
