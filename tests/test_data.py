@@ -19,6 +19,7 @@ from mulclip_fast.data import (
     iterate_batches,
     open_dataset,
     parse_data_spec,
+    rank_rows,
     split_sentences,
     subcaptions_of,
     summary_of,
@@ -138,6 +139,68 @@ def test_batch_order_and_iteration_resume_exactly():
     assert resumed == straight[3:]
     with pytest.raises(DataError, match="larger than the dataset"):
         next(iterate_batches(data, collate, 21, seed=0))
+
+
+class _CountedReads(torch.utils.data.Dataset):
+    """Synthetic samples whose reads are counted; ``unreadable`` indices come back as a skipped image."""
+
+    def __init__(self, n: int, unreadable=()):
+        self.data, self.unreadable, self.reads = SyntheticLongCaptions(n, seed=0), set(unreadable), []
+
+    def __len__(self):
+        return len(self.data)
+
+    def __getitem__(self, index):
+        self.reads.append(index)
+        item = dict(self.data[index])
+        if index in self.unreadable:
+            item.update(image=None, error="corrupt")
+        return item
+
+
+@pytest.mark.parametrize("batch_size, world_size, accum_steps", [(8, 2, 1), (12, 3, 2), (11, 2, 3)])
+def test_rank_rows_are_each_ranks_part_of_each_micro_batch(batch_size, world_size, accum_steps):
+    batch = Collator(max_subcaptions=3)([SyntheticLongCaptions(batch_size, seed=0)[i] for i in range(batch_size)])
+    for rank in range(world_size):
+        mine = batch.take(rank_rows(batch_size, rank, world_size, accum_steps))
+        for micro in range(accum_steps):
+            expected = batch.shard(micro, accum_steps).shard(rank, world_size)
+            assert mine.shard(micro, accum_steps).keys == expected.keys
+
+
+def _answering(answers):
+    """A stand-in for the ``any_rank`` collective that gives ``answers`` in turn."""
+    remaining = iter(answers)
+    return lambda _flag: next(remaining)
+
+
+@pytest.mark.parametrize("unreadable", [(), (5,)], ids=["all readable", "one unreadable"])
+def test_each_rank_reads_only_its_rows_unless_a_sample_is_unreadable(unreadable):
+    # Two ranks and two micro-batches of 12 samples a step, simulated in one process: ``any_rank`` answers
+    # what the collective would (whether some rank's rows lost a sample this step).
+    world, accum, size, steps = 2, 2, 12, 2
+    collate = Collator(max_subcaptions=3)
+    whole = [b for _, _, b in _take(iterate_batches(_CountedReads(24, unreadable), collate, size, seed=1), steps)]
+    lost = [bool(b.skipped) for b in whole]
+    ranks = []
+    for rank in range(world):
+        data = _CountedReads(24, unreadable)
+        agree = _answering(lost)
+        batches = iterate_batches(
+            data, collate, size, seed=1, rank=rank, world_size=world, accum_steps=accum, any_rank=agree
+        )
+        ranks.append(([b for _, _, b in _take(batches, steps)], data.reads))
+    for step, global_batch in enumerate(whole):
+        for rank, (batches, _) in enumerate(ranks):
+            # What one process would train on: the micro-batches of the readable samples, then the rank's part.
+            expected = global_batch.take(rank_rows(len(global_batch), rank, world, accum))
+            assert batches[step].keys == expected.keys and batches[step].skipped == global_batch.skipped
+            torch.testing.assert_close(batches[step].images, expected.images)
+    reads = [sorted(r) for _, r in ranks]
+    if not unreadable:  # each sample read once over the ranks
+        assert sorted(reads[0] + reads[1]) == sorted(sum(batch_order(24, size, seed=1, epoch=0)[:steps], []))
+    else:  # the step that lost a sample reads the whole global batch on every rank
+        assert all(len(r) > size * steps // world for r in reads)
 
 
 def _take(iterator, n):

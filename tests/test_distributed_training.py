@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from mulclip_fast.data import Collator, iterate_batches, open_dataset
+from mulclip_fast.data import Collator, iterate_batches, open_dataset, rank_rows
 from mulclip_fast.distributed import DistributedContext
 from mulclip_fast.train import TrainConfig, Trainer, resolve_config
 from mulclip_fast.train.report import read_jsonl
@@ -54,7 +54,7 @@ def _one_step(context: DistributedContext, **overrides) -> tuple[dict, dict]:
     dataset = open_dataset("synthetic", "train", 64, 64, config.seed, twin_fraction=0.5)
     _, _, batch = next(iterate_batches(dataset, Collator(config.max_subcaptions), config.batch_size, config.seed))
     trainer = Trainer(config, context=context)
-    logged = trainer.step(batch, progress=0.5)
+    logged = trainer.step(batch.take(rank_rows(len(batch), context.rank, context.world_size, config.accum_steps)), 0.5)
     return {name: p.detach().clone() for name, p in trainer.model.named_parameters()}, logged
 
 

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 
 import torch
 
-from .collate import Batch, Collator
+from .collate import Batch, Collator, rank_rows
 from .real import (
     HELD_OUT_BY_COUNT,
     READERS,
@@ -59,6 +60,7 @@ __all__ = [
     "iterate_batches",
     "open_dataset",
     "parse_data_spec",
+    "rank_rows",
     "read_coco",
     "read_dci",
     "read_docci",
@@ -168,26 +170,45 @@ def iterate_batches(
     start_step: int = 0,
     num_workers: int = 0,
     shuffle: bool = True,
+    rank: int = 0,
+    world_size: int = 1,
+    accum_steps: int = 1,
+    any_rank: Callable[[bool], bool] | None = None,
 ):
     """Batches from global step ``start_step`` on, forever, epoch after epoch.
 
     The order is a pure function of (seed, step), so a resumed run sees exactly the batches the
     uninterrupted run would have seen. Yields ``(step, epoch, batch)``.
+
+    With ``world_size > 1`` each batch is rank ``rank``'s rows of the global batch (``rank_rows``), and
+    only those samples are read: N ranks read and decode each sample once, not N times. When a rank's rows
+    lose an unreadable sample, the rows of every rank would shift, as they do in one process that drops
+    it. ``any_rank`` (a collective every rank calls once per batch: whether any rank's flag is set) tells
+    every rank; each then reads the whole global batch and takes its rows of the readable samples, with
+    every skipped sample listed, or no row when too few are left to split into equal parts.
     """
     per_epoch = len(dataset) // batch_size
     if per_epoch == 0:
         raise DataError(f"batch size {batch_size} is larger than the dataset ({len(dataset)} samples)")
+    if world_size > 1 and any_rank is None:
+        raise ValueError("iterate_batches over several ranks needs any_rank, the collective that agrees on skips")
+    own = rank_rows(batch_size, rank, world_size, accum_steps) if world_size > 1 else None
     epoch, offset = divmod(start_step, per_epoch)
     step = start_step
     while True:
         batches = batch_order(len(dataset), batch_size, seed, epoch, shuffle)[offset:]
+        reads = batches if own is None else [[indices[row] for row in own] for indices in batches]
         if num_workers > 0:
             loader = torch.utils.data.DataLoader(
-                dataset, batch_sampler=batches, collate_fn=collator, num_workers=num_workers, persistent_workers=False
+                dataset, batch_sampler=reads, collate_fn=collator, num_workers=num_workers, persistent_workers=False
             )
         else:
-            loader = (collator([dataset[i] for i in indices]) for indices in batches)
-        for batch in loader:
+            loader = (collator([dataset[i] for i in indices]) for indices in reads)
+        for indices, batch in zip(batches, loader, strict=True):
+            if own is not None and any_rank(bool(batch.skipped)):
+                whole = collator([dataset[i] for i in indices])
+                enough = len(whole) >= max(2, world_size * accum_steps)
+                batch = whole.take(rank_rows(len(whole), rank, world_size, accum_steps) if enough else [])
             yield step, epoch, batch
             step += 1
         epoch, offset = epoch + 1, 0

@@ -31,15 +31,19 @@ class Batch:
         return self.images.shape[0]
 
     def shard(self, rank: int, world_size: int) -> Batch:
-        """Rows ``rank·n … (rank+1)·n`` of the batch, ``n = ⌊B / world_size⌋``: one rank's (or one
-        micro-batch's) slice of a global batch. When skipped images leave B short of a multiple, the last
-        ``B mod world_size`` rows are left out, so that every part has the same size. Token ids keep the
-        global batch's padding, which is exact for a causal tower pooled at EOT."""
+        """Rows ``rank·n … (rank+1)·n`` of the batch, ``n = ⌊B / world_size⌋``: one micro-batch's slice
+        of a batch. When skipped images leave B short of a multiple, the last ``B mod world_size`` rows are
+        left out, so that every part has the same size."""
         if len(self) < world_size:
             raise ValueError(f"a batch of {len(self)} cannot be split over {world_size} parts")
         n = len(self) // world_size
-        rows = slice(rank * n, (rank + 1) * n)
-        part = lambda t: None if t is None else t[rows]  # noqa: E731
+        return self.take(slice(rank * n, (rank + 1) * n))
+
+    def take(self, rows: slice | list[int]) -> Batch:
+        """The batch's ``rows`` (a slice, or positions in order). Token ids keep the batch's padding,
+        which is exact for a causal tower pooled at EOT."""
+        index = rows if isinstance(rows, slice) else torch.tensor(rows, dtype=torch.long)
+        part = lambda t: None if t is None else t[index]  # noqa: E731
         return Batch(
             part(self.images),
             part(self.long_ids),
@@ -47,7 +51,7 @@ class Batch:
             part(self.sub_ids),
             part(self.sub_mask),
             part(self.probe_ids),
-            self.keys[rows],
+            self.keys[rows] if isinstance(rows, slice) else [self.keys[i] for i in rows],
             self.skipped,
         )
 
@@ -63,6 +67,18 @@ class Batch:
             self.keys,
             self.skipped,
         )
+
+
+def rank_rows(batch_size: int, rank: int, world_size: int, accum_steps: int = 1) -> list[int]:
+    """Positions, in a global batch of ``batch_size`` rows, of the rows rank ``rank`` trains on.
+
+    Micro-batch by micro-batch: of each of the ``accum_steps`` micro-batches (``Batch.shard(micro,
+    accum_steps)``), the rank's slice (``.shard(rank, world_size)``). Splitting into micro-batches before
+    ranks makes N ranks compute exactly what one process does with the same ``accum_steps``; the rank's
+    rows are then its micro-batch parts in order, so ``shard(micro, accum_steps)`` of them gives each back."""
+    micro = batch_size // accum_steps
+    per_rank = micro // world_size
+    return [m * micro + rank * per_rank + row for m in range(accum_steps) for row in range(per_rank)]
 
 
 class Collator:

@@ -289,6 +289,10 @@ def _train(config, resume, stop_at_step, given) -> dict:
                 start_step,
                 config.num_workers,
                 shuffle=not synthetic,  # generated samples are independent draws; twins must stay adjacent
+                rank=context.rank,
+                world_size=context.world_size,
+                accum_steps=config.accum_steps,
+                any_rank=lambda flag: agree(flag, context),
             )
             while step < total_steps:
                 elapsed = elapsed_before + time.perf_counter() - loop_start
@@ -312,7 +316,7 @@ def _train(config, resume, stop_at_step, given) -> dict:
                         log.write(f"skipped unreadable image {path}: {reason}")
                 # With too few readable samples to contrast or split, the step trains nothing; its position is
                 # still consumed, and its validation, checkpoint and stop check come as for any other step.
-                if len(batch) >= max(2, context.world_size * config.accum_steps):
+                if len(batch) >= config.accum_steps and len(batch) * context.world_size >= 2:
                     logged = trainer.step(batch, progress, 1 / total_steps)
                     trained_steps += 1
                     step_time = time.perf_counter() - t0

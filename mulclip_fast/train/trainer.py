@@ -169,7 +169,10 @@ class Trainer:
 
     def step(self, batch: Batch, progress: float, step_fraction: float = 0.0) -> dict[str, float]:
         """One optimisation step at ``progress`` (the fraction of training done before it; a step is
-        ``step_fraction`` of training); returns the logged values (each loss term unweighted, total, lr)."""
+        ``step_fraction`` of training); returns the logged values (each loss term unweighted, total, lr).
+
+        Under data parallelism ``batch`` is this rank's rows of the global batch (``rank_rows``, as
+        ``iterate_batches`` reads them), alone it is the whole batch."""
         lr = self.learning_rate(progress, step_fraction)
         fine_scale = self.fine_grained_scale(progress)
         for group in self.optimizer.param_groups:
@@ -177,15 +180,13 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         # Gradient accumulation: micro-batches of batch / accum_steps, each a contrastive batch of its own
         # (negatives come from the global micro-batch, as in open_clip without feature caching); the
-        # gradient is the mean of the micro-batch losses' gradients. Splitting into micro-batches before
-        # ranks makes N ranks compute exactly what one process does with the same --accum-steps.
+        # gradient is the mean of the micro-batch losses' gradients. A rank's rows are its part of each
+        # global micro-batch in turn (``rank_rows``), so N ranks compute exactly what one process does with
+        # the same --accum-steps.
         accum = self.config.accum_steps
         terms_sum: dict[str, torch.Tensor] = {}
         for micro in range(accum):
-            part = batch.shard(micro, accum) if accum > 1 else batch
-            if self.context.enabled:
-                part = part.shard(self.context.rank, self.context.world_size)
-            part = part.to(self.device)
+            part = (batch.shard(micro, accum) if accum > 1 else batch).to(self.device)
             # Under DDP, gradients are averaged over ranks once, in the last micro-batch's backward.
             last = micro == accum - 1
             sync = contextlib.nullcontext() if last or not self.context.enabled else self.forward_module.no_sync()
