@@ -102,6 +102,8 @@ class MulCLIPLoss(nn.Module):
         # the spec refuses a negative margin (reference.finelip_hinge_loss); NaN would make the loss NaN
         if not (_is_finite_number(finelip_margin) and finelip_margin >= 0):
             raise ValueError(f"finelip_margin must be a finite number >= 0, got {finelip_margin!r}")
+        if not isinstance(finelip_hardest_negative, bool):  # a config file's "false" would be truthy
+            raise ValueError(f"finelip_hardest_negative must be a bool, got {finelip_hardest_negative!r}")
         for name, weight in weights.items():
             if not _is_finite_number(weight):
                 raise ValueError(f"weights[{name!r}] must be a finite number, got {weight!r}")

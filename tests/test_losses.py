@@ -217,6 +217,7 @@ def test_gradients_flow_to_every_feature():
         ({"sap_topk_ratio": "0.25"}, "sap_topk_ratio must be"),
         ({"finelip_margin": -0.2}, "finelip_margin must be"),  # reference.finelip_hinge_loss refuses it too
         ({"finelip_margin": float("nan")}, "finelip_margin must be"),
+        ({"finelip_hardest_negative": "false"}, "finelip_hardest_negative must be a bool"),  # was truthy
         ({"weights": {"wpr": float("nan")}}, r"weights\['wpr'\] must be"),
         ({"weights": {"sap": "1"}}, r"weights\['sap'\] must be"),
         ({"wpr_form": "l2"}, "wpr_form must be one of"),
