@@ -88,6 +88,10 @@ class MulCLIPLoss(nn.Module):
         super().__init__()
         if objective not in OBJECTIVES:
             raise ValueError(f"objective must be one of {sorted(OBJECTIVES)}, got {objective!r}")
+        if isinstance(terms, str):  # its letters would be reported as unknown terms
+            raise ValueError(f"terms must be a tuple of term names from {TERMS}, got the string {terms!r}")
+        if weights is not None and not isinstance(weights, Mapping):
+            raise ValueError(f"weights must be a dict of term name to weight, got {type(weights).__name__}")
         enabled = OBJECTIVES[objective] if terms is None else current_term_names(terms)
         weights = current_term_names(weights or {})
         _check_term_names((*enabled, *weights))
