@@ -241,6 +241,18 @@ def test_gradcheck_float64_torch_path(name):
 
 
 @pytest.mark.parametrize("name", ["token_reconstruction", "wpr_loss", "topk_patch_aggregate"])
+def test_double_backward_is_refused_with_the_op_named(name):
+    """First-order gradients with ``create_graph=True`` work; differentiating them again raises an error that
+    names the op and the backend that can (PyTorch's own asked the caller to register a formula)."""
+    args, kwargs = _tiny_cases()[name]
+    leaves = [a for a in args if isinstance(a, torch.Tensor) and a.requires_grad]
+    out = getattr(ops, name)(*args, **kwargs, backend="torch")
+    grads = torch.autograd.grad(out.sum(), leaves, create_graph=True)
+    with pytest.raises(RuntimeError, match=f"{name} has no double backward.*backend='reference'"):
+        torch.autograd.grad(sum(g.sum() for g in grads), leaves)
+
+
+@pytest.mark.parametrize("name", ["token_reconstruction", "wpr_loss", "topk_patch_aggregate"])
 def test_torch_compile_with_dynamic_shapes_and_temperatures(name):
     """``torch.compile(dynamic=True)`` traces a float temperature as a symbolic float (Dynamo does not
     specialise floats; nor, after its second value, without ``dynamic``): the op must take it, not crash in

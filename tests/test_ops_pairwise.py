@@ -323,6 +323,19 @@ def test_torch_compile_fullgraph():
         torch.testing.assert_close(a, e)
 
 
+@pytest.mark.parametrize(
+    "name", ["pairwise_maxsim", "pairwise_reconstruction_scores", "pairwise_topk_aggregate_cosines"]
+)
+def test_double_backward_is_refused_with_the_op_named(name):
+    """Differentiating a gradient again raises an error naming the op and the backend that can (PyTorch's
+    own named the internal backward op and asked the caller to register a formula)."""
+    q, k, q_mask, k_mask = (t.requires_grad_() if t.is_floating_point() else t for t in _tiny())
+    out = getattr(P, name)(q, k, q_mask, k_mask, backend="torch")
+    grads = torch.autograd.grad(out.sum(), (q, k), create_graph=True)
+    with pytest.raises(RuntimeError, match=f"{name} has no double backward.*backend='reference'"):
+        torch.autograd.grad(sum(g.sum() for g in grads), (q, k))
+
+
 @pytest.mark.parametrize("op_name", ["reconstruction", "topk"])
 def test_torch_compile_with_dynamic_shapes_and_temperatures(op_name):
     """Under ``torch.compile(dynamic=True)`` (or a temperature that changes between compiled calls) ``tau``

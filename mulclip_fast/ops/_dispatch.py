@@ -80,6 +80,20 @@ def constant_temperature(name: str, value) -> float:
     return float(value)
 
 
+def refuse_double_backward(backward_op, op_name: str) -> None:
+    """Give ``backward_op``, the backward custom op of the public op ``op_name``, an autograd formula that
+    says the op has no double backward. Without one, PyTorch's error names the internal op and asks the
+    caller to register a formula."""
+
+    def formula(ctx, *grads):
+        raise RuntimeError(
+            f"{op_name} has no double backward on its fused backends (a gradient of its gradient, such as a "
+            "gradient penalty, needs one): use backend='reference', which differentiates twice"
+        )
+
+    backward_op.register_autograd(formula, setup_context=lambda ctx, inputs, output: None)
+
+
 def check_backend_name(backend: str) -> None:
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
