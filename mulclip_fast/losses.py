@@ -88,6 +88,10 @@ class MulCLIPLoss(nn.Module):
         super().__init__()
         if objective not in OBJECTIVES:
             raise ValueError(f"objective must be one of {sorted(OBJECTIVES)}, got {objective!r}")
+        if isinstance(terms, str):  # its letters would be reported as unknown terms
+            raise ValueError(f"terms must be a tuple of term names from {TERMS}, got the string {terms!r}")
+        if weights is not None and not isinstance(weights, Mapping):
+            raise ValueError(f"weights must be a dict of term name to weight, got {type(weights).__name__}")
         enabled = OBJECTIVES[objective] if terms is None else current_term_names(terms)
         weights = current_term_names(weights or {})
         _check_term_names((*enabled, *weights))
@@ -102,6 +106,8 @@ class MulCLIPLoss(nn.Module):
         # the spec refuses a negative margin (reference.finelip_hinge_loss); NaN would make the loss NaN
         if not (_is_finite_number(finelip_margin) and finelip_margin >= 0):
             raise ValueError(f"finelip_margin must be a finite number >= 0, got {finelip_margin!r}")
+        if not isinstance(finelip_hardest_negative, bool):  # a config file's "false" would be truthy
+            raise ValueError(f"finelip_hardest_negative must be a bool, got {finelip_hardest_negative!r}")
         for name, weight in weights.items():
             if not _is_finite_number(weight):
                 raise ValueError(f"weights[{name!r}] must be a finite number, got {weight!r}")

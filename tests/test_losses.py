@@ -209,6 +209,8 @@ def test_gradients_flow_to_every_feature():
         ({"objective": "clip"}, "objective must be one of"),
         ({"terms": ("global_long", "words")}, "unknown loss terms"),
         ({"terms": ()}, "terms must name at least one"),  # its "loss" was the int 0, which has no backward
+        ({"terms": "wpr"}, "terms must be a tuple of term names"),  # was reported as unknown terms w, p, r
+        ({"weights": [("wpr", 1.0)]}, "weights must be a dict"),
         ({"sap_pairing": "some"}, "sap_pairing must be"),
         ({"sap_topk_ratio": 0.0}, "sap_topk_ratio must be"),
         ({"tau_sap": 0.0}, "tau_sap must be"),
@@ -217,6 +219,7 @@ def test_gradients_flow_to_every_feature():
         ({"sap_topk_ratio": "0.25"}, "sap_topk_ratio must be"),
         ({"finelip_margin": -0.2}, "finelip_margin must be"),  # reference.finelip_hinge_loss refuses it too
         ({"finelip_margin": float("nan")}, "finelip_margin must be"),
+        ({"finelip_hardest_negative": "false"}, "finelip_hardest_negative must be a bool"),  # was truthy
         ({"weights": {"wpr": float("nan")}}, r"weights\['wpr'\] must be"),
         ({"weights": {"sap": "1"}}, r"weights\['sap'\] must be"),
         ({"wpr_form": "l2"}, "wpr_form must be one of"),

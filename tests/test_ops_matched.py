@@ -240,6 +240,40 @@ def test_gradcheck_float64_torch_path(name):
     assert torch.autograd.gradcheck(fn, [args[i] for i in leaves])
 
 
+@pytest.mark.parametrize("name", ["token_reconstruction", "wpr_loss", "topk_patch_aggregate"])
+def test_double_backward_is_refused_with_the_op_named(name):
+    """First-order gradients with ``create_graph=True`` work; differentiating them again raises an error that
+    names the op and the backend that can (PyTorch's own asked the caller to register a formula)."""
+    args, kwargs = _tiny_cases()[name]
+    leaves = [a for a in args if isinstance(a, torch.Tensor) and a.requires_grad]
+    out = getattr(ops, name)(*args, **kwargs, backend="torch")
+    grads = torch.autograd.grad(out.sum(), leaves, create_graph=True)
+    with pytest.raises(RuntimeError, match=f"{name} has no double backward.*backend='reference'"):
+        torch.autograd.grad(sum(g.sum() for g in grads), leaves)
+
+
+@pytest.mark.parametrize("name", ["token_reconstruction", "wpr_loss", "topk_patch_aggregate"])
+def test_torch_compile_with_dynamic_shapes_and_temperatures(name):
+    """``torch.compile(dynamic=True)`` traces a float temperature as a symbolic float (Dynamo does not
+    specialise floats; nor, after its second value, without ``dynamic``): the op must take it, not crash in
+    the validation that reads it (it did, in ``math.isfinite``)."""
+    tensors = _tiny_cases()[name][0][:4]
+    taus = {"wpr_loss": ("tau_attn", "tau_contrast")}.get(name, ("tau",))
+    k = {"k": 2} if name == "topk_patch_aggregate" else {}
+
+    def fn(*inputs, **temperatures):
+        return getattr(ops, name)(*inputs, **k, **temperatures, backend="torch")
+
+    compiled = torch.compile(fn, fullgraph=True, dynamic=True, backend="aot_eager")
+    for tau in (0.2, 0.3):
+        temperatures = dict.fromkeys(taus, tau)
+        got, want = compiled(*tensors, **temperatures), fn(*tensors, **temperatures)
+        torch.testing.assert_close(got, want)
+        leaves = [x for x in tensors if x.requires_grad]
+        for g, w in zip(torch.autograd.grad(got.sum(), leaves), torch.autograd.grad(want.sum(), leaves), strict=True):
+            torch.testing.assert_close(g, w)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("op_name", ["token_reconstruction", "wpr_loss", "topk_patch_aggregate"])
 def test_opcheck(backend, op_name):

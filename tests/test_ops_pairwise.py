@@ -323,6 +323,39 @@ def test_torch_compile_fullgraph():
         torch.testing.assert_close(a, e)
 
 
+@pytest.mark.parametrize(
+    "name", ["pairwise_maxsim", "pairwise_reconstruction_scores", "pairwise_topk_aggregate_cosines"]
+)
+def test_double_backward_is_refused_with_the_op_named(name):
+    """Differentiating a gradient again raises an error naming the op and the backend that can (PyTorch's
+    own named the internal backward op and asked the caller to register a formula)."""
+    q, k, q_mask, k_mask = (t.requires_grad_() if t.is_floating_point() else t for t in _tiny())
+    out = getattr(P, name)(q, k, q_mask, k_mask, backend="torch")
+    grads = torch.autograd.grad(out.sum(), (q, k), create_graph=True)
+    with pytest.raises(RuntimeError, match=f"{name} has no double backward.*backend='reference'"):
+        torch.autograd.grad(sum(g.sum() for g in grads), (q, k))
+
+
+@pytest.mark.parametrize("op_name", ["reconstruction", "topk"])
+def test_torch_compile_with_dynamic_shapes_and_temperatures(op_name):
+    """Under ``torch.compile(dynamic=True)`` (or a temperature that changes between compiled calls) ``tau``
+    is a symbolic float: the op takes it, where its validation once crashed reading it (``math.isfinite``)."""
+    q, k, q_mask, k_mask = _pair_case(torch.float32, n_q=2, n_k=3, len_q=5, len_k=6, dim=16)
+
+    def fn(a, b, tau):
+        if op_name == "reconstruction":
+            return P.pairwise_reconstruction_scores(a, b, q_mask, k_mask, tau=tau, backend="torch")
+        return P.pairwise_topk_aggregate_cosines(a, b, q_mask, k_mask, k=2, tau=tau, backend="torch")
+
+    compiled = torch.compile(fn, fullgraph=True, dynamic=True, backend="aot_eager")
+    args = [t.clone().requires_grad_() for t in (q, k)]
+    for tau in (0.2, 0.3):
+        got, want = compiled(*args, tau), fn(*args, tau)
+        torch.testing.assert_close(got, want)
+        for g, w in zip(torch.autograd.grad(got.sum(), args), torch.autograd.grad(want.sum(), args), strict=True):
+            torch.testing.assert_close(g, w)
+
+
 # ----------------------------------------------------------------------------------------------------
 # Bad input
 # ----------------------------------------------------------------------------------------------------

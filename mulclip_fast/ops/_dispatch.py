@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import math
 
 import torch
 
@@ -67,8 +68,30 @@ def constant_temperature(name: str, value) -> float:
             f"{name} is a tensor that requires grad: the fused ops take temperatures as constants and would not "
             "learn it; pass a float (or a detached tensor), or use backend='reference' to learn it"
         )
+    if torch.compiler.is_compiling() and not isinstance(value, torch.Tensor):
+        # Dynamo does not specialise floats: a temperature that differs between compiled calls (any float
+        # under dynamic=True) is traced as a symbolic float, which check_positive's math.isfinite cannot read.
+        # Comparisons it can, as guards; the op takes the symbolic float as its constant. (Nor can Dynamo
+        # format a symbolic float into the message: its debug context shows the value.)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+            raise ValueError(f"{name} must be a positive finite number")
+        return value
     check_positive(name, value)
     return float(value)
+
+
+def refuse_double_backward(backward_op, op_name: str) -> None:
+    """Give ``backward_op``, the backward custom op of the public op ``op_name``, an autograd formula that
+    says the op has no double backward. Without one, PyTorch's error names the internal op and asks the
+    caller to register a formula."""
+
+    def formula(ctx, *grads):
+        raise RuntimeError(
+            f"{op_name} has no double backward on its fused backends (a gradient of its gradient, such as a "
+            "gradient penalty, needs one): use backend='reference', which differentiates twice"
+        )
+
+    backward_op.register_autograd(formula, setup_context=lambda ctx, inputs, output: None)
 
 
 def check_backend_name(backend: str) -> None:

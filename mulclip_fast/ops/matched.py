@@ -42,7 +42,14 @@ from ..reference.checks import (
 )
 from ..reference.masking import accumulation_dtype
 from . import _torch_matched
-from ._dispatch import EXTENSION_DEVICES, FUSED_BACKENDS, check_backend_name, constant_temperature, kernel_backend
+from ._dispatch import (
+    EXTENSION_DEVICES,
+    FUSED_BACKENDS,
+    check_backend_name,
+    constant_temperature,
+    kernel_backend,
+    refuse_double_backward,
+)
 
 # Bytes of temporaries one chunk of the torch backend may hold (the [c, Lq, Lk] scores and their
 # companions). The batch is split so that a chunk stays under this; 24 MiB keeps chunks of a few samples
@@ -183,6 +190,7 @@ def _token_reconstruction_backward(ctx, grad_out, _grad_lse):
 
 
 _token_reconstruction_op.register_autograd(_token_reconstruction_backward, setup_context=_token_reconstruction_setup)
+refuse_double_backward(_token_reconstruction_backward_op, "token_reconstruction")
 
 
 def token_reconstruction(
@@ -321,6 +329,7 @@ def _wpr_backward_formula(ctx, grad):
 
 
 _wpr_loss_op.register_autograd(_wpr_backward_formula, setup_context=_wpr_setup)
+refuse_double_backward(_wpr_loss_backward_op, "wpr_loss")
 
 
 def wpr_loss(
@@ -436,6 +445,7 @@ def _topk_backward_formula(ctx, grad_out):
 
 
 _topk_patch_aggregate_op.register_autograd(_topk_backward_formula, setup_context=_topk_setup)
+refuse_double_backward(_topk_patch_aggregate_backward_op, "topk_patch_aggregate")
 
 
 def topk_patch_aggregate(

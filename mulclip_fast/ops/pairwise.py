@@ -37,7 +37,13 @@ from ..kernels.limits import TOPK_MAX_PATCHES
 from ..reference.checks import check_mask, check_maxsim_options, check_same_width, check_tokens, check_topk
 from ..reference.masking import accumulation_dtype
 from . import _torch_pairwise
-from ._dispatch import EXTENSION_DEVICES, check_backend_name, constant_temperature, kernel_backend
+from ._dispatch import (
+    EXTENSION_DEVICES,
+    check_backend_name,
+    constant_temperature,
+    kernel_backend,
+    refuse_double_backward,
+)
 
 # Patches per image the Triton SAP kernels take (they hold [16, N] score tiles in registers).
 TRITON_TOPK_MAX_PATCHES = TOPK_MAX_PATCHES
@@ -168,6 +174,7 @@ def _maxsim_backward(ctx, grad, *_stat_grads):
 
 
 _maxsim_op.register_autograd(_maxsim_backward, setup_context=_maxsim_setup)
+refuse_double_backward(_maxsim_backward_op, "pairwise_maxsim")
 
 
 def pairwise_maxsim(
@@ -265,6 +272,7 @@ def _reconstruction_backward(ctx, grad, *_stat_grads):
 
 
 _reconstruction_op.register_autograd(_reconstruction_backward, setup_context=_reconstruction_setup)
+refuse_double_backward(_reconstruction_backward_op, "pairwise_reconstruction_scores")
 
 
 def pairwise_reconstruction_scores(
@@ -366,6 +374,7 @@ def _topk_backward(ctx, grad, *_stat_grads):
 
 
 _topk_op.register_autograd(_topk_backward, setup_context=_topk_setup)
+refuse_double_backward(_topk_backward_op, "pairwise_topk_aggregate_cosines")
 
 
 def pairwise_topk_aggregate_cosines(
