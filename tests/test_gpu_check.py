@@ -318,6 +318,8 @@ def test_a_crash_stops_the_run_names_op_shape_dtype_and_still_writes(fake_plan, 
     )
     assert "illegal memory access" in crash["error"] and "Traceback" in crash["traceback"]
     assert [r["task"] for r in data["sections"]["parity"]] == ["first"]
+    [after] = data["skipped"]  # the task the crash kept from running is listed, with why
+    assert after["task"] == "after" and "not started" in after["reason"] and "crash" in after["reason"]
     assert "## Crash" in markdown and "wpr_loss" in markdown
 
 
@@ -366,13 +368,21 @@ def test_the_watchdog_interrupts_a_task_that_overruns_and_the_report_is_written(
         time.sleep(30)
         return {"ok": True}
 
-    fake_plan += [_ok("quick"), Task("compiled", "hangs", 0.01, hang, {"op": "pairwise_maxsim"})]
+    fake_plan += [
+        _ok("quick"),
+        Task("timing", "hangs", 0.01, hang, {"op": "pairwise_maxsim"}),
+        Task("compiled", "never started", 0.01, lambda: {"ok": True}),
+    ]
     started = time.monotonic()
     code = runner.main(["--dry-run", "--out", str(tmp_path), "--time-limit", "5"])
     assert time.monotonic() - started < 20
-    data, _ = _reports(tmp_path)
+    data, markdown = _reports(tmp_path)
     assert code == gpu_check.EXIT_INCOMPLETE
-    assert data["skipped"][-1]["task"] == "hangs" and "interrupted" in data["skipped"][-1]["reason"]
+    interrupted, never = data["skipped"]
+    assert interrupted["task"] == "hangs" and "interrupted" in interrupted["reason"]
+    # the tasks after it are listed too: the report names everything a second call must run
+    assert (never["section"], never["task"]) == ("compiled", "never started") and "not started" in never["reason"]
+    assert "- compiled: never started (not started" in markdown
 
 
 def test_peaks_follow_from_the_sm_count_the_clocks_and_the_architecture(monkeypatch):

@@ -382,7 +382,7 @@ def main(argv: list[str] | None = None) -> int:
 
     previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGALRM, signal.SIGTERM, signal.SIGINT)}
     signal.setitimer(signal.ITIMER_REAL, max(1.0, args.time_limit + GRACE_S - (time.monotonic() - started)))
-    current = None
+    current, plan, ended = None, [], None
     try:
         report.data["machine"] = machine_facts(device)
         if cuda:
@@ -427,6 +427,7 @@ def main(argv: list[str] | None = None) -> int:
             _print(f"[{time.monotonic() - started:6.1f} s] {task.section:<12} {task.name}: {verdict}")
             report.write()
     except TimeUp as stopped:
+        ended = f"interrupted by {stopped}"
         where = f" during {current.section} / {current.name}" if current else ""
         report.data["skipped"].append(
             {
@@ -445,11 +446,23 @@ def main(argv: list[str] | None = None) -> int:
             "traceback": traceback.format_exc(),
         }
         crash = report.data["crash"]
+        ended = f"the run stopped at the crash in {crash['section']} / {crash['task']}"
         _print(f"gpu_check: crashed in {crash['section']} / {crash['task']} {context}: {error}")
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+    if ended:
+        # The tasks the loop never reached: listed, so that the report names everything a second call must run.
+        accounted = {(s["section"], s["task"]) for s in report.data["skipped"]}
+        accounted |= {(section, r["task"]) for section, records in report.data["sections"].items() for r in records}
+        if report.data["crash"]:
+            accounted.add((report.data["crash"]["section"], report.data["crash"]["task"]))
+        report.data["skipped"] += [
+            {"section": task.section, "task": task.name, "reason": f"not started: {ended}"}
+            for task in plan
+            if (task.section, task.name) not in accounted
+        ]
     if report.data["crash"]:
         status, code = "crashed", EXIT_CRASHED
     elif report.data["failures"]:
