@@ -43,6 +43,7 @@ TOP_LEVEL_KEYS = {
     "sections",
     "skipped",
     "failures",
+    "errors",
     "crash",
 }
 
@@ -295,7 +296,10 @@ def _ok(name="fine", estimate=0.01):
     return Task("parity", name, estimate, lambda: {"ok": True, "problems": []})
 
 
-def test_a_crash_stops_the_run_names_op_shape_dtype_and_still_writes(fake_plan, tmp_path):
+def test_a_crash_stops_the_run_names_op_shape_dtype_and_still_writes(fake_plan, tmp_path, monkeypatch):
+    # an illegal memory access poisons the CUDA context: the device can run nothing after it
+    monkeypatch.setattr(runner, "device_unusable", lambda device: "RuntimeError: CUDA error: illegal memory access")
+
     def crash():
         raise RuntimeError("CUDA error: an illegal memory access was encountered")
 
@@ -321,6 +325,44 @@ def test_a_crash_stops_the_run_names_op_shape_dtype_and_still_writes(fake_plan, 
     [after] = data["skipped"]  # the task the crash kept from running is listed, with why
     assert after["task"] == "after" and "not started" in after["reason"] and "crash" in after["reason"]
     assert "## Crash" in markdown and "wpr_loss" in markdown
+
+
+def test_a_task_that_raises_on_a_usable_device_is_an_error_and_the_run_goes_on(fake_plan, tmp_path):
+    """A harness bug in one CUDA-only branch, a config Triton cannot compile, an out-of-memory: the device still
+    works, so the one GPU run must not lose every section after it."""
+
+    def harness_bug():
+        raise KeyError("median_ms")
+
+    context = {"op": "pairwise_maxsim", "shape": "a=[64,248,512]", "dtype": "bfloat16"}
+    fake_plan += [_ok("first"), Task("timing", "raises", 0.01, harness_bug, context), _ok("after")]
+    code = runner.main(["--dry-run", "--out", str(tmp_path)])
+    data, markdown = _reports(tmp_path)
+    assert code == data["exit_code"] == gpu_check.EXIT_FAILED and data["status"] == "failed"
+    assert data["crash"] is None and data["skipped"] == []
+    assert [r["task"] for r in data["sections"]["parity"]] == ["first", "after"]
+    [error] = data["errors"]
+    assert (error["section"], error["task"]) == ("timing", "raises")
+    assert {key: error[key] for key in context} == context
+    assert "KeyError" in error["error"] and "harness_bug" in error["traceback"]
+    assert data["failures"] == ["timing: raises: raised KeyError: 'median_ms'"]
+    assert "## Error in timing / raises" in markdown and "harness_bug" in markdown
+
+
+def test_the_device_is_unusable_after_a_sticky_cuda_error_and_usable_otherwise(monkeypatch):
+    cuda = torch.device("cuda")
+    assert runner.device_unusable(torch.device("cpu")) is None
+
+    def sticky(device=None):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr(torch.cuda, "synchronize", sticky)
+    assert "illegal memory access" in runner.device_unusable(cuda)
+    # a healthy device: it synchronises and runs a tiny computation
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    real_ones = torch.ones
+    monkeypatch.setattr(torch, "ones", lambda *shape, device=None, **kwargs: real_ones(*shape, **kwargs))
+    assert runner.device_unusable(cuda) is None
 
 
 def test_a_failed_check_is_reported_and_the_run_goes_on(fake_plan, tmp_path):

@@ -16,7 +16,8 @@ Sections, most important first (a time limit cuts the tail):
                  those rows (a row of the scores, and its query's gradient, depend on that query alone);
 ``compiled``     the same for ``torch.compile`` of the reference (compiling is the slow part).
 
-A task returns a record (a dict with ``ok``); an exception is a crash, which stops the run.
+A task returns a record (a dict with ``ok``); an exception is an error of that task, or a crash that stops the
+run when it left the device unusable (``runner.device_unusable``).
 """
 
 from __future__ import annotations
@@ -139,7 +140,7 @@ class Task:
     name: str
     estimate_s: float
     run: Callable[[], dict]
-    context: dict = field(default_factory=dict)  # op, shape, dtype: named in a crash report
+    context: dict = field(default_factory=dict)  # op, shape, dtype: named in an error or crash report
     always: bool = False  # a summary of what ran before it: runs whatever the time
 
 
