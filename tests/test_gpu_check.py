@@ -277,6 +277,36 @@ def test_the_prepared_device_command_runs_gpu_check_into_out_and_keeps_a_log(tmp
     assert sorted(p.name for p in out.iterdir()) == ["gpu-check.log"]
 
 
+@pytest.mark.parametrize(
+    ("given", "passed", "outer"),
+    [((), ["--time-limit", "480"], "540"), (("--time-limit", "30"), ["--time-limit", "30"], "90")],
+)
+def test_the_prepared_device_command_fills_the_lent_machines_ten_minute_command(tmp_path, given, passed, outer):
+    """The lent machine runs one command of at most 10 minutes, and the project calls ``.ci/gpu-check`` with no
+    options: it gives gpu_check 480 s (not gpu_check's own 320), whose outer timeout (540 s) plus the offline
+    install stays inside the 600 s; a --time-limit given is passed on as it is."""
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    for name, body in (("python", 'echo "python $*"'), ("timeout", 'echo "timeout $*"; shift 3; "$@"')):
+        (fake / name).write_text(f"#!/bin/sh\n{body}\n")
+        (fake / name).chmod(0o755)
+    out = tmp_path / "out"
+    completed = subprocess.run(
+        ["bash", str(REPO / ".ci" / "gpu-check"), "--dry-run", *given],
+        cwd=tmp_path,
+        env={**os.environ, "OUT": str(out), "PYTHON": str(fake / "python"), "PATH": f"{fake}:{os.environ['PATH']}"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert completed.returncode == 0, completed.stderr
+    timeout_line, python_line = completed.stdout.splitlines()[-2:]
+    assert timeout_line.split()[:4] == ["timeout", "-s", "KILL", outer]
+    args = python_line.split()
+    assert args[:5] == ["python", "-m", "mulclip_fast.gpu_check", "--out", str(out)]
+    assert args[5:] == ["--dry-run", *passed]
+
+
 # ----------------------------------------------------------------------------------------------------
 # The runner on fake plans (in-process)
 # ----------------------------------------------------------------------------------------------------
