@@ -477,6 +477,14 @@ def test_peaks_follow_from_the_sm_count_the_clocks_and_the_architecture(monkeypa
     monkeypatch.setattr(peaks, "nvml_telemetry", lambda index: {"available": False, "reason": "NVML could not start"})
     unknown = peaks.device_peaks(0)
     assert unknown["flops_per_s"] is None and unknown["bytes_per_s"] is None and unknown["reason"]
+    # NVML up, but a counter the GPU (or a VM's driver) does not expose reads None: the report says which
+    monkeypatch.setattr(peaks, "nvml_telemetry", lambda index: {**nvml, "sm_clock_max_mhz": None})
+    no_clock = peaks.device_peaks(0)
+    assert no_clock["flops_per_s"] is None and "sm_clock_max_mhz" in no_clock["reason"]
+    assert no_clock["bytes_per_s"] == pytest.approx(3.352e12, rel=1e-3)
+    monkeypatch.setattr(peaks, "nvml_telemetry", lambda index: {**nvml, "memory_bus_width_bits": None})
+    no_bus = peaks.device_peaks(0)
+    assert no_bus["bytes_per_s"] is None and "memory_bus_width_bits" in no_bus["reason"] and no_bus["flops_per_s"]
 
 
 # ----------------------------------------------------------------------------------------------------

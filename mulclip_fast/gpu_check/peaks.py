@@ -47,12 +47,20 @@ def device_peaks(cuda_index: int = 0) -> dict:
     }
     rates = FLOPS_PER_SM_PER_CLOCK.get(capability)
     sm_clock = clocks.get("sm_clock_max_mhz")
+    reasons = [clocks["reason"]] if "reason" in clocks else []
     if rates is None:
-        out["reason"] = f"no per-SM FLOP rate known for compute capability {out['capability']}"
+        reasons.append(f"no per-SM FLOP rate known for compute capability {out['capability']}")
     elif sm_clock:
         out["flops_per_s"] = {kind: props.multi_processor_count * rate * sm_clock * 1e6 for kind, rate in rates.items()}
     if clocks.get("memory_clock_max_mhz") and clocks.get("memory_bus_width_bits"):
         out["bytes_per_s"] = clocks["memory_bus_width_bits"] / 8 * clocks["memory_clock_max_mhz"] * 1e6 * 2
+    if nvml["available"]:
+        # NVML runs, but a counter this GPU (or a VM's driver) does not expose reads None
+        unread = [f for f in fields if not clocks.get(f)]
+        if unread:
+            reasons.append(f"NVML did not report {', '.join(unread)}")
+    if reasons:
+        out["reason"] = "; ".join(reasons)
     return out
 
 
