@@ -17,7 +17,8 @@ from ..profiling import nvml_telemetry
 
 # FLOPs per SM per clock (a fused multiply-add counts 2), dense. fp32: CUDA cores; tf32 and half (fp16/bf16
 # with fp32 accumulation): tensor cores. A100 (8.0): 19.5 / 156 / 312 TFLOP/s at 108 SMs × 1410 MHz;
-# H100/H200 (9.0): 256 / 2048 / 4096 per SM per clock (67 / 495 / 989 TFLOP/s for an H100 SXM);
+# H100/H200 (9.0): 256 / 2048 / 4096 per SM per clock, 67 / 535 / 1070 TFLOP/s at the 1980 MHz maximum SM
+# clock NVML reports for an H100 SXM or an H200 (NVIDIA's datasheets quote 495 / 989 for tf32 / half at 1830 MHz);
 # Ada (8.9, L40S) and GA10x (8.6, A10/A40): 256 fp32 and 512 / 1024 on the tensor cores.
 FLOPS_PER_SM_PER_CLOCK = {
     (8, 0): {"fp32": 128, "tf32": 1024, "half": 2048},
