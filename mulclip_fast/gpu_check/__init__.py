@@ -56,7 +56,8 @@ stopped the run — the report's ``crash`` names the section, op, shape and dtyp
 
 ``--dry-run`` on a machine without CUDA sets ``TRITON_INTERPRET=1`` before any kernel is imported and runs
 the plan on the CPU through Triton's interpreter, with ``torch.compile``'s ``aot_eager`` backend; the test
-suite runs it. It needs only torch, triton, numpy and nvidia-ml-py: no network, nothing to install.
+suite runs it. It needs the package's own dependencies, no more (the training steps tokenize captions with
+ftfy and instant-clip-tokenizer, which ``.ci/gpu-check`` installs from carried wheels), and no network.
 """
 
 from .runner import EXIT_CRASHED, EXIT_FAILED, EXIT_INCOMPLETE, EXIT_NO_CUDA, EXIT_OK, SCHEMA, main
