@@ -379,6 +379,27 @@ def test_a_task_that_raises_on_a_usable_device_is_an_error_and_the_run_goes_on(f
     assert "## Error in timing / raises" in markdown and "harness_bug" in markdown
 
 
+def test_a_raising_tasks_tensors_are_released_before_the_device_is_probed(fake_plan, tmp_path, monkeypatch):
+    """After an out-of-memory the failed task's tensors, held by its frames through the traceback, would fill
+    the GPU while the probe asks for one element: they go first, and the report keeps the traceback."""
+    released, probed = [], []
+
+    class Tensors:
+        def __del__(self):
+            released.append(True)
+
+    def out_of_memory():
+        held = Tensors()  # noqa: F841 (what the frame holds)
+        raise RuntimeError("CUDA out of memory. Tried to allocate 96.00 GiB")
+
+    monkeypatch.setattr(runner, "device_unusable", lambda device: probed.append(bool(released)))
+    fake_plan += [Task("scale", "too big", 0.01, out_of_memory)]
+    code = runner.main(["--dry-run", "--out", str(tmp_path)])
+    data, _ = _reports(tmp_path)
+    assert code == gpu_check.EXIT_FAILED and probed == [True]
+    assert "out_of_memory" in data["errors"][0]["traceback"]
+
+
 def test_the_device_is_unusable_after_a_sticky_cuda_error_and_usable_otherwise(monkeypatch):
     cuda = torch.device("cuda")
     assert runner.device_unusable(torch.device("cpu")) is None

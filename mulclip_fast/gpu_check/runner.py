@@ -95,10 +95,11 @@ class Report:
             problems = record.get("problems") or ["failed"]
             self.data["failures"] += [f"{section}: {name}: {problem}" for problem in problems]
 
-    def add_error(self, task, error: BaseException) -> None:
-        """A task that raised while the device stayed usable: recorded with its traceback, and a failure."""
-        self.data["errors"].append(_exception_record(task.section, task.name, task.context, error))
-        self.data["failures"].append(f"{task.section}: {task.name}: raised {type(error).__name__}: {error}")
+    def add_error(self, error: dict) -> None:
+        """A task that raised while the device stayed usable (its :func:`_exception_record`): recorded, and a
+        failure."""
+        self.data["errors"].append(error)
+        self.data["failures"].append(f"{error['section']}: {error['task']}: raised {error['error']}")
 
     def write(self) -> None:
         self.data["elapsed_s"] = round(time.monotonic() - self.started, 2)
@@ -467,10 +468,13 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 record = task.run()
             except Exception as error:
+                failure = _exception_record(task.section, task.name, task.context, error)
+                # The task's tensors, held by its frames, go before the probe: after an out-of-memory it needs room.
+                traceback.clear_frames(error.__traceback__)
                 if device_unusable(device) is not None:
                     raise  # a crash: nothing after it can run
                 current = None
-                report.add_error(task, error)
+                report.add_error(failure)
                 summary[task.section]["ran"] += 1
                 _print(f"[{time.monotonic() - started:6.1f} s] {task.section:<12} {task.name}: RAISED {error!r}")
                 report.write()
