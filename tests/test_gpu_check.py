@@ -510,6 +510,61 @@ def test_peaks_follow_from_the_sm_count_the_clocks_and_the_architecture(monkeypa
 
 # ----------------------------------------------------------------------------------------------------
 # Paths only a CUDA machine takes, checked without one (the plan is built, nothing touches a GPU)
+
+
+class _Triton36Tuner:
+    """What pinning meets in Triton 3.6's ``Autotuner.run`` (the lent H200's Triton): on a key it has not tuned
+    it benchmarks every config the prune leaves, a single one included (later Triton launches a lone pruned
+    config without timing it); with one config in its list it launches that one, untimed."""
+
+    arg_names = ["x", "n"]
+
+    def __init__(self, configs, prune):
+        self.configs, self.all_configs, self.early_config_prune = list(configs), list(configs), prune
+        self.cache, self.benchmarked, self.launched = {}, [], []
+
+    def run(self, *args, **kwargs):
+        self.nargs = dict(zip(self.arg_names, args, strict=False))
+        if len(self.configs) > 1:
+            key = (self.nargs["n"],)
+            if key not in self.cache:
+                pruned = self.early_config_prune(self.configs, self.nargs, **kwargs)
+                self.benchmarked += pruned  # each config: compiled, then run 8 or more times under do_bench
+                self.cache[key] = pruned[0]
+            config = self.cache[key]
+        else:
+            config = self.configs[0]
+        self.best_config = config
+        self.launched.append(config)
+
+
+def test_a_pinned_config_is_launched_without_benchmarking_on_triton_3_6():
+    """On a Triton that benchmarks a lone pruned config (3.6), pinning by pruning alone would time every pinned
+    launch (do_bench: hundreds of runs, a few tenths of a second each), several minutes over the sweep."""
+    import triton
+
+    from mulclip_fast.gpu_check import configs as tuning
+
+    small, large, fp32 = (triton.Config({"BLOCK": b}, num_warps=w) for b, w in ((32, 4), (64, 8), (16, 4)))
+    # the kernel's own prune: the half configs for n < 100, the fp32 one otherwise
+    tuner = _Triton36Tuner(
+        [small, large, fp32], lambda configs, nargs, **kw: configs[:2] if nargs["n"] < 100 else [fp32]
+    )
+    with tuning.LaunchRecorder({"k": tuner}) as recorder, tuning.pinned(tuner, large) as state:
+        tuner.run("x", 5, grid=(1,))
+        tuner.run("x", 7, grid=(1,))
+        tuner.run("x", 500, grid=(1,))  # a launch the pinned config does not serve: the prune's own first choice
+    assert tuner.launched == [large, large, fp32] and tuner.benchmarked == []
+    assert (state.served, state.not_served) == (2, 1)
+    assert [cfg for _, cfg in recorder.launches] == [tuning.config_label(c) for c in (large, large, fp32)]
+    # restored: the full list, the kernel's own prune, and the class's run (the recorder's wrapper is gone too)
+    assert tuner.configs == [small, large, fp32] and "run" not in vars(tuner)
+    assert tuner.early_config_prune(tuner.configs, {"n": 5}) == [small, large]
+    with pytest.raises(tuning.NotServed), tuning.pinned(tuner, fp32):
+        tuner.run("x", 5, grid=(1,))  # the first launch is one fp32 does not serve: the call is abandoned
+    assert len(tuner.launched) == 3 and tuner.configs == [small, large, fp32]
+
+
 # ----------------------------------------------------------------------------------------------------
 
 

@@ -5,15 +5,16 @@ config list on the decorated kernel (``all_configs``; under the interpreter the 
 first). Left alone, the tuner times the configs a launch allows and runs the fastest, so a config that is
 never fastest is never checked for correctness on the GPU.
 
-:func:`pinned` forces one config without touching the kernel modules: for the duration of a ``with`` block
-it hands the tuner the full list, empties its cache of tuned choices, and wraps its ``early_config_prune``
-hook. The wrapper first asks the kernel's own prune which configs this launch may use (the dtype class of
-the inputs, the warps of the patch tile, …) and then keeps only the pinned one. When the first launch is
-one the pinned config does not serve (a fp32 config and fp16 inputs), the hook raises :class:`NotServed`,
-which abandons the call at once rather than running the op to no purpose; a later launch the config does not
-serve (after some it did) runs the first config the kernel's prune allows and is counted. A single
-surviving config is launched without timing (Triton's rule), so pinning also skips the benchmarking. On exit
-the tuner's configs, hook and cache are restored.
+:func:`pinned` forces one config without touching the kernel modules: for the duration of a ``with`` block it
+wraps the tuner's ``run``. Before each launch the wrapper asks the kernel's own prune (its
+``early_config_prune`` hook) which of the full list this launch may use (the dtype class of the inputs, the
+warps of the patch tile, …) and hands the tuner a list of one: the pinned config. A tuner with a single config
+launches it without timing it, so pinning also skips the benchmarking (a lone config the prune leaves is still
+benchmarked by Triton 3.6, the lent H200's, though no longer by 3.9).
+When the first launch is one the pinned config does not serve (a fp32 config and fp16 inputs), the wrapper
+raises :class:`NotServed`, which abandons the call at once rather than running the op to no purpose; a later
+launch the config does not serve (after some it did) runs the first config the kernel's prune allows and is
+counted. On exit the tuner's configs and ``run`` are restored.
 
 :class:`LaunchRecorder` wraps each tuner's ``run`` to record which kernels a call launched and with which
 config (``best_config``), which is how the caller learns what an op launches and confirms that the pinned
@@ -58,7 +59,7 @@ def all_configs(kernel) -> list:
 
 def pinning_supported(kernel) -> str | None:
     """``None`` when this Triton's tuner has the attributes :func:`pinned` relies on, else why not."""
-    missing = [name for name in ("configs", "cache", "early_config_prune", "run") if not hasattr(kernel, name)]
+    missing = [name for name in ("configs", "arg_names", "early_config_prune", "run") if not hasattr(kernel, name)]
     return f"triton.autotune object lacks {', '.join(missing)}" if missing else None
 
 
@@ -82,29 +83,38 @@ def pinned(kernel, config):
     if problem:
         raise RuntimeError(f"cannot pin autotune configs: {problem}")
     everything = all_configs(kernel)
-    saved = kernel.configs, kernel.cache, kernel.early_config_prune
-    own_prune = kernel.early_config_prune
+    saved_configs, own_prune, launch = kernel.configs, kernel.early_config_prune, kernel.run
+    wrapped = "run" in vars(kernel)  # a LaunchRecorder's wrapper, put back on exit
     state = PinState()
 
-    def prune(configs, named_args, **kwargs):
+    def run(*args, **kwargs):
+        # the arguments the tuner's own prune sees (Autotuner.run: named positional args, launch kwargs)
+        named_args = dict(zip(kernel.arg_names, args, strict=False))
         allowed = own_prune(everything, named_args, **kwargs) if own_prune else everything
         if any(c is config for c in allowed):
             state.served += 1
-            return [config]
-        if state.served == 0:
+            kernel.configs = [config]
+        elif state.served == 0:
             raise NotServed(config_label(config))
-        state.not_served += 1
-        return allowed[:1]  # one config: launched as is, without timing the others
+        else:
+            state.not_served += 1
+            kernel.configs = allowed[:1]
+        try:
+            return launch(*args, **kwargs)
+        finally:
+            kernel.configs = saved_configs
 
     if len(everything) < 2:
         raise ValueError("a kernel with a single config has nothing to pin: every launch runs it")
-    kernel.configs = everything
-    kernel.cache = {}
-    kernel.early_config_prune = prune
+    kernel.run = run
     try:
         yield state
     finally:
-        kernel.configs, kernel.cache, kernel.early_config_prune = saved
+        kernel.configs = saved_configs
+        if wrapped:
+            kernel.run = launch
+        else:
+            del kernel.run
 
 
 @dataclass
