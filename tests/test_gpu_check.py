@@ -8,6 +8,7 @@ out; the watchdog interrupts a task that overruns) is checked in-process on smal
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -506,6 +507,41 @@ def test_peaks_follow_from_the_sm_count_the_clocks_and_the_architecture(monkeypa
     monkeypatch.setattr(peaks, "nvml_telemetry", lambda index: {**nvml, "memory_bus_width_bits": None})
     no_bus = peaks.device_peaks(0)
     assert no_bus["bytes_per_s"] is None and "memory_bus_width_bits" in no_bus["reason"] and no_bus["flops_per_s"]
+
+
+def test_untimed_launches_run_the_first_allowed_config_without_benchmarking():
+    """At the scale section's shapes one launch takes seconds, and the tuner would run each allowed config 8
+    times or more on a key it has not seen; the check needs one run of any config (the offsets that pass 2^31
+    are the same whichever tile computes them)."""
+    import triton
+
+    from mulclip_fast.gpu_check import configs as tuning
+
+    small, large, fp32 = (triton.Config({"BLOCK": b}, num_warps=w) for b, w in ((32, 4), (64, 8), (16, 4)))
+    tuner = _Triton36Tuner(
+        [small, large, fp32], lambda configs, nargs, **kw: configs[:2] if nargs["n"] < 100 else [fp32]
+    )
+    with tuning.untimed({"k": tuner}):
+        tuner.run("x", 4096, grid=(1,))
+        tuner.run("x", 5, grid=(1,))
+    assert tuner.launched == [fp32, small] and tuner.benchmarked == []
+    assert tuner.configs == [small, large, fp32] and "run" not in vars(tuner)
+    tuner.run("x", 5, grid=(1,))  # outside the block the tuner tunes again
+    assert tuner.benchmarked == [small, large]
+
+
+def test_the_scale_section_launches_untimed(monkeypatch):
+    entered = []
+
+    @contextlib.contextmanager
+    def untimed(kernels):
+        entered.append(sorted(kernels))
+        yield
+
+    monkeypatch.setattr(plan_module.tuning, "untimed", untimed)
+    setting = plan_module.Setting(device=torch.device("cpu"), dry=True, compile_backend="aot_eager")
+    record = plan_module._scale_task(setting, "pairwise_reconstruction_scores").run()
+    assert record["ok"] and entered == [sorted(autotuned_kernels())]
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -37,7 +37,8 @@ report lists what was left out; run those with ``--sections`` (e.g. ``--sections
   forward + backward time against the torch backend in the same dtype; the dry run checks the torch backend;
 - **scale**: the all-pairs ops at FineLIP's gathered batch (B = 4096, 197 tokens, d = 512, bf16), where
   offset products pass 2^31: three rows of scores and their query gradients against the reference on those
-  rows (skipped, and said so, when the GPU lacks the memory);
+  rows (skipped, and said so, when the GPU lacks the memory), each launch running the first config it allows,
+  untimed (a launch takes seconds there);
 - **compiled**: the same for ``torch.compile`` of the reference.
 
 The JSON (``"schema": "mulclip-fast/gpu-check/1"``) holds ``command``, ``mode`` (``gpu`` or ``dry-run``),

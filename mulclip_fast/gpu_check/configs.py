@@ -14,7 +14,8 @@ benchmarked by Triton 3.6, the lent H200's, though no longer by 3.9).
 When the first launch is one the pinned config does not serve (a fp32 config and fp16 inputs), the wrapper
 raises :class:`NotServed`, which abandons the call at once rather than running the op to no purpose; a later
 launch the config does not serve (after some it did) runs the first config the kernel's prune allows and is
-counted. On exit the tuner's configs and ``run`` are restored.
+counted. On exit the tuner's configs and ``run`` are restored. :func:`untimed` does the same for the first config each
+launch allows, for a check whose launches are too slow to benchmark.
 
 :class:`LaunchRecorder` wraps each tuner's ``run`` to record which kernels a call launched and with which
 config (``best_config``), which is how the caller learns what an op launches and confirms that the pinned
@@ -77,44 +78,66 @@ class PinState:
 
 
 @contextlib.contextmanager
-def pinned(kernel, config):
-    """Within the block, every launch of ``kernel`` that ``config`` may serve runs ``config``."""
+def _choosing(kernel, choose):
+    """Within the block, each launch of ``kernel`` runs ``choose(allowed)[0]``, untimed: ``allowed`` is what the
+    kernel's own prune lets this launch use, out of its full list, and the tuner gets a list of one."""
     problem = pinning_supported(kernel)
     if problem:
         raise RuntimeError(f"cannot pin autotune configs: {problem}")
     everything = all_configs(kernel)
     saved_configs, own_prune, launch = kernel.configs, kernel.early_config_prune, kernel.run
     wrapped = "run" in vars(kernel)  # a LaunchRecorder's wrapper, put back on exit
-    state = PinState()
 
     def run(*args, **kwargs):
         # the arguments the tuner's own prune sees (Autotuner.run: named positional args, launch kwargs)
         named_args = dict(zip(kernel.arg_names, args, strict=False))
-        allowed = own_prune(everything, named_args, **kwargs) if own_prune else everything
-        if any(c is config for c in allowed):
-            state.served += 1
-            kernel.configs = [config]
-        elif state.served == 0:
-            raise NotServed(config_label(config))
-        else:
-            state.not_served += 1
-            kernel.configs = allowed[:1]
+        kernel.configs = choose(own_prune(everything, named_args, **kwargs) if own_prune else everything)[:1]
         try:
             return launch(*args, **kwargs)
         finally:
             kernel.configs = saved_configs
 
-    if len(everything) < 2:
-        raise ValueError("a kernel with a single config has nothing to pin: every launch runs it")
     kernel.run = run
     try:
-        yield state
+        yield
     finally:
         kernel.configs = saved_configs
         if wrapped:
             kernel.run = launch
         else:
             del kernel.run
+
+
+@contextlib.contextmanager
+def pinned(kernel, config):
+    """Within the block, every launch of ``kernel`` that ``config`` may serve runs ``config``."""
+    state = PinState()
+
+    def choose(allowed):
+        if any(c is config for c in allowed):
+            state.served += 1
+            return [config]
+        if state.served == 0:
+            raise NotServed(config_label(config))
+        state.not_served += 1
+        return allowed
+
+    if len(all_configs(kernel)) < 2:
+        raise ValueError("a kernel with a single config has nothing to pin: every launch runs it")
+    with _choosing(kernel, choose):
+        yield state
+
+
+@contextlib.contextmanager
+def untimed(kernels: dict[str, object]):
+    """Within the block, every launch of ``kernels`` runs the first config its own prune allows, without
+    benchmarking any: for shapes where one launch takes seconds, which the tuner would run 8 times or more per
+    allowed config on a key it has not tuned."""
+    with contextlib.ExitStack() as stack:
+        for kernel in kernels.values():
+            if len(all_configs(kernel)) > 1:
+                stack.enter_context(_choosing(kernel, lambda allowed: allowed))
+        yield
 
 
 @dataclass
