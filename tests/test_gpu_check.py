@@ -604,6 +604,18 @@ def test_a_pinned_config_is_launched_without_benchmarking_on_triton_3_6():
 # ----------------------------------------------------------------------------------------------------
 
 
+def test_parity_checks_the_small_shape_in_every_dtype_before_the_paper_shape():
+    """A first GPU run compiles every kernel afresh, so its parity share runs out long before the section's own
+    estimate says: what it leaves out must be a second shape, never the tensor-core (bf16, fp16) code paths,
+    which the interpreter cannot check and fp32's IEEE dots do not take."""
+    setting = plan_module.Setting(device=torch.device("cuda"), dry=False, compile_backend="inductor")
+    tasks = plan_module.parity_tasks(setting)
+    shapes = [task.name.split()[1] for task in tasks]
+    first_paper = shapes.index("paper")
+    assert set(shapes[first_paper:]) == {"paper"}
+    assert {task.context["dtype"] for task in tasks[:first_paper]} == {"float32", "bfloat16", "float16"}
+
+
 @pytest.mark.parametrize(("device", "dry"), [("cpu", True), ("cuda", True), ("cuda", False)])
 def test_the_extension_section_asks_for_the_backend_of_its_tensors_device(device, dry):
     """``--dry-run`` on a CUDA machine runs its tiny shapes on the GPU: the extension's backend must be the one
