@@ -8,6 +8,7 @@ out; the watchdog interrupts a task that overruns) is checked in-process on smal
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -43,6 +44,7 @@ TOP_LEVEL_KEYS = {
     "sections",
     "skipped",
     "failures",
+    "errors",
     "crash",
 }
 
@@ -276,6 +278,36 @@ def test_the_prepared_device_command_runs_gpu_check_into_out_and_keeps_a_log(tmp
     assert sorted(p.name for p in out.iterdir()) == ["gpu-check.log"]
 
 
+@pytest.mark.parametrize(
+    ("given", "passed", "outer"),
+    [((), ["--time-limit", "480"], "540"), (("--time-limit", "30"), ["--time-limit", "30"], "90")],
+)
+def test_the_prepared_device_command_fills_the_lent_machines_ten_minute_command(tmp_path, given, passed, outer):
+    """The lent machine runs one command of at most 10 minutes, and the project calls ``.ci/gpu-check`` with no
+    options: it gives gpu_check 480 s (not gpu_check's own 320), whose outer timeout (540 s) plus the offline
+    install stays inside the 600 s; a --time-limit given is passed on as it is."""
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    for name, body in (("python", 'echo "python $*"'), ("timeout", 'echo "timeout $*"; shift 3; "$@"')):
+        (fake / name).write_text(f"#!/bin/sh\n{body}\n")
+        (fake / name).chmod(0o755)
+    out = tmp_path / "out"
+    completed = subprocess.run(
+        ["bash", str(REPO / ".ci" / "gpu-check"), "--dry-run", *given],
+        cwd=tmp_path,
+        env={**os.environ, "OUT": str(out), "PYTHON": str(fake / "python"), "PATH": f"{fake}:{os.environ['PATH']}"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert completed.returncode == 0, completed.stderr
+    timeout_line, python_line = completed.stdout.splitlines()[-2:]
+    assert timeout_line.split()[:4] == ["timeout", "-s", "KILL", outer]
+    args = python_line.split()
+    assert args[:5] == ["python", "-m", "mulclip_fast.gpu_check", "--out", str(out)]
+    assert args[5:] == ["--dry-run", *passed]
+
+
 # ----------------------------------------------------------------------------------------------------
 # The runner on fake plans (in-process)
 # ----------------------------------------------------------------------------------------------------
@@ -295,7 +327,10 @@ def _ok(name="fine", estimate=0.01):
     return Task("parity", name, estimate, lambda: {"ok": True, "problems": []})
 
 
-def test_a_crash_stops_the_run_names_op_shape_dtype_and_still_writes(fake_plan, tmp_path):
+def test_a_crash_stops_the_run_names_op_shape_dtype_and_still_writes(fake_plan, tmp_path, monkeypatch):
+    # an illegal memory access poisons the CUDA context: the device can run nothing after it
+    monkeypatch.setattr(runner, "device_unusable", lambda device: "RuntimeError: CUDA error: illegal memory access")
+
     def crash():
         raise RuntimeError("CUDA error: an illegal memory access was encountered")
 
@@ -318,7 +353,68 @@ def test_a_crash_stops_the_run_names_op_shape_dtype_and_still_writes(fake_plan, 
     )
     assert "illegal memory access" in crash["error"] and "Traceback" in crash["traceback"]
     assert [r["task"] for r in data["sections"]["parity"]] == ["first"]
+    [after] = data["skipped"]  # the task the crash kept from running is listed, with why
+    assert after["task"] == "after" and "not started" in after["reason"] and "crash" in after["reason"]
     assert "## Crash" in markdown and "wpr_loss" in markdown
+
+
+def test_a_task_that_raises_on_a_usable_device_is_an_error_and_the_run_goes_on(fake_plan, tmp_path):
+    """A harness bug in one CUDA-only branch, a config Triton cannot compile, an out-of-memory: the device still
+    works, so the one GPU run must not lose every section after it."""
+
+    def harness_bug():
+        raise KeyError("median_ms")
+
+    context = {"op": "pairwise_maxsim", "shape": "a=[64,248,512]", "dtype": "bfloat16"}
+    fake_plan += [_ok("first"), Task("timing", "raises", 0.01, harness_bug, context), _ok("after")]
+    code = runner.main(["--dry-run", "--out", str(tmp_path)])
+    data, markdown = _reports(tmp_path)
+    assert code == data["exit_code"] == gpu_check.EXIT_FAILED and data["status"] == "failed"
+    assert data["crash"] is None and data["skipped"] == []
+    assert [r["task"] for r in data["sections"]["parity"]] == ["first", "after"]
+    [error] = data["errors"]
+    assert (error["section"], error["task"]) == ("timing", "raises")
+    assert {key: error[key] for key in context} == context
+    assert "KeyError" in error["error"] and "harness_bug" in error["traceback"]
+    assert data["failures"] == ["timing: raises: raised KeyError: 'median_ms'"]
+    assert "## Error in timing / raises" in markdown and "harness_bug" in markdown
+
+
+def test_a_raising_tasks_tensors_are_released_before_the_device_is_probed(fake_plan, tmp_path, monkeypatch):
+    """After an out-of-memory the failed task's tensors, held by its frames through the traceback, would fill
+    the GPU while the probe asks for one element: they go first, and the report keeps the traceback."""
+    released, probed = [], []
+
+    class Tensors:
+        def __del__(self):
+            released.append(True)
+
+    def out_of_memory():
+        held = Tensors()  # noqa: F841 (what the frame holds)
+        raise RuntimeError("CUDA out of memory. Tried to allocate 96.00 GiB")
+
+    monkeypatch.setattr(runner, "device_unusable", lambda device: probed.append(bool(released)))
+    fake_plan += [Task("scale", "too big", 0.01, out_of_memory)]
+    code = runner.main(["--dry-run", "--out", str(tmp_path)])
+    data, _ = _reports(tmp_path)
+    assert code == gpu_check.EXIT_FAILED and probed == [True]
+    assert "out_of_memory" in data["errors"][0]["traceback"]
+
+
+def test_the_device_is_unusable_after_a_sticky_cuda_error_and_usable_otherwise(monkeypatch):
+    cuda = torch.device("cuda")
+    assert runner.device_unusable(torch.device("cpu")) is None
+
+    def sticky(device=None):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr(torch.cuda, "synchronize", sticky)
+    assert "illegal memory access" in runner.device_unusable(cuda)
+    # a healthy device: it synchronises and runs a tiny computation
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    real_ones = torch.ones
+    monkeypatch.setattr(torch, "ones", lambda *shape, device=None, **kwargs: real_ones(*shape, **kwargs))
+    assert runner.device_unusable(cuda) is None
 
 
 def test_a_failed_check_is_reported_and_the_run_goes_on(fake_plan, tmp_path):
@@ -366,13 +462,21 @@ def test_the_watchdog_interrupts_a_task_that_overruns_and_the_report_is_written(
         time.sleep(30)
         return {"ok": True}
 
-    fake_plan += [_ok("quick"), Task("compiled", "hangs", 0.01, hang, {"op": "pairwise_maxsim"})]
+    fake_plan += [
+        _ok("quick"),
+        Task("timing", "hangs", 0.01, hang, {"op": "pairwise_maxsim"}),
+        Task("compiled", "never started", 0.01, lambda: {"ok": True}),
+    ]
     started = time.monotonic()
     code = runner.main(["--dry-run", "--out", str(tmp_path), "--time-limit", "5"])
     assert time.monotonic() - started < 20
-    data, _ = _reports(tmp_path)
+    data, markdown = _reports(tmp_path)
     assert code == gpu_check.EXIT_INCOMPLETE
-    assert data["skipped"][-1]["task"] == "hangs" and "interrupted" in data["skipped"][-1]["reason"]
+    interrupted, never = data["skipped"]
+    assert interrupted["task"] == "hangs" and "interrupted" in interrupted["reason"]
+    # the tasks after it are listed too: the report names everything a second call must run
+    assert (never["section"], never["task"]) == ("compiled", "never started") and "not started" in never["reason"]
+    assert "- compiled: never started (not started" in markdown
 
 
 def test_peaks_follow_from_the_sm_count_the_clocks_and_the_architecture(monkeypatch):
@@ -395,11 +499,121 @@ def test_peaks_follow_from_the_sm_count_the_clocks_and_the_architecture(monkeypa
     monkeypatch.setattr(peaks, "nvml_telemetry", lambda index: {"available": False, "reason": "NVML could not start"})
     unknown = peaks.device_peaks(0)
     assert unknown["flops_per_s"] is None and unknown["bytes_per_s"] is None and unknown["reason"]
+    # NVML up, but a counter the GPU (or a VM's driver) does not expose reads None: the report says which
+    monkeypatch.setattr(peaks, "nvml_telemetry", lambda index: {**nvml, "sm_clock_max_mhz": None})
+    no_clock = peaks.device_peaks(0)
+    assert no_clock["flops_per_s"] is None and "sm_clock_max_mhz" in no_clock["reason"]
+    assert no_clock["bytes_per_s"] == pytest.approx(3.352e12, rel=1e-3)
+    monkeypatch.setattr(peaks, "nvml_telemetry", lambda index: {**nvml, "memory_bus_width_bits": None})
+    no_bus = peaks.device_peaks(0)
+    assert no_bus["bytes_per_s"] is None and "memory_bus_width_bits" in no_bus["reason"] and no_bus["flops_per_s"]
+
+
+def test_untimed_launches_run_the_first_allowed_config_without_benchmarking():
+    """At the scale section's shapes one launch takes seconds, and the tuner would run each allowed config 8
+    times or more on a key it has not seen; the check needs one run of any config (the offsets that pass 2^31
+    are the same whichever tile computes them)."""
+    import triton
+
+    from mulclip_fast.gpu_check import configs as tuning
+
+    small, large, fp32 = (triton.Config({"BLOCK": b}, num_warps=w) for b, w in ((32, 4), (64, 8), (16, 4)))
+    tuner = _Triton36Tuner(
+        [small, large, fp32], lambda configs, nargs, **kw: configs[:2] if nargs["n"] < 100 else [fp32]
+    )
+    with tuning.untimed({"k": tuner}):
+        tuner.run("x", 4096, grid=(1,))
+        tuner.run("x", 5, grid=(1,))
+    assert tuner.launched == [fp32, small] and tuner.benchmarked == []
+    assert tuner.configs == [small, large, fp32] and "run" not in vars(tuner)
+    tuner.run("x", 5, grid=(1,))  # outside the block the tuner tunes again
+    assert tuner.benchmarked == [small, large]
+
+
+def test_the_scale_section_launches_untimed(monkeypatch):
+    entered = []
+
+    @contextlib.contextmanager
+    def untimed(kernels):
+        entered.append(sorted(kernels))
+        yield
+
+    monkeypatch.setattr(plan_module.tuning, "untimed", untimed)
+    setting = plan_module.Setting(device=torch.device("cpu"), dry=True, compile_backend="aot_eager")
+    record = plan_module._scale_task(setting, "pairwise_reconstruction_scores").run()
+    assert record["ok"] and entered == [sorted(autotuned_kernels())]
 
 
 # ----------------------------------------------------------------------------------------------------
 # Paths only a CUDA machine takes, checked without one (the plan is built, nothing touches a GPU)
+
+
+class _Triton36Tuner:
+    """What pinning meets in Triton 3.6's ``Autotuner.run`` (the lent H200's Triton): on a key it has not tuned
+    it benchmarks every config the prune leaves, a single one included (later Triton launches a lone pruned
+    config without timing it); with one config in its list it launches that one, untimed."""
+
+    arg_names = ["x", "n"]
+
+    def __init__(self, configs, prune):
+        self.configs, self.all_configs, self.early_config_prune = list(configs), list(configs), prune
+        self.cache, self.benchmarked, self.launched = {}, [], []
+
+    def run(self, *args, **kwargs):
+        self.nargs = dict(zip(self.arg_names, args, strict=False))
+        if len(self.configs) > 1:
+            key = (self.nargs["n"],)
+            if key not in self.cache:
+                pruned = self.early_config_prune(self.configs, self.nargs, **kwargs)
+                self.benchmarked += pruned  # each config: compiled, then run 8 or more times under do_bench
+                self.cache[key] = pruned[0]
+            config = self.cache[key]
+        else:
+            config = self.configs[0]
+        self.best_config = config
+        self.launched.append(config)
+
+
+def test_a_pinned_config_is_launched_without_benchmarking_on_triton_3_6():
+    """On a Triton that benchmarks a lone pruned config (3.6), pinning by pruning alone would time every pinned
+    launch (do_bench: hundreds of runs, a few tenths of a second each), several minutes over the sweep."""
+    import triton
+
+    from mulclip_fast.gpu_check import configs as tuning
+
+    small, large, fp32 = (triton.Config({"BLOCK": b}, num_warps=w) for b, w in ((32, 4), (64, 8), (16, 4)))
+    # the kernel's own prune: the half configs for n < 100, the fp32 one otherwise
+    tuner = _Triton36Tuner(
+        [small, large, fp32], lambda configs, nargs, **kw: configs[:2] if nargs["n"] < 100 else [fp32]
+    )
+    with tuning.LaunchRecorder({"k": tuner}) as recorder, tuning.pinned(tuner, large) as state:
+        tuner.run("x", 5, grid=(1,))
+        tuner.run("x", 7, grid=(1,))
+        tuner.run("x", 500, grid=(1,))  # a launch the pinned config does not serve: the prune's own first choice
+    assert tuner.launched == [large, large, fp32] and tuner.benchmarked == []
+    assert (state.served, state.not_served) == (2, 1)
+    assert [cfg for _, cfg in recorder.launches] == [tuning.config_label(c) for c in (large, large, fp32)]
+    # restored: the full list, the kernel's own prune, and the class's run (the recorder's wrapper is gone too)
+    assert tuner.configs == [small, large, fp32] and "run" not in vars(tuner)
+    assert tuner.early_config_prune(tuner.configs, {"n": 5}) == [small, large]
+    with pytest.raises(tuning.NotServed), tuning.pinned(tuner, fp32):
+        tuner.run("x", 5, grid=(1,))  # the first launch is one fp32 does not serve: the call is abandoned
+    assert len(tuner.launched) == 3 and tuner.configs == [small, large, fp32]
+
+
 # ----------------------------------------------------------------------------------------------------
+
+
+def test_parity_checks_the_small_shape_in_every_dtype_before_the_paper_shape():
+    """A first GPU run compiles every kernel afresh, so its parity share runs out long before the section's own
+    estimate says: what it leaves out must be a second shape, never the tensor-core (bf16, fp16) code paths,
+    which the interpreter cannot check and fp32's IEEE dots do not take."""
+    setting = plan_module.Setting(device=torch.device("cuda"), dry=False, compile_backend="inductor")
+    tasks = plan_module.parity_tasks(setting)
+    shapes = [task.name.split()[1] for task in tasks]
+    first_paper = shapes.index("paper")
+    assert set(shapes[first_paper:]) == {"paper"}
+    assert {task.context["dtype"] for task in tasks[:first_paper]} == {"float32", "bfloat16", "float16"}
 
 
 @pytest.mark.parametrize(("device", "dry"), [("cpu", True), ("cuda", True), ("cuda", False)])

@@ -37,23 +37,28 @@ report lists what was left out; run those with ``--sections`` (e.g. ``--sections
   forward + backward time against the torch backend in the same dtype; the dry run checks the torch backend;
 - **scale**: the all-pairs ops at FineLIP's gathered batch (B = 4096, 197 tokens, d = 512, bf16), where
   offset products pass 2^31: three rows of scores and their query gradients against the reference on those
-  rows (skipped, and said so, when the GPU lacks the memory);
+  rows (skipped, and said so, when the GPU lacks the memory), each launch running the first config it allows,
+  untimed (a launch takes seconds there);
 - **compiled**: the same for ``torch.compile`` of the reference.
 
 The JSON (``"schema": "mulclip-fast/gpu-check/1"``) holds ``command``, ``mode`` (``gpu`` or ``dry-run``),
 ``status`` (``passed``, ``failed``, ``incomplete``, ``crashed``) and ``exit_code``, ``elapsed_s`` and
 ``time_limit_s``, ``machine`` (``profiling.machine_facts``: GPU, versions, NVML), ``peaks``, ``tolerances``,
 ``plan`` (tasks and estimates per section, their deadlines), ``sections`` (one record per task, each with
-``task``, ``seconds``, ``ok`` and ``problems``), ``skipped`` (task and reason), ``failures`` (one line each)
-and ``crash`` (``None``, or section, task, op, shape, dtype, error and traceback).
+``task``, ``seconds``, ``ok`` and ``problems``), ``skipped`` (task and reason), ``failures`` (one line each),
+``errors`` (the tasks that raised while the device stayed usable: section, task, op, shape, dtype, error and
+traceback) and ``crash`` (``None``, or the same for the exception that stopped the run).
 
-Exit codes: 0 everything planned ran and passed; 1 a check failed; 2 bad command line; 3 no CUDA device
-(and no ``--dry-run``); 4 the time limit left tasks out (everything that ran passed); 5 a crash stopped the
-run — the report's ``crash`` names the section, op, shape and dtype and holds the traceback.
+A task that raises is an error of that task, and the run goes on, unless the device can run nothing more (a
+sticky CUDA error such as an illegal memory access poisons the context): that is a crash, which stops it.
+Exit codes: 0 everything planned ran and passed; 1 a check failed or a task raised; 2 bad command line; 3 no
+CUDA device (and no ``--dry-run``); 4 the time limit left tasks out (everything that ran passed); 5 a crash
+stopped the run — the report's ``crash`` names the section, op, shape and dtype and holds the traceback.
 
 ``--dry-run`` on a machine without CUDA sets ``TRITON_INTERPRET=1`` before any kernel is imported and runs
 the plan on the CPU through Triton's interpreter, with ``torch.compile``'s ``aot_eager`` backend; the test
-suite runs it. It needs only torch, triton, numpy and nvidia-ml-py: no network, nothing to install.
+suite runs it. It needs the package's own dependencies, no more (the training steps tokenize captions with
+ftfy and instant-clip-tokenizer, which ``.ci/gpu-check`` installs from carried wheels), and no network.
 """
 
 from .runner import EXIT_CRASHED, EXIT_FAILED, EXIT_INCOMPLETE, EXIT_NO_CUDA, EXIT_OK, SCHEMA, main

@@ -5,15 +5,17 @@ config list on the decorated kernel (``all_configs``; under the interpreter the 
 first). Left alone, the tuner times the configs a launch allows and runs the fastest, so a config that is
 never fastest is never checked for correctness on the GPU.
 
-:func:`pinned` forces one config without touching the kernel modules: for the duration of a ``with`` block
-it hands the tuner the full list, empties its cache of tuned choices, and wraps its ``early_config_prune``
-hook. The wrapper first asks the kernel's own prune which configs this launch may use (the dtype class of
-the inputs, the warps of the patch tile, …) and then keeps only the pinned one. When the first launch is
-one the pinned config does not serve (a fp32 config and fp16 inputs), the hook raises :class:`NotServed`,
-which abandons the call at once rather than running the op to no purpose; a later launch the config does not
-serve (after some it did) runs the first config the kernel's prune allows and is counted. A single
-surviving config is launched without timing (Triton's rule), so pinning also skips the benchmarking. On exit
-the tuner's configs, hook and cache are restored.
+:func:`pinned` forces one config without touching the kernel modules: for the duration of a ``with`` block it
+wraps the tuner's ``run``. Before each launch the wrapper asks the kernel's own prune (its
+``early_config_prune`` hook) which of the full list this launch may use (the dtype class of the inputs, the
+warps of the patch tile, …) and hands the tuner a list of one: the pinned config. A tuner with a single config
+launches it without timing it, so pinning also skips the benchmarking (a lone config the prune leaves is still
+benchmarked by Triton 3.6, the lent H200's, though no longer by 3.9).
+When the first launch is one the pinned config does not serve (a fp32 config and fp16 inputs), the wrapper
+raises :class:`NotServed`, which abandons the call at once rather than running the op to no purpose; a later
+launch the config does not serve (after some it did) runs the first config the kernel's prune allows and is
+counted. On exit the tuner's configs and ``run`` are restored. :func:`untimed` does the same for the first config each
+launch allows, for a check whose launches are too slow to benchmark.
 
 :class:`LaunchRecorder` wraps each tuner's ``run`` to record which kernels a call launched and with which
 config (``best_config``), which is how the caller learns what an op launches and confirms that the pinned
@@ -58,7 +60,7 @@ def all_configs(kernel) -> list:
 
 def pinning_supported(kernel) -> str | None:
     """``None`` when this Triton's tuner has the attributes :func:`pinned` relies on, else why not."""
-    missing = [name for name in ("configs", "cache", "early_config_prune", "run") if not hasattr(kernel, name)]
+    missing = [name for name in ("configs", "arg_names", "early_config_prune", "run") if not hasattr(kernel, name)]
     return f"triton.autotune object lacks {', '.join(missing)}" if missing else None
 
 
@@ -76,35 +78,66 @@ class PinState:
 
 
 @contextlib.contextmanager
-def pinned(kernel, config):
-    """Within the block, every launch of ``kernel`` that ``config`` may serve runs ``config``."""
+def _choosing(kernel, choose):
+    """Within the block, each launch of ``kernel`` runs ``choose(allowed)[0]``, untimed: ``allowed`` is what the
+    kernel's own prune lets this launch use, out of its full list, and the tuner gets a list of one."""
     problem = pinning_supported(kernel)
     if problem:
         raise RuntimeError(f"cannot pin autotune configs: {problem}")
     everything = all_configs(kernel)
-    saved = kernel.configs, kernel.cache, kernel.early_config_prune
-    own_prune = kernel.early_config_prune
+    saved_configs, own_prune, launch = kernel.configs, kernel.early_config_prune, kernel.run
+    wrapped = "run" in vars(kernel)  # a LaunchRecorder's wrapper, put back on exit
+
+    def run(*args, **kwargs):
+        # the arguments the tuner's own prune sees (Autotuner.run: named positional args, launch kwargs)
+        named_args = dict(zip(kernel.arg_names, args, strict=False))
+        kernel.configs = choose(own_prune(everything, named_args, **kwargs) if own_prune else everything)[:1]
+        try:
+            return launch(*args, **kwargs)
+        finally:
+            kernel.configs = saved_configs
+
+    kernel.run = run
+    try:
+        yield
+    finally:
+        kernel.configs = saved_configs
+        if wrapped:
+            kernel.run = launch
+        else:
+            del kernel.run
+
+
+@contextlib.contextmanager
+def pinned(kernel, config):
+    """Within the block, every launch of ``kernel`` that ``config`` may serve runs ``config``."""
     state = PinState()
 
-    def prune(configs, named_args, **kwargs):
-        allowed = own_prune(everything, named_args, **kwargs) if own_prune else everything
+    def choose(allowed):
         if any(c is config for c in allowed):
             state.served += 1
             return [config]
         if state.served == 0:
             raise NotServed(config_label(config))
         state.not_served += 1
-        return allowed[:1]  # one config: launched as is, without timing the others
+        return allowed
 
-    if len(everything) < 2:
+    if len(all_configs(kernel)) < 2:
         raise ValueError("a kernel with a single config has nothing to pin: every launch runs it")
-    kernel.configs = everything
-    kernel.cache = {}
-    kernel.early_config_prune = prune
-    try:
+    with _choosing(kernel, choose):
         yield state
-    finally:
-        kernel.configs, kernel.cache, kernel.early_config_prune = saved
+
+
+@contextlib.contextmanager
+def untimed(kernels: dict[str, object]):
+    """Within the block, every launch of ``kernels`` runs the first config its own prune allows, without
+    benchmarking any: for shapes where one launch takes seconds, which the tuner would run 8 times or more per
+    allowed config on a key it has not tuned."""
+    with contextlib.ExitStack() as stack:
+        for kernel in kernels.values():
+            if len(all_configs(kernel)) > 1:
+                stack.enter_context(_choosing(kernel, lambda allowed: allowed))
+        yield
 
 
 @dataclass

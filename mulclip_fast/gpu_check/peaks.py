@@ -17,7 +17,8 @@ from ..profiling import nvml_telemetry
 
 # FLOPs per SM per clock (a fused multiply-add counts 2), dense. fp32: CUDA cores; tf32 and half (fp16/bf16
 # with fp32 accumulation): tensor cores. A100 (8.0): 19.5 / 156 / 312 TFLOP/s at 108 SMs × 1410 MHz;
-# H100/H200 (9.0): 256 / 2048 / 4096 per SM per clock (67 / 495 / 989 TFLOP/s for an H100 SXM);
+# H100/H200 (9.0): 256 / 2048 / 4096 per SM per clock, 67 / 535 / 1070 TFLOP/s at the 1980 MHz maximum SM
+# clock NVML reports for an H100 SXM or an H200 (NVIDIA's datasheets quote 495 / 989 for tf32 / half at 1830 MHz);
 # Ada (8.9, L40S) and GA10x (8.6, A10/A40): 256 fp32 and 512 / 1024 on the tensor cores.
 FLOPS_PER_SM_PER_CLOCK = {
     (8, 0): {"fp32": 128, "tf32": 1024, "half": 2048},
@@ -47,12 +48,20 @@ def device_peaks(cuda_index: int = 0) -> dict:
     }
     rates = FLOPS_PER_SM_PER_CLOCK.get(capability)
     sm_clock = clocks.get("sm_clock_max_mhz")
+    reasons = [clocks["reason"]] if "reason" in clocks else []
     if rates is None:
-        out["reason"] = f"no per-SM FLOP rate known for compute capability {out['capability']}"
+        reasons.append(f"no per-SM FLOP rate known for compute capability {out['capability']}")
     elif sm_clock:
         out["flops_per_s"] = {kind: props.multi_processor_count * rate * sm_clock * 1e6 for kind, rate in rates.items()}
     if clocks.get("memory_clock_max_mhz") and clocks.get("memory_bus_width_bits"):
         out["bytes_per_s"] = clocks["memory_bus_width_bits"] / 8 * clocks["memory_clock_max_mhz"] * 1e6 * 2
+    if nvml["available"]:
+        # NVML runs, but a counter this GPU (or a VM's driver) does not expose reads None
+        unread = [f for f in fields if not clocks.get(f)]
+        if unread:
+            reasons.append(f"NVML did not report {', '.join(unread)}")
+    if reasons:
+        out["reason"] = "; ".join(reasons)
     return out
 
 

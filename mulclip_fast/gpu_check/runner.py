@@ -14,10 +14,10 @@ import traceback
 from pathlib import Path
 
 EXIT_OK = 0
-EXIT_FAILED = 1  # a check failed (parity, determinism, config, training step)
+EXIT_FAILED = 1  # a check failed (parity, determinism, config, training step), or a task raised and the run went on
 EXIT_NO_CUDA = 3  # no CUDA device and no --dry-run
 EXIT_INCOMPLETE = 4  # the time limit stopped the plan early; everything that ran passed
-EXIT_CRASHED = 5  # an exception stopped the run; the report names the op, shape and dtype
+EXIT_CRASHED = 5  # an exception left the device unusable and stopped the run; the report names the op, shape, dtype
 
 SCHEMA = "mulclip-fast/gpu-check/1"
 DEFAULT_TIME_LIMIT_S = 320.0
@@ -85,6 +85,7 @@ class Report:
             "sections": {},
             "skipped": [],
             "failures": [],
+            "errors": [],
             "crash": None,
         }
 
@@ -93,6 +94,12 @@ class Report:
         if not record.get("ok", False):
             problems = record.get("problems") or ["failed"]
             self.data["failures"] += [f"{section}: {name}: {problem}" for problem in problems]
+
+    def add_error(self, error: dict) -> None:
+        """A task that raised while the device stayed usable (its :func:`_exception_record`): recorded, and a
+        failure."""
+        self.data["errors"].append(error)
+        self.data["failures"].append(f"{error['section']}: {error['task']}: raised {error['error']}")
 
     def write(self) -> None:
         self.data["elapsed_s"] = round(time.monotonic() - self.started, 2)
@@ -104,6 +111,35 @@ class Report:
             tmp = path.with_suffix(path.suffix + ".tmp")
             tmp.write_text(text)
             os.replace(tmp, path)
+
+
+def _exception_record(section: str, task: str, context: dict, error: BaseException) -> dict:
+    return {
+        "section": section,
+        "task": task,
+        **context,
+        "error": f"{type(error).__name__}: {error}",
+        "traceback": "".join(traceback.format_exception(type(error), error, error.__traceback__)),
+    }
+
+
+def device_unusable(device) -> str | None:
+    """Why ``device`` can run no more work after a task raised, or None when it still can.
+
+    A CUDA error such as an illegal memory access or a failed device-side assert is sticky: it poisons the
+    context, and every later CUDA call raises it again, so nothing after it could be measured. Any other
+    exception (a harness bug, a config Triton cannot compile, an out-of-memory) leaves the device as it was.
+    """
+    if device.type != "cuda":
+        return None
+    import torch
+
+    try:
+        torch.cuda.synchronize(device)
+        torch.ones(1, device=device).add_(1).item()
+    except Exception as error:  # the sticky error again, or whatever else keeps the device from working
+        return f"{type(error).__name__}: {error}"
+    return None
 
 
 def _bytes(value) -> str:
@@ -164,6 +200,17 @@ def render(data: dict) -> str:
         ]
     if data["failures"]:
         lines += ["## Failures", ""] + [f"- {f}" for f in data["failures"]] + [""]
+    for error in data.get("errors", []):
+        lines += [
+            f"## Error in {error['section']} / {error['task']}",
+            "",
+            f"Op {error.get('op')}, shape {error.get('shape')}, dtype {error.get('dtype')}; the run went on.",
+            "",
+            "```",
+            error["traceback"].rstrip(),
+            "```",
+            "",
+        ]
     plan = data.get("plan") or {}
     if plan:
         rows = [
@@ -382,7 +429,7 @@ def main(argv: list[str] | None = None) -> int:
 
     previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGALRM, signal.SIGTERM, signal.SIGINT)}
     signal.setitimer(signal.ITIMER_REAL, max(1.0, args.time_limit + GRACE_S - (time.monotonic() - started)))
-    current = None
+    current, plan, ended = None, [], None
     try:
         report.data["machine"] = machine_facts(device)
         if cuda:
@@ -418,7 +465,20 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             current = task
             begin = time.monotonic()
-            record = task.run()
+            try:
+                record = task.run()
+            except Exception as error:
+                failure = _exception_record(task.section, task.name, task.context, error)
+                # The task's tensors, held by its frames, go before the probe: after an out-of-memory it needs room.
+                traceback.clear_frames(error.__traceback__)
+                if device_unusable(device) is not None:
+                    raise  # a crash: nothing after it can run
+                current = None
+                report.add_error(failure)
+                summary[task.section]["ran"] += 1
+                _print(f"[{time.monotonic() - started:6.1f} s] {task.section:<12} {task.name}: RAISED {error!r}")
+                report.write()
+                continue
             seconds = time.monotonic() - begin
             current = None
             report.add(task.section, task.name, record, seconds)
@@ -427,6 +487,7 @@ def main(argv: list[str] | None = None) -> int:
             _print(f"[{time.monotonic() - started:6.1f} s] {task.section:<12} {task.name}: {verdict}")
             report.write()
     except TimeUp as stopped:
+        ended = f"interrupted by {stopped}"
         where = f" during {current.section} / {current.name}" if current else ""
         report.data["skipped"].append(
             {
@@ -435,21 +496,30 @@ def main(argv: list[str] | None = None) -> int:
                 "reason": f"interrupted by {stopped}{where}",
             }
         )
-    except Exception as error:  # a crash: record what crashed and stop
+    except Exception as error:  # a crash (outside a task, or one that left the device unusable): record it, stop
         context = current.context if current else {}
-        report.data["crash"] = {
-            "section": current.section if current else "setup",
-            "task": current.name if current else "setup",
-            **context,
-            "error": f"{type(error).__name__}: {error}",
-            "traceback": traceback.format_exc(),
-        }
+        report.data["crash"] = _exception_record(
+            current.section if current else "setup", current.name if current else "setup", context, error
+        )
         crash = report.data["crash"]
+        ended = f"the run stopped at the crash in {crash['section']} / {crash['task']}"
         _print(f"gpu_check: crashed in {crash['section']} / {crash['task']} {context}: {error}")
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+    if ended:
+        # The tasks the loop never reached: listed, so that the report names everything a second call must run.
+        accounted = {(s["section"], s["task"]) for s in report.data["skipped"]}
+        accounted |= {(section, r["task"]) for section, records in report.data["sections"].items() for r in records}
+        accounted |= {(e["section"], e["task"]) for e in report.data["errors"]}
+        if report.data["crash"]:
+            accounted.add((report.data["crash"]["section"], report.data["crash"]["task"]))
+        report.data["skipped"] += [
+            {"section": task.section, "task": task.name, "reason": f"not started: {ended}"}
+            for task in plan
+            if (task.section, task.name) not in accounted
+        ]
     if report.data["crash"]:
         status, code = "crashed", EXIT_CRASHED
     elif report.data["failures"]:
