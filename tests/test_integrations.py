@@ -65,7 +65,7 @@ def tiny_hf_clip(seed: int = 0, eos_token_id: int = EOT):
             num_attention_heads=2,
             max_position_embeddings=77,
             bos_token_id=SOT,
-            eos_token_id=EOT,
+            eos_token_id=eos_token_id,
             pad_token_id=PAD,
         ),
         vision_config=dict(
