@@ -11,9 +11,11 @@ from __future__ import annotations
 import inspect
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -923,3 +925,56 @@ def test_open_clip_packed_text_refuses_blocks_it_cannot_compose(hf_batch):
     model.transformer.resblocks[1].attn = torch.nn.MultiheadAttention(32, 2, dropout=0.1, batch_first=True)
     with pytest.raises(ValueError, match="attention dropout 0.1 in training"):
         oc.mulclip_features(model, hf_batch["pixels"], hf_batch["long_ids"])
+
+
+# -- the documented snippets run as written ---------------------------------------------------------
+
+
+def docstring_snippet(module) -> str:
+    """The indented code block of a module docstring (the lines indented by four spaces)."""
+    lines = [line[4:] for line in module.__doc__.splitlines() if line.startswith("    ")]
+    assert lines, module.__name__
+    return "\n".join(lines)
+
+
+def docs_python_blocks(page: str) -> list[str]:
+    text = (Path(__file__).resolve().parent.parent / "docs" / page).read_text()
+    return re.findall(r"```python\n(.*?)```", text, flags=re.S)
+
+
+@pytest.mark.parametrize("adapter", ["hf", "open_clip"])
+def test_adapter_docstring_snippets_run_as_written(hf_batch, adapter):
+    torch.manual_seed(0)
+    module, model = (hf, tiny_hf_clip()) if adapter == "hf" else (oc, OpenClipLayoutCLIP())
+    calibrations = token_calibrations(16, 3)
+    namespace = dict(
+        model=model,
+        pixel_values=hf_batch["pixels"],
+        images=hf_batch["pixels"],
+        long_ids=hf_batch["long_ids"],
+        short_ids=hf_batch["short_ids"],
+        sub_ids=hf_batch["sub_ids"],
+        m=hf_batch["sub_mask"],
+        MulCLIPLoss=MulCLIPLoss,
+        calibrate=calibrate,
+        v_calibration=calibrations[0],
+        t_calibration=calibrations[1],
+    )
+    exec(docstring_snippet(module), namespace)
+    assert namespace["feats"].sub_eot.shape == (4, 3, 16)
+
+
+def test_integrations_page_hugging_face_snippet_runs_as_written(hf_batch):
+    torch.manual_seed(0)
+    model = tiny_hf_clip()
+    namespace = dict(
+        model=model,
+        pixel_values=hf_batch["pixels"],
+        long_ids=hf_batch["long_ids"],
+        short_ids=hf_batch["short_ids"],
+        sub_ids=hf_batch["sub_ids"],
+        sub_mask=hf_batch["sub_mask"],
+    )
+    exec(docs_python_blocks("integrations.md")[0], namespace)
+    assert namespace["losses"].keys() == {"contrastive_loss", "short_contrastive_loss", "wpr_loss", "sap_loss"}
+    assert model.text_model.embeddings.position_embedding.weight.grad[20:202].abs().sum(dim=1).gt(0).all()

@@ -7,7 +7,7 @@ attributes of the model you built, so this module imports without open_clip (whi
 
     from mulclip_fast.integrations import open_clip as oc
     oc.stretch_text_positions(model)                      # 77 -> 248 positions, Long-CLIP's rule
-    feats = oc.mulclip_features(model, images, long_ids, short_ids=short_ids, sub_ids=sub_ids, sub_mask=m)
+    feats = oc.mulclip_features(model, images, long_ids, short_text=short_ids, sub_text=sub_ids, sub_mask=m)
 
 ``mulclip_features`` runs every text of the batch through the text tower in one packed pass by default
 (``packed_text=False``: each group padded); docs/integrations.md, "Packed text".
