@@ -488,6 +488,16 @@ def test_clip_loss_takes_every_option_of_mulclip_loss_with_the_same_default():
     assert (built.wpr_form, built.tau_sap) == ("cosine", 0.3)
 
 
+def test_clip_loss_takes_open_clips_create_loss_arguments():
+    """open_clip's ``create_loss`` builds its ``ClipLoss`` with these arguments: they must pass unchanged."""
+    loss_fn = MulCLIPClipLoss(
+        local_loss=False, gather_with_grad=False, cache_labels=True, rank=0, world_size=1, use_horovod=False
+    )
+    assert torch.isfinite(loss_fn(torch.randn(3, 8), torch.randn(3, 8), torch.tensor(10.0)))
+    with pytest.raises(ValueError, match="use_horovod must be False.*torchrun"):
+        MulCLIPClipLoss(use_horovod=True)
+
+
 @pytest.mark.parametrize(
     "kwargs, call, message",
     [
@@ -765,6 +775,19 @@ def test_open_clip_stretch_features_and_loss(open_clip_model, hf_batch):
     loss.backward()
     assert model.positional_embedding.grad[:20].abs().max() == 0
     assert model.positional_embedding.grad[20:202].abs().sum(dim=1).gt(0).all()
+
+
+def test_clip_loss_accepts_every_argument_of_open_clips_clip_loss():
+    open_clip = import_open_clip()
+    for theirs, ours in ((open_clip.ClipLoss, MulCLIPClipLoss), (open_clip.ClipLoss.forward, MulCLIPClipLoss.forward)):
+        expected = inspect.signature(theirs).parameters
+        accepted = inspect.signature(ours).parameters
+        assert not set(expected) - set(accepted), sorted(set(expected) - set(accepted))
+        assert all(accepted[name].default == p.default for name, p in expected.items() if p.default is not p.empty)
+    # the positional order of forward: (image_features, text_features, logit_scale, logit_bias, output_dict)
+    assert list(inspect.signature(MulCLIPClipLoss.forward).parameters)[:6] == list(
+        inspect.signature(open_clip.ClipLoss.forward).parameters
+    )
 
 
 def test_open_clip_packed_text_equals_the_padded_path(open_clip_model, hf_batch):
