@@ -228,12 +228,18 @@ def test_hf_mulclip_features_encode_only_the_real_subcaptions(hf_batch):
         (lambda b: dict(input_ids=b["long_ids"], sub_mask=b["sub_mask"]), "sub_mask was given without sub_ids"),
         (lambda b: dict(input_ids=b["long_ids"], sub_ids=b["sub_ids"][:2]), "sub_ids must have the batch size 4"),
         (lambda b: dict(input_ids=b["long_ids"][:3]), "same batch size"),
+        # the shape of input_ids as passed (248 positions), not of the captions trimmed to their longest (202)
+        (
+            lambda b: dict(input_ids=b["long_ids"], attention_mask=torch.ones(4, 77, dtype=torch.long)),
+            r"attention_mask must be a tensor of shape \(4, 248\) \(that of input_ids\), got torch.Size\(\[4, 77\]\)",
+        ),
     ],
 )
-def test_hf_bad_input_names_the_argument(hf_batch, make_bad, message):
+@pytest.mark.parametrize("packed_text", [True, False], ids=["packed", "padded"])
+def test_hf_bad_input_names_the_argument(hf_batch, make_bad, message, packed_text):
     model = hf.stretch_text_positions(tiny_hf_clip())
     with pytest.raises(ValueError, match=message):
-        hf.mulclip_features(model, hf_batch["pixels"], **make_bad(hf_batch))
+        hf.mulclip_features(model, hf_batch["pixels"], packed_text=packed_text, **make_bad(hf_batch))
 
 
 def test_stretching_a_copy_again_puts_its_frozen_positions_back():

@@ -140,6 +140,8 @@ def encode_text_tokens(
     """
     _check_model(model)
     check_token_ids("input_ids", input_ids)
+    if attention_mask is not None:
+        _check_attention_mask_shape(attention_mask, input_ids)
     eot = eot_index(model, input_ids)
     if trim:
         length = int(eot.max()) + 1
@@ -252,13 +254,18 @@ def mulclip_features(
     return assemble_features(image, text, short_eot, sub_eot, sub_mask)
 
 
-def _check_right_padded(attention_mask: torch.Tensor, input_ids: torch.Tensor, eot: torch.Tensor) -> None:
-    """The packed pass keeps each caption's positions 0 … EOT: ``attention_mask`` must mark them all real."""
+def _check_attention_mask_shape(attention_mask: torch.Tensor, input_ids: torch.Tensor) -> None:
+    """Checked against ``input_ids`` as the caller passed them, before trimming shortens both."""
     if not isinstance(attention_mask, torch.Tensor) or attention_mask.shape != input_ids.shape:
         raise ValueError(
-            f"attention_mask must be a tensor of shape {tuple(input_ids.shape)}, "
+            f"attention_mask must be a tensor of shape {tuple(input_ids.shape)} (that of input_ids), "
             f"got {getattr(attention_mask, 'shape', None)!r}"
         )
+
+
+def _check_right_padded(attention_mask: torch.Tensor, input_ids: torch.Tensor, eot: torch.Tensor) -> None:
+    """The packed pass keeps each caption's positions 0 … EOT: ``attention_mask`` must mark them all real."""
+    _check_attention_mask_shape(attention_mask, input_ids)
     upto_eot = torch.arange(input_ids.shape[1], device=input_ids.device) <= eot[:, None]
     if not bool(attention_mask.to(input_ids.device).bool()[upto_eot].all()):
         raise ValueError(
