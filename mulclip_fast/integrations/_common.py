@@ -102,8 +102,8 @@ def freeze_leading_rows(table: nn.Parameter, keep: int) -> torch.utils.hooks.Rem
     A gradient hook leaves the parameter and its ``state_dict`` key as the library defines them, so a
     stretched model still saves and reloads with the library's own code (a copy of the parameter does not
     carry the hook: freeze the copy again). Decoupled weight decay (AdamW) still shrinks those rows: put
-    the table in a no-decay parameter group (open_clip's ``no_weight_decay()`` already lists
-    ``positional_embedding``).
+    the table in a no-decay parameter group (open_clip's ``no_weight_decay()`` lists
+    ``positional_embedding``, but its trainer's default AdamW does not read it and decays the table).
     """
     key = id(table)
     previous = _FROZEN_ROWS.pop(key, None)

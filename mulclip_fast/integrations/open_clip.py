@@ -95,9 +95,11 @@ def stretch_text_positions(
     Replaces the parameter (the state-dict key stays ``positional_embedding``), rebuilds the causal
     ``attn_mask`` buffer for ``target`` positions and sets ``model.context_length``, so ``encode_text``
     and ``model(image, text)`` take 248-token captions. Unless ``train_kept_positions``, the first ``keep``
-    rows get zero gradient; open_clip's ``no_weight_decay()`` already keeps the table out of weight decay.
-    A table that already has ``target`` rows is kept as is. Build optimizers after this call: the
-    parameter object changes.
+    rows get zero gradient, but AdamW's decoupled weight decay still shrinks them: open_clip's trainer
+    decays the table with its default AdamW (it exempts 1-D, ``ln``, ``bn``, ``bias`` and ``logit_scale``
+    parameters; only its timm optimizers read ``no_weight_decay()``), so exempt ``positional_embedding``
+    there to keep the rows as trained. A table that already has ``target`` rows is kept as is. Build
+    optimizers after this call: the parameter object changes.
 
     Returns:
         ``model``, for chaining.
