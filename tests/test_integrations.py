@@ -228,6 +228,10 @@ def test_hf_mulclip_features_encode_only_the_real_subcaptions(hf_batch):
         (lambda b: dict(input_ids=b["long_ids"], sub_mask=b["sub_mask"]), "sub_mask was given without sub_ids"),
         (lambda b: dict(input_ids=b["long_ids"], sub_ids=b["sub_ids"][:2]), "sub_ids must have the batch size 4"),
         (lambda b: dict(input_ids=b["long_ids"][:3]), "same batch size"),
+        (
+            lambda b: dict(input_ids=b["long_ids"], short_ids=b["short_ids"][:3]),
+            "pixel_values and short_ids must have the same batch size, got 4 and 3",
+        ),
         # the shape of input_ids as passed (248 positions), not of the captions trimmed to their longest (202)
         (
             lambda b: dict(input_ids=b["long_ids"], attention_mask=torch.ones(4, 77, dtype=torch.long)),
@@ -934,6 +938,10 @@ def test_open_clip_layout_packed_text_equals_the_padded_path(hf_batch, checkpoin
         (lambda b: dict(text=b["long_ids"], sub_mask=b["sub_mask"]), "sub_mask was given without sub_text"),
         (lambda b: dict(text=b["long_ids"], sub_text=b["sub_ids"][:2]), "sub_text must have the batch size 4"),
         (lambda b: dict(text=b["long_ids"], short_text=b["short_ids"][0]), r"short_text must be .* \[B, L\]"),
+        (
+            lambda b: dict(text=b["long_ids"], short_text=b["short_ids"][:3]),
+            "image and short_text must have the same batch size, got 4 and 3",
+        ),
     ],
 )
 @pytest.mark.parametrize("packed_text", [True, False], ids=["packed", "padded"])

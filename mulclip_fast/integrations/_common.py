@@ -166,17 +166,16 @@ def check_caption_batch(
     ``sub_ids`` comes without one). ``names``: the adapter's argument names of the images, the long
     captions, the summaries and the subcaptions, for errors."""
     image_name, long_name, short_name, sub_name = names
-    check_token_ids(long_name, long_ids)
-    if long_ids.shape[0] != batch:
-        raise ValueError(
-            f"{image_name} and {long_name} must have the same batch size, got {batch} and {long_ids.shape[0]}"
-        )
+    for name, ids in ((long_name, long_ids), (short_name, short_ids)):
+        if ids is None:
+            continue
+        check_token_ids(name, ids)
+        if ids.shape[0] != batch:
+            raise ValueError(f"{image_name} and {name} must have the same batch size, got {batch} and {ids.shape[0]}")
     if sub_ids is not None:
         sub_mask = subcaption_layout(sub_ids, sub_mask, batch, name=sub_name)
     elif sub_mask is not None:
         raise ValueError(f"sub_mask was given without {sub_name}")
-    if short_ids is not None:
-        check_token_ids(short_name, short_ids)
     return sub_mask
 
 
