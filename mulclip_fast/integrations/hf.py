@@ -10,7 +10,7 @@ Works on any object laid out like ``transformers.CLIPModel`` (``vision_model``, 
 
 Feature extraction follows docs/method.md, "Features": every token goes through the same final LayerNorm and projection
 as the pooled CLS / EOT embedding, so ``cls`` and ``eot`` equal ``get_image_features`` /
-``get_text_features`` exactly.
+``get_text_features`` exactly (in transformers 5 the ``.pooler_output`` of what they return).
 
 ``mulclip_features`` runs every text of the batch through the text tower in one packed pass by default
 (``packed_text=False``: each group padded); docs/integrations.md, "Packed text".
