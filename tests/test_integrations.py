@@ -270,9 +270,23 @@ def test_stretching_a_copy_again_puts_its_frozen_positions_back():
     assert bool((table.grad[:20] != 0).all())
 
 
-def test_hf_adapter_rejects_a_model_that_is_not_a_clip_model():
+def test_hf_adapter_rejects_a_model_that_is_not_a_clip_model(hf_batch):
     with pytest.raises(ValueError, match="CLIPModel"):
         hf.stretch_text_positions(torch.nn.Linear(2, 2))
+    # Same four top-level attributes as CLIPModel, but a BERT text tower pooled at the first token
+    width = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
+    config = transformers.ChineseCLIPConfig(
+        text_config=dict(vocab_size=VOCAB, **width), vision_config=dict(image_size=32, patch_size=8, **width)
+    )
+    model = transformers.ChineseCLIPModel(config)
+    ids = hf_batch["short_ids"]
+    for call in (
+        lambda: hf.stretch_text_positions(model),
+        lambda: hf.encode_text_tokens(model, ids),
+        lambda: hf.mulclip_features(model, hf_batch["pixels"], ids),
+    ):
+        with pytest.raises(ValueError, match="lacks text_model.embeddings.position_embedding.*ChineseCLIP"):
+            call()
 
 
 # -- Hugging Face: the packed text pass against the padded one ---------------------------------------

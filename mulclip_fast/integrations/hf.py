@@ -50,14 +50,36 @@ __all__ = [
 ]
 
 
+# What the adapter reads. ChineseCLIPModel and AltCLIPModel have the four top-level attributes too, but
+# their text towers are BERT / XLM-R encoders pooled at the first token, not CLIP's causal one at EOT.
+_LAYOUT = (
+    "vision_model",
+    "text_model",
+    "visual_projection",
+    "text_projection",
+    "vision_model.post_layernorm",
+    "text_model.embeddings.position_embedding",
+    "text_model.encoder.layers",
+    "text_model.final_layer_norm",
+    "text_model.eos_token_id",
+)
+
+
+def _has(model, path: str) -> bool:
+    for name in path.split("."):
+        if not hasattr(model, name):
+            return False
+        model = getattr(model, name)
+    return True
+
+
 def _check_model(model) -> None:
-    missing = [
-        a for a in ("vision_model", "text_model", "visual_projection", "text_projection") if not hasattr(model, a)
-    ]
+    missing = [path for path in _LAYOUT if not _has(model, path)]
     if missing:
         raise ValueError(
             f"model must be a transformers CLIPModel (or laid out like one); it lacks {', '.join(missing)}. "
-            "Pass a DistributedDataParallel-wrapped model as model.module"
+            "Pass a DistributedDataParallel-wrapped model as model.module; ChineseCLIP and AltCLIP text towers "
+            "(BERT / XLM-R, pooled at the first token) are not supported"
         )
 
 
