@@ -333,7 +333,8 @@ def test_hf_packed_text_equals_the_padded_path_values_and_gradients(hf_batch, ch
     model = hf.stretch_text_positions(tiny_hf_clip()).train()
     if checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    assert hf._packed_tower(model, "auto").checkpointing == checkpointing  # the packed pass honours the setting
+    checkpoints = hf._packed_tower(model, "auto").checkpoints  # the packed pass honours the setting
+    assert [c is not None for c in checkpoints] == [checkpointing] * 2
     packed, packed_grads = text_features_and_grads(model, hf_batch, packed_text=True)
     padded, padded_grads = text_features_and_grads(model, hf_batch, packed_text=False)
     for name in ("text_eot", "short_eot", "sub_eot"):
@@ -348,6 +349,23 @@ def test_hf_packed_text_equals_the_padded_path_values_and_gradients(hf_batch, ch
     assert packed_grads.keys() == padded_grads.keys() and len(packed_grads) > 10
     assert_grads_close(packed_grads, padded_grads)
     assert padded_grads["embeddings.position_embedding.weight"][20:202].abs().sum(dim=1).gt(0).all()
+
+
+def test_hf_packed_text_checkpoints_the_layers_the_model_checkpoints(hf_batch):
+    """transformers 5 can checkpoint every n-th layer only (and offload what it saves, with its own
+    checkpoint function): the packed pass recomputes in backward exactly the layers the model would."""
+    model = hf.stretch_text_positions(tiny_hf_clip()).train()
+    if "every_n_layers" not in inspect.signature(getattr(model, "activation_checkpointing_enable", len)).parameters:
+        pytest.skip("this transformers checkpoints every layer or none")
+    model.activation_checkpointing_enable(every_n_layers=2)  # of the 2 text layers, the first only
+    calls = [0, 0]
+    for i, layer in enumerate(model.text_model.encoder.layers):
+        # a pre-hook of the layer's first module: recomputation may stop before the layer's end
+        layer.layer_norm1.register_forward_pre_hook(lambda *_, i=i: calls.__setitem__(i, calls[i] + 1))
+    features = hf.mulclip_features(model, hf_batch["pixels"], hf_batch["long_ids"])
+    assert calls == [1, 1]
+    features.text_eot.sum().backward()
+    assert calls == [2, 1]  # the first layer's forward again in backward, the second's kept
 
 
 def test_hf_packed_text_without_real_subcaptions_gives_zero_slots(hf_batch):
@@ -940,7 +958,7 @@ def test_open_clip_layout_packed_text_equals_the_padded_path(hf_batch, checkpoin
     torch.manual_seed(3)
     model = oc.stretch_text_positions(OpenClipLayoutCLIP()).train()
     model.transformer.grad_checkpointing = checkpointing
-    assert oc._packed_tower(model, "auto").checkpointing == checkpointing
+    assert [c is not None for c in oc._packed_tower(model, "auto").checkpoints] == [checkpointing] * 2
     assert_packed_equals_padded(open_clip_packed_and_padded(model, hf_batch))
 
 

@@ -6,6 +6,7 @@ a model object the caller already built, so ``import mulclip_fast.integrations``
 
 from __future__ import annotations
 
+import functools
 import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -21,6 +22,8 @@ from ..reference import stretch_positional_embedding
 
 LONG_CONTEXT = 248  # Long-CLIP's context: 4·77 − 3·20 positions (docs/method.md, "Positional stretching")
 KEPT_POSITIONS = 20  # leading positions copied unchanged, and frozen by default (Long-CLIP, FineLIP)
+# How a packed layer is recomputed in backward where the model gives no checkpoint function of its own.
+NON_REENTRANT_CHECKPOINT = functools.partial(torch.utils.checkpoint.checkpoint, use_reentrant=False)
 
 
 @dataclass
@@ -244,7 +247,8 @@ class PackedTextTower:
         final_norm: the tower's final LayerNorm.
         project: the text projection into the joint space.
         max_positions: rows of the positional table.
-        checkpointing: recompute each layer in backward (the model's gradient checkpointing setting).
+        checkpoints: per layer, the function that runs it so that it is recomputed in backward,
+            ``(layer, x, sequences) -> [T, width]`` (the model's gradient checkpointing setting), or None.
     """
 
     embed: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -252,7 +256,7 @@ class PackedTextTower:
     final_norm: Callable[[torch.Tensor], torch.Tensor]
     project: Callable[[torch.Tensor], torch.Tensor]
     max_positions: int
-    checkpointing: bool
+    checkpoints: Sequence[Callable | None]
 
 
 def encode_packed_groups(
@@ -285,9 +289,9 @@ def encode_packed_groups(
     starts = sequences.cu_seqlens[:-1].long()
     positions = torch.arange(sequences.total, device=lengths.device) - starts.repeat_interleave(lengths)
     x = tower.embed(token_ids, positions)
-    for layer in tower.layers:
-        if tower.checkpointing and torch.is_grad_enabled():
-            x = torch.utils.checkpoint.checkpoint(layer, x, sequences, use_reentrant=False)
+    for layer, checkpoint in zip(tower.layers, tower.checkpoints, strict=True):
+        if checkpoint is not None and torch.is_grad_enabled():
+            x = checkpoint(layer, x, sequences)
         else:
             x = layer(x, sequences)
     x = tower.final_norm(x)

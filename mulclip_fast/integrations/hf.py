@@ -25,6 +25,7 @@ from ..features import MulCLIPFeatures
 from ._common import (
     KEPT_POSITIONS,
     LONG_CONTEXT,
+    NON_REENTRANT_CHECKPOINT,
     ImageTokenFeatures,
     PackedTextTower,
     TextTokenFeatures,
@@ -215,14 +216,22 @@ def _packed_tower(model: nn.Module, backend: str) -> PackedTextTower:
 
         return forward
 
-    checkpointing = text.training and any(getattr(m, "gradient_checkpointing", False) for m in (text.encoder, *layers))
+    def checkpoint_of(layer):
+        # The layer's own flag where it has one (transformers 5 may checkpoint every n-th layer only), else
+        # the encoder's (older releases), run through the model's own checkpoint function: it carries the
+        # kwargs (use_reentrant) and the offload of the saved activations the model was set up with.
+        owner = layer if hasattr(layer, "gradient_checkpointing") else text.encoder
+        if not (owner.training and getattr(owner, "gradient_checkpointing", False)):
+            return None
+        return getattr(owner, "_gradient_checkpointing_func", NON_REENTRANT_CHECKPOINT)
+
     return PackedTextTower(
         embed=embed,
         layers=[packed_layer(layer) for layer in layers],
         final_norm=text.final_layer_norm,
         project=model.text_projection,
         max_positions=embeddings.position_embedding.weight.shape[0],
-        checkpointing=checkpointing,
+        checkpoints=[checkpoint_of(layer) for layer in layers],
     )
 
 

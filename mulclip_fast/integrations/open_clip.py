@@ -23,6 +23,7 @@ from ..features import MulCLIPFeatures
 from ._common import (
     KEPT_POSITIONS,
     LONG_CONTEXT,
+    NON_REENTRANT_CHECKPOINT,
     ImageTokenFeatures,
     PackedTextTower,
     TextTokenFeatures,
@@ -218,13 +219,15 @@ def _packed_tower(model: nn.Module, backend: str) -> PackedTextTower:
 
         return forward
 
+    # open_clip's Transformer checkpoints every block or none, non-reentrant
+    checkpoint = NON_REENTRANT_CHECKPOINT if model.training and model.transformer.grad_checkpointing else None
     return PackedTextTower(
         embed=embed,
         layers=[packed_block(block) for block in blocks],
         final_norm=model.ln_final,
         project=lambda x: _project_text(model, x),
         max_positions=model.positional_embedding.shape[0],
-        checkpointing=model.training and model.transformer.grad_checkpointing,
+        checkpoints=[checkpoint] * len(blocks),
     )
 
 
