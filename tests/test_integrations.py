@@ -819,6 +819,27 @@ def test_open_clip_stretch_features_and_loss(open_clip_model, hf_batch):
     assert model.positional_embedding.grad[20:202].abs().sum(dim=1).gt(0).all()
 
 
+def test_open_clip_stretched_model_reloads_as_documented(tmp_path, hf_batch):
+    """docs/integrations.md: stretch a fresh model first, then open_clip.load_checkpoint."""
+    open_clip = import_open_clip()
+    from open_clip.model import CLIPTextCfg, CLIPVisionCfg
+
+    def build():
+        return open_clip.CLIP(
+            embed_dim=16,
+            vision_cfg=CLIPVisionCfg(layers=1, width=32, head_width=16, patch_size=8, image_size=32),
+            text_cfg=CLIPTextCfg(context_length=77, vocab_size=VOCAB, width=32, heads=2, layers=1),
+        ).eval()
+
+    torch.manual_seed(0)
+    model = oc.stretch_text_positions(build())
+    torch.save(model.state_dict(), tmp_path / "long.pt")
+    reloaded = oc.stretch_text_positions(build())
+    open_clip.load_checkpoint(reloaded, str(tmp_path / "long.pt"))
+    ids = hf_batch["long_ids"]
+    torch.testing.assert_close(reloaded.encode_text(ids), model.encode_text(ids))
+
+
 def test_clip_loss_accepts_every_argument_of_open_clips_clip_loss():
     open_clip = import_open_clip()
     for theirs, ours in ((open_clip.ClipLoss, MulCLIPClipLoss), (open_clip.ClipLoss.forward, MulCLIPClipLoss.forward)):

@@ -100,7 +100,9 @@ def stretch_text_positions(
     decays the table with its default AdamW (it exempts 1-D, ``ln``, ``bn``, ``bias`` and ``logit_scale``
     parameters; only its timm optimizers read ``no_weight_decay()``), so exempt ``positional_embedding``
     there to keep the rows as trained. A table that already has ``target`` rows is kept as is. Build
-    optimizers after this call: the parameter object changes.
+    optimizers after this call: the parameter object changes. To reload a stretched model, call this first,
+    then ``open_clip.load_checkpoint``: ``create_model(..., pretrained=path)`` silently interpolates the
+    saved table back to the config's positions.
 
     Returns:
         ``model``, for chaining.
