@@ -270,6 +270,24 @@ def test_stretching_a_copy_again_puts_its_frozen_positions_back():
     assert bool((table.grad[:20] != 0).all())
 
 
+@pytest.mark.parametrize("adapter", ["hf", "open_clip"])
+def test_stretching_a_frozen_table_and_freezing_its_positions_once_unfrozen(adapter):
+    """A tower frozen for evaluation or an adapter-only fine-tune: its table stretches (it has no gradient
+    to zero, and a tensor without grad cannot take a hook), and stretching again once unfrozen freezes."""
+    module, model = (hf, tiny_hf_clip()) if adapter == "hf" else (oc, OpenClipLayoutCLIP())
+    model.requires_grad_(False)
+    module.stretch_text_positions(model)
+    if adapter == "hf":
+        table = model.text_model.embeddings.position_embedding.weight
+    else:
+        table = model.positional_embedding
+    assert table.shape[0] == 248 and not table.requires_grad
+    table.requires_grad_(True)
+    module.stretch_text_positions(model)
+    (table * torch.randn_like(table)).sum().backward()
+    assert bool((table.grad[:20] == 0).all()) and bool((table.grad[20:] != 0).all())
+
+
 def test_hf_adapter_rejects_a_model_that_is_not_a_clip_model(hf_batch):
     with pytest.raises(ValueError, match="CLIPModel"):
         hf.stretch_text_positions(torch.nn.Linear(2, 2))

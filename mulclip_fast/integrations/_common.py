@@ -107,12 +107,14 @@ def freeze_leading_rows(table: nn.Parameter, keep: int) -> torch.utils.hooks.Rem
     carry the hook: freeze the copy again). Decoupled weight decay (AdamW) still shrinks those rows: put
     the table in a no-decay parameter group (open_clip's ``no_weight_decay()`` lists
     ``positional_embedding``, but its trainer's default AdamW does not read it and decays the table).
+    A table that does not require grad (a frozen tower, an adapter-only fine-tune, evaluation) has no
+    gradient to zero and cannot take a hook: it gets none; call this again once it is unfrozen.
     """
     key = id(table)
     previous = _FROZEN_ROWS.pop(key, None)
     if previous is not None and previous[0]() is table:  # not stacked, and dropped when asked
         previous[1].remove()
-    if keep <= 0:
+    if keep <= 0 or not table.requires_grad:
         return None
     frozen = torch.arange(table.shape[0], device=table.device) < keep
 
