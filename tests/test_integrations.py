@@ -1022,6 +1022,20 @@ def test_open_clip_bad_input_names_the_argument(hf_batch, make_bad, message, pac
         oc.mulclip_features(model, hf_batch["pixels"], packed_text=packed_text, **make_bad(hf_batch))
 
 
+@pytest.mark.parametrize("adapter", ["hf", "open_clip"])
+def test_a_distributed_data_parallel_wrapper_is_a_clear_error(hf_batch, adapter):
+    """DDP keeps the model as .module: the error says to pass that, not that an attribute is missing."""
+    module, model = (hf, tiny_hf_clip()) if adapter == "hf" else (oc, OpenClipLayoutCLIP())
+    wrapper = torch.nn.Module()
+    wrapper.module = model
+    for call in (
+        lambda: module.mulclip_features(wrapper, hf_batch["pixels"], hf_batch["short_ids"]),
+        lambda: module.encode_image_tokens(wrapper, hf_batch["pixels"]),
+    ):
+        with pytest.raises(ValueError, match="DistributedDataParallel-wrapped model as model.module"):
+            call()
+
+
 def test_open_clip_packed_text_refuses_blocks_it_cannot_compose(hf_batch):
     model = oc.stretch_text_positions(OpenClipLayoutCLIP())
     with pytest.raises(ValueError, match="text_attention must be one of"):

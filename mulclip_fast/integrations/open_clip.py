@@ -142,6 +142,11 @@ def encode_image_tokens(model: nn.Module, image: torch.Tensor) -> ImageTokenFeat
         ``cls [B, d]`` (equal to ``encode_image``) and ``tokens [B, P, d]``. In training mode open_clip's
         patch dropout, when configured, leaves fewer than ``P`` tokens.
     """
+    if not hasattr(model, "visual"):
+        raise ValueError(
+            "model must be an open_clip CLIP (it has no visual tower); pass a DistributedDataParallel-wrapped "
+            "model as model.module"
+        )
     visual = model.visual
     _check_vision_tower(visual)
     if not isinstance(image, torch.Tensor) or image.dim() != 4:
