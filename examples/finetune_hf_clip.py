@@ -99,7 +99,8 @@ def main(argv=None) -> dict:
     image_calibration, text_calibration = (m.to(args.device) for m in token_calibrations(width, n_calibrated))
     loss_fn = MulCLIPClipLoss(objective="mulclip", backend=args.backend)  # MulCLIP
 
-    # The stretched position table stays out of weight decay, as Long-CLIP and open_clip keep it.
+    # The stretched position table stays out of weight decay: AdamW's decoupled decay would shrink the
+    # frozen first 20 rows, whose gradient is zero.
     no_decay = [p for n, p in model.named_parameters() if n.endswith(("bias", "position_embedding.weight"))]
     no_decay += [p for n, p in model.named_parameters() if "norm" in n or n == "logit_scale"]
     no_decay_ids = {id(p) for p in no_decay}

@@ -11,9 +11,11 @@ from __future__ import annotations
 import inspect
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -65,7 +67,7 @@ def tiny_hf_clip(seed: int = 0, eos_token_id: int = EOT):
             num_attention_heads=2,
             max_position_embeddings=77,
             bos_token_id=SOT,
-            eos_token_id=EOT,
+            eos_token_id=eos_token_id,
             pad_token_id=PAD,
         ),
         vision_config=dict(
@@ -226,12 +228,22 @@ def test_hf_mulclip_features_encode_only_the_real_subcaptions(hf_batch):
         (lambda b: dict(input_ids=b["long_ids"], sub_mask=b["sub_mask"]), "sub_mask was given without sub_ids"),
         (lambda b: dict(input_ids=b["long_ids"], sub_ids=b["sub_ids"][:2]), "sub_ids must have the batch size 4"),
         (lambda b: dict(input_ids=b["long_ids"][:3]), "same batch size"),
+        (
+            lambda b: dict(input_ids=b["long_ids"], short_ids=b["short_ids"][:3]),
+            "pixel_values and short_ids must have the same batch size, got 4 and 3",
+        ),
+        # the shape of input_ids as passed (248 positions), not of the captions trimmed to their longest (202)
+        (
+            lambda b: dict(input_ids=b["long_ids"], attention_mask=torch.ones(4, 77, dtype=torch.long)),
+            r"attention_mask must be a tensor of shape \(4, 248\) \(that of input_ids\), got torch.Size\(\[4, 77\]\)",
+        ),
     ],
 )
-def test_hf_bad_input_names_the_argument(hf_batch, make_bad, message):
+@pytest.mark.parametrize("packed_text", [True, False], ids=["packed", "padded"])
+def test_hf_bad_input_names_the_argument(hf_batch, make_bad, message, packed_text):
     model = hf.stretch_text_positions(tiny_hf_clip())
     with pytest.raises(ValueError, match=message):
-        hf.mulclip_features(model, hf_batch["pixels"], **make_bad(hf_batch))
+        hf.mulclip_features(model, hf_batch["pixels"], packed_text=packed_text, **make_bad(hf_batch))
 
 
 def test_stretching_a_copy_again_puts_its_frozen_positions_back():
@@ -258,9 +270,41 @@ def test_stretching_a_copy_again_puts_its_frozen_positions_back():
     assert bool((table.grad[:20] != 0).all())
 
 
-def test_hf_adapter_rejects_a_model_that_is_not_a_clip_model():
+@pytest.mark.parametrize("adapter", ["hf", "open_clip"])
+def test_stretching_a_frozen_table_and_freezing_its_positions_once_unfrozen(adapter):
+    """A tower frozen for evaluation or an adapter-only fine-tune: its table stretches (it has no gradient
+    to zero, and a tensor without grad cannot take a hook), and stretching again once unfrozen freezes."""
+    module, model = (hf, tiny_hf_clip()) if adapter == "hf" else (oc, OpenClipLayoutCLIP())
+    model.requires_grad_(False)
+    module.stretch_text_positions(model)
+    if adapter == "hf":
+        table = model.text_model.embeddings.position_embedding.weight
+    else:
+        table = model.positional_embedding
+    assert table.shape[0] == 248 and not table.requires_grad
+    table.requires_grad_(True)
+    module.stretch_text_positions(model)
+    (table * torch.randn_like(table)).sum().backward()
+    assert bool((table.grad[:20] == 0).all()) and bool((table.grad[20:] != 0).all())
+
+
+def test_hf_adapter_rejects_a_model_that_is_not_a_clip_model(hf_batch):
     with pytest.raises(ValueError, match="CLIPModel"):
         hf.stretch_text_positions(torch.nn.Linear(2, 2))
+    # Same four top-level attributes as CLIPModel, but a BERT text tower pooled at the first token
+    width = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
+    config = transformers.ChineseCLIPConfig(
+        text_config=dict(vocab_size=VOCAB, **width), vision_config=dict(image_size=32, patch_size=8, **width)
+    )
+    model = transformers.ChineseCLIPModel(config)
+    ids = hf_batch["short_ids"]
+    for call in (
+        lambda: hf.stretch_text_positions(model),
+        lambda: hf.encode_text_tokens(model, ids),
+        lambda: hf.mulclip_features(model, hf_batch["pixels"], ids),
+    ):
+        with pytest.raises(ValueError, match="lacks text_model.embeddings.position_embedding.*ChineseCLIP"):
+            call()
 
 
 # -- Hugging Face: the packed text pass against the padded one ---------------------------------------
@@ -307,7 +351,8 @@ def test_hf_packed_text_equals_the_padded_path_values_and_gradients(hf_batch, ch
     model = hf.stretch_text_positions(tiny_hf_clip()).train()
     if checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    assert hf._packed_tower(model, "auto").checkpointing == checkpointing  # the packed pass honours the setting
+    checkpoints = hf._packed_tower(model, "auto").checkpoints  # the packed pass honours the setting
+    assert [c is not None for c in checkpoints] == [checkpointing] * 2
     packed, packed_grads = text_features_and_grads(model, hf_batch, packed_text=True)
     padded, padded_grads = text_features_and_grads(model, hf_batch, packed_text=False)
     for name in ("text_eot", "short_eot", "sub_eot"):
@@ -322,6 +367,23 @@ def test_hf_packed_text_equals_the_padded_path_values_and_gradients(hf_batch, ch
     assert packed_grads.keys() == padded_grads.keys() and len(packed_grads) > 10
     assert_grads_close(packed_grads, padded_grads)
     assert padded_grads["embeddings.position_embedding.weight"][20:202].abs().sum(dim=1).gt(0).all()
+
+
+def test_hf_packed_text_checkpoints_the_layers_the_model_checkpoints(hf_batch):
+    """transformers 5 can checkpoint every n-th layer only (and offload what it saves, with its own
+    checkpoint function): the packed pass recomputes in backward exactly the layers the model would."""
+    model = hf.stretch_text_positions(tiny_hf_clip()).train()
+    if "every_n_layers" not in inspect.signature(getattr(model, "activation_checkpointing_enable", len)).parameters:
+        pytest.skip("this transformers checkpoints every layer or none")
+    model.activation_checkpointing_enable(every_n_layers=2)  # of the 2 text layers, the first only
+    calls = [0, 0]
+    for i, layer in enumerate(model.text_model.encoder.layers):
+        # a pre-hook of the layer's first module: recomputation may stop before the layer's end
+        layer.layer_norm1.register_forward_pre_hook(lambda *_, i=i: calls.__setitem__(i, calls[i] + 1))
+    features = hf.mulclip_features(model, hf_batch["pixels"], hf_batch["long_ids"])
+    assert calls == [1, 1]
+    features.text_eot.sum().backward()
+    assert calls == [2, 1]  # the first layer's forward again in backward, the second's kept
 
 
 def test_hf_packed_text_without_real_subcaptions_gives_zero_slots(hf_batch):
@@ -484,6 +546,16 @@ def test_clip_loss_takes_every_option_of_mulclip_loss_with_the_same_default():
     assert not differing, differing
     built = MulCLIPClipLoss(wpr_form="cosine", tau_sap=0.3).loss
     assert (built.wpr_form, built.tau_sap) == ("cosine", 0.3)
+
+
+def test_clip_loss_takes_open_clips_create_loss_arguments():
+    """open_clip's ``create_loss`` builds its ``ClipLoss`` with these arguments: they must pass unchanged."""
+    loss_fn = MulCLIPClipLoss(
+        local_loss=False, gather_with_grad=False, cache_labels=True, rank=0, world_size=1, use_horovod=False
+    )
+    assert torch.isfinite(loss_fn(torch.randn(3, 8), torch.randn(3, 8), torch.tensor(10.0)))
+    with pytest.raises(ValueError, match="use_horovod must be False.*torchrun"):
+        MulCLIPClipLoss(use_horovod=True)
 
 
 @pytest.mark.parametrize(
@@ -765,6 +837,40 @@ def test_open_clip_stretch_features_and_loss(open_clip_model, hf_batch):
     assert model.positional_embedding.grad[20:202].abs().sum(dim=1).gt(0).all()
 
 
+def test_open_clip_stretched_model_reloads_as_documented(tmp_path, hf_batch):
+    """docs/integrations.md: stretch a fresh model first, then open_clip.load_checkpoint."""
+    open_clip = import_open_clip()
+    from open_clip.model import CLIPTextCfg, CLIPVisionCfg
+
+    def build():
+        return open_clip.CLIP(
+            embed_dim=16,
+            vision_cfg=CLIPVisionCfg(layers=1, width=32, head_width=16, patch_size=8, image_size=32),
+            text_cfg=CLIPTextCfg(context_length=77, vocab_size=VOCAB, width=32, heads=2, layers=1),
+        ).eval()
+
+    torch.manual_seed(0)
+    model = oc.stretch_text_positions(build())
+    torch.save(model.state_dict(), tmp_path / "long.pt")
+    reloaded = oc.stretch_text_positions(build())
+    open_clip.load_checkpoint(reloaded, str(tmp_path / "long.pt"))
+    ids = hf_batch["long_ids"]
+    torch.testing.assert_close(reloaded.encode_text(ids), model.encode_text(ids))
+
+
+def test_clip_loss_accepts_every_argument_of_open_clips_clip_loss():
+    open_clip = import_open_clip()
+    for theirs, ours in ((open_clip.ClipLoss, MulCLIPClipLoss), (open_clip.ClipLoss.forward, MulCLIPClipLoss.forward)):
+        expected = inspect.signature(theirs).parameters
+        accepted = inspect.signature(ours).parameters
+        assert not set(expected) - set(accepted), sorted(set(expected) - set(accepted))
+        assert all(accepted[name].default == p.default for name, p in expected.items() if p.default is not p.empty)
+    # the positional order of forward: (image_features, text_features, logit_scale, logit_bias, output_dict)
+    assert list(inspect.signature(MulCLIPClipLoss.forward).parameters)[:6] == list(
+        inspect.signature(open_clip.ClipLoss.forward).parameters
+    )
+
+
 def test_open_clip_packed_text_equals_the_padded_path(open_clip_model, hf_batch):
     """open_clip's own blocks composed on the pack: same EOT embeddings, word tokens and gradients as each
     group padded (the stand-in test below runs the same code where open_clip cannot be installed)."""
@@ -891,7 +997,7 @@ def test_open_clip_layout_packed_text_equals_the_padded_path(hf_batch, checkpoin
     torch.manual_seed(3)
     model = oc.stretch_text_positions(OpenClipLayoutCLIP()).train()
     model.transformer.grad_checkpointing = checkpointing
-    assert oc._packed_tower(model, "auto").checkpointing == checkpointing
+    assert [c is not None for c in oc._packed_tower(model, "auto").checkpoints] == [checkpointing] * 2
     assert_packed_equals_padded(open_clip_packed_and_padded(model, hf_batch))
 
 
@@ -903,6 +1009,10 @@ def test_open_clip_layout_packed_text_equals_the_padded_path(hf_batch, checkpoin
         (lambda b: dict(text=b["long_ids"], sub_mask=b["sub_mask"]), "sub_mask was given without sub_text"),
         (lambda b: dict(text=b["long_ids"], sub_text=b["sub_ids"][:2]), "sub_text must have the batch size 4"),
         (lambda b: dict(text=b["long_ids"], short_text=b["short_ids"][0]), r"short_text must be .* \[B, L\]"),
+        (
+            lambda b: dict(text=b["long_ids"], short_text=b["short_ids"][:3]),
+            "image and short_text must have the same batch size, got 4 and 3",
+        ),
     ],
 )
 @pytest.mark.parametrize("packed_text", [True, False], ids=["packed", "padded"])
@@ -910,6 +1020,20 @@ def test_open_clip_bad_input_names_the_argument(hf_batch, make_bad, message, pac
     model = oc.stretch_text_positions(OpenClipLayoutCLIP())
     with pytest.raises(ValueError, match=message):
         oc.mulclip_features(model, hf_batch["pixels"], packed_text=packed_text, **make_bad(hf_batch))
+
+
+@pytest.mark.parametrize("adapter", ["hf", "open_clip"])
+def test_a_distributed_data_parallel_wrapper_is_a_clear_error(hf_batch, adapter):
+    """DDP keeps the model as .module: the error says to pass that, not that an attribute is missing."""
+    module, model = (hf, tiny_hf_clip()) if adapter == "hf" else (oc, OpenClipLayoutCLIP())
+    wrapper = torch.nn.Module()
+    wrapper.module = model
+    for call in (
+        lambda: module.mulclip_features(wrapper, hf_batch["pixels"], hf_batch["short_ids"]),
+        lambda: module.encode_image_tokens(wrapper, hf_batch["pixels"]),
+    ):
+        with pytest.raises(ValueError, match="DistributedDataParallel-wrapped model as model.module"):
+            call()
 
 
 def test_open_clip_packed_text_refuses_blocks_it_cannot_compose(hf_batch):
@@ -923,3 +1047,56 @@ def test_open_clip_packed_text_refuses_blocks_it_cannot_compose(hf_batch):
     model.transformer.resblocks[1].attn = torch.nn.MultiheadAttention(32, 2, dropout=0.1, batch_first=True)
     with pytest.raises(ValueError, match="attention dropout 0.1 in training"):
         oc.mulclip_features(model, hf_batch["pixels"], hf_batch["long_ids"])
+
+
+# -- the documented snippets run as written ---------------------------------------------------------
+
+
+def docstring_snippet(module) -> str:
+    """The indented code block of a module docstring (the lines indented by four spaces)."""
+    lines = [line[4:] for line in module.__doc__.splitlines() if line.startswith("    ")]
+    assert lines, module.__name__
+    return "\n".join(lines)
+
+
+def docs_python_blocks(page: str) -> list[str]:
+    text = (Path(__file__).resolve().parent.parent / "docs" / page).read_text()
+    return re.findall(r"```python\n(.*?)```", text, flags=re.S)
+
+
+@pytest.mark.parametrize("adapter", ["hf", "open_clip"])
+def test_adapter_docstring_snippets_run_as_written(hf_batch, adapter):
+    torch.manual_seed(0)
+    module, model = (hf, tiny_hf_clip()) if adapter == "hf" else (oc, OpenClipLayoutCLIP())
+    calibrations = token_calibrations(16, 3)
+    namespace = dict(
+        model=model,
+        pixel_values=hf_batch["pixels"],
+        images=hf_batch["pixels"],
+        long_ids=hf_batch["long_ids"],
+        short_ids=hf_batch["short_ids"],
+        sub_ids=hf_batch["sub_ids"],
+        m=hf_batch["sub_mask"],
+        MulCLIPLoss=MulCLIPLoss,
+        calibrate=calibrate,
+        v_calibration=calibrations[0],
+        t_calibration=calibrations[1],
+    )
+    exec(docstring_snippet(module), namespace)
+    assert namespace["feats"].sub_eot.shape == (4, 3, 16)
+
+
+def test_integrations_page_hugging_face_snippet_runs_as_written(hf_batch):
+    torch.manual_seed(0)
+    model = tiny_hf_clip()
+    namespace = dict(
+        model=model,
+        pixel_values=hf_batch["pixels"],
+        long_ids=hf_batch["long_ids"],
+        short_ids=hf_batch["short_ids"],
+        sub_ids=hf_batch["sub_ids"],
+        sub_mask=hf_batch["sub_mask"],
+    )
+    exec(docs_python_blocks("integrations.md")[0], namespace)
+    assert namespace["losses"].keys() == {"contrastive_loss", "short_contrastive_loss", "wpr_loss", "sap_loss"}
+    assert model.text_model.embeddings.position_embedding.weight.grad[20:202].abs().sum(dim=1).gt(0).all()

@@ -6,6 +6,7 @@ a model object the caller already built, so ``import mulclip_fast.integrations``
 
 from __future__ import annotations
 
+import functools
 import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -21,6 +22,8 @@ from ..reference import stretch_positional_embedding
 
 LONG_CONTEXT = 248  # Long-CLIP's context: 4·77 − 3·20 positions (docs/method.md, "Positional stretching")
 KEPT_POSITIONS = 20  # leading positions copied unchanged, and frozen by default (Long-CLIP, FineLIP)
+# How a packed layer is recomputed in backward where the model gives no checkpoint function of its own.
+NON_REENTRANT_CHECKPOINT = functools.partial(torch.utils.checkpoint.checkpoint, use_reentrant=False)
 
 
 @dataclass
@@ -102,14 +105,16 @@ def freeze_leading_rows(table: nn.Parameter, keep: int) -> torch.utils.hooks.Rem
     A gradient hook leaves the parameter and its ``state_dict`` key as the library defines them, so a
     stretched model still saves and reloads with the library's own code (a copy of the parameter does not
     carry the hook: freeze the copy again). Decoupled weight decay (AdamW) still shrinks those rows: put
-    the table in a no-decay parameter group (open_clip's ``no_weight_decay()`` already lists
-    ``positional_embedding``).
+    the table in a no-decay parameter group (open_clip's ``no_weight_decay()`` lists
+    ``positional_embedding``, but its trainer's default AdamW does not read it and decays the table).
+    A table that does not require grad (a frozen tower, an adapter-only fine-tune, evaluation) has no
+    gradient to zero and cannot take a hook: it gets none; call this again once it is unfrozen.
     """
     key = id(table)
     previous = _FROZEN_ROWS.pop(key, None)
     if previous is not None and previous[0]() is table:  # not stacked, and dropped when asked
         previous[1].remove()
-    if keep <= 0:
+    if keep <= 0 or not table.requires_grad:
         return None
     frozen = torch.arange(table.shape[0], device=table.device) < keep
 
@@ -166,17 +171,16 @@ def check_caption_batch(
     ``sub_ids`` comes without one). ``names``: the adapter's argument names of the images, the long
     captions, the summaries and the subcaptions, for errors."""
     image_name, long_name, short_name, sub_name = names
-    check_token_ids(long_name, long_ids)
-    if long_ids.shape[0] != batch:
-        raise ValueError(
-            f"{image_name} and {long_name} must have the same batch size, got {batch} and {long_ids.shape[0]}"
-        )
+    for name, ids in ((long_name, long_ids), (short_name, short_ids)):
+        if ids is None:
+            continue
+        check_token_ids(name, ids)
+        if ids.shape[0] != batch:
+            raise ValueError(f"{image_name} and {name} must have the same batch size, got {batch} and {ids.shape[0]}")
     if sub_ids is not None:
         sub_mask = subcaption_layout(sub_ids, sub_mask, batch, name=sub_name)
     elif sub_mask is not None:
         raise ValueError(f"sub_mask was given without {sub_name}")
-    if short_ids is not None:
-        check_token_ids(short_name, short_ids)
     return sub_mask
 
 
@@ -245,7 +249,8 @@ class PackedTextTower:
         final_norm: the tower's final LayerNorm.
         project: the text projection into the joint space.
         max_positions: rows of the positional table.
-        checkpointing: recompute each layer in backward (the model's gradient checkpointing setting).
+        checkpoints: per layer, the function that runs it so that it is recomputed in backward,
+            ``(layer, x, sequences) -> [T, width]`` (the model's gradient checkpointing setting), or None.
     """
 
     embed: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -253,7 +258,7 @@ class PackedTextTower:
     final_norm: Callable[[torch.Tensor], torch.Tensor]
     project: Callable[[torch.Tensor], torch.Tensor]
     max_positions: int
-    checkpointing: bool
+    checkpoints: Sequence[Callable | None]
 
 
 def encode_packed_groups(
@@ -286,9 +291,9 @@ def encode_packed_groups(
     starts = sequences.cu_seqlens[:-1].long()
     positions = torch.arange(sequences.total, device=lengths.device) - starts.repeat_interleave(lengths)
     x = tower.embed(token_ids, positions)
-    for layer in tower.layers:
-        if tower.checkpointing and torch.is_grad_enabled():
-            x = torch.utils.checkpoint.checkpoint(layer, x, sequences, use_reentrant=False)
+    for layer, checkpoint in zip(tower.layers, tower.checkpoints, strict=True):
+        if checkpoint is not None and torch.is_grad_enabled():
+            x = checkpoint(layer, x, sequences)
         else:
             x = layer(x, sequences)
     x = tower.final_norm(x)

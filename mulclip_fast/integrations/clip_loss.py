@@ -60,6 +60,8 @@ class MulCLIPClipLoss(nn.Module):
         local_loss, gather_with_grad, rank, world_size: as in open_clip's ``ClipLoss``.
         cache_labels: accepted so that open_clip's arguments pass unchanged; it has no effect here (the
             labels are an ``arange`` built with the logits, not worth caching).
+        use_horovod: accepted for the same reason (open_clip's ``create_loss`` passes it); only False: the
+            features are gathered through ``torch.distributed``, so launch with ``torchrun``.
     """
 
     def __init__(
@@ -81,8 +83,14 @@ class MulCLIPClipLoss(nn.Module):
         cache_labels: bool = False,
         rank: int = 0,
         world_size: int = 1,
+        use_horovod: bool = False,
     ):
         super().__init__()
+        if use_horovod:
+            raise ValueError(
+                f"use_horovod must be False, got {use_horovod!r}: MulCLIPClipLoss gathers features through "
+                "torch.distributed (launch with torchrun)"
+            )
         self.loss = MulCLIPLoss(
             objective=objective,
             terms=terms,

@@ -10,7 +10,7 @@ Works on any object laid out like ``transformers.CLIPModel`` (``vision_model``, 
 
 Feature extraction follows docs/method.md, "Features": every token goes through the same final LayerNorm and projection
 as the pooled CLS / EOT embedding, so ``cls`` and ``eot`` equal ``get_image_features`` /
-``get_text_features`` exactly.
+``get_text_features`` exactly (in transformers 5 the ``.pooler_output`` of what they return).
 
 ``mulclip_features`` runs every text of the batch through the text tower in one packed pass by default
 (``packed_text=False``: each group padded); docs/integrations.md, "Packed text".
@@ -25,6 +25,7 @@ from ..features import MulCLIPFeatures
 from ._common import (
     KEPT_POSITIONS,
     LONG_CONTEXT,
+    NON_REENTRANT_CHECKPOINT,
     ImageTokenFeatures,
     PackedTextTower,
     TextTokenFeatures,
@@ -50,14 +51,36 @@ __all__ = [
 ]
 
 
+# What the adapter reads. ChineseCLIPModel and AltCLIPModel have the four top-level attributes too, but
+# their text towers are BERT / XLM-R encoders pooled at the first token, not CLIP's causal one at EOT.
+_LAYOUT = (
+    "vision_model",
+    "text_model",
+    "visual_projection",
+    "text_projection",
+    "vision_model.post_layernorm",
+    "text_model.embeddings.position_embedding",
+    "text_model.encoder.layers",
+    "text_model.final_layer_norm",
+    "text_model.eos_token_id",
+)
+
+
+def _has(model, path: str) -> bool:
+    for name in path.split("."):
+        if not hasattr(model, name):
+            return False
+        model = getattr(model, name)
+    return True
+
+
 def _check_model(model) -> None:
-    missing = [
-        a for a in ("vision_model", "text_model", "visual_projection", "text_projection") if not hasattr(model, a)
-    ]
+    missing = [path for path in _LAYOUT if not _has(model, path)]
     if missing:
         raise ValueError(
             f"model must be a transformers CLIPModel (or laid out like one); it lacks {', '.join(missing)}. "
-            "Pass a DistributedDataParallel-wrapped model as model.module"
+            "Pass a DistributedDataParallel-wrapped model as model.module; ChineseCLIP and AltCLIP text towers "
+            "(BERT / XLM-R, pooled at the first token) are not supported"
         )
 
 
@@ -140,6 +163,8 @@ def encode_text_tokens(
     """
     _check_model(model)
     check_token_ids("input_ids", input_ids)
+    if attention_mask is not None:
+        _check_attention_mask_shape(attention_mask, input_ids)
     eot = eot_index(model, input_ids)
     if trim:
         length = int(eot.max()) + 1
@@ -191,14 +216,22 @@ def _packed_tower(model: nn.Module, backend: str) -> PackedTextTower:
 
         return forward
 
-    checkpointing = text.training and any(getattr(m, "gradient_checkpointing", False) for m in (text.encoder, *layers))
+    def checkpoint_of(layer):
+        # The layer's own flag where it has one (transformers 5 may checkpoint every n-th layer only), else
+        # the encoder's (older releases), run through the model's own checkpoint function: it carries the
+        # kwargs (use_reentrant) and the offload of the saved activations the model was set up with.
+        owner = layer if hasattr(layer, "gradient_checkpointing") else text.encoder
+        if not (owner.training and getattr(owner, "gradient_checkpointing", False)):
+            return None
+        return getattr(owner, "_gradient_checkpointing_func", NON_REENTRANT_CHECKPOINT)
+
     return PackedTextTower(
         embed=embed,
         layers=[packed_layer(layer) for layer in layers],
         final_norm=text.final_layer_norm,
         project=model.text_projection,
         max_positions=embeddings.position_embedding.weight.shape[0],
-        checkpointing=checkpointing,
+        checkpoints=[checkpoint_of(layer) for layer in layers],
     )
 
 
@@ -252,13 +285,18 @@ def mulclip_features(
     return assemble_features(image, text, short_eot, sub_eot, sub_mask)
 
 
-def _check_right_padded(attention_mask: torch.Tensor, input_ids: torch.Tensor, eot: torch.Tensor) -> None:
-    """The packed pass keeps each caption's positions 0 … EOT: ``attention_mask`` must mark them all real."""
+def _check_attention_mask_shape(attention_mask: torch.Tensor, input_ids: torch.Tensor) -> None:
+    """Checked against ``input_ids`` as the caller passed them, before trimming shortens both."""
     if not isinstance(attention_mask, torch.Tensor) or attention_mask.shape != input_ids.shape:
         raise ValueError(
-            f"attention_mask must be a tensor of shape {tuple(input_ids.shape)}, "
+            f"attention_mask must be a tensor of shape {tuple(input_ids.shape)} (that of input_ids), "
             f"got {getattr(attention_mask, 'shape', None)!r}"
         )
+
+
+def _check_right_padded(attention_mask: torch.Tensor, input_ids: torch.Tensor, eot: torch.Tensor) -> None:
+    """The packed pass keeps each caption's positions 0 … EOT: ``attention_mask`` must mark them all real."""
+    _check_attention_mask_shape(attention_mask, input_ids)
     upto_eot = torch.arange(input_ids.shape[1], device=input_ids.device) <= eot[:, None]
     if not bool(attention_mask.to(input_ids.device).bool()[upto_eot].all()):
         raise ValueError(

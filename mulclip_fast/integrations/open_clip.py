@@ -7,7 +7,7 @@ attributes of the model you built, so this module imports without open_clip (whi
 
     from mulclip_fast.integrations import open_clip as oc
     oc.stretch_text_positions(model)                      # 77 -> 248 positions, Long-CLIP's rule
-    feats = oc.mulclip_features(model, images, long_ids, short_ids=short_ids, sub_ids=sub_ids, sub_mask=m)
+    feats = oc.mulclip_features(model, images, long_ids, short_text=short_ids, sub_text=sub_ids, sub_mask=m)
 
 ``mulclip_features`` runs every text of the batch through the text tower in one packed pass by default
 (``packed_text=False``: each group padded); docs/integrations.md, "Packed text".
@@ -23,6 +23,7 @@ from ..features import MulCLIPFeatures
 from ._common import (
     KEPT_POSITIONS,
     LONG_CONTEXT,
+    NON_REENTRANT_CHECKPOINT,
     ImageTokenFeatures,
     PackedTextTower,
     TextTokenFeatures,
@@ -95,9 +96,13 @@ def stretch_text_positions(
     Replaces the parameter (the state-dict key stays ``positional_embedding``), rebuilds the causal
     ``attn_mask`` buffer for ``target`` positions and sets ``model.context_length``, so ``encode_text``
     and ``model(image, text)`` take 248-token captions. Unless ``train_kept_positions``, the first ``keep``
-    rows get zero gradient; open_clip's ``no_weight_decay()`` already keeps the table out of weight decay.
-    A table that already has ``target`` rows is kept as is. Build optimizers after this call: the
-    parameter object changes.
+    rows get zero gradient, but AdamW's decoupled weight decay still shrinks them: open_clip's trainer
+    decays the table with its default AdamW (it exempts 1-D, ``ln``, ``bn``, ``bias`` and ``logit_scale``
+    parameters; only its timm optimizers read ``no_weight_decay()``), so exempt ``positional_embedding``
+    there to keep the rows as trained. A table that already has ``target`` rows is kept as is. Build
+    optimizers after this call: the parameter object changes. To reload a stretched model, call this first,
+    then ``open_clip.load_checkpoint``: ``create_model(..., pretrained=path)`` silently interpolates the
+    saved table back to the config's positions.
 
     Returns:
         ``model``, for chaining.
@@ -137,6 +142,11 @@ def encode_image_tokens(model: nn.Module, image: torch.Tensor) -> ImageTokenFeat
         ``cls [B, d]`` (equal to ``encode_image``) and ``tokens [B, P, d]``. In training mode open_clip's
         patch dropout, when configured, leaves fewer than ``P`` tokens.
     """
+    if not hasattr(model, "visual"):
+        raise ValueError(
+            "model must be an open_clip CLIP (it has no visual tower); pass a DistributedDataParallel-wrapped "
+            "model as model.module"
+        )
     visual = model.visual
     _check_vision_tower(visual)
     if not isinstance(image, torch.Tensor) or image.dim() != 4:
@@ -216,13 +226,15 @@ def _packed_tower(model: nn.Module, backend: str) -> PackedTextTower:
 
         return forward
 
+    # open_clip's Transformer checkpoints every block or none, non-reentrant
+    checkpoint = NON_REENTRANT_CHECKPOINT if model.training and model.transformer.grad_checkpointing else None
     return PackedTextTower(
         embed=embed,
         layers=[packed_block(block) for block in blocks],
         final_norm=model.ln_final,
         project=lambda x: _project_text(model, x),
         max_positions=model.positional_embedding.shape[0],
-        checkpointing=model.training and model.transformer.grad_checkpointing,
+        checkpoints=[checkpoint] * len(blocks),
     )
 
 
