@@ -7,6 +7,7 @@ rtol 1e-4, fp16/bf16 rtol 2e-2, against the reference computed from the same rou
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -252,17 +253,19 @@ def test_double_backward_is_refused_with_the_op_named(name):
         torch.autograd.grad(sum(g.sum() for g in grads), leaves)
 
 
+@pytest.mark.parametrize("backend", ["torch", "reference"])
 @pytest.mark.parametrize("name", ["token_reconstruction", "wpr_loss", "topk_patch_aggregate"])
-def test_torch_compile_with_dynamic_shapes_and_temperatures(name):
+def test_torch_compile_with_dynamic_shapes_and_temperatures(name, backend):
     """``torch.compile(dynamic=True)`` traces a float temperature as a symbolic float (Dynamo does not
     specialise floats; nor, after its second value, without ``dynamic``): the op must take it, not crash in
     the validation that reads it (it did, in ``math.isfinite``)."""
+    torch.compiler.reset()  # every case compiles the same code object, ``fn``: its recompiles would add up
     tensors = _tiny_cases()[name][0][:4]
     taus = {"wpr_loss": ("tau_attn", "tau_contrast")}.get(name, ("tau",))
     k = {"k": 2} if name == "topk_patch_aggregate" else {}
 
     def fn(*inputs, **temperatures):
-        return getattr(ops, name)(*inputs, **k, **temperatures, backend="torch")
+        return getattr(ops, name)(*inputs, **k, **temperatures, backend=backend)
 
     compiled = torch.compile(fn, fullgraph=True, dynamic=True, backend="aot_eager")
     for tau in (0.2, 0.3):
@@ -489,3 +492,13 @@ def test_triton_reconstruction_gradients_in_bf16_at_the_paper_temperature(seed):
     )
     comparison = check_case(case, "triton")
     assert case.options["tau"] == 0.07 and not comparison.problems, comparison
+
+
+def test_a_numpy_temperature_is_taken_as_its_float():
+    # A temperature read from a NumPy config or array was refused ("got np.float32(0.2)").
+    (v, t, v_mask, t_mask, *_), _ = _tiny_cases(torch.float32)["wpr_loss"]
+    for backend in ("torch", "reference"):
+        want = ops.token_reconstruction(v, t, v_mask, t_mask, tau=float(np.float32(0.2)), backend=backend)
+        torch.testing.assert_close(
+            ops.token_reconstruction(v, t, v_mask, t_mask, tau=np.float32(0.2), backend=backend), want
+        )

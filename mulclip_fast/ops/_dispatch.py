@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import functools
 import importlib.util
-import math
 
 import torch
 
@@ -68,15 +67,10 @@ def constant_temperature(name: str, value) -> float:
             f"{name} is a tensor that requires grad: the fused ops take temperatures as constants and would not "
             "learn it; pass a float (or a detached tensor), or use backend='reference' to learn it"
         )
-    if torch.compiler.is_compiling() and not isinstance(value, torch.Tensor):
-        # Dynamo does not specialise floats: a temperature that differs between compiled calls (any float
-        # under dynamic=True) is traced as a symbolic float, which check_positive's math.isfinite cannot read.
-        # Comparisons it can, as guards; the op takes the symbolic float as its constant. (Nor can Dynamo
-        # format a symbolic float into the message: its debug context shows the value.)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
-            raise ValueError(f"{name} must be a positive finite number")
-        return value
     check_positive(name, value)
+    if torch.compiler.is_compiling() and not isinstance(value, torch.Tensor):
+        # A float that differs between compiled calls is traced as a symbolic float: the op takes it as it is.
+        return value
     return float(value)
 
 

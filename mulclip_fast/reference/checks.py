@@ -8,6 +8,7 @@ Public so that every layer may import it; like the rest of ``reference`` it impo
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 
@@ -99,7 +100,13 @@ def check_positive(name: str, value: float) -> None:
         if torch.compiler.is_compiling():
             return  # reading the value would break the graph; eager calls check it
         value = float(value.detach())
-    if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+    if not isinstance(value, numbers.Real):  # a NumPy scalar is one
+        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
+    # Comparisons, not math.isfinite: torch.compile traces a float that differs between calls (any float under
+    # dynamic=True) as a symbolic float, which comparisons read (as guards) and math.isfinite cannot. NaN fails.
+    if not 0 < value < math.inf:
+        if torch.compiler.is_compiling():  # nor can Dynamo format a symbolic float; its debug context shows it
+            raise ValueError(f"{name} must be a positive finite number")
         raise ValueError(f"{name} must be a positive finite number, got {value!r}")
 
 
