@@ -166,6 +166,14 @@ def test_fine_grained_scale_ramps_only_the_fine_grained_terms():
     torch.testing.assert_close(out["loss"], expected)
 
 
+@pytest.mark.parametrize("scale", [-0.5, float("nan"), float("inf"), "0.5", True, None, torch.ones(2)])
+def test_a_bad_fine_grained_scale_is_named(scale):
+    # A negative factor turned the fine-grained terms into rewards without a word; a string or None failed
+    # inside the weighted sum with a TypeError.
+    with pytest.raises(ValueError, match="fine_grained_scale must be"):
+        MulCLIPLoss("mulclip")(features(), SCALE, fine_grained_scale=scale)
+
+
 @pytest.mark.parametrize("backend", ["reference", "torch"])
 def test_terms_are_accumulated_in_fp32_under_bf16_autocast(backend):
     """``--precision bf16`` runs the loss inside the step's autocast region. The loss must still compute in
