@@ -287,7 +287,19 @@ def _nvml_text(getter) -> str | None:
 
 
 def _nvml_handle(pynvml, cuda_index: int):
-    """The NVML handle of CUDA device ``cuda_index``: NVML numbers all GPUs, CUDA only the visible ones."""
+    """The NVML handle of CUDA device ``cuda_index``.
+
+    Found by the device's UUID: NVML numbers every GPU in PCI order, while CUDA numbers only the visible ones,
+    fastest first unless ``CUDA_DEVICE_ORDER=PCI_BUS_ID``, and ``CUDA_VISIBLE_DEVICES`` may name them by UUID;
+    on a machine with several GPUs an index would read another GPU's counters. Without CUDA (or a UUID NVML
+    knows), the visible-devices list when it holds indices, else the index itself."""
+    if torch.cuda.is_available() and cuda_index < torch.cuda.device_count():
+        uuid = str(getattr(torch.cuda.get_device_properties(cuda_index), "uuid", ""))
+        if uuid:
+            try:
+                return pynvml.nvmlDeviceGetHandleByUUID(uuid if uuid.startswith("GPU-") else f"GPU-{uuid}")
+            except pynvml.NVMLError:
+                pass
     visible = os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",")
     if cuda_index < len(visible) and visible[cuda_index].strip().isdigit():
         return pynvml.nvmlDeviceGetHandleByIndex(int(visible[cuda_index]))

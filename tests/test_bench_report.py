@@ -13,7 +13,7 @@ import torch
 from benchmarks import test_bench_train_step as _train_step_benchmark
 from benchmarks.harness import largest_batch_within
 from mulclip_fast import bench_report
-from mulclip_fast.profiling import NvmlSampler, machine_facts, nvml_telemetry
+from mulclip_fast.profiling import NvmlSampler, _nvml_handle, machine_facts, nvml_telemetry
 
 MACHINE = {
     "timestamp_utc": "2026-01-01T00:00:00+00:00",
@@ -329,3 +329,35 @@ def test_nvml_sampler_summarises_samples(monkeypatch):
     summary = sampler.summary()
     assert summary["available"] is True and summary["samples"] >= 1
     assert summary["power_w_mean"] == pytest.approx(250.0) and summary["gpu_utilization_pct_max"] == 97
+
+
+def test_nvml_reads_the_gpu_cuda_means_by_its_uuid(monkeypatch):
+    # Two GPUs, CUDA's order the reverse of NVML's (fastest first, or CUDA_VISIBLE_DEVICES by UUID): CUDA device
+    # 0 is NVML's GPU 1. By index the telemetry read the other GPU.
+    pynvml = pytest.importorskip("pynvml")
+    nvml_uuids = ["GPU-aaaa", "GPU-bbbb"]
+
+    class FakeNvml:
+        NVMLError = pynvml.NVMLError
+
+        @staticmethod
+        def nvmlDeviceGetHandleByUUID(uuid):
+            if uuid not in nvml_uuids:
+                raise pynvml.NVMLError(pynvml.NVML_ERROR_NOT_FOUND)
+            return nvml_uuids.index(uuid)
+
+        @staticmethod
+        def nvmlDeviceGetHandleByIndex(index):
+            return index
+
+    cuda_uuids = ["bbbb", "aaaa"]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: types.SimpleNamespace(uuid=cuda_uuids[i]))
+    assert [_nvml_handle(FakeNvml, i) for i in range(2)] == [1, 0]
+    # A UUID NVML does not know (a MIG instance, say): the visible-devices list, then the index.
+    cuda_uuids = ["cccc", "dddd"]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1,0")
+    assert [_nvml_handle(FakeNvml, i) for i in range(2)] == [1, 0]
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    assert [_nvml_handle(FakeNvml, i) for i in range(2)] == [0, 1]
