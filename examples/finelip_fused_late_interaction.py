@@ -7,8 +7,9 @@ on calibrated token sets (CLS / EOT included):
 
 Written the usual way (below, ``finelip_scores``), it materialises the ``[B, B, W, P]`` similarity tensor and
 autograd keeps it for backward. The fused op returns the same ``[B, B]`` scores and gradients without
-ever holding it: the swap is one line. This script checks both agree, then reports the best time of a few
-runs and the peak memory (the exact CPU tracker of ``mulclip_fast.profiling``, or CUDA's allocator peak).
+ever holding it: the swap is one line. This script checks both agree (scores and token gradients within
+the fp32 tolerance of docs/kernels.md; it stops with the worst difference otherwise), then reports the best
+time of a few runs and the peak memory (the CPU or CUDA allocator's count, ``mulclip_fast.profiling``).
 
     python examples/finelip_fused_late_interaction.py                     # CPU, a few seconds
     python examples/finelip_fused_late_interaction.py --batch 128 --words 248 --patches 196 --device cuda
@@ -24,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from mulclip_fast import ops
+from mulclip_fast.op_parity import TOLERANCE
 from mulclip_fast.profiling import measure_peak_memory
 from mulclip_fast.reference import finelip_hinge_loss
 
@@ -67,6 +69,24 @@ def loss_and_grads(score_fn, text, image, text_mask, image_mask):
     return scores.detach(), (text.grad, image.grad)
 
 
+def check_agreement(naive, fused) -> None:
+    """Stop, naming what and by how much, when the fused op's scores or gradients differ from FineLIP's by
+    more than fp32's atol 1e-5 / rtol 1e-4 (``(scores, (text grad, image grad))`` each)."""
+    (want_scores, want_grads), (got_scores, got_grads) = naive, fused
+    pairs = {
+        "scores": (got_scores, want_scores),
+        "text gradient": (got_grads[0], want_grads[0]),
+        "image gradient": (got_grads[1], want_grads[1]),
+    }
+    for name, (got, want) in pairs.items():
+        try:
+            torch.testing.assert_close(got, want, **TOLERANCE[torch.float32])
+        except AssertionError as error:
+            raise SystemExit(
+                f"the fused op's {name} differ from FineLIP's beyond the fp32 tolerance: {error}"
+            ) from None
+
+
 def peak_bytes(score_fn, batch, device) -> int:
     """Peak memory of one forward + backward beyond the inputs (the CUDA or CPU allocator's count)."""
     return measure_peak_memory(lambda: loss_and_grads(score_fn, *batch), device)[0]
@@ -107,6 +127,7 @@ def main(argv=None) -> dict:
     fused = lambda *a: fused_scores(*a, backend=args.backend)  # noqa: E731
     naive_scores, naive_grads = loss_and_grads(finelip_scores, *batch)
     fused_s_scores, fused_grads = loss_and_grads(fused, *batch)
+    check_agreement((naive_scores, naive_grads), (fused_s_scores, fused_grads))
     naive_peak, fused_peak = peak_bytes(finelip_scores, batch, device), peak_bytes(fused, batch, device)
     naive_s, fused_s = seconds(finelip_scores, batch, device, args.repeats), seconds(fused, batch, device, args.repeats)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -9,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
@@ -45,6 +47,17 @@ def test_finelip_example_fused_op_matches_and_uses_less_memory():
     # The naive version holds the [B, B, W, P] similarities (and their LeakyReLU, mask and argmax) for
     # backward: at least that tensor's 12·12·24·17·4 bytes more than the fused op.
     assert summary["naive_peak_bytes"] - summary["fused_peak_bytes"] > 12 * 12 * 24 * 17 * 4, summary
+
+
+def test_finelip_example_stops_when_the_fused_op_disagrees():
+    # The script said it checks that both agree, but only printed the differences.
+    spec = importlib.util.spec_from_file_location("finelip_example", EXAMPLES / "finelip_fused_late_interaction.py")
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    scores, grads = torch.rand(3, 3), (torch.rand(3, 4, 8), torch.rand(3, 5, 8))
+    example.check_agreement((scores, grads), (scores + 1e-6, grads))  # within atol 1e-5
+    with pytest.raises(SystemExit, match="image gradient differ"):
+        example.check_agreement((scores, grads), (scores, (grads[0], grads[1] + 1e-3)))
 
 
 @pytest.mark.slow
