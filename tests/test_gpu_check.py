@@ -12,6 +12,7 @@ import contextlib
 import json
 import math
 import os
+import runpy
 import subprocess
 import sys
 import time
@@ -647,3 +648,20 @@ def test_the_scale_section_hands_cached_blocks_back_before_it_reads_free_memory(
     record = plan_module._scale_task(setting, "pairwise_maxsim").run()
     assert record["ok"] and "GiB free" in record["skipped"]
     assert calls == ["collect", "empty_cache", "mem_get_info"]
+
+
+@pytest.mark.parametrize("code", [runner.EXIT_CRASHED, runner.EXIT_OK])
+def test_a_crashed_run_leaves_without_the_interpreters_teardown(monkeypatch, code):
+    # After a sticky CUDA error the teardown can abort with 134, replacing the report's exit status; a crashed
+    # run therefore leaves by os._exit once its report is written. (The abort itself needs a GPU to show.)
+    monkeypatch.setattr(runner, "main", lambda: code)
+    left = []
+
+    def fake_exit(status):
+        left.append(status)
+        raise SystemExit(status)
+
+    monkeypatch.setattr(os, "_exit", fake_exit)
+    with pytest.raises(SystemExit) as ended:
+        runpy.run_module("mulclip_fast.gpu_check", run_name="__main__")
+    assert ended.value.code == code and left == ([code] if code == runner.EXIT_CRASHED else [])
