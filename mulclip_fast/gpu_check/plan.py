@@ -648,7 +648,9 @@ def _scale_task(setting: Setting, op: str) -> Task:
             free = torch.cuda.mem_get_info(setting.device)[0]
             if needed > free:
                 return {"ok": True, "skipped": f"needs about {needed / 2**30:.0f} GiB, {free / 2**30:.0f} GiB free"}
-        case = make_case(op, sizes, dtype=dtype, device=setting.device, seed=21, a_mask_kind="prefix")
+        case = make_case(
+            op, sizes, dtype=dtype, device=setting.device, seed=21, a_mask_kind="prefix", draw_on_device=True
+        )
         try:
             # One run of the first config each launch allows: a launch takes seconds here, and the tuner would
             # run every allowed config 8 times or more on these new keys. Any tile computes the same offsets.
