@@ -102,6 +102,8 @@ def test_torchrun_two_processes_write_one_run_directory(tmp_path):
     assert json.loads((out / "config.json").read_text())["world_size"] == 2
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == [0, 1, 2, 3]  # one writer: each step logged once
+    # Throughput counts the global batch (each rank holds only its 4 rows of the 8).
+    assert [round(m["samples_per_s"] * m["step_time_s"], 6) for m in metrics] == [8] * 4
     assert json.loads((out / "eval.json").read_text())["n_pairs"] == 20
     assert sorted(os.listdir(out / "checkpoints")) == ["step_00000004.pt"]
     assert done.stdout.count("run directory:") == 1  # only rank 0 prints the summary table

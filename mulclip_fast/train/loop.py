@@ -328,7 +328,7 @@ def _train(config, resume, stop_at_step, given) -> dict:
                                 "step": step,
                                 "epoch": epoch,
                                 **logged,
-                                "samples_per_s": len(batch) / step_time,
+                                "samples_per_s": len(batch) * context.world_size / step_time,  # every rank's
                                 "step_time_s": step_time,
                                 "memory_mb": _peak_memory_mb(trainer.device),
                                 "elapsed_s": elapsed_before + time.perf_counter() - loop_start,
