@@ -97,6 +97,43 @@ def test_gradient_alignment_scales_with_the_term_weight(tmp_path):
     assert doubled["global_norm"] == pytest.approx(base["global_norm"], rel=1e-5)
 
 
+def test_gradient_alignment_reads_the_runs_own_first_batches(tmp_path, monkeypatch):
+    # The run's training set has binding twins (--twin-fraction, 0.5 by default): the batches the
+    # alignment is measured on must be the ones the run trains on, twins included.
+    from mulclip_fast.data import open_dataset
+    from mulclip_fast.model import preset_config
+    from mulclip_fast.study import gradients
+
+    settings = dataclasses.replace(QUICK, pretrain_steps=1)
+    runner._run(runner.pretrain_config(settings, str(tmp_path / "pre")), str(tmp_path / "pre.log"))
+    weights = str(tmp_path / "w.pt")
+    export_clip_weights(str(tmp_path / "pre"), weights)
+    mulclip = next(row for row in ROWS if row.key == "mulclip")
+    config = resolve_config(runner.finetune_config(mulclip, 1, settings, weights, str(tmp_path / "unused")))
+    assert config.twin_fraction > 0
+    read = []
+    real_iterate = gradients.iterate_batches
+    monkeypatch.setattr(
+        gradients, "iterate_batches", lambda dataset, *a, **kw: read.append(dataset) or real_iterate(dataset, *a, **kw)
+    )
+    gradient_alignment(config, batches=1)
+    # As the trainer opens it (mulclip_fast/train/loop.py).
+    image_size = preset_config(config.preset, **config.model_overrides).image_resolution
+    trained_on = open_dataset(
+        config.data,
+        "train",
+        image_size,
+        config.train_size,
+        config.seed,
+        config.image_root,
+        config.eval_pairs,
+        twin_fraction=config.twin_fraction,
+        captions=config.captions,
+    )
+    n = 2 * settings.batch_size
+    assert [read[0][i]["caption"] for i in range(n)] == [trained_on[i]["caption"] for i in range(n)]
+
+
 def test_a_row_overrides_the_fine_tuning_defaults(tmp_path):
     from mulclip_fast.study.plan import ALL_ROWS, FULL
 
