@@ -81,6 +81,34 @@ def test_compare_beats_only_above_the_larger_spread():
     assert not compare(c, b, c_seeds, b_seeds)["long_r1"]["beats"]
 
 
+def test_one_seed_has_no_spread_and_answers_no_beats(tmp_path):
+    # A sample standard deviation needs two seeds: one seed's spread is unknown, not 0, and the rule "above
+    # by more than the spread across seeds" cannot be applied to it.
+    from mulclip_fast.study.report import markdown
+
+    a_seeds, b_seeds = {"1": {"t2i_r1": 0.6, "i2t_r1": 0.6}}, {"1": {"t2i_r1": 0.5, "i2t_r1": 0.5}}
+    a, b = summarise(a_seeds), summarise(b_seeds)
+    assert a["mean"]["long_r1"] == pytest.approx(0.6) and a["std"]["long_r1"] is None
+    result = compare(a, b, a_seeds, b_seeds)["long_r1"]
+    assert result["difference"] == pytest.approx(0.1) and result["paired_mean"] == pytest.approx(0.1)
+    assert result["beats"] is None and result["spread"] is None and result["paired_std"] is None
+    results = {
+        "settings": {**QUICK.to_dict(), "seeds": [1]},
+        "invocation_seconds": 1.0,
+        "pretrained": b,
+        "rows": {"global": {"label": "global only", **b}, "mulclip": {"label": "MulCLIP", **a}},
+        "mulclip_vs_global": compare(a, b, a_seeds, b_seeds),
+    }
+    table = markdown(results)
+    assert "0.600 (one seed)" in table and "± 0.000" not in table
+    assert "— MulCLIP beats" not in table and "cannot tell" in table.split("## MulCLIP against global-only")[1]
+    # Seeds are matched by name, not by position.
+    c_seeds = {"2": {"t2i_r1": 0.9, "i2t_r1": 0.9}, "1": {"t2i_r1": 0.7, "i2t_r1": 0.7}}
+    d_seeds = {"1": {"t2i_r1": 0.6, "i2t_r1": 0.6}, "2": {"t2i_r1": 0.6, "i2t_r1": 0.6}}
+    paired = compare(summarise(c_seeds), summarise(d_seeds), c_seeds, d_seeds)["long_r1"]
+    assert paired["paired_mean"] == pytest.approx(0.2) and paired["paired_std"] == pytest.approx(2**0.5 * 0.1)
+
+
 def test_gradient_alignment_scales_with_the_term_weight(tmp_path):
     settings = dataclasses.replace(QUICK, pretrain_steps=1)
     runner._run(runner.pretrain_config(settings, str(tmp_path / "pre")), str(tmp_path / "pre.log"))
