@@ -162,6 +162,30 @@ def test_gradient_alignment_reads_the_runs_own_first_batches(tmp_path, monkeypat
     assert [read[0][i]["caption"] for i in range(n)] == [trained_on[i]["caption"] for i in range(n)]
 
 
+def test_gradients_of_a_finished_row_survive_an_interrupted_later_row(tmp_path, monkeypatch):
+    from mulclip_fast.study.plan import ALL_ROWS
+
+    rows = tuple(row for row in ALL_ROWS if row.gradients)[:2]
+    measured = []
+
+    def fake_alignment(config):
+        if len(measured) == len(QUICK.seeds):  # the second row's first seed: the study is stopped
+            raise KeyboardInterrupt("signal")
+        measured.append(config.seed)
+        return {"seed": config.seed}
+
+    monkeypatch.setattr(runner, "gradient_alignment", fake_alignment)
+    with pytest.raises(KeyboardInterrupt):
+        runner._gradients(str(tmp_path), "w.pt", QUICK, rows)
+    stored = json.load(open(tmp_path / "gradients.json"))
+    assert stored == {rows[0].key: {str(s): {"seed": s} for s in QUICK.seeds}}
+    # Run again: the finished row is read, not measured again.
+    monkeypatch.setattr(runner, "gradient_alignment", lambda config: measured.append(config.seed) or {})
+    measured.clear()
+    result = runner._gradients(str(tmp_path), "w.pt", QUICK, rows)
+    assert measured == list(QUICK.seeds) and list(result) == [row.key for row in rows]
+
+
 def test_a_row_overrides_the_fine_tuning_defaults(tmp_path):
     from mulclip_fast.study.plan import ALL_ROWS, FULL
 
