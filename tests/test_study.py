@@ -107,6 +107,25 @@ def test_one_seed_has_no_spread_and_answers_no_beats(tmp_path):
     d_seeds = {"1": {"t2i_r1": 0.6, "i2t_r1": 0.6}, "2": {"t2i_r1": 0.6, "i2t_r1": 0.6}}
     paired = compare(summarise(c_seeds), summarise(d_seeds), c_seeds, d_seeds)["long_r1"]
     assert paired["paired_mean"] == pytest.approx(0.2) and paired["paired_std"] == pytest.approx(2**0.5 * 0.1)
+    assert paired["paired"] == {"1": pytest.approx(0.1), "2": pytest.approx(0.3)}  # in the seeds' order
+
+
+def test_the_table_prints_each_seeds_paired_difference():
+    # docs/study.md: "the paired per-seed differences are printed beside it", each of them.
+    from mulclip_fast.study.report import markdown
+
+    a_seeds = {str(s): {"t2i_r1": v, "i2t_r1": v} for s, v in ((1, 0.40), (2, 0.50), (3, 0.62))}
+    b_seeds = {str(s): {"t2i_r1": v, "i2t_r1": v} for s, v in ((1, 0.35), (2, 0.49), (3, 0.60))}
+    a, b = summarise(a_seeds), summarise(b_seeds)
+    results = {
+        "settings": {**QUICK.to_dict(), "seeds": [1, 2, 3]},
+        "invocation_seconds": 1.0,
+        "pretrained": b,
+        "rows": {"global": {"label": "global only", **b}, "mulclip": {"label": "MulCLIP", **a}},
+        "mulclip_vs_global": compare(a, b, a_seeds, b_seeds),
+    }
+    line = next(x for x in markdown(results).splitlines() if x.startswith("- long R@1 (mean)"))
+    assert "seed 1 +0.050, seed 2 +0.010, seed 3 +0.020" in line and "+0.027 ± 0.021" in line
 
 
 def test_gradient_alignment_scales_with_the_term_weight(tmp_path):

@@ -98,20 +98,22 @@ def summarise(per_seed: dict[str, dict]) -> dict:
 
 def compare(a: dict, b: dict, a_seeds: dict[str, dict], b_seeds: dict[str, dict]) -> dict:
     """Row ``a`` against row ``b`` per metric: the difference of the means, the paired differences (same
-    seed) as mean ± std, and ``beats``: a's mean is above b's by more than the larger of the two rows'
-    standard deviations across seeds — a gap that the seeds' own spread does not cover. A row of one seed
-    has no spread: ``spread`` and ``beats`` are then ``None`` (undecided), as are the statistics of fewer
-    than two paired seeds."""
+    seed, matched by the seed's name: ``paired``, in ``a_seeds``' order) and their mean ± std, and
+    ``beats``: a's mean is above b's by more than the larger of the two rows' standard deviations across
+    seeds — a gap that the seeds' own spread does not cover. A row of one seed has no spread: ``spread``
+    and ``beats`` are then ``None`` (undecided), as are the statistics of fewer than two paired seeds."""
     out = {}
     for key in a["mean"]:
         if key not in b["mean"]:
             continue
-        paired = [metric_values(a_seeds[s])[key] - metric_values(b_seeds[s])[key] for s in a_seeds if s in b_seeds]
+        by_seed = {s: metric_values(a_seeds[s])[key] - metric_values(b_seeds[s])[key] for s in a_seeds if s in b_seeds}
+        paired = list(by_seed.values())
         stds = (a["std"][key], b["std"][key])
         spread = None if None in stds else max(stds)
         diff = a["mean"][key] - b["mean"][key]
         out[key] = {
             "difference": diff,
+            "paired": by_seed,
             "paired_mean": statistics.fmean(paired) if paired else None,
             "paired_std": _sample_std(paired),
             "spread": spread,
@@ -172,9 +174,10 @@ def markdown(results: dict) -> str:
         for key in QUESTION_METRICS:
             if key in comparison:
                 c = comparison[key]
-                paired = "—" if c["paired_mean"] is None else f"{c['paired_mean']:+.3f}"
-                if c["paired_std"] is not None:
-                    paired += f" ± {c['paired_std']:.3f}"
+                paired = ", ".join(f"seed {seed} {d:+.3f}" for seed, d in c.get("paired", {}).items()) or "none"
+                if c["paired_mean"] is not None:
+                    std = "" if c["paired_std"] is None else f" ± {c['paired_std']:.3f}"
+                    paired += f"; mean {c['paired_mean']:+.3f}{std}"
                 spread = "none" if c["spread"] is None else f"{c['spread']:.3f}"
                 lines.append(
                     f"- {titles[key]}: {c['difference']:+.3f} (paired per seed {paired}; spread {spread}) — "
