@@ -81,6 +81,53 @@ def test_compare_beats_only_above_the_larger_spread():
     assert not compare(c, b, c_seeds, b_seeds)["long_r1"]["beats"]
 
 
+def test_one_seed_has_no_spread_and_answers_no_beats(tmp_path):
+    # A sample standard deviation needs two seeds: one seed's spread is unknown, not 0, and the rule "above
+    # by more than the spread across seeds" cannot be applied to it.
+    from mulclip_fast.study.report import markdown
+
+    a_seeds, b_seeds = {"1": {"t2i_r1": 0.6, "i2t_r1": 0.6}}, {"1": {"t2i_r1": 0.5, "i2t_r1": 0.5}}
+    a, b = summarise(a_seeds), summarise(b_seeds)
+    assert a["mean"]["long_r1"] == pytest.approx(0.6) and a["std"]["long_r1"] is None
+    result = compare(a, b, a_seeds, b_seeds)["long_r1"]
+    assert result["difference"] == pytest.approx(0.1) and result["paired_mean"] == pytest.approx(0.1)
+    assert result["beats"] is None and result["spread"] is None and result["paired_std"] is None
+    results = {
+        "settings": {**QUICK.to_dict(), "seeds": [1]},
+        "invocation_seconds": 1.0,
+        "pretrained": b,
+        "rows": {"global": {"label": "global only", **b}, "mulclip": {"label": "MulCLIP", **a}},
+        "mulclip_vs_global": compare(a, b, a_seeds, b_seeds),
+    }
+    table = markdown(results)
+    assert "0.600 (one seed)" in table and "± 0.000" not in table
+    assert "— MulCLIP beats" not in table and "cannot tell" in table.split("## MulCLIP against global-only")[1]
+    # Seeds are matched by name, not by position.
+    c_seeds = {"2": {"t2i_r1": 0.9, "i2t_r1": 0.9}, "1": {"t2i_r1": 0.7, "i2t_r1": 0.7}}
+    d_seeds = {"1": {"t2i_r1": 0.6, "i2t_r1": 0.6}, "2": {"t2i_r1": 0.6, "i2t_r1": 0.6}}
+    paired = compare(summarise(c_seeds), summarise(d_seeds), c_seeds, d_seeds)["long_r1"]
+    assert paired["paired_mean"] == pytest.approx(0.2) and paired["paired_std"] == pytest.approx(2**0.5 * 0.1)
+    assert paired["paired"] == {"1": pytest.approx(0.1), "2": pytest.approx(0.3)}  # in the seeds' order
+
+
+def test_the_table_prints_each_seeds_paired_difference():
+    # docs/study.md: "the paired per-seed differences are printed beside it", each of them.
+    from mulclip_fast.study.report import markdown
+
+    a_seeds = {str(s): {"t2i_r1": v, "i2t_r1": v} for s, v in ((1, 0.40), (2, 0.50), (3, 0.62))}
+    b_seeds = {str(s): {"t2i_r1": v, "i2t_r1": v} for s, v in ((1, 0.35), (2, 0.49), (3, 0.60))}
+    a, b = summarise(a_seeds), summarise(b_seeds)
+    results = {
+        "settings": {**QUICK.to_dict(), "seeds": [1, 2, 3]},
+        "invocation_seconds": 1.0,
+        "pretrained": b,
+        "rows": {"global": {"label": "global only", **b}, "mulclip": {"label": "MulCLIP", **a}},
+        "mulclip_vs_global": compare(a, b, a_seeds, b_seeds),
+    }
+    line = next(x for x in markdown(results).splitlines() if x.startswith("- long R@1 (mean)"))
+    assert "seed 1 +0.050, seed 2 +0.010, seed 3 +0.020" in line and "+0.027 ± 0.021" in line
+
+
 def test_gradient_alignment_scales_with_the_term_weight(tmp_path):
     settings = dataclasses.replace(QUICK, pretrain_steps=1)
     runner._run(runner.pretrain_config(settings, str(tmp_path / "pre")), str(tmp_path / "pre.log"))
@@ -95,6 +142,67 @@ def test_gradient_alignment_scales_with_the_term_weight(tmp_path):
     assert doubled["wpr"]["cosine"] == pytest.approx(base["wpr"]["cosine"], abs=1e-5)
     assert doubled["sap"]["norm_ratio"] == 0 and doubled["sap"]["cosine"] == 0
     assert doubled["global_norm"] == pytest.approx(base["global_norm"], rel=1e-5)
+
+
+def test_gradient_alignment_reads_the_runs_own_first_batches(tmp_path, monkeypatch):
+    # The run's training set has binding twins (--twin-fraction, 0.5 by default): the batches the
+    # alignment is measured on must be the ones the run trains on, twins included.
+    from mulclip_fast.data import open_dataset
+    from mulclip_fast.model import preset_config
+    from mulclip_fast.study import gradients
+
+    settings = dataclasses.replace(QUICK, pretrain_steps=1)
+    runner._run(runner.pretrain_config(settings, str(tmp_path / "pre")), str(tmp_path / "pre.log"))
+    weights = str(tmp_path / "w.pt")
+    export_clip_weights(str(tmp_path / "pre"), weights)
+    mulclip = next(row for row in ROWS if row.key == "mulclip")
+    config = resolve_config(runner.finetune_config(mulclip, 1, settings, weights, str(tmp_path / "unused")))
+    assert config.twin_fraction > 0
+    read = []
+    real_iterate = gradients.iterate_batches
+    monkeypatch.setattr(
+        gradients, "iterate_batches", lambda dataset, *a, **kw: read.append(dataset) or real_iterate(dataset, *a, **kw)
+    )
+    gradient_alignment(config, batches=1)
+    # As the trainer opens it (mulclip_fast/train/loop.py).
+    image_size = preset_config(config.preset, **config.model_overrides).image_resolution
+    trained_on = open_dataset(
+        config.data,
+        "train",
+        image_size,
+        config.train_size,
+        config.seed,
+        config.image_root,
+        config.eval_pairs,
+        twin_fraction=config.twin_fraction,
+        captions=config.captions,
+    )
+    n = 2 * settings.batch_size
+    assert [read[0][i]["caption"] for i in range(n)] == [trained_on[i]["caption"] for i in range(n)]
+
+
+def test_gradients_of_a_finished_row_survive_an_interrupted_later_row(tmp_path, monkeypatch):
+    from mulclip_fast.study.plan import ALL_ROWS
+
+    rows = tuple(row for row in ALL_ROWS if row.gradients)[:2]
+    measured = []
+
+    def fake_alignment(config):
+        if len(measured) == len(QUICK.seeds):  # the second row's first seed: the study is stopped
+            raise KeyboardInterrupt("signal")
+        measured.append(config.seed)
+        return {"seed": config.seed}
+
+    monkeypatch.setattr(runner, "gradient_alignment", fake_alignment)
+    with pytest.raises(KeyboardInterrupt):
+        runner._gradients(str(tmp_path), "w.pt", QUICK, rows)
+    stored = json.load(open(tmp_path / "gradients.json"))
+    assert stored == {rows[0].key: {str(s): {"seed": s} for s in QUICK.seeds}}
+    # Run again: the finished row is read, not measured again.
+    monkeypatch.setattr(runner, "gradient_alignment", lambda config: measured.append(config.seed) or {})
+    measured.clear()
+    result = runner._gradients(str(tmp_path), "w.pt", QUICK, rows)
+    assert measured == list(QUICK.seeds) and list(result) == [row.key for row in rows]
 
 
 def test_a_row_overrides_the_fine_tuning_defaults(tmp_path):

@@ -10,7 +10,7 @@ from ..data import DataError
 from ..model import CheckpointError
 from ..train import ConfigError
 from .plan import ALL_ROWS, FULL, QUICK, ROW_KEYS, ROWS
-from .report import QUESTION_METRICS
+from .report import QUESTION_METRICS, verdict
 from .runner import StudyError, run_study
 
 
@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     comparison = results.get("mulclip_vs_global", {})
     for key in QUESTION_METRICS:
         if key in comparison:
-            print(f"{key}: MulCLIP {'beats' if comparison[key]['beats'] else 'does not beat'} global-only")
+            print(f"{key}: {verdict(comparison[key])}")
     return 0
 
 

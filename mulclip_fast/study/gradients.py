@@ -48,8 +48,24 @@ def gradient_alignment(config: TrainConfig, batches: int = 4) -> dict:
         raise ValueError("gradient_alignment needs a config whose loss computes tokens and subcaptions (mulclip)")
     loss_fn = configured_loss(config, (*GLOBAL, *MEASURED_TERMS))
     image_size = trainer.model.config.image_resolution
-    dataset = open_dataset(config.data, "train", image_size, config.train_size, config.seed, config.image_root)
-    collator = Collator(config.max_subcaptions, long_context=trainer.model.config.context_length)
+    # Opened as the trainer opens it (``train.loop``): with the run's binding twins and captions, so that
+    # the batches are the run's own, not independent scenes.
+    dataset = open_dataset(
+        config.data,
+        "train",
+        image_size,
+        config.train_size,
+        config.seed,
+        config.image_root,
+        config.eval_pairs,
+        twin_fraction=config.twin_fraction,
+        captions=config.captions,
+    )
+    collator = Collator(
+        config.max_subcaptions,
+        with_subcaptions=trainer.needs_subcaptions,
+        long_context=trainer.model.config.context_length,
+    )
     # The run's first batches, in the trainer's order (generated samples are not shuffled).
     stream = iterate_batches(dataset, collator, config.batch_size, config.seed, shuffle=config.data != "synthetic")
     params = [p for _, p in shared_parameters(trainer.model)]

@@ -81,40 +81,59 @@ def metric_values(result: dict) -> dict[str, float]:
     return {key: v for key, v in values.items() if v is not None}
 
 
+def _sample_std(values: list[float]) -> float | None:
+    """The sample standard deviation (n - 1); ``None`` for fewer than two values, whose spread is unknown
+    (not 0)."""
+    return statistics.stdev(values) if len(values) > 1 else None
+
+
 def summarise(per_seed: dict[str, dict]) -> dict:
-    """Mean and sample standard deviation (0 for one seed) of every metric over the seeds."""
+    """Mean and sample standard deviation (``None`` for one seed) of every metric over the seeds."""
     values = [metric_values(result) for result in per_seed.values()]
     keys = [k for k, _, _ in METRICS if all(k in v for v in values)]
     mean = {k: statistics.fmean(v[k] for v in values) for k in keys}
-    std = {k: statistics.stdev([v[k] for v in values]) if len(values) > 1 else 0.0 for k in keys}
+    std = {k: _sample_std([v[k] for v in values]) for k in keys}
     return {"mean": mean, "std": std}
 
 
 def compare(a: dict, b: dict, a_seeds: dict[str, dict], b_seeds: dict[str, dict]) -> dict:
     """Row ``a`` against row ``b`` per metric: the difference of the means, the paired differences (same
-    seed) as mean ± std, and ``beats``: a's mean is above b's by more than the larger of the two rows'
-    standard deviations across seeds — a gap that the seeds' own spread does not cover."""
+    seed, matched by the seed's name: ``paired``, in ``a_seeds``' order) and their mean ± std, and
+    ``beats``: a's mean is above b's by more than the larger of the two rows' standard deviations across
+    seeds — a gap that the seeds' own spread does not cover. A row of one seed has no spread: ``spread``
+    and ``beats`` are then ``None`` (undecided), as are the statistics of fewer than two paired seeds."""
     out = {}
     for key in a["mean"]:
         if key not in b["mean"]:
             continue
-        paired = [metric_values(a_seeds[s])[key] - metric_values(b_seeds[s])[key] for s in a_seeds if s in b_seeds]
-        spread = max(a["std"][key], b["std"][key])
+        by_seed = {s: metric_values(a_seeds[s])[key] - metric_values(b_seeds[s])[key] for s in a_seeds if s in b_seeds}
+        paired = list(by_seed.values())
+        stds = (a["std"][key], b["std"][key])
+        spread = None if None in stds else max(stds)
         diff = a["mean"][key] - b["mean"][key]
         out[key] = {
             "difference": diff,
-            "paired_mean": statistics.fmean(paired) if paired else math.nan,
-            "paired_std": statistics.stdev(paired) if len(paired) > 1 else 0.0,
+            "paired": by_seed,
+            "paired_mean": statistics.fmean(paired) if paired else None,
+            "paired_std": _sample_std(paired),
             "spread": spread,
-            "beats": diff > spread,
+            "beats": None if spread is None else diff > spread,
         }
     return out
+
+
+def verdict(comparison: dict) -> str:
+    """The rule's answer for one metric of ``compare``, in words."""
+    if comparison["beats"] is None:
+        return "cannot tell whether MulCLIP beats global-only (one seed: no spread across seeds)"
+    return f"MulCLIP {'beats' if comparison['beats'] else 'does not beat'} global-only"
 
 
 def _cell(summary: dict, key: str) -> str:
     if key not in summary["mean"]:
         return "—"
-    return f"{summary['mean'][key]:.3f} ± {summary['std'][key]:.3f}"
+    std = summary["std"][key]
+    return f"{summary['mean'][key]:.3f} " + ("(one seed)" if std is None else f"± {std:.3f}")
 
 
 def markdown(results: dict) -> str:
@@ -155,10 +174,14 @@ def markdown(results: dict) -> str:
         for key in QUESTION_METRICS:
             if key in comparison:
                 c = comparison[key]
-                verdict = "beats" if c["beats"] else "does not beat"
+                paired = ", ".join(f"seed {seed} {d:+.3f}" for seed, d in c.get("paired", {}).items()) or "none"
+                if c["paired_mean"] is not None:
+                    std = "" if c["paired_std"] is None else f" ± {c['paired_std']:.3f}"
+                    paired += f"; mean {c['paired_mean']:+.3f}{std}"
+                spread = "none" if c["spread"] is None else f"{c['spread']:.3f}"
                 lines.append(
-                    f"- {titles[key]}: {c['difference']:+.3f} (paired per seed {c['paired_mean']:+.3f} ± "
-                    f"{c['paired_std']:.3f}; spread {c['spread']:.3f}) — MulCLIP {verdict} global-only."
+                    f"- {titles[key]}: {c['difference']:+.3f} (paired per seed {paired}; spread {spread}) — "
+                    f"{verdict(c)}."
                 )
     gradients = results.get("gradients")
     if gradients:
@@ -201,7 +224,7 @@ def plot(results: dict, path: str) -> None:
     for i, key in enumerate(keys):
         xs = [g + (i - (len(keys) - 1) / 2) * width for g in range(len(groups))]
         means = [summary["mean"].get(key, math.nan) for _, summary in groups]
-        stds = [summary["std"].get(key, 0.0) for _, summary in groups]
+        stds = [summary["std"].get(key) or 0.0 for _, summary in groups]  # one seed: no error bar
         ax.bar(xs, means, width, yerr=stds, capsize=3, label=titles[key])
     ax.set_xticks(range(len(groups)))
     ax.set_xticklabels([label for label, _ in groups], rotation=25, ha="right", fontsize=8)

@@ -152,19 +152,20 @@ def _evaluate_pretrained(out: str, pretrained: str, settings: StudySettings) -> 
 
 def _gradients(out: str, pretrained: str, settings: StudySettings, rows: tuple[Row, ...]) -> dict:
     """``{row: {seed: gradient_alignment}}`` for the rows that ask for it (``Row.gradients``), read from
-    ``gradients.json`` where an earlier invocation measured them."""
+    ``gradients.json`` where an earlier invocation measured them. Each row is written as soon as all its
+    seeds are measured, so an interrupted invocation keeps the rows it finished."""
     path = os.path.join(out, "gradients.json")
     result = {}
     if os.path.exists(path):
         with open(path) as handle:
             result = json.load(handle)
-    missing = [row for row in rows if row.gradients and row.key not in result]
-    for row in missing:
+    for row in rows:
+        if not row.gradients or row.key in result:
+            continue
         result[row.key] = {
             str(seed): gradient_alignment(finetune_config(row, seed, settings, pretrained, out="unused"))
             for seed in settings.seeds
         }
-    if missing:
         atomic_write_text(path, json.dumps(result, indent=2))
     return result
 
