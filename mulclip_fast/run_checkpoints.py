@@ -68,7 +68,8 @@ def load_training_checkpoint(path: str) -> dict | None:
     try:
         # weights_only: a checkpoint is tensors and plain values (train/checkpoint.py), and eval or export
         # of a file from elsewhere must not run the code a pickle can carry.
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals(_numpy_array_globals()):
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # zip, pickle and torch errors alike mean "not a readable checkpoint"
         if "TorchScript" in str(exc) or "constants.pkl" in str(exc):
             return None
@@ -80,6 +81,18 @@ def load_training_checkpoint(path: str) -> dict | None:
             )
         return _upgrade_checkpoint(state)
     return None
+
+
+def _numpy_array_globals() -> list:
+    """What a NumPy array needs to unpickle: checkpoints written before 2026-11-30 hold numpy's RNG key table
+    as one. These build arrays and run nothing of the file's choosing, so weights_only may allow them."""
+    import numpy as np
+
+    try:
+        from numpy._core.multiarray import _reconstruct
+    except ImportError:  # NumPy 1.x
+        from numpy.core.multiarray import _reconstruct
+    return [_reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
 
 
 def _upgrade_checkpoint(state: dict) -> dict:
