@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import torch
 
-from ..data import Collator, iterate_batches, open_dataset
+from ..data import iterate_batches
 from ..model.loading import CALIBRATION_PREFIXES
 from ..train import TrainConfig, Trainer, resolve_config
+from ..train.loop import open_training_set
 from ..train.trainer import configured_loss
 
 # The global terms, as one gradient: the alignment the fine-grained terms must not undo.
@@ -47,25 +48,8 @@ def gradient_alignment(config: TrainConfig, batches: int = 4) -> dict:
     if not trainer.needs_tokens or not trainer.needs_subcaptions:
         raise ValueError("gradient_alignment needs a config whose loss computes tokens and subcaptions (mulclip)")
     loss_fn = configured_loss(config, (*GLOBAL, *MEASURED_TERMS))
-    image_size = trainer.model.config.image_resolution
-    # Opened as the trainer opens it (``train.loop``): with the run's binding twins and captions, so that
-    # the batches are the run's own, not independent scenes.
-    dataset = open_dataset(
-        config.data,
-        "train",
-        image_size,
-        config.train_size,
-        config.seed,
-        config.image_root,
-        config.eval_pairs,
-        twin_fraction=config.twin_fraction,
-        captions=config.captions,
-    )
-    collator = Collator(
-        config.max_subcaptions,
-        with_subcaptions=trainer.needs_subcaptions,
-        long_context=trainer.model.config.context_length,
-    )
+    # The run's own data, as the trainer opens it (binding twins and captions included).
+    dataset, collator = open_training_set(config), trainer.collator()
     # The run's first batches, in the trainer's order (generated samples are not shuffled).
     stream = iterate_batches(dataset, collator, config.batch_size, config.seed, shuffle=config.data != "synthetic")
     params = [p for _, p in shared_parameters(trainer.model)]

@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from ..data import Collator, DataError, iterate_batches, open_dataset
+from ..data import DataError, iterate_batches, open_dataset
 from ..distributed import (
     agree,
     finish_collectives,
@@ -197,6 +197,23 @@ def train(
             lock.release()
 
 
+def open_training_set(config: TrainConfig):
+    """The training split a run of ``config`` reads, binding twins and caption kind included: one definition
+    for the trainer and for the study's gradient measurement, which must see the run's own batches."""
+    image_size = preset_config(config.preset, **config.model_overrides).image_resolution
+    return open_dataset(
+        config.data,
+        "train",
+        image_size,
+        config.train_size,
+        config.seed,
+        config.image_root,
+        config.eval_pairs,
+        twin_fraction=config.twin_fraction,
+        captions=config.captions,
+    )
+
+
 def _train(config, resume, stop_at_step, given) -> dict:
     out = config.out
     state = None
@@ -220,17 +237,7 @@ def _train(config, resume, stop_at_step, given) -> dict:
 
     image_size = preset_config(config.preset, **config.model_overrides).image_resolution
     synthetic = config.data == "synthetic"
-    train_set = open_dataset(
-        config.data,
-        "train",
-        image_size,
-        config.train_size,
-        config.seed,
-        config.image_root,
-        config.eval_pairs,
-        twin_fraction=config.twin_fraction,
-        captions=config.captions,
-    )
+    train_set = open_training_set(config)
     total_steps = _count_steps(config, len(train_set))
     if state is not None and total_steps < state["step"]:
         raise ConfigError(f"the run has done {state['step']} steps; --steps / --epochs give only {total_steps}")
@@ -269,11 +276,7 @@ def _train(config, resume, stop_at_step, given) -> dict:
         log.write(f"{len(bad_records)} bad records skipped (see bad_records.json), e.g. {bad_records[0]}")
         if main_rank:
             atomic_write_text(os.path.join(out, "bad_records.json"), json.dumps(bad_records, indent=2))
-    collator = Collator(
-        config.max_subcaptions,
-        with_subcaptions=trainer.needs_subcaptions,
-        long_context=trainer.model.config.context_length,
-    )
+    collator = trainer.collator()
     skipped: dict[str, str] = dict(state.get("skipped_images", {})) if state is not None else {}
     step, interrupted, time_limited = start_step, None, False
     trained_steps = 0  # by this process: a run that never had a usable batch must not pass for a success

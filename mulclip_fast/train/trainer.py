@@ -12,7 +12,7 @@ import math
 
 import torch
 
-from ..data import Batch
+from ..data import Batch, Collator
 from ..distributed import DistributedContext, all_reduce_mean
 from ..losses import FINE_GRAINED_TERMS, OBJECTIVES, DistributedMulCLIPLoss, MulCLIPFeatures, MulCLIPLoss
 from ..model import CLIP, load_clip_weights, preset_config
@@ -125,6 +125,15 @@ class Trainer:
             plain = param.ndim < 2 or "embedding" in name or "ln_" in name or name.endswith("logit_scale")
             (no_decay if plain else decay).append(param)
         return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+    def collator(self) -> Collator:
+        """Batches as this trainer's model and terms take them: its text positions, and subcaptions only
+        for a loss that scores them."""
+        return Collator(
+            self.config.max_subcaptions,
+            with_subcaptions=self.needs_subcaptions,
+            long_context=self.model.config.context_length,
+        )
 
     def learning_rate(self, progress: float, step_fraction: float = 0.0) -> float:
         """Linear warm-up over the first ``warmup`` fraction of training, then cosine decay to 0.
