@@ -198,6 +198,25 @@ def test_resumed_config_keeps_the_stored_device_and_checks_the_gpu_index(monkeyp
         check_device("cuda:1")
 
 
+def test_keyed_flags_given_with_resume_compare_with_the_values_the_run_trains_with():
+    # A stored run holds only the --w-* / --model keys its command line gave. Before, giving a default again
+    # (--w-wpr 1) was refused as "--w {'wpr': 1.0} (the run has {})", and a real change was named the same way.
+    stored = TrainConfig(weights={"sap": 2.0})
+    kept = resumed_config(stored, TrainConfig(weights={"wpr": 1.0, "sap": 2.0}), given={"weights"})
+    assert kept.weights == {"sap": 2.0}
+    same_model = resumed_config(stored, TrainConfig(model_overrides={"text_alibi": 1}), given={"model_overrides"})
+    assert same_model.model_overrides == {}
+    with pytest.raises(ConfigError) as refused:
+        resumed_config(
+            stored,
+            TrainConfig(weights={"wpr": 2.0, "sap": 2.0}, model_overrides={"text_alibi": 0}),
+            given={"weights", "model_overrides"},
+        )
+    message = str(refused.value)
+    assert "--w-wpr 2.0 (the run has 1.0)" in message and "--model text_alibi=0 (the run has text_alibi=1)" in message
+    assert "{" not in message and "--w-sap" not in message
+
+
 def _sharegpt4v(tmp_path, n: int):
     """A ShareGPT4V file of ``n`` records. It has no split of its own: a run holds out its last --eval-pairs."""
     (tmp_path / "coco").mkdir()

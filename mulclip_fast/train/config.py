@@ -400,6 +400,29 @@ def _holds_out_by_count(config: TrainConfig) -> bool:
     return config.data.partition(":")[0] in HELD_OUT_BY_COUNT
 
 
+def _keyed_flag_contradictions(stored: TrainConfig, name: str, given: dict) -> list[str]:
+    """The keys of a keyed flag (``--w-KEY``, ``--model KEY=INT``) given with ``--resume`` whose value differs
+    from the one the stored run trains with, each as its own flag: a stored dict holds only the keys its
+    command line gave, so a key left out there has its default (``DEFAULT_WEIGHTS``, the preset's field), and
+    giving that default again is no change."""
+    if name == "model_overrides":
+        preset = preset_config(stored.preset, **stored.model_overrides)
+        current = {key: getattr(preset, key, None) for key in given}
+        current = {key: int(value) if isinstance(value, bool) else value for key, value in current.items()}
+        return [
+            f"--model {key}={value} (the run has {key}={current[key]})"
+            for key, value in sorted(given.items())
+            if value != current[key]
+        ]
+    flag = flag_of(_FIELDS[name])
+    current = {**flag.keys, **current_term_names(getattr(stored, name), warn=False)}
+    return [
+        f"{flag.name}-{key.replace('_', '-')} {value} (the run has {current.get(key)})"
+        for key, value in sorted(given.items())
+        if value != current.get(key)
+    ]
+
+
 def resumed_config(stored: TrainConfig, requested: TrainConfig, given: set[str]) -> TrainConfig:
     """The settings of a resumed run: the ``stored`` run's, its directory (``out``) from ``requested``, and
     the ``given`` settings of ``requested`` that may change (``RESUMABLE_CHANGES``). Without ``device`` in
@@ -421,7 +444,8 @@ def resumed_config(stored: TrainConfig, requested: TrainConfig, given: set[str])
     for name in sorted(given):
         before, value = getattr(stored, name), getattr(requested, name)
         if isinstance(before, dict):  # keyed flags (--w-*, --model) give only the keys on the command line
-            value = {**before, **value}
+            refused += _keyed_flag_contradictions(stored, name, value)
+            continue
         if name == "data":  # stored absolute (``absolute_data_spec``); the run's own spelling is no change
             before, value = absolute_data_spec(before), absolute_data_spec(value)
         if value == before:
