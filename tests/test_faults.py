@@ -430,6 +430,24 @@ def test_a_negative_seed_or_interval_is_an_error_before_any_work(tmp_path, capsy
         assert "--seed must be >= 0" in _error(capsys)
 
 
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--lr", "inf"], "invalid value for --lr (inf)"),
+        (["--weight-decay", "inf"], "invalid value for --weight-decay (inf)"),
+        (["--tau-attn", "inf"], "invalid value for --tau-attn (inf)"),
+        (["--w-wpr", "nan"], "invalid value for --w-wpr (nan)"),
+        (["--w-global-short", "inf"], "invalid value for --w-global-short (inf)"),
+    ],
+)
+def test_an_infinite_rate_temperature_or_weight_is_an_error_before_any_work(tmp_path, capsys, argv, message):
+    # These ended in a traceback and exit 1 (the loss's ValueError, or NaN similarities at the first step).
+    out = tmp_path / "run"
+    assert main([*argv, "--steps", "1", "--batch-size", "4", "--eval-pairs", "0", *SMALL, "--out", str(out)]) == 2
+    assert message in _error(capsys)
+    assert not out.exists()
+
+
 class _OpensAFile:
     """A pickle payload: unpickling it calls ``open(marker, "w")``, as a hostile file could call anything."""
 

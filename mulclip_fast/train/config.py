@@ -9,6 +9,8 @@ so a new setting is one field here.
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -319,17 +321,17 @@ def resolve_config(config: TrainConfig, resuming: bool = False) -> TrainConfig:
         c.lr = DEFAULT_LR_FINETUNE if c.init else DEFAULT_LR_SCRATCH
     valid = {
         "batch_size": c.batch_size >= 2,
-        "lr": c.lr > 0,
-        "weight_decay": c.weight_decay >= 0,
+        "lr": c.lr > 0 and math.isfinite(c.lr),
+        "weight_decay": 0 <= c.weight_decay < math.inf,
         "warmup": 0 <= c.warmup < 1,
         "fine_start": 0 <= c.fine_start <= 1,
         "fine_ramp": 0 <= c.fine_ramp <= 1,
         "time_limit": c.time_limit >= 0,
         "max_subcaptions": c.max_subcaptions >= 1,
         "sap_topk_ratio": 0 < c.sap_topk_ratio <= 1,
-        "tau_attn": c.tau_attn > 0,
-        "tau_contrast": c.tau_contrast > 0,
-        "tau_sap": c.tau_sap > 0,
+        "tau_attn": 0 < c.tau_attn < math.inf,
+        "tau_contrast": 0 < c.tau_contrast < math.inf,
+        "tau_sap": 0 < c.tau_sap < math.inf,
         "freeze_positions": 0 <= c.freeze_positions <= 248,
         "keep_checkpoints": c.keep_checkpoints >= 1,
         "seed": c.seed >= 0,  # the synthetic data and the data order are seeded by non-negative integers
@@ -351,6 +353,9 @@ def resolve_config(config: TrainConfig, resuming: bool = False) -> TrainConfig:
     unknown = set(c.weights) - set(TERMS)
     if unknown:
         raise ConfigError(f"unknown loss term weight(s) {sorted(unknown)}")
+    for term, weight in c.weights.items():  # MulCLIPLoss refuses them too, but with a traceback mid-setup
+        if isinstance(weight, bool) or not (isinstance(weight, numbers.Real) and math.isfinite(weight)):
+            raise ConfigError(f"invalid value for --w-{term.replace('_', '-')} ({weight}): a finite number")
     try:
         preset_config(c.preset, **c.model_overrides)
     except (TypeError, ValueError) as exc:
