@@ -81,6 +81,20 @@ def test_cli_smoke_run_writes_the_run_directory(tmp_path):
     assert "\r" not in done.stderr  # no progress bar when not on a terminal
 
 
+def test_the_summary_table_says_its_losses_are_means_of_the_last_steps(tmp_path):
+    # The rows were "final loss" and "final wpr": a 10-step run printed "final loss 3.85" under a last step
+    # of loss 10.2 (the mean of 10 steps, where WPR and SAP ran in the last only).
+    from mulclip_fast.train.report import summary_table
+
+    records = [{"step": s, "loss": 3.0, "global_long": 2.0, "samples_per_s": 10.0, "memory_mb": 1.0} for s in range(9)]
+    records.append({"step": 9, "loss": 10.0, "global_long": 2.0, "wpr": 5.0, "samples_per_s": 10.0, "memory_mb": 1.0})
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    table = summary_table(TrainConfig(out=str(tmp_path)), {"steps": 10, "total_steps": 10, "train_seconds": 1.0}, ())
+    assert "final " not in table
+    assert "mean loss" in table and "3.7000 (last 10 logged steps)" in table
+    assert "mean wpr" in table and "5.0000 (last logged step)" in table
+
+
 def test_resume_is_bit_for_bit(tmp_path):
     straight = train(small_config(tmp_path / "straight"))
     assert straight["steps"] == 6
