@@ -352,11 +352,17 @@ def build_parser() -> argparse.ArgumentParser:
         choices=sorted(PRESETS),
         help="architecture of a plain CLIP checkpoint (a training checkpoint names its own)",
     )
-    parser.add_argument("--pairs", type=int, default=1000, help="held-out pairs (synthetic: generated)")
+    parser.add_argument(
+        "--pairs",
+        type=int,
+        default=1000,
+        help="pairs evaluated at most, the first in file order (synthetic: generated; "
+        "COCO, Flickr30k: images) (default: 1000)",
+    )
     parser.add_argument("--seed", type=int, default=None, help="synthetic data seed (default: the run's)")
-    parser.add_argument("--split", choices=("val", "test"), default="test")
-    parser.add_argument("--batch-size", type=int, default=250)
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--split", choices=("val", "test"), default="test", help="(default: test)")
+    parser.add_argument("--batch-size", type=int, default=250, help="pairs per forward pass (default: 250)")
+    parser.add_argument("--device", default="cpu", help="torch device (default: cpu)")
     parser.add_argument("--out", default=None, help="write the JSON here (default: print only)")
     parser.add_argument(
         "--zeroshot", default=None, help="imagefolder:PATH: also zero-shot classify PATH/CLASS_NAME/*.png|jpg|…"

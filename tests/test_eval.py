@@ -150,3 +150,11 @@ def test_a_preset_that_is_not_the_training_checkpoints_own_is_an_error(tmp_path,
     with pytest.raises(SystemExit) as bad:
         mulclip_fast.eval.main(["--checkpoint", str(run), "--preset", "nope"])
     assert bad.value.code == 2 and "invalid choice: 'nope'" in capsys.readouterr().err
+
+
+def test_eval_help_gives_the_defaults_the_docs_state():
+    # docs/training.md gives --pairs a default of 1,000; --help showed none for --pairs, --split, --batch-size
+    # or --device (the trainer's --help shows every default).
+    text = " ".join(mulclip_fast.eval.build_parser().format_help().split())
+    for default in ("(default: 1000)", "(default: test)", "(default: 250)", "(default: cpu)"):
+        assert default in text
