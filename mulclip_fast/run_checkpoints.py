@@ -14,7 +14,7 @@ import os
 import torch
 
 from .losses import current_term_names
-from .model import CheckpointError
+from .model import CheckpointError, checkpoint_read_error
 
 CHECKPOINT_FORMAT = "mulclip-fast-train"
 # Version 2: the tiny preset's text tower gained ALiBi biases. Version-1 checkpoints are read as what they
@@ -72,7 +72,7 @@ def load_training_checkpoint(path: str) -> dict | None:
     except Exception as exc:  # zip, pickle and torch errors alike mean "not a readable checkpoint"
         if "TorchScript" in str(exc) or "constants.pkl" in str(exc):
             return None
-        raise CheckpointError(f"cannot read checkpoint {path}: {type(exc).__name__}: {exc}") from None
+        raise checkpoint_read_error(path, exc) from None
     if isinstance(state, dict) and state.get("format") == CHECKPOINT_FORMAT:
         if state.get("version") not in (1, CHECKPOINT_VERSION):
             raise CheckpointError(

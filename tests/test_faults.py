@@ -19,7 +19,7 @@ from PIL import Image
 
 from mulclip_fast import eval as eval_cli
 from mulclip_fast.data import batch_order, open_dataset, read_docci
-from mulclip_fast.model import CheckpointError, check_device
+from mulclip_fast.model import CheckpointError, check_device, read_state_dict
 from mulclip_fast.run_checkpoints import CHECKPOINT_FORMAT, load_training_checkpoint
 from mulclip_fast.train import TrainConfig, main, train
 from mulclip_fast.train.config import ConfigError, resolve_config, resumed_config
@@ -466,3 +466,18 @@ def test_a_checkpoint_file_from_elsewhere_cannot_run_code(tmp_path):
     with pytest.raises(CheckpointError, match="cannot read checkpoint"):
         load_training_checkpoint(str(path))
     assert not marker.exists()
+
+
+@pytest.mark.parametrize("content", [b"print('not a checkpoint')\n", b""], ids=["text", "empty"])
+def test_a_file_that_is_no_checkpoint_is_named_so_without_torchs_advice_to_unpickle_it(tmp_path, content):
+    # The message was PyTorch's paragraph: "Re-running torch.load with weights_only set to False will likely
+    # succeed ... Please file an issue ...", for a file that is no checkpoint at all; an empty file gave
+    # "EOFError: " with nothing after it.
+    path = tmp_path / "weights.pt"
+    path.write_bytes(content)
+    for load in (load_training_checkpoint, read_state_dict):
+        with pytest.raises(CheckpointError) as error:
+            load(str(path))
+        message = str(error.value)
+        assert message.startswith(f"cannot read checkpoint {path}: ")
+        assert "weights_only" not in message and "file an issue" not in message and not message.endswith(": ")
