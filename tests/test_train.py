@@ -219,6 +219,7 @@ def test_corrupt_and_missing_images_are_skipped_and_counted(tmp_path):
         (["--steps", "0"], "--steps must be >= 1"),
         (["--steps", "3", "--epochs", "1"], "not both"),
         (["--model", "layers"], "FIELD=INT"),
+        (["--model", "layers=2"], "--model layers: no such field of the tiny preset; its fields: embed_dim,"),
         (["--batch-size", "1"], "--batch-size"),
         (["--resume"], "no checkpoint"),
     ],

@@ -356,6 +356,10 @@ def resolve_config(config: TrainConfig, resuming: bool = False) -> TrainConfig:
     for term, weight in c.weights.items():  # MulCLIPLoss refuses them too, but with a traceback mid-setup
         if isinstance(weight, bool) or not (isinstance(weight, numbers.Real) and math.isfinite(weight)):
             raise ConfigError(f"invalid value for --w-{term.replace('_', '-')} ({weight}): a finite number")
+    unknown_fields = sorted(set(c.model_overrides) - {f.name for f in dataclasses.fields(PRESETS[c.preset])})
+    if unknown_fields:
+        fields = ", ".join(f.name for f in dataclasses.fields(PRESETS[c.preset]))
+        raise ConfigError(f"--model {unknown_fields[0]}: no such field of the {c.preset} preset; its fields: {fields}")
     try:
         preset_config(c.preset, **c.model_overrides)
     except (TypeError, ValueError) as exc:
