@@ -95,6 +95,14 @@ def test_the_summary_table_says_its_losses_are_means_of_the_last_steps(tmp_path)
     assert "mean wpr" in table and "5.0000 (last logged step)" in table
 
 
+def test_by_default_a_run_validates_every_fifth_of_it_before_the_final_evaluation(tmp_path):
+    # --help said "0: 5 per run" and docs/training.md "5 validations"; the run validates at 1/5 .. 4/5 of
+    # its steps, the final evaluation taking the place of a fifth.
+    train(small_config(tmp_path / "run", loss="global", steps=10, val_every=0))
+    assert [record["step"] for record in read_jsonl(tmp_path / "run" / "val.jsonl")] == [2, 4, 6, 8]
+    assert "4 before the final evaluation" in " ".join(build_parser().format_help().split())
+
+
 def test_resume_is_bit_for_bit(tmp_path):
     straight = train(small_config(tmp_path / "straight"))
     assert straight["steps"] == 6

@@ -243,7 +243,7 @@ class TrainConfig:
     log_every: int = setting(1, "steps between metrics.jsonl records", RUN)
     checkpoint_every: int = setting(0, "steps between checkpoints (0: only at the end)", RUN)
     keep_checkpoints: int = setting(2, "checkpoints kept (the newest)", RUN)
-    val_every: int = setting(0, "steps between validations (0: 5 per run)", RUN)
+    val_every: int = setting(0, "steps between validations (0: a fifth of the run: 4 before the final evaluation)", RUN)
     val_pairs: int = setting(256, "held-out synthetic pairs of each validation", RUN)
     eval_pairs: int = setting(1000, "held-out pairs of the final evaluation (0: none)", RUN)
 
