@@ -243,11 +243,28 @@ def check_cuda_sources(sources=None, archs=ARCHS, dtypes=DTYPES):
             yield from (r for r in compile_cuda_source(source, arch) if r.dtype in dtypes or r.dtype == "-")
 
 
+def _kernel_module(name: str) -> str:
+    """``--module``: a module of :data:`KERNEL_MODULES`, by its full name or its last part (``token_softmax``)."""
+    full = name if name in KERNEL_MODULES else f"mulclip_fast.kernels.{name}"
+    if full not in KERNEL_MODULES:
+        short = ", ".join(module.rsplit(".", 1)[1] for module in KERNEL_MODULES)
+        raise argparse.ArgumentTypeError(f"unknown kernel module {name!r}; choose from {short}")
+    return full
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--arch", type=int, nargs="+", default=list(ARCHS), choices=sorted(SHARED_LIMIT))
     parser.add_argument("--dtype", nargs="+", default=list(DTYPES), choices=DTYPES)
-    parser.add_argument("--module", nargs="+", default=None, help="kernel modules (default: KERNEL_MODULES)")
+    parser.add_argument(
+        "--module",
+        nargs="+",
+        type=_kernel_module,
+        default=None,
+        help="kernel modules, e.g. token_softmax (default: all: "
+        + ", ".join(module.rsplit(".", 1)[1] for module in KERNEL_MODULES)
+        + ")",
+    )
     parser.add_argument("--jobs", type=int, default=None, help="parallel compiles (default: CPU count)")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):

@@ -43,7 +43,7 @@ from .fine_grained import (
     zeroshot_image_folder,
     zeroshot_synthetic,
 )
-from .model import CLIP, CheckpointError, check_device, load_clip_weights, preset_config, read_state_dict
+from .model import CLIP, PRESETS, CheckpointError, check_device, load_clip_weights, preset_config, read_state_dict
 from .run_checkpoints import load_latest_training_checkpoint, load_training_checkpoint
 
 RECALL_KS = (1, 5, 10)
@@ -311,6 +311,11 @@ def load_model_for_eval(checkpoint: str, preset: str | None, device: str) -> tup
         state = load_training_checkpoint(path)
     if state is not None:
         config = state["config"]
+        if preset is not None and preset != config["preset"]:
+            raise CheckpointError(
+                f"{path} is a training checkpoint of a {config['preset']} model, not {preset}: --preset names "
+                "the architecture of a plain CLIP checkpoint only; leave it out"
+            )
         model = CLIP(preset_config(config["preset"], **config.get("model_overrides", {})))
         model.load_state_dict(state["model"])
         return model.to(device), config
@@ -341,12 +346,23 @@ def build_parser() -> argparse.ArgumentParser:
         "--split picks Karpathy's val or test images, --pairs caps the images)",
     )
     parser.add_argument("--image-root", default=None, help="folder the dataset's image paths are relative to")
-    parser.add_argument("--preset", default=None, help="architecture of a plain CLIP checkpoint")
-    parser.add_argument("--pairs", type=int, default=1000, help="held-out pairs (synthetic: generated)")
+    parser.add_argument(
+        "--preset",
+        default=None,
+        choices=sorted(PRESETS),
+        help="architecture of a plain CLIP checkpoint (a training checkpoint names its own)",
+    )
+    parser.add_argument(
+        "--pairs",
+        type=int,
+        default=1000,
+        help="pairs evaluated at most, the first in file order (synthetic: generated; "
+        "COCO, Flickr30k: images) (default: 1000)",
+    )
     parser.add_argument("--seed", type=int, default=None, help="synthetic data seed (default: the run's)")
-    parser.add_argument("--split", choices=("val", "test"), default="test")
-    parser.add_argument("--batch-size", type=int, default=250)
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--split", choices=("val", "test"), default="test", help="(default: test)")
+    parser.add_argument("--batch-size", type=int, default=250, help="pairs per forward pass (default: 250)")
+    parser.add_argument("--device", default="cpu", help="torch device (default: cpu)")
     parser.add_argument("--out", default=None, help="write the JSON here (default: print only)")
     parser.add_argument(
         "--zeroshot", default=None, help="imagefolder:PATH: also zero-shot classify PATH/CLASS_NAME/*.png|jpg|…"

@@ -14,7 +14,7 @@ import os
 import torch
 
 from .losses import current_term_names
-from .model import CheckpointError
+from .model import CheckpointError, checkpoint_read_error
 
 CHECKPOINT_FORMAT = "mulclip-fast-train"
 # Version 2: the tiny preset's text tower gained ALiBi biases. Version-1 checkpoints are read as what they
@@ -68,12 +68,13 @@ def load_training_checkpoint(path: str) -> dict | None:
     try:
         # weights_only: a checkpoint is tensors and plain values (train/checkpoint.py), and eval or export
         # of a file from elsewhere must not run the code a pickle can carry.
-        with torch.serialization.safe_globals(_numpy_array_globals()):
-            state = torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # zip, pickle and torch errors alike mean "not a readable checkpoint"
         if "TorchScript" in str(exc) or "constants.pkl" in str(exc):
             return None
-        raise CheckpointError(f"cannot read checkpoint {path}: {type(exc).__name__}: {exc}") from None
+        if "numpy" not in str(exc):
+            raise checkpoint_read_error(path, exc) from None
+        state = _load_with_numpy_arrays(path)
     if isinstance(state, dict) and state.get("format") == CHECKPOINT_FORMAT:
         if state.get("version") not in (1, CHECKPOINT_VERSION):
             raise CheckpointError(
@@ -83,16 +84,21 @@ def load_training_checkpoint(path: str) -> dict | None:
     return None
 
 
-def _numpy_array_globals() -> list:
-    """What a NumPy array needs to unpickle: checkpoints written before 2026-11-30 hold numpy's RNG key table
-    as one. These build arrays and run nothing of the file's choosing, so weights_only may allow them."""
+def _load_with_numpy_arrays(path: str):
+    """A checkpoint written before 2026-11-30, whose RNG state holds numpy's own tuple (an ndarray of keys):
+    loaded with numpy's array reconstruction allowed, and nothing else, so that ``export`` (the way out that
+    ``--init``'s error names), ``eval`` and ``--resume`` still read it; any other global is refused as before."""
     import numpy as np
 
+    reconstruct = np._core.multiarray._reconstruct if hasattr(np, "_core") else np.core.multiarray._reconstruct
+    # A pickle names the function by the module of the numpy that wrote it: numpy.core before 2.0.
+    allowed = [np.ndarray, np.dtype, reconstruct, type(np.dtype(np.uint32)), type(np.dtype(np.int64))]
+    allowed += [(reconstruct, f"numpy.{core}.multiarray._reconstruct") for core in ("core", "_core")]
     try:
-        from numpy._core.multiarray import _reconstruct
-    except ImportError:  # NumPy 1.x
-        from numpy.core.multiarray import _reconstruct
-    return [_reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+        with torch.serialization.safe_globals(allowed):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise checkpoint_read_error(path, exc) from None
 
 
 def _upgrade_checkpoint(state: dict) -> dict:

@@ -34,6 +34,17 @@ def _run_check(*args: str, timeout: int) -> subprocess.CompletedProcess:
     )
 
 
+def test_module_takes_a_kernel_modules_short_name_and_names_the_choices_otherwise(capsys):
+    # --help said "kernel modules (default: KERNEL_MODULES)"; --module token_softmax ended in a
+    # ModuleNotFoundError traceback, as only the dotted mulclip_fast.kernels.token_softmax was importable.
+    assert compile_check._kernel_module("token_softmax") == "mulclip_fast.kernels.token_softmax"
+    assert compile_check._kernel_module("mulclip_fast.kernels.pairwise_topk") == "mulclip_fast.kernels.pairwise_topk"
+    with pytest.raises(SystemExit) as bad:
+        compile_check.main(["--module", "softmax"])
+    assert bad.value.code == 2
+    assert "unknown kernel module 'softmax'; choose from token_softmax, topk_aggregate" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("module_name", compile_check.KERNEL_MODULES)
 def test_every_kernel_module_follows_the_protocol(module_name):
     """Each listed module gives specs for every dtype whose signatures name every kernel argument."""

@@ -133,3 +133,28 @@ def test_evaluation_does_not_import_training():
     imported = _imported_modules(mulclip_fast.eval)
     assert "mulclip_fast.run_checkpoints" in imported
     assert not [name for name in imported if name == "mulclip_fast.train" or name.startswith("mulclip_fast.train.")]
+
+
+def test_a_preset_that_is_not_the_training_checkpoints_own_is_an_error(tmp_path, capsys):
+    # --preset names a plain CLIP checkpoint's architecture; with a run directory it was silently ignored,
+    # even when it named no preset at all (--preset nope), so the user believed another model was scored.
+    from mulclip_fast.train import train
+
+    from .test_train import small_config
+
+    run = tmp_path / "run"
+    train(small_config(run, loss="global", steps=1))
+    with pytest.raises(mulclip_fast.eval.CheckpointError, match="a training checkpoint of a tiny model, not vit-b-16"):
+        load_model_for_eval(str(run), "vit-b-16", "cpu")
+    assert load_model_for_eval(str(run), "tiny", "cpu")[1]["preset"] == "tiny"
+    with pytest.raises(SystemExit) as bad:
+        mulclip_fast.eval.main(["--checkpoint", str(run), "--preset", "nope"])
+    assert bad.value.code == 2 and "invalid choice: 'nope'" in capsys.readouterr().err
+
+
+def test_eval_help_gives_the_defaults_the_docs_state():
+    # docs/training.md gives --pairs a default of 1,000; --help showed none for --pairs, --split, --batch-size
+    # or --device (the trainer's --help shows every default).
+    text = " ".join(mulclip_fast.eval.build_parser().format_help().split())
+    for default in ("(default: 1000)", "(default: test)", "(default: 250)", "(default: cpu)"):
+        assert default in text

@@ -19,7 +19,7 @@ from PIL import Image
 
 from mulclip_fast import eval as eval_cli
 from mulclip_fast.data import batch_order, open_dataset, read_docci
-from mulclip_fast.model import CheckpointError, check_device
+from mulclip_fast.model import CheckpointError, check_device, read_state_dict
 from mulclip_fast.run_checkpoints import CHECKPOINT_FORMAT, load_training_checkpoint
 from mulclip_fast.train import TrainConfig, main, train
 from mulclip_fast.train.config import ConfigError, resolve_config, resumed_config
@@ -196,6 +196,25 @@ def test_resumed_config_keeps_the_stored_device_and_checks_the_gpu_index(monkeyp
         resumed_config(TrainConfig(device="cuda:1"), TrainConfig(), given=set())
     with pytest.raises(ValueError, match="--device cuda:1 requested but this machine has 1 CUDA device"):
         check_device("cuda:1")
+
+
+def test_keyed_flags_given_with_resume_compare_with_the_values_the_run_trains_with():
+    # A stored run holds only the --w-* / --model keys its command line gave. Before, giving a default again
+    # (--w-wpr 1) was refused as "--w {'wpr': 1.0} (the run has {})", and a real change was named the same way.
+    stored = TrainConfig(weights={"sap": 2.0})
+    kept = resumed_config(stored, TrainConfig(weights={"wpr": 1.0, "sap": 2.0}), given={"weights"})
+    assert kept.weights == {"sap": 2.0}
+    same_model = resumed_config(stored, TrainConfig(model_overrides={"text_alibi": 1}), given={"model_overrides"})
+    assert same_model.model_overrides == {}
+    with pytest.raises(ConfigError) as refused:
+        resumed_config(
+            stored,
+            TrainConfig(weights={"wpr": 2.0, "sap": 2.0}, model_overrides={"text_alibi": 0}),
+            given={"weights", "model_overrides"},
+        )
+    message = str(refused.value)
+    assert "--w-wpr 2.0 (the run has 1.0)" in message and "--model text_alibi=0 (the run has text_alibi=1)" in message
+    assert "{" not in message and "--w-sap" not in message
 
 
 def _sharegpt4v(tmp_path, n: int):
@@ -411,6 +430,24 @@ def test_a_negative_seed_or_interval_is_an_error_before_any_work(tmp_path, capsy
         assert "--seed must be >= 0" in _error(capsys)
 
 
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--lr", "inf"], "invalid value for --lr (inf)"),
+        (["--weight-decay", "inf"], "invalid value for --weight-decay (inf)"),
+        (["--tau-attn", "inf"], "invalid value for --tau-attn (inf)"),
+        (["--w-wpr", "nan"], "invalid value for --w-wpr (nan)"),
+        (["--w-global-short", "inf"], "invalid value for --w-global-short (inf)"),
+    ],
+)
+def test_an_infinite_rate_temperature_or_weight_is_an_error_before_any_work(tmp_path, capsys, argv, message):
+    # These ended in a traceback and exit 1 (the loss's ValueError, or NaN similarities at the first step).
+    out = tmp_path / "run"
+    assert main([*argv, "--steps", "1", "--batch-size", "4", "--eval-pairs", "0", *SMALL, "--out", str(out)]) == 2
+    assert message in _error(capsys)
+    assert not out.exists()
+
+
 class _OpensAFile:
     """A pickle payload: unpickling it calls ``open(marker, "w")``, as a hostile file could call anything."""
 
@@ -429,3 +466,18 @@ def test_a_checkpoint_file_from_elsewhere_cannot_run_code(tmp_path):
     with pytest.raises(CheckpointError, match="cannot read checkpoint"):
         load_training_checkpoint(str(path))
     assert not marker.exists()
+
+
+@pytest.mark.parametrize("content", [b"print('not a checkpoint')\n", b""], ids=["text", "empty"])
+def test_a_file_that_is_no_checkpoint_is_named_so_without_torchs_advice_to_unpickle_it(tmp_path, content):
+    # The message was PyTorch's paragraph: "Re-running torch.load with weights_only set to False will likely
+    # succeed ... Please file an issue ...", for a file that is no checkpoint at all; an empty file gave
+    # "EOFError: " with nothing after it.
+    path = tmp_path / "weights.pt"
+    path.write_bytes(content)
+    for load in (load_training_checkpoint, read_state_dict):
+        with pytest.raises(CheckpointError) as error:
+            load(str(path))
+        message = str(error.value)
+        assert message.startswith(f"cannot read checkpoint {path}: ")
+        assert "weights_only" not in message and "file an issue" not in message and not message.endswith(": ")

@@ -279,6 +279,28 @@ def test_the_prepared_device_command_runs_gpu_check_into_out_and_keeps_a_log(tmp
     assert sorted(p.name for p in out.iterdir()) == ["gpu-check.log"]
 
 
+@pytest.mark.parametrize("flag", ["--help", "-h"])
+def test_the_prepared_device_command_answers_help_without_installing_or_writing(tmp_path, flag):
+    """``.ci/gpu-check --help`` ran its offline ``pip install -e .`` into whatever python3 was first on the PATH
+    and wrote benchmarks/results/gpu-check.log before gpu_check could print its help."""
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "python").write_text(f"#!/bin/sh\necho called >> {tmp_path / 'python-called'}\n")
+    (fake / "python").chmod(0o755)
+    out = tmp_path / "out"
+    completed = subprocess.run(
+        ["bash", str(REPO / ".ci" / "gpu-check"), flag],
+        cwd=tmp_path,
+        env={**os.environ, "OUT": str(out), "PYTHON": str(fake / "python")},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert completed.returncode == 0, completed.stderr
+    assert "fetch-wheels" in completed.stdout and "python -m mulclip_fast.gpu_check --help" in completed.stdout
+    assert not out.exists() and not (tmp_path / "python-called").exists()
+
+
 @pytest.mark.parametrize(
     ("given", "passed", "outer"),
     [((), ["--time-limit", "480"], "540"), (("--time-limit", "30"), ["--time-limit", "30"], "90")],

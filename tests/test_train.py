@@ -81,6 +81,28 @@ def test_cli_smoke_run_writes_the_run_directory(tmp_path):
     assert "\r" not in done.stderr  # no progress bar when not on a terminal
 
 
+def test_the_summary_table_says_its_losses_are_means_of_the_last_steps(tmp_path):
+    # The rows were "final loss" and "final wpr": a 10-step run printed "final loss 3.85" under a last step
+    # of loss 10.2 (the mean of 10 steps, where WPR and SAP ran in the last only).
+    from mulclip_fast.train.report import summary_table
+
+    records = [{"step": s, "loss": 3.0, "global_long": 2.0, "samples_per_s": 10.0, "memory_mb": 1.0} for s in range(9)]
+    records.append({"step": 9, "loss": 10.0, "global_long": 2.0, "wpr": 5.0, "samples_per_s": 10.0, "memory_mb": 1.0})
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    table = summary_table(TrainConfig(out=str(tmp_path)), {"steps": 10, "total_steps": 10, "train_seconds": 1.0}, ())
+    assert "final " not in table
+    assert "mean loss" in table and "3.7000 (last 10 logged steps)" in table
+    assert "mean wpr" in table and "5.0000 (last logged step)" in table
+
+
+def test_by_default_a_run_validates_every_fifth_of_it_before_the_final_evaluation(tmp_path):
+    # --help said "0: 5 per run" and docs/training.md "5 validations"; the run validates at 1/5 .. 4/5 of
+    # its steps, the final evaluation taking the place of a fifth.
+    train(small_config(tmp_path / "run", loss="global", steps=10, val_every=0))
+    assert [record["step"] for record in read_jsonl(tmp_path / "run" / "val.jsonl")] == [2, 4, 6, 8]
+    assert "4 before the final evaluation" in " ".join(build_parser().format_help().split())
+
+
 def test_resume_is_bit_for_bit(tmp_path):
     straight = train(small_config(tmp_path / "straight"))
     assert straight["steps"] == 6
@@ -205,6 +227,7 @@ def test_corrupt_and_missing_images_are_skipped_and_counted(tmp_path):
         (["--steps", "0"], "--steps must be >= 1"),
         (["--steps", "3", "--epochs", "1"], "not both"),
         (["--model", "layers"], "FIELD=INT"),
+        (["--model", "layers=2"], "--model layers: no such field of the tiny preset; its fields: embed_dim,"),
         (["--batch-size", "1"], "--batch-size"),
         (["--resume"], "no checkpoint"),
     ],

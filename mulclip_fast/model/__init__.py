@@ -2,7 +2,14 @@
 
 from .calibration import LocalTokenCalibration
 from .clip import CLIP, LONG_CONTEXT, PRESETS, SHORT_CONTEXT, CLIPConfig, preset_config
-from .loading import CheckpointError, check_device, describe_clip_state_dict, load_clip_weights, read_state_dict
+from .loading import (
+    CheckpointError,
+    check_device,
+    checkpoint_read_error,
+    describe_clip_state_dict,
+    load_clip_weights,
+    read_state_dict,
+)
 
 __all__ = [
     "CLIP",
@@ -13,6 +20,7 @@ __all__ = [
     "PRESETS",
     "SHORT_CONTEXT",
     "check_device",
+    "checkpoint_read_error",
     "describe_clip_state_dict",
     "load_clip_weights",
     "preset_config",

@@ -16,6 +16,7 @@ loads without error, but its features are not the ones it was trained to give.
 from __future__ import annotations
 
 import os
+import re
 import zipfile
 
 import torch
@@ -36,6 +37,23 @@ CALIBRATION_PREFIXES = ("patch_calibration.", "word_calibration.")
 
 class CheckpointError(ValueError):
     """A checkpoint file that cannot be read or does not fit the model; the message says why."""
+
+
+def checkpoint_read_error(path: str, exc: BaseException) -> CheckpointError:
+    """The error for a file ``torch.load(path, weights_only=True)`` could not read: PyTorch's own message for a
+    file of other pickled objects (or no pickle at all) is a paragraph that advises ``weights_only=False``,
+    which these loaders refuse on purpose, and an empty file gives an ``EOFError`` with no message."""
+    text = str(exc)
+    if "Weights only load failed" in text:
+        found = re.search(r"WeightsUnpickler error:\s*(.*?)(?:\n\s*\n|Check the documentation|$)", text, re.S)
+        reason = found.group(1).strip() if found else ""
+        return CheckpointError(
+            f"cannot read checkpoint {path}: not a PyTorch file of tensors and plain values, the only kind "
+            "loaded (a pickle of other objects can run code)" + (f"; torch.load says: {reason}" if reason else "")
+        )
+    if isinstance(exc, EOFError) or not text:
+        return CheckpointError(f"cannot read checkpoint {path}: the file is empty or cut short")
+    return CheckpointError(f"cannot read checkpoint {path}: {type(exc).__name__}: {text}")
 
 
 def _is_torchscript(path: str) -> bool:
@@ -64,7 +82,7 @@ def read_state_dict(path: str) -> dict[str, torch.Tensor]:
                 "mulclip-fast?), which are not loaded as weights for safety: write its weights with "
                 "`python -m mulclip_fast.export --checkpoint PATH --out weights.pt` and pass that file"
             ) from None
-        raise CheckpointError(f"cannot read checkpoint {path}: {type(exc).__name__}: {exc}") from None
+        raise checkpoint_read_error(path, exc) from None
     for wrapper in ("state_dict", "model"):
         if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
             state = state[wrapper]

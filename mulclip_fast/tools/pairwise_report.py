@@ -1,4 +1,5 @@
-"""Peak memory and time of the all-pairs ops, fused ``torch`` backend vs the reference (issue 5).
+"""Peak memory and time of the all-pairs ops, fused ``torch`` backend vs the reference
+(docs/performance.md, "All-pairs ops").
 
     python -m mulclip_fast.tools.pairwise_report [--batch 64] [--queries 248] [--keys 196] [--width 512]
                                                  [--subcaptions 8] [--k 49] [--repeats 5] [--no-time]

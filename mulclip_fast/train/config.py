@@ -9,6 +9,8 @@ so a new setting is one field here.
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -241,7 +243,7 @@ class TrainConfig:
     log_every: int = setting(1, "steps between metrics.jsonl records", RUN)
     checkpoint_every: int = setting(0, "steps between checkpoints (0: only at the end)", RUN)
     keep_checkpoints: int = setting(2, "checkpoints kept (the newest)", RUN)
-    val_every: int = setting(0, "steps between validations (0: 5 per run)", RUN)
+    val_every: int = setting(0, "steps between validations (0: a fifth of the run: 4 before the final evaluation)", RUN)
     val_pairs: int = setting(256, "held-out synthetic pairs of each validation", RUN)
     eval_pairs: int = setting(1000, "held-out pairs of the final evaluation (0: none)", RUN)
 
@@ -319,17 +321,17 @@ def resolve_config(config: TrainConfig, resuming: bool = False) -> TrainConfig:
         c.lr = DEFAULT_LR_FINETUNE if c.init else DEFAULT_LR_SCRATCH
     valid = {
         "batch_size": c.batch_size >= 2,
-        "lr": c.lr > 0,
-        "weight_decay": c.weight_decay >= 0,
+        "lr": c.lr > 0 and math.isfinite(c.lr),
+        "weight_decay": 0 <= c.weight_decay < math.inf,
         "warmup": 0 <= c.warmup < 1,
         "fine_start": 0 <= c.fine_start <= 1,
         "fine_ramp": 0 <= c.fine_ramp <= 1,
         "time_limit": c.time_limit >= 0,
         "max_subcaptions": c.max_subcaptions >= 1,
         "sap_topk_ratio": 0 < c.sap_topk_ratio <= 1,
-        "tau_attn": c.tau_attn > 0,
-        "tau_contrast": c.tau_contrast > 0,
-        "tau_sap": c.tau_sap > 0,
+        "tau_attn": 0 < c.tau_attn < math.inf,
+        "tau_contrast": 0 < c.tau_contrast < math.inf,
+        "tau_sap": 0 < c.tau_sap < math.inf,
         "freeze_positions": 0 <= c.freeze_positions <= 248,
         "keep_checkpoints": c.keep_checkpoints >= 1,
         "seed": c.seed >= 0,  # the synthetic data and the data order are seeded by non-negative integers
@@ -351,6 +353,13 @@ def resolve_config(config: TrainConfig, resuming: bool = False) -> TrainConfig:
     unknown = set(c.weights) - set(TERMS)
     if unknown:
         raise ConfigError(f"unknown loss term weight(s) {sorted(unknown)}")
+    for term, weight in c.weights.items():  # MulCLIPLoss refuses them too, but with a traceback mid-setup
+        if isinstance(weight, bool) or not (isinstance(weight, numbers.Real) and math.isfinite(weight)):
+            raise ConfigError(f"invalid value for --w-{term.replace('_', '-')} ({weight}): a finite number")
+    unknown_fields = sorted(set(c.model_overrides) - {f.name for f in dataclasses.fields(PRESETS[c.preset])})
+    if unknown_fields:
+        fields = ", ".join(f.name for f in dataclasses.fields(PRESETS[c.preset]))
+        raise ConfigError(f"--model {unknown_fields[0]}: no such field of the {c.preset} preset; its fields: {fields}")
     try:
         preset_config(c.preset, **c.model_overrides)
     except (TypeError, ValueError) as exc:
@@ -400,6 +409,29 @@ def _holds_out_by_count(config: TrainConfig) -> bool:
     return config.data.partition(":")[0] in HELD_OUT_BY_COUNT
 
 
+def _keyed_flag_contradictions(stored: TrainConfig, name: str, given: dict) -> list[str]:
+    """The keys of a keyed flag (``--w-KEY``, ``--model KEY=INT``) given with ``--resume`` whose value differs
+    from the one the stored run trains with, each as its own flag: a stored dict holds only the keys its
+    command line gave, so a key left out there has its default (``DEFAULT_WEIGHTS``, the preset's field), and
+    giving that default again is no change."""
+    if name == "model_overrides":
+        preset = preset_config(stored.preset, **stored.model_overrides)
+        current = {key: getattr(preset, key, None) for key in given}
+        current = {key: int(value) if isinstance(value, bool) else value for key, value in current.items()}
+        return [
+            f"--model {key}={value} (the run has {key}={current[key]})"
+            for key, value in sorted(given.items())
+            if value != current[key]
+        ]
+    flag = flag_of(_FIELDS[name])
+    current = {**flag.keys, **current_term_names(getattr(stored, name), warn=False)}
+    return [
+        f"{flag.name}-{key.replace('_', '-')} {value} (the run has {current.get(key)})"
+        for key, value in sorted(given.items())
+        if value != current.get(key)
+    ]
+
+
 def resumed_config(stored: TrainConfig, requested: TrainConfig, given: set[str]) -> TrainConfig:
     """The settings of a resumed run: the ``stored`` run's, its directory (``out``) from ``requested``, and
     the ``given`` settings of ``requested`` that may change (``RESUMABLE_CHANGES``). Without ``device`` in
@@ -421,7 +453,8 @@ def resumed_config(stored: TrainConfig, requested: TrainConfig, given: set[str])
     for name in sorted(given):
         before, value = getattr(stored, name), getattr(requested, name)
         if isinstance(before, dict):  # keyed flags (--w-*, --model) give only the keys on the command line
-            value = {**before, **value}
+            refused += _keyed_flag_contradictions(stored, name, value)
+            continue
         if name == "data":  # stored absolute (``absolute_data_spec``); the run's own spelling is no change
             before, value = absolute_data_spec(before), absolute_data_spec(value)
         if value == before:

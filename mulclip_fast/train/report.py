@@ -102,10 +102,13 @@ def summary_table(config: TrainConfig, summary: dict, terms: tuple[str, ...]) ->
     ]
     if tail:
         rows.append(("samples / s", f"{sum(m['samples_per_s'] for m in tail) / len(tail):.1f} (last 10 steps)"))
+        # Means, not the last step's values: one step's loss is noisy. Said so in the row, since a term that
+        # starts late (WPR, SAP from scratch) is averaged over fewer steps than the total it is part of.
         for name in ("loss", *TERMS):
             values = [m[name] for m in tail if name in m]
             if values:
-                rows.append((f"final {name}", f"{sum(values) / len(values):.4f}"))
+                steps = f"last {len(values)} logged steps" if len(values) > 1 else "last logged step"
+                rows.append((f"mean {name}", f"{sum(values) / len(values):.4f} ({steps})"))
         rows.append(("peak memory", f"{tail[-1]['memory_mb']:.0f} MB"))
     if summary.get("skipped_images"):
         rows.append(("skipped images", f"{summary['skipped_images']} (see skipped.json)"))
