@@ -21,7 +21,7 @@ def build_parser() -> argparse.ArgumentParser:
         "several seeds, and tabulate mean ± std (docs/study.md). Resumes when run again with the same --out.",
     )
     parser.add_argument("--out", default="runs/study", help="study directory (default: runs/study)")
-    parser.add_argument("--quick", action="store_true", help="toy sizes: the whole pipeline in about a minute")
+    parser.add_argument("--quick", action="store_true", help="toy sizes: the whole pipeline in under a minute")
     parser.add_argument(
         "--rows",
         default=",".join(row.key for row in ROWS),
