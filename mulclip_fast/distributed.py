@@ -96,8 +96,9 @@ def agree(value, context: DistributedContext):
     """The largest of every rank's ``value`` (a number, a flag, or a tuple of numbers, taken element by
     element in one collective), so that all ranks take one decision.
 
-    Used for stopping: a time limit measured on each rank's clock, or a signal that reached some ranks
-    first, must end the loop at the same step everywhere, or the next collective would hang.
+    Used where the ranks must decide alike or the next collective would hang: stopping (a time limit
+    measured on each rank's clock, a signal that reached some ranks first, must end the loop at the same step
+    everywhere), and whether any rank's rows of a batch lost an unreadable sample (``iterate_batches``).
     """
     if not context.enabled:
         return value
@@ -297,9 +298,9 @@ __all__ = [
     "all_reduce_mean",
     "all_reduce_sum",
     "finish_collectives",
-    "wait_for_main_rank",
     "init_distributed",
     "launched_by_torchrun",
     "pad_to",
     "shutdown_distributed",
+    "wait_for_main_rank",
 ]
