@@ -26,7 +26,14 @@ from torch import nn
 from . import loss_terms
 from .distributed import BatchSharding, DistributedContext
 from .features import MulCLIPFeatures
-from .reference.checks import check_mask, check_positive, check_same_batch, check_same_width, check_tokens
+from .reference.checks import (
+    check_mask,
+    check_non_negative,
+    check_positive,
+    check_same_batch,
+    check_same_width,
+    check_tokens,
+)
 
 TERMS = ("global_long", "global_short", "wpr", "sap", "finelip")
 FINE_GRAINED_TERMS = ("wpr", "sap", "finelip")
@@ -139,7 +146,8 @@ class MulCLIPLoss(nn.Module):
 
     def term_weight(self, name: str, fine_grained_scale: float = 1.0) -> float:
         """``w_term``, times ``fine_grained_scale`` for the fine-grained terms."""
-        _check_fine_grained_scale(fine_grained_scale)
+        # A negative factor would silently turn the fine-grained terms into rewards.
+        check_non_negative("fine_grained_scale", fine_grained_scale)
         return self.weights[name] * (fine_grained_scale if name in FINE_GRAINED_TERMS else 1.0)
 
     def weighted_total(self, terms: dict[str, torch.Tensor], fine_grained_scale: float = 1.0) -> torch.Tensor:
@@ -245,25 +253,6 @@ def current_term_names(names, warn: bool = True):
 def _is_finite_number(value) -> bool:
     """A finite real number (an int, a float, a NumPy scalar), not a bool or a string read from a config file."""
     return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _check_fine_grained_scale(value) -> None:
-    """A ramp factor: a finite number >= 0. A negative one would silently turn the fine-grained terms into
-    rewards; a string from a config file would fail late, inside the sum. Comparisons rather than
-    math.isfinite, so that torch.compile can trace a varying factor (a symbolic float) as guards."""
-    if isinstance(value, torch.Tensor):
-        if value.numel() != 1:
-            raise ValueError(
-                f"fine_grained_scale must be a number or a one-element tensor, got shape {tuple(value.shape)}"
-            )
-        if torch.compiler.is_compiling():
-            return
-        value = float(value)
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 <= value < math.inf:
-        raise ValueError(
-            "fine_grained_scale must be a finite number >= 0 (the fine-grained terms' ramp, 0 to 1)"
-            + ("" if torch.compiler.is_compiling() else f", got {value!r}")
-        )
 
 
 def _check_term_names(names) -> None:

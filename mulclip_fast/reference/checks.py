@@ -92,22 +92,32 @@ def check_mask(name: str, mask: torch.Tensor | None, like: torch.Tensor, like_na
 
 
 def check_positive(name: str, value: float) -> None:
+    """A temperature or a logit scale: a number (or one-element tensor) in (0, ∞)."""
+    _check_number_in(name, value, "a positive finite number", lambda v: 0 < v < math.inf)
+
+
+def check_non_negative(name: str, value: float) -> None:
+    """A weight or a ramp factor: a number (or one-element tensor) in [0, ∞)."""
+    _check_number_in(name, value, "a finite number >= 0", lambda v: 0 <= v < math.inf)
+
+
+def _check_number_in(name: str, value, expected: str, in_range) -> None:
     if isinstance(value, bool):  # True would pass as 1: a flag given where a number belongs
-        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
+        raise ValueError(f"{name} must be {expected}, got {value!r}")
     if isinstance(value, torch.Tensor):
         if value.numel() != 1:
-            raise ValueError(f"{name} must be a positive scalar, got a tensor of shape {tuple(value.shape)}")
+            raise ValueError(f"{name} must be {expected} or a one-element tensor, got shape {tuple(value.shape)}")
         if torch.compiler.is_compiling():
             return  # reading the value would break the graph; eager calls check it
         value = float(value.detach())
     if not isinstance(value, numbers.Real):  # a NumPy scalar is one
-        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
+        raise ValueError(f"{name} must be {expected}, got {value!r}")
     # Comparisons, not math.isfinite: torch.compile traces a float that differs between calls (any float under
     # dynamic=True) as a symbolic float, which comparisons read (as guards) and math.isfinite cannot. NaN fails.
-    if not 0 < value < math.inf:
+    if not in_range(value):
         if torch.compiler.is_compiling():  # nor can Dynamo format a symbolic float; its debug context shows it
-            raise ValueError(f"{name} must be a positive finite number")
-        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
+            raise ValueError(f"{name} must be {expected}")
+        raise ValueError(f"{name} must be {expected}, got {value!r}")
 
 
 def check_maxsim_options(bidirectional: bool, negative_slope: float | None) -> float | None:
