@@ -68,13 +68,12 @@ def load_training_checkpoint(path: str) -> dict | None:
     try:
         # weights_only: a checkpoint is tensors and plain values (train/checkpoint.py), and eval or export
         # of a file from elsewhere must not run the code a pickle can carry.
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals(_numpy_array_globals()):
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # zip, pickle and torch errors alike mean "not a readable checkpoint"
         if "TorchScript" in str(exc) or "constants.pkl" in str(exc):
             return None
-        if "numpy" not in str(exc):
-            raise checkpoint_read_error(path, exc) from None
-        state = _load_with_numpy_arrays(path)
+        raise checkpoint_read_error(path, exc) from None
     if isinstance(state, dict) and state.get("format") == CHECKPOINT_FORMAT:
         if state.get("version") not in (1, CHECKPOINT_VERSION):
             raise CheckpointError(
@@ -84,21 +83,17 @@ def load_training_checkpoint(path: str) -> dict | None:
     return None
 
 
-def _load_with_numpy_arrays(path: str):
-    """A checkpoint written before 2026-11-30, whose RNG state holds numpy's own tuple (an ndarray of keys):
-    loaded with numpy's array reconstruction allowed, and nothing else, so that ``export`` (the way out that
-    ``--init``'s error names), ``eval`` and ``--resume`` still read it; any other global is refused as before."""
+def _numpy_array_globals() -> list:
+    """What weights_only must allow for a checkpoint written before 2026-11-30, whose RNG state holds numpy's
+    own tuple (an ndarray of keys): numpy's array reconstruction and nothing else, so that ``export`` (the way
+    out that ``--init``'s error names), ``eval`` and ``--resume`` still read it; they build arrays and run
+    nothing of the file's choosing."""
     import numpy as np
 
     reconstruct = np._core.multiarray._reconstruct if hasattr(np, "_core") else np.core.multiarray._reconstruct
     # A pickle names the function by the module of the numpy that wrote it: numpy.core before 2.0.
     allowed = [np.ndarray, np.dtype, reconstruct, type(np.dtype(np.uint32)), type(np.dtype(np.int64))]
-    allowed += [(reconstruct, f"numpy.{core}.multiarray._reconstruct") for core in ("core", "_core")]
-    try:
-        with torch.serialization.safe_globals(allowed):
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise checkpoint_read_error(path, exc) from None
+    return allowed + [(reconstruct, f"numpy.{core}.multiarray._reconstruct") for core in ("core", "_core")]
 
 
 def _upgrade_checkpoint(state: dict) -> dict:
