@@ -238,13 +238,24 @@ def test_bad_input_gives_a_clear_error(tmp_path, capsys, argv, message):
     assert code == 2 and err.startswith("error: ") and message in err
 
 
-def test_wrong_checkpoint_and_unusable_dataset(tmp_path, capsys):
+def test_wrong_checkpoint_and_unusable_dataset_leave_no_run_directory(tmp_path, capsys):
+    # These fail after the run directory is claimed (the files are read then): the run leaves --out as it
+    # found it, not an empty directory with a lock file.
     torch.save(CLIP(preset_config("tiny", transformer_width=64, transformer_heads=2)).state_dict(), tmp_path / "w.pt")
     assert main(["--init", f"openai:{tmp_path / 'w.pt'}", "--out", str(tmp_path / "a")] + SMALL) == 2
     assert "does not fit" in capsys.readouterr().err
+    (tmp_path / "garbage.pt").write_bytes(b"not a checkpoint")
+    assert main(["--init", f"openai:{tmp_path / 'garbage.pt'}", "--out", str(tmp_path / "a")] + SMALL) == 2
+    assert "garbage.pt" in capsys.readouterr().err
     (tmp_path / "empty.json").write_text("[]")
     assert main(["--data", f"sharegpt4v:{tmp_path / 'empty.json'}", "--out", str(tmp_path / "b")]) == 2
     assert "no usable sharegpt4v record" in capsys.readouterr().err
+    assert main(["--image-root", str(tmp_path), "--out", str(tmp_path / "c")]) == 2
+    assert "--data synthetic draws its images" in capsys.readouterr().err
+    assert not any((tmp_path / name).exists() for name in "abc")
+    (tmp_path / "mine").mkdir()  # a folder the user made is kept, without the lock file
+    assert main(["--init", f"openai:{tmp_path / 'w.pt'}", "--out", str(tmp_path / "mine")] + SMALL) == 2
+    assert (tmp_path / "mine").is_dir() and not list((tmp_path / "mine").iterdir())
 
 
 def test_unknown_choice_values_exit_nonzero(capsys):

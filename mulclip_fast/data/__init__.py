@@ -116,6 +116,8 @@ def open_dataset(
         raise ValueError(f"captions must be 'long' or 'short', got {captions!r}")
     kind, path = parse_data_spec(spec)
     if kind == "synthetic":
+        if image_root is not None:  # silently ignoring it would hide a --data typo behind synthetic images
+            raise DataError(f"--image-root {image_root} applies to datasets on disk; --data synthetic draws its images")
         dataset = SyntheticLongCaptions(
             size=size, seed=seed, split=split, image_size=image_size, twin_fraction=twin_fraction
         )

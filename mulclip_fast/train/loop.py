@@ -191,10 +191,14 @@ def train(
     # Under torchrun every rank runs this function; rank 0 alone writes the run directory.
     lock = claim_run_directory(config.out, resume, overwrite) if is_main_process() else None
     try:
-        return _train(config, resume, stop_at_step, given)
-    finally:
+        summary = _train(config, resume, stop_at_step, given)
+    except BaseException:
         if lock is not None:
-            lock.release()
+            lock.release_unused()
+        raise
+    if lock is not None:
+        lock.release()
+    return summary
 
 
 def open_training_set(config: TrainConfig):

@@ -40,7 +40,8 @@ class RunDirectoryLock:
     stale lock never blocks a later run.
     """
 
-    def __init__(self, out: str):
+    def __init__(self, out: str, created: bool = False):
+        self.out, self.created = out, created
         self.path = os.path.join(out, LOCK_FILE)
         try:
             self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -63,6 +64,19 @@ class RunDirectoryLock:
         if self._fd is not None:
             os.close(self._fd)  # closing the descriptor releases the flock
             self._fd = None
+
+    def release_unused(self) -> None:
+        """Release the lock of a run that failed before writing anything (a bad ``--init`` file, an unreadable
+        dataset): ``out`` is left as the run found it, without the lock file, and removed if the claim made it."""
+        if self._fd is None:
+            return
+        if os.listdir(self.out) == [LOCK_FILE]:
+            os.remove(self.path)  # while still holding the lock, so no other run has taken it
+            self.release()
+            if self.created:
+                os.rmdir(self.out)
+        else:
+            self.release()
 
 
 def _check_out(out: str) -> None:
@@ -114,8 +128,9 @@ def claim_run_directory(out: str, resume: bool, overwrite: bool) -> RunDirectory
     """
     if resume and overwrite:
         raise ConfigError("--resume continues the run in --out and --overwrite deletes it: give one of them")
+    created = not os.path.exists(out)
     _check_out(out)
-    lock = RunDirectoryLock(out)
+    lock = RunDirectoryLock(out, created)
     try:
         earlier = earlier_run_files(out)
         if earlier and not resume and not overwrite:
