@@ -43,7 +43,17 @@ from .fine_grained import (
     zeroshot_image_folder,
     zeroshot_synthetic,
 )
-from .model import CLIP, PRESETS, CheckpointError, check_device, load_clip_weights, preset_config, read_state_dict
+from .model import (
+    CLIP,
+    PRESETS,
+    CheckpointError,
+    check_device,
+    checked_preset_config,
+    load_clip_weights,
+    parse_model_overrides,
+    preset_config,
+    read_state_dict,
+)
 from .run_checkpoints import load_latest_training_checkpoint, load_training_checkpoint
 
 RECALL_KS = (1, 5, 10)
@@ -296,9 +306,12 @@ def format_fine_grained(result: dict) -> list[str]:
     return lines
 
 
-def load_model_for_eval(checkpoint: str, preset: str | None, device: str) -> tuple[CLIP, dict]:
-    """A model from a run directory, a training checkpoint, or an OpenAI-layout CLIP file (needs preset;
-    the model gets the file's number of text positions).
+def load_model_for_eval(
+    checkpoint: str, preset: str | None, device: str, model_overrides: dict[str, int] | None = None
+) -> tuple[CLIP, dict]:
+    """A model from a run directory, a training checkpoint, or an OpenAI-layout CLIP file (needs preset, and
+    the ``model_overrides`` of the run it was exported from, if any; the model gets the file's number of text
+    positions).
 
     Returns the model and the training config stored with it (empty for a plain CLIP file).
     """
@@ -316,6 +329,11 @@ def load_model_for_eval(checkpoint: str, preset: str | None, device: str) -> tup
                 f"{path} is a training checkpoint of a {config['preset']} model, not {preset}: --preset names "
                 "the architecture of a plain CLIP checkpoint only; leave it out"
             )
+        if model_overrides:
+            raise CheckpointError(
+                f"{path} is a training checkpoint, which names its own --model fields: --model is for a plain "
+                "CLIP checkpoint only; leave it out"
+            )
         model = CLIP(preset_config(config["preset"], **config.get("model_overrides", {})))
         model.load_state_dict(state["model"])
         return model.to(device), config
@@ -326,8 +344,10 @@ def load_model_for_eval(checkpoint: str, preset: str | None, device: str) -> tup
     # not stretched to 248 as --init stretches a starting point for fine-tuning: stretched and not
     # fine-tuned, it would be another model than the checkpoint's, and an export of a 77-position run
     # would score otherwise than the run it came from.
-    table, config = weights.get("positional_embedding"), preset_config(preset)
-    overrides = {} if table is None or table.shape[0] == config.context_length else {"context_length": table.shape[0]}
+    overrides = dict(model_overrides or {})
+    table, config = weights.get("positional_embedding"), checked_preset_config(preset, overrides)
+    if table is not None and table.shape[0] != config.context_length:
+        overrides["context_length"] = table.shape[0]
     model = CLIP(preset_config(preset, **overrides))
     load_clip_weights(model, path, state=weights)
     return model.to(device), {"preset": preset, "model_overrides": overrides}
@@ -351,6 +371,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         choices=sorted(PRESETS),
         help="architecture of a plain CLIP checkpoint (a training checkpoint names its own)",
+    )
+    parser.add_argument(
+        "--model",
+        action="append",
+        default=[],
+        metavar="FIELD=INT",
+        help="a field of --preset that the plain checkpoint's run overrode, as export prints it (repeatable)",
     )
     parser.add_argument(
         "--pairs",
@@ -416,7 +443,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.out:
             check_output_file(args.out)
         zeroshot_folder = zeroshot_path(args.zeroshot) if args.zeroshot else None
-        model, config = load_model_for_eval(args.checkpoint, args.preset, args.device)
+        model_overrides = parse_model_overrides(args.model)
+        model, config = load_model_for_eval(args.checkpoint, args.preset, args.device, model_overrides)
         seed = args.seed if args.seed is not None else int(config.get("seed", 0))
         dataset = open_dataset(
             args.data,

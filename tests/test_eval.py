@@ -152,6 +152,38 @@ def test_a_preset_that_is_not_the_training_checkpoints_own_is_an_error(tmp_path,
     assert bad.value.code == 2 and "invalid choice: 'nope'" in capsys.readouterr().err
 
 
+def test_an_export_of_a_run_with_model_overrides_evaluates_with_them(tmp_path, capsys):
+    # export prints the --model fields the run overrode; eval of the exported file takes them as train does
+    # (before 2026-12-01 it had no --model, so such a file could not be evaluated at all).
+    from mulclip_fast.export import main as export_main
+    from mulclip_fast.train import train
+
+    from .test_train import SMALL, small_config
+
+    run, exported = tmp_path / "run", tmp_path / "clip.pt"
+    train(small_config(run, loss="global", steps=1))
+    assert export_main(["--checkpoint", str(run), "--out", str(exported)]) == 0
+    assert "--model vision_layers=1 --model transformer_layers=1" in capsys.readouterr().out
+    scores = {}
+    for name, argv in {
+        "run": ["--checkpoint", str(run)],
+        "file": ["--checkpoint", str(exported), "--preset", "tiny", *SMALL],
+    }.items():
+        out = tmp_path / f"{name}.json"
+        assert mulclip_fast.eval.main([*argv, "--pairs", "20", "--out", str(out)]) == 0
+        scores[name] = json.loads(out.read_text())
+    assert scores["file"] == scores["run"]
+    capsys.readouterr()
+    for argv, message in [
+        (["--checkpoint", str(exported), "--preset", "tiny"], "does not fit"),
+        (["--checkpoint", str(exported), "--preset", "tiny", "--model", "layers=1"], "--model layers: no such field"),
+        (["--checkpoint", str(exported), "--preset", "tiny", "--model", "vision_layers"], "--model expects FIELD=INT"),
+        (["--checkpoint", str(run), *SMALL], "a training checkpoint, which names its own --model fields"),
+    ]:
+        assert mulclip_fast.eval.main(argv) == 2
+        assert message in capsys.readouterr().err
+
+
 def test_eval_help_gives_the_defaults_the_docs_state():
     # docs/training.md gives --pairs a default of 1,000; --help showed none for --pairs, --split, --batch-size
     # or --device (the trainer's --help shows every default).

@@ -1,7 +1,16 @@
 """CLIP towers in OpenAI's layout, presets, checkpoint loading and MulCLIP feature extraction."""
 
 from .calibration import LocalTokenCalibration
-from .clip import CLIP, LONG_CONTEXT, PRESETS, SHORT_CONTEXT, CLIPConfig, preset_config
+from .clip import (
+    CLIP,
+    LONG_CONTEXT,
+    PRESETS,
+    SHORT_CONTEXT,
+    CLIPConfig,
+    checked_preset_config,
+    parse_model_overrides,
+    preset_config,
+)
 from .loading import (
     CheckpointError,
     check_device,
@@ -20,9 +29,11 @@ __all__ = [
     "PRESETS",
     "SHORT_CONTEXT",
     "check_device",
+    "checked_preset_config",
     "checkpoint_read_error",
     "describe_clip_state_dict",
     "load_clip_weights",
+    "parse_model_overrides",
     "preset_config",
     "read_state_dict",
 ]

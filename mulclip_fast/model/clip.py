@@ -18,6 +18,7 @@ cannot be bound to shapes. With the recency heads binding is learned within the 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
@@ -132,6 +133,30 @@ def preset_config(name: str, **overrides) -> CLIPConfig:
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
     return replace(PRESETS[name], **overrides)
+
+
+def parse_model_overrides(items: Sequence[str]) -> dict[str, int]:
+    """The command lines' ``--model FIELD=INT`` (repeatable) as a dict of preset fields; ValueError if malformed."""
+    overrides = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not value.lstrip("-").isdigit():
+            raise ValueError(f"--model expects FIELD=INT, got {item!r}")
+        overrides[key] = int(value)
+    return overrides
+
+
+def checked_preset_config(name: str, overrides: dict[str, int]) -> CLIPConfig:
+    """``preset_config`` for the command lines: a ValueError naming the ``--model`` field that does not exist
+    or whose value the model refuses, instead of dataclasses' TypeError."""
+    fields = [f.name for f in dataclasses.fields(CLIPConfig)]
+    unknown = sorted(set(overrides) - set(fields))
+    if unknown:
+        raise ValueError(f"--model {unknown[0]}: no such field of the {name} preset; its fields: {', '.join(fields)}")
+    try:
+        return preset_config(name, **overrides)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"bad --model override: {exc}") from None
 
 
 class QuickGELU(nn.Module):

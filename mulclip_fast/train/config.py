@@ -20,7 +20,14 @@ import torch
 from ..data import HELD_OUT_BY_COUNT, SHORT_CONTEXT, parse_data_spec
 from ..loss_terms import WPR_FORMS
 from ..losses import DEFAULT_WEIGHTS, OBJECTIVES, RENAMED_TERMS, TERMS, current_term_names
-from ..model import PRESETS, CheckpointError, check_device, preset_config
+from ..model import (
+    PRESETS,
+    CheckpointError,
+    check_device,
+    checked_preset_config,
+    parse_model_overrides,
+    preset_config,
+)
 from ..model.attention import TEXT_ATTENTION_BACKENDS, AttentionBackendUnavailable, check_text_attention
 
 
@@ -53,15 +60,11 @@ def _default_packed_text(config: TrainConfig) -> bool:
     return config.compile is None
 
 
-def parse_model_overrides(items: list[str]) -> dict[str, int]:
-    """``--model FIELD=INT`` (repeatable) as a dict of preset fields."""
-    overrides = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not value.lstrip("-").isdigit():
-            raise ConfigError(f"--model expects FIELD=INT, got {item!r}")
-        overrides[key] = int(value)
-    return overrides
+def _parse_model_overrides(items: list[str]) -> dict[str, int]:
+    try:
+        return parse_model_overrides(items)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 # ---------------------------------------------------------------------------------------------- flags
@@ -119,7 +122,7 @@ class TrainConfig:
         name="--model",
         metavar="FIELD=INT",
         repeatable=True,
-        parse=parse_model_overrides,
+        parse=_parse_model_overrides,
     )
     data: str = setting(
         "synthetic",
@@ -356,14 +359,10 @@ def resolve_config(config: TrainConfig, resuming: bool = False) -> TrainConfig:
     for term, weight in c.weights.items():  # MulCLIPLoss refuses them too, but with a traceback mid-setup
         if isinstance(weight, bool) or not (isinstance(weight, numbers.Real) and math.isfinite(weight)):
             raise ConfigError(f"invalid value for --w-{term.replace('_', '-')} ({weight}): a finite number")
-    unknown_fields = sorted(set(c.model_overrides) - {f.name for f in dataclasses.fields(PRESETS[c.preset])})
-    if unknown_fields:
-        fields = ", ".join(f.name for f in dataclasses.fields(PRESETS[c.preset]))
-        raise ConfigError(f"--model {unknown_fields[0]}: no such field of the {c.preset} preset; its fields: {fields}")
     try:
-        preset_config(c.preset, **c.model_overrides)
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(f"bad --model override: {exc}") from None
+        checked_preset_config(c.preset, c.model_overrides)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     try:
         check_device(c.device)
     except ValueError as exc:
