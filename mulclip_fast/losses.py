@@ -115,9 +115,8 @@ class MulCLIPLoss(nn.Module):
             raise ValueError(f"finelip_margin must be a finite number >= 0, got {finelip_margin!r}")
         if not isinstance(finelip_hardest_negative, bool):  # a config file's "false" would be truthy
             raise ValueError(f"finelip_hardest_negative must be a bool, got {finelip_hardest_negative!r}")
-        for name, weight in weights.items():
-            if not _is_finite_number(weight):
-                raise ValueError(f"weights[{name!r}] must be a finite number, got {weight!r}")
+        for name, weight in weights.items():  # a negative weight would turn its term into a reward
+            check_non_negative(f"weights[{name!r}]", weight)
         if wpr_form not in loss_terms.WPR_FORMS:
             raise ValueError(f"wpr_form must be one of {loss_terms.WPR_FORMS}, got {wpr_form!r}")
         if backend not in BACKENDS:

@@ -438,6 +438,7 @@ def test_a_negative_seed_or_interval_is_an_error_before_any_work(tmp_path, capsy
         (["--tau-attn", "inf"], "invalid value for --tau-attn (inf)"),
         (["--w-wpr", "nan"], "invalid value for --w-wpr (nan)"),
         (["--w-global-short", "inf"], "invalid value for --w-global-short (inf)"),
+        (["--w-sap", "-1"], "invalid value for --w-sap (-1.0): a finite number >= 0"),  # trained SAP as a reward
     ],
 )
 def test_an_infinite_rate_temperature_or_weight_is_an_error_before_any_work(tmp_path, capsys, argv, message):

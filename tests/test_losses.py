@@ -230,6 +230,7 @@ def test_gradients_flow_to_every_feature():
         ({"finelip_hardest_negative": "false"}, "finelip_hardest_negative must be a bool"),  # was truthy
         ({"weights": {"wpr": float("nan")}}, r"weights\['wpr'\] must be"),
         ({"weights": {"sap": "1"}}, r"weights\['sap'\] must be"),
+        ({"weights": {"wpr": -1.0}}, r"weights\['wpr'\] must be a finite number >= 0"),  # a reward, not a loss
         ({"wpr_form": "l2"}, "wpr_form must be one of"),
         ({"backend": "cuda"}, "backend must be one of"),
     ],

@@ -357,8 +357,8 @@ def resolve_config(config: TrainConfig, resuming: bool = False) -> TrainConfig:
     if unknown:
         raise ConfigError(f"unknown loss term weight(s) {sorted(unknown)}")
     for term, weight in c.weights.items():  # MulCLIPLoss refuses them too, but with a traceback mid-setup
-        if isinstance(weight, bool) or not (isinstance(weight, numbers.Real) and math.isfinite(weight)):
-            raise ConfigError(f"invalid value for --w-{term.replace('_', '-')} ({weight}): a finite number")
+        if isinstance(weight, bool) or not (isinstance(weight, numbers.Real) and 0 <= weight < math.inf):
+            raise ConfigError(f"invalid value for --w-{term.replace('_', '-')} ({weight}): a finite number >= 0")
     try:
         checked_preset_config(c.preset, c.model_overrides)
     except ValueError as exc:
