@@ -1,0 +1,69 @@
+"""Real-world file warts: annotation files with a byte-order mark, EXIF-rotated photos, captions whose
+sentences hold abbreviations. Each loader reads what a user's crawl or editor produces without losing
+records or reading them wrongly."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from PIL import Image
+
+from mulclip_fast.data import read_coco, read_dci, read_docci, read_flickr30k, read_sharegpt4v, read_urban1k
+
+BOM = b"\xef\xbb\xbf"  # what Windows editors (Notepad, Excel's "UTF-8" CSV/JSON export) put first
+
+
+def _write_image(path, colour=(200, 30, 30), size=(40, 30)):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", size, colour).save(path)
+
+
+# ------------------------------------------------------------------------------------- byte-order marks
+def test_annotation_files_with_a_byte_order_mark_lose_no_record(tmp_path):
+    """A UTF-8 BOM is valid UTF-8; Python's "utf-8" codec keeps it as U+FEFF, which json rejects, so the
+    first DOCCI line became a bad record and a ShareGPT4V / DCI / COCO / Flickr30k file an error."""
+    # DOCCI: the BOM of the first line, and one where two BOM'd files were concatenated (`cat a b > c`)
+    docci = tmp_path / "docci"
+    lines = [json.dumps({"image_file": f"{i}.jpg", "description": f"Photo {i}.", "split": "train"}) for i in range(3)]
+    _write_image(docci / "images" / "0.jpg")
+    (docci / "docci_descriptions.jsonlines").write_bytes(
+        BOM + (lines[0] + "\n" + lines[1] + "\n").encode() + BOM + (lines[2] + "\n").encode()
+    )
+    records, problems = read_docci(str(docci))
+    assert problems == [] and [r.caption for r in records] == ["Photo 0.", "Photo 1.", "Photo 2."]
+
+    sharegpt = tmp_path / "sharegpt4v.json"
+    entries = [{"id": "1", "image": "a.jpg", "conversations": [{"from": "gpt", "value": "A cat."}]}]
+    sharegpt.write_bytes(BOM + json.dumps(entries).encode())
+    records, problems = read_sharegpt4v(str(sharegpt))
+    assert problems == [] and [r.caption for r in records] == ["A cat."]
+
+    dci = tmp_path / "dci"
+    _write_image(dci / "photos" / "sa_1.jpg")
+    (dci / "annotations").mkdir()
+    annotation = {"image": "sa_1.jpg", "short_caption": "A car.", "extra_caption": "It is red."}
+    (dci / "annotations" / "sa_1.json").write_bytes(BOM + json.dumps(annotation).encode())
+    records, problems = read_dci(str(dci))
+    assert problems == [] and [r.caption for r in records] == ["A car.\nIt is red."]
+
+    urban = tmp_path / "urban"
+    _write_image(urban / "image" / "1.jpg")
+    (urban / "caption").mkdir()
+    (urban / "caption" / "1.txt").write_bytes(BOM + "A street.".encode())
+    records, problems = read_urban1k(str(urban))
+    assert problems == [] and [r.caption for r in records] == ["A street."]  # no U+FEFF kept in the caption
+
+    coco = tmp_path / "coco" / "captions_val2017.json"
+    _write_image(coco.parent / "val2017" / "1.jpg")
+    obj = {"images": [{"id": 1, "file_name": "1.jpg"}], "annotations": [{"image_id": 1, "caption": "A dog."}]}
+    coco.write_bytes(BOM + json.dumps(obj).encode())
+    records, problems = read_coco(str(coco))
+    assert problems == [] and [r.captions for r in records] == [("A dog.",)]
+
+    flickr = tmp_path / "flickr" / "dataset_flickr30k.json"
+    (flickr.parent / "flickr30k-images").mkdir(parents=True)
+    karpathy = {"images": [{"filename": "1.jpg", "split": "test", "sentences": [{"raw": "A boat."}]}]}
+    flickr.write_bytes(BOM + json.dumps(karpathy).encode())
+    records, problems = read_flickr30k(str(flickr))
+    assert problems == [] and [r.captions for r in records] == [("A boat.",)]
