@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from PIL import Image
 
 from mulclip_fast.data import read_coco, read_dci, read_docci, read_flickr30k, read_sharegpt4v, read_urban1k
@@ -67,3 +68,32 @@ def test_annotation_files_with_a_byte_order_mark_lose_no_record(tmp_path):
     flickr.write_bytes(BOM + json.dumps(karpathy).encode())
     records, problems = read_flickr30k(str(flickr))
     assert problems == [] and [r.captions for r in records] == [("A boat.",)]
+
+
+# ---------------------------------------------------------------------------------------- EXIF rotation
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_a_photo_is_read_as_its_exif_orientation_shows_it(tmp_path, orientation):
+    """Cameras and phones store a portrait photo's pixels sideways with an EXIF Orientation tag; every
+    viewer, browser (and so a captioner) shows it turned, and captions say "on the left" of what they saw.
+    The loader turns it too, all eight orientations, instead of reading the pixels as stored."""
+    from mulclip_fast.data.images import load_image
+
+    stored = Image.new("RGB", (60, 40), (255, 0, 0))  # four quadrants of different colours
+    stored.paste((0, 255, 0), (30, 0, 60, 20))
+    stored.paste((0, 0, 255), (0, 20, 30, 40))
+    stored.paste((255, 255, 255), (30, 20, 60, 40))
+    exif = Image.Exif()
+    exif[0x0112] = orientation  # Orientation
+    stored.save(tmp_path / "camera.png", exif=exif)  # PNG: lossless, so the comparison is exact
+    shown = {
+        1: stored,
+        2: stored.transpose(Image.Transpose.FLIP_LEFT_RIGHT),
+        3: stored.transpose(Image.Transpose.ROTATE_180),
+        4: stored.transpose(Image.Transpose.FLIP_TOP_BOTTOM),
+        5: stored.transpose(Image.Transpose.TRANSPOSE),
+        6: stored.transpose(Image.Transpose.ROTATE_270),  # 90° clockwise
+        7: stored.transpose(Image.Transpose.TRANSVERSE),
+        8: stored.transpose(Image.Transpose.ROTATE_90),
+    }[orientation]
+    shown.save(tmp_path / "shown.png")
+    assert torch.equal(load_image(str(tmp_path / "camera.png"), 16), load_image(str(tmp_path / "shown.png"), 16))
