@@ -97,3 +97,58 @@ def test_a_photo_is_read_as_its_exif_orientation_shows_it(tmp_path, orientation)
     }[orientation]
     shown.save(tmp_path / "shown.png")
     assert torch.equal(load_image(str(tmp_path / "camera.png"), 16), load_image(str(tmp_path / "shown.png"), 16))
+
+
+# ------------------------------------------------------------------------------------ sentence splitting
+@pytest.mark.parametrize(
+    ("caption", "sentences"),
+    [
+        # A title before a name: the summary was "Dr." and "Smith stands ..." a subcaption of its own.
+        ("Dr. Smith stands by a 3.5 m statue. It is bronze.", ["Dr. Smith stands by a 3.5 m statue.", "It is bronze."]),
+        ("Mr. and Mrs. Jones wave. St. Mark's Square is behind them.",
+         ["Mr. and Mrs. Jones wave.", "St. Mark's Square is behind them."]),
+        # Latin abbreviations inside a sentence
+        ("There is furniture, e.g. a chair and a desk. The floor is oak.",
+         ["There is furniture, e.g. a chair and a desk.", "The floor is oak."]),
+        ("Two shapes (i.e. a circle and a square) vs. one. Nothing else.",
+         ["Two shapes (i.e. a circle and a square) vs. one.", "Nothing else."]),
+        # Abbreviations that may also end a sentence: they do when a capital letter follows
+        ("It is 5 p.m. on a sunny day. Cups, plates, etc. The U.S. flag flies.",
+         ["It is 5 p.m. on a sunny day.", "Cups, plates, etc.", "The U.S. flag flies."]),
+        ("Cups, plates, etc. are on the table. It costs $3.50. Approx. 20 people wait.",
+         ["Cups, plates, etc. are on the table.", "It costs $3.50.", "Approx. 20 people wait."]),
+        # A sentence ending inside quotes or brackets ends there when a capital letter follows
+        ('The sign reads "OPEN." Below it hangs a clock.', ['The sign reads "OPEN."', "Below it hangs a clock."]),
+        ('A poster says "Sale!" in red. (It is torn.) The wall is white.',
+         ['A poster says "Sale!" in red.', "(It is torn.)", "The wall is white."]),
+        # Chinese and Japanese full stops need no space after them
+        ("一只猫坐在桌子上。旁边有一个杯子。", ["一只猫坐在桌子上。", "旁边有一个杯子。"]),
+        # unchanged: lower-case text, decimals, no sentence end at all, ellipses, ! and ?
+        ("a cat. a dog. 3.5 m tall", ["a cat.", "a dog.", "3.5 m tall"]),
+        ("A run-on caption without any sentence end", ["A run-on caption without any sentence end"]),
+        ("Is it raining? Yes... it is! Wow", ["Is it raining?", "Yes...", "it is!", "Wow"]),
+    ],
+)
+def test_sentences_do_not_end_at_abbreviations(caption, sentences):
+    """The summary (the first sentence) and SAP's subcaptions (the sentences) came from splitting after
+    every ". ": a caption opening with "Dr. Smith ..." had the summary "Dr.", and "e.g. a chair" made two
+    subcaptions, neither describing a part of the image."""
+    from mulclip_fast.data import split_sentences, summary_of
+
+    assert split_sentences(caption) == sentences
+    assert summary_of(caption) == sentences[0]
+
+
+def test_the_synthetic_captions_split_as_before():
+    """The synthetic captions hold no abbreviation: their summaries and subcaptions (and so the default
+    run's numbers) are those of the earlier rule, a split after every . ! ? followed by white space."""
+    import re
+
+    from mulclip_fast.data import SyntheticLongCaptions, split_sentences
+
+    earlier = re.compile(r"(?<=[.!?])\s+")
+    data = SyntheticLongCaptions(size=200, seed=3, split="train", image_size=32, twin_fraction=0.5)
+    for i in range(len(data)):
+        item = data[i]
+        for text in filter(None, (item["caption"], item["probe"])):
+            assert split_sentences(text) == [s for s in earlier.split(text.strip()) if s]
