@@ -152,3 +152,25 @@ def test_the_synthetic_captions_split_as_before():
         item = data[i]
         for text in filter(None, (item["caption"], item["probe"])):
             assert split_sentences(text) == [s for s in earlier.split(text.strip()) if s]
+
+
+# -------------------------------------------------------------------------------------- DOCCI directory
+def test_a_docci_directory_reads_docci_descriptions_whatever_else_it_holds(tmp_path):
+    """`--data docci:DIR` read the first .jsonl / .jsonlines file by name, so a DIR that also held, say,
+    `captions_cleaned.jsonl` trained on that file without a word. DOCCI's descriptions file is read when
+    present; several other candidates without it are an error naming them."""
+    from mulclip_fast.data import DataError
+
+    _write_image(tmp_path / "images" / "a.jpg")
+    line = {"image_file": "a.jpg", "description": "From DOCCI.", "split": "train"}
+    (tmp_path / "docci_descriptions.jsonlines").write_text(json.dumps(line) + "\n")
+    (tmp_path / "captions_cleaned.jsonl").write_text(json.dumps({**line, "description": "Another file."}) + "\n")
+    (tmp_path / "docci_metadata.jsonlines").write_text(json.dumps({"image_file": "a.jpg"}) + "\n")
+    records, problems = read_docci(str(tmp_path))
+    assert [r.caption for r in records] == ["From DOCCI."] and problems == []
+    (tmp_path / "docci_descriptions.jsonlines").unlink()
+    with pytest.raises(DataError, match="captions_cleaned.jsonl, docci_metadata.jsonlines"):
+        read_docci(str(tmp_path))
+    (tmp_path / "docci_metadata.jsonlines").unlink()
+    records, _ = read_docci(str(tmp_path))  # the only candidate: read, whatever its name
+    assert [r.caption for r in records] == ["Another file."]

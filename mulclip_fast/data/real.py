@@ -53,12 +53,24 @@ def _resolve(root: str, relative: str) -> str:
     return relative if os.path.isabs(relative) else os.path.join(root, relative)
 
 
+DOCCI_DESCRIPTIONS = "docci_descriptions.jsonlines"
+
+
 def read_docci(path: str, image_root: str | None = None) -> tuple[list[Record], list[str]]:
     """Records of a DOCCI jsonl file (or of the directory holding ``docci_descriptions.jsonlines``)."""
     if os.path.isdir(path):
         candidates = [f for f in sorted(os.listdir(path)) if f.endswith((".jsonl", ".jsonlines"))]
         if not candidates:
             raise DataError(f"no .jsonl / .jsonlines file in the DOCCI directory {path}")
+        # DOCCI's own file when it is there: the first by name could be any other file the folder holds
+        # (DOCCI ships docci_metadata.jsonlines beside it), read without a word.
+        if DOCCI_DESCRIPTIONS in candidates:
+            candidates = [DOCCI_DESCRIPTIONS]
+        if len(candidates) > 1:
+            raise DataError(
+                f"the DOCCI directory {path} has no {DOCCI_DESCRIPTIONS} and several other files: "
+                f"{', '.join(candidates)}; pass one as docci:FILE (with --image-root)"
+            )
         path = os.path.join(path, candidates[0])
     if not os.path.isfile(path):
         raise DataError(f"DOCCI file not found: {path}")
