@@ -174,3 +174,24 @@ def test_a_docci_directory_reads_docci_descriptions_whatever_else_it_holds(tmp_p
     (tmp_path / "docci_metadata.jsonlines").unlink()
     records, _ = read_docci(str(tmp_path))  # the only candidate: read, whatever its name
     assert [r.caption for r in records] == ["Another file."]
+
+
+# ------------------------------------------------------------------------------------ extreme shapes
+def test_a_thin_strip_is_skipped_instead_of_resized_into_gigabytes(tmp_path, monkeypatch):
+    """A 1-pixel-high divider or spacer image (web crawls hold many) is tiny on disk and in pixels, but
+    CLIP's transform scales its *short* side to the model's resolution: a 20000x1 PNG of 60 KB became a
+    4,480,000 x 224 intermediate (3 GB) and MemoryError, which no caller catches, ended the run. An image
+    whose resized form would exceed PIL's pixel limit is now unreadable like one above the limit itself:
+    skipped and counted with its reason. Here the limit is lowered so the test stays small."""
+    from mulclip_fast.data.images import load_image, try_load_image
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 200_000)
+    Image.new("RGB", (400, 1), (10, 20, 30)).save(tmp_path / "strip.png")  # 400 pixels, 12800 x 32 resized
+    Image.new("RGB", (2, 300), (10, 20, 30)).save(tmp_path / "tall.png")  # 32 x 4800 resized: within the limit
+    Image.new("RGB", (1, 1), (10, 20, 30)).save(tmp_path / "dot.png")
+    image, reason = try_load_image(str(tmp_path / "strip.png"), 32)
+    assert image is None and reason.startswith("ValueError: ") and "400x1" in reason and "12800x32" in reason
+    assert load_image(str(tmp_path / "tall.png"), 32).shape == (3, 32, 32)
+    assert load_image(str(tmp_path / "dot.png"), 32).shape == (3, 32, 32)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", None)  # PIL's limit switched off: no limit here either
+    assert load_image(str(tmp_path / "strip.png"), 32).shape == (3, 32, 32)

@@ -36,8 +36,8 @@ def load_image(path: str, size: int) -> torch.Tensor:
     A photo with an EXIF Orientation tag is first turned upright, as viewers show it.
 
     Raises ``OSError``/``ValueError`` (from PIL) for a missing, truncated or corrupt file, and
-    ``ValueError`` for an image above PIL's pixel limit (``Image.MAX_IMAGE_PIXELS``); callers skip and
-    count those.
+    ``ValueError`` for an image above PIL's pixel limit (``Image.MAX_IMAGE_PIXELS``) or one so thin that its
+    resized form would be; callers skip and count those.
     """
     from PIL import Image
 
@@ -61,6 +61,14 @@ def load_image(path: str, size: int) -> torch.Tensor:
         # truncated, int(size * long / short), and the crop offsets are rounded, not floored. Rounding the
         # other way rescales or shifts the image by a pixel against what the pretrained towers saw.
         new_w, new_h = (size, int(size * h / w)) if w <= h else (int(size * w / h), size)
+        # The short side is scaled to ``size``, so a thin strip (a 20000x1 divider: 60 KB on disk) would
+        # become gigabytes before the crop, and MemoryError would end the run. Held to PIL's own pixel limit,
+        # as the decoded image is: one resized above it is as unusable.
+        if Image.MAX_IMAGE_PIXELS is not None and new_w * new_h > Image.MAX_IMAGE_PIXELS:
+            raise ValueError(
+                f"image of {w}x{h} would be resized to {new_w}x{new_h} before the centre crop, above PIL's "
+                f"pixel limit of {Image.MAX_IMAGE_PIXELS} (Image.MAX_IMAGE_PIXELS)"
+            )
         img = img.resize((new_w, new_h), Image.Resampling.BICUBIC)
         left, top = int(round((new_w - size) / 2.0)), int(round((new_h - size) / 2.0))
         img = img.crop((left, top, left + size, top + size))
