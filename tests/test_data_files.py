@@ -51,7 +51,7 @@ def test_annotation_files_with_a_byte_order_mark_lose_no_record(tmp_path):
     urban = tmp_path / "urban"
     _write_image(urban / "image" / "1.jpg")
     (urban / "caption").mkdir()
-    (urban / "caption" / "1.txt").write_bytes(BOM + "A street.".encode())
+    (urban / "caption" / "1.txt").write_bytes(BOM + b"A street.")
     records, problems = read_urban1k(str(urban))
     assert problems == [] and [r.caption for r in records] == ["A street."]  # no U+FEFF kept in the caption
 
@@ -105,22 +105,34 @@ def test_a_photo_is_read_as_its_exif_orientation_shows_it(tmp_path, orientation)
     [
         # A title before a name: the summary was "Dr." and "Smith stands ..." a subcaption of its own.
         ("Dr. Smith stands by a 3.5 m statue. It is bronze.", ["Dr. Smith stands by a 3.5 m statue.", "It is bronze."]),
-        ("Mr. and Mrs. Jones wave. St. Mark's Square is behind them.",
-         ["Mr. and Mrs. Jones wave.", "St. Mark's Square is behind them."]),
+        (
+            "Mr. and Mrs. Jones wave. St. Mark's Square is behind them.",
+            ["Mr. and Mrs. Jones wave.", "St. Mark's Square is behind them."],
+        ),
         # Latin abbreviations inside a sentence
-        ("There is furniture, e.g. a chair and a desk. The floor is oak.",
-         ["There is furniture, e.g. a chair and a desk.", "The floor is oak."]),
-        ("Two shapes (i.e. a circle and a square) vs. one. Nothing else.",
-         ["Two shapes (i.e. a circle and a square) vs. one.", "Nothing else."]),
+        (
+            "There is furniture, e.g. a chair and a desk. The floor is oak.",
+            ["There is furniture, e.g. a chair and a desk.", "The floor is oak."],
+        ),
+        (
+            "Two shapes (i.e. a circle and a square) vs. one. Nothing else.",
+            ["Two shapes (i.e. a circle and a square) vs. one.", "Nothing else."],
+        ),
         # Abbreviations that may also end a sentence: they do when a capital letter follows
-        ("It is 5 p.m. on a sunny day. Cups, plates, etc. The U.S. flag flies.",
-         ["It is 5 p.m. on a sunny day.", "Cups, plates, etc.", "The U.S. flag flies."]),
-        ("Cups, plates, etc. are on the table. It costs $3.50. Approx. 20 people wait.",
-         ["Cups, plates, etc. are on the table.", "It costs $3.50.", "Approx. 20 people wait."]),
+        (
+            "It is 5 p.m. on a sunny day. Cups, plates, etc. The U.S. flag flies.",
+            ["It is 5 p.m. on a sunny day.", "Cups, plates, etc.", "The U.S. flag flies."],
+        ),
+        (
+            "Cups, plates, etc. are on the table. It costs $3.50. Approx. 20 people wait.",
+            ["Cups, plates, etc. are on the table.", "It costs $3.50.", "Approx. 20 people wait."],
+        ),
         # A sentence ending inside quotes or brackets ends there when a capital letter follows
         ('The sign reads "OPEN." Below it hangs a clock.', ['The sign reads "OPEN."', "Below it hangs a clock."]),
-        ('A poster says "Sale!" in red. (It is torn.) The wall is white.',
-         ['A poster says "Sale!" in red.', "(It is torn.)", "The wall is white."]),
+        (
+            'A poster says "Sale!" in red. (It is torn.) The wall is white.',
+            ['A poster says "Sale!" in red.', "(It is torn.)", "The wall is white."],
+        ),
         # Chinese and Japanese full stops need no space after them
         ("一只猫坐在桌子上。旁边有一个杯子。", ["一只猫坐在桌子上。", "旁边有一个杯子。"]),
         # unchanged: lower-case text, decimals, no sentence end at all, ellipses, ! and ?

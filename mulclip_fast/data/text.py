@@ -19,8 +19,8 @@ SHORT_CONTEXT = 77
 # A sentence ends at . ! or ? (closing quotes or brackets may follow) before white space, or at a CJK
 # full stop (。！？, written without a space). The summary is the first sentence and SAP's subcaptions are
 # the sentences, so a split after "Dr." made the summary "Dr." and "e.g. a chair" two subcaptions that
-# describe nothing; a period after these abbreviations is therefore not a sentence end:
-_NEVER_SENTENCE_END = {"mr", "mrs", "ms", "dr", "prof", "st", "mt", "e.g", "i.e", "cf", "vs"}  # before a name or an example
+# describe nothing; a period after these (a name or an example follows them) is therefore not a sentence end:
+_NEVER_SENTENCE_END = {"mr", "mrs", "ms", "dr", "prof", "st", "mt", "e.g", "i.e", "cf", "vs"}
 # ... and after these, or any word with a period inside ("p.m.", "U.S."), only when a capital letter follows:
 # "cups, plates, etc. The table" ends a sentence, "etc. are on the table" does not. So does a sentence end
 # inside quotes or brackets ('reads "OPEN." Below it' against '"Sale!" in red').
@@ -37,7 +37,7 @@ def _ends_sentence(text: str, boundary: re.Match) -> bool:
         return capital_follows
     if boundary.group("end") != ".":
         return True
-    before = text[: boundary.start()].split()
+    before = text[max(0, boundary.start() - 64) : boundary.start()].split()  # the last word (a window: linear time)
     word = before[-1].lstrip("\"'“‘([").lower() if before else ""
     if word in _NEVER_SENTENCE_END:
         return False
