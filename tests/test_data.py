@@ -88,6 +88,17 @@ def test_synthetic_is_deterministic_and_splits_differ():
         a[50]
 
 
+@pytest.mark.parametrize("image_size", [24, 29, 30])
+def test_every_allowed_synthetic_image_size_renders(image_size):
+    """Below 30 pixels a large object's jitter range (half a cell less its radius and a pixel) was negative
+    and numpy's uniform raised "high - low < 0": `--model image_resolution=24` ended in a traceback although
+    24 is the documented minimum. Such objects now sit at their cell's centre."""
+    data = SyntheticLongCaptions(size=32, seed=0, split="train", image_size=image_size)
+    assert any(o.size == "large" for i in range(len(data)) for o in data.scene(i))
+    for i in range(len(data)):
+        assert data[i]["image"].shape == (3, image_size, image_size)
+
+
 def test_synthetic_probe_image_is_the_twin_the_dataset_renders():
     """``image(probe_objects(scene(i)), i)`` draws the probe caption's scene with sample i's noise: the
     twin a training batch holds at i + 1 shows the same scene (with its own noise), and the sample's own

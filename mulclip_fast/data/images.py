@@ -9,12 +9,35 @@ CLIP_MEAN = torch.tensor([0.48145466, 0.4578275, 0.40821073])
 CLIP_STD = torch.tensor([0.26862954, 0.26130258, 0.27577711])
 
 
+def _as_displayed(img):
+    """``img`` turned as its EXIF Orientation tag says, as viewers and browsers (and so captioners) show it.
+
+    Cameras store a portrait photo's pixels sideways and tag it; read as stored, the model would see it
+    lying on its side while the caption says what is "on the left" of the upright photo. OpenAI's own
+    preprocessing reads pixels as stored. Not ``ImageOps.exif_transpose``: it also re-encodes the EXIF
+    block, which raises ``struct.error`` on some malformed tags of images that decode fine.
+    """
+    from PIL import ExifTags, Image
+
+    method = {
+        2: Image.Transpose.FLIP_LEFT_RIGHT,
+        3: Image.Transpose.ROTATE_180,
+        4: Image.Transpose.FLIP_TOP_BOTTOM,
+        5: Image.Transpose.TRANSPOSE,
+        6: Image.Transpose.ROTATE_270,
+        7: Image.Transpose.TRANSVERSE,
+        8: Image.Transpose.ROTATE_90,
+    }.get(img.getexif().get(ExifTags.Base.Orientation))
+    return img if method is None else img.transpose(method)
+
+
 def load_image(path: str, size: int) -> torch.Tensor:
     """CLIP's preprocessing: RGB, shorter side resized to ``size`` (bicubic), centre crop, normalise.
+    A photo with an EXIF Orientation tag is first turned upright, as viewers show it.
 
     Raises ``OSError``/``ValueError`` (from PIL) for a missing, truncated or corrupt file, and
-    ``ValueError`` for an image above PIL's pixel limit (``Image.MAX_IMAGE_PIXELS``); callers skip and
-    count those.
+    ``ValueError`` for an image above PIL's pixel limit (``Image.MAX_IMAGE_PIXELS``) or one so thin that its
+    resized form would be; callers skip and count those.
     """
     from PIL import Image
 
@@ -24,6 +47,7 @@ def load_image(path: str, size: int) -> torch.Tensor:
         raise ValueError(str(exc)) from None
     with img:
         img.load()  # decode now, so a truncated file fails here and not later
+        img = _as_displayed(img)
         if img.mode.startswith("I;16") or img.mode == "I":
             # 16-bit greyscale (PNG, TIFF; mode I in Pillow < 10): convert("RGB") clips each level at 255,
             # which makes nearly the whole image white, so scale 0-65535 to 0-255 first.
@@ -37,6 +61,14 @@ def load_image(path: str, size: int) -> torch.Tensor:
         # truncated, int(size * long / short), and the crop offsets are rounded, not floored. Rounding the
         # other way rescales or shifts the image by a pixel against what the pretrained towers saw.
         new_w, new_h = (size, int(size * h / w)) if w <= h else (int(size * w / h), size)
+        # The short side is scaled to ``size``, so a thin strip (a 20000x1 divider: 60 KB on disk) would
+        # become gigabytes before the crop, and MemoryError would end the run. Held to PIL's own pixel limit,
+        # as the decoded image is: one resized above it is as unusable.
+        if Image.MAX_IMAGE_PIXELS is not None and new_w * new_h > Image.MAX_IMAGE_PIXELS:
+            raise ValueError(
+                f"image of {w}x{h} would be resized to {new_w}x{new_h} before the centre crop, above PIL's "
+                f"pixel limit of {Image.MAX_IMAGE_PIXELS} (Image.MAX_IMAGE_PIXELS)"
+            )
         img = img.resize((new_w, new_h), Image.Resampling.BICUBIC)
         left, top = int(round((new_w - size) / 2.0)), int(round((new_h - size) / 2.0))
         img = img.crop((left, top, left + size, top + size))

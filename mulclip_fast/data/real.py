@@ -32,6 +32,11 @@ import torch
 
 from .images import try_load_image
 
+# Annotation files are read as "utf-8-sig": UTF-8 that may begin with a byte-order mark, as Windows editors
+# and exports write it. Plain "utf-8" keeps the mark as U+FEFF, which json rejects ("Unexpected UTF-8 BOM"),
+# so a BOM'd file would lose its first record or be refused whole. Without a mark the two codecs agree.
+TEXT_ENCODING = "utf-8-sig"
+
 
 class DataError(ValueError):
     """Bad or unusable dataset input; the message names the file and what is wrong."""
@@ -48,12 +53,24 @@ def _resolve(root: str, relative: str) -> str:
     return relative if os.path.isabs(relative) else os.path.join(root, relative)
 
 
+DOCCI_DESCRIPTIONS = "docci_descriptions.jsonlines"
+
+
 def read_docci(path: str, image_root: str | None = None) -> tuple[list[Record], list[str]]:
     """Records of a DOCCI jsonl file (or of the directory holding ``docci_descriptions.jsonlines``)."""
     if os.path.isdir(path):
         candidates = [f for f in sorted(os.listdir(path)) if f.endswith((".jsonl", ".jsonlines"))]
         if not candidates:
             raise DataError(f"no .jsonl / .jsonlines file in the DOCCI directory {path}")
+        # DOCCI's own file when it is there: the first by name could be any other file the folder holds
+        # (DOCCI ships docci_metadata.jsonlines beside it), read without a word.
+        if DOCCI_DESCRIPTIONS in candidates:
+            candidates = [DOCCI_DESCRIPTIONS]
+        if len(candidates) > 1:
+            raise DataError(
+                f"the DOCCI directory {path} has no {DOCCI_DESCRIPTIONS} and several other files: "
+                f"{', '.join(candidates)}; pass one as docci:FILE (with --image-root)"
+            )
         path = os.path.join(path, candidates[0])
     if not os.path.isfile(path):
         raise DataError(f"DOCCI file not found: {path}")
@@ -61,13 +78,14 @@ def read_docci(path: str, image_root: str | None = None) -> tuple[list[Record], 
     if image_root is None:
         image_root = os.path.join(base, "images") if os.path.isdir(os.path.join(base, "images")) else base
     records, problems = [], []
-    # Bytes, decoded line by line: one badly encoded line is a bad record, not the end of the file.
+    # Bytes, decoded line by line: one badly encoded line is a bad record, not the end of the file. Each line
+    # may start with a BOM (the file's first, or one inside a file concatenated from BOM'd files).
     with open(path, "rb") as handle:
         for line_no, raw in enumerate(handle, 1):
             if not raw.strip():
                 continue
             try:
-                obj = json.loads(raw.decode("utf-8"))
+                obj = json.loads(raw.decode(TEXT_ENCODING))
                 image, caption = obj["image_file"], obj["description"]
                 if not isinstance(image, str) or not isinstance(caption, str) or not caption.strip():
                     raise TypeError("image_file and description must be non-empty strings")
@@ -84,7 +102,7 @@ def read_sharegpt4v(path: str, image_root: str | None = None) -> tuple[list[Reco
         raise DataError(f"ShareGPT4V file not found: {path}")
     image_root = image_root or os.path.dirname(os.path.abspath(path))
     try:
-        with open(path, encoding="utf-8") as handle:
+        with open(path, encoding=TEXT_ENCODING) as handle:
             entries = json.load(handle)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise DataError(f"{path} is not valid JSON: {exc}") from None
@@ -137,7 +155,7 @@ def read_dci(path: str, image_root: str | None = None) -> tuple[list[Record], li
     for name in sorted(f for f in os.listdir(annotations) if f.endswith(".json")):
         file = os.path.join(annotations, name)
         try:
-            with open(file, encoding="utf-8") as handle:
+            with open(file, encoding=TEXT_ENCODING) as handle:
                 obj = json.load(handle)
             if not isinstance(obj, dict):
                 raise TypeError(f"expected a JSON object, got {type(obj).__name__}")
@@ -209,7 +227,7 @@ def read_urban1k(path: str, image_root: str | None = None) -> tuple[list[Record]
             problems.append(f"{file}: several images for one caption in {image_dir}: {sorted(images[stem])}")
             continue
         try:
-            with open(file, encoding="utf-8") as handle:
+            with open(file, encoding=TEXT_ENCODING) as handle:
                 caption = handle.read().strip()
         except UnicodeDecodeError as exc:
             problems.append(f"{file}: UnicodeDecodeError: {exc}")
@@ -241,7 +259,7 @@ def _load_json_object(path: str, label: str) -> dict:
     if not os.path.isfile(path):
         raise DataError(f"{label} file not found: {path}")
     try:
-        with open(path, encoding="utf-8") as handle:
+        with open(path, encoding=TEXT_ENCODING) as handle:
             obj = json.load(handle)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise DataError(f"{path} is not valid JSON: {exc}") from None

@@ -285,7 +285,9 @@ class SyntheticLongCaptions(torch.utils.data.Dataset):
         for obj in objects:
             row, col = divmod(obj.cell, 3)
             radius = cell * (0.22 if obj.size == "small" else 0.40)
-            jitter = cell * 0.5 - radius - 1
+            # how far the centre may move and keep the object inside its cell; below 30 pixels a large
+            # object has no room (negative), and sits at the centre (same draws: same images above 30)
+            jitter = max(0.0, cell * 0.5 - radius - 1)
             cx = (col + 0.5) * cell + rng.uniform(-jitter, jitter)
             cy = (row + 0.5) * cell + rng.uniform(-jitter, jitter)
             mask = _shape_mask(obj.shape, self._xx - cx, self._yy - cy, radius)

@@ -16,16 +16,48 @@ import torch
 LONG_CONTEXT = 248
 SHORT_CONTEXT = 77
 
-# A sentence ends at . ! or ? followed by white space (or the end); "e.g." style abbreviations are rare
-# in long captions and splitting them only makes one extra short subcaption.
-_SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
+# A sentence ends at . ! or ? (closing quotes or brackets may follow) before white space, or at a CJK
+# full stop (。！？, written without a space). The summary is the first sentence and SAP's subcaptions are
+# the sentences, so a split after "Dr." made the summary "Dr." and "e.g. a chair" two subcaptions that
+# describe nothing; a period after these (a name or an example follows them) is therefore not a sentence end:
+_NEVER_SENTENCE_END = {"mr", "mrs", "ms", "dr", "prof", "st", "mt", "e.g", "i.e", "cf", "vs"}
+# ... and after these, or any word with a period inside ("p.m.", "U.S."), only when a capital letter follows:
+# "cups, plates, etc. The table" ends a sentence, "etc. are on the table" does not. So does a sentence end
+# inside quotes or brackets ('reads "OPEN." Below it' against '"Sale!" in red').
+_SENTENCE_END_IF_CAPITAL_FOLLOWS = {"etc", "approx", "jr", "sr", "inc", "ltd", "co", "no"}
+_BOUNDARY = re.compile(r"(?P<end>[.!?]+)(?P<closing>[\"'”’)\]]*)\s+|[。！？]+\s*")
+
+
+def _ends_sentence(text: str, boundary: re.Match) -> bool:
+    if boundary.group("end") is None:  # a CJK full stop
+        return True
+    following = text[boundary.end() :].lstrip("\"'“‘([")
+    capital_follows = following[:1].isupper()
+    if boundary.group("closing"):
+        return capital_follows
+    if boundary.group("end") != ".":
+        return True
+    before = text[max(0, boundary.start() - 64) : boundary.start()].split()  # the last word (a window: linear time)
+    word = before[-1].lstrip("\"'“‘([").lower() if before else ""
+    if word in _NEVER_SENTENCE_END:
+        return False
+    if word in _SENTENCE_END_IF_CAPITAL_FOLLOWS or "." in word:
+        return capital_follows
+    return True
 
 
 def split_sentences(text: str) -> list[str]:
-    """The sentences of a caption, stripped, empty ones dropped."""
+    """The sentences of a caption, stripped, empty ones dropped (rules above ``_ends_sentence``)."""
     if not isinstance(text, str):
         raise ValueError(f"caption must be a string, got {type(text).__name__}")
-    return [s.strip() for s in _SENTENCE_END.split(text.strip()) if s.strip()]
+    text = text.strip()
+    sentences, start = [], 0
+    for boundary in _BOUNDARY.finditer(text):
+        if _ends_sentence(text, boundary):
+            sentences.append(text[start : boundary.end()].strip())
+            start = boundary.end()
+    sentences.append(text[start:].strip())
+    return [s for s in sentences if s]
 
 
 def summary_of(text: str) -> str:
