@@ -177,7 +177,8 @@ def evaluate(
     hardneg_pairs: int = HARDNEG_PAIRS,
 ) -> dict:
     """The eval.json dictionary: recall both ways on long captions (and ``short_*`` on summaries),
-    binding accuracy (NaN → null when the data has no probes), ``n_pairs`` and ``n_skipped``; on the
+    binding accuracy (NaN → null when the data has no probes), ``n_pairs``, ``n_skipped`` and ``skipped``
+    (each unreadable image's path and reason); on the
     synthetic test split also ``fine_grained_metrics`` (hard negatives on the first ``hardneg_pairs``
     pairs)."""
     emb = embed_dataset(model, dataset, batch_size, device)
@@ -188,6 +189,7 @@ def evaluate(
     result.update({f"short_{k}": v for k, v in recall_at_k(emb["short"] @ emb["image"].T).items()})
     result["n_pairs"] = int(emb["image"].shape[0])
     result["n_skipped"] = len(emb["skipped"])
+    result["skipped"] = dict(emb["skipped"])  # path -> why it could not be read
     if isinstance(dataset, SyntheticLongCaptions) and dataset.split == "test":
         result.update(fine_grained_metrics(model, dataset, emb, batch_size, device, hardneg_pairs))
     return result
@@ -225,9 +227,10 @@ def fine_grained_metrics(
 
 def evaluate_multi_caption(model: CLIP, dataset, batch_size: int = 250, device: str | torch.device = "cpu") -> dict:
     """The eval.json dictionary of a short-caption set (items with ``image`` and ``captions``, such as
-    ``MultiCaptionFiles``): ``multi_caption_recall`` both ways, ``n_images``, ``n_captions`` and
-    ``n_skipped`` (unreadable images; their captions are left out too). Captions are tokenised to the
-    model's context (truncation keeps EOT) and encoded padded to the batch's longest (``ClipEncoder``)."""
+    ``MultiCaptionFiles``): ``multi_caption_recall`` both ways, ``n_images``, ``n_captions``, ``n_skipped``
+    and ``skipped`` (unreadable images by path, with the reason; their captions are left out too). Captions
+    are tokenised to the model's context (truncation keeps EOT) and encoded padded to the batch's longest
+    (``ClipEncoder``)."""
     encoder = ClipEncoder(model, device, batch_size)
     images, texts, caption_image, skipped, n_images = [], [], [], [], 0
     for start in range(0, len(dataset), batch_size):
@@ -246,6 +249,7 @@ def evaluate_multi_caption(model: CLIP, dataset, batch_size: int = 250, device: 
     image, text = torch.cat(images), torch.cat(texts)
     result: dict[str, float | int] = dict(multi_caption_recall(text @ image.T, torch.tensor(caption_image)))
     result.update(n_images=int(image.shape[0]), n_captions=int(text.shape[0]), n_skipped=len(skipped))
+    result["skipped"] = dict(skipped)  # path -> why it could not be read
     return result
 
 
@@ -351,6 +355,17 @@ def load_model_for_eval(
     model = CLIP(preset_config(preset, **overrides))
     load_clip_weights(model, path, state=weights)
     return model.to(device), {"preset": preset, "model_overrides": overrides}
+
+
+SKIPPED_PRINTED = 10  # unreadable images named on stderr; the JSON of --out lists them all
+
+
+def _print_skipped(skipped: dict[str, str], listed_in: str | None) -> None:
+    for path, reason in list(skipped.items())[:SKIPPED_PRINTED]:
+        print(f"skipped {path}: {reason}", file=sys.stderr)
+    if len(skipped) > SKIPPED_PRINTED:
+        where = f"all in {listed_in} under 'skipped'" if listed_in else "--out FILE lists them all"
+        print(f"... and {len(skipped) - SKIPPED_PRINTED} more unreadable images ({where})", file=sys.stderr)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -471,6 +486,7 @@ def main(argv: list[str] | None = None) -> int:
     except (DataError, CheckpointError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    _print_skipped(result["skipped"], listed_in=args.out)
     print(format_multi_caption_table(result) if short_captions else format_table(result))
     if args.out:
         try:

@@ -180,11 +180,14 @@ def test_coco_through_the_data_spec_and_the_eval_cli(coco, tmp_path, capsys):
         "n_images",
         "n_captions",
         "n_skipped",
+        "skipped",
     }
     assert (result["n_images"], result["n_captions"], result["n_skipped"]) == (3, 5, 1)
     assert result["t2i_r5"] == result["i2t_r5"] == 1.0  # 3 images, 5 captions: everything is within 5
     printed = capsys.readouterr()
     assert "images 3, captions 5, skipped 1" in printed.out and "7 bad records skipped" in printed.err
+    (path,) = result["skipped"]  # the unreadable image, by path, also on stderr
+    assert path.endswith("000009.png") and f"skipped {path}: " in printed.err
     assert eval_main([*argv, "--pairs", "2"]) == 0  # --pairs caps the images
     assert json.loads(out.read_text())["n_images"] == 2
 
