@@ -350,20 +350,27 @@ def _train(config, resume, stop_at_step, given) -> dict:
                 if agree(stop.signal is not None, context) or step == stop_at_step:
                     interrupted = stop.signal or "stop_at_step"
                     break
+            # The final checkpoint is written under the same handlers: a SIGINT / SIGTERM from here until it
+            # is on disk lets it finish (a second one still stops at once). Under the default handlers such
+            # a signal ended the run without it, losing every step since the last periodic checkpoint: with
+            # the default --checkpoint-every 0, the whole run. A signal that came after the last step skips
+            # the final evaluation, as any signal does; --resume runs it.
+            train_seconds = elapsed_before + time.perf_counter() - loop_start
+            finish_collectives(context)  # before any rank leaves, and before rank 0's work of its own below
+            if not main_rank:
+                shutdown_distributed(context)
+                return {"steps": step, "total_steps": total_steps, "interrupted": interrupted, "rank": context.rank}
+            if step > start_step and trained_steps == 0:  # no checkpoint: it would claim steps that never trained
+                _write_skipped(out, skipped)
+                raise DataError(
+                    f"no step trained: each of the {step - start_step} batches had fewer than 2 readable images "
+                    f"({len(skipped)} unreadable, listed in {os.path.join(out, 'skipped.json')})"
+                )
+            path = _checkpoint(trainer, step, train_seconds, skipped, out, config.keep_checkpoints)
+            if interrupted is None and stop.signal is not None:
+                interrupted = stop.signal
     finally:
         log.close()
-    train_seconds = elapsed_before + time.perf_counter() - loop_start
-    finish_collectives(context)  # before any rank leaves, and before rank 0's work of its own below
-    if not main_rank:
-        shutdown_distributed(context)
-        return {"steps": step, "total_steps": total_steps, "interrupted": interrupted, "rank": context.rank}
-    if step > start_step and trained_steps == 0:  # no checkpoint: it would claim steps that never trained
-        _write_skipped(out, skipped)
-        raise DataError(
-            f"no step trained: each of the {step - start_step} batches had fewer than 2 readable images "
-            f"({len(skipped)} unreadable, listed in {os.path.join(out, 'skipped.json')})"
-        )
-    path = _checkpoint(trainer, step, train_seconds, skipped, out, config.keep_checkpoints)
     summary = {
         "steps": step,
         "total_steps": total_steps,
