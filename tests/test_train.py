@@ -449,3 +449,28 @@ def test_a_signal_during_the_final_save_keeps_the_checkpoint(tmp_path, monkeypat
     final_b = load_training_checkpoint(str(out / "checkpoints" / "step_00000003.pt"))["model"]
     assert all(torch.equal(final_a[k], final_b[k]) for k in final_a)
 
+
+def test_a_resumed_time_limited_run_keeps_the_pace_it_measured(tmp_path, monkeypatch):
+    # A fake clock on which every step takes 10 s: under a 65 s limit the run trains 6 steps (the 7th would
+    # end at 70 s). The pace was not in the checkpoint, so a resumed run had none until its second step and
+    # started any step: stopped at step 5 and resumed it trained 7 steps, and the finished run resumed
+    # trained an 8th.
+    clock = {"now": 0.0}
+    monkeypatch.setattr(loop, "time", SimpleNamespace(perf_counter=lambda: clock["now"]))
+    step = Trainer.step
+
+    def timed_step(self, *args, **kwargs):
+        clock["now"] += 10.0
+        return step(self, *args, **kwargs)
+
+    monkeypatch.setattr(Trainer, "step", timed_step)
+    settings = dict(steps=20, time_limit=65, loss="global")
+    assert train(small_config(tmp_path / "straight", **settings))["steps"] == 6
+    out = tmp_path / "resumed"
+    train(small_config(out, **settings), stop_at_step=5)
+    assert train(TrainConfig(out=str(out)), resume=True)["steps"] == 6
+    assert train(TrainConfig(out=str(out)), resume=True)["steps"] == 6  # a finished run stays finished
+    a = read_jsonl(tmp_path / "straight" / "metrics.jsonl")
+    b = read_jsonl(out / "metrics.jsonl")
+    assert [(m["step"], m["loss"], m["lr"]) for m in a] == [(m["step"], m["loss"], m["lr"]) for m in b]
+

@@ -163,11 +163,15 @@ def _write_skipped(out: str, skipped: dict[str, str]) -> None:
         atomic_write_text(os.path.join(out, "skipped.json"), json.dumps(skipped, indent=2))
 
 
-def _checkpoint(trainer: Trainer, step: int, elapsed: float, skipped: dict[str, str], out: str, keep: int) -> str:
+def _checkpoint(
+    trainer: Trainer, step: int, elapsed: float, skipped: dict[str, str], out: str, keep: int, step_seconds: float
+) -> str:
     """Save the checkpoint of ``step`` with the images skipped so far (a resumed run lists them again), and
-    ``skipped.json`` as of that checkpoint."""
+    ``skipped.json`` as of that checkpoint. ``step_seconds``, the last step's duration, is the pace a resumed
+    run under ``--time-limit`` starts from."""
     _write_skipped(out, skipped)
-    return save_checkpoint({**trainer.state_dict(step, elapsed), "skipped_images": dict(skipped)}, out, keep)
+    state = {**trainer.state_dict(step, elapsed), "skipped_images": dict(skipped), "step_seconds": step_seconds}
+    return save_checkpoint(state, out, keep)
 
 
 def train(
@@ -280,7 +284,11 @@ def _train(config, resume, stop_at_step, given) -> dict:
     skipped: dict[str, str] = dict(state.get("skipped_images", {})) if state is not None else {}
     step, interrupted, time_limited = start_step, None, False
     trained_steps = 0  # by this process: a run that never had a usable batch must not pass for a success
-    last_step_s = 0.0  # how long the last step took (batch included), to tell whether the next one fits
+    # How long the last step took (batch included), to tell whether the next one fits. A resumed run starts
+    # from the pace its checkpoint recorded: with none, it would start any step until its second (its first
+    # warms up and is no measure), so a run stopped near its time limit trained a step past it on resume,
+    # and a time-limited run that had finished trained on.
+    last_step_s = float(state.get("step_seconds", 0.0)) if state is not None else 0.0
     loop_start = time.perf_counter()
     try:
         with StopRequest() as stop:
@@ -344,7 +352,7 @@ def _train(config, resume, stop_at_step, given) -> dict:
                     log.val({"step": step, **evaluate(trainer.model, val_set, device=trainer.device)})
                 if main_rank and save:
                     elapsed = elapsed_before + time.perf_counter() - loop_start
-                    _checkpoint(trainer, step, elapsed, skipped, out, config.keep_checkpoints)
+                    _checkpoint(trainer, step, elapsed, skipped, out, config.keep_checkpoints, last_step_s)
                 if validate or save:  # rank 0 worked alone: the others wait for it outside the collectives
                     wait_for_main_rank(context)
                 if agree(stop.signal is not None, context) or step == stop_at_step:
@@ -366,7 +374,7 @@ def _train(config, resume, stop_at_step, given) -> dict:
                     f"no step trained: each of the {step - start_step} batches had fewer than 2 readable images "
                     f"({len(skipped)} unreadable, listed in {os.path.join(out, 'skipped.json')})"
                 )
-            path = _checkpoint(trainer, step, train_seconds, skipped, out, config.keep_checkpoints)
+            path = _checkpoint(trainer, step, train_seconds, skipped, out, config.keep_checkpoints, last_step_s)
             if interrupted is None and stop.signal is not None:
                 interrupted = stop.signal
     finally:
