@@ -29,7 +29,7 @@ from ..distributed import (
 )
 from ..eval import evaluate
 from ..losses import TERMS
-from ..model import preset_config
+from ..model import CheckpointError, preset_config
 from ..run_checkpoints import load_latest_training_checkpoint
 from .checkpoint import atomic_write_text, save_checkpoint
 from .config import ConfigError, TrainConfig, resolve_config, resumed_config
@@ -66,6 +66,17 @@ class StopRequest:
         return False
 
 
+def _append_record(path: str, record: dict) -> None:
+    """Append one record to a jsonl log. A write that fails (disk full, no permission) is the same
+    ``error: cannot write …`` as a failed save, not a traceback; the part of the line that was written is a
+    torn last line, which a resumed run drops (``report.read_jsonl``)."""
+    try:
+        with open(path, "a") as handle:
+            handle.write(json.dumps(record) + "\n")
+    except OSError as exc:
+        raise CheckpointError(f"cannot write {path}: {exc.strerror or exc}") from None
+
+
 class RunLog:
     """``metrics.jsonl`` / ``val.jsonl`` writer plus a tqdm bar on a terminal or plain log lines."""
 
@@ -95,8 +106,7 @@ class RunLog:
     def metrics(self, record: dict) -> None:
         if not self.enabled:
             return
-        with open(self.metrics_path, "a") as handle:
-            handle.write(json.dumps(record) + "\n")
+        _append_record(self.metrics_path, record)
         step = record["step"]
         if self.bar is not None:
             self.bar.update(step + 1 - self.bar.n)
@@ -112,8 +122,7 @@ class RunLog:
     def val(self, record: dict) -> None:
         if not self.enabled:
             return
-        with open(self.val_path, "a") as handle:
-            handle.write(json.dumps(record) + "\n")
+        _append_record(self.val_path, record)
         self.write(f"val step {record['step']}: t2i R@5 {record['t2i_r5']:.3f} i2t R@5 {record['i2t_r5']:.3f}")
 
     def write(self, text: str) -> None:
@@ -403,8 +412,7 @@ def _train(config, resume, stop_at_step, given) -> dict:
         result = evaluate(trainer.model, test_set, device=trainer.device)
         atomic_write_text(os.path.join(out, "eval.json"), json.dumps(result, indent=2))
         summary["eval"] = result
-        with open(os.path.join(out, "val.jsonl"), "a") as handle:
-            handle.write(json.dumps({"step": step, "split": "test", **result}) + "\n")
+        _append_record(os.path.join(out, "val.jsonl"), {"step": step, "split": "test", **result})
     write_plots(out)
     summary["wall_seconds"] = time.perf_counter() - loop_start + elapsed_before
     atomic_write_text(os.path.join(out, "summary.json"), json.dumps(summary, indent=2))
