@@ -325,6 +325,7 @@ def test_a_full_disk_while_appending_a_log_record_is_an_error_and_the_run_resume
     a, b = read_jsonl(tmp_path / "straight" / "metrics.jsonl"), read_jsonl(out / "metrics.jsonl")
     assert [m["loss"] for m in a] == [m["loss"] for m in b]
 
+
 def test_temporaries_of_a_killed_save_are_removed_at_start(tmp_path, capsys):
     out = tmp_path / "run"
     train(small_config(out, loss="global", steps=3), stop_at_step=2)

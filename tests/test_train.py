@@ -473,4 +473,3 @@ def test_a_resumed_time_limited_run_keeps_the_pace_it_measured(tmp_path, monkeyp
     a = read_jsonl(tmp_path / "straight" / "metrics.jsonl")
     b = read_jsonl(out / "metrics.jsonl")
     assert [(m["step"], m["loss"], m["lr"]) for m in a] == [(m["step"], m["loss"], m["lr"]) for m in b]
-
