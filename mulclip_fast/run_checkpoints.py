@@ -4,7 +4,8 @@ Training writes and resumes them (``mulclip_fast.train``) and evaluation reads t
 training also evaluates, so the format lives here, below both, and neither has to import the other's
 internals. A checkpoint is a dict holding ``format``, ``version``, the run's ``config`` (a ``TrainConfig``
 as a dict), the ``model`` and ``optimizer`` state, the ``step``, the ``elapsed`` training seconds and the
-``rng`` states.
+``rng`` states; training adds the images it skipped (``skipped_images``) and the last step's duration
+(``step_seconds``, the pace ``--time-limit`` goes by).
 """
 
 from __future__ import annotations

@@ -295,6 +295,37 @@ def test_a_full_disk_during_a_save_leaves_no_partial_file_and_the_run_resumes(tm
     assert sorted(os.listdir(out / "checkpoints")) == ["step_00000002.pt", "step_00000004.pt"]
 
 
+def test_a_full_disk_while_appending_a_log_record_is_an_error_and_the_run_resumes(tmp_path, capsys, monkeypatch):
+    # metrics.jsonl and val.jsonl are appended to, not saved: a full disk there ended the run with an
+    # OSError traceback instead of the "error: cannot write ..." line of a failed save.
+    import builtins
+
+    train(small_config(tmp_path / "straight", loss="global", steps=4))
+    out = tmp_path / "run"
+    real_open = builtins.open
+    appends = []
+
+    def full_on_third_append(path, mode="r", *args, **kwargs):
+        if str(path).endswith("metrics.jsonl") and "a" in mode:
+            appends.append(path)
+            if len(appends) == 3:
+                handle = real_open(path, mode, *args, **kwargs)
+                handle.write('{"step": 2, "lo')  # the part that still fitted
+                handle.close()
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        return real_open(path, mode, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", full_on_third_append)
+    argv = [*SMALL, "--steps", "4", "--batch-size", "4", "--loss", "global", "--eval-pairs", "0", "--val-pairs", "4"]
+    assert main([*argv, "--checkpoint-every", "2", "--out", str(out)]) == 2
+    err = _error(capsys)
+    assert f"cannot write {out / 'metrics.jsonl'}: No space left on device" in err
+    monkeypatch.setattr(builtins, "open", real_open)
+    assert main(["--resume", "--out", str(out)]) == 0
+    a, b = read_jsonl(tmp_path / "straight" / "metrics.jsonl"), read_jsonl(out / "metrics.jsonl")
+    assert [m["loss"] for m in a] == [m["loss"] for m in b]
+
+
 def test_temporaries_of_a_killed_save_are_removed_at_start(tmp_path, capsys):
     out = tmp_path / "run"
     train(small_config(out, loss="global", steps=3), stop_at_step=2)

@@ -429,3 +429,58 @@ def test_a_time_limit_starts_no_step_that_would_end_past_it(tmp_path, monkeypatc
     summary = train(small_config(tmp_path / "run", steps=20, time_limit=65))
     assert summary["steps"] == 4 and clock["now"] == 60.0
     assert [m["step"] for m in read_jsonl(tmp_path / "run" / "metrics.jsonl")] == [0, 1, 2, 3]
+
+
+def test_a_signal_during_the_final_save_keeps_the_checkpoint(tmp_path, monkeypatch, capsys):
+    # The final checkpoint was written after the signal handlers were put back: a SIGINT (Ctrl-C) or SIGTERM
+    # while it was being written ended the run without it, losing every step since the last periodic
+    # checkpoint (with the default --checkpoint-every 0, the whole run). SIGINT here: under the default
+    # handler a SIGTERM would end pytest itself; both take the same path.
+    settings = ["--steps", "3", "--batch-size", "4", "--loss", "global", "--eval-pairs", "4", "--val-pairs", "4"]
+    assert main([*SMALL, *settings, "--out", str(tmp_path / "straight")]) == 0
+    real_save = torch.save
+
+    def interrupted_save(obj, path):
+        if os.path.basename(str(path)).startswith("step_00000003.pt.tmp."):
+            os.kill(os.getpid(), signal.SIGINT)
+        real_save(obj, path)
+
+    monkeypatch.setattr(torch, "save", interrupted_save)
+    out = tmp_path / "run"
+    assert main([*SMALL, *settings, "--out", str(out)]) == 128 + signal.SIGINT
+    assert "stopped by a signal at step 3" in capsys.readouterr().out
+    assert os.listdir(out / "checkpoints") == ["step_00000003.pt"]
+    assert not (out / "eval.json").exists()  # stopped before the final evaluation, which --resume runs
+    monkeypatch.setattr(torch, "save", real_save)
+    assert main(["--resume", "--out", str(out)]) == 0
+    assert read_jsonl(out / "metrics.jsonl") != [] and json.loads((out / "eval.json").read_text()) == json.loads(
+        (tmp_path / "straight" / "eval.json").read_text()
+    )
+    final_a = load_training_checkpoint(str(tmp_path / "straight" / "checkpoints" / "step_00000003.pt"))["model"]
+    final_b = load_training_checkpoint(str(out / "checkpoints" / "step_00000003.pt"))["model"]
+    assert all(torch.equal(final_a[k], final_b[k]) for k in final_a)
+
+
+def test_a_resumed_time_limited_run_keeps_the_pace_it_measured(tmp_path, monkeypatch):
+    # A fake clock on which every step takes 10 s: under a 65 s limit the run trains 6 steps (the 7th would
+    # end at 70 s). The pace was not in the checkpoint, so a resumed run had none until its second step and
+    # started any step: stopped at step 5 and resumed it trained 7 steps, and the finished run resumed
+    # trained an 8th.
+    clock = {"now": 0.0}
+    monkeypatch.setattr(loop, "time", SimpleNamespace(perf_counter=lambda: clock["now"]))
+    step = Trainer.step
+
+    def timed_step(self, *args, **kwargs):
+        clock["now"] += 10.0
+        return step(self, *args, **kwargs)
+
+    monkeypatch.setattr(Trainer, "step", timed_step)
+    settings = dict(steps=20, time_limit=65, loss="global")
+    assert train(small_config(tmp_path / "straight", **settings))["steps"] == 6
+    out = tmp_path / "resumed"
+    train(small_config(out, **settings), stop_at_step=5)
+    assert train(TrainConfig(out=str(out)), resume=True)["steps"] == 6
+    assert train(TrainConfig(out=str(out)), resume=True)["steps"] == 6  # a finished run stays finished
+    a = read_jsonl(tmp_path / "straight" / "metrics.jsonl")
+    b = read_jsonl(out / "metrics.jsonl")
+    assert [(m["step"], m["loss"], m["lr"]) for m in a] == [(m["step"], m["loss"], m["lr"]) for m in b]

@@ -29,7 +29,7 @@ from ..distributed import (
 )
 from ..eval import evaluate
 from ..losses import TERMS
-from ..model import preset_config
+from ..model import CheckpointError, preset_config
 from ..run_checkpoints import load_latest_training_checkpoint
 from .checkpoint import atomic_write_text, save_checkpoint
 from .config import ConfigError, TrainConfig, resolve_config, resumed_config
@@ -66,6 +66,17 @@ class StopRequest:
         return False
 
 
+def _append_record(path: str, record: dict) -> None:
+    """Append one record to a jsonl log. A write that fails (disk full, no permission) is the same
+    ``error: cannot write …`` as a failed save, not a traceback; the part of the line that was written is a
+    torn last line, which a resumed run drops (``report.read_jsonl``)."""
+    try:
+        with open(path, "a") as handle:
+            handle.write(json.dumps(record) + "\n")
+    except OSError as exc:
+        raise CheckpointError(f"cannot write {path}: {exc.strerror or exc}") from None
+
+
 class RunLog:
     """``metrics.jsonl`` / ``val.jsonl`` writer plus a tqdm bar on a terminal or plain log lines."""
 
@@ -95,8 +106,7 @@ class RunLog:
     def metrics(self, record: dict) -> None:
         if not self.enabled:
             return
-        with open(self.metrics_path, "a") as handle:
-            handle.write(json.dumps(record) + "\n")
+        _append_record(self.metrics_path, record)
         step = record["step"]
         if self.bar is not None:
             self.bar.update(step + 1 - self.bar.n)
@@ -112,8 +122,7 @@ class RunLog:
     def val(self, record: dict) -> None:
         if not self.enabled:
             return
-        with open(self.val_path, "a") as handle:
-            handle.write(json.dumps(record) + "\n")
+        _append_record(self.val_path, record)
         self.write(f"val step {record['step']}: t2i R@5 {record['t2i_r5']:.3f} i2t R@5 {record['i2t_r5']:.3f}")
 
     def write(self, text: str) -> None:
@@ -163,11 +172,15 @@ def _write_skipped(out: str, skipped: dict[str, str]) -> None:
         atomic_write_text(os.path.join(out, "skipped.json"), json.dumps(skipped, indent=2))
 
 
-def _checkpoint(trainer: Trainer, step: int, elapsed: float, skipped: dict[str, str], out: str, keep: int) -> str:
+def _checkpoint(
+    trainer: Trainer, step: int, elapsed: float, skipped: dict[str, str], out: str, keep: int, step_seconds: float
+) -> str:
     """Save the checkpoint of ``step`` with the images skipped so far (a resumed run lists them again), and
-    ``skipped.json`` as of that checkpoint."""
+    ``skipped.json`` as of that checkpoint. ``step_seconds``, the last step's duration, is the pace a resumed
+    run under ``--time-limit`` starts from."""
     _write_skipped(out, skipped)
-    return save_checkpoint({**trainer.state_dict(step, elapsed), "skipped_images": dict(skipped)}, out, keep)
+    state = {**trainer.state_dict(step, elapsed), "skipped_images": dict(skipped), "step_seconds": step_seconds}
+    return save_checkpoint(state, out, keep)
 
 
 def train(
@@ -284,7 +297,11 @@ def _train(config, resume, stop_at_step, given) -> dict:
     skipped: dict[str, str] = dict(state.get("skipped_images", {})) if state is not None else {}
     step, interrupted, time_limited = start_step, None, False
     trained_steps = 0  # by this process: a run that never had a usable batch must not pass for a success
-    last_step_s = 0.0  # how long the last step took (batch included), to tell whether the next one fits
+    # How long the last step took (batch included), to tell whether the next one fits. A resumed run starts
+    # from the pace its checkpoint recorded: with none, it would start any step until its second (its first
+    # warms up and is no measure), so a run stopped near its time limit trained a step past it on resume,
+    # and a time-limited run that had finished trained on.
+    last_step_s = float(state.get("step_seconds", 0.0)) if state is not None else 0.0
     loop_start = time.perf_counter()
     try:
         with StopRequest() as stop:
@@ -348,26 +365,33 @@ def _train(config, resume, stop_at_step, given) -> dict:
                     log.val({"step": step, **evaluate(trainer.model, val_set, device=trainer.device)})
                 if main_rank and save:
                     elapsed = elapsed_before + time.perf_counter() - loop_start
-                    _checkpoint(trainer, step, elapsed, skipped, out, config.keep_checkpoints)
+                    _checkpoint(trainer, step, elapsed, skipped, out, config.keep_checkpoints, last_step_s)
                 if validate or save:  # rank 0 worked alone: the others wait for it outside the collectives
                     wait_for_main_rank(context)
                 if agree(stop.signal is not None, context) or step == stop_at_step:
                     interrupted = stop.signal or "stop_at_step"
                     break
+            # The final checkpoint is written under the same handlers: a SIGINT / SIGTERM from here until it
+            # is on disk lets it finish (a second one still stops at once). Under the default handlers such
+            # a signal ended the run without it, losing every step since the last periodic checkpoint: with
+            # the default --checkpoint-every 0, the whole run. A signal that came after the last step skips
+            # the final evaluation, as any signal does; --resume runs it.
+            train_seconds = elapsed_before + time.perf_counter() - loop_start
+            finish_collectives(context)  # before any rank leaves, and before rank 0's work of its own below
+            if not main_rank:
+                shutdown_distributed(context)
+                return {"steps": step, "total_steps": total_steps, "interrupted": interrupted, "rank": context.rank}
+            if step > start_step and trained_steps == 0:  # no checkpoint: it would claim steps that never trained
+                _write_skipped(out, skipped)
+                raise DataError(
+                    f"no step trained: each of the {step - start_step} batches had fewer than 2 readable images "
+                    f"({len(skipped)} unreadable, listed in {os.path.join(out, 'skipped.json')})"
+                )
+            path = _checkpoint(trainer, step, train_seconds, skipped, out, config.keep_checkpoints, last_step_s)
+            if interrupted is None and stop.signal is not None:
+                interrupted = stop.signal
     finally:
         log.close()
-    train_seconds = elapsed_before + time.perf_counter() - loop_start
-    finish_collectives(context)  # before any rank leaves, and before rank 0's work of its own below
-    if not main_rank:
-        shutdown_distributed(context)
-        return {"steps": step, "total_steps": total_steps, "interrupted": interrupted, "rank": context.rank}
-    if step > start_step and trained_steps == 0:  # no checkpoint: it would claim steps that never trained
-        _write_skipped(out, skipped)
-        raise DataError(
-            f"no step trained: each of the {step - start_step} batches had fewer than 2 readable images "
-            f"({len(skipped)} unreadable, listed in {os.path.join(out, 'skipped.json')})"
-        )
-    path = _checkpoint(trainer, step, train_seconds, skipped, out, config.keep_checkpoints)
     summary = {
         "steps": step,
         "total_steps": total_steps,
@@ -392,8 +416,7 @@ def _train(config, resume, stop_at_step, given) -> dict:
         result = evaluate(trainer.model, test_set, device=trainer.device)
         atomic_write_text(os.path.join(out, "eval.json"), json.dumps(result, indent=2))
         summary["eval"] = result
-        with open(os.path.join(out, "val.jsonl"), "a") as handle:
-            handle.write(json.dumps({"step": step, "split": "test", **result}) + "\n")
+        _append_record(os.path.join(out, "val.jsonl"), {"step": step, "split": "test", **result})
     write_plots(out)
     summary["wall_seconds"] = time.perf_counter() - loop_start + elapsed_before
     atomic_write_text(os.path.join(out, "summary.json"), json.dumps(summary, indent=2))
