@@ -121,6 +121,18 @@ def test_resume_is_bit_for_bit(tmp_path):
     assert all(torch.equal(final_a[k], final_b[k]) for k in final_a)
 
 
+def test_resume_with_data_loader_workers_restores_every_rng_state(tmp_path):
+    # Starting the workers drew their seed from torch's global generator (at each epoch start and at the
+    # resume step), so the resumed run's torch RNG state differed from the uninterrupted run's.
+    settings = dict(loss="global", steps=4, num_workers=1)
+    straight = train(small_config(tmp_path / "straight", **settings))
+    train(small_config(tmp_path / "resumed", **settings), stop_at_step=2)
+    resumed = train(TrainConfig(out=str(tmp_path / "resumed")), resume=True)
+    a, b = (load_training_checkpoint(run["checkpoint"]) for run in (straight, resumed))
+    assert torch.equal(a["rng"]["torch"], b["rng"]["torch"])
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+
+
 def test_version_1_checkpoints_resume_as_towers_without_alibi(tmp_path):
     """Checkpoints written before the tiny text tower gained ALiBi (version 1) hold towers without it."""
     no_alibi = {**SMALL_OVERRIDES, "text_alibi": 0}

@@ -201,8 +201,15 @@ def iterate_batches(
         batches = batch_order(len(dataset), batch_size, seed, epoch, shuffle)[offset:]
         reads = batches if own is None else [[indices[row] for row in own] for indices in batches]
         if num_workers > 0:
+            # The workers' base seed from a generator of this epoch's, not from torch's global one: starting
+            # them (each epoch, and at a resume step) drew from it, so a resumed run's RNG state strayed.
             loader = torch.utils.data.DataLoader(
-                dataset, batch_sampler=reads, collate_fn=collator, num_workers=num_workers, persistent_workers=False
+                dataset,
+                batch_sampler=reads,
+                collate_fn=collator,
+                num_workers=num_workers,
+                persistent_workers=False,
+                generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch),
             )
         else:
             loader = (collator([dataset[i] for i in indices]) for indices in reads)
