@@ -163,6 +163,8 @@ def test_flags_given_with_resume_apply_where_safe_and_are_refused_otherwise(tmp_
     assert main(["--resume", "--out", str(out), "--batch-size", "8", "--preset", "vit-b-16"]) == 2
     err = _error(capsys)
     assert "--batch-size 8 (the run has 4)" in err and "--preset vit-b-16 (the run has tiny)" in err
+    assert main(["--resume", "--out", str(out), "--no-packed-text"]) == 2  # was "--no-packed-text False (… True)"
+    assert "--no-packed-text (the run ran without it)" in _error(capsys)
     assert main(["--resume", "--out", str(out), "--batch-size", "4", "--steps", "1"]) == 2  # the same batch: fine
     assert "the run has done 2 steps" in _error(capsys)
     assert main(["--resume", "--out", str(out), "--steps", "5"]) == 0

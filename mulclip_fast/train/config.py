@@ -460,6 +460,8 @@ def resumed_config(stored: TrainConfig, requested: TrainConfig, given: set[str])
             continue
         if name in RESUMABLE_CHANGES and not (name == "eval_pairs" and _holds_out_by_count(stored)):
             changes[name] = value
+        elif isinstance(value, bool):  # a switch: giving it contradicts a run that ran without it
+            refused.append(f"{flag_name(_FIELDS[name])} (the run ran without it)")
         else:
             refused.append(f"{flag_name(_FIELDS[name])} {value} (the run has {before})")
     if refused:
