@@ -265,7 +265,11 @@ def render(payload: dict, markdown: bool = False) -> str:
             ]
             for r in rows
         ]
-        out += ["Ops (median time, exact peak memory above the inputs; ×ref = fast / reference):", ""]
+        out += [
+            "Ops (median time, exact peak memory above the inputs; ×ref = fast / reference, from those; "
+            f"{mm_label}: the op's FLOP/s in its fastest round over the fastest torch.mm's on this machine):",
+            "",
+        ]
         out += [table(headers, body, markdown), ""]
 
     rows = train_rows(results)
@@ -283,7 +287,8 @@ def render(payload: dict, markdown: bool = False) -> str:
             ]
             for r in rows
         ]
-        out += ["Training step at equal batch (reference vs fast path):", "", table(headers, body, markdown), ""]
+        out += ["Training step at equal batch (reference vs fast path; median time, exact peak memory of the step):"]
+        out += ["", table(headers, body, markdown), ""]
 
     rows = max_batch_rows(results)
     if rows:

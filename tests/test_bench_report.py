@@ -146,6 +146,18 @@ def test_cli_reads_the_newest_file_prints_tables_and_draws_plots(results_dir, tm
     assert all((plots / name).stat().st_size > 1000 for name in written)
 
 
+def test_each_table_says_what_its_figures_are(results_dir, capsys):
+    """Times are medians, memory is the exact peak, and % of mm is the fastest round against the fastest
+    torch.mm (not the median the time columns show): the lines above the tables say so."""
+    assert bench_report.main([str(results_dir), "--no-plots"]) == 0
+    out = capsys.readouterr().out
+    ops_line = next(line for line in out.splitlines() if line.startswith("Ops ("))
+    assert "median time" in ops_line and "exact peak memory" in ops_line
+    assert "% of mm: the op's FLOP/s in its fastest round over the fastest torch.mm's" in ops_line
+    step_line = next(line for line in out.splitlines() if line.startswith("Training step at equal batch"))
+    assert "median time" in step_line and "exact peak memory" in step_line
+
+
 def test_markdown_tables(results_dir, capsys):
     assert bench_report.main([str(results_dir), "--markdown", "--no-plots"]) == 0
     out = capsys.readouterr().out
