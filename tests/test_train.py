@@ -93,6 +93,8 @@ def test_the_summary_table_says_its_losses_are_means_of_the_last_steps(tmp_path)
     assert "final " not in table
     assert "mean loss" in table and "3.7000 (last 10 logged steps)" in table
     assert "mean wpr" in table and "5.0000 (last logged step)" in table
+    # memory_mb is MiB of rank 0's process; samples / s a mean over logged records (--log-every apart)
+    assert "1 MiB (rank 0's process)" in table and "10.0 (mean of the last 10 logged steps)" in table
 
 
 def test_by_default_a_run_validates_every_fifth_of_it_before_the_final_evaluation(tmp_path):

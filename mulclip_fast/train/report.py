@@ -98,10 +98,11 @@ def summary_table(config: TrainConfig, summary: dict, terms: tuple[str, ...]) ->
     rows = [
         ("objective", f"{config.loss} ({', '.join(terms)})"),
         ("steps", f"{summary['steps']} / {summary['total_steps']}"),
-        ("training time", f"{summary['train_seconds']:.1f} s"),
+        ("training time", f"{summary['train_seconds']:.1f} s (steps, validations and saves)"),
     ]
     if tail:
-        rows.append(("samples / s", f"{sum(m['samples_per_s'] for m in tail) / len(tail):.1f} (last 10 steps)"))
+        logged = f"last {len(tail)} logged steps" if len(tail) > 1 else "last logged step"  # --log-every apart
+        rows.append(("samples / s", f"{sum(m['samples_per_s'] for m in tail) / len(tail):.1f} (mean of the {logged})"))
         # Means, not the last step's values: one step's loss is noisy. Said so in the row, since a term that
         # starts late (WPR, SAP from scratch) is averaged over fewer steps than the total it is part of.
         for name in ("loss", *TERMS):
@@ -109,7 +110,7 @@ def summary_table(config: TrainConfig, summary: dict, terms: tuple[str, ...]) ->
             if values:
                 steps = f"last {len(values)} logged steps" if len(values) > 1 else "last logged step"
                 rows.append((f"mean {name}", f"{sum(values) / len(values):.4f} ({steps})"))
-        rows.append(("peak memory", f"{tail[-1]['memory_mb']:.0f} MB"))
+        rows.append(("peak memory", f"{tail[-1]['memory_mb']:.0f} MiB (rank 0's process)"))
     if summary.get("skipped_images"):
         rows.append(("skipped images", f"{summary['skipped_images']} (see skipped.json)"))
     if summary.get("bad_records"):
