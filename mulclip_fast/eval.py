@@ -357,14 +357,14 @@ def load_model_for_eval(
     return model.to(device), {"preset": preset, "model_overrides": overrides}
 
 
-SKIPPED_PRINTED = 10  # unreadable images named on stderr; the JSON of --out lists them all
+SKIPPED_PRINTED = 10  # unreadable images named on stderr; the JSON (--out, or stdout) lists them all
 
 
 def _print_skipped(skipped: dict[str, str], listed_in: str | None) -> None:
     for path, reason in list(skipped.items())[:SKIPPED_PRINTED]:
         print(f"skipped {path}: {reason}", file=sys.stderr)
     if len(skipped) > SKIPPED_PRINTED:
-        where = f"all in {listed_in} under 'skipped'" if listed_in else "--out FILE lists them all"
+        where = f"all in {listed_in} under 'skipped'" if listed_in else "all in the JSON printed below"
         print(f"... and {len(skipped) - SKIPPED_PRINTED} more unreadable images ({where})", file=sys.stderr)
 
 

@@ -190,3 +190,13 @@ def test_eval_help_gives_the_defaults_the_docs_state():
     text = " ".join(mulclip_fast.eval.build_parser().format_help().split())
     for default in ("(default: 1000)", "(default: test)", "(default: 250)", "(default: cpu)"):
         assert default in text
+
+
+def test_unreadable_images_are_named_on_stderr_up_to_ten(capsys):
+    skipped = {f"img{i}.jpg": "cannot identify image file" for i in range(12)}
+    mulclip_fast.eval._print_skipped(skipped, listed_in=None)
+    err = capsys.readouterr().err.splitlines()
+    assert err[:10] == [f"skipped img{i}.jpg: cannot identify image file" for i in range(10)]
+    assert err[10:] == ["... and 2 more unreadable images (all in the JSON printed below)"]
+    mulclip_fast.eval._print_skipped(skipped, listed_in="eval.json")
+    assert "(all in eval.json under 'skipped')" in capsys.readouterr().err
