@@ -32,8 +32,9 @@ def _as_displayed(img):
 
 
 def load_image(path: str, size: int) -> torch.Tensor:
-    """CLIP's preprocessing: RGB, shorter side resized to ``size`` (bicubic), centre crop, normalise.
-    A photo with an EXIF Orientation tag is first turned upright, as viewers show it.
+    """OpenAI CLIP's preprocessing: shorter side resized to ``size`` (bicubic), centre crop, RGB, normalise.
+    A photo with an EXIF Orientation tag is first turned upright, as viewers show it, and a 16-bit greyscale
+    image scaled to 8 bits; otherwise the pixels are those of OpenAI's ``clip.load`` transform, bit for bit.
 
     Raises ``OSError``/``ValueError`` (from PIL) for a missing, truncated or corrupt file, and
     ``ValueError`` for an image above PIL's pixel limit (``Image.MAX_IMAGE_PIXELS``) or one so thin that its
@@ -53,7 +54,6 @@ def load_image(path: str, size: int) -> torch.Tensor:
             # which makes nearly the whole image white, so scale 0-65535 to 0-255 first.
             levels = np.clip(np.asarray(img, dtype=np.float64), 0, 65535)
             img = Image.fromarray(np.round(levels / 257).astype(np.uint8))
-        img = img.convert("RGB")
         w, h = img.size
         if min(w, h) < 1:
             raise ValueError(f"empty image ({w}x{h})")
@@ -69,9 +69,13 @@ def load_image(path: str, size: int) -> torch.Tensor:
                 f"image of {w}x{h} would be resized to {new_w}x{new_h} before the centre crop, above PIL's "
                 f"pixel limit of {Image.MAX_IMAGE_PIXELS} (Image.MAX_IMAGE_PIXELS)"
             )
+        # Resized and cropped in the file's own mode, then converted to RGB, in OpenAI's order: PIL resizes a
+        # palette or 1-bit image with nearest neighbour and an image with alpha premultiplied (a transparent
+        # pixel's colour does not bleed into its neighbours, and comes out black), so converting first gives
+        # other pixels (tests/test_model_fidelity.py).
         img = img.resize((new_w, new_h), Image.Resampling.BICUBIC)
         left, top = int(round((new_w - size) / 2.0)), int(round((new_h - size) / 2.0))
-        img = img.crop((left, top, left + size, top + size))
+        img = img.crop((left, top, left + size, top + size)).convert("RGB")
         pixels = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1)
     return (pixels - CLIP_MEAN[:, None, None]) / CLIP_STD[:, None, None]
 
