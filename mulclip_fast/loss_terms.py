@@ -147,7 +147,7 @@ def contrastive_terms(
     for name, text in texts.items():
         text_rows, text_columns = sharding.rows_and_columns(text)
         share = contrastive_share(image_rows, text_rows, image_columns, text_columns, offset, logit_scale, logit_bias)
-        out[name] = sharding.rank_value(share, sharding.rows_are_gathered)
+        out[name] = sharding.rank_value(share)
     return out
 
 
@@ -186,7 +186,7 @@ def wpr_term(
         # W times the weight of WPR against the global terms of one process.
         per_sample = sharding.columns(per_sample)
     share = per_sample.sum() / sharding.global_sum(has_both.sum()).clamp(min=1)
-    return sharding.rank_value(share, sharding.rows_are_gathered)
+    return sharding.rank_value(share)
 
 
 def _wpr_cosine_per_sample(v, t, v_mask, t_mask, tau_attn, backend):
@@ -251,7 +251,7 @@ def sap_term(
             i2t = cosines(sub_columns, mask_columns, token_rows, token_mask_rows).permute(2, 1, 0)
     offset = sharding.row_offset(sub.shape[0])
     share = slotwise_contrastive_share(logit_scale * t2i, logit_scale * i2t, mask_rows, mask_columns, offset)
-    return sharding.rank_value(share, sharding.rows_are_gathered)
+    return sharding.rank_value(share)
 
 
 def finelip_term(
@@ -294,7 +294,7 @@ def finelip_term(
         i2t = scores(text_columns, text_mask_columns, image_rows, image_mask_rows).T
     offset = sharding.row_offset(image.shape[0])
     share = finelip_hinge_share(t2i, i2t, offset, margin, hardest_negative)
-    return sharding.rank_value(share, sharding.rows_are_gathered)
+    return sharding.rank_value(share)
 
 
 def _with_leading_token(pooled: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor):
