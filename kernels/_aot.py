@@ -16,9 +16,9 @@ module only states the types of its runtime arguments and the constexprs of each
             constexprs={"UPCAST": False, "DOT_PRECISION": dot_precision(dtype)},
         )
 
-Configs must be the module's real autotune list (not the interpreter-pruned one): build it with
-:func:`autotune_configs`, which keeps the full list on the decorated kernel for the check while the
-interpreter runs only the first config.
+Configs must be the module's real autotune list (not the interpreter-pruned one): decorate the kernel
+with :func:`autotune`, which keeps the full list on the decorated kernel for the check while the
+interpreter runs only the first config (:func:`autotune_configs`).
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ import contextlib
 
 import torch
 
-from ._aot import interpreter_enabled
+from . import interpreter_enabled
 
 MAX_GRID = (2**31 - 1, 65535, 65535)
 

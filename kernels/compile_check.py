@@ -42,6 +42,8 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import interpreter_enabled
+
 # Every module holding Triton kernels; each defines ``compile_specs(dtype)``.
 KERNEL_MODULES = [
     "mulclip_fast.kernels.token_softmax",
@@ -276,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--jobs", type=int, default=None, help="parallel compiles (default: CPU count)")
     args = parser.parse_args(argv)
-    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+    if interpreter_enabled():
         print("compile_check: unset TRITON_INTERPRET (the interpreter's kernels cannot be compiled)", file=sys.stderr)
         return 2
     print(header(), flush=True)

@@ -207,7 +207,7 @@ def one_way_forward(q, k, k_mask, negative_slope):
 
 
 def one_way_backward(q, k, weight, idx):
-    """``(dq, dk)`` in the inputs' dtypes from per-row weights ``[Bk, Bq, Lq]`` and arg-maxes."""
+    """``(dq, dk)`` in fp32 from per-row weights ``[Bk, Bq, Lq]`` and arg-maxes (the caller casts)."""
     (n_q, len_q, dim), (n_k, len_k, _) = q.shape, k.shape
     n_rows = n_q * len_q
     # fp32 gradients: the two directions of a bidirectional score are summed before the final cast

@@ -1,4 +1,5 @@
-"""Triton kernels of the all-pairs reconstruction scores (docs/kernels.md, "All-pairs ops").
+"""Triton kernels of the all-pairs reconstruction scores (docs/method.md, "Baselines"; docs/kernels.md,
+"All-pairs ops").
 
 For query rows ``r = b·Lq + i`` of ``q [Bq, Lq, d]`` and every key set ``c`` of ``k [Bk, Lk, d]``, with
 ``s_j = ⟨q_r, k_cj⟩`` and ``p = softmax_j(s / τ)`` over the valid keys::

@@ -39,7 +39,8 @@ Precision: IEEE fp32 ``tl.dot`` for fp32 inputs; 16-bit inputs are upcast tile b
 in TF32 (exact for 16-bit values; fp32 weights rounded to 11 bits).
 
 Registers bound the patch count: each kernel holds two to three ``[16, BLOCK_N]`` fp32 tiles, which fit
-at ``BLOCK_N`` = 256 (4 warps up to 128 patches, 8 at 256) and spill at 512. Larger patch sets take the
+at ``BLOCK_N`` = 256 (4 warps up to 64 patches, 8 at 256; at 128, 8 for fp32 and 4 for 16-bit inputs:
+``_num_warps``) and spill at 512. Larger patch sets take the
 chunked torch path (``mulclip_fast.ops.pairwise`` routes them there).
 """
 

@@ -279,13 +279,14 @@ class BatchSharding:
         """The sum over ranks of a count (no gradient)."""
         return all_reduce_sum(count) if self.enabled else count
 
-    def rank_value(self, share: torch.Tensor, rows_gathered: bool) -> torch.Tensor:
+    def rank_value(self, share: torch.Tensor) -> torch.Tensor:
         """What this rank returns for a term whose share of the global loss is ``share``.
 
         ``world_size · share`` when the rank scored only its own rows, so that the mean over ranks is the
-        global loss; ``share`` itself when every rank scored every row (``share`` is then the whole loss).
+        global loss; ``share`` itself when every rank scored every row (:attr:`rows_are_gathered`: ``share``
+        is then the whole loss).
         """
-        return share if rows_gathered else self.world_size * share
+        return share if self.rows_are_gathered else self.world_size * share
 
 
 __all__ = [

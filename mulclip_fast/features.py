@@ -16,9 +16,11 @@ class MulCLIPFeatures:
 
     Attributes:
         image_cls: ``[B, d]`` projected CLS embedding.
-        image_tokens: ``[B, P, d]`` visual tokens for WPR, SAP and FineLIP (the calibrated ``V'``).
+        image_tokens: ``[B, P, d]`` visual tokens for WPR, SAP and FineLIP: the calibrated ``V'`` for MulCLIP,
+            the raw patches ``v_loc`` without calibration (``--no-calibration``; an adapter's output before
+            ``integrations.calibrate``).
         text_eot: ``[B, d]`` EOT embedding of the long caption.
-        text_tokens: ``[B, K, d]`` word tokens (the calibrated ``T'``).
+        text_tokens: ``[B, K, d]`` word tokens: the calibrated ``T'``, or the raw ``t_loc`` likewise.
         short_eot: ``[B, d]`` EOT embedding of the summary caption, or None.
         sub_eot: ``[B, M, d]`` EOT embeddings of the subcaptions, or None.
         sub_mask: ``[B, M]`` bool, True for real subcaptions.

@@ -26,8 +26,8 @@ Semantics (the same everywhere):
 - The hardest-negative FineLIP hinge is exact under data parallelism too (each anchor's hardest negative is
   taken over all gathered columns), so it is supported everywhere.
 
-The equations are those of the reference package (``mulclip_fast.reference``), which the tests compare
-this module against; they are repeated next to the code that implements them.
+The equations are those of docs/method.md, as the reference package (``mulclip_fast.reference``) transcribes
+them; the tests compare this module against it, and each function repeats its equation and cites its section.
 """
 
 from __future__ import annotations
@@ -62,7 +62,8 @@ def contrastive_share(
     logit_scale: torch.Tensor | float,
     logit_bias: torch.Tensor | float | None = None,
 ) -> torch.Tensor:
-    """The rows' share of CLIP's symmetric InfoNCE ``L_batch(a, b)`` over the N columns.
+    """The rows' share of CLIP's symmetric InfoNCE ``L_batch(a, b)`` over the N columns (docs/method.md,
+    "Global alignment").
 
     ``L_batch = ½ [CE(S, diag) + CE(Sᵀ, diag)]`` with ``S = s · a bᵀ (+ bias)``, so for rows ``i``
     (column ``offset + i`` is each row's positive)::
@@ -88,7 +89,8 @@ def slotwise_contrastive_share(
     column_mask: torch.Tensor,
     offset: int,
 ) -> torch.Tensor:
-    """The rows' share of the slot-wise masked InfoNCE of SAP (reference ``slotwise_contrastive_loss``).
+    """The rows' share of the slot-wise masked InfoNCE of SAP (docs/method.md, "SAP"; reference
+    ``slotwise_contrastive_loss``).
 
     ``t2i_logits[m, b, c]`` scores row caption b's subcaption m against column image c;
     ``i2t_logits[m, c, b]`` row image c against column caption b's subcaption m. Masks: ``row_mask [n, M]``,
@@ -123,7 +125,8 @@ def hinge_costs(scores: torch.Tensor, offset: int, margin: float, hardest_negati
 def finelip_hinge_share(
     t2i_scores: torch.Tensor, i2t_scores: torch.Tensor, offset: int, margin: float, hardest_negative: bool
 ) -> torch.Tensor:
-    """The rows' share of FineLIP's bidirectional hinge loss (reference ``finelip_hinge_loss``).
+    """The rows' share of FineLIP's bidirectional hinge loss (docs/method.md, "Baselines"; reference
+    ``finelip_hinge_loss``).
 
     ``t2i_scores[b, c]``: row caption b against column image c; ``i2t_scores[c, b]``: row image c against
     column caption b. Each row is an anchor of its direction; ``loss = (Σ cost_t2i + Σ cost_i2t) / N``.
@@ -147,7 +150,7 @@ def contrastive_terms(
     for name, text in texts.items():
         text_rows, text_columns = sharding.rows_and_columns(text)
         share = contrastive_share(image_rows, text_rows, image_columns, text_columns, offset, logit_scale, logit_bias)
-        out[name] = sharding.rank_value(share, sharding.rows_are_gathered)
+        out[name] = sharding.rank_value(share)
     return out
 
 
@@ -162,8 +165,8 @@ def wpr_term(
     sharding: BatchSharding,
     form: str = "contrast",
 ) -> torch.Tensor:
-    """Word–patch reconstruction ``L_wpr``: within each sample, so computed on this rank's samples (and
-    gathered, as one value per sample, when every rank scores every row).
+    """Word–patch reconstruction ``L_wpr`` (docs/method.md, "WPR"): within each sample, so computed on this
+    rank's samples (and gathered, as one value per sample, when every rank scores every row).
 
     ``L_wpr = Σ_b [L_recon(V'_b, Ṽ_b) + L_recon(T'_b, T̃_b)] / #{samples with both token sets}``
     (``mulclip_fast.ops.wpr_loss`` gives each sample's bracket, 0 for a sample missing a token set).
@@ -186,7 +189,7 @@ def wpr_term(
         # W times the weight of WPR against the global terms of one process.
         per_sample = sharding.columns(per_sample)
     share = per_sample.sum() / sharding.global_sum(has_both.sum()).clamp(min=1)
-    return sharding.rank_value(share, sharding.rows_are_gathered)
+    return sharding.rank_value(share)
 
 
 def _wpr_cosine_per_sample(v, t, v_mask, t_mask, tau_attn, backend):
@@ -213,7 +216,7 @@ def sap_term(
     backend: str,
     sharding: BatchSharding,
 ) -> torch.Tensor:
-    """Subcaption-aggregated patch alignment ``L_sap`` (reference ``sap_loss``).
+    """Subcaption-aggregated patch alignment ``L_sap`` (docs/method.md, "SAP"; reference ``sap_loss``).
 
     ``v̄[b, i] = normalize(Σ_{j ∈ top-k} softmax_j(⟨sub[b,i], x_bj⟩ / τs) x_bj)`` with ``k = ⌈ρ·N⌉``, N the
     token positions (padded to the longest over the ranks).
@@ -251,7 +254,7 @@ def sap_term(
             i2t = cosines(sub_columns, mask_columns, token_rows, token_mask_rows).permute(2, 1, 0)
     offset = sharding.row_offset(sub.shape[0])
     share = slotwise_contrastive_share(logit_scale * t2i, logit_scale * i2t, mask_rows, mask_columns, offset)
-    return sharding.rank_value(share, sharding.rows_are_gathered)
+    return sharding.rank_value(share)
 
 
 def finelip_term(
@@ -266,7 +269,8 @@ def finelip_term(
     backend: str,
     sharding: BatchSharding,
 ) -> torch.Tensor:
-    """FineLIP's hinge loss on late-interaction scores over token sets that include CLS / EOT.
+    """FineLIP's hinge loss on late-interaction scores over token sets that include CLS / EOT (docs/method.md,
+    "Baselines").
 
     ``S(b, c) = mean_w max_p LeakyReLU₀.₁⟨t_bw, v_cp⟩ + mean_p max_w LeakyReLU₀.₁⟨t_bw, v_cp⟩``
     (``mulclip_fast.ops.pairwise_maxsim``, bidirectional), then :func:`finelip_hinge_share`.
@@ -294,7 +298,7 @@ def finelip_term(
         i2t = scores(text_columns, text_mask_columns, image_rows, image_mask_rows).T
     offset = sharding.row_offset(image.shape[0])
     share = finelip_hinge_share(t2i, i2t, offset, margin, hardest_negative)
-    return sharding.rank_value(share, sharding.rows_are_gathered)
+    return sharding.rank_value(share)
 
 
 def _with_leading_token(pooled: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor):

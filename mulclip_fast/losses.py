@@ -260,7 +260,8 @@ def _check_term_names(names) -> None:
         raise ValueError(f"unknown loss terms {sorted(unknown)}; known terms are {TERMS}")
 
 
-# The features each term reads (SAP also reads sap_tokens, or image_tokens without them), and their shapes.
+# The features each term needs, and their shapes. SAP lists image_cls, which it does not read: every term's
+# features are checked against image_cls for batch and width. SAP also reads sap_tokens, or image_tokens without them.
 TERM_INPUTS = {
     "global_long": ("image_cls", "text_eot"),
     "global_short": ("image_cls", "short_eot"),

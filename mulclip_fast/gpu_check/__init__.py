@@ -39,7 +39,11 @@ report lists what was left out; run those with ``--sections`` (e.g. ``--sections
   offset products pass 2^31: three rows of scores and their query gradients against the reference on those
   rows (skipped, and said so, when the GPU lacks the memory), each launch running the first config it allows,
   untimed (a launch takes seconds there);
-- **compiled**: the same for ``torch.compile`` of the reference.
+- **extension**: the C++/CUDA extension (``cuda_ext``) on the patch sets the Triton kernels refuse (576 and
+  1024 patches), fp32 and bf16, against the reference, and its time against the ``torch`` backend; skipped,
+  with the reason, where it cannot be built; the dry run checks its CPU twin (``cpp``);
+- **compiled**: ``torch.compile`` of the reference at the paper shape in fp32, checked against the eager
+  reference, then timed and measured as in **timing**.
 
 The JSON (``"schema": "mulclip-fast/gpu-check/1"``) holds ``command``, ``mode`` (``gpu`` or ``dry-run``),
 ``status`` (``passed``, ``failed``, ``incomplete``, ``crashed``) and ``exit_code``, ``elapsed_s`` and

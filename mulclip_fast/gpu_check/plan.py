@@ -14,7 +14,10 @@ Sections, most important first (a time limit cuts the tail):
 ``scale``        the all-pairs ops at FineLIP's gathered batch (B = 4096, 197 tokens, d = 512, bf16), where
                  offset products pass 2^31: value rows and their query gradients against the reference on
                  those rows (a row of the scores, and its query's gradient, depend on that query alone);
-``compiled``     the same for ``torch.compile`` of the reference (compiling is the slow part).
+``extension``    the C++/CUDA extension on the patch sets the Triton kernels refuse (576 and 1024 patches)
+                 against the reference, and its time against the torch backend (the dry run: its CPU twin);
+``compiled``     ``torch.compile`` of the reference against the eager one, then timed as in ``timing``
+                 (compiling is the slow part).
 
 A task returns a record (a dict with ``ok``); an exception is an error of that task, or a crash that stops the
 run when it left the device unusable (``runner.device_unusable``).

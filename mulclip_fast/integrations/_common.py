@@ -370,7 +370,8 @@ def calibrate(
     text_calibration: LocalTokenCalibration,
     sap_on_raw_patches: bool = False,
 ) -> MulCLIPFeatures:
-    """Replace the raw tokens of ``features`` by their locally calibrated ``V'`` and ``T'`` (docs/method.md, LC).
+    """Replace the raw tokens of ``features`` by their locally calibrated ``V'`` and ``T'`` (docs/method.md,
+    "Local token calibration").
 
     MulCLIP computes WPR and SAP on calibrated tokens; ``sap_on_raw_patches`` keeps the raw patches for
     SAP (the paper's ablation flag). The calibrated tokens of a sample are all valid, or all invalid when it

@@ -14,7 +14,8 @@ With only the three positional arguments it is open_clip's ``ClipLoss`` (symmetr
     short_contrastive_loss  w_short · L_batch(v_cls, t_short)                    short_text_features
     wpr_loss                w_wpr   · L_wpr (WPR, within each sample)            image_tokens + text_tokens
     sap_loss                w_sap   · L_sap (SAP, across the batch)              sub_text_features + image_tokens
-    finelip_loss            w_fl    · FineLIP hinge on late interaction          objective="finelip" + tokens
+    finelip_loss            w_fl    · FineLIP hinge on late interaction          objective "finelip" or
+                                                                                 "mulclip-clim" + tokens
 
 The values in the ``output_dict`` are already weighted, so they sum to the total as open_clip expects.
 

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from .checks import check_positive, check_same_batch, check_same_width, check_tokens
-from .masking import masked_mean
+from .masking import accumulation_dtype, masked_mean
 
 
 def clip_contrastive_loss(
@@ -23,7 +23,7 @@ def clip_contrastive_loss(
         a, b: ``[B, d]`` L2-normalised features; row ``i`` of ``a`` is paired with row ``i`` of ``b``.
         logit_scale: positive scalar (tensor or float).
         mask: optional ``[B]`` bool, ``True`` for rows that take part; the loss is computed on the
-            valid rows alone. Fewer than one valid row gives ``0`` (kept in the graph).
+            valid rows alone. No valid row gives ``0`` (kept in the graph).
 
     Returns:
         Scalar loss in float32 (float64 for float64 inputs).
@@ -37,7 +37,7 @@ def clip_contrastive_loss(
         if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or tuple(mask.shape) != (a.shape[0],):
             raise ValueError(f"mask must be a bool tensor of shape ({a.shape[0]},) or None")
         a, b = a[mask], b[mask]
-    acc = torch.float64 if a.dtype == torch.float64 else torch.float32
+    acc = accumulation_dtype(a)
     if a.shape[0] == 0:
         return (a.sum() + b.sum()).to(acc) * 0.0
     logits = logit_scale * (a.to(acc) @ b.to(acc).T)
@@ -86,7 +86,7 @@ def finelip_hinge_loss(scores: torch.Tensor, margin: float = 0.2, hardest_negati
         raise ValueError(f"scores must be a square [B, B] tensor, got {getattr(scores, 'shape', scores)!r}")
     if not (math.isfinite(margin) and margin >= 0):  # NaN fails the comparison: a NaN loss otherwise
         raise ValueError(f"margin must be a finite number >= 0, got {margin!r}")
-    acc = torch.float64 if scores.dtype == torch.float64 else torch.float32
+    acc = accumulation_dtype(scores)
     s = scores.to(acc)
     if s.shape[0] == 0:  # an empty batch: 0 as every loss term gives (docs/method.md), not 0 / 0
         return s.sum()

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from .masking import accumulation_dtype
+
 
 def stretch_positional_embedding(table77: torch.Tensor, target: int = 248, keep: int = 20) -> torch.Tensor:
     """Stretch a learned positional table from ``n`` positions to ``target`` (Long-CLIP's rule).
@@ -34,7 +36,7 @@ def stretch_positional_embedding(table77: torch.Tensor, target: int = 248, keep:
         )
     r = (target - keep) // (n - keep)
     # Half-precision tables are interpolated in float32; float64 stays float64.
-    old = table77.to(torch.float64 if table77.dtype == torch.float64 else torch.float32)
+    old = table77.to(accumulation_dtype(table77))
     frac = torch.arange(r, dtype=old.dtype, device=old.device) / r  # j / r
     left, right = old[keep : n - 1], old[keep + 1 : n]  # [n-keep-1, d]
     interpolated = (1 - frac)[None, :, None] * left[:, None] + frac[None, :, None] * right[:, None]

@@ -27,7 +27,10 @@ def build_parser() -> argparse.ArgumentParser:
         default=",".join(row.key for row in ROWS),
         help=f"rows to run, comma-separated (default: the ablation's; all: {', '.join(ROW_KEYS)})",
     )
-    parser.add_argument("--seeds", default=None, help="fine-tuning seeds, comma-separated (default: 1,2,3)")
+    full, quick = (",".join(map(str, settings.seeds)) for settings in (FULL, QUICK))
+    parser.add_argument(
+        "--seeds", default=None, help=f"fine-tuning seeds, comma-separated (default: {full}; {quick} with --quick)"
+    )
     return parser
 
 

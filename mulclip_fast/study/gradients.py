@@ -42,7 +42,7 @@ def _flat_gradient(loss: torch.Tensor, params: list[torch.nn.Parameter]) -> torc
 def gradient_alignment(config: TrainConfig, batches: int = 4) -> dict:
     """Cosine and norm ratio of each fine-grained term's gradient against the global terms', averaged over
     ``batches`` training batches of ``config`` (an ``--init`` fine-tuning config; its loss must compute token
-    features, e.g. ``mulclip``). Returns ``{term: {"cosine": c, "norm_ratio": r}, "global_norm": g}``."""
+    features, e.g. ``mulclip``). Returns ``{term: {"cosine": c, "norm_ratio": r}, "global_norm": g, "batches": n}``."""
     config = resolve_config(config)
     trainer = Trainer(config)
     if not trainer.needs_tokens or not trainer.needs_subcaptions:

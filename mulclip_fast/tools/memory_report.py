@@ -6,7 +6,7 @@ Prints, for ``wpr_loss`` and ``topk_patch_aggregate``, the peak bytes of forward
 inputs (the CPU allocator's count, ``profiling.allocator_peak_memory_of``: every buffer allocated inside
 the measurement, gradients included) for the reference and the memory-lean ``torch`` backend, and their
 ratio. Not ``PeakMemoryTracker``: under a dispatch mode autograd takes its out-of-place backward formulas,
-which would count the reference's gather gradient twice. Defaults are the issue's shape:
+which would count the reference's gather gradient twice. Defaults are the paper's shape:
 B = 64, 248 word tokens, 196 patches, M = 8 subcaptions, k = 49, d = 512, float32.
 """
 
