@@ -155,6 +155,8 @@ class PackedSequences:
         self.cu_seqlens = offsets.to(device=device, dtype=torch.int32)
         self.device = torch.device(device)
         self._groups = None
+        self._alibi: dict[tuple[int, torch.dtype], torch.Tensor] = {}  # causal ALiBi biases by (length, dtype)
+        self._alibi_slopes: torch.Tensor | None = None  # the slopes they were built from
 
     def similar_length_groups(self) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor]:
         """``([(rows [G, L], real [n]), …], inverse [T])`` of the torch backend.
@@ -187,6 +189,16 @@ class PackedSequences:
             inverse = torch.argsort(torch.cat(gathered)).to(self.device)
             self._groups = (groups, inverse)
         return self._groups
+
+    def alibi_bias(self, slopes: torch.Tensor, length: int, dtype: torch.dtype) -> torch.Tensor:
+        """``causal_alibi_bias(slopes, length)`` in ``dtype``, built once per pack and reused by every layer
+        (the tower's layers share their slopes; other slopes rebuild them)."""
+        if slopes is not self._alibi_slopes:
+            self._alibi, self._alibi_slopes = {}, slopes
+        key = (length, dtype)
+        if key not in self._alibi:
+            self._alibi[key] = causal_alibi_bias(slopes, length).to(dtype)
+        return self._alibi[key]
 
 
 def choose_text_attention(requested: str, q: torch.Tensor, with_alibi: bool) -> str:
@@ -263,7 +275,7 @@ def packed_causal_attention(
         if alibi_slopes is None:
             out = F.scaled_dot_product_attention(qg, kg, vg, is_causal=True)
         else:
-            bias = causal_alibi_bias(alibi_slopes, length).to(q.dtype)
+            bias = sequences.alibi_bias(alibi_slopes, length, q.dtype)
             out = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=bias)
         parts.append(out.transpose(1, 2).reshape(count * length, heads, head_dim).index_select(0, real))
     return torch.cat(parts).index_select(0, inverse)
