@@ -29,6 +29,7 @@ import functools
 import importlib
 import inspect
 import logging
+import math
 from collections.abc import Sequence
 
 import torch
@@ -128,6 +129,28 @@ def check_text_attention(name: str) -> None:
 def alibi_slopes(heads: int) -> torch.Tensor:
     """ALiBi slopes ``m_h = 2^(-8h/heads)``, h = 1…heads (Press et al., 2022, §3), fp32 ``[heads]``."""
     return 2.0 ** (-8.0 * torch.arange(1, heads + 1, dtype=torch.float32) / heads)
+
+
+def biased_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """``F.scaled_dot_product_attention(q, k, v, attn_mask=bias)`` for ``q, k, v [B, heads, L, head_dim]`` and an
+    additive ``bias [heads, L, L]`` in which every query sees at least one key (a causal mask: itself).
+
+    For such a 3-D mask PyTorch runs SDPA's math kernel on CPU; in fp32 outside autocast this computes the
+    same steps (q and k each scaled by ``head_dim^-1/4``, their product, the bias added in place, softmax, the
+    product with v) with a plain softmax where the kernel takes ``_safe_softmax``, which also scans every row
+    for all ``-inf`` to give it zeros rather than NaN, a pass over the scores and a mask as large: ~3 % of a
+    training step of the tiny preset. No row is all ``-inf`` here, so the values, gradients included, are the
+    same bits (checked against SDPA; tests/test_packed_text.py). Anywhere else SDPA itself runs."""
+    if (
+        q.device.type != "cpu"
+        or not q.dtype == k.dtype == v.dtype == bias.dtype == torch.float32
+        or torch.is_autocast_enabled("cpu")
+    ):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+    scale = math.sqrt(1 / math.sqrt(q.shape[-1]))
+    scores = torch.matmul(q * scale, k.transpose(-2, -1) * scale)
+    scores.add_(bias)
+    return torch.matmul(torch.softmax(scores, dim=-1), v)
 
 
 def causal_alibi_bias(slopes: torch.Tensor, length: int) -> torch.Tensor:
@@ -276,6 +299,6 @@ def packed_causal_attention(
             out = F.scaled_dot_product_attention(qg, kg, vg, is_causal=True)
         else:
             bias = sequences.alibi_bias(alibi_slopes, length, q.dtype)
-            out = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=bias)
+            out = biased_attention(qg, kg, vg, bias)
         parts.append(out.transpose(1, 2).reshape(count * length, heads, head_dim).index_select(0, real))
     return torch.cat(parts).index_select(0, inverse)
