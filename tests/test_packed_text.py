@@ -9,6 +9,7 @@ import types
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from mulclip_fast.data import Collator, iterate_batches, open_dataset
 from mulclip_fast.eval import embed_dataset
@@ -184,6 +185,30 @@ def test_torch_backend_equals_attention_per_sequence(with_alibi):
     expected_grads = torch.autograd.grad(expected.square().sum(), (q, k, v))
     for got, want in zip(grads, expected_grads, strict=True):
         torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("layout", ["packed", "padded"])
+def test_biased_attention_is_sdpa_bit_for_bit_on_cpu(layout):
+    """The CPU fp32 path without SDPA's all-masked-row scan gives SDPA's bits, forward and backward, in the
+    layouts of the packed groups and of the padded tower."""
+    torch.manual_seed(0)
+    count, length, heads, head_dim = 6, 57, 4, 32
+    bias = causal_alibi_bias(attention.alibi_slopes(heads), 80)[:, :length, :length]
+    if layout == "packed":  # [G·L, heads, d] viewed [G, heads, L, d]
+        leaves = [torch.randn(count * length, heads, head_dim, requires_grad=True) for _ in range(3)]
+        views = lambda: [t.view(count, length, heads, head_dim).transpose(1, 2) for t in leaves]  # noqa: E731
+    else:  # the padded tower's projection [B, L, 3·width] split into q, k, v
+        leaves = [torch.randn(count, length, 3 * heads * head_dim, requires_grad=True)]
+        views = lambda: leaves[0].view(count, length, 3, heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)  # noqa: E731
+    grad = torch.randn(count, heads, length, head_dim)
+    results = []
+    for attend in (attention.biased_attention, lambda q, k, v, b: F.scaled_dot_product_attention(q, k, v, attn_mask=b)):
+        out = attend(*views(), bias.contiguous() if layout == "packed" else bias)
+        results.append((out, torch.autograd.grad(out, leaves, grad)))
+    (out, grads), (expected, expected_grads) = results
+    assert torch.equal(out, expected)
+    for got, want in zip(grads, expected_grads, strict=True):
+        assert torch.equal(got, want)
 
 
 def test_torch_backend_groups_cover_every_token_once_with_bounded_padding():

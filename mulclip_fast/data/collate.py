@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .text import LONG_CONTEXT, SHORT_CONTEXT, CLIPTokenizer, subcaptions_of, summary_of, trim_to_longest
+from .text import LONG_CONTEXT, SHORT_CONTEXT, CLIPTokenizer, split_sentences, summary_of, trim_to_longest
 
 
 @dataclass
@@ -86,16 +86,24 @@ class Collator:
 
     ``long_context``: the text positions of the model, which long captions and probes are truncated to
     (EOT kept): 248 for Long-CLIP's stretched table, 77 for a CLIP as pretrained on short captions.
-    Summaries and subcaptions take at most 77.
+    Summaries and subcaptions take at most 77. ``with_probes=False`` leaves ``probe_ids`` None (training reads
+    no probe, and tokenising them is a long caption's worth of work per sample).
     """
 
-    def __init__(self, max_subcaptions: int = 8, with_subcaptions: bool = True, long_context: int = LONG_CONTEXT):
+    def __init__(
+        self,
+        max_subcaptions: int = 8,
+        with_subcaptions: bool = True,
+        long_context: int = LONG_CONTEXT,
+        with_probes: bool = True,
+    ):
         if max_subcaptions < 1:
             raise ValueError(f"max_subcaptions must be >= 1, got {max_subcaptions}")
         if long_context < 2:
             raise ValueError(f"long_context must be >= 2 (SOT and EOT), got {long_context}")
         self.max_subcaptions = max_subcaptions
         self.with_subcaptions = with_subcaptions
+        self.with_probes = with_probes
         self.long_context = long_context
         self.short_context = min(SHORT_CONTEXT, long_context)
         self._tokenizer = None
@@ -119,11 +127,14 @@ class Collator:
         tok = self.tokenizer
         captions = [it["caption"] for it in items]
         long_ids = trim_to_longest(tok.tokenize(captions, self.long_context))
-        short_ids = trim_to_longest(tok.tokenize([summary_of(c) for c in captions], self.short_context))
-        if self.with_subcaptions:
-            subs = [subcaptions_of(c, self.max_subcaptions) for c in captions]
+        if self.with_subcaptions:  # one sentence split per caption gives both (summary_of, subcaptions_of)
+            sentences = [split_sentences(c) for c in captions]
+            summaries = [s[0] if s else "" for s in sentences]
+            subs = [s[: self.max_subcaptions] for s in sentences]
         else:
+            summaries = [summary_of(c) for c in captions]
             subs = [[] for _ in captions]
+        short_ids = trim_to_longest(tok.tokenize(summaries, self.short_context))
         m = max(1, max(len(s) for s in subs))
         flat = tok.tokenize([s for per in subs for s in per], self.short_context)
         sub_ids = torch.zeros(len(items), m, self.short_context, dtype=torch.long)
@@ -132,7 +143,7 @@ class Collator:
             sub_mask[b, : len(per)] = True
         sub_ids[sub_mask] = flat
         probe_ids = None
-        if all(it.get("probe") for it in items):
+        if self.with_probes and all(it.get("probe") for it in items):
             probe_ids = trim_to_longest(tok.tokenize([it["probe"] for it in items], self.long_context))
         return Batch(
             images=torch.stack([it["image"] for it in items]),

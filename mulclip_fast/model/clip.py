@@ -28,7 +28,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..features import MulCLIPFeatures
-from .attention import PackedSequences, alibi_slopes, causal_alibi_bias, check_text_attention, packed_causal_attention
+from .attention import (
+    PackedSequences,
+    alibi_slopes,
+    biased_attention,
+    causal_alibi_bias,
+    check_text_attention,
+    packed_causal_attention,
+)
 from .calibration import LocalTokenCalibration
 
 LONG_CONTEXT = 248  # Long-CLIP's stretched text context
@@ -196,7 +203,7 @@ class SelfAttention(nn.Module):
         if bias is None:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
         else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype))
+            out = biased_attention(q, k, v, bias.to(q.dtype))
         return self.out_proj(out.transpose(1, 2).reshape(b, n, w))
 
     def forward_packed(self, x: torch.Tensor, packed: PackedAttention) -> torch.Tensor:

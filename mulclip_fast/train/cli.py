@@ -15,6 +15,7 @@ import typing
 
 from ..data import DataError
 from ..model import CheckpointError
+from .allocator import keep_freed_memory
 from .config import RUN, ConfigError, Flag, TrainConfig, flag_name, flag_of
 from .loop import SecondSignal, train
 
@@ -142,6 +143,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         config = config_from_args(args)
+        if config.device == "cpu":  # the tensors live in malloc's memory: keep it between steps
+            keep_freed_memory()
         summary = train(
             config,
             resume=args.resume,

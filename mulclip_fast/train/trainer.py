@@ -127,12 +127,13 @@ class Trainer:
         return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
 
     def collator(self) -> Collator:
-        """Batches as this trainer's model and terms take them: its text positions, and subcaptions only
-        for a loss that scores them."""
+        """Batches as this trainer's model and terms take them: its text positions, subcaptions only
+        for a loss that scores them, and no binding probes (no term reads them)."""
         return Collator(
             self.config.max_subcaptions,
             with_subcaptions=self.needs_subcaptions,
             long_context=self.model.config.context_length,
+            with_probes=False,
         )
 
     def learning_rate(self, progress: float, step_fraction: float = 0.0) -> float:
