@@ -40,13 +40,15 @@ class ClipEncoder:
         self.tokenizer = CLIPTokenizer()
 
     @torch.no_grad()
-    def _encode(self, rows, encode) -> torch.Tensor:
+    def _encode(self, rows, encode, chunk: int | None = None) -> torch.Tensor:
+        """``encode`` of ``rows`` in chunks of ``chunk`` rows (default ``batch_size``), in eval mode,
+        normalised, on the CPU."""
+        chunk = chunk or self.batch_size
         was_training = self.model.training
         self.model.eval()
         try:
             chunks = [
-                F.normalize(encode(rows[i : i + self.batch_size]).float(), dim=-1).cpu()
-                for i in range(0, len(rows), self.batch_size)
+                F.normalize(encode(rows[i : i + chunk]).float(), dim=-1).cpu() for i in range(0, len(rows), chunk)
             ]
         finally:
             self.model.train(was_training)
@@ -60,11 +62,14 @@ class ClipEncoder:
         trimmed to its longest (``CLIP.encode_text_by_length``): the hard negatives are long captions of
         ~120 to ~240 tokens, and chunks of 250 in the given order, padded to their longest and attended
         through a dense ALiBi mask, cost twice the work."""
-        if not texts:
-            return self._encode(texts, None)  # nothing to encode: the error an empty list always gave
         ids = self.tokenizer.tokenize(list(texts), self.model.config.context_length)
         chunk = min(self.batch_size, TEXT_CHUNK)
-        return self._encode([ids], lambda rows: self.model.encode_text_by_length(rows[0].to(self.device), chunk))
+
+        def encode(rows: torch.Tensor) -> torch.Tensor:
+            return self.model.encode_text_by_length(rows.to(self.device), chunk)
+
+        # All of them in one call: encode_text_by_length sorts the whole set by length and chunks it itself.
+        return self._encode(ids, encode, chunk=max(1, len(ids)))
 
 
 def strict_win_rate(image: torch.Tensor, true_text: torch.Tensor, negative_text: torch.Tensor) -> float:
