@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -153,3 +157,37 @@ def test_compiled_towers_give_the_eager_step():
     assert logged_compiled["loss"] == pytest.approx(logged_eager["loss"], rel=1e-5)
     for a, b in zip(eager.model.parameters(), compiled.model.parameters(), strict=True):
         torch.testing.assert_close(b, a, atol=1e-5, rtol=0)
+
+
+_FREED_RSS_SCRIPT = """
+import sys
+import torch
+from mulclip_fast.train.allocator import keep_freed_memory
+
+def rss_mib():
+    with open("/proc/self/statm") as handle:
+        return int(handle.read().split()[1]) * 4096 / 2**20
+
+done = keep_freed_memory() if sys.argv[1] == "keep" else False
+block = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
+before = rss_mib()
+del block
+print(done, round(before - rss_mib()))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
+@pytest.mark.parametrize("mode", ["keep", "default", "user_settings"])
+def test_the_cpu_allocator_keeps_freed_memory_unless_the_user_set_glibcs_malloc(mode):
+    # The train CLI calls keep_freed_memory on CPU: a freed 64 MiB block stays in the heap for the next step
+    # instead of being unmapped (and faulted in anew, page by page, at the next step); glibc settings given in
+    # the environment are the user's choice and are left alone.
+    env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "MALLOC_TRIM_THRESHOLD_")}
+    if mode == "user_settings":
+        env["MALLOC_TRIM_THRESHOLD_"] = "131072"
+    argv = [sys.executable, "-c", _FREED_RSS_SCRIPT, "default" if mode == "default" else "keep"]
+    done, returned_mib = subprocess.run(argv, env=env, capture_output=True, text=True, check=True).stdout.split()
+    if mode == "keep":
+        assert done == "True" and int(returned_mib) < 8
+    else:
+        assert done == "False" and int(returned_mib) >= 56

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import os
 import platform
 
 M_TRIM_THRESHOLD = -1  # mallopt parameters, from glibc's malloc.h
@@ -21,11 +22,19 @@ M_MMAP_MAX = -4
 TRIM_NEVER = 2**31 - 1  # mallopt takes an int: the largest, 2 GiB of free heap top before any trim
 
 
+# glibc's own settings from the environment (GLIBC_TUNABLES=glibc.malloc.…, MALLOC_TRIM_THRESHOLD_, …): a user
+# who set any of them chose the allocator's behaviour, which this module then leaves alone.
+USER_SETTINGS = ("GLIBC_TUNABLES", "MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_", "MALLOC_MMAP_MAX_")
+
+
 def keep_freed_memory() -> bool:
-    """Turn off glibc's mmap for large blocks and its heap trimming; True if done (glibc only, else no-op).
+    """Turn off glibc's mmap for large blocks and its heap trimming; True if done (glibc only, and only where
+    the environment does not set glibc's malloc itself, else a no-op).
 
     glibc still falls back to mmap when the heap cannot grow, so a request is never refused for this."""
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    if any(name in os.environ for name in USER_SETTINGS):
         return False
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")

@@ -38,9 +38,8 @@ class ConfigError(ValueError):
 # ---------------------------------------------------------------------------------------------- defaults
 # The no-argument run: tiny model from scratch on synthetic data, a fixed number of fp32 steps, so that its
 # result is a function of its seed and not of the machine's speed (docs/training.md, "The default run").
-# Tuned values; see docs/notes/2026-11-27-binding.md. 400 steps take 4 min 14 s to 4 min 44 s on an idle 2-core
-# EPYC, 15 % to 5 % under the five minutes the default must fit, with binding 0.641 against its 0.6 floor
-# (docs/training.md).
+# Tuned values; see docs/notes/2026-11-27-binding.md. 400 steps take 3 min 51 s on an idle 2-core EPYC (2026-12-01),
+# 23 % under the five minutes the default must fit, with binding 0.641 against its 0.6 floor (docs/training.md).
 DEFAULT_STEPS_SCRATCH = 400
 DEFAULT_LR_SCRATCH = 5e-4
 DEFAULT_LR_FINETUNE = 1e-6
