@@ -8,7 +8,7 @@ import json
 
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 from mulclip_fast.data import read_coco, read_dci, read_docci, read_flickr30k, read_sharegpt4v, read_urban1k
 
@@ -85,16 +85,11 @@ def test_a_photo_is_read_as_its_exif_orientation_shows_it(tmp_path, orientation)
     exif = Image.Exif()
     exif[0x0112] = orientation  # Orientation
     stored.save(tmp_path / "camera.png", exif=exif)  # PNG: lossless, so the comparison is exact
-    shown = {
-        1: stored,
-        2: stored.transpose(Image.Transpose.FLIP_LEFT_RIGHT),
-        3: stored.transpose(Image.Transpose.ROTATE_180),
-        4: stored.transpose(Image.Transpose.FLIP_TOP_BOTTOM),
-        5: stored.transpose(Image.Transpose.TRANSPOSE),
-        6: stored.transpose(Image.Transpose.ROTATE_270),  # 90° clockwise
-        7: stored.transpose(Image.Transpose.TRANSVERSE),
-        8: stored.transpose(Image.Transpose.ROTATE_90),
-    }[orientation]
+    # PIL's own reading of the tag is the oracle (the loader does not call it: on some malformed tags it
+    # raises while re-encoding the EXIF block, of images that decode fine).
+    with Image.open(tmp_path / "camera.png") as camera:
+        shown = ImageOps.exif_transpose(camera)
+    assert shown.size == ((40, 60) if orientation >= 5 else (60, 40))
     shown.save(tmp_path / "shown.png")
     assert torch.equal(load_image(str(tmp_path / "camera.png"), 16), load_image(str(tmp_path / "shown.png"), 16))
 
