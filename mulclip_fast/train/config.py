@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import numbers
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -29,6 +28,7 @@ from ..model import (
     preset_config,
 )
 from ..model.attention import TEXT_ATTENTION_BACKENDS, AttentionBackendUnavailable, check_text_attention
+from ..reference.checks import check_non_negative
 
 
 class ConfigError(ValueError):
@@ -356,8 +356,12 @@ def resolve_config(config: TrainConfig, resuming: bool = False) -> TrainConfig:
     if unknown:
         raise ConfigError(f"unknown loss term weight(s) {sorted(unknown)}")
     for term, weight in c.weights.items():  # MulCLIPLoss refuses them too, but with a traceback mid-setup
-        if isinstance(weight, bool) or not (isinstance(weight, numbers.Real) and 0 <= weight < math.inf):
-            raise ConfigError(f"invalid value for --w-{term.replace('_', '-')} ({weight}): a finite number >= 0")
+        try:
+            check_non_negative(term, weight)
+        except ValueError:
+            raise ConfigError(
+                f"invalid value for --w-{term.replace('_', '-')} ({weight}): a finite number >= 0"
+            ) from None
     try:
         checked_preset_config(c.preset, c.model_overrides)
     except ValueError as exc:
