@@ -64,7 +64,8 @@ def dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def _config_label(config: triton.Config) -> str:
+def config_label(config: triton.Config) -> str:
+    """A config as the reports name it, e.g. ``"BLOCK_M=64,BLOCK_N=64,w4,s2"``."""
     blocks = ",".join(f"{k}={v}" for k, v in sorted(config.kwargs.items()))
     return f"{blocks},w{config.num_warps},s{config.num_stages}"
 
@@ -100,7 +101,7 @@ def autotuned_specs(
             else:
                 raise ValueError(f"{name}: argument {arg!r} has neither a type nor a constexpr value")
         specs.append(
-            CompileSpec(name, fn, signature, values, config.num_warps, config.num_stages, _config_label(config))
+            CompileSpec(name, fn, signature, values, config.num_warps, config.num_stages, config_label(config))
         )
     return specs
 

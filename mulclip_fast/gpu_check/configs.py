@@ -28,12 +28,9 @@ import contextlib
 import importlib
 from dataclasses import dataclass, field
 
+from ..kernels._aot import config_label
+
 KERNEL_MODULES_FROM = "mulclip_fast.kernels.compile_check"
-
-
-def config_label(config) -> str:
-    blocks = ",".join(f"{k}={v}" for k, v in sorted(config.kwargs.items()))
-    return f"{blocks},w{config.num_warps},s{config.num_stages}"
 
 
 def autotuned_kernels() -> dict[str, object]:
