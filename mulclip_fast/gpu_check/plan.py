@@ -2,6 +2,8 @@
 
 Sections, most important first (a time limit cuts the tail):
 
+``precompile``   the Triton kernels the op sections launch, compiled in parallel worker processes into
+                 Triton's on-disk cache before those sections run (``precompile.py``);
 ``parity``       every op on the ``triton`` backend vs the reference, values and input gradients, in fp32,
                  bf16 and fp16, at a small and the paper shape, dense and strided inputs;
 ``autotune``     every autotune config of every kernel an op launches, pinned one at a time and checked;
@@ -26,6 +28,7 @@ run when it left the device unusable (``runner.device_unusable``).
 from __future__ import annotations
 
 import gc
+import os
 import statistics
 import time
 from collections.abc import Callable
@@ -41,6 +44,7 @@ from .peaks import peak_kind
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 SECTIONS = (
+    "precompile",
     "parity",
     "autotune",
     "determinism",
@@ -55,7 +59,8 @@ SECTIONS = (
 # spent (so time a section leaves unused passes on); one that would overrun leaves its remaining tasks out
 # and the next section starts, so a slow section cannot starve the rest.
 SHARES = {
-    "parity": 0.25,
+    "precompile": 0.1,
+    "parity": 0.2,
     "autotune": 0.2,
     "determinism": 0.05,
     "train_step": 0.15,
@@ -193,18 +198,80 @@ def _synchronize(device: torch.device) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------
+# precompile: the op sections' Triton kernels, compiled in worker processes before those sections run
+# ----------------------------------------------------------------------------------------------------
+
+# How long the workers may take before they are stopped and the sections compile what is left themselves.
+PRECOMPILE_TIMEOUT_S = {"gpu": 90.0, "dry": 300.0}
+
+
+def precompile_groups(setting: Setting) -> list[list[tuple[str, Sizes, torch.dtype, dict]]]:
+    """The op calls (``op, sizes, dtype, make_case layout``) of the parity and config-sweep sections, grouped
+    by op and dtype: the calls of a group launch mostly the same kernel variants, so the worker that runs a
+    whole group compiles each of them once. (Determinism and timing repeat parity's paper-shape calls.)"""
+    groups: dict[tuple[str, torch.dtype], list] = {}
+    for op, shape, dtype, strided in parity_cases(setting):
+        call = (op, setting.shapes[op][shape], dtype, parity_layout(shape, strided))
+        groups.setdefault((op, dtype), []).append(call)
+    for dtype in setting.dtypes("autotune"):
+        for op in OPS:
+            for sizes in autotune_shapes(setting, op)[1:]:  # the small shape is parity's
+                groups.setdefault((op, dtype), []).append((op, sizes, dtype, {"a_mask_kind": "prefix"}))
+    return list(groups.values())
+
+
+def precompile_worker_count(setting: Setting) -> int:
+    """One worker per CPU but two (the main process, the extension's build), at most one per group; two in a
+    dry run, which rehearses the machinery on a CI machine's two cores."""
+    if setting.dry:
+        return 2
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(len(precompile_groups(setting)), cpus - 2))
+
+
+def precompile_tasks(setting: Setting) -> list[Task]:
+    def run() -> dict:
+        from .precompile import compile_in_workers
+
+        workers = precompile_worker_count(setting)
+        return compile_in_workers(setting.dry, workers, PRECOMPILE_TIMEOUT_S[setting.mode])
+
+    estimate = {"gpu": 45.0, "dry": 25.0}[setting.mode]
+    context = {"op": "every op on triton", "shape": "parity and config-sweep shapes", "dtype": "all"}
+    return [Task("precompile", "Triton kernels of the op sections", estimate, run, context)]
+
+
+# ----------------------------------------------------------------------------------------------------
 # parity
 # ----------------------------------------------------------------------------------------------------
 
 
+def parity_cases(setting: Setting) -> list[tuple[str, str, torch.dtype, bool]]:
+    """``(op, shape, dtype, strided)`` of every parity task, in the order they run."""
+    # The small shape in every dtype first: what a short run leaves out must be the second shape, not the
+    # tensor-core (bf16, fp16) code.
+    cases = []
+    for shape in setting.parity_shapes:
+        for dtype in setting.dtypes("parity"):
+            for op in OPS:
+                cases.append((op, shape, dtype, False))
+                if shape == "small" or dtype != torch.float16:
+                    cases.append((op, shape, dtype, True))
+    return cases
+
+
+def parity_layout(shape: str, strided: bool) -> dict:
+    """``make_case``'s layout and mask arguments of a parity case."""
+    if strided:
+        return STRIDED
+    return {"a_mask_kind": "one-empty" if shape == "small" else "prefix", "b_mask_kind": "prefix"}
+
+
 def _parity_task(setting: Setting, op: str, shape: str, dtype: torch.dtype, strided: bool) -> Task:
     sizes = setting.shapes[op][shape]
-    layout = (
-        STRIDED if strided else {"a_mask_kind": "one-empty" if shape == "small" else "prefix", "b_mask_kind": "prefix"}
-    )
 
     def run() -> dict:
-        case = make_case(op, sizes, dtype=dtype, device=setting.device, seed=3, **layout)
+        case = make_case(op, sizes, dtype=dtype, device=setting.device, seed=3, **parity_layout(shape, strided))
         result = check_case(case, "triton")
         return {
             "ok": result.ok,
@@ -220,16 +287,7 @@ def _parity_task(setting: Setting, op: str, shape: str, dtype: torch.dtype, stri
 
 
 def parity_tasks(setting: Setting) -> list[Task]:
-    # The small shape in every dtype first: a first GPU run compiles every kernel afresh and its share of the
-    # limit runs out early; what it leaves out must be the second shape, not the tensor-core (bf16, fp16) code.
-    tasks = []
-    for shape in setting.parity_shapes:
-        for dtype in setting.dtypes("parity"):
-            for op in OPS:
-                tasks.append(_parity_task(setting, op, shape, dtype, strided=False))
-                if shape == "small" or dtype != torch.float16:
-                    tasks.append(_parity_task(setting, op, shape, dtype, strided=True))
-    return tasks
+    return [_parity_task(setting, *case) for case in parity_cases(setting)]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -338,6 +396,11 @@ class ConfigSweep:
         }
 
 
+def autotune_shapes(setting: Setting, op: str) -> list[Sizes]:
+    """The shapes the config sweep checks ``op`` at: the small one and, for SAP, one past 128 patches."""
+    return [setting.shapes[op]["small"], *([WIDE_TOPK[setting.mode]] if op in TOPK_OPS else [])]
+
+
 def autotune_tasks(setting: Setting, sweep: ConfigSweep) -> list[Task]:
     tasks, dtypes_run = [], set()
     sweep.dtypes = setting.dtypes("autotune")
@@ -346,10 +409,7 @@ def autotune_tasks(setting: Setting, sweep: ConfigSweep) -> list[Task]:
     ops = sorted(OPS, key=lambda op: op != "token_reconstruction") if setting.dry else list(OPS)
     for dtype in sweep.dtypes:
         for op in ops:
-            shapes = [setting.shapes[op]["small"]]
-            if op in TOPK_OPS:
-                shapes.append(WIDE_TOPK[setting.mode])
-            for sizes in shapes:
+            for sizes in autotune_shapes(setting, op):
 
                 def run(op=op, sizes=sizes, dtype=dtype) -> dict:
                     dtypes_run.add(_dtype_name(dtype))
@@ -886,6 +946,7 @@ def text_attention_tasks(setting: Setting) -> list[Task]:
 
 def build_plan(setting: Setting, sections: tuple[str, ...] = SECTIONS) -> list[Task]:
     builders = {
+        "precompile": precompile_tasks,
         "parity": parity_tasks,
         "autotune": lambda s: autotune_tasks(s, ConfigSweep(thorough=not s.dry)),
         "determinism": determinism_tasks,

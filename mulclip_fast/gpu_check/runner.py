@@ -218,6 +218,15 @@ def render(data: dict) -> str:
         ]
         lines += ["## Plan", "", table(["section", "tasks", "estimated s", "ran"], rows, markdown=True), ""]
     sections = data["sections"]
+    for r in sections.get("precompile", []):
+        lines += [
+            "## Precompile",
+            "",
+            f"{r['calls']} op calls in {r['workers']} worker processes, {r['wall_s']} s "
+            f"(workers' own seconds: {', '.join(map(str, r['worker_seconds'])) or '—'}); "
+            + ("every worker finished." if r["ok"] else "see the failures."),
+            "",
+        ]
     if "parity" in sections:
         rows = [
             [

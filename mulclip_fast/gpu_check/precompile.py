@@ -1,0 +1,160 @@
+"""Compiles the Triton kernels of the GPU check's op sections in parallel worker processes, before they run.
+
+A first GPU run compiles every kernel variant × autotune config it launches afresh, one after another in the
+main process, at the first launch of each: about a second apiece (``compile_check`` compiles the 155 of one
+target in 2 min 49 s on one core here), minutes of a run that has about eight. Worker processes make the
+same op calls first, all at once: forward and backward on the ``triton`` backend, real launches, so the
+autotuner times, and therefore compiles, every config it may choose. Triton writes each compiled kernel to
+its on-disk cache (``TRITON_CACHE_DIR``), keyed by the kernel's source, its specialisation to the arguments
+(dtypes, 16-byte alignment, integers equal to 1 or divisible by 16) and its options; the main process makes
+the same calls, with the same shapes and layouts, and its launches load their kernels from that cache
+instead of compiling them. Nothing else passes between the processes: a worker that fails, or is stopped at
+the time limit, costs only the compile time it would have saved (its failure is reported, and the op
+sections then meet the same error themselves).
+
+    python -m mulclip_fast.gpu_check.precompile --worker I --workers N [--dry-run]
+
+runs worker ``I``'s share of the calls (every ``N``-th group of ``plan.precompile_groups``) and prints one
+JSON line: its calls, seconds and errors. ``--dry-run`` makes the calls at the dry run's shapes on the CPU,
+through Triton's interpreter (which compiles nothing: the dry run rehearses the machinery).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+
+MODULE = "mulclip_fast.gpu_check.precompile"
+# The end of a failed worker's stderr kept in the report.
+STDERR_TAIL_CHARS = 2000
+
+
+def compile_in_workers(dry: bool, workers: int, timeout_s: float) -> dict:
+    """Run ``workers`` worker processes and wait for them, at most ``timeout_s``; the task record.
+
+    Every worker is started in its own session and killed with its process group if it is still running when
+    this returns or raises (the time limit's ``TimeUp`` included): none outlives the call.
+    """
+    started = time.monotonic()
+    running = []
+    try:
+        for index in range(workers):
+            command = [sys.executable, "-m", MODULE, "--worker", str(index), "--workers", str(workers)]
+            stdout, stderr = tempfile.TemporaryFile(), tempfile.TemporaryFile()
+            process = subprocess.Popen(
+                command + (["--dry-run"] if dry else []), stdout=stdout, stderr=stderr, start_new_session=True
+            )
+            running.append((process, stdout, stderr))
+        deadline = started + timeout_s
+        for process, _, _ in running:
+            try:
+                process.wait(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pass  # killed below; the sections compile what it had not
+        stopped = _stop(running)
+        reports, problems = [], []
+        for index, (process, stdout, stderr) in enumerate(running):
+            report = _worker_report(stdout)
+            if report is not None:
+                reports.append(report)
+                problems += [f"worker {index}: {e['call']}: {e['error']}" for e in report["errors"]]
+            if index in stopped:
+                problems.append(f"worker {index}: stopped after {timeout_s:g} s")
+            elif process.returncode != 0 or report is None:
+                tail = _read(stderr)[-STDERR_TAIL_CHARS:]
+                problems.append(f"worker {index}: exit code {process.returncode}; stderr ends: {tail}")
+    finally:
+        _stop(running)
+        for _, stdout, stderr in running:
+            stdout.close()
+            stderr.close()
+    return {
+        "ok": not problems,
+        "workers": workers,
+        "calls": sum(r["calls"] for r in reports),
+        "wall_s": round(time.monotonic() - started, 2),
+        "worker_seconds": [r["seconds"] for r in reports],
+        "problems": problems,
+    }
+
+
+def _stop(running) -> set[int]:
+    """Kill the process group of every worker still running; the indices of those killed."""
+    stopped = set()
+    for index, (process, _, _) in enumerate(running):
+        if process.poll() is None:
+            try:
+                os.killpg(process.pid, signal.SIGKILL)
+            except ProcessLookupError:  # it ended between the poll and the kill
+                pass
+            process.wait()
+            stopped.add(index)
+    return stopped
+
+
+def _read(handle) -> str:
+    handle.seek(0)
+    return handle.read().decode(errors="replace")
+
+
+def _worker_report(stdout) -> dict | None:
+    """The JSON line a worker prints last, or None when it printed none (it crashed or was stopped)."""
+    lines = _read(stdout).strip().splitlines()
+    try:
+        return json.loads(lines[-1]) if lines else None
+    except json.JSONDecodeError:
+        return None
+
+
+def run_worker(worker: int, workers: int, dry: bool) -> dict:
+    """Make worker ``worker``'s share of the op calls; its report (calls made, seconds, errors)."""
+    import torch
+
+    cuda = torch.cuda.is_available()  # the device rule of the GPU check itself (runner.main)
+    if not cuda:
+        if not dry:
+            raise SystemExit("precompile: no CUDA device (use --dry-run to rehearse on the CPU)")
+        os.environ.setdefault("TRITON_INTERPRET", "1")  # before a kernel module is imported
+        torch.set_num_threads(1)
+
+    from ..op_parity import evaluate, make_case
+    from .plan import Setting, precompile_groups
+
+    setting = Setting(device=torch.device("cuda" if cuda else "cpu"), dry=dry, compile_backend="inductor")
+    started = time.monotonic()
+    calls, errors = 0, []
+    for group in precompile_groups(setting)[worker::workers]:
+        for op, sizes, dtype, layout in group:
+            try:
+                # the seed is the parity task's; the kernels' specialisation depends on shapes and layouts alone
+                evaluate(make_case(op, sizes, dtype=dtype, device=setting.device, seed=3, **layout), "triton")
+            except Exception as error:  # reported; the op sections meet it again and say where
+                last = traceback.format_exception_only(type(error), error)[-1].strip()
+                errors.append({"call": f"{op} {sizes.label()} {str(dtype).removeprefix('torch.')}", "error": last})
+            calls += 1
+    if cuda:
+        torch.cuda.synchronize()
+    return {"worker": worker, "calls": calls, "seconds": round(time.monotonic() - started, 2), "errors": errors}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog=f"python -m {MODULE}", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--worker", type=int, required=True, help="this worker's index, 0 ≤ I < N")
+    parser.add_argument("--workers", type=int, required=True, help="the number of workers N")
+    parser.add_argument("--dry-run", action="store_true", help="the dry run's shapes, on the CPU's interpreter")
+    args = parser.parse_args(argv)
+    if not 0 <= args.worker < args.workers:
+        parser.error(f"--worker must be in [0, --workers), got {args.worker} of {args.workers}")
+    print(json.dumps(run_worker(args.worker, args.workers, args.dry_run)), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,146 @@
+"""The GPU check's ``precompile`` section: worker processes that make the op sections' calls first.
+
+On a CPU the workers run through Triton's interpreter, which compiles nothing, so what is checked here is
+the machinery a GPU run relies on: the calls are exactly the parity and config-sweep calls, split without
+loss between the workers; a worker's report, failure or overrun reaches the task record; and no worker
+outlives the task, whether it ends normally, at its timeout, or on the run's time limit (an exception).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from mulclip_fast.gpu_check import precompile
+from mulclip_fast.gpu_check.plan import (
+    STRIDED,
+    WIDE_TOPK,
+    Setting,
+    autotune_shapes,
+    parity_cases,
+    precompile_groups,
+)
+from mulclip_fast.op_parity import OPS
+
+DRY = Setting(device=torch.device("cpu"), dry=True, compile_backend="aot_eager")
+GPU = Setting(device=torch.device("cpu"), dry=False, compile_backend="inductor")  # the GPU plan's shapes
+
+
+def _key(call) -> tuple:
+    op, sizes, dtype, layout = call
+    return op, sizes.label(), dtype, tuple(sorted(layout.items()))
+
+
+@pytest.mark.parametrize("setting", [DRY, GPU], ids=["dry", "gpu"])
+def test_the_groups_hold_every_parity_and_config_sweep_call_once(setting):
+    calls = [_key(call) for group in precompile_groups(setting) for call in group]
+    assert len(calls) == len(set(calls))
+    parity = {
+        (op, setting.shapes[op][shape].label(), dtype, strided) for op, shape, dtype, strided in parity_cases(setting)
+    }
+    assert {(op, label, dtype, dict(layout) == STRIDED) for op, label, dtype, layout in calls} >= parity
+    assert len(parity) == len(parity_cases(setting))
+    # the sweep's second SAP shape, in every dtype it sweeps; its first (small) shape is parity's own
+    wide = WIDE_TOPK[setting.mode].label()
+    swept = {(op, label, dtype) for op, label, dtype, _ in calls if label == wide}
+    expected = {
+        (op, wide, dtype) for dtype in setting.dtypes("autotune") for op in OPS if len(autotune_shapes(setting, op)) > 1
+    }
+    assert swept == expected and expected
+    # a group is one op in one dtype
+    for group in precompile_groups(setting):
+        assert len({(op, dtype) for op, _, dtype, _ in group}) == 1
+
+
+def test_a_worker_makes_its_share_of_the_calls_and_reports_them():
+    completed = subprocess.run(
+        [sys.executable, "-m", precompile.MODULE, "--worker", "1", "--workers", "4", "--dry-run"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    report = json.loads(completed.stdout.strip().splitlines()[-1])
+    expected = sum(len(group) for group in precompile_groups(DRY)[1::4])
+    assert report["worker"] == 1 and report["calls"] == expected and report["errors"] == []
+
+
+def test_a_worker_index_outside_the_workers_is_refused():
+    with pytest.raises(SystemExit):
+        precompile.main(["--worker", "2", "--workers", "2", "--dry-run"])
+
+
+def _recording_popen(monkeypatch) -> list:
+    started = []
+    real = subprocess.Popen
+
+    def popen(*args, **kwargs):
+        process = real(*args, **kwargs)
+        started.append(process)
+        return process
+
+    monkeypatch.setattr(precompile.subprocess, "Popen", popen)
+    return started
+
+
+def _assert_gone(processes) -> None:
+    assert processes
+    for process in processes:
+        assert process.poll() is not None
+        with pytest.raises(ProcessLookupError):
+            os.killpg(process.pid, 0)  # its whole process group is gone
+
+
+def test_workers_past_the_timeout_are_killed_and_reported(monkeypatch):
+    started = _recording_popen(monkeypatch)
+    record = precompile.compile_in_workers(dry=True, workers=2, timeout_s=0.5)
+    assert not record["ok"]
+    assert record["problems"] == [f"worker {i}: stopped after 0.5 s" for i in range(2)]
+    _assert_gone(started)
+
+
+def test_a_time_limit_interrupting_the_wait_kills_the_workers(monkeypatch):
+    started = _recording_popen(monkeypatch)
+
+    class TimeUp(BaseException):  # the runner's watchdog raises its own BaseException from SIGALRM
+        pass
+
+    def alarm(signum, frame):
+        raise TimeUp
+
+    previous = signal.signal(signal.SIGALRM, alarm)
+    signal.setitimer(signal.ITIMER_REAL, 1.0)
+    try:
+        with pytest.raises(TimeUp):
+            precompile.compile_in_workers(dry=True, workers=2, timeout_s=300)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    _assert_gone(started)
+
+
+def test_a_failed_worker_is_reported_with_its_stderr(monkeypatch):
+    monkeypatch.setattr(precompile, "MODULE", "mulclip_fast.no_such_module")
+    record = precompile.compile_in_workers(dry=True, workers=1, timeout_s=60)
+    assert not record["ok"] and record["calls"] == 0
+    [problem] = record["problems"]
+    assert problem.startswith("worker 0: exit code 1; stderr ends:") and "No module named" in problem
+
+
+def test_the_worker_module_runs_as_a_script_without_cuda():
+    # without --dry-run and without CUDA it refuses, with the reason, instead of running the plan on the CPU
+    completed = subprocess.run(
+        [sys.executable, "-m", precompile.MODULE, "--worker", "0", "--workers", "1"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    assert completed.returncode != 0 and "no CUDA device" in completed.stderr
