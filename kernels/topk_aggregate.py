@@ -34,7 +34,7 @@ NORMALIZE_EPS: tl.constexpr = tl.constexpr(1e-12)  # F.normalize's
 # The chunk width of the score row's dot, the same in forward and backward whatever their launch BLOCK_D:
 # the backward re-selects the top k from recomputed scores, and chunking the dot differently would sum in
 # another order, so a near-tie at the k-th score could fall the other way and the gradient would belong to
-# another selection than the forward's output.
+# another selection than the forward's output. For the same reason both take scores and selection from _row_block.
 SCORE_BLOCK_D: tl.constexpr = tl.constexpr(16)
 
 # Launch settings of the row kernels, fixed rather than autotuned: the register budget, not speed, decides
@@ -80,18 +80,27 @@ def _topk_probabilities(s, valid, cols, k, scale, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
-def _row_probabilities(
-    Subb, Xb, XMask, rows, row_in, N, D, k, scale,
+def _row_block(
+    Sub, X, XMask, M, N, D, k, scale,
     BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):  # fmt: skip
-    """Scores of ``BLOCK_M`` subcaptions against all patches of the sample, then top-k probabilities."""
+    """The opening of both row kernels, one code path so that backward re-selects exactly the top k that
+    forward pooled (see ``SCORE_BLOCK_D``). Returns ``(pid_b, rows, row_in, Xb, cols, col_in, p)``: this
+    program's sample and its ``BLOCK_M`` subcaption rows, the sample's patches and the score row's patch
+    columns, and the top-k probabilities ``[BLOCK_M, BLOCK_N]`` of the rows' scores against those patches."""
+    pid_m, pid_b = block_and_set(M, BLOCK_M)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_in = rows < M
+    Subb = Sub + pid_b * M * D
+    Xb = X + pid_b * N * D
+    XMaskb = XMask + pid_b * N
     cols = tl.arange(0, BLOCK_N)
     col_in = cols < N
-    valid = (tl.load(XMask + cols, mask=col_in, other=0) != 0) & col_in
+    valid = (tl.load(XMaskb + cols, mask=col_in, other=0) != 0) & col_in
     s = similarity_tile(
         Subb, rows, row_in, Xb, cols, col_in, D, UPCAST, DOT_PRECISION, BLOCK_M, BLOCK_N, SCORE_BLOCK_D
     )  # fmt: skip
-    return _topk_probabilities(s, valid, cols, k, scale, BLOCK_N), cols, col_in
+    return pid_b, rows, row_in, Xb, cols, col_in, _topk_probabilities(s, valid, cols, k, scale, BLOCK_N)
 
 
 @triton.jit
@@ -111,13 +120,8 @@ def _topk_aggregate_fwd(
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):  # fmt: skip
     """``Out[b, i] = normalize(Σ_{j ∈ top-k} softmax_j(s_j·scale) x_j)``, zero for invalid subcaptions."""
-    pid_m, pid_b = block_and_set(M, BLOCK_M)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_in = rows < M
-    Subb = Sub + pid_b * M * D
-    Xb = X + pid_b * N * D
-    p, cols, col_in = _row_probabilities(
-        Subb, Xb, XMask + pid_b * N, rows, row_in, N, D, k, scale, BLOCK_N, UPCAST, DOT_PRECISION
+    pid_b, rows, row_in, Xb, cols, col_in, p = _row_block(
+        Sub, X, XMask, M, N, D, k, scale, BLOCK_N, UPCAST, DOT_PRECISION
     )  # fmt: skip
     sum_sq = tl.zeros([BLOCK_M], dtype=tl.float32)
     for d0 in range(0, D, BLOCK_D):
@@ -143,13 +147,8 @@ def _topk_aggregate_bwd_rows(
 ):  # fmt: skip
     """Per subcaption: ``du`` through the normalisation, ``dp = du xᵀ``, softmax backward
     ``dS = scale · p ∘ (dp − Σ p dp)``, ``dSub = dS x``; writes ``P``, ``dS`` ``[B, M, N]`` and ``dU``."""
-    pid_m, pid_b = block_and_set(M, BLOCK_M)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_in = rows < M
-    Subb = Sub + pid_b * M * D
-    Xb = X + pid_b * N * D
-    p, cols, col_in = _row_probabilities(
-        Subb, Xb, XMask + pid_b * N, rows, row_in, N, D, k, scale, BLOCK_N, UPCAST, DOT_PRECISION
+    pid_b, rows, row_in, Xb, cols, col_in, p = _row_block(
+        Sub, X, XMask, M, N, D, k, scale, BLOCK_N, UPCAST, DOT_PRECISION
     )  # fmt: skip
     sub_valid = tl.load(SubMask + pid_b * M + rows, mask=row_in, other=0) != 0
     grad_rows = row_in & sub_valid
