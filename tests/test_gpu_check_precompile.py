@@ -97,11 +97,12 @@ def _assert_gone(processes) -> None:
             os.killpg(process.pid, 0)  # its whole process group is gone
 
 
-def test_workers_past_the_timeout_are_killed_and_reported(monkeypatch):
+def test_workers_past_the_timeout_are_stopped_and_recorded(monkeypatch):
     started = _recording_popen(monkeypatch)
     record = precompile.compile_in_workers(dry=True, workers=2, timeout_s=0.5)
-    assert not record["ok"]
-    assert record["problems"] == [f"worker {i}: stopped after 0.5 s" for i in range(2)]
+    # not a failure: a stopped worker only saved less compile time
+    assert record["ok"] and record["problems"] == []
+    assert record["stopped_after_timeout"] == [0, 1] and record["calls"] == 0
     _assert_gone(started)
 
 

@@ -223,8 +223,13 @@ def render(data: dict) -> str:
             "## Precompile",
             "",
             f"{r['calls']} op calls in {r['workers']} worker processes, {r['wall_s']} s "
-            f"(workers' own seconds: {', '.join(map(str, r['worker_seconds'])) or '—'}); "
-            + ("every worker finished." if r["ok"] else "see the failures."),
+            f"(workers' own seconds: {', '.join(map(str, r['worker_seconds'])) or '—'})"
+            + (
+                f"; workers {r['stopped_after_timeout']} were stopped after {r['timeout_s']:g} s"
+                if r["stopped_after_timeout"]
+                else ""
+            )
+            + ("." if r["ok"] else "; see the failures."),
             "",
         ]
     if "parity" in sections:
