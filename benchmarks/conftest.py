@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
-from benchmarks.harness import DEVICE, DTYPE, FULL_SWEEP, RESULTS_DIR, write_results
+from benchmarks.harness import DEVICE, DTYPE, FULL_SWEEP, RESULTS_DIR, raise_recompile_limits, write_results
 from mulclip_fast.profiling import machine_facts, matmul_throughput
 
 _RESULTS_KEY = pytest.StashKey[list]()
@@ -33,10 +32,7 @@ def results(request) -> list[dict]:
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    # One compiled graph per (op, shape, grad mode): more than Dynamo's default 8 recompiles of one
-    # function, past which it would silently fall back to eager and time the wrong thing.
-    torch._dynamo.config.recompile_limit = 256
-    torch._dynamo.config.accumulated_recompile_limit = 4096
+    raise_recompile_limits()
 
 
 def pytest_benchmark_update_machine_info(config: pytest.Config, machine_info: dict) -> None:

@@ -75,6 +75,22 @@ RESULT_FIELDS = (
 )
 
 
+def raise_recompile_limits(config=None, per_function: int = 256, accumulated: int = 4096) -> None:
+    """Raise Dynamo's recompile limits (``torch._dynamo.config`` unless ``config`` is given): one compiled
+    graph per (op, shape, grad mode) is more than the default 8 recompiles of one function, past which Dynamo
+    silently falls back to eager and the benchmark would time the wrong thing.
+
+    Newer PyTorch calls them ``recompile_limit`` and ``accumulated_recompile_limit`` (the old names stay as
+    aliases there); 2.6.0 and older know only ``cache_size_limit`` and ``accumulated_cache_size_limit``, and
+    Dynamo's config refuses a name it does not know (docs/notes/2026-12-01-version-floor.md).
+    """
+    if config is None:
+        config = torch._dynamo.config
+    new = hasattr(config, "recompile_limit")
+    setattr(config, "recompile_limit" if new else "cache_size_limit", per_function)
+    setattr(config, "accumulated_recompile_limit" if new else "accumulated_cache_size_limit", accumulated)
+
+
 def tier_selected(tier: str) -> bool:
     """Which shapes run here: ``quick`` always; ``full`` with MULCLIP_BENCH_FULL=1 or on a GPU by default
     (its run is short); ``gpu`` only on a GPU with the full sweep (shapes this CPU's reference cannot hold)."""

@@ -9,7 +9,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#include <barrier>
+#include <condition_variable>
+#include <mutex>
 #include <thread>
 #include <tuple>
 #include <vector>
@@ -20,6 +21,32 @@
 namespace mulclip_fast {
 namespace {
 
+// std::barrier's arrive_and_wait in C++17: PyTorch before 2.12 builds extensions with -std=c++17, where
+// <barrier> declares nothing (docs/notes/2026-12-01-version-floor.md). The mutex orders each lane's writes
+// before the barrier against the other lanes' reads after it.
+class LaneBarrier {
+ public:
+  explicit LaneBarrier(int lanes) : lanes_(lanes) {}
+  void arrive_and_wait() {
+    std::unique_lock<std::mutex> lock(mutex_);
+    const unsigned long phase = phase_;
+    if (++arrived_ == lanes_) {
+      arrived_ = 0;
+      ++phase_;
+      all_arrived_.notify_all();
+      return;
+    }
+    all_arrived_.wait(lock, [&] { return phase_ != phase; });
+  }
+
+ private:
+  const int lanes_;
+  int arrived_ = 0;
+  unsigned long phase_ = 0;
+  std::mutex mutex_;
+  std::condition_variable all_arrived_;
+};
+
 // Several std::threads sharing one row, as the threads of a CUDA block do: with lanes > 1 the ops run the
 // shared code with the strided loops, barriers and reductions the kernels run, so a missing barrier or a
 // result that depends on the lane shows on a CPU (tests/test_ops_extension.py). Reductions combine the
@@ -28,7 +55,7 @@ class ThreadTeam {
  public:
   struct Shared {
     explicit Shared(int lanes) : barrier(lanes), float_partials(lanes), int_partials(lanes) {}
-    std::barrier<> barrier;
+    LaneBarrier barrier;
     std::vector<float> float_partials;
     std::vector<int> int_partials;
   };

@@ -10,6 +10,9 @@ as a dict), the ``model`` and ``optimizer`` state, the ``step``, the ``elapsed``
 
 from __future__ import annotations
 
+import datetime
+import functools
+import io
 import os
 
 import torch
@@ -92,9 +95,29 @@ def _numpy_array_globals() -> list:
     import numpy as np
 
     reconstruct = np._core.multiarray._reconstruct if hasattr(np, "_core") else np.core.multiarray._reconstruct
-    # A pickle names the function by the module of the numpy that wrote it: numpy.core before 2.0.
+    # A pickle names the function by the module of the numpy that wrote it: numpy.core before 2.0. Naming it
+    # needs an allowlist that takes (object, path) pairs; without one, files the running numpy's major wrote
+    # still load.
     allowed = [np.ndarray, np.dtype, reconstruct, type(np.dtype(np.uint32)), type(np.dtype(np.int64))]
+    if not _allowlist_takes_paths():
+        return allowed
     return allowed + [(reconstruct, f"numpy.{core}.multiarray._reconstruct") for core in ("core", "_core")]
+
+
+@functools.cache
+def _allowlist_takes_paths() -> bool:
+    """Whether this PyTorch's ``weights_only`` allowlist takes ``(object, "module.name")`` pairs, which came
+    after 2.5.0 (pytorch/pytorch#142153, opened 2024-12-05; docs/notes/2026-12-01-version-floor.md). Tried
+    once, on an in-memory file whose one global is outside PyTorch's own allowlist, so that an allowlist
+    without pairs fails here instead of on a checkpoint."""
+    buffer = io.BytesIO()
+    torch.save(datetime.timedelta(0), buffer)
+    buffer.seek(0)
+    try:
+        with torch.serialization.safe_globals([(datetime.timedelta, "datetime.timedelta")]):
+            return torch.load(buffer, weights_only=True) == datetime.timedelta(0)
+    except Exception:
+        return False
 
 
 def _upgrade_checkpoint(state: dict) -> dict:

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from benchmarks import test_bench_train_step as _train_step_benchmark
-from benchmarks.harness import largest_batch_within
+from benchmarks.harness import largest_batch_within, raise_recompile_limits
 from mulclip_fast import bench_report
 from mulclip_fast.profiling import NvmlSampler, _nvml_handle, machine_facts, nvml_telemetry
 
@@ -373,3 +373,23 @@ def test_nvml_reads_the_gpu_cuda_means_by_its_uuid(monkeypatch):
     assert [_nvml_handle(FakeNvml, i) for i in range(2)] == [1, 0]
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
     assert [_nvml_handle(FakeNvml, i) for i in range(2)] == [0, 1]
+
+
+def test_recompile_limits_are_raised_under_the_names_this_pytorch_knows():
+    """The benchmarks raise Dynamo's recompile limits under the current names where they exist and under the
+    old ones on PyTorch 2.6 and older, whose config refuses the new names (a namespace stands in for it)."""
+    old = types.SimpleNamespace(cache_size_limit=8, accumulated_cache_size_limit=256)
+    raise_recompile_limits(old)
+    assert vars(old) == {"cache_size_limit": 256, "accumulated_cache_size_limit": 4096}
+
+    config = torch._dynamo.config
+    names = ("recompile_limit", "accumulated_recompile_limit")
+    if not hasattr(config, names[0]):
+        names = ("cache_size_limit", "accumulated_cache_size_limit")
+    saved = [getattr(config, name) for name in names]
+    try:
+        raise_recompile_limits()
+        assert [getattr(config, name) for name in names] == [256, 4096]
+    finally:
+        for name, value in zip(names, saved, strict=True):
+            setattr(config, name, value)

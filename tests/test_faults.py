@@ -13,11 +13,13 @@ import signal
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
 
 from mulclip_fast import eval as eval_cli
+from mulclip_fast import run_checkpoints
 from mulclip_fast.data import batch_order, open_dataset, read_docci
 from mulclip_fast.model import CheckpointError, check_device, read_state_dict
 from mulclip_fast.run_checkpoints import CHECKPOINT_FORMAT, load_training_checkpoint
@@ -500,6 +502,32 @@ def test_a_checkpoint_file_from_elsewhere_cannot_run_code(tmp_path):
     with pytest.raises(CheckpointError, match="cannot read checkpoint"):
         load_training_checkpoint(str(path))
     assert not marker.exists()
+
+
+def _checkpoint_with_numpy_rng_state(path) -> None:
+    """A training checkpoint as written before 2026-11-30, its numpy RNG key table an ndarray."""
+    keys = np.random.RandomState(0).get_state()[1]
+    torch.save({"format": CHECKPOINT_FORMAT, "version": 2, "config": {}, "rng": {"numpy": ("MT19937", keys)}}, path)
+
+
+def test_the_allowlist_names_numpys_array_constructor_by_both_module_paths_where_pytorch_can(tmp_path):
+    # (object, path) pairs in weights_only's allowlist came after PyTorch 2.5.0; this PyTorch has them.
+    assert run_checkpoints._allowlist_takes_paths()
+    pairs = [entry for entry in run_checkpoints._numpy_array_globals() if isinstance(entry, tuple)]
+    assert [name for _, name in pairs] == [f"numpy.{core}.multiarray._reconstruct" for core in ("core", "_core")]
+    path = tmp_path / "old.pt"
+    _checkpoint_with_numpy_rng_state(path)
+    assert load_training_checkpoint(str(path))["rng"]["numpy"][1].dtype == np.uint32
+
+
+def test_without_named_allowlist_entries_an_old_checkpoint_of_this_numpy_still_loads(tmp_path, monkeypatch):
+    # A PyTorch whose allowlist takes no (object, path) pairs (2.5) gets none, and reads what this numpy wrote.
+    monkeypatch.setattr(run_checkpoints, "_allowlist_takes_paths", lambda: False)
+    assert not any(isinstance(entry, tuple) for entry in run_checkpoints._numpy_array_globals())
+    path = tmp_path / "old.pt"
+    _checkpoint_with_numpy_rng_state(path)
+    keys = load_training_checkpoint(str(path))["rng"]["numpy"][1]
+    assert np.array_equal(keys, np.random.RandomState(0).get_state()[1])
 
 
 @pytest.mark.parametrize("content", [b"print('not a checkpoint')\n", b""], ids=["text", "empty"])
