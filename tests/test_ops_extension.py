@@ -265,6 +265,22 @@ def test_a_cuda_build_without_a_visible_gpu_says_to_name_the_architectures(monke
         assert failure is not None and "set TORCH_CUDA_ARCH_LIST" in failure and "9.0" in failure
 
 
+def test_the_arch_list_for_the_visible_gpus_is_the_one_torch_derives(monkeypatch):
+    """Set for a build that must not see the GPU (and in the process that later loads it), the list must give
+    torch's own flags, or that load would compile again: an A100 and a GPU newer than this PyTorch (capped)."""
+    from torch.utils.cpp_extension import _get_cuda_arch_flags
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index: [(12, 0), (8, 0)][index])
+    monkeypatch.setattr(torch.cuda, "get_arch_list", lambda: ["sm_80", "sm_86", "sm_90a", "compute_90"])
+    monkeypatch.delenv("TORCH_CUDA_ARCH_LIST", raising=False)
+    derived = _get_cuda_arch_flags()
+    arch_list = extension.cuda_arch_list_for_visible_gpus()
+    assert arch_list == "8.0;9.0+PTX"
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", arch_list)
+    assert _get_cuda_arch_flags() == derived
+
+
 def test_the_build_command_builds_and_says_what_where_and_how_long():
     """``python -m mulclip_fast.ops.extension`` (as a Docker image or gpu_check runs it): into the checkout's
     cache, which the first test of the session has usually filled (a cold build takes 18–46 s)."""

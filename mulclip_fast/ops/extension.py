@@ -19,6 +19,7 @@ import argparse
 import functools
 import logging
 import os
+import re
 import signal
 import sys
 import time
@@ -48,6 +49,21 @@ def cuda_buildable() -> bool:
     from torch.utils.cpp_extension import CUDA_HOME
 
     return torch.version.cuda is not None and CUDA_HOME is not None
+
+
+def cuda_arch_list_for_visible_gpus() -> str:
+    """The ``TORCH_CUDA_ARCH_LIST`` that ``torch.utils.cpp_extension`` derives from the visible GPUs when it is
+    unset: each GPU's capability, capped at the newest this PyTorch was built for, PTX for the last. A build in a
+    process that must not touch the GPU needs it set; set in this process too, its own build gets the same flags
+    and finds that build up to date."""
+    # torch's own reading of its arch list ("sm_90a" is 90)
+    built_for = [
+        int("".join(re.findall(r"\d+", arch.split("_")[1]))) for arch in torch.cuda.get_arch_list() if "sm_" in arch
+    ]
+    newest = max((sm // 10, sm % 10) for sm in built_for)
+    capabilities = (min(newest, torch.cuda.get_device_capability(i)) for i in range(torch.cuda.device_count()))
+    archs = {f"{major}.{minor}" for major, minor in capabilities}
+    return ";".join(sorted(archs)) + "+PTX"
 
 
 @functools.cache
