@@ -4,7 +4,7 @@ Its CPU twin (``backend="cpp"``) runs the per-row code the CUDA kernels run, so 
 extension's selection, softmax, aggregate and backward on machines without a GPU: values and input
 gradients for N in {7, 196, 576, 1024} (beyond the Triton kernels' 256), k from 1 to N, masks with fully
 masked samples and subcaptions, ties and -0.0/+0.0, strided layouts, and the backend's contracts. The
-first test of the session builds the extension (18–41 s on two shared cores; cached under build/).
+first test of the session builds the extension (18–46 s on two shared cores; cached under build/).
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 ``backend="cpp"`` runs its CPU twin on CPU tensors and ``backend="cuda_ext"`` its CUDA kernels on CUDA
 tensors; both implement ``topk_patch_aggregate`` and ``pairwise_topk_aggregate_cosines``. The first call
-compiles ``csrc/`` with ``torch.utils.cpp_extension.load`` (a C++ compiler and ninja; 18–41 s measured on two
+compiles ``csrc/`` with ``torch.utils.cpp_extension.load`` (a C++ compiler and ninja; 18–46 s measured on two
 shared cores for the CPU part) into ``build/torch_extensions/`` of the source checkout, and later processes load
 the cached library. The CUDA sources join the build only where PyTorch has CUDA and nvcc is found
 (``CUDA_HOME``). Installing the package never builds anything; ``python -m mulclip_fast.ops.extension`` builds
