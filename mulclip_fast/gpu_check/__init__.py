@@ -41,9 +41,10 @@ report lists what was left out; run those with ``--sections`` (e.g. ``--sections
   untimed (a launch takes seconds there);
 - **extension**: the C++/CUDA extension (``cuda_ext``) on the patch sets the Triton kernels refuse (576 and
   1024 patches), fp32 and bf16, against the reference, and its time against the ``torch`` backend; skipped,
-  with the reason, where it cannot be built; the dry run checks its CPU twin (``cpp``). Its build (a minute or
-  two of nvcc) runs in the background from the start of the run (``python -m mulclip_fast.ops.extension``, on
-  the CPU, no GPU visible to it), its tasks wait for it, and it is ended with the run if still going;
+  with the reason, where it cannot be built; the dry run checks its CPU twin (``cpp``). Its build (nvcc: a
+  minute or two expected) runs in the background from the start of the run
+  (``python -m mulclip_fast.ops.extension``, on the CPU, no GPU visible to it), its tasks wait for it, and it
+  is ended with the run if still going;
 - **compiled**: ``torch.compile`` of the reference at the paper shape in fp32, checked against the eager
   reference, then timed and measured as in **timing**.
 

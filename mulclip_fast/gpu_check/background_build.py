@@ -1,12 +1,12 @@
 """The C++/CUDA extension, built in a background process while a GPU check runs its GPU sections.
 
-nvcc takes a minute or two on ``csrc/``, several times the ``extension`` section's share of the time limit, while
-the machine's CPU cores sit mostly idle under the GPU sections. So the runner starts
-``python -m mulclip_fast.ops.extension`` before the plan's first task, the extension tasks wait for it, and their
-own ``extension.require`` then loads the build it cached. The process gets no GPU (a second CUDA context would take
-device memory from the sections being measured, and a GPU in exclusive-process mode would refuse this run's own)
-and a lower CPU priority; it runs in a process group of its own, which :meth:`BackgroundBuild.stop` ends with
-every compiler in it.
+nvcc is expected to take a minute or two on ``csrc/`` (not yet measured on a GPU machine), several times the
+``extension`` section's share of the time limit, while the machine's CPU cores sit mostly idle under the GPU
+sections. So the runner starts ``python -m mulclip_fast.ops.extension`` before the plan's first task, the
+extension tasks wait for it, and their own ``extension.require`` then loads the build it cached. The process
+gets no GPU (a second CUDA context would take device memory from the sections being measured, and a GPU in
+exclusive-process mode would refuse this run's own) and a lower CPU priority; it runs in a process group of its
+own, which :meth:`BackgroundBuild.stop` ends with every compiler in it.
 """
 
 from __future__ import annotations
