@@ -13,6 +13,7 @@ import json
 import math
 import os
 import runpy
+import signal
 import subprocess
 import sys
 import time
@@ -22,8 +23,8 @@ import pytest
 import torch
 
 from mulclip_fast import gpu_check
+from mulclip_fast.gpu_check import background_build, runner
 from mulclip_fast.gpu_check import plan as plan_module
-from mulclip_fast.gpu_check import runner
 from mulclip_fast.gpu_check.configs import all_configs, autotuned_kernels, config_label
 from mulclip_fast.gpu_check.plan import DTYPES, Task
 from mulclip_fast.op_parity import OPS
@@ -165,6 +166,9 @@ def test_dry_run_covers_determinism_timing_training_steps_scale_and_the_extensio
         assert record["ok"], record
         backend = "cuda_ext" if on_cuda else "cpp"
         assert "skipped" in record or (record["backend"] == backend and record["time_vs_torch"] > 0), record
+        assert record["build_wait_s"] >= 0  # the build began in the background at the start of the run
+    build = data["extension_build"]
+    assert build["status"] == ("failed" if any("skipped" in r for r in extension) else "built"), build
     # packed text attention: the torch backend against itself in fp32 here; flash-attn and xformers need CUDA
     # (on a CUDA machine they run where installed, else they are recorded skips)
     text = sections["text_attention"]
@@ -351,10 +355,12 @@ def test_the_prepared_device_command_fills_the_lent_machines_ten_minute_command(
 
 @pytest.fixture
 def fake_plan(monkeypatch):
-    """Replace the plan by the tasks a test gives; keep the process's torch thread count."""
+    """Replace the plan by the tasks a test gives, and the background build of the extension by a process that
+    does nothing; keep the process's torch thread count."""
     threads = torch.get_num_threads()
     tasks: list[Task] = []
     monkeypatch.setattr(plan_module, "build_plan", lambda setting, sections: list(tasks))
+    monkeypatch.setattr(background_build, "COMMAND", (sys.executable, "-c", ""))
     yield tasks
     torch.set_num_threads(threads)
 
@@ -513,6 +519,109 @@ def test_the_watchdog_interrupts_a_task_that_overruns_and_the_report_is_written(
     # the tasks after it are listed too: the report names everything a second call must run
     assert (never["section"], never["task"]) == ("compiled", "never started") and "not started" in never["reason"]
     assert "- compiled: never started (not started" in markdown
+
+
+# ----------------------------------------------------------------------------------------------------
+# The extension's background build
+# ----------------------------------------------------------------------------------------------------
+
+
+def test_the_extension_tasks_wait_for_the_background_build(tmp_path, keep_threads):
+    """The build starts before the plan's first task; the first extension task waits for it (its process imports
+    torch for a second or more before it loads or compiles), the second finds it done."""
+    from mulclip_fast.ops import extension
+
+    code = runner.main(["--dry-run", "--out", str(tmp_path), "--sections", "extension"])
+    data, markdown = _reports(tmp_path)
+    build = data["extension_build"]
+    assert code == gpu_check.EXIT_OK and build["status"] == "built" and build["exit_code"] == 0, build
+    assert f"build directory: {extension.build_directory()}" in build["output_tail"]
+    first, second = data["sections"]["extension"]
+    # (the build's seconds are rounded to 0.01 s, and it may end a moment before the task's wait began)
+    assert "skipped" not in first and 0 < first["build_wait_s"] <= build["seconds"] + 0.01, (first, build)
+    assert second["build_wait_s"] < 0.1
+    assert "Background build from the start of the run" in markdown and "waited for the build" in markdown
+
+
+# A stand-in for the build: starts a "compiler" (its child, in its process group), writes both pids, then hangs.
+HANGING_BUILD = """
+import os, subprocess, sys, time
+compiler = subprocess.Popen(["sleep", "60"])
+with open(sys.argv[1] + ".tmp", "w") as pids:
+    pids.write(f"{os.getpid()} {compiler.pid}")
+os.replace(sys.argv[1] + ".tmp", sys.argv[1])
+time.sleep(60)
+"""
+
+
+def _running(pid: int) -> bool:
+    """Whether ``pid`` still runs; a zombie (dead, waiting for whoever reaps it) has ended."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+
+
+def _await_file(path: Path, seconds: float = 20.0) -> None:
+    deadline = time.monotonic() + seconds
+    while not path.exists() and time.monotonic() < deadline:
+        time.sleep(0.02)
+
+
+@pytest.mark.parametrize("ending", ["the plan's end", "the watchdog", "SIGTERM"])
+def test_the_background_build_and_its_compilers_end_with_the_run(fake_plan, tmp_path, monkeypatch, ending):
+    pids = tmp_path / "pids"
+    monkeypatch.setattr(background_build, "COMMAND", (sys.executable, "-c", HANGING_BUILD, str(pids)))
+    monkeypatch.setattr(runner, "GRACE_S", 0.5)
+
+    def started_then(then):
+        def run():
+            _await_file(pids)
+            then()
+            return {"ok": True}
+
+        return run
+
+    if ending == "the watchdog":  # interrupts the extension task waiting for a build that never ends
+        monkeypatch.setattr(plan_module, "build_plan", lambda setting, sections: plan_module.extension_tasks(setting))
+    elif ending == "SIGTERM":
+        fake_plan.append(Task("parity", "terminated", 0.01, started_then(lambda: os.kill(os.getpid(), signal.SIGTERM))))
+    else:
+        fake_plan.append(Task("parity", "quick", 0.01, started_then(lambda: None)))
+    code = runner.main(["--dry-run", "--out", str(tmp_path / "out"), "--time-limit", "3"])
+    data, _ = _reports(tmp_path / "out")
+    assert code == (gpu_check.EXIT_OK if ending == "the plan's end" else gpu_check.EXIT_INCOMPLETE)
+    if ending == "the watchdog":
+        assert "during extension / topk_patch_aggregate" in data["skipped"][0]["reason"]
+    assert data["extension_build"]["status"] == "stopped"
+    build, compiler = map(int, pids.read_text().split())
+    deadline = time.monotonic() + 5  # the compiler, orphaned, ends once its SIGTERM is delivered
+    while _running(compiler) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert not _running(build) and not _running(compiler)
+
+
+@pytest.mark.parametrize("given", [None, "8.0"])
+def test_the_background_build_sees_no_gpu_and_compiles_for_this_runs(monkeypatch, given):
+    """A second CUDA context would take memory from the sections measured (or, in exclusive-process mode, the
+    GPU from this run); so the build sees no GPU and is told the architectures, the list this process's own
+    load then uses too (a list the user set stays)."""
+    from mulclip_fast.ops import extension
+
+    show = "import os; print(repr(os.environ['CUDA_VISIBLE_DEVICES']), os.environ['TORCH_CUDA_ARCH_LIST'])"
+    monkeypatch.setattr(background_build, "COMMAND", (sys.executable, "-c", show))
+    monkeypatch.setattr(extension, "cuda_buildable", lambda: True)
+    monkeypatch.setattr(extension, "cuda_arch_list_for_visible_gpus", lambda: "9.0+PTX")
+    if given is None:
+        monkeypatch.delenv("TORCH_CUDA_ARCH_LIST", raising=False)
+    else:
+        monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", given)
+    build = background_build.start_extension_build(cuda=True)
+    build.wait()
+    expected = given or "9.0+PTX"
+    assert build.record()["output_tail"] == f"'' {expected}\n" and build.record()["status"] == "built"
+    assert os.environ["TORCH_CUDA_ARCH_LIST"] == expected
 
 
 def test_peaks_follow_from_the_sm_count_the_clocks_and_the_architecture(monkeypatch):

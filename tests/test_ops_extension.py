@@ -4,12 +4,18 @@ Its CPU twin (``backend="cpp"``) runs the per-row code the CUDA kernels run, so 
 extension's selection, softmax, aggregate and backward on machines without a GPU: values and input
 gradients for N in {7, 196, 576, 1024} (beyond the Triton kernels' 256), k from 1 to N, masks with fully
 masked samples and subcaptions, ties and -0.0/+0.0, strided layouts, and the backend's contracts. The
-first test of the session builds the extension (18–41 s on two shared cores; cached under build/).
+first test of the session builds the extension (18–46 s on two shared cores; cached under build/).
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
@@ -243,6 +249,84 @@ def test_a_failed_build_says_how_to_build(monkeypatch):
     monkeypatch.setattr(extension, "_load", lambda: "RuntimeError: Ninja is required to load C++ extensions")
     with pytest.raises(ValueError, match="could not build csrc/: RuntimeError: Ninja.*C\\+\\+ compiler"):
         extension.require("cpp")
+
+
+def test_a_cuda_build_without_a_visible_gpu_says_to_name_the_architectures(monkeypatch):
+    """A Docker build with a CUDA PyTorch and nvcc but no GPU: torch would pick the architectures off the visible
+    GPUs and fail with an IndexError; the build says to set TORCH_CUDA_ARCH_LIST instead."""
+    monkeypatch.setattr(extension, "cuda_buildable", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    for unset in (None, "", "native"):
+        if unset is None:
+            monkeypatch.delenv("TORCH_CUDA_ARCH_LIST", raising=False)
+        else:
+            monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", unset)
+        failure = extension._load.__wrapped__()  # past the per-process cache, which holds this process's build
+        assert failure is not None and "set TORCH_CUDA_ARCH_LIST" in failure and "9.0" in failure
+
+
+def test_the_arch_list_for_the_visible_gpus_is_the_one_torch_derives(monkeypatch):
+    """Set for a build that must not see the GPU (and in the process that later loads it), the list must give
+    torch's own flags, or that load would compile again: an A100 and a GPU newer than this PyTorch (capped)."""
+    from torch.utils.cpp_extension import _get_cuda_arch_flags
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index: [(12, 0), (8, 0)][index])
+    monkeypatch.setattr(torch.cuda, "get_arch_list", lambda: ["sm_80", "sm_86", "sm_90a", "compute_90"])
+    monkeypatch.delenv("TORCH_CUDA_ARCH_LIST", raising=False)
+    derived = _get_cuda_arch_flags()
+    arch_list = extension.cuda_arch_list_for_visible_gpus()
+    assert arch_list == "8.0;9.0+PTX"
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", arch_list)
+    assert _get_cuda_arch_flags() == derived
+
+
+def test_the_build_command_builds_and_says_what_where_and_how_long():
+    """``python -m mulclip_fast.ops.extension`` (as a Docker image or gpu_check runs it): into the checkout's
+    cache, which the first test of the session has usually filled (a cold build takes 18–46 s)."""
+    completed = subprocess.run(
+        [sys.executable, "-m", "mulclip_fast.ops.extension"], capture_output=True, text=True, timeout=600
+    )
+    assert completed.returncode == 0, completed.stderr
+    assert re.search(r"^built cpp( and cuda_ext)? in \d+\.\d s", completed.stdout, re.MULTILINE), completed.stdout
+    assert f"build directory: {extension.build_directory()}" in completed.stdout
+    assert (extension.build_directory() / f"{extension.LIBRARY}.so").is_file()
+    if not extension.cuda_buildable():  # and why the CUDA kernels were not built
+        assert "backend='cuda_ext' is not built here" in completed.stdout
+
+
+def test_the_build_command_says_why_it_failed_and_exits_1(monkeypatch, capsys):
+    failure = "RuntimeError: Ninja is required to load C++ extensions"
+    monkeypatch.setattr(extension, "_built", ())
+    monkeypatch.setattr(extension, "cuda_buildable", lambda: False)
+    monkeypatch.setattr(extension, "_load", lambda: failure)
+    with pytest.raises(ValueError) as raised:
+        extension.require("cpp")
+    assert extension.main([]) == 1
+    out, err = capsys.readouterr()
+    assert err == f"{raised.value}\n" and failure in err and out == ""
+
+
+def test_the_build_command_terminated_leaves_through_python(monkeypatch):
+    """torch holds a lock file in the build directory while it builds; a build killed there leaves it, and every
+    later build of the checkout waits for it forever. gpu_check terminates its background build when a run
+    ends: SIGTERM must unwind the build's ``finally`` blocks."""
+    released = []
+
+    def building():
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(30)
+        finally:
+            released.append(True)
+
+    monkeypatch.setattr(extension, "_built", ())
+    monkeypatch.setattr(extension, "_load", building)
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(SystemExit) as exited:
+        extension.main([])
+    assert exited.value.code == 128 + signal.SIGTERM and released == [True]
+    assert signal.getsignal(signal.SIGTERM) is before
 
 
 @pytest.mark.parametrize("built", [True, False])

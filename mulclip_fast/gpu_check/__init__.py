@@ -45,7 +45,10 @@ report lists what was left out; run those with ``--sections`` (e.g. ``--sections
   untimed (a launch takes seconds there);
 - **extension**: the C++/CUDA extension (``cuda_ext``) on the patch sets the Triton kernels refuse (576 and
   1024 patches), fp32 and bf16, against the reference, and its time against the ``torch`` backend; skipped,
-  with the reason, where it cannot be built; the dry run checks its CPU twin (``cpp``);
+  with the reason, where it cannot be built; the dry run checks its CPU twin (``cpp``). Its build (nvcc: a
+  minute or two expected) runs in the background from the start of the run
+  (``python -m mulclip_fast.ops.extension``, on the CPU, no GPU visible to it), its tasks wait for it, and it
+  is ended with the run if still going;
 - **compiled**: ``torch.compile`` of the reference at the paper shape in fp32, checked against the eager
   reference, then timed and measured as in **timing**.
 
@@ -55,7 +58,10 @@ The JSON (``"schema": "mulclip-fast/gpu-check/1"``) holds ``command``, ``mode`` 
 ``plan`` (tasks and estimates per section, their deadlines), ``sections`` (one record per task, each with
 ``task``, ``seconds``, ``ok`` and ``problems``), ``skipped`` (task and reason), ``failures`` (one line each),
 ``errors`` (the tasks that raised while the device stayed usable: section, task, op, shape, dtype, error and
-traceback) and ``crash`` (``None``, or the same for the exception that stopped the run).
+traceback), ``crash`` (``None``, or the same for the exception that stopped the run) and ``extension_build``
+(``None`` without the extension section, else the background build's ``status``: ``running``, ``built``,
+``failed``, ``stopped`` when the run ended first, or ``not started``; its ``exit_code``, ``seconds`` and
+``output_tail``); each extension task's record says how long it waited for that build (``build_wait_s``).
 
 A task that raises is an error of that task, and the run goes on, unless the device can run nothing more (a
 sticky CUDA error such as an illegal memory access poisons the context): that is a crash, which stops it.

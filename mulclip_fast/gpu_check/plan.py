@@ -17,7 +17,8 @@ Sections, most important first (a time limit cuts the tail):
                  offset products pass 2^31: value rows and their query gradients against the reference on
                  those rows (a row of the scores, and its query's gradient, depend on that query alone);
 ``extension``    the C++/CUDA extension on the patch sets the Triton kernels refuse (576 and 1024 patches)
-                 against the reference, and its time against the torch backend (the dry run: its CPU twin);
+                 against the reference, and its time against the torch backend (the dry run: its CPU twin),
+                 once the build the runner started in the background with the run has ended;
 ``compiled``     ``torch.compile`` of the reference against the eager one, then timed as in ``timing``
                  (compiling is the slow part).
 
@@ -40,6 +41,7 @@ from .. import op_parity
 from ..op_parity import OPS, Sizes, check_case, dense_inputs, evaluate, make_case
 from ..profiling import NvmlSampler, measure_peak_memory
 from . import configs as tuning
+from .background_build import BackgroundBuild
 from .peaks import peak_kind
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -160,6 +162,7 @@ class Setting:
     dry: bool
     compile_backend: str
     peaks: dict | None = None
+    extension_build: BackgroundBuild | None = None  # started by the runner when the extension section runs
 
     @property
     def shapes(self) -> dict:
@@ -778,10 +781,13 @@ def _extension_task(setting: Setting, op: str, sizes: Sizes, dtype: torch.dtype)
     def run() -> dict:
         from ..ops import extension
 
+        # The background build, if still running: then require loads what it cached instead of building again
+        # (minutes of nvcc on a GPU machine). If it failed, require's own attempt says why.
+        waited = None if setting.extension_build is None else round(setting.extension_build.wait(), 3)
         try:
-            extension.require(backend)  # builds it on first use (minutes on a GPU machine)
+            extension.require(backend)
         except ValueError as error:  # not buildable here: a fact to report, not a failure of the kernels
-            return {"ok": True, "skipped": str(error)}
+            return {"ok": True, "skipped": str(error), "build_wait_s": waited}
         case = make_case(op, sizes, dtype=dtype, device=setting.device, seed=5, a_mask_kind="prefix")
         result = check_case(case, backend)
         inputs = dense_inputs(case)
@@ -798,6 +804,7 @@ def _extension_task(setting: Setting, op: str, sizes: Sizes, dtype: torch.dtype)
             "problems": result.problems,
             "forward_backward_ms": times,
             "time_vs_torch": times[backend] / times["torch"] if backend != "torch" else None,
+            "build_wait_s": waited,
         }
 
     name = f"{op} {backend} {sizes.label()} {_dtype_name(dtype)}"

@@ -13,6 +13,8 @@ import time
 import traceback
 from pathlib import Path
 
+from .background_build import BackgroundBuild, start_extension_build
+
 EXIT_OK = 0
 EXIT_FAILED = 1  # a check failed (parity, determinism, config, training step), or a task raised and the run went on
 EXIT_NO_CUDA = 3  # no CUDA device and no --dry-run
@@ -69,6 +71,7 @@ class Report:
         self.json_path = out_dir / f"gpu-check-{stamp}.json"
         self.md_path = out_dir / f"gpu-check-{stamp}.md"
         self.started = started
+        self.extension_build: BackgroundBuild | None = None  # its record is rewritten with the report
         self.data: dict = {
             "schema": SCHEMA,
             "command": ["python", "-m", "mulclip_fast.gpu_check", *argv],
@@ -87,6 +90,7 @@ class Report:
             "failures": [],
             "errors": [],
             "crash": None,
+            "extension_build": None,
         }
 
     def add(self, section: str, name: str, record: dict, seconds: float) -> None:
@@ -103,6 +107,8 @@ class Report:
 
     def write(self) -> None:
         self.data["elapsed_s"] = round(time.monotonic() - self.started, 2)
+        if self.extension_build is not None:
+            self.data["extension_build"] = self.extension_build.record()
         self.json_path.parent.mkdir(parents=True, exist_ok=True)
         for path, text in (
             (self.json_path, json.dumps(self.data, indent=2, default=str)),
@@ -375,18 +381,30 @@ def render(data: dict) -> str:
             table(["case", "ok", "query sets checked"], rows, markdown=True),
             "",
         ]
+    build = data.get("extension_build")
+    if "extension" in sections or build:
+        lines += ["## C++/CUDA extension, patch sets beyond Triton's", ""]
+    if build:
+        lines += [
+            f"Background build from the start of the run (`python -m mulclip_fast.ops.extension`): "
+            f"{build['status']}, {build['seconds']} s.",
+            "",
+        ]
+        if build["status"] in ("failed", "not started"):
+            lines += ["```", build["output_tail"].rstrip(), "```", ""]
     if "extension" in sections:
         rows = [
             [
                 r["task"],
                 r.get("skipped") or ("yes" if r["ok"] else "NO"),
+                _fmt(r.get("build_wait_s"), ".3g"),
                 *(_fmt((r.get("forward_backward_ms") or {}).get(key), ".4g") for key in (r.get("backend"), "torch")),
                 _fmt(r.get("time_vs_torch"), ".2f"),
             ]
             for r in sections["extension"]
         ]
-        headers = ["case", "ok", "extension ms", "torch ms", "time / torch"]
-        lines += ["## C++/CUDA extension, patch sets beyond Triton's", "", table(headers, rows, markdown=True), ""]
+        headers = ["case", "ok", "waited for the build s", "extension ms", "torch ms", "time / torch"]
+        lines += [table(headers, rows, markdown=True), ""]
     if data["skipped"]:
         lines += ["## Not run", ""] + [f"- {s['section']}: {s['task']} ({s['reason']})" for s in data["skipped"]] + [""]
     return "\n".join(lines)
@@ -445,6 +463,9 @@ def main(argv: list[str] | None = None) -> int:
     signal.setitimer(signal.ITIMER_REAL, max(1.0, args.time_limit + GRACE_S - (time.monotonic() - started)))
     current, plan, ended = None, [], None
     try:
+        if "extension" in args.sections:
+            # nvcc's minutes overlap the GPU sections, on CPU cores they leave idle (background_build.py)
+            setting.extension_build = report.extension_build = start_extension_build(cuda)
         report.data["machine"] = machine_facts(device)
         if cuda:
             setting.peaks = report.data["peaks"] = device_peaks(device.index or 0)
@@ -461,6 +482,8 @@ def main(argv: list[str] | None = None) -> int:
         )
         for section, entry in summary.items():
             _print(f"  {section:<12} {entry['tasks']:>4} tasks  ~{entry['estimated_s']:.0f} s")
+        if setting.extension_build is not None:
+            _print("  the C++/CUDA extension builds meanwhile in the background (python -m mulclip_fast.ops.extension)")
         deadlines = section_deadlines(args.sections, args.time_limit)
         report.data["plan"]["section_deadlines_s"] = {k: round(v, 1) for k, v in deadlines.items()}
         if total > args.time_limit:
@@ -522,6 +545,9 @@ def main(argv: list[str] | None = None) -> int:
         signal.setitimer(signal.ITIMER_REAL, 0)
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+        # whatever ended the run (the plan's end, the time limit, a signal, a crash): no compiler outlives it
+        if setting.extension_build is not None:
+            setting.extension_build.stop()
     if ended:
         # The tasks the loop never reached: listed, so that the report names everything a second call must run.
         accounted = {(s["section"], s["task"]) for s in report.data["skipped"]}

@@ -2,10 +2,11 @@
 
 ``backend="cpp"`` runs its CPU twin on CPU tensors and ``backend="cuda_ext"`` its CUDA kernels on CUDA
 tensors; both implement ``topk_patch_aggregate`` and ``pairwise_topk_aggregate_cosines``. The first call
-compiles ``csrc/`` with ``torch.utils.cpp_extension.load`` (a C++ compiler and ninja; 18–41 s measured on two
+compiles ``csrc/`` with ``torch.utils.cpp_extension.load`` (a C++ compiler and ninja; 18–46 s measured on two
 shared cores for the CPU part) into ``build/torch_extensions/`` of the source checkout, and later processes load
 the cached library. The CUDA sources join the build only where PyTorch has CUDA and nvcc is found
-(``CUDA_HOME``). Installing the package never builds anything.
+(``CUDA_HOME``). Installing the package never builds anything; ``python -m mulclip_fast.ops.extension`` builds
+it ahead of time (a Docker image, a GPU check) and says what it built, where and in how long.
 
 The launchers here have the signatures of the torch and Triton primitives (``topk_forward``,
 ``topk_backward``, ``topk_aggregate_cosines_forward``, ``topk_aggregate_cosines_backward``), so
@@ -14,9 +15,14 @@ The launchers here have the signatures of the torch and Triton primitives (``top
 
 from __future__ import annotations
 
+import argparse
 import functools
 import logging
+import os
+import re
+import signal
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -45,6 +51,21 @@ def cuda_buildable() -> bool:
     return torch.version.cuda is not None and CUDA_HOME is not None
 
 
+def cuda_arch_list_for_visible_gpus() -> str:
+    """The ``TORCH_CUDA_ARCH_LIST`` that ``torch.utils.cpp_extension`` derives from the visible GPUs when it is
+    unset: each GPU's capability, capped at the newest this PyTorch was built for, PTX for the last. A build in a
+    process that must not touch the GPU needs it set; set in this process too, its own build gets the same flags
+    and finds that build up to date."""
+    # torch's own reading of its arch list ("sm_90a" is 90)
+    built_for = [
+        int("".join(re.findall(r"\d+", arch.split("_")[1]))) for arch in torch.cuda.get_arch_list() if "sm_" in arch
+    ]
+    newest = max((sm // 10, sm % 10) for sm in built_for)
+    capabilities = (min(newest, torch.cuda.get_device_capability(i)) for i in range(torch.cuda.device_count()))
+    archs = {f"{major}.{minor}" for major, minor in capabilities}
+    return ";".join(sorted(archs)) + "+PTX"
+
+
 @functools.cache
 def _load() -> str | None:
     """Builds (or loads from the cache) and registers the ops once per process; the failure, or ``None``."""
@@ -54,6 +75,16 @@ def _load() -> str | None:
     from torch.utils.cpp_extension import load
 
     with_cuda = cuda_buildable()
+    if (
+        with_cuda
+        and os.environ.get("TORCH_CUDA_ARCH_LIST", "native") in ("", "native")
+        and not torch.cuda.device_count()
+    ):
+        # torch would read the architectures off the visible GPUs, and without one it fails with an IndexError
+        return (
+            "no GPU is visible to choose the CUDA architectures from (a Docker build, say): set TORCH_CUDA_ARCH_LIST "
+            "to those of the GPUs it will run on, e.g. 9.0 for an H100 or H200"
+        )
     sources = CPU_SOURCES + (CUDA_SOURCES if with_cuda else ())
     try:
         build_directory().mkdir(parents=True, exist_ok=True)
@@ -141,3 +172,42 @@ def topk_aggregate_cosines_backward(grad, sub, patches, sub_mask, patch_mask, ta
     ``_torch_pairwise.topk_aggregate_cosines_backward``."""
     backward = torch.ops.mulclip_fast_ext.pairwise_topk_backward
     return backward(grad, sub, patches, sub_mask, patch_mask, selected, lse, tau)
+
+
+def _exit_on_sigterm(signum, frame):
+    # torch.utils.cpp_extension holds a lock file in the build directory while it builds, and a process killed
+    # there leaves it behind: every later build of the checkout would wait for it forever. Leaving through
+    # SystemExit runs the ``finally`` that removes it (and kills ninja on the way out).
+    raise SystemExit(128 + signum)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m mulclip_fast.ops.extension``: builds (or loads from the cache) what this machine can build,
+    says which backends, where and how long it took; on failure, says why (``require``'s text) and exits 1."""
+    argparse.ArgumentParser(
+        prog="python -m mulclip_fast.ops.extension",
+        description="Build the C++/CUDA extension of csrc/ ahead of its first use (into the checkout's "
+        "build/torch_extensions/): its CPU twin, and its CUDA kernels where PyTorch has CUDA and nvcc is found.",
+    ).parse_args(argv)
+    backend = "cuda_ext" if cuda_buildable() else "cpp"
+    started = time.monotonic()
+    previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    try:
+        require(backend)
+    except ValueError as error:
+        print(error, file=sys.stderr)
+        return 1
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    print(f"built {' and '.join(_built)} in {time.monotonic() - started:.1f} s (a cache up to date takes no time)")
+    print(f"build directory: {build_directory()}")
+    if backend == "cpp":
+        try:
+            require("cuda_ext")
+        except ValueError as why:  # what a GPU user needs to know about this build
+            print(why)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
