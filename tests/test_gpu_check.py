@@ -809,3 +809,12 @@ def test_a_crashed_run_leaves_without_the_interpreters_teardown(monkeypatch, cod
     with pytest.raises(SystemExit) as ended:
         runpy.run_module("mulclip_fast.gpu_check", run_name="__main__")
     assert ended.value.code == code and left == ([code] if code == runner.EXIT_CRASHED else [])
+
+
+def test_the_command_line_imports_no_triton_before_the_interpreter_is_decided():
+    # runner.main parses its arguments (which imports the plan, for its section names) before it sets
+    # TRITON_INTERPRET on a machine without CUDA; Triton imported before that would run no kernel there.
+    code = "import sys; from mulclip_fast.gpu_check import runner; runner._parser(); print('triton' in sys.modules)"
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    completed = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert completed.stdout.strip() == "False", completed.stderr[-2000:]
