@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 import torch
 import triton
 
-from . import interpreter_enabled
+from . import config_label, interpreter_enabled
 
 TRITON_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
@@ -62,12 +62,6 @@ def dot_precision(dtype: torch.dtype) -> str:
     """``tl.dot`` input precision: full IEEE fp32 for fp32 inputs (TF32's 10-bit mantissa, scaled by
     1/τ ≈ 14, would break the 1e-4 parity the training run needs); ignored for fp16/bf16 operands."""
     return "ieee" if dtype == torch.float32 else "tf32"
-
-
-def config_label(config: triton.Config) -> str:
-    """A config as the reports name it, e.g. ``"BLOCK_M=64,BLOCK_N=64,w4,s2"``."""
-    blocks = ",".join(f"{k}={v}" for k, v in sorted(config.kwargs.items()))
-    return f"{blocks},w{config.num_warps},s{config.num_stages}"
 
 
 def dtype_class(dtype: torch.dtype) -> str:

@@ -28,16 +28,11 @@ import contextlib
 import importlib
 from dataclasses import dataclass, field
 
+# The kernels package itself imports no Triton: the parser imports this module before the runner has decided
+# TRITON_INTERPRET, and Triton imported before that would run no kernel on a machine without CUDA.
+from ..kernels import config_label
+
 KERNEL_MODULES_FROM = "mulclip_fast.kernels.compile_check"
-
-
-def config_label(config) -> str:
-    """A config as the compile check names it (``kernels._aot.config_label``)."""
-    # Imported here, not at the top: importing the kernels package imports Triton, which must not happen
-    # before the runner has decided TRITON_INTERPRET (the parser imports this module first).
-    from ..kernels._aot import config_label as label
-
-    return label(config)
 
 
 def autotuned_kernels() -> dict[str, object]:
