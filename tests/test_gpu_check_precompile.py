@@ -26,7 +26,7 @@ from mulclip_fast.gpu_check.plan import (
     parity_cases,
     precompile_groups,
 )
-from mulclip_fast.op_parity import OPS
+from mulclip_fast.op_parity import OPS, make_case
 
 DRY = Setting(device=torch.device("cpu"), dry=True, compile_backend="aot_eager")
 GPU = Setting(device=torch.device("cpu"), dry=False, compile_backend="inductor")  # the GPU plan's shapes
@@ -56,6 +56,18 @@ def test_the_groups_hold_every_parity_and_config_sweep_call_once(setting):
     # a group is one op in one dtype
     for group in precompile_groups(setting):
         assert len({(op, dtype) for op, _, dtype, _ in group}) == 1
+
+
+@pytest.mark.parametrize("setting", [DRY, GPU], ids=["dry", "gpu"])
+def test_every_call_of_the_plan_builds_its_case(setting):
+    # make_case refuses sizes its op cannot take (a matched op with two batch sizes): such a call would raise
+    # in every run, in the workers and in the sections. The dtype does not change what is accepted.
+    shapes = {
+        (op, sizes, tuple(sorted(layout.items()))) for g in precompile_groups(setting) for op, sizes, _, layout in g
+    }
+    for op, sizes, layout in shapes:
+        case = make_case(op, sizes, dtype=torch.float32, seed=3, **dict(layout))
+        assert case.a.shape[0] == sizes.batch_a and case.b.shape[0] == sizes.batch_b
 
 
 def test_a_worker_makes_its_share_of_the_calls_and_reports_them():

@@ -111,7 +111,8 @@ DRY_SHAPES = {
 }
 # Extra shapes for the config sweep: the SAP kernels pick their warps from the patch tile (up to 128 patches
 # one config, 256 another), so a second shape with more than 128 patches reaches the other configs.
-WIDE_TOPK = {"gpu": Sizes(3, 5, 2, 150, 72, k=38), "dry": Sizes(1, 2, 1, 137, 16, k=35)}
+# Matched SAP pairs samples, so both sides have the same batch.
+WIDE_TOPK = {"gpu": Sizes(3, 5, 3, 150, 72, k=38), "dry": Sizes(1, 2, 1, 137, 16, k=35)}
 TOPK_OPS = ("topk_patch_aggregate", "pairwise_topk_aggregate_cosines")
 
 # The strided variant of a case: features sliced out of a wider tensor, a batch that is every other sample
