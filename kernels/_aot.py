@@ -100,6 +100,28 @@ def autotuned_specs(
     return specs
 
 
+def settle_cache_keys(namespace: dict) -> None:
+    """Hash every Triton function a kernel module defines, in the order it defines them; call it last in the
+    module.
+
+    A kernel's cache key (its place in Triton's in-memory and on-disk caches) should not depend on which
+    kernels a process happened to hash first, but under Triton 3.6 it does: a caller takes over the
+    module-level constexprs its callee reads before it hashes the callee, so only a callee hashed earlier
+    adds them to the caller's key (fixed by Triton 3.9). Two processes making different calls first, as the
+    GPU check's precompile workers and its main process do, then disagree on the keys of the top-k kernels
+    and compile them twice. Hashed here, each helper is hashed before the kernels that call it: the helpers
+    are defined above their callers, or in modules imported first, which settled theirs on import.
+    """
+    from triton.runtime.autotuner import Autotuner
+    from triton.runtime.jit import JITFunction
+
+    for value in list(namespace.values()):
+        fn = value.fn if isinstance(value, Autotuner) else value  # a tuner wraps its JITFunction
+        # (under the interpreter the functions are no JITFunction and have no key)
+        if isinstance(fn, JITFunction) and fn.__module__ == namespace["__name__"]:
+            fn.cache_key  # noqa: B018 (computed and kept by Triton: the point of the call)
+
+
 def autotune(configs, key: list[str], dtype_arg: str | None = None, keep=None, **kwargs):
     """``triton.autotune`` that keeps the full config list for the compile check, runs only the first
     config under the interpreter, and may choose configs by dtype — the one per-dtype config mechanism of

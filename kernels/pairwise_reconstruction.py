@@ -32,7 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._aot import autotune, autotuned_specs, dot_precision, pointer
+from ._aot import autotune, autotuned_specs, dot_precision, pointer, settle_cache_keys
 from ._launch import checked_grid, dense, on_device_of, upcast
 from .tiles import block_and_set, similarity_tile
 
@@ -285,3 +285,6 @@ def compile_specs(dtype: torch.dtype):
             _reconstruction_dk_kernel, "pairwise_recon_bwd_dk", {**backward, "DK": "*fp32"}, constexprs, dtype
         )
     )
+
+
+settle_cache_keys(globals())

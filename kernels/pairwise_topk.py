@@ -50,7 +50,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._aot import autotune, autotuned_specs, dot_precision, pointer
+from ._aot import autotune, autotuned_specs, dot_precision, pointer, settle_cache_keys
 from ._launch import checked_grid, dense, on_device_of, upcast
 from .tiles import block_and_set, similarity_tile
 from .topk_select import BLOCK_NS, score_row_block, topk_selection
@@ -485,3 +485,6 @@ def compile_specs(dtype: torch.dtype):
         )
         specs += [spec for spec in forward + dsub + dpatches if spec.num_warps == _num_warps(block_n, dtype)]
     return specs
+
+
+settle_cache_keys(globals())

@@ -6,6 +6,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from ._aot import settle_cache_keys
+
 
 @triton.jit
 def block_and_set(n, BLOCK: tl.constexpr):
@@ -47,3 +49,6 @@ def similarity_tile(
             b = b.to(tl.float32)
         acc = tl.dot(a, tl.trans(b), acc, input_precision=DOT_PRECISION)
     return acc
+
+
+settle_cache_keys(globals())

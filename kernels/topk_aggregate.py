@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._aot import CompileSpec, autotune, autotuned_specs, dot_precision, dtype_class, pointer
+from ._aot import CompileSpec, autotune, autotuned_specs, dot_precision, dtype_class, pointer, settle_cache_keys
 from ._launch import checked_grid, dense, on_device_of, upcast
 from .tiles import block_and_set, similarity_tile
 from .topk_select import BLOCK_NS, score_row_block, topk_selection
@@ -303,3 +303,6 @@ def compile_specs(dtype) -> list[CompileSpec]:
         constexprs={},
     )
     return specs
+
+
+settle_cache_keys(globals())

@@ -13,6 +13,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from ._aot import settle_cache_keys
 from .limits import TOPK_MAX_PATCHES
 
 MAX_BLOCK_N = tl.constexpr(TOPK_MAX_PATCHES)
@@ -70,3 +71,6 @@ def topk_selection(s, valid, cols, top_k, BLOCK_R: tl.constexpr, BLOCK_N: tl.con
             count = tl.sum((tied & (cols[None, :] < candidate[:, None])).to(tl.int32), axis=1)
             last = tl.where(count < need, candidate, last)
     return above | (tied & (cols[None, :] <= last[:, None]))
+
+
+settle_cache_keys(globals())

@@ -20,8 +20,9 @@ CPU (the all-pairs ops' paper-shape references take minutes here).
 
 The handoff also needs a kernel's cache key not to depend on the order a process first hashes the kernels in
 (a worker starts with its own groups, the main process with the plan's first ops): checked across all kernels
-without compiling. Triton 3.6, the lent H200's, fails it for the top-k kernels, so a worker dealt only the
-pairwise top-k groups writes ``_sap_forward_kernel`` under keys the main process does not look up.
+without compiling. Triton 3.6, the lent H200's, makes it depend on that order for the top-k kernels (a worker
+dealt only the pairwise top-k groups wrote ``_sap_forward_kernel`` under keys the main process did not look
+up) unless every kernel module hashes its functions as it is imported (``kernels._aot.settle_cache_keys``).
 """
 
 from __future__ import annotations
@@ -36,7 +37,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import triton
 
 from mulclip_fast.gpu_check.plan import Setting, precompile_groups
 
@@ -94,32 +94,26 @@ def test_the_main_process_loads_every_kernel_a_precompile_worker_compiled(tmp_pa
     assert _entries(cache) == cached  # nothing new written: nothing compiled
 
 
-# Prints {kernel: Triton cache key} of every Triton function of the compile check's kernel modules, hashed in
-# the modules' order or in reverse.
+# Prints {kernel: Triton cache key} of every Triton function of the compile check's kernel modules, the
+# modules imported and the functions hashed in the modules' order or in reverse (a process that calls the
+# all-pairs ops first imports their kernel module first).
 HASH_KERNELS = """
 import importlib, json, sys
 from triton.runtime.autotuner import Autotuner
 from triton.runtime.jit import JITFunction
 from mulclip_fast.kernels.compile_check import KERNEL_MODULES
 
+step = -1 if sys.argv[1] == "reversed" else 1
 kernels = {}
-for name in KERNEL_MODULES:
+for name in KERNEL_MODULES[::step]:
     for attr, value in vars(importlib.import_module(name)).items():
         fn = value.fn if isinstance(value, Autotuner) else value
         if isinstance(fn, JITFunction) and fn.__module__ == name:
             kernels[f"{name}.{attr}"] = fn
-order = list(kernels)[:: -1 if sys.argv[1] == "reversed" else 1]
-print(json.dumps({label: kernels[label].cache_key for label in order}))
+print(json.dumps({label: kernels[label].cache_key for label in list(kernels)[::step]}))
 """
 
 
-@pytest.mark.xfail(
-    triton.__version__.startswith("3.6."),
-    strict=True,
-    reason="Triton 3.6 folds a called helper's constexpr globals into a kernel's cache key only when the helper "
-    "was hashed before the kernel (fixed by 3.9): the helpers of topk_select, topk_aggregate and pairwise_topk "
-    "that read module-level constexprs",
-)
 def test_a_kernels_cache_key_does_not_depend_on_which_kernels_a_process_hashed_first():
     # A worker hashes the kernels of its own groups first, the main process those of the plan's first sections:
     # the handoff needs every kernel's key, and so its place in the disk cache, to be the same in both.
