@@ -18,7 +18,8 @@ report lists what was left out; run those with ``--sections`` (e.g. ``--sections
 - **precompile**: the op calls of **parity** and **autotune**, made first by worker processes (one per CPU
   but two) so that the kernel variants and autotune configs they launch compile in parallel into Triton's
   on-disk cache, where the main process's launches then find them (``precompile.py``; a first run otherwise
-  compiles them one after another, about a second each); the workers' failures are reported;
+  compiles them one after another, about a second each); a call that raised in a worker is a failure, a
+  worker still running after 90 s is stopped and listed;
 - **parity**: every public op on the ``triton`` backend against ``mulclip_fast.reference``, values and
   input gradients, in fp32 (atol 1e-5, rtol 1e-4: the kernels use IEEE fp32 dots), bf16 and fp16 (rtol
   2e-2, against the reference computed from the same rounded inputs), at a small shape and the paper's
