@@ -1,9 +1,11 @@
 """The GPU check's ``precompile`` section: worker processes that make the op sections' calls first.
 
 On a CPU the workers run through Triton's interpreter, which compiles nothing, so what is checked here is
-the machinery a GPU run relies on: the calls are exactly the parity and config-sweep calls, split without
-loss between the workers; a worker's report, failure or overrun reaches the task record; and no worker
-outlives the task, whether it ends normally, at its timeout, or on the run's time limit (an exception).
+the machinery a GPU run relies on: the calls are the parity and config-sweep calls, each once, and each
+builds its case; a worker makes its share (every N-th group) and reports it; a worker's failure or overrun
+reaches the task record; and no worker outlives the task, at its timeout or on the run's time limit (an
+exception). That the sections then find what the workers compiled is shown, through a stand-in CUDA driver,
+in test_gpu_check_cache_handoff.py.
 """
 
 from __future__ import annotations
