@@ -159,3 +159,22 @@ def test_the_worker_module_runs_as_a_script_without_cuda():
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
     assert completed.returncode != 0 and "no CUDA device" in completed.stderr
+
+
+def test_a_worker_the_gpu_refuses_a_context_steps_aside(monkeypatch):
+    # A GPU in exclusive-process mode serves the main process alone: a worker's first allocation fails. (Here
+    # the CPU build's refusal of any CUDA tensor stands in for that error.)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    report = precompile.run_worker(0, 1, dry=False)
+    assert report["calls"] == 0 and report["errors"] == [] and report["no_device"]
+
+
+def test_a_worker_without_a_gpu_context_is_recorded_not_failed(monkeypatch, tmp_path):
+    # the worker's own report, as a worker the GPU refused prints it
+    stub = {"worker": 0, "calls": 0, "seconds": 0.0, "errors": [], "no_device": "RuntimeError: device busy"}
+    (tmp_path / "refused_worker.py").write_text(f"print({json.dumps(stub)!r})\n")
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]))
+    monkeypatch.setattr(precompile, "MODULE", "refused_worker")
+    record = precompile.compile_in_workers(dry=True, workers=1, timeout_s=60)
+    assert record["ok"] and record["problems"] == []
+    assert record["without_device"] == {0: "RuntimeError: device busy"}

@@ -16,8 +16,10 @@ driver, by tests/test_gpu_check_cache_handoff.py.
     python -m mulclip_fast.gpu_check.precompile --worker I --workers N [--dry-run]
 
 runs worker ``I``'s share of the calls (every ``N``-th group of ``plan.precompile_groups``) and prints one
-JSON line: its calls, seconds and errors. ``--dry-run`` makes the calls at the dry run's shapes on the CPU,
-through Triton's interpreter (which compiles nothing: the dry run rehearses the machinery).
+JSON line: its calls, seconds and errors (or ``no_device``, why the GPU refused it a context: a GPU in
+exclusive-process mode serves the main process alone, and the sections then compile for themselves).
+``--dry-run`` makes the calls at the dry run's shapes on the CPU, through Triton's interpreter (which compiles
+nothing: the dry run rehearses the machinery).
 """
 
 from __future__ import annotations
@@ -60,12 +62,14 @@ def compile_in_workers(dry: bool, workers: int, timeout_s: float) -> dict:
             except subprocess.TimeoutExpired:
                 pass  # stopped below; the sections compile what it had not
         stopped = _stop(running)
-        reports, problems = [], []
+        reports, problems, without_device = [], [], {}
         for index, (process, stdout, stderr) in enumerate(running):
             report = _worker_report(stdout)
             if report is not None:
                 reports.append(report)
                 problems += [f"worker {index}: {e['call']}: {e['error']}" for e in report["errors"]]
+                if "no_device" in report:
+                    without_device[index] = report["no_device"]
             if index not in stopped and (process.returncode != 0 or report is None):
                 tail = _read(stderr)[-STDERR_TAIL_CHARS:]
                 problems.append(f"worker {index}: exit code {process.returncode}; stderr ends: {tail}")
@@ -74,8 +78,8 @@ def compile_in_workers(dry: bool, workers: int, timeout_s: float) -> dict:
         for _, stdout, stderr in running:
             stdout.close()
             stderr.close()
-    # A worker stopped at the timeout is not a failure: it only saved less compile time (a hang it was in
-    # would stop the section that meets it, where the watchdog names the op).
+    # A worker stopped at the timeout, or refused a GPU context, is not a failure: it only saved less compile
+    # time (a hang it was in would stop the section that meets it, where the watchdog names the op).
     return {
         "ok": not problems,
         "workers": workers,
@@ -83,6 +87,7 @@ def compile_in_workers(dry: bool, workers: int, timeout_s: float) -> dict:
         "wall_s": round(time.monotonic() - started, 2),
         "worker_seconds": [r["seconds"] for r in reports],
         "stopped_after_timeout": sorted(stopped),
+        "without_device": without_device,
         "timeout_s": timeout_s,
         "problems": problems,
     }
@@ -132,6 +137,12 @@ def run_worker(worker: int, workers: int, dry: bool) -> dict:
 
     setting = Setting(device=torch.device("cuda" if cuda else "cpu"), dry=dry, compile_backend="inductor")
     started = time.monotonic()
+    if cuda:
+        try:
+            torch.zeros(1, device=setting.device)  # a context of its own, which a GPU may refuse a second process
+        except Exception as error:  # e.g. a GPU in exclusive-process mode: this worker can only step aside
+            reason = traceback.format_exception_only(type(error), error)[-1].strip()
+            return {"worker": worker, "calls": 0, "seconds": 0.0, "errors": [], "no_device": reason}
     calls, errors = 0, []
     for group in precompile_groups(setting)[worker::workers]:
         for op, sizes, dtype, layout in group:

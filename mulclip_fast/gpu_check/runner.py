@@ -235,6 +235,12 @@ def render(data: dict) -> str:
                 if r["stopped_after_timeout"]
                 else ""
             )
+            + (
+                f"; workers {sorted(map(int, r['without_device']))} got no GPU context "
+                f"({next(iter(r['without_device'].values()))})"
+                if r.get("without_device")
+                else ""
+            )
             + ("." if r["ok"] else "; see the failures."),
             "",
         ]
