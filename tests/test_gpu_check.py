@@ -609,6 +609,8 @@ def test_the_background_build_sees_no_gpu_and_compiles_for_this_runs(monkeypatch
     load then uses too (a list the user set stays)."""
     from mulclip_fast.ops import extension
 
+    # start_extension_build sets TORCH_CUDA_ARCH_LIST in this process: in a copy, so that it ends with the test
+    monkeypatch.setattr(os, "environ", os.environ.copy())
     show = "import os; print(repr(os.environ['CUDA_VISIBLE_DEVICES']), os.environ['TORCH_CUDA_ARCH_LIST'])"
     monkeypatch.setattr(background_build, "COMMAND", (sys.executable, "-c", show))
     monkeypatch.setattr(extension, "cuda_buildable", lambda: True)
