@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import socket
+import tempfile
 
 import pytest
 import torch
@@ -120,8 +121,10 @@ def _free_port() -> int:
 
 
 @pytest.mark.slow
-def test_two_processes_match_one_process_on_the_global_batch(tmp_path):
+def test_two_processes_match_one_process_on_the_global_batch(tmp_path, monkeypatch):
     world = 2
+    # mp.spawn keeps its logs in a torchelastic_* directory it does not remove: in the test's directory
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     mp.spawn(_rank_main, args=(world, _free_port(), str(tmp_path)), nprocs=world, join=True)
     per_rank = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
     assert [r["agree"] for r in per_rank] == [((1.5, 10, True), True)] * world

@@ -7,7 +7,7 @@ import os
 import socket
 import subprocess
 import sys
-import time
+import tempfile
 
 import pytest
 import torch
@@ -68,6 +68,12 @@ def _rank_main(rank: int, world: int, port: int, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
+def _torchrun_env(tmp_path, **extra: str) -> dict:
+    """A torchrun launch's environment: one thread per rank, and TMPDIR in the test's own directory, where
+    torchrun leaves the torchelastic_* directory of its logs (it does not remove it)."""
+    return {**os.environ, "OMP_NUM_THREADS": "1", "TMPDIR": str(tmp_path), **extra}
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -75,7 +81,9 @@ def _free_port() -> int:
 
 
 @pytest.mark.slow
-def test_two_process_step_equals_one_process_step(tmp_path):
+def test_two_process_step_equals_one_process_step(tmp_path, monkeypatch):
+    # mp.spawn keeps its logs in a torchelastic_* directory it does not remove: in the test's directory
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     mp.spawn(_rank_main, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     for name, overrides in OBJECTIVES.items():
@@ -96,7 +104,7 @@ def test_torchrun_two_processes_write_one_run_directory(tmp_path):
     cmd += ["-m", "mulclip_fast.train", "--steps", "4", "--batch-size", "8", "--out", str(out)]
     cmd += ["--model", "vision_layers=1", "--model", "transformer_layers=1", "--fine-start", "0"]
     cmd += ["--eval-pairs", "20", "--val-pairs", "8", "--val-every", "2"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = _torchrun_env(tmp_path)
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     assert json.loads((out / "config.json").read_text())["world_size"] == 2
@@ -119,7 +127,7 @@ def test_validations_longer_than_the_collective_timeout_end_the_run_normally(tmp
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port", str(_free_port())]
     cmd += [script, "--steps", "2", "--batch-size", "8", "--out", str(out), "--eval-pairs", "8"]
     cmd += ["--model", "vision_layers=1", "--model", "transformer_layers=1", "--val-every", "1", "--val-pairs", "8"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "COLLECTIVE_TIMEOUT_S": "10", "EVAL_SLEEP_S": "15"}
+    env = _torchrun_env(tmp_path, COLLECTIVE_TIMEOUT_S="10", EVAL_SLEEP_S="15")
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     assert [record["step"] for record in read_jsonl(out / "val.jsonl")] == [1, 2]  # mid-run, and the final one
@@ -141,7 +149,7 @@ def test_torchrun_resume_continues_the_run_exactly(tmp_path):
     """Stopped at step 2 and resumed under torchrun, a 2-process run logs the losses of an uninterrupted one."""
     common = ["-m", "mulclip_fast.train", "--steps", "4", "--batch-size", "8", "--fine-start", "0"]
     common += ["--model", "vision_layers=1", "--model", "transformer_layers=1", "--eval-pairs", "0"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = _torchrun_env(tmp_path)
 
     def torchrun(*args):
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2"]
@@ -167,8 +175,8 @@ def test_a_failing_rank_ends_the_job_with_its_message(tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port", str(_free_port())]
     cmd += [script, "--steps", "4", "--batch-size", "8", "--out", str(tmp_path / "run"), "--eval-pairs", "0"]
     cmd += ["--model", "vision_layers=1", "--model", "transformer_layers=1"]
-    started = time.monotonic()
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    # Ended by torchrun's supervision, not by a collective's timeout: rank 0, left waiting, would end only after
+    # init_distributed's 300 s (counted from its own start), past this call's timeout, which would fail the test.
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=_torchrun_env(tmp_path))
     assert done.returncode != 0
     assert "shard unreadable on rank 1" in done.stdout + done.stderr
-    assert time.monotonic() - started < 120  # ended by torchrun's supervision, not by a collective's timeout

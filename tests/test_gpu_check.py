@@ -509,9 +509,8 @@ def test_the_watchdog_interrupts_a_task_that_overruns_and_the_report_is_written(
         Task("timing", "hangs", 0.01, hang, {"op": "pairwise_maxsim"}),
         Task("compiled", "never started", 0.01, lambda: {"ok": True}),
     ]
-    started = time.monotonic()
+    # (a task the watchdog did not interrupt would end after its 30 s sleep and be recorded as passed)
     code = runner.main(["--dry-run", "--out", str(tmp_path), "--time-limit", "5"])
-    assert time.monotonic() - started < 20
     data, markdown = _reports(tmp_path)
     assert code == gpu_check.EXIT_INCOMPLETE
     interrupted, never = data["skipped"]
