@@ -14,7 +14,8 @@ arguments, marking pointers whose address and integers whose value are multiples
 fresh or contiguous allocation (16-byte aligned), and the widths (``D``/``dim`` = 512, 768, 1024) are
 multiples of 16, so the check compiles with exactly those hints (:func:`runtime_hints`). Launches whose
 width is not a multiple of 16, or that pass a view at an unaligned offset, or a size equal to 1 (which
-the runtime turns into a constant), run other variants that this check does not compile.
+the runtime turns into a constant), run other variants that this check does not compile. The compile
+options are the launches' own (``_launch.LAUNCH_OPTIONS``: FMA fusion stated, not Triton's default).
 
 It also compiles every ``csrc/*.cu`` of the optional CUDA extension with the machine's ``nvcc`` (``-cubin
 -arch=sm_<arch>``, all template instances its launchers dispatch to: one per dtype) and reads registers,
@@ -126,6 +127,8 @@ def compile_one(module_name: str, dtype: str, index: int, arch: int) -> Result:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
+    from ._launch import LAUNCH_OPTIONS
+
     spec = _specs(module_name, dtype)[index]
     result = Result(spec.name, spec.config, arch, dtype)
     try:
@@ -133,7 +136,7 @@ def compile_one(module_name: str, dtype: str, index: int, arch: int) -> Result:
         compiled = triton.compile(
             source,
             target=GPUTarget("cuda", arch, 32),
-            options={"num_warps": spec.num_warps, "num_stages": spec.num_stages},
+            options={"num_warps": spec.num_warps, "num_stages": spec.num_stages, **LAUNCH_OPTIONS},
         )
         result.shared = compiled.metadata.shared
         result.registers, result.spill_bytes = _resource_usage(compiled.asm["cubin"])

@@ -29,7 +29,7 @@ import triton
 import triton.language as tl
 
 from ._aot import autotune, autotuned_specs, dot_precision, pointer, settle_cache_keys
-from ._launch import checked_grid, dense, on_device_of, upcast
+from ._launch import LAUNCH_OPTIONS, checked_grid, dense, on_device_of, upcast
 from .tiles import block_and_set, similarity_tile
 
 # Spill-free on sm_80 and sm_90 (``python -m mulclip_fast.kernels.compile_check``); see _aot.autotune.
@@ -202,6 +202,7 @@ def one_way_forward(q, k, k_mask, negative_slope):
         _maxsim_forward_kernel[grid](
             q, k, k_mask, val, idx, n_rows, len_k, dim, 0.0 if negative_slope is None else float(negative_slope),
             HAS_SLOPE=negative_slope is not None, UPCAST=upcast(q.dtype), DOT_PRECISION=dot_precision(q.dtype),
+            **LAUNCH_OPTIONS,
         )  # fmt: skip
     return val, idx
 
@@ -224,9 +225,9 @@ def one_way_backward(q, k, weight, idx):
         return checked_grid((n_k, triton.cdiv(len_k, meta["BLOCK_J"]), triton.cdiv(dim, meta["BLOCK_D"])))
 
     with on_device_of(q):
-        _maxsim_gather_kernel[gather_grid](k, weight, idx, dq, n_rows, n_k, len_k, dim)
+        _maxsim_gather_kernel[gather_grid](k, weight, idx, dq, n_rows, n_k, len_k, dim, **LAUNCH_OPTIONS)
         _maxsim_scatter_kernel[scatter_grid](
-            q, weight, idx, dk, n_rows, len_k, dim, DOT_PRECISION=dot_precision(q.dtype)
+            q, weight, idx, dk, n_rows, len_k, dim, DOT_PRECISION=dot_precision(q.dtype), **LAUNCH_OPTIONS
         )
     return dq, dk
 

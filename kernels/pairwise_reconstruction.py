@@ -33,7 +33,7 @@ import triton
 import triton.language as tl
 
 from ._aot import autotune, autotuned_specs, dot_precision, pointer, settle_cache_keys
-from ._launch import checked_grid, dense, on_device_of, upcast
+from ._launch import LAUNCH_OPTIONS, checked_grid, dense, on_device_of, upcast
 from .tiles import block_and_set, similarity_tile
 
 # Spill-free on sm_80 and sm_90 (``python -m mulclip_fast.kernels.compile_check``); see _aot.autotune.
@@ -236,7 +236,7 @@ def reconstruction_forward(q, k, q_mask, k_mask, tau: float):
     with on_device_of(q):
         _reconstruction_forward_kernel[grid](
             q, k, k_mask, r, lse, n_rows, len_k, dim, 1.0 / tau,
-            UPCAST=upcast(q.dtype), DOT_PRECISION=dot_precision(q.dtype),
+            UPCAST=upcast(q.dtype), DOT_PRECISION=dot_precision(q.dtype), **LAUNCH_OPTIONS,
         )  # fmt: skip
     return r, lse
 
@@ -251,7 +251,7 @@ def reconstruction_backward(g, q, k, k_mask, tau: float, r, lse):
     dk = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
     if n_rows == 0 or n_k == 0:
         return dq, dk
-    options = {"UPCAST": upcast(q.dtype), "DOT_PRECISION": dot_precision(q.dtype)}
+    options = {"UPCAST": upcast(q.dtype), "DOT_PRECISION": dot_precision(q.dtype), **LAUNCH_OPTIONS}
 
     def dq_grid(meta):
         return checked_grid((triton.cdiv(n_rows, meta["BLOCK_R"]),))

@@ -51,7 +51,7 @@ import triton
 import triton.language as tl
 
 from ._aot import autotune, autotuned_specs, dot_precision, pointer, settle_cache_keys
-from ._launch import checked_grid, dense, on_device_of, upcast
+from ._launch import LAUNCH_OPTIONS, checked_grid, dense, on_device_of, upcast
 from .tiles import block_and_set, similarity_tile
 from .topk_select import BLOCK_NS, score_row_block, topk_selection
 
@@ -406,6 +406,7 @@ def topk_aggregate_cosines_forward(sub, patches, sub_mask, patch_mask, k: int, t
             sub, patches, sub_mask, patch_mask, logits, selected, lse, n_rows, n_sub, n_k, n_patch, n_bytes, dim,
             min(k, n_patch), 1.0 / tau,
             UPCAST=upcast(sub.dtype), DOT_PRECISION=dot_precision(sub.dtype), BLOCK_N=score_row_block(n_patch),
+            **LAUNCH_OPTIONS,
         )  # fmt: skip
     return logits, selected, lse
 
@@ -432,7 +433,12 @@ def topk_aggregate_cosines_backward(grad, sub, patches, sub_mask, patch_mask, ta
     if n_rows * dim >= 2**31:  # the d_patches kernel walks the subcaption rows with int32 offsets
         raise ValueError(f"the Triton SAP backward takes fewer than 2³¹ subcaption elements, got {n_rows * dim}")
     block_n = score_row_block(n_patch)
-    options = {"UPCAST": upcast(sub.dtype), "DOT_PRECISION": dot_precision(sub.dtype), "BLOCK_N": block_n}
+    options = {
+        "UPCAST": upcast(sub.dtype),
+        "DOT_PRECISION": dot_precision(sub.dtype),
+        "BLOCK_N": block_n,
+        **LAUNCH_OPTIONS,
+    }
     config_rows = _CONFIGS[0].kwargs["BLOCK_R"]
     splits = _image_splits(triton.cdiv(n_rows, config_rows), n_k, sub.device)
     images_per_split = triton.cdiv(n_k, splits)

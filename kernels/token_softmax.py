@@ -35,7 +35,7 @@ import triton
 import triton.language as tl
 
 from ._aot import autotune, autotuned_specs, dot_precision, pointer, settle_cache_keys
-from ._launch import checked_grid, dense, on_device_of, upcast
+from ._launch import LAUNCH_OPTIONS, checked_grid, dense, on_device_of, upcast
 from .tiles import block_and_set, similarity_tile
 
 # (BLOCK_M, BLOCK_N, BLOCK_D, warps, stages), by operand width. The first is the interpreter's. Registers,
@@ -312,7 +312,7 @@ def token_softmax_forward(q, k, q_mask, k_mask, scale, out):
     with on_device_of(q):
         _token_softmax_fwd[grid](
             q, k, target, lse, diag, q_mask, k_mask, lq, k.shape[1], width, scale,
-            WITH_OUTPUT=with_output, UPCAST=upcast(q.dtype), DOT_PRECISION=dot_precision(q.dtype),
+            WITH_OUTPUT=with_output, UPCAST=upcast(q.dtype), DOT_PRECISION=dot_precision(q.dtype), **LAUNCH_OPTIONS,
         )  # fmt: skip
     return lse, diag
 
@@ -328,7 +328,12 @@ def token_softmax_backward(q, k, grad_out, lse, coef, q_mask, k_mask, scale):
     lk = k.shape[1]
     dq = torch.empty(q.shape, dtype=torch.float32, device=q.device)
     dk = torch.empty(k.shape, dtype=torch.float32, device=q.device)
-    flags = {"WITH_GRAD": with_grad, "UPCAST": upcast(q.dtype), "DOT_PRECISION": dot_precision(q.dtype)}
+    flags = {
+        "WITH_GRAD": with_grad,
+        "UPCAST": upcast(q.dtype),
+        "DOT_PRECISION": dot_precision(q.dtype),
+        **LAUNCH_OPTIONS,
+    }
     args = (q, k, grad_out, lse, coef, q_mask, k_mask)
     rows_grid = lambda meta: checked_grid(  # noqa: E731
         (batch * triton.cdiv(lq, meta["BLOCK_M"]), triton.cdiv(width, meta["BLOCK_D"]))

@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from ._aot import CompileSpec, autotune, autotuned_specs, dot_precision, dtype_class, pointer, settle_cache_keys
-from ._launch import checked_grid, dense, on_device_of, upcast
+from ._launch import LAUNCH_OPTIONS, checked_grid, dense, on_device_of, upcast
 from .tiles import block_and_set, similarity_tile
 from .topk_select import BLOCK_NS, score_row_block, topk_selection
 
@@ -236,7 +236,7 @@ def topk_aggregate_forward(sub, patches, sub_mask, patch_mask, k, tau):
         _topk_aggregate_fwd[grid](
             sub, patches, sub_mask, patch_mask, out, m, n, width, k, 1.0 / tau,
             BLOCK_N=block_n, UPCAST=upcast(sub.dtype), DOT_PRECISION=dot_precision(sub.dtype),
-            **launch_settings(FWD_LAUNCH, sub.dtype, block_n),
+            **launch_settings(FWD_LAUNCH, sub.dtype, block_n), **LAUNCH_OPTIONS,
         )  # fmt: skip
     return out
 
@@ -260,9 +260,11 @@ def topk_aggregate_backward(sub, patches, sub_mask, patch_mask, k, tau, grad_out
         _topk_aggregate_bwd_rows[rows_grid](
             sub, patches, sub_mask, patch_mask, grad_out, d_sub, probs, d_scores, d_pooled, m, n, width, k,
             1.0 / tau, BLOCK_N=block_n, UPCAST=upcast(sub.dtype), DOT_PRECISION=dot_precision(sub.dtype),
-            **launch_settings(BWD_LAUNCH, sub.dtype, block_n),
+            **launch_settings(BWD_LAUNCH, sub.dtype, block_n), **LAUNCH_OPTIONS,
         )  # fmt: skip
-        _topk_aggregate_bwd_patches[patches_grid](sub, probs, d_scores, d_pooled, d_patches, m, n, width)
+        _topk_aggregate_bwd_patches[patches_grid](
+            sub, probs, d_scores, d_pooled, d_patches, m, n, width, **LAUNCH_OPTIONS
+        )
     return d_sub, d_patches
 
 

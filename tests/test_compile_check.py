@@ -8,6 +8,7 @@ whole check takes minutes on a 2-core machine, a warm one seconds.
 from __future__ import annotations
 
 import importlib
+import json
 import os
 import shutil
 import subprocess
@@ -153,6 +154,34 @@ def test_cuda_check_reports_local_memory_and_compile_errors(tmp_path):
     by_kernel = {r.kernel: r for r in results}
     assert "spills" in by_kernel["uses_local_memory"].problems()[0]
     assert "compile error" in by_kernel["broken.cu"].problems()[0]
+
+
+# Compiles the token-softmax forward's first fp16 spec for sm_90 through compile_one, as the check does, and
+# prints the enable_fp_fusion option of every kernel triton.compile returned (Triton's compilation listener).
+COMPILE_ONE = """
+import json
+from triton import knobs
+from mulclip_fast.kernels import compile_check
+
+fused = []
+knobs.compilation.listener = lambda *, metadata, **_: fused.append(metadata["enable_fp_fusion"])
+result = compile_check.compile_one("mulclip_fast.kernels.token_softmax", "fp16", 0, 90)
+print(json.dumps({"problems": result.problems(), "fused": fused}))
+"""
+
+
+@pytest.mark.parametrize("triton_default", ["0", "1"])
+def test_compiles_with_the_launches_options_whatever_tritons_default(triton_default):
+    """Every launch states FMA fusion (``_launch.LAUNCH_OPTIONS``, see test_kernel_launchers); the check compiles
+    with the same option, so neither follows Triton's default (fused through 3.9, unfused from 3.10)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_DEFAULT_FP_FUSION"] = triton_default
+    done = subprocess.run(
+        [sys.executable, "-c", COMPILE_ONE], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert report == {"problems": [], "fused": [True]}
 
 
 @pytest.mark.parametrize("module_name", compile_check.KERNEL_MODULES)

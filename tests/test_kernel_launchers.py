@@ -8,6 +8,8 @@
   key-set count) there. Every launch's grid is recorded at two batch sizes; axes 1 and 2 must not move.
 - **Device.** Triton launches on the current CUDA device: every kernel launch must run inside the guard
   that makes the tensors' device current.
+- **Options.** Every launch states the compile options the compile check compiles with
+  (``_launch.LAUNCH_OPTIONS``), rather than leaving them to Triton's defaults, which change between versions.
 - **One top-k rule.** Matched and all-pairs SAP, on every backend and in the reference, select the same
   patches when scores tie at the k-th value, ``-0.0`` against ``+0.0`` included (ties keep the lowest
   patch indices).
@@ -126,7 +128,8 @@ def _record_launches(monkeypatch):
     run = Kernel.run
 
     def recording_run(self, *args, **kwargs):
-        launches.append({"kernel": self.__name__, "device": guard["device"]})
+        options = {name: kwargs[name] for name in _launch.LAUNCH_OPTIONS if name in kwargs}
+        launches.append({"kernel": self.__name__, "device": guard["device"], "options": options})
         return run(self, *args, **kwargs)
 
     monkeypatch.setattr(Kernel, "run", recording_run)
@@ -157,6 +160,19 @@ def test_every_launch_keeps_the_batch_off_grid_axes_1_and_2_and_runs_on_the_tens
     for launch in launches:
         assert launch["device"] is not None, f"{launch['kernel']} launched outside the device guard"
         assert launch["device"].type == torch.device(DEVICE).type
+
+
+def test_every_launch_states_the_compile_options_the_compile_check_compiles_with(monkeypatch):
+    """Left to Triton, FMA fusion follows its default, which Triton 3.10 turns off: the kernels that run would
+    no longer be the ones compiled, checked and measured. Every launch passes ``LAUNCH_OPTIONS``."""
+    from mulclip_fast.kernels._launch import LAUNCH_OPTIONS
+
+    launches, _ = _record_launches(monkeypatch)
+    _run_every_op(batch=2)
+    kernels = {launch["kernel"] for launch in launches}
+    assert len(kernels) == 15, " ".join(sorted(kernels))  # the three kernels of each of the five modules
+    unstated = sorted({launch["kernel"] for launch in launches if launch["options"] != LAUNCH_OPTIONS})
+    assert not unstated, f"launched without {LAUNCH_OPTIONS}: {unstated}"
 
 
 def test_checked_grid_refuses_what_cuda_cannot_launch():

@@ -101,13 +101,16 @@ class CompileLog:
     """Every ``triton.compiler.compile`` of this process, from Triton's compilation listener: a hit loaded the
     kernel from the on-disk cache, a miss ran the compile pipeline (and wrote the kernel to the cache). Each is
     named by its cache key's hash; a miss also by :func:`kernel_label`. (A kernel the process has launched
-    before is found in the JIT function's in-memory cache and never reaches ``compile``.)"""
+    before is found in the JIT function's in-memory cache and never reaches ``compile``.) ``fp_fusion``: each
+    one's ``enable_fp_fusion`` option, as compiled."""
 
     loaded: list[str] = field(default_factory=list)
     compiled: list[str] = field(default_factory=list)
     misses: list[str] = field(default_factory=list)
+    fp_fusion: list[bool] = field(default_factory=list)
 
     def __call__(self, *, src, metadata, cache_hit, **_):
+        self.fp_fusion.append(metadata["enable_fp_fusion"])
         if cache_hit:
             self.loaded.append(metadata["hash"])
         else:
