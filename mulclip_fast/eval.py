@@ -127,7 +127,8 @@ def binding_accuracy(image: torch.Tensor, true_text: torch.Tensor, negative_text
 def embed_dataset(
     model: CLIP, dataset, batch_size: int = 250, device: str | torch.device = "cpu", packed_text: bool = True
 ) -> dict:
-    """L2-normalised image, long-caption, summary and probe embeddings of every readable sample.
+    """L2-normalised image, long-caption, summary and probe embeddings of every readable sample, and its
+    ``keys`` (the image file of a real record).
 
     ``packed_text``: a batch's captions, summaries and probes in one packed pass of the text tower
     (``CLIP.encode_packed_text``); False encodes each group padded, the reference."""
@@ -139,12 +140,14 @@ def embed_dataset(
     model.eval()
     parts: dict[str, list[torch.Tensor]] = {"image": [], "long": [], "short": [], "probe": []}
     skipped: list[tuple[str, str]] = []
+    keys: list[str] = []
     try:
         for start in range(0, len(dataset), batch_size):
             batch = collator([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
             skipped += batch.skipped
             if len(batch) == 0:
                 continue
+            keys += batch.keys
             batch = batch.to(device)
             parts["image"].append(F.normalize(model.encode_image(batch.images).float(), dim=-1))
             names = ["long", "short"] + (["probe"] if batch.probe_ids is not None else [])
@@ -163,7 +166,22 @@ def embed_dataset(
     if out["probe"] is not None and out["probe"].shape[0] != out["image"].shape[0]:
         out["probe"] = None  # probes only for part of the data: binding accuracy is undefined
     out["skipped"] = skipped
+    out["keys"] = keys
     return out
+
+
+def images_of_records(keys: list[str]) -> tuple[torch.Tensor, list[int]]:
+    """``(caption_image, first)``: the image index of each record, records that name the same image file
+    (``key``) sharing one, and the first record of each image. Recall then ranks each image once, with all
+    its captions (:func:`multi_caption_recall`): two copies of one image would tie for each of its captions,
+    and a tie counts against the true item."""
+    index: dict[str, int] = {}
+    first: list[int] = []
+    for row, key in enumerate(keys):
+        if key not in index:
+            index[key] = len(first)
+            first.append(row)
+    return torch.tensor([index[key] for key in keys], dtype=torch.long), first
 
 
 HARDNEG_PAIRS = 100  # test pairs whose hard negatives are scored (5 × 100 more captions to encode)
@@ -177,17 +195,24 @@ def evaluate(
     hardneg_pairs: int = HARDNEG_PAIRS,
 ) -> dict:
     """The eval.json dictionary: recall both ways on long captions (and ``short_*`` on summaries),
-    binding accuracy (NaN → null when the data has no probes), ``n_pairs``, ``n_skipped`` and ``skipped``
-    (each unreadable image's path and reason); on the
+    binding accuracy (NaN → null when the data has no probes), ``n_pairs``, ``n_images``, ``n_skipped`` and
+    ``skipped`` (each unreadable image's path and reason); on the
     synthetic test split also ``fine_grained_metrics`` (hard negatives on the first ``hardneg_pairs``
-    pairs)."""
+    pairs).
+
+    Records that name the same image file count as one image with several captions (``images_of_records``),
+    as in COCO's protocol; with one record per image (every image distinct) this is ``recall_at_k``."""
     emb = embed_dataset(model, dataset, batch_size, device)
-    result: dict[str, float | int | None] = dict(recall_at_k(emb["long"] @ emb["image"].T))
+    caption_image, first = images_of_records(emb["keys"])
+    image = emb["image"][first]
+    result: dict[str, float | int | None] = dict(multi_caption_recall(emb["long"] @ image.T, caption_image))
     result["binding_acc"] = (
         binding_accuracy(emb["image"], emb["long"], emb["probe"]) if emb["probe"] is not None else None
     )
-    result.update({f"short_{k}": v for k, v in recall_at_k(emb["short"] @ emb["image"].T).items()})
+    short = multi_caption_recall(emb["short"] @ image.T, caption_image)
+    result.update({f"short_{k}": v for k, v in short.items()})
     result["n_pairs"] = int(emb["image"].shape[0])
+    result["n_images"] = len(first)
     result["n_skipped"] = len(emb["skipped"])
     result["skipped"] = dict(emb["skipped"])  # path -> why it could not be read
     if isinstance(dataset, SyntheticLongCaptions) and dataset.split == "test":
@@ -272,7 +297,9 @@ def format_table(result: dict) -> str:
                 lines.append(f"{label:>7} {direction}  " + "  ".join(f"{v:6.3f}" for v in values))
     binding = result.get("binding_acc")
     lines.append(f"binding accuracy {binding:.3f}" if binding is not None else "binding accuracy: n/a (no probes)")
-    lines.append(f"pairs {result['n_pairs']}, skipped {result.get('n_skipped', 0)}")
+    images = result.get("n_images", result["n_pairs"])
+    shared = f" ({images} distinct images)" if images != result["n_pairs"] else ""
+    lines.append(f"pairs {result['n_pairs']}{shared}, skipped {result.get('n_skipped', 0)}")
     lines += format_fine_grained(result)
     return "\n".join(lines)
 

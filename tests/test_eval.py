@@ -13,7 +13,15 @@ import pytest
 import torch
 
 import mulclip_fast.eval
-from mulclip_fast.eval import binding_accuracy, format_table, load_model_for_eval, recall_at_k
+from mulclip_fast.data import open_dataset
+from mulclip_fast.eval import (
+    binding_accuracy,
+    evaluate,
+    format_table,
+    images_of_records,
+    load_model_for_eval,
+    recall_at_k,
+)
 from mulclip_fast.model import CLIP, preset_config
 
 
@@ -70,6 +78,70 @@ def test_format_table_lists_every_number():
 
 
 @pytest.mark.slow
+def test_records_that_name_one_image_file_share_its_index():
+    caption_image, first = images_of_records(["a.jpg", "b.jpg", "a.jpg", "c.jpg", "b.jpg"])
+    assert caption_image.tolist() == [0, 1, 0, 2, 1] and first == [0, 1, 3]
+
+
+def _embeddings(image_rows: list[int], keys: list[str]) -> dict:
+    """What ``embed_dataset`` returns for records whose images are the one-hot vectors ``image_rows`` and whose
+    captions and summaries point exactly at their own image."""
+    image = torch.eye(4)[image_rows]
+    return {"image": image, "long": image.clone(), "short": image.clone(), "probe": None, "skipped": [], "keys": keys}
+
+
+def test_an_image_two_records_name_is_ranked_once_with_both_captions(monkeypatch):
+    # Records 0 and 2 describe the same file. Counted as two images, each of their captions would find its
+    # image tied with the copy, and the tie counts against it: t2i R@1 0.5 with a perfect model.
+    emb = _embeddings([0, 1, 0, 2], ["a.jpg", "b.jpg", "a.jpg", "c.jpg"])
+    monkeypatch.setattr(mulclip_fast.eval, "embed_dataset", lambda *args, **kwargs: emb)
+    result = evaluate(model=None, dataset=None)
+    assert {key: result[key] for key in ("t2i_r1", "i2t_r1", "short_t2i_r1", "short_i2t_r1")} == dict.fromkeys(
+        ("t2i_r1", "i2t_r1", "short_t2i_r1", "short_i2t_r1"), 1.0
+    )
+    assert (result["n_pairs"], result["n_images"]) == (4, 3)
+    assert "pairs 4 (3 distinct images)" in format_table(result)
+
+
+def test_with_every_image_distinct_evaluation_is_square_recall(monkeypatch):
+    generator = torch.Generator().manual_seed(0)
+    emb = {
+        "image": torch.randn(40, 8, generator=generator).round(),  # rounded: ties, which count against
+        "long": torch.randn(40, 8, generator=generator).round(),
+        "short": torch.randn(40, 8, generator=generator).round(),
+        "probe": None,
+        "skipped": [],
+        "keys": [f"img{i}.jpg" for i in range(40)],
+    }
+    monkeypatch.setattr(mulclip_fast.eval, "embed_dataset", lambda *args, **kwargs: emb)
+    result = evaluate(model=None, dataset=None)
+    assert {k: result[k] for k in recall_at_k(emb["long"] @ emb["image"].T)} == recall_at_k(
+        emb["long"] @ emb["image"].T
+    )
+    short = recall_at_k(emb["short"] @ emb["image"].T)
+    assert {k: result[f"short_{k}"] for k in short} == short
+    assert (result["n_pairs"], result["n_images"]) == (40, 40)
+    assert "distinct images" not in format_table(result)
+
+
+def test_a_real_dataset_that_repeats_an_image_evaluates_it_once(tmp_path):
+    from PIL import Image
+
+    (tmp_path / "images").mkdir()
+    for colour, image in ((40, "a.jpg"), (200, "b.jpg")):
+        Image.new("RGB", (40, 32), (colour, 90, 160)).save(tmp_path / "images" / image)
+    lines = [
+        json.dumps({"image_file": image, "description": f"Picture {i}. Detail {i}.", "split": "test"})
+        for i, image in enumerate(["a.jpg", "b.jpg", "a.jpg"])
+    ]
+    (tmp_path / "docci_descriptions.jsonlines").write_text("\n".join(lines) + "\n")
+    torch.manual_seed(0)
+    model = CLIP(preset_config("tiny", vision_layers=1, transformer_layers=1))
+    dataset = open_dataset(f"docci:{tmp_path}", "test", image_size=model.config.image_resolution, size=0)
+    result = evaluate(model, dataset)
+    assert (result["n_pairs"], result["n_images"]) == (3, 2)
+
+
 def test_eval_cli_on_a_training_checkpoint(tmp_path):
     run = tmp_path / "run"
     train = [sys.executable, "-m", "mulclip_fast.train", "--steps", "2", "--batch-size", "4", "--out", str(run)]
