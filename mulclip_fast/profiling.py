@@ -177,14 +177,18 @@ def allocator_peak_memory_of(fn, *args, **kwargs) -> tuple[int, object]:
     return max(total for _, _, total in events) - before, result
 
 
-def cuda_peak_memory_of(fn, *args, **kwargs) -> tuple[int, object]:
-    """``torch.cuda.max_memory_allocated`` above what was allocated before ``fn`` ran (current device)."""
-    torch.cuda.synchronize()
-    before = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
+def cuda_peak_memory_of(fn, *args, device: torch.device | str | None = None, **kwargs) -> tuple[int, object]:
+    """``torch.cuda.max_memory_allocated`` of ``device`` (default: the current one) above what was allocated
+    there before ``fn`` ran.
+
+    The allocator keeps its statistics per device: ``fn``'s work on ``cuda:1`` while ``cuda:0`` is current
+    would read as the other device's (near zero) peak unless the device is named."""
+    torch.cuda.synchronize(device)
+    before = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
     result = fn(*args, **kwargs)
-    torch.cuda.synchronize()
-    return torch.cuda.max_memory_allocated() - before, result
+    torch.cuda.synchronize(device)
+    return torch.cuda.max_memory_allocated(device) - before, result
 
 
 def measure_peak_memory(fn, device: torch.device | str) -> tuple[int, str]:
@@ -194,8 +198,9 @@ def measure_peak_memory(fn, device: torch.device | str) -> tuple[int, str]:
     code alike (the dispatch tracker would measure autograd's out-of-place formulas and miss the buffers
     that kernels allocate inside themselves; see the module's docstring).
     """
-    if torch.device(device).type == "cuda":
-        return cuda_peak_memory_of(fn)[0], "cuda-max-memory-allocated"
+    device = torch.device(device)
+    if device.type == "cuda":
+        return cuda_peak_memory_of(fn, device=device)[0], "cuda-max-memory-allocated"
     return allocator_peak_memory_of(fn)[0], "cpu-allocator-profiler"
 
 
