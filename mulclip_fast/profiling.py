@@ -311,11 +311,21 @@ def _nvml_handle(pynvml, cuda_index: int):
     return pynvml.nvmlDeviceGetHandleByIndex(cuda_index)
 
 
+# NVML_VALUE_TYPE_* (0…6) -> the member of the nvmlValue_t union that holds a field value of that type
+_NVML_VALUE_MEMBERS = ("dVal", "uiVal", "ulVal", "ullVal", "sllVal", "siVal", "usVal")
+
+
 class NvmlSampler:
     """Sample NVML power, SM clock and utilisation on a background thread while a block runs.
 
     A single snapshot after a benchmark says little about the run; ``summary()`` gives the mean and max
     of each counter over the samples. Without NVML it records nothing and ``summary()`` says why.
+
+    Power is the instantaneous draw (field ``NVML_FI_DEV_POWER_INSTANT``) where the driver serves it:
+    ``nvmlDeviceGetPowerUsage`` returns the mean of the last second on Ampere (but GA100) and newer GPUs, so
+    over a block shorter than that (a ``do_bench`` of about 0.1 s) it would mostly report whatever ran
+    before. Without the field the sampler falls back to it, and ``summary()["power_reading"]`` says which.
+    Utilisation is NVML's own average over its sample period (1/6 s to 1 s, by product) either way.
     """
 
     FIELDS = ("power_w", "sm_clock_mhz", "gpu_utilization_pct", "memory_utilization_pct", "memory_used_bytes")
@@ -325,6 +335,7 @@ class NvmlSampler:
         self.interval_s = interval_s
         self.samples: list[dict] = []
         self.reason: str | None = None
+        self.power_reading: str | None = None  # "instantaneous" or "mean of the last second", once started
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -346,16 +357,33 @@ class NvmlSampler:
             self.reason = f"NVML has no handle for CUDA device {self.cuda_index}: {error}"
             return self
         self._pynvml = pynvml
+        self._read_power, self.power_reading = self._average_power_w, "mean of the last second"
+        # nvidia-ml-py before the field lacks these names; a driver before it answers the read with an error
+        if hasattr(pynvml, "NVML_FI_DEV_POWER_INSTANT") and hasattr(pynvml, "nvmlDeviceGetFieldValues"):
+            with contextlib.suppress(pynvml.NVMLError):
+                self._instant_power_w()
+                self._read_power, self.power_reading = self._instant_power_w, "instantaneous"
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
         return self
+
+    def _instant_power_w(self) -> float:
+        """The GPU's power draw now, in watts; ``NVMLError`` where NVML does not serve the field."""
+        pynvml = self._pynvml
+        (field,) = pynvml.nvmlDeviceGetFieldValues(self._handle, [pynvml.NVML_FI_DEV_POWER_INSTANT])
+        if field.nvmlReturn != pynvml.NVML_SUCCESS:  # the call succeeds, the field itself may not
+            raise pynvml.NVMLError(field.nvmlReturn)
+        return getattr(field.value, _NVML_VALUE_MEMBERS[field.valueType]) * 1e-3  # milliwatts
+
+    def _average_power_w(self) -> float:
+        return self._pynvml.nvmlDeviceGetPowerUsage(self._handle) * 1e-3  # milliwatts
 
     def _run(self) -> None:
         pynvml, handle = self._pynvml, self._handle
         while not self._stop.is_set():
             sample = {}
             with contextlib.suppress(pynvml.NVMLError):
-                sample["power_w"] = pynvml.nvmlDeviceGetPowerUsage(handle) * 1e-3
+                sample["power_w"] = self._read_power()
             with contextlib.suppress(pynvml.NVMLError):
                 sample["sm_clock_mhz"] = pynvml.nvmlDeviceGetClockInfo(handle, pynvml.NVML_CLOCK_SM)
             with contextlib.suppress(pynvml.NVMLError):
@@ -375,7 +403,7 @@ class NvmlSampler:
     def summary(self) -> dict:
         if self.reason is not None:
             return {"available": False, "reason": self.reason}
-        out: dict = {"available": True, "samples": len(self.samples)}
+        out: dict = {"available": True, "samples": len(self.samples), "power_reading": self.power_reading}
         for field in self.FIELDS:
             values = [s[field] for s in self.samples if field in s]
             out[f"{field}_mean"] = statistics.fmean(values) if values else None
