@@ -177,14 +177,18 @@ def allocator_peak_memory_of(fn, *args, **kwargs) -> tuple[int, object]:
     return max(total for _, _, total in events) - before, result
 
 
-def cuda_peak_memory_of(fn, *args, **kwargs) -> tuple[int, object]:
-    """``torch.cuda.max_memory_allocated`` above what was allocated before ``fn`` ran (current device)."""
-    torch.cuda.synchronize()
-    before = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
+def cuda_peak_memory_of(fn, *args, device: torch.device | str | None = None, **kwargs) -> tuple[int, object]:
+    """``torch.cuda.max_memory_allocated`` of ``device`` (default: the current one) above what was allocated
+    there before ``fn`` ran.
+
+    The allocator keeps its statistics per device: ``fn``'s work on ``cuda:1`` while ``cuda:0`` is current
+    would read as the other device's (near zero) peak unless the device is named."""
+    torch.cuda.synchronize(device)
+    before = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
     result = fn(*args, **kwargs)
-    torch.cuda.synchronize()
-    return torch.cuda.max_memory_allocated() - before, result
+    torch.cuda.synchronize(device)
+    return torch.cuda.max_memory_allocated(device) - before, result
 
 
 def measure_peak_memory(fn, device: torch.device | str) -> tuple[int, str]:
@@ -194,8 +198,9 @@ def measure_peak_memory(fn, device: torch.device | str) -> tuple[int, str]:
     code alike (the dispatch tracker would measure autograd's out-of-place formulas and miss the buffers
     that kernels allocate inside themselves; see the module's docstring).
     """
-    if torch.device(device).type == "cuda":
-        return cuda_peak_memory_of(fn)[0], "cuda-max-memory-allocated"
+    device = torch.device(device)
+    if device.type == "cuda":
+        return cuda_peak_memory_of(fn, device=device)[0], "cuda-max-memory-allocated"
     return allocator_peak_memory_of(fn)[0], "cpu-allocator-profiler"
 
 
@@ -306,11 +311,21 @@ def _nvml_handle(pynvml, cuda_index: int):
     return pynvml.nvmlDeviceGetHandleByIndex(cuda_index)
 
 
+# NVML_VALUE_TYPE_* (0…6) -> the member of the nvmlValue_t union that holds a field value of that type
+_NVML_VALUE_MEMBERS = ("dVal", "uiVal", "ulVal", "ullVal", "sllVal", "siVal", "usVal")
+
+
 class NvmlSampler:
     """Sample NVML power, SM clock and utilisation on a background thread while a block runs.
 
     A single snapshot after a benchmark says little about the run; ``summary()`` gives the mean and max
     of each counter over the samples. Without NVML it records nothing and ``summary()`` says why.
+
+    Power is the instantaneous draw (field ``NVML_FI_DEV_POWER_INSTANT``) where the driver serves it:
+    ``nvmlDeviceGetPowerUsage`` returns the mean of the last second on Ampere (but GA100) and newer GPUs, so
+    over a block shorter than that (a ``do_bench`` of about 0.1 s) it would mostly report whatever ran
+    before. Without the field the sampler falls back to it, and ``summary()["power_reading"]`` says which.
+    Utilisation is NVML's own average over its sample period (1/6 s to 1 s, by product) either way.
     """
 
     FIELDS = ("power_w", "sm_clock_mhz", "gpu_utilization_pct", "memory_utilization_pct", "memory_used_bytes")
@@ -320,6 +335,7 @@ class NvmlSampler:
         self.interval_s = interval_s
         self.samples: list[dict] = []
         self.reason: str | None = None
+        self.power_reading: str | None = None  # "instantaneous" or "mean of the last second", once started
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -341,16 +357,33 @@ class NvmlSampler:
             self.reason = f"NVML has no handle for CUDA device {self.cuda_index}: {error}"
             return self
         self._pynvml = pynvml
+        self._read_power, self.power_reading = self._average_power_w, "mean of the last second"
+        # nvidia-ml-py before the field lacks these names; a driver before it answers the read with an error
+        if hasattr(pynvml, "NVML_FI_DEV_POWER_INSTANT") and hasattr(pynvml, "nvmlDeviceGetFieldValues"):
+            with contextlib.suppress(pynvml.NVMLError):
+                self._instant_power_w()
+                self._read_power, self.power_reading = self._instant_power_w, "instantaneous"
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
         return self
+
+    def _instant_power_w(self) -> float:
+        """The GPU's power draw now, in watts; ``NVMLError`` where NVML does not serve the field."""
+        pynvml = self._pynvml
+        (field,) = pynvml.nvmlDeviceGetFieldValues(self._handle, [pynvml.NVML_FI_DEV_POWER_INSTANT])
+        if field.nvmlReturn != pynvml.NVML_SUCCESS:  # the call succeeds, the field itself may not
+            raise pynvml.NVMLError(field.nvmlReturn)
+        return getattr(field.value, _NVML_VALUE_MEMBERS[field.valueType]) * 1e-3  # milliwatts
+
+    def _average_power_w(self) -> float:
+        return self._pynvml.nvmlDeviceGetPowerUsage(self._handle) * 1e-3  # milliwatts
 
     def _run(self) -> None:
         pynvml, handle = self._pynvml, self._handle
         while not self._stop.is_set():
             sample = {}
             with contextlib.suppress(pynvml.NVMLError):
-                sample["power_w"] = pynvml.nvmlDeviceGetPowerUsage(handle) * 1e-3
+                sample["power_w"] = self._read_power()
             with contextlib.suppress(pynvml.NVMLError):
                 sample["sm_clock_mhz"] = pynvml.nvmlDeviceGetClockInfo(handle, pynvml.NVML_CLOCK_SM)
             with contextlib.suppress(pynvml.NVMLError):
@@ -370,7 +403,7 @@ class NvmlSampler:
     def summary(self) -> dict:
         if self.reason is not None:
             return {"available": False, "reason": self.reason}
-        out: dict = {"available": True, "samples": len(self.samples)}
+        out: dict = {"available": True, "samples": len(self.samples), "power_reading": self.power_reading}
         for field in self.FIELDS:
             values = [s[field] for s in self.samples if field in s]
             out[f"{field}_mean"] = statistics.fmean(values) if values else None

@@ -343,6 +343,34 @@ def test_nvml_sampler_summarises_samples(monkeypatch):
     assert summary["power_w_mean"] == pytest.approx(250.0) and summary["gpu_utilization_pct_max"] == 97
 
 
+@pytest.mark.parametrize("served", [True, False])
+def test_nvml_sampler_reads_the_instantaneous_power_where_nvml_serves_it(monkeypatch, served):
+    """On Ampere and newer GPUs nvmlDeviceGetPowerUsage is the mean of the last second, so over a do_bench of
+    about 0.1 s it reports mostly what ran before (100 W here) while the GPU draws 400 W. The sampler reads the
+    instantaneous field (decoded from the binding's own structure) instead; where the driver does not serve
+    it, the one-second mean, and the summary says which it read."""
+    pynvml = pytest.importorskip("pynvml")
+    fake = _fake_pynvml(power_mw=100_000)
+
+    def field_values(handle, field_ids):
+        assert field_ids == [pynvml.NVML_FI_DEV_POWER_INSTANT]
+        field = pynvml.c_nvmlFieldValue_t(fieldId=field_ids[0], valueType=pynvml.NVML_VALUE_TYPE_UNSIGNED_INT)
+        field.nvmlReturn = pynvml.NVML_SUCCESS if served else pynvml.NVML_ERROR_NOT_SUPPORTED
+        field.value.uiVal = 400_000
+        return (pynvml.c_nvmlFieldValue_t * 1)(field)
+
+    fake.NVML_SUCCESS = pynvml.NVML_SUCCESS
+    fake.NVML_FI_DEV_POWER_INSTANT = pynvml.NVML_FI_DEV_POWER_INSTANT
+    fake.nvmlDeviceGetFieldValues = field_values
+    monkeypatch.setitem(sys.modules, "pynvml", fake)
+    with NvmlSampler(interval_s=0.001) as sampler:
+        while not sampler.samples:  # the sampling thread's first round
+            time.sleep(0.001)
+    summary = sampler.summary()
+    assert summary["power_w_mean"] == pytest.approx(400.0 if served else 100.0)
+    assert summary["power_reading"] == ("instantaneous" if served else "mean of the last second")
+
+
 def test_nvml_reads_the_gpu_cuda_means_by_its_uuid(monkeypatch):
     # Two GPUs, CUDA's order the reverse of NVML's (fastest first, or CUDA_VISIBLE_DEVICES by UUID): CUDA device
     # 0 is NVML's GPU 1. By index the telemetry read the other GPU.

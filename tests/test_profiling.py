@@ -82,6 +82,32 @@ def test_measure_peak_memory_names_its_method():
     assert measure_peak_memory(lambda: x @ x, "cpu") == (64 * 64 * 4, "cpu-allocator-profiler")
 
 
+def test_cuda_peak_memory_is_read_on_the_device_measured(monkeypatch):
+    """The CUDA allocator keeps its statistics per device: work measured on cuda:1 while cuda:0 is current must
+    read cuda:1's counters. Two fake devices stand in for them: device 0 holds 100 bytes, device 1 holds 1000
+    and ``fn`` puts 500 more there for a while."""
+    allocated, peak = {0: 100, 1: 1000}, {0: 100, 1: 1000}
+
+    def index(device=None) -> int:  # as torch resolves a device argument: none, or no index, is the current, 0
+        return 0 if device is None else torch.device(device).index or 0
+
+    def reset_peak_memory_stats(device=None):
+        peak[index(device)] = allocated[index(device)]
+
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: allocated[index(device)])
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: peak[index(device)])
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", reset_peak_memory_stats)
+
+    def fn():
+        allocated[1] += 500
+        peak[1] = max(peak[1], allocated[1])
+        allocated[1] -= 500
+
+    assert measure_peak_memory(fn, "cuda:1") == (500, "cuda-max-memory-allocated")
+    assert measure_peak_memory(fn, "cuda") == (0, "cuda-max-memory-allocated")  # the current device, 0
+
+
 def test_measure_peak_memory_counts_the_backward_that_runs_without_a_dispatch_mode():
     """Under any dispatch mode autograd picks its out-of-place formulas (``areAnyTensorSubclassLike``): the
     gradient of a gather from an expanded tensor is then a zeros buffer of the expanded shape plus an
