@@ -248,34 +248,36 @@ def nvml_telemetry(cuda_index: int = 0) -> dict:
         except pynvml.NVMLError as error:
             return {"available": False, "reason": f"NVML has no handle for CUDA device {cuda_index}: {error}"}
 
-        def read(getter, *args, scale=1.0):
+        def read(getter: str, *args, scale=1.0):
+            # by name: a binding may lack a call (older ones the bus width; nvidia-ml-py 13 marks the memory
+            # and temperature calls "removed in CUDA 14"), which is a counter missing, not an error
+            if not hasattr(pynvml, getter):
+                return None
             try:
-                value = getter(handle, *args)
+                value = getattr(pynvml, getter)(handle, *args)
             except pynvml.NVMLError:
                 return None
             return value * scale if scale != 1.0 else value
 
-        memory = read(pynvml.nvmlDeviceGetMemoryInfo)
-        utilization = read(pynvml.nvmlDeviceGetUtilizationRates)
-        name = read(pynvml.nvmlDeviceGetName)
+        memory = read("nvmlDeviceGetMemoryInfo")
+        utilization = read("nvmlDeviceGetUtilizationRates")
+        name = read("nvmlDeviceGetName")
         return {
             "available": True,
             "name": name.decode() if isinstance(name, bytes) else name,
             "driver_version": _nvml_text(pynvml.nvmlSystemGetDriverVersion),
             "memory_used_bytes": None if memory is None else memory.used,
             "memory_total_bytes": None if memory is None else memory.total,
-            "power_w": read(pynvml.nvmlDeviceGetPowerUsage, scale=1e-3),
-            "power_limit_w": read(pynvml.nvmlDeviceGetEnforcedPowerLimit, scale=1e-3),
-            "sm_clock_mhz": read(pynvml.nvmlDeviceGetClockInfo, pynvml.NVML_CLOCK_SM),
-            "sm_clock_max_mhz": read(pynvml.nvmlDeviceGetMaxClockInfo, pynvml.NVML_CLOCK_SM),
-            "memory_clock_mhz": read(pynvml.nvmlDeviceGetClockInfo, pynvml.NVML_CLOCK_MEM),
-            "memory_clock_max_mhz": read(pynvml.nvmlDeviceGetMaxClockInfo, pynvml.NVML_CLOCK_MEM),
-            "memory_bus_width_bits": (
-                read(pynvml.nvmlDeviceGetMemoryBusWidth) if hasattr(pynvml, "nvmlDeviceGetMemoryBusWidth") else None
-            ),
+            "power_w": read("nvmlDeviceGetPowerUsage", scale=1e-3),
+            "power_limit_w": read("nvmlDeviceGetEnforcedPowerLimit", scale=1e-3),
+            "sm_clock_mhz": read("nvmlDeviceGetClockInfo", pynvml.NVML_CLOCK_SM),
+            "sm_clock_max_mhz": read("nvmlDeviceGetMaxClockInfo", pynvml.NVML_CLOCK_SM),
+            "memory_clock_mhz": read("nvmlDeviceGetClockInfo", pynvml.NVML_CLOCK_MEM),
+            "memory_clock_max_mhz": read("nvmlDeviceGetMaxClockInfo", pynvml.NVML_CLOCK_MEM),
+            "memory_bus_width_bits": read("nvmlDeviceGetMemoryBusWidth"),
             "gpu_utilization_pct": None if utilization is None else utilization.gpu,
             "memory_utilization_pct": None if utilization is None else utilization.memory,
-            "temperature_c": read(pynvml.nvmlDeviceGetTemperature, pynvml.NVML_TEMPERATURE_GPU),
+            "temperature_c": read("nvmlDeviceGetTemperature", pynvml.NVML_TEMPERATURE_GPU),
         }
     finally:
         pynvml.nvmlShutdown()
@@ -380,16 +382,18 @@ class NvmlSampler:
 
     def _run(self) -> None:
         pynvml, handle = self._pynvml, self._handle
+        # a counter the GPU does not serve, or a call the binding no longer has (as nvml_telemetry reads them)
+        missing = (pynvml.NVMLError, AttributeError)
         while not self._stop.is_set():
             sample = {}
-            with contextlib.suppress(pynvml.NVMLError):
+            with contextlib.suppress(missing):
                 sample["power_w"] = self._read_power()
-            with contextlib.suppress(pynvml.NVMLError):
+            with contextlib.suppress(missing):
                 sample["sm_clock_mhz"] = pynvml.nvmlDeviceGetClockInfo(handle, pynvml.NVML_CLOCK_SM)
-            with contextlib.suppress(pynvml.NVMLError):
+            with contextlib.suppress(missing):
                 rates = pynvml.nvmlDeviceGetUtilizationRates(handle)
                 sample["gpu_utilization_pct"], sample["memory_utilization_pct"] = rates.gpu, rates.memory
-            with contextlib.suppress(pynvml.NVMLError):
+            with contextlib.suppress(missing):
                 sample["memory_used_bytes"] = pynvml.nvmlDeviceGetMemoryInfo(handle).used
             self.samples.append(sample)
             self._stop.wait(self.interval_s)

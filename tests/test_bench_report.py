@@ -334,6 +334,25 @@ def test_nvml_telemetry_reads_every_counter_and_tolerates_unsupported_ones(monke
     assert telemetry["sm_clock_mhz"] == 1980 and telemetry["driver_version"] == "580.1"
 
 
+def test_nvml_calls_a_binding_no_longer_has_are_missing_counters_not_errors(monkeypatch):
+    """nvidia-ml-py 13 marks nvmlDeviceGetMemoryInfo and nvmlDeviceGetTemperature "removed in CUDA 14": a binding
+    without them must leave those counters None, not end the GPU check before its first task."""
+    fake = _fake_pynvml()
+    del fake.nvmlDeviceGetMemoryInfo, fake.nvmlDeviceGetTemperature
+    monkeypatch.setitem(sys.modules, "pynvml", fake)
+    telemetry = nvml_telemetry()
+    assert telemetry["memory_total_bytes"] is None and telemetry["temperature_c"] is None
+    assert telemetry["power_w"] == pytest.approx(250.0) and telemetry["memory_bus_width_bits"] is None
+    with NvmlSampler(interval_s=0.001) as sampler:
+        for _ in range(5000):  # two rounds of the sampling thread: the first did not end it
+            if len(sampler.samples) >= 2:
+                break
+            time.sleep(0.001)
+    summary = sampler.summary()
+    assert summary["samples"] >= 2 and summary["power_w_mean"] == pytest.approx(250.0)
+    assert summary["memory_used_bytes_mean"] is None
+
+
 def test_nvml_sampler_summarises_samples(monkeypatch):
     monkeypatch.setitem(sys.modules, "pynvml", _fake_pynvml())
     with NvmlSampler(interval_s=0.001) as sampler:
@@ -364,7 +383,9 @@ def test_nvml_sampler_reads_the_instantaneous_power_where_nvml_serves_it(monkeyp
     fake.nvmlDeviceGetFieldValues = field_values
     monkeypatch.setitem(sys.modules, "pynvml", fake)
     with NvmlSampler(interval_s=0.001) as sampler:
-        while not sampler.samples:  # the sampling thread's first round
+        for _ in range(5000):  # the sampling thread's first round
+            if sampler.samples:
+                break
             time.sleep(0.001)
     summary = sampler.summary()
     assert summary["power_w_mean"] == pytest.approx(400.0 if served else 100.0)
