@@ -653,6 +653,15 @@ def test_peaks_follow_from_the_sm_count_the_clocks_and_the_architecture(monkeypa
     monkeypatch.setattr(peaks, "nvml_telemetry", lambda index: {**nvml, "memory_bus_width_bits": None})
     no_bus = peaks.device_peaks(0)
     assert no_bus["bytes_per_s"] is None and "memory_bus_width_bits" in no_bus["reason"] and no_bus["flops_per_s"]
+    # the report's line says what each fraction is of, and what is unknown
+    from mulclip_fast.gpu_check.runner import peaks_line
+
+    assert peaks_line(got) == (
+        "**Peaks** (NVIDIA H100 80GB HBM3, 132 SMs, max SM clock 1980 MHz): fp32 66.9 TFLOP/s, tf32 535.3 TFLOP/s, "
+        "half 1070.5 TFLOP/s, memory 3.35 TB/s"
+    )
+    assert peaks_line(no_clock).startswith("**Peaks** (NVIDIA H100 80GB HBM3, 132 SMs, max SM clock unknown): memory")
+    assert peaks_line(unknown).endswith("max SM clock unknown): none known (NVML could not start)")
 
 
 def test_untimed_launches_run_the_first_allowed_config_without_benchmarking():

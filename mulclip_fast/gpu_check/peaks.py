@@ -19,7 +19,9 @@ from ..profiling import nvml_telemetry
 # with fp32 accumulation): tensor cores. A100 (8.0): 19.5 / 156 / 312 TFLOP/s at 108 SMs × 1410 MHz;
 # H100/H200 (9.0): 256 / 2048 / 4096 per SM per clock, 67 / 535 / 1070 TFLOP/s at the 1980 MHz maximum SM
 # clock NVML reports for an H100 SXM or an H200 (NVIDIA's datasheets quote 495 / 989 for tf32 / half at 1830 MHz);
-# Ada (8.9, L40S) and GA10x (8.6, A10/A40): 256 fp32 and 512 / 1024 on the tensor cores.
+# Ada (8.9, L40S) and GA10x (8.6, A10/A40): 256 fp32 and 512 / 1024 on the tensor cores. GeForce cards of
+# those capabilities run fp16/bf16 with fp32 accumulation at half that tensor rate: against these peaks
+# their fraction reads half what it is.
 FLOPS_PER_SM_PER_CLOCK = {
     (8, 0): {"fp32": 128, "tf32": 1024, "half": 2048},
     (8, 6): {"fp32": 256, "tf32": 512, "half": 1024},

@@ -162,6 +162,19 @@ def _fmt(value, spec: str = ".3g") -> str:
     return str(value)
 
 
+def peaks_line(peaks: dict) -> str:
+    """The report's line of ``peaks.device_peaks``: what each fraction of peak is a fraction of."""
+    clock = f"{peaks['sm_clock_max_mhz']} MHz" if peaks.get("sm_clock_max_mhz") else "unknown"
+    rates = [f"{kind} {value / 1e12:.1f} TFLOP/s" for kind, value in (peaks.get("flops_per_s") or {}).items()]
+    if peaks.get("bytes_per_s"):
+        rates.append(f"memory {peaks['bytes_per_s'] / 1e12:.2f} TB/s")
+    return (
+        f"**Peaks** ({peaks.get('name')}, {peaks.get('multiprocessors')} SMs, max SM clock {clock}): "
+        + (", ".join(rates) or "none known")
+        + (f" ({peaks['reason']})" if peaks.get("reason") else "")
+    )
+
+
 def render(data: dict) -> str:
     """The markdown report."""
     from ..bench_report import machine_line, table
@@ -175,17 +188,8 @@ def render(data: dict) -> str:
     ]
     if data["machine"]:
         lines += ["**Machine**: " + machine_line(data["machine"]), ""]
-    peaks = data.get("peaks")
-    if peaks:
-        flops = peaks.get("flops_per_s") or {}
-        lines += [
-            f"**Peaks** ({peaks.get('name')}, {peaks.get('multiprocessors')} SMs, max SM clock "
-            f"{peaks.get('sm_clock_max_mhz')} MHz): "
-            + ", ".join(f"{kind} {value / 1e12:.1f} TFLOP/s" for kind, value in flops.items())
-            + (f", memory {peaks['bytes_per_s'] / 1e12:.2f} TB/s" if peaks.get("bytes_per_s") else "")
-            + (f" ({peaks['reason']})" if peaks.get("reason") else ""),
-            "",
-        ]
+    if data.get("peaks"):
+        lines += [peaks_line(data["peaks"]), ""]
     lines += [
         "**Tolerances**: "
         + "; ".join(f"{k} atol {v['atol']:g} rtol {v['rtol']:g}" for k, v in data["tolerances"].items()),
