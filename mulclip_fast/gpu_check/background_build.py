@@ -20,7 +20,16 @@ import time
 
 from .child_group import ChildGroup
 
-COMMAND = (sys.executable, "-m", "mulclip_fast.ops.extension")
+# The extension's own build command (``python -m mulclip_fast.ops.extension``, its ``main``), which here also ends,
+# with the compilers it started, if the GPU check dies without stopping it (child_group.end_with_parent). Run
+# from a shell by a user, that command leaves its parent alone. (A module of this package run with -m would be
+# imported twice: the package imports this one.)
+COMMAND = (
+    sys.executable,
+    "-c",
+    "from mulclip_fast.gpu_check.child_group import end_with_parent; end_with_parent(); "
+    "from mulclip_fast.ops.extension import main; raise SystemExit(main([]))",
+)
 OUTPUT_TAIL_BYTES = 4000  # of the build's output, in the report: a compiler's error and the build's verdict
 # Scheduling niceness of the build: the sections' own work (Triton compiles, launches) comes first.
 NICENESS = 10

@@ -34,7 +34,7 @@ import tempfile
 import time
 import traceback
 
-from .child_group import ChildGroup
+from .child_group import ChildGroup, end_with_parent
 
 MODULE = "mulclip_fast.gpu_check.precompile"
 # The end of a failed worker's stderr kept in the report.
@@ -141,6 +141,7 @@ def run_worker(worker: int, workers: int, dry: bool) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
+    end_with_parent()  # a worker compile_in_workers started ends with it, even if the GPU check is SIGKILLed
     parser = argparse.ArgumentParser(prog=f"python -m {MODULE}", description=__doc__.split("\n\n")[0])
     parser.add_argument("--worker", type=int, required=True, help="this worker's index, 0 ≤ I < N")
     parser.add_argument("--workers", type=int, required=True, help="the number of workers N")
