@@ -15,9 +15,10 @@ driver, by tests/test_gpu_check_cache_handoff.py.
 
     python -m mulclip_fast.gpu_check.precompile --worker I --workers N [--dry-run]
 
-runs worker ``I``'s share of the calls (every ``N``-th group of ``plan.precompile_groups``) and prints one
-JSON line: its calls, seconds and errors (or ``no_device``, why the GPU refused it a context: a GPU in
-exclusive-process mode serves the main process alone, and the sections then compile for themselves).
+runs worker ``I``'s share of the calls (the groups of ``plan.precompile_groups`` that ``plan.precompile_shares``
+deals it by their estimated compile time) and prints one JSON line: its calls, seconds and errors (or
+``no_device``, why the GPU refused it a context: a GPU in exclusive-process mode serves the main process alone,
+and the sections then compile for themselves).
 ``--dry-run`` makes the calls at the dry run's shapes on the CPU, through Triton's interpreter (which compiles
 nothing: the dry run rehearses the machinery).
 """
@@ -115,7 +116,7 @@ def run_worker(worker: int, workers: int, dry: bool) -> dict:
         torch.set_num_threads(1)
 
     from ..op_parity import evaluate, make_case
-    from .plan import Setting, precompile_groups
+    from .plan import Setting, precompile_groups, precompile_shares
 
     setting = Setting(device=torch.device("cuda" if cuda else "cpu"), dry=dry, compile_backend="inductor")
     started = time.monotonic()
@@ -126,8 +127,9 @@ def run_worker(worker: int, workers: int, dry: bool) -> dict:
             reason = traceback.format_exception_only(type(error), error)[-1].strip()
             return {"worker": worker, "calls": 0, "seconds": 0.0, "errors": [], "no_device": reason}
     calls, errors = 0, []
-    for group in precompile_groups(setting)[worker::workers]:
-        for op, sizes, dtype, layout in group:
+    groups = precompile_groups(setting)
+    for index in precompile_shares(setting, workers)[worker]:
+        for op, sizes, dtype, layout in groups[index]:
             try:
                 # the seed is the parity task's; the kernels' specialisation depends on shapes and layouts alone
                 evaluate(make_case(op, sizes, dtype=dtype, device=setting.device, seed=3, **layout), "triton")
