@@ -38,7 +38,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mulclip_fast.gpu_check.plan import Setting, precompile_groups
+from mulclip_fast.gpu_check.plan import Setting, precompile_groups, precompile_shares
 
 ROOT = Path(__file__).resolve().parent.parent
 GPU = Setting(device=torch.device("cpu"), dry=False, compile_backend="inductor")  # the GPU plan's calls
@@ -71,8 +71,9 @@ def test_the_main_process_loads_every_kernel_a_precompile_worker_compiled(tmp_pa
     [index] = [i for i, group in enumerate(groups) if group[0][0] == OP and group[0][2] == DTYPE]
     cache = tmp_path / "triton-cache"
 
-    # run_worker's share `index` of len(groups): this group alone
-    worker = _run(STANDIN + ["worker", index, len(groups)], cache)
+    # with a worker per group, the worker dealt this group alone
+    [dealt] = [worker for worker, share in enumerate(precompile_shares(GPU, len(groups))) if share == [index]]
+    worker = _run(STANDIN + ["worker", dealt, len(groups)], cache)
     assert worker["calls"] == len(groups[index]) and worker["errors"] == []
     assert worker["compiled"] and not worker["loaded"]  # a cold cache: the listener sees misses
     # The tuner compiled one launch (kernel, argument types, specialisation) under more than one config: its

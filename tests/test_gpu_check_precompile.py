@@ -2,10 +2,10 @@
 
 On a CPU the workers run through Triton's interpreter, which compiles nothing, so what is checked here is
 the machinery a GPU run relies on: the calls are the parity and config-sweep calls, each once, and each
-builds its case; a worker makes its share (every N-th group) and reports it; a worker's failure or overrun
-reaches the task record; and no worker outlives the task, at its timeout or on the run's time limit (an
-exception). That the sections then find what the workers compiled is shown, through a stand-in CUDA driver,
-in test_gpu_check_cache_handoff.py.
+builds its case; the groups are dealt to the workers by their estimates, longest first; a worker makes its
+share and reports it; a worker's failure or overrun reaches the task record; and no worker outlives the task,
+at its timeout or on the run's time limit (an exception). That the sections then find what the workers
+compiled is shown, through a stand-in CUDA driver, in test_gpu_check_cache_handoff.py.
 """
 
 from __future__ import annotations
@@ -25,8 +25,11 @@ from mulclip_fast.gpu_check.plan import (
     WIDE_TOPK,
     Setting,
     autotune_shapes,
+    longest_first,
     parity_cases,
+    precompile_estimate_s,
     precompile_groups,
+    precompile_shares,
 )
 from mulclip_fast.op_parity import OPS, make_case
 
@@ -81,8 +84,43 @@ def test_a_worker_makes_its_share_of_the_calls_and_reports_them():
     )
     assert completed.returncode == 0, completed.stderr[-2000:]
     report = json.loads(completed.stdout.strip().splitlines()[-1])
-    expected = sum(len(group) for group in precompile_groups(DRY)[1::4])
+    groups = precompile_groups(DRY)
+    expected = sum(len(groups[index]) for index in precompile_shares(DRY, 4)[1])
     assert report["worker"] == 1 and report["calls"] == expected and report["errors"] == []
+
+
+def test_longest_first_gives_the_biggest_estimate_to_the_least_loaded_worker():
+    # 7 → worker 0; 5 → 1; 4 → 1 (5 < 7); 3 → 0 (7 < 9); 1 → 1 (9 < 10). Dealt in turn, worker 0 would get
+    # 3 + 4 + 1 = 8 and worker 1 7 + 5 = 12.
+    assert longest_first([3.0, 7.0, 4.0, 5.0, 1.0], 2) == [[1, 0], [3, 2, 4]]
+    # ties: the lower index first, to the lower worker
+    assert longest_first([2.0, 2.0, 2.0], 2) == [[0, 2], [1]]
+
+
+@pytest.mark.parametrize("workers", [2, 5, 14, 18, 20])
+def test_the_plan_deals_every_group_once_each_to_a_least_loaded_worker(workers):
+    estimates = [precompile_estimate_s(group) for group in precompile_groups(GPU)]
+    shares = precompile_shares(GPU, workers)
+    assert len(shares) == workers
+    assert sorted(index for share in shares for index in share) == list(range(len(estimates)))
+    # Replayed biggest first (ties: the lower index), each group went to a worker with the least load so far.
+    owner = {index: worker for worker, share in enumerate(shares) for index in share}
+    loads = [0.0] * workers
+    for index in sorted(range(len(estimates)), key=lambda i: (-estimates[i], i)):
+        assert loads[owner[index]] == min(loads), (index, loads)
+        loads[owner[index]] += estimates[index]
+
+
+def test_every_worker_process_computes_the_same_deal():
+    # each worker computes the deal from (I, N) alone: it must not depend on the process (its hash seed, say)
+    show = (
+        "import json, torch; from mulclip_fast.gpu_check.plan import Setting, precompile_shares; "
+        "print(json.dumps(precompile_shares(Setting(torch.device('cpu'), dry=False, compile_backend='inductor'), 14)))"
+    )
+    env = {**os.environ, "PYTHONHASHSEED": "12345"}
+    completed = subprocess.run([sys.executable, "-c", show], capture_output=True, text=True, timeout=120, env=env)
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    assert json.loads(completed.stdout) == precompile_shares(GPU, 14)
 
 
 def test_a_worker_index_outside_the_workers_is_refused():

@@ -15,8 +15,9 @@ The kernels' outputs are then whatever memory ``torch.empty`` handed out; see :f
 Run as a script (cwd: the repository root, ``TRITON_INTERPRET`` unset, ``TRITON_CACHE_DIR`` as wanted) it
 makes GPU-plan calls and prints one JSON line with every compile it asked Triton for (:class:`CompileLog`):
 
-``worker INDEX COUNT``  ``precompile.run_worker(INDEX, COUNT)`` itself: every COUNT-th group of
-                        ``plan.precompile_groups``, as a precompile worker makes those calls;
+``worker INDEX COUNT``  ``precompile.run_worker(INDEX, COUNT)`` itself: the groups of ``plan.precompile_groups``
+                        that ``plan.precompile_shares`` deals worker INDEX of COUNT, as a precompile worker
+                        makes those calls;
 ``sections GROUP...``   the GPU plan's own tasks that call each group's op on ``triton`` in its dtype —
                         parity, config sweep, determinism, timing (its other backends launch no Triton
                         kernel) — as the main process makes them after the workers.

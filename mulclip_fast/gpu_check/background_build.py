@@ -6,21 +6,30 @@ sections. So the runner starts ``python -m mulclip_fast.ops.extension`` before t
 extension tasks wait for it, and their own ``extension.require`` then loads the build it cached. The process
 gets no GPU (a second CUDA context would take device memory from the sections being measured, and a GPU in
 exclusive-process mode would refuse this run's own) and a lower CPU priority; it runs in a process group of its
-own, which :meth:`BackgroundBuild.stop` ends with every compiler in it.
+own (a :class:`~.child_group.ChildGroup`), which :meth:`BackgroundBuild.stop` ends with every compiler in it.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
-import signal
 import subprocess
 import sys
 import tempfile
 import threading
 import time
 
-COMMAND = (sys.executable, "-m", "mulclip_fast.ops.extension")
+from .child_group import ChildGroup
+
+# The extension's own build command (``python -m mulclip_fast.ops.extension``, its ``main``), which here also ends,
+# with the compilers it started, if the GPU check dies without stopping it (child_group.end_with_parent). Run
+# from a shell by a user, that command leaves its parent alone. (A module of this package run with -m would be
+# imported twice: the package imports this one.)
+COMMAND = (
+    sys.executable,
+    "-c",
+    "from mulclip_fast.gpu_check.child_group import end_with_parent; end_with_parent(); "
+    "from mulclip_fast.ops.extension import main; raise SystemExit(main([]))",
+)
 OUTPUT_TAIL_BYTES = 4000  # of the build's output, in the report: a compiler's error and the build's verdict
 # Scheduling niceness of the build: the sections' own work (Triton compiles, launches) comes first.
 NICENESS = 10
@@ -40,26 +49,18 @@ class BackgroundBuild:
         self._output = tempfile.TemporaryFile()
         self._finished = threading.Event()
         try:
-            self.process = subprocess.Popen(
-                command,
-                stdin=subprocess.DEVNULL,
-                stdout=self._output,
-                stderr=subprocess.STDOUT,
-                env=env,
-                start_new_session=True,
+            self._child = ChildGroup(
+                command, stdout=self._output, stderr=subprocess.STDOUT, env=env, niceness=NICENESS, grace_s=STOP_GRACE_S
             )
         except OSError as error:  # the run goes on; the extension tasks build in-process as without it
             self.error = f"{type(error).__name__}: {error}"
             self._finished.set()
             return
-        # The build imports torch for a second or more before it starts a compiler, which inherits this priority.
-        with contextlib.suppress(OSError):
-            os.setpriority(os.PRIO_PROCESS, self.process.pid, NICENESS)
         # A thread reaps it the moment it ends, so that the report's seconds are the build's own.
         threading.Thread(target=self._reap, name="extension build reaper", daemon=True).start()
 
     def _reap(self) -> None:
-        self.exit_code = self.process.wait()
+        self.exit_code = self._child.process.wait()
         self.ended = time.monotonic()
         self._finished.set()
 
@@ -75,10 +76,7 @@ class BackgroundBuild:
         if self._finished.is_set():
             return
         self.stopped = True
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.process.pid, signal.SIGTERM)
-            if not self._finished.wait(STOP_GRACE_S):
-                os.killpg(self.process.pid, signal.SIGKILL)
+        self._child.end()
         self._finished.wait()
 
     def _output_tail(self) -> str:

@@ -29,6 +29,7 @@ run when it left the device unusable (``runner.device_unusable``).
 from __future__ import annotations
 
 import gc
+import heapq
 import os
 import statistics
 import time
@@ -222,6 +223,47 @@ def precompile_groups(setting: Setting) -> list[list[tuple[str, Sizes, torch.dty
             for sizes in autotune_shapes(setting, op)[1:]:  # the small shape is parity's
                 groups.setdefault((op, dtype), []).append((op, sizes, dtype, {"a_mask_kind": "prefix"}))
     return list(groups.values())
+
+
+# A precompile worker's seconds per call of each op: each group of the GPU plan run alone by a worker on a cold
+# Triton cache, compiling for sm_90 through tests/triton_standin.py (`python -m tests.triton_standin worker I 18`,
+# TRITON_CACHE_DIR fresh, Triton 3.9 on 2 shared CPU cores), its seconds over its calls, averaged over the three
+# dtypes. Not the number of kernel variants × configs a group compiles: the top-k kernels compile 3-4 times
+# slower than the others (the matched top-k group in bf16 took 18 s for 10 kernels, the token-softmax group in
+# bf16 8 s for 16), so that count would rank the longest groups among the shortest. The dry run deals with the
+# same numbers (its workers interpret rather than compile: it rehearses the deal).
+PRECOMPILE_SECONDS_PER_CALL = {
+    "wpr_loss": 1.8,
+    "token_reconstruction": 1.8,
+    "topk_patch_aggregate": 3.4,
+    "pairwise_maxsim": 1.2,
+    "pairwise_reconstruction_scores": 1.3,
+    "pairwise_topk_aggregate_cosines": 2.6,
+}
+
+
+def precompile_estimate_s(group: list) -> float:
+    """A worker's seconds for one of :func:`precompile_groups` (a group is one op's calls)."""
+    op = group[0][0]
+    return len(group) * PRECOMPILE_SECONDS_PER_CALL[op]
+
+
+def longest_first(estimates: list[float], workers: int) -> list[list[int]]:
+    """The indices of ``estimates`` each of ``workers`` gets, longest processing time first: the biggest estimate
+    (ties: the lower index) to the worker with the least estimated work so far (ties: the lower worker)."""
+    shares: list[list[int]] = [[] for _ in range(workers)]
+    loads = [(0.0, worker) for worker in range(workers)]  # a heap: the least-loaded worker first
+    for index in sorted(range(len(estimates)), key=lambda i: (-estimates[i], i)):
+        load, worker = heapq.heappop(loads)
+        shares[worker].append(index)
+        heapq.heappush(loads, (load + estimates[index], worker))
+    return shares
+
+
+def precompile_shares(setting: Setting, workers: int) -> list[list[int]]:
+    """The indices of the :func:`precompile_groups` each of ``workers`` runs, dealt by their estimates: every
+    worker process computes the same deal and takes its own share."""
+    return longest_first([precompile_estimate_s(group) for group in precompile_groups(setting)], workers)
 
 
 def precompile_worker_count(setting: Setting) -> int:

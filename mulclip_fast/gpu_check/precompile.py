@@ -15,9 +15,10 @@ driver, by tests/test_gpu_check_cache_handoff.py.
 
     python -m mulclip_fast.gpu_check.precompile --worker I --workers N [--dry-run]
 
-runs worker ``I``'s share of the calls (every ``N``-th group of ``plan.precompile_groups``) and prints one
-JSON line: its calls, seconds and errors (or ``no_device``, why the GPU refused it a context: a GPU in
-exclusive-process mode serves the main process alone, and the sections then compile for themselves).
+runs worker ``I``'s share of the calls (the groups of ``plan.precompile_groups`` that ``plan.precompile_shares``
+deals it by their estimated compile time) and prints one JSON line: its calls, seconds and errors (or
+``no_device``, why the GPU refused it a context: a GPU in exclusive-process mode serves the main process alone,
+and the sections then compile for themselves).
 ``--dry-run`` makes the calls at the dry run's shapes on the CPU, through Triton's interpreter (which compiles
 nothing: the dry run rehearses the machinery).
 """
@@ -25,14 +26,16 @@ nothing: the dry run rehearses the machinery).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
-import signal
 import subprocess
 import sys
 import tempfile
 import time
 import traceback
+
+from .child_group import ChildGroup, end_with_parent
 
 MODULE = "mulclip_fast.gpu_check.precompile"
 # The end of a failed worker's stderr kept in the report.
@@ -42,42 +45,36 @@ STDERR_TAIL_CHARS = 2000
 def compile_in_workers(dry: bool, workers: int, timeout_s: float) -> dict:
     """Run ``workers`` worker processes and wait for them, at most ``timeout_s``; the task record.
 
-    Every worker is started in its own session and killed with its process group if it is still running when
-    this returns or raises (the time limit's ``TimeUp`` included): none outlives the call.
+    Every worker is a :class:`ChildGroup`, killed with its process group if it is still running when this
+    returns or raises (the time limit's ``TimeUp`` included): none outlives the call.
     """
     started = time.monotonic()
-    running = []
-    try:
+    with contextlib.ExitStack() as cleanup:  # unwound last in, first out: a worker ends before its files close
+        running = []
         for index in range(workers):
             command = [sys.executable, "-m", MODULE, "--worker", str(index), "--workers", str(workers)]
-            stdout, stderr = tempfile.TemporaryFile(), tempfile.TemporaryFile()
-            process = subprocess.Popen(
-                command + (["--dry-run"] if dry else []), stdout=stdout, stderr=stderr, start_new_session=True
-            )
-            running.append((process, stdout, stderr))
+            stdout = cleanup.enter_context(tempfile.TemporaryFile())
+            stderr = cleanup.enter_context(tempfile.TemporaryFile())
+            worker = ChildGroup(command + (["--dry-run"] if dry else []), stdout=stdout, stderr=stderr)
+            running.append((cleanup.enter_context(worker), stdout, stderr))
         deadline = started + timeout_s
-        for process, _, _ in running:
+        for worker, _, _ in running:
             try:
-                process.wait(timeout=max(0.0, deadline - time.monotonic()))
+                worker.process.wait(timeout=max(0.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 pass  # stopped below; the sections compile what it had not
-        stopped = _stop(running)
+        stopped = {index for index, (worker, _, _) in enumerate(running) if worker.end()}
         reports, problems, without_device = [], [], {}
-        for index, (process, stdout, stderr) in enumerate(running):
+        for index, (worker, stdout, stderr) in enumerate(running):
             report = _worker_report(stdout)
             if report is not None:
                 reports.append(report)
                 problems += [f"worker {index}: {e['call']}: {e['error']}" for e in report["errors"]]
                 if "no_device" in report:
                     without_device[index] = report["no_device"]
-            if index not in stopped and (process.returncode != 0 or report is None):
+            if index not in stopped and (worker.process.returncode != 0 or report is None):
                 tail = _read(stderr)[-STDERR_TAIL_CHARS:]
-                problems.append(f"worker {index}: exit code {process.returncode}; stderr ends: {tail}")
-    finally:
-        _stop(running)
-        for _, stdout, stderr in running:
-            stdout.close()
-            stderr.close()
+                problems.append(f"worker {index}: exit code {worker.process.returncode}; stderr ends: {tail}")
     # A worker stopped at the timeout, or refused a GPU context, is not a failure: it only saved less compile
     # time (a hang it was in would stop the section that meets it, where the watchdog names the op).
     return {
@@ -91,20 +88,6 @@ def compile_in_workers(dry: bool, workers: int, timeout_s: float) -> dict:
         "timeout_s": timeout_s,
         "problems": problems,
     }
-
-
-def _stop(running) -> set[int]:
-    """Kill the process group of every worker still running; the indices of those killed."""
-    stopped = set()
-    for index, (process, _, _) in enumerate(running):
-        if process.poll() is None:
-            try:
-                os.killpg(process.pid, signal.SIGKILL)
-            except ProcessLookupError:  # it ended between the poll and the kill
-                pass
-            process.wait()
-            stopped.add(index)
-    return stopped
 
 
 def _read(handle) -> str:
@@ -133,7 +116,7 @@ def run_worker(worker: int, workers: int, dry: bool) -> dict:
         torch.set_num_threads(1)
 
     from ..op_parity import evaluate, make_case
-    from .plan import Setting, precompile_groups
+    from .plan import Setting, precompile_groups, precompile_shares
 
     setting = Setting(device=torch.device("cuda" if cuda else "cpu"), dry=dry, compile_backend="inductor")
     started = time.monotonic()
@@ -144,8 +127,9 @@ def run_worker(worker: int, workers: int, dry: bool) -> dict:
             reason = traceback.format_exception_only(type(error), error)[-1].strip()
             return {"worker": worker, "calls": 0, "seconds": 0.0, "errors": [], "no_device": reason}
     calls, errors = 0, []
-    for group in precompile_groups(setting)[worker::workers]:
-        for op, sizes, dtype, layout in group:
+    groups = precompile_groups(setting)
+    for index in precompile_shares(setting, workers)[worker]:
+        for op, sizes, dtype, layout in groups[index]:
             try:
                 # the seed is the parity task's; the kernels' specialisation depends on shapes and layouts alone
                 evaluate(make_case(op, sizes, dtype=dtype, device=setting.device, seed=3, **layout), "triton")
@@ -159,6 +143,7 @@ def run_worker(worker: int, workers: int, dry: bool) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
+    end_with_parent()  # a worker compile_in_workers started ends with it, even if the GPU check is SIGKILLed
     parser = argparse.ArgumentParser(prog=f"python -m {MODULE}", description=__doc__.split("\n\n")[0])
     parser.add_argument("--worker", type=int, required=True, help="this worker's index, 0 ≤ I < N")
     parser.add_argument("--workers", type=int, required=True, help="the number of workers N")
