@@ -36,6 +36,14 @@ OBJECTIVES = {
     "mulclip-sap-all": {"loss": "mulclip", "sap_pairing": "all"},
     # SAP over the image's 196 raw projected patches (k = 49) instead of its 39 calibrated tokens.
     "mulclip-sap-all-raw": {"loss": "mulclip", "sap_pairing": "all", "sap_raw_patches": True},
+    # The same with the towers' blocks recomputed in backward (--grad-checkpointing), as large-batch CLIP
+    # training runs: the towers' share per sample shrinks, the loss's is what it was.
+    "mulclip-sap-all-raw-ckpt": {
+        "loss": "mulclip",
+        "sap_pairing": "all",
+        "sap_raw_patches": True,
+        "grad_checkpointing": True,
+    },
 }
 EQUAL_BATCH_OBJECTIVES = ("mulclip", "finelip", "mulclip-sap-all")
 # The ViT-B/16 preset keeps its widths, heads, patch grid (196 patches), d = 512 and 248-position text
@@ -50,12 +58,12 @@ MEMORY_BUDGET_BYTES = (2 if FULL_SWEEP else 0.25) * 2**30 if DEVICE.type == "cpu
 # The all-pairs objectives at the ViT-B/16 shape (widths, 196 patches, d = 512, M = 8 subcaptions) with one
 # layer per tower on every device: a step then holds 25-30 MiB of tower activations per sample, while the
 # naive all-pairs SAP over raw patches needs about 6 MiB per *pair* (its [B, B, M, N, d] gradient buffer
-# alone is 3 MiB per pair). In 2 GiB the quadratic term is over three times the towers' share at the
-# reference's largest batch (14), and the fast path's search stops near B = 63: about a minute and a half
-# of CPU steps per path. FineLIP's [B, B, 40, 40] tensors (~27 KiB per pair) stay small next to the towers.
+# alone is 3 MiB per pair). In 2 GiB the quadratic term is over twice the towers' share at the reference's
+# largest batch (19), and the fast path's search stops near B = 67 (106 with checkpointed towers): one to
+# two minutes of CPU steps per path. FineLIP's [B, B, 40, 40] tensors (~27 KiB per pair) stay small next to the towers.
 ALL_PAIRS_PRESET = "vit-b-16"
 ALL_PAIRS_DEPTH = 1
-ALL_PAIRS_OBJECTIVES = ("finelip", "mulclip-sap-all-raw")
+ALL_PAIRS_OBJECTIVES = ("finelip", "mulclip-sap-all-raw", "mulclip-sap-all-raw-ckpt")
 ALL_PAIRS_BUDGET_BYTES = 2 * 2**30
 MAX_BATCH_SEARCHED = 4096
 
