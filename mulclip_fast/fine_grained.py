@@ -201,12 +201,17 @@ def read_image_folder(
 ) -> tuple[list[str], torch.Tensor, torch.Tensor, list[tuple[str, str]]]:
     """An ``ImageFolder`` directory: class names (subfolder names, sorted, ``_`` → space), the readable
     images (``try_load_image``), their labels, and ``(path, reason)`` of every file that could not be read.
-    Raises ``DataError`` for a missing path, no class subfolder, or no readable image."""
+    Raises ``DataError`` for a missing path, fewer than two class subfolders, or no readable image."""
     if not os.path.isdir(path):
         raise DataError(f"--zeroshot imagefolder:{path}: not a directory")
     folders = sorted(e.name for e in os.scandir(path) if e.is_dir() and not e.name.startswith("."))
     if not folders:
         raise DataError(f"--zeroshot imagefolder:{path}: no class subfolders")
+    if len(folders) == 1:  # top-1 would be 1.0 whatever the model
+        raise DataError(
+            f"--zeroshot imagefolder:{path}: one class subfolder ({folders[0]}); zero-shot classification needs "
+            "at least two: give the folder whose subfolders are the classes"
+        )
     images, labels, skipped = [], [], []
     for label, folder in enumerate(folders):
         for entry in sorted(os.scandir(os.path.join(path, folder)), key=lambda e: e.name):

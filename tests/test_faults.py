@@ -484,6 +484,25 @@ def test_an_infinite_rate_temperature_or_weight_is_an_error_before_any_work(tmp_
     assert not out.exists()
 
 
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--train-size", "3"], "invalid value for --train-size (3): at least --batch-size (4)"),
+        (["--batch-size", "1"], "invalid value for --batch-size (1): at least 2"),
+        (["--warmup", "1"], "invalid value for --warmup (1.0): a fraction of the steps in [0, 1)"),
+        (["--sap-topk-ratio", "0"], "invalid value for --sap-topk-ratio (0.0): in (0, 1]"),
+        (["--lr", "-1"], "invalid value for --lr (-1.0): a finite number > 0"),
+    ],
+)
+def test_an_out_of_range_value_error_says_what_the_flag_accepts(tmp_path, capsys, argv, message):
+    # "invalid value for --train-size (10)" left the user to guess the rule (here: a batch must fit in an epoch).
+    out = tmp_path / "run"
+    short = ["--steps", "1", "--batch-size", "4", "--eval-pairs", "0", "--loss", "global", *SMALL]
+    assert main([*short, *argv, "--out", str(out)]) == 2
+    assert message in _error(capsys)
+    assert not out.exists()
+
+
 class _OpensAFile:
     """A pickle payload: unpickling it calls ``open(marker, "w")``, as a hostile file could call anything."""
 

@@ -296,9 +296,19 @@ def test_image_folder_errors(tmp_path):
         read_image_folder(str(tmp_path / "missing"), 8)
     with pytest.raises(DataError, match="no class subfolders"):
         read_image_folder(str(tmp_path), 8)
-    (tmp_path / "cat").mkdir()
-    (tmp_path / "cat" / "bad.jpg").write_bytes(b"")
+    for name in ("cat", "dog"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "bad.jpg").write_bytes(b"")
     with pytest.raises(DataError, match="no readable image"):
+        read_image_folder(str(tmp_path), 8)
+
+
+def test_an_image_folder_with_one_class_is_an_error(tmp_path):
+    # One class scores top-1 1.0 whatever the model (a folder of one class's images inside, such as
+    # imagenette/val/n01440764/.. or a dataset root holding val/ alone): a number that means nothing.
+    (tmp_path / "val" / "n01440764").mkdir(parents=True)
+    _png(tmp_path / "val" / "n01440764" / "0.png", (255, 0, 0))
+    with pytest.raises(DataError, match=r"one class subfolder \(val\).*at least two"):
         read_image_folder(str(tmp_path), 8)
 
 

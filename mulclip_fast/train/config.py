@@ -321,35 +321,38 @@ def resolve_config(config: TrainConfig, resuming: bool = False) -> TrainConfig:
             raise ConfigError(f"--{name} must be >= 1, got {value}")
     if c.lr is None:
         c.lr = DEFAULT_LR_FINETUNE if c.init else DEFAULT_LR_SCRATCH
+    # Each field's condition and what the error says it accepts.
     valid = {
-        "batch_size": c.batch_size >= 2,
-        "lr": c.lr > 0 and math.isfinite(c.lr),
-        "weight_decay": 0 <= c.weight_decay < math.inf,
-        "warmup": 0 <= c.warmup < 1,
-        "fine_start": 0 <= c.fine_start <= 1,
-        "fine_ramp": 0 <= c.fine_ramp <= 1,
-        "time_limit": c.time_limit >= 0,
-        "max_subcaptions": c.max_subcaptions >= 1,
-        "sap_topk_ratio": 0 < c.sap_topk_ratio <= 1,
-        "tau_attn": 0 < c.tau_attn < math.inf,
-        "tau_contrast": 0 < c.tau_contrast < math.inf,
-        "tau_sap": 0 < c.tau_sap < math.inf,
-        "freeze_positions": 0 <= c.freeze_positions <= 248,
-        "keep_checkpoints": c.keep_checkpoints >= 1,
-        "seed": c.seed >= 0,  # the synthetic data and the data order are seeded by non-negative integers
-        "log_every": c.log_every >= 1,
-        "checkpoint_every": c.checkpoint_every >= 0,
-        "val_every": c.val_every >= 0,
-        "eval_pairs": c.eval_pairs >= 0,
-        "val_pairs": c.val_pairs >= 1,
-        "num_workers": c.num_workers >= 0,
-        "threads": c.threads >= 0,
-        "train_size": c.train_size >= c.batch_size,
-        "twin_fraction": 0 <= c.twin_fraction <= 1,
+        "batch_size": (c.batch_size >= 2, "at least 2"),
+        "lr": (c.lr > 0 and math.isfinite(c.lr), "a finite number > 0"),
+        "weight_decay": (0 <= c.weight_decay < math.inf, "a finite number >= 0"),
+        "warmup": (0 <= c.warmup < 1, "a fraction of the steps in [0, 1)"),
+        "fine_start": (0 <= c.fine_start <= 1, "a fraction of the steps in [0, 1]"),
+        "fine_ramp": (0 <= c.fine_ramp <= 1, "a fraction of the steps in [0, 1]"),
+        "time_limit": (c.time_limit >= 0, "seconds >= 0 (0: none)"),
+        "max_subcaptions": (c.max_subcaptions >= 1, "at least 1"),
+        "sap_topk_ratio": (0 < c.sap_topk_ratio <= 1, "in (0, 1]"),
+        "tau_attn": (0 < c.tau_attn < math.inf, "a finite number > 0"),
+        "tau_contrast": (0 < c.tau_contrast < math.inf, "a finite number > 0"),
+        "tau_sap": (0 < c.tau_sap < math.inf, "a finite number > 0"),
+        "freeze_positions": (0 <= c.freeze_positions <= 248, "from 0 to 248"),
+        "keep_checkpoints": (c.keep_checkpoints >= 1, "at least 1"),
+        # the synthetic data and the data order are seeded by non-negative integers
+        "seed": (c.seed >= 0, "at least 0"),
+        "log_every": (c.log_every >= 1, "at least 1"),
+        "checkpoint_every": (c.checkpoint_every >= 0, "at least 0 (0: only at the end)"),
+        "val_every": (c.val_every >= 0, "at least 0 (0: a fifth of the run)"),
+        "eval_pairs": (c.eval_pairs >= 0, "at least 0 (0: no final evaluation)"),
+        "val_pairs": (c.val_pairs >= 1, "at least 1"),
+        "num_workers": (c.num_workers >= 0, "at least 0"),
+        "threads": (c.threads >= 0, "at least 0 (0: torch's default)"),
+        "train_size": (c.train_size >= c.batch_size, f"at least --batch-size ({c.batch_size})"),
+        "twin_fraction": (0 <= c.twin_fraction <= 1, "a fraction in [0, 1]"),
     }
-    invalid = [name for name, ok in valid.items() if not ok]
+    invalid = [name for name, (ok, _) in valid.items() if not ok]
     if invalid:
-        raise ConfigError(f"invalid value for {flag_name(_FIELDS[invalid[0]])} ({getattr(c, invalid[0])})")
+        name = invalid[0]
+        raise ConfigError(f"invalid value for {flag_name(_FIELDS[name])} ({getattr(c, name)}): {valid[name][1]}")
     if c.sap_pairing not in ("matched", "all"):
         raise ConfigError(f"--sap-pairing must be matched or all, got {c.sap_pairing!r}")
     unknown = set(c.weights) - set(TERMS)
