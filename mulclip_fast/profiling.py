@@ -150,6 +150,10 @@ def peak_memory_of(fn, *args, **kwargs) -> tuple[int, object]:
     return mem.peak, result
 
 
+# Kineto's log levels run from 0 (verbose) to 5 (its trace markers); 6 logs nothing.
+KINETO_SILENT = 6
+
+
 def allocator_peak_memory_of(fn, *args, **kwargs) -> tuple[int, object]:
     """Peak bytes held by allocations of the CPU allocator made while ``fn(*args, **kwargs)`` runs.
 
@@ -159,6 +163,10 @@ def allocator_peak_memory_of(fn, *args, **kwargs) -> tuple[int, object]:
     from torch._C._profiler import _EventType
     from torch.profiler import ProfilerActivity, profile
 
+    # Kineto, the profiler's backend, writes two "USDT:" trace-marker lines to stderr at every start and stop
+    # (torch 2.13), noise in every report that measures memory; above its highest level it writes nothing. Read
+    # once, when the first profile starts; a level the user set is kept.
+    os.environ.setdefault("KINETO_LOG_LEVEL", str(KINETO_SILENT))
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         result = fn(*args, **kwargs)
     events = []

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -80,6 +84,30 @@ def test_tracker_and_allocator_agree_on_eager_reference_code():
 def test_measure_peak_memory_names_its_method():
     x = torch.randn(64, 64)
     assert measure_peak_memory(lambda: x @ x, "cpu") == (64 * 64 * 4, "cpu-allocator-profiler")
+
+
+# Measures twice in a fresh process (the profiler's backend reads its log level once) and prints the level.
+MEASURE_TWICE = """
+import os, torch
+from mulclip_fast.profiling import allocator_peak_memory_of
+for _ in range(2):
+    assert allocator_peak_memory_of(lambda: torch.ones(100) * 2)[0] > 0
+print(os.environ["KINETO_LOG_LEVEL"])
+"""
+
+
+@pytest.mark.parametrize("user_level", [None, "5"])
+def test_a_memory_measurement_writes_nothing_to_stderr_unless_the_user_asked_for_kinetos_log(user_level):
+    """torch 2.13's Kineto writes "USDT: ... profiler_start/stop" to stderr at every profile: noise in every
+    report (memory_report printed eight such lines). A log level the user set is left alone."""
+    env = {k: v for k, v in os.environ.items() if k != "KINETO_LOG_LEVEL"}
+    if user_level is not None:
+        env["KINETO_LOG_LEVEL"] = user_level
+    done = subprocess.run([sys.executable, "-c", MEASURE_TWICE], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == (user_level or "6")
+    if user_level is None:
+        assert done.stderr == ""
 
 
 def test_cuda_peak_memory_is_read_on_the_device_measured(monkeypatch):
