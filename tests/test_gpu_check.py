@@ -553,7 +553,7 @@ time.sleep(60)
 """
 
 
-def _running(pid: int) -> bool:
+def still_running(pid: int) -> bool:
     """Whether ``pid`` still runs; a zombie (dead, waiting for whoever reaps it) has ended."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
@@ -596,9 +596,9 @@ def test_the_background_build_and_its_compilers_end_with_the_run(fake_plan, tmp_
     assert data["extension_build"]["status"] == "stopped"
     build, compiler = map(int, pids.read_text().split())
     deadline = time.monotonic() + 5  # the compiler, orphaned, ends once its SIGTERM is delivered
-    while _running(compiler) and time.monotonic() < deadline:
+    while still_running(compiler) and time.monotonic() < deadline:
         time.sleep(0.02)
-    assert not _running(build) and not _running(compiler)
+    assert not still_running(build) and not still_running(compiler)
 
 
 @pytest.mark.parametrize("given", [None, "8.0"])

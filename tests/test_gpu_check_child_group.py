@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from mulclip_fast.gpu_check import background_build
+from tests.test_gpu_check import still_running
 
 # Long enough to be gone on any machine if the watch works; a watch that never fires fails the test.
 DEADLINE_S = 60.0
@@ -33,15 +34,6 @@ def start_grandchild(pids_file):
         pids.write(f"{os.getpid()} {grandchild.pid}")
     os.replace(pids_file + ".tmp", pids_file)
 """
-
-
-def _running(pid: int) -> bool:
-    """Whether ``pid`` still runs; a zombie (dead, waiting for whoever reaps it) has ended."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
 
 
 def _pids_once_written(path: Path, parent: subprocess.Popen, output: Path) -> list[int]:
@@ -67,9 +59,9 @@ def _kill_parent_and_await_its_children(parent_script: str, pids_file: Path, *ar
         parent.kill()
         parent.wait()
         deadline = time.monotonic() + DEADLINE_S
-        while any(map(_running, pids)) and time.monotonic() < deadline:
+        while any(map(still_running, pids)) and time.monotonic() < deadline:
             time.sleep(0.05)
-        survivors = [pid for pid in pids if _running(pid)]
+        survivors = [pid for pid in pids if still_running(pid)]
         assert not survivors, f"still running after the parent was killed: {survivors} of (child, grandchild) {pids}"
     finally:
         if parent.poll() is None:
