@@ -257,15 +257,8 @@ def nvml_telemetry(cuda_index: int = 0) -> dict:
             return {"available": False, "reason": f"NVML has no handle for CUDA device {cuda_index}: {error}"}
 
         def read(getter: str, *args, scale=1.0):
-            # by name: a binding may lack a call (older ones the bus width; nvidia-ml-py 13 marks the memory
-            # and temperature calls "removed in CUDA 14"), which is a counter missing, not an error
-            if not hasattr(pynvml, getter):
-                return None
-            try:
-                value = getattr(pynvml, getter)(handle, *args)
-            except pynvml.NVMLError:
-                return None
-            return value * scale if scale != 1.0 else value
+            value = _nvml_read(pynvml, handle, getter, *args)
+            return value * scale if value is not None and scale != 1.0 else value
 
         memory = read("nvmlDeviceGetMemoryInfo")
         utilization = read("nvmlDeviceGetUtilizationRates")
@@ -289,6 +282,18 @@ def nvml_telemetry(cuda_index: int = 0) -> dict:
         }
     finally:
         pynvml.nvmlShutdown()
+
+
+def _nvml_read(pynvml, handle, getter: str, *args):
+    """``pynvml.<getter>(handle, *args)``, or None for a counter the GPU does not serve or a call this binding
+    lacks: named, not looked up by the caller, since bindings drop calls (older ones lack the bus width;
+    nvidia-ml-py 13 marks the memory and temperature calls "removed in CUDA 14")."""
+    if not hasattr(pynvml, getter):
+        return None
+    try:
+        return getattr(pynvml, getter)(handle, *args)
+    except pynvml.NVMLError:
+        return None
 
 
 def _nvml_text(getter) -> str | None:
@@ -390,19 +395,19 @@ class NvmlSampler:
 
     def _run(self) -> None:
         pynvml, handle = self._pynvml, self._handle
-        # a counter the GPU does not serve, or a call the binding no longer has (as nvml_telemetry reads them)
-        missing = (pynvml.NVMLError, AttributeError)
         while not self._stop.is_set():
             sample = {}
-            with contextlib.suppress(missing):
+            with contextlib.suppress(pynvml.NVMLError):
                 sample["power_w"] = self._read_power()
-            with contextlib.suppress(missing):
-                sample["sm_clock_mhz"] = pynvml.nvmlDeviceGetClockInfo(handle, pynvml.NVML_CLOCK_SM)
-            with contextlib.suppress(missing):
-                rates = pynvml.nvmlDeviceGetUtilizationRates(handle)
+            clock = _nvml_read(pynvml, handle, "nvmlDeviceGetClockInfo", pynvml.NVML_CLOCK_SM)
+            rates = _nvml_read(pynvml, handle, "nvmlDeviceGetUtilizationRates")
+            memory = _nvml_read(pynvml, handle, "nvmlDeviceGetMemoryInfo")
+            if clock is not None:
+                sample["sm_clock_mhz"] = clock
+            if rates is not None:
                 sample["gpu_utilization_pct"], sample["memory_utilization_pct"] = rates.gpu, rates.memory
-            with contextlib.suppress(missing):
-                sample["memory_used_bytes"] = pynvml.nvmlDeviceGetMemoryInfo(handle).used
+            if memory is not None:
+                sample["memory_used_bytes"] = memory.used
             self.samples.append(sample)
             self._stop.wait(self.interval_s)
 
